@@ -1,0 +1,96 @@
+"""Which implementation runs an op: ``auto``, ``torch``, ``triton`` or ``cuda``.
+
+The default comes from the ``MIMKERNELS_BACKEND`` environment variable (``auto``
+when unset); :func:`use_backend` overrides it for a block of code. A backend
+asked for by name that cannot run raises; it never falls back silently.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+ENV_VAR = "MIMKERNELS_BACKEND"
+
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("mimkernels_backend", default=None)
+
+
+def _checked(name, what: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{what} must be one of {', '.join(BACKENDS)}; got {name!r}")
+    return name
+
+
+def current_backend() -> str:
+    """The backend name in force here: ``use_backend`` first, then the environment."""
+    name = _override.get()
+    if name is not None:
+        return name
+    return _checked(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the ops inside the ``with`` block on backend ``name``."""
+    token = _override.set(_checked(name, "backend name"))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def _why_not(backend: str, device: torch.device) -> str | None:
+    """None if ``backend`` can run on ``device``, else the reason it cannot."""
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        if not _importable("triton"):
+            return "the triton package is not installed"
+        if device.type == "cuda" or (device.type == "cpu" and triton_interpreted()):
+            return None
+        return f"Triton kernels need a CUDA tensor, or a CPU tensor with TRITON_INTERPRET=1; got device {device}"
+    if not _importable("mimkernels._C"):
+        return "the compiled extension mimkernels._C is not built (pip install -e . with a CUDA toolkit)"
+    return None
+
+
+def available_backends() -> list[str]:
+    """The backends this install can run here, e.g. ``["torch", "triton", "cuda"]``."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return [name for name in BACKENDS[1:] if _why_not(name, device) is None]
+
+
+def select(op: str, device: torch.device, implemented: tuple[str, ...]) -> str:
+    """The backend that runs ``op`` on ``device``; ``implemented`` lists what the op has besides torch."""
+    name = current_backend()
+    if name == "auto":
+        if device.type == "cuda":
+            for candidate in ("cuda", "triton"):
+                if candidate in implemented and _why_not(candidate, device) is None:
+                    return candidate
+        return "torch"
+    if name != "torch" and name not in implemented:
+        raise RuntimeError(f"{op} has no {name!r} implementation; it has: torch, {', '.join(implemented)}")
+    reason = _why_not(name, device)
+    if reason is not None:
+        raise RuntimeError(f"{op}: backend {name!r} cannot run here: {reason}")
+    return name

@@ -1,0 +1,1 @@
+"""One module per op family: input validation, backend choice and autograd."""

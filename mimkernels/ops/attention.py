@@ -1,0 +1,161 @@
+"""Full, causal and prefix-causal attention: validation, backend choice, autograd."""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from .. import _backend, reference
+
+_HEAD_DIMS = range(16, 257, 8)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _checked_qkv(q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [batch, heads, seq_len, head_dim], got shape {tuple(t.shape)}")
+    if torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    for name, t in (("k", k), ("v", v)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}")
+        if t.shape[2] != q.shape[2]:
+            raise ValueError(f"query and key lengths differ: q has {q.shape[2]} tokens, {name} has {t.shape[2]}")
+        if t.shape != q.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but q has {tuple(q.shape)}; they must match")
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"q, k, v must be float16, bfloat16 or float32, got {q.dtype}")
+    if q.shape[-1] not in _HEAD_DIMS:
+        raise ValueError(f"head_dim (q.shape[-1]) must be a multiple of 8 from 16 to 256, got {q.shape[-1]}")
+    return q, k, v
+
+
+def _check_prefix_type(prefix_len):
+    """prefix_len is a non-negative int or an integer tensor (shape and device are the caller's to check)."""
+    if isinstance(prefix_len, torch.Tensor):
+        if prefix_len.dtype == torch.bool or prefix_len.is_floating_point() or prefix_len.is_complex():
+            raise TypeError(f"prefix_len must be an integer tensor, got dtype {prefix_len.dtype}")
+    elif isinstance(prefix_len, bool) or not isinstance(prefix_len, numbers.Integral):
+        raise TypeError(f"prefix_len must be an int or an integer tensor [batch], got {type(prefix_len).__name__}")
+    elif prefix_len < 0:
+        raise ValueError(f"prefix_len must be >= 0, got {prefix_len}")
+
+
+def _checked_prefix(prefix_len, q):
+    """An int clamped to N, or an integer tensor [B] (clamped later, on the device)."""
+    _check_prefix_type(prefix_len)
+    batch, seq_len = q.shape[0], q.shape[2]
+    if not isinstance(prefix_len, torch.Tensor):
+        return min(int(prefix_len), seq_len)
+    if prefix_len.shape != (batch,):
+        raise ValueError(f"prefix_len must have shape [batch] = ({batch},), got {tuple(prefix_len.shape)}")
+    if prefix_len.device != q.device:
+        raise ValueError(f"prefix_len is on {prefix_len.device} but q is on {q.device}")
+    return prefix_len
+
+
+def _checked_scale(scale, head_dim):
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return float(scale)
+
+
+class _TritonAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, prefix, scale):
+        from ..triton import attention as kernels
+
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        if q.numel() == 0:
+            out, lse = kernels._empty_bnhd(q), None
+        else:
+            out, lse = kernels.forward(q, k, v, prefix, scale)
+        ctx.scale = scale
+        ctx.prefix_int = None if isinstance(prefix, torch.Tensor) else prefix
+        saved_prefix = (prefix,) if ctx.prefix_int is None else ()
+        ctx.save_for_backward(q, k, v, out, lse, *saved_prefix)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from ..triton import attention as kernels
+
+        q, k, v, out, lse, *saved_prefix = ctx.saved_tensors
+        if q.numel() == 0:
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None
+        prefix = saved_prefix[0] if saved_prefix else ctx.prefix_int
+        if grad_out.stride(-1) != 1:
+            grad_out = grad_out.contiguous()
+        dq, dk, dv = kernels.backward(grad_out, q, k, v, out, lse, prefix, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def _attend(q, k, v, prefix, scale, op):
+    scale = _checked_scale(scale, q.shape[-1])
+    backend = _backend.select(op, q.device, implemented=("triton",))
+    if backend == "triton":
+        return _TritonAttention.apply(q, k, v, prefix, scale)
+    if isinstance(prefix, int) and prefix == q.shape[2]:
+        return reference.attention(q, k, v, scale=scale)
+    return reference.prefix_causal_attention(q, k, v, prefix, scale=scale)
+
+
+def prefix_causal_attention(q, k, v, prefix_len, *, scale=None):
+    """Prefix-causal softmax attention (AIM): query i sees key j iff ``j <= i or j < prefix_len[b]``.
+
+    Args:
+        q, k, v: ``[B, H, N, D]`` tensors of one dtype (fp16, bf16, fp32) and device, any strides
+            (a non-unit stride in the head dim costs a copy). D is a multiple of 8 in [16, 256].
+        prefix_len: a non-negative int for the whole batch, or an integer tensor ``[B]`` on q's device
+            whose values are clamped to ``[0, N]`` on the device (no host sync).
+        scale: softmax scale, default ``1 / sqrt(D)``.
+
+    Returns:
+        ``[B, H, N, D]``, equal to ``F.scaled_dot_product_attention(q, k, v,
+        attn_mask=prefix_causal_mask(N, prefix_len))``. The Triton backend stores it as
+        ``[B, N, H, D]``, so ``out.transpose(1, 2).reshape(B, N, H * D)`` is a free view.
+    """
+    q, k, v = _checked_qkv(q, k, v)
+    return _attend(q, k, v, _checked_prefix(prefix_len, q), scale, "prefix_causal_attention")
+
+
+def attention(q, k, v, *, causal=False, prefix_len=None, scale=None):
+    """One entry for full (MAE, BEiT, SimMIM), causal, and prefix-causal (AIM) attention.
+
+    ``prefix_len=None`` gives full attention, or causal attention with ``causal=True``. A given
+    ``prefix_len`` always means prefix-causal attention, whatever ``causal`` says (prefix 0 is causal).
+    Other arguments as in :func:`prefix_causal_attention`.
+    """
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    q, k, v = _checked_qkv(q, k, v)
+    if prefix_len is None:
+        prefix = 0 if causal else q.shape[2]
+    else:
+        prefix = _checked_prefix(prefix_len, q)
+    return _attend(q, k, v, prefix, scale, "attention")
+
+
+def prefix_causal_mask(seq_len, prefix_len, *, device=None):
+    """Boolean mask ``[B or 1, 1, N, N]``, True where query i may attend to key j (``j <= i or j < prefix``).
+
+    ``prefix_len``: a non-negative int (mask of batch 1) or an integer tensor ``[B]`` (values clamped
+    to ``[0, N]``). ``device`` defaults to the tensor's device, else the CPU.
+    """
+    if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral) or seq_len < 0:
+        raise ValueError(f"seq_len must be a non-negative int, got {seq_len!r}")
+    _check_prefix_type(prefix_len)
+    if isinstance(prefix_len, torch.Tensor) and prefix_len.dim() != 1:
+        raise ValueError(f"prefix_len must have shape [batch], got {tuple(prefix_len.shape)}")
+    return reference.prefix_causal_mask(int(seq_len), prefix_len, device=device)

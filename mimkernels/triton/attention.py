@@ -1,0 +1,453 @@
+"""Prefix-causal flash attention in Triton: forward, and a deterministic backward.
+
+Query i sees key j iff ``j <= i or j < prefix``, with ``prefix`` per sample.
+Full attention is ``prefix = N`` and causal attention ``prefix = 0``, so one
+kernel family serves all three.
+
+FlashAttention-2 scheme: online softmax over key tiles, the log-sum-exp saved
+(in base 2), the probabilities recomputed in the backward. Each loop over tiles
+is split in two: tiles every pair of which is visible run without mask
+arithmetic, and only the few tiles on the diagonal, the prefix edge or the
+sequence end are masked. Tiles nobody can see are never loaded, so the work is
+proportional to the number of visible pairs.
+
+Tensors are read in place through their strides (unit stride in the head dim);
+the head dim is padded inside the tile, never in memory.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2_E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int  # query rows per tile
+    block_n: int  # key rows per tile
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class AttentionConfigs:
+    forward: TileConfig
+    backward_dkdv: TileConfig  # one program per key tile, looping over query tiles
+    backward_dq: TileConfig  # one program per query tile, looping over key tiles
+
+
+def configs_for(head_dim: int, dtype: torch.dtype) -> AttentionConfigs:
+    """The tile shapes shipped for this head dim and dtype (checked for spills by benchmarks/kernel_report.py)."""
+    block_d = triton.next_power_of_2(head_dim)
+    if block_d <= 64:
+        fwd, dkdv, dq = (128, 64, 4, 3), (32, 128, 4, 3), (128, 32, 4, 3)
+    elif block_d <= 128:
+        fwd, dkdv, dq = (128, 64, 8, 3), (32, 128, 8, 2), (128, 32, 8, 2)
+    else:
+        fwd, dkdv, dq = (64, 64, 8, 2), (32, 64, 8, 1), (64, 32, 8, 1)
+    if dtype == torch.float32:  # 4-byte operands: halve the longer side of each tile
+        fwd, dkdv, dq = (_halve_longer(*cfg) for cfg in (fwd, dkdv, dq))
+    return AttentionConfigs(TileConfig(*fwd), TileConfig(*dkdv), TileConfig(*dq))
+
+
+def _halve_longer(block_m, block_n, num_warps, num_stages):
+    if block_m >= block_n:
+        return block_m // 2, block_n, num_warps, num_stages
+    return block_m, block_n // 2, num_warps, num_stages
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@triton.jit
+def _load_tile(base, rows, stride_row, cols, n_rows, head_dim, CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """A [rows, cols] tile; masked only where the tile may leave the tensor."""
+    ptrs = base + rows[:, None] * stride_row + cols[None, :]
+    if CHECK_ROWS:
+        if EVEN_D:
+            tile = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < head_dim), other=0.0)
+    else:
+        if EVEN_D:
+            tile = tl.load(ptrs)
+        else:
+            tile = tl.load(ptrs, mask=cols[None, :] < head_dim, other=0.0)
+    return tile
+
+
+@triton.jit
+def _store_tile(base, rows, stride_row, cols, n_rows, head_dim, tile):
+    ptrs = base + rows[:, None] * stride_row + cols[None, :]
+    tl.store(ptrs, tile, mask=(rows[:, None] < n_rows) & (cols[None, :] < head_dim))
+
+
+@triton.jit
+def _prefix_of(prefix_ptr, prefix_int, batch, seq_len, PREFIX_IS_TENSOR: tl.constexpr):
+    """This sample's prefix length clamped to [0, N] (clamped on the device: no host sync)."""
+    if PREFIX_IS_TENSOR:
+        prefix = tl.load(prefix_ptr + batch).to(tl.int64)
+        prefix = tl.minimum(tl.maximum(prefix, 0), seq_len).to(tl.int32)
+    else:
+        prefix = prefix_int
+    return prefix
+
+
+@triton.jit
+def _key_range(m_start, prefix, seq_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For the query tile starting at m_start: the end of its fully visible key tiles, and of all visible keys.
+
+    A key tile [n, n + BLOCK_N) is visible to every row of the query tile iff its last key
+    is below the first query or inside the prefix, i.e. n + BLOCK_N <= max(m_start + 1, prefix),
+    and it lies inside the sequence.
+    """
+    full_end = (tl.minimum(seq_len, tl.maximum(prefix, m_start + 1)) // BLOCK_N) * BLOCK_N
+    visible_end = tl.minimum(seq_len, tl.maximum(prefix, m_start + BLOCK_M))
+    return full_end, visible_end
+
+
+@triton.jit
+def _visible(rows_q, cols_k, prefix, seq_len):
+    """Which (query, key) pairs of a tile are visible; keys past the sequence end are not.
+
+    Query rows past the end see key 0, so no row is ever empty (no NaN), and they are never stored.
+    """
+    return ((cols_k <= rows_q) | (cols_k < prefix)) & (cols_k < seq_len)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _fwd_key_tiles(
+    acc, row_sum, row_max, q, k_base, v_base, stride_kn, stride_vn,
+    offs_m, offs_d, n_lo, n_hi, prefix, seq_len, head_dim, qk_scale,
+    BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    for n_start in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n_start + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_base, offs_n, stride_kn, offs_d, seq_len, head_dim, MASKED, EVEN_D)
+        v = _load_tile(v_base, offs_n, stride_vn, offs_d, seq_len, head_dim, MASKED, EVEN_D)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            scores = tl.where(_visible(offs_m[:, None], offs_n[None, :], prefix, seq_len), scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        # every row sees key 0 in the first tile, so new_max is finite from then on
+        correction = tl.exp2(row_max - new_max)
+        probs = tl.exp2(scores - new_max[:, None])
+        row_sum = row_sum * correction + tl.sum(probs, 1)
+        acc = acc * correction[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
+        row_max = new_max
+    return acc, row_sum, row_max
+
+
+@triton.jit
+def _prefix_causal_fwd(
+    Q, K, V, O, LSE, PREFIX, prefix_int,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    num_heads, seq_len, qk_scale, num_m_tiles,
+    PREFIX_IS_TENSOR: tl.constexpr, head_dim: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = pid // num_m_tiles
+    m_start = (num_m_tiles - 1 - pid % num_m_tiles) * BLOCK_M  # the longest rows first
+    batch = bh // num_heads
+    head = bh % num_heads
+    prefix = _prefix_of(PREFIX, prefix_int, batch, seq_len, PREFIX_IS_TENSOR)
+
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+    k_base = K + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
+    v_base = V + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh
+    q = _load_tile(q_base, offs_m, stride_qn, offs_d, seq_len, head_dim, True, EVEN_D)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    full_end, visible_end = _key_range(m_start, prefix, seq_len, BLOCK_M, BLOCK_N)
+    acc, row_sum, row_max = _fwd_key_tiles(
+        acc, row_sum, row_max, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+        0, full_end, prefix, seq_len, head_dim, qk_scale, BLOCK_N, EVEN_D, False, DOT_PRECISION)
+    acc, row_sum, row_max = _fwd_key_tiles(
+        acc, row_sum, row_max, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+        full_end, visible_end, prefix, seq_len, head_dim, qk_scale, BLOCK_N, EVEN_D, True, DOT_PRECISION)
+
+    o_base = O + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+    _store_tile(o_base, offs_m, stride_on, offs_d, seq_len, head_dim, (acc / row_sum[:, None]).to(O.dtype.element_ty))
+    tl.store(LSE + bh.to(tl.int64) * seq_len + offs_m, row_max + tl.log2(row_sum), mask=offs_m < seq_len)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _bwd_row_dot(
+    O, DO, DELTA,
+    stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don,
+    num_heads, seq_len, num_m_tiles,
+    head_dim: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta_i = sum_d dO[i, d] * O[i, d], the softmax-backward row term."""
+    pid = tl.program_id(0)
+    bh = pid // num_m_tiles
+    batch = bh // num_heads
+    head = bh % num_heads
+    offs_m = (pid % num_m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_tile(O + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh,
+                   offs_m, stride_on, offs_d, seq_len, head_dim, True, EVEN_D)
+    do = _load_tile(DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh,
+                    offs_m, stride_don, offs_d, seq_len, head_dim, True, EVEN_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * seq_len + offs_m, delta, mask=offs_m < seq_len)
+
+
+@triton.jit
+def _dkdv_query_tiles(
+    dk, dv, k, v, q_base, do_base, lse_row, delta_row, stride_qn, stride_don,
+    offs_n, offs_d, m_lo, m_hi, prefix, seq_len, head_dim, qk_scale,
+    BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Accumulate dK, dV of one key tile over query tiles [m_lo, m_hi); works on transposed scores [keys, queries]."""
+    for m_start in range(m_lo, m_hi, BLOCK_M):
+        offs_m = m_start + tl.arange(0, BLOCK_M)
+        q = _load_tile(q_base, offs_m, stride_qn, offs_d, seq_len, head_dim, MASKED, EVEN_D)
+        do = _load_tile(do_base, offs_m, stride_don, offs_d, seq_len, head_dim, MASKED, EVEN_D)
+        if MASKED:
+            lse = tl.load(lse_row + offs_m, mask=offs_m < seq_len, other=0.0)
+            delta = tl.load(delta_row + offs_m, mask=offs_m < seq_len, other=0.0)
+        else:
+            lse = tl.load(lse_row + offs_m)
+            delta = tl.load(delta_row + offs_m)
+        scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            # query rows past the end must not add to dK, dV
+            visible = _visible(offs_m[None, :], offs_n[:, None], prefix, seq_len) & (offs_m[None, :] < seq_len)
+            scores_t = tl.where(visible, scores_t, float("-inf"))
+        probs_t = tl.exp2(scores_t - lse[None, :])
+        dv += tl.dot(probs_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dprobs_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dscores_t = probs_t * (dprobs_t - delta[None, :])
+        dk += tl.dot(dscores_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _prefix_causal_bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, prefix_int,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    num_heads, seq_len, scale, qk_scale, num_n_tiles,
+    PREFIX_IS_TENSOR: tl.constexpr, head_dim: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = pid // num_n_tiles
+    n_start = (pid % num_n_tiles) * BLOCK_N  # key tile 0 is seen by the most queries: it goes first
+    batch = bh // num_heads
+    head = bh % num_heads
+    prefix = _prefix_of(PREFIX, prefix_int, batch, seq_len, PREFIX_IS_TENSOR)
+
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_tile(K + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh,
+                   offs_n, stride_kn, offs_d, seq_len, head_dim, True, EVEN_D)
+    v = _load_tile(V + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh,
+                   offs_n, stride_vn, offs_d, seq_len, head_dim, True, EVEN_D)
+    q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+    do_base = DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
+    lse_row = LSE + bh.to(tl.int64) * seq_len
+    delta_row = DELTA + bh.to(tl.int64) * seq_len
+
+    # Queries that see this key tile: all of them if it starts inside the prefix, else those at or after it.
+    # Query tile [m, m + BLOCK_M) sees every key of the tile iff the tile lies in the prefix, or
+    # m >= n_start + BLOCK_N - 1; tiles before that are on the diagonal and are masked, and so is the
+    # last query tile when it runs past the sequence.
+    in_prefix = n_start + BLOCK_N <= prefix
+    m_lo = tl.where(n_start < prefix, 0, (n_start // BLOCK_M) * BLOCK_M)
+    full_from = tl.where(in_prefix, 0, tl.cdiv(n_start + BLOCK_N - 1, BLOCK_M) * BLOCK_M)
+    m_floor = (seq_len // BLOCK_M) * BLOCK_M
+    diag_end = tl.maximum(tl.minimum(full_from, m_floor), m_lo)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk, dv = _dkdv_query_tiles(
+        dk, dv, k, v, q_base, do_base, lse_row, delta_row, stride_qn, stride_don, offs_n, offs_d,
+        m_lo, diag_end, prefix, seq_len, head_dim, qk_scale, BLOCK_M, EVEN_D, True, DOT_PRECISION)
+    dk, dv = _dkdv_query_tiles(
+        dk, dv, k, v, q_base, do_base, lse_row, delta_row, stride_qn, stride_don, offs_n, offs_d,
+        diag_end, m_floor, prefix, seq_len, head_dim, qk_scale, BLOCK_M, EVEN_D, False, DOT_PRECISION)
+    dk, dv = _dkdv_query_tiles(
+        dk, dv, k, v, q_base, do_base, lse_row, delta_row, stride_qn, stride_don, offs_n, offs_d,
+        tl.maximum(diag_end, m_floor), seq_len, prefix, seq_len, head_dim, qk_scale, BLOCK_M, EVEN_D, True,
+        DOT_PRECISION)
+
+    _store_tile(DK + batch.to(tl.int64) * stride_dkb + head.to(tl.int64) * stride_dkh, offs_n, stride_dkn, offs_d,
+                seq_len, head_dim, (dk * scale).to(DK.dtype.element_ty))
+    _store_tile(DV + batch.to(tl.int64) * stride_dvb + head.to(tl.int64) * stride_dvh, offs_n, stride_dvn, offs_d,
+                seq_len, head_dim, dv.to(DV.dtype.element_ty))
+
+
+@triton.jit
+def _dq_key_tiles(
+    dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
+    offs_m, offs_d, n_lo, n_hi, prefix, seq_len, head_dim, qk_scale,
+    BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    for n_start in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n_start + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_base, offs_n, stride_kn, offs_d, seq_len, head_dim, MASKED, EVEN_D)
+        v = _load_tile(v_base, offs_n, stride_vn, offs_d, seq_len, head_dim, MASKED, EVEN_D)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            scores = tl.where(_visible(offs_m[:, None], offs_n[None, :], prefix, seq_len), scores, float("-inf"))
+        probs = tl.exp2(scores - lse[:, None])
+        dprobs = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        dscores = probs * (dprobs - delta[:, None])
+        dq += tl.dot(dscores.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _prefix_causal_bwd_dq(
+    Q, K, V, DO, LSE, DELTA, DQ, PREFIX, prefix_int,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dqb, stride_dqh, stride_dqn,
+    num_heads, seq_len, scale, qk_scale, num_m_tiles,
+    PREFIX_IS_TENSOR: tl.constexpr, head_dim: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = pid // num_m_tiles
+    m_start = (num_m_tiles - 1 - pid % num_m_tiles) * BLOCK_M  # the longest rows first
+    batch = bh // num_heads
+    head = bh % num_heads
+    prefix = _prefix_of(PREFIX, prefix_int, batch, seq_len, PREFIX_IS_TENSOR)
+
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh,
+                   offs_m, stride_qn, offs_d, seq_len, head_dim, True, EVEN_D)
+    do = _load_tile(DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh,
+                    offs_m, stride_don, offs_d, seq_len, head_dim, True, EVEN_D)
+    lse = tl.load(LSE + bh.to(tl.int64) * seq_len + offs_m, mask=offs_m < seq_len, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * seq_len + offs_m, mask=offs_m < seq_len, other=0.0)
+    k_base = K + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
+    v_base = V + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    full_end, visible_end = _key_range(m_start, prefix, seq_len, BLOCK_M, BLOCK_N)
+    dq = _dq_key_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+                       0, full_end, prefix, seq_len, head_dim, qk_scale, BLOCK_N, EVEN_D, False, DOT_PRECISION)
+    dq = _dq_key_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+                       full_end, visible_end, prefix, seq_len, head_dim, qk_scale, BLOCK_N, EVEN_D, True,
+                       DOT_PRECISION)
+    _store_tile(DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh, offs_m, stride_dqn, offs_d,
+                seq_len, head_dim, (dq * scale).to(DQ.dtype.element_ty))
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _empty_bnhd(like: torch.Tensor) -> torch.Tensor:
+    """A [B, H, N, D] tensor stored as [B, N, H, D], so ``.transpose(1, 2).reshape(B, N, H * D)`` is free."""
+    batch, heads, seq_len, head_dim = like.shape
+    return like.new_empty(batch, seq_len, heads, head_dim).transpose(1, 2)
+
+
+def _strides(t: torch.Tensor):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _prefix_args(prefix, q):
+    """(pointer, int, PREFIX_IS_TENSOR) for the kernels; an int prefix passes q as a pointer never read."""
+    if isinstance(prefix, torch.Tensor):
+        return prefix, 0, True
+    return q, prefix, False
+
+
+def _shape_args(q: torch.Tensor):
+    head_dim = q.shape[-1]
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 stays fp32, never TF32
+    return dict(head_dim=head_dim, EVEN_D=block_d == head_dim, BLOCK_D=block_d, DOT_PRECISION=precision)
+
+
+def forward(q, k, v, prefix, scale: float, configs: AttentionConfigs | None = None):
+    """Output ([B, H, N, D], stored [B, N, H, D]) and base-2 log-sum-exp ([B, H, N], fp32).
+
+    ``prefix`` is a Python int already clamped to [0, N], or an integer tensor [B] (clamped in the kernel).
+    """
+    batch, heads, seq_len, head_dim = q.shape
+    cfg = (configs or configs_for(head_dim, q.dtype)).forward
+    out = _empty_bnhd(q)
+    lse = torch.empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
+    num_m_tiles = triton.cdiv(seq_len, cfg.block_m)
+    prefix_ptr, prefix_int, prefix_is_tensor = _prefix_args(prefix, q)
+    _prefix_causal_fwd[(batch * heads * num_m_tiles,)](
+        q, k, v, out, lse, prefix_ptr, prefix_int,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        heads, seq_len, scale * LOG2_E, num_m_tiles,
+        PREFIX_IS_TENSOR=prefix_is_tensor, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **_shape_args(q),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, lse
+
+
+def backward(grad_out, q, k, v, out, lse, prefix, scale: float, configs: AttentionConfigs | None = None):
+    """dq, dk, dv, each [B, H, N, D] stored [B, N, H, D]. Deterministic: no atomics."""
+    batch, heads, seq_len, head_dim = q.shape
+    cfgs = configs or configs_for(head_dim, q.dtype)
+    shape_args = _shape_args(q)
+    prefix_ptr, prefix_int, prefix_is_tensor = _prefix_args(prefix, q)
+
+    delta = torch.empty_like(lse)
+    row_tile = 64
+    num_row_tiles = triton.cdiv(seq_len, row_tile)
+    _bwd_row_dot[(batch * heads * num_row_tiles,)](
+        out, grad_out, delta, *_strides(out), *_strides(grad_out), heads, seq_len, num_row_tiles,
+        head_dim=shape_args["head_dim"], EVEN_D=shape_args["EVEN_D"], BLOCK_M=row_tile,
+        BLOCK_D=shape_args["BLOCK_D"],
+    )
+
+    dq, dk, dv = _empty_bnhd(q), _empty_bnhd(k), _empty_bnhd(v)
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out))
+    cfg = cfgs.backward_dkdv
+    num_n_tiles = triton.cdiv(seq_len, cfg.block_n)
+    _prefix_causal_bwd_dkdv[(batch * heads * num_n_tiles,)](
+        q, k, v, grad_out, lse, delta, dk, dv, prefix_ptr, prefix_int,
+        *common, *_strides(dk), *_strides(dv),
+        heads, seq_len, scale, scale * LOG2_E, num_n_tiles,
+        PREFIX_IS_TENSOR=prefix_is_tensor, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **shape_args,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    cfg = cfgs.backward_dq
+    num_m_tiles = triton.cdiv(seq_len, cfg.block_m)
+    _prefix_causal_bwd_dq[(batch * heads * num_m_tiles,)](
+        q, k, v, grad_out, lse, delta, dq, prefix_ptr, prefix_int,
+        *common, *_strides(dq),
+        heads, seq_len, scale, scale * LOG2_E, num_m_tiles,
+        PREFIX_IS_TENSOR=prefix_is_tensor, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **shape_args,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return dq, dk, dv

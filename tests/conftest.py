@@ -1,0 +1,33 @@
+"""Test harness: without a GPU the Triton kernels run through Triton's CPU interpreter.
+
+TRITON_INTERPRET must be set before triton is imported, so this runs before any test module
+imports mimkernels' kernels. Tests marked ``gpu`` are skipped without a GPU, never faked.
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    assert "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1", (
+        "triton was imported before conftest could turn on its interpreter"
+    )
+    os.environ["TRITON_INTERPRET"] = "1"
+
+DEVICE = "cuda" if HAS_GPU else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device():
+    return DEVICE
