@@ -1,0 +1,396 @@
+"""Prefix-causal / causal / full attention against the float64 reference, forward and backward.
+
+Error budget (as flash-attention's tests): the kernel's max error against the float64 reference may
+be at most twice that of PyTorch's own implementation in the same dtype, plus a small floor.
+Without a GPU the Triton kernels run through the interpreter (tests/conftest.py), so shapes stay small.
+"""
+import math
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mimkernels
+from mimkernels import reference
+from mimkernels.triton import attention as kernels
+from mimkernels.triton.attention import AttentionConfigs, TileConfig
+
+from conftest import DEVICE
+
+FLOOR = {torch.float32: 1e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+CPU_DTYPES = [torch.float32, torch.float16]  # the interpreter's bf16 tl.dot is broken: bf16 is GPU-only
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Fill every kernel output with NaN before the kernel runs, so an unwritten element fails the test."""
+    allocate = kernels._empty_bnhd
+
+    def poisoned(like):
+        return allocate(like).fill_(float("nan"))
+
+    monkeypatch.setattr(kernels, "_empty_bnhd", poisoned)
+
+
+def make_qkv(shape, dtype, layout="contiguous", magnitude=1.0, seed=0):
+    """q, k, v leaves of ``shape`` [B, H, N, D], stored in ``layout``; returns (q, k, v, leaves)."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, heads, seq_len, head_dim = shape
+    if layout == "contiguous":
+        leaves = [torch.randn(shape, generator=gen) * magnitude for _ in range(3)]
+        leaves = [t.to(DEVICE, dtype).requires_grad_() for t in leaves]
+        return (*leaves, leaves)
+    if layout == "packed_qkv":  # timm / MAE: one linear gives [B, N, 3*H*D]
+        qkv = (torch.randn(batch, seq_len, 3 * heads * head_dim, generator=gen) * magnitude).to(DEVICE, dtype)
+        qkv.requires_grad_()
+        q, k, v = qkv.reshape(batch, seq_len, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+        return q, k, v, [qkv]
+    if layout == "bnhd":
+        leaves = [(torch.randn(batch, seq_len, heads, head_dim, generator=gen) * magnitude).to(DEVICE, dtype)
+                  for _ in range(3)]
+        leaves = [t.requires_grad_() for t in leaves]
+        return (*(t.transpose(1, 2) for t in leaves), leaves)
+    raise ValueError(layout)
+
+
+def outputs_and_grads(fn, q, k, v, leaves, grad_seed=1):
+    out = fn(q, k, v)
+    gen = torch.Generator().manual_seed(grad_seed)
+    grad_out = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    return [out, *grads]
+
+
+def float64_twins(leaves):
+    return [t.detach().double().requires_grad_() for t in leaves]
+
+
+def rebuild(leaves, layout, shape):
+    """q, k, v views of ``leaves`` as make_qkv built them."""
+    batch, heads, seq_len, head_dim = shape
+    if layout == "contiguous":
+        return leaves
+    if layout == "packed_qkv":
+        return leaves[0].reshape(batch, seq_len, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    return [t.transpose(1, 2) for t in leaves]
+
+
+def assert_within_budget(kernel_fn, reference_fn, shape, dtype, layout="contiguous", magnitude=1.0, seed=0):
+    q, k, v, leaves = make_qkv(shape, dtype, layout, magnitude, seed)
+    got = outputs_and_grads(kernel_fn, q, k, v, leaves)
+    torch_same_dtype = outputs_and_grads(reference_fn, q, k, v, leaves)
+    leaves64 = float64_twins(leaves)
+    want = outputs_and_grads(reference_fn, *rebuild(leaves64, layout, shape), leaves64)
+    for name, g, t, w in zip(["out", "grad 1", "grad 2", "grad 3"], got, torch_same_dtype, want):
+        assert g.shape == w.shape and g.dtype == t.dtype, name
+        assert torch.isfinite(g).all(), f"{name}: non-finite values"
+        kernel_err = (g.double() - w).abs().max().item()
+        torch_err = (t.double() - w).abs().max().item()
+        budget = 2 * torch_err + FLOOR[dtype] * max(1.0, w.abs().max().item())
+        assert kernel_err <= budget, f"{name}: error {kernel_err:.3e} > budget {budget:.3e} (torch {torch_err:.3e})"
+
+
+def triton_op(prefix, configs=None, scale=None):
+    """The public op on the Triton backend, or the raw autograd op with explicit tile configs."""
+    if configs is None:
+        def run(q, k, v):
+            with mimkernels.use_backend("triton"):
+                return mimkernels.prefix_causal_attention(q, k, v, prefix, scale=scale)
+        return run
+    return lambda q, k, v: _ConfiguredAttention.apply(q, k, v, prefix, scale or 1 / math.sqrt(q.shape[-1]), configs)
+
+
+class _ConfiguredAttention(torch.autograd.Function):
+    """The kernels with small, odd tile shapes, to exercise the multi-tile paths on small N."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, prefix, scale, configs):
+        out, lse = kernels.forward(q, k, v, prefix, scale, configs)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = prefix, scale, configs
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        prefix, scale, configs = ctx.args
+        return (*kernels.backward(grad_out.contiguous(), *ctx.saved_tensors, prefix, scale, configs), None, None, None)
+
+
+def reference_op(prefix, scale=None):
+    return lambda q, k, v: reference.prefix_causal_attention(q, k, v, prefix, scale=scale)
+
+
+def per_sample_prefix(batch, seq_len, seed=0):
+    """Prefixes covering 0, N, beyond N and values inside, for a batch of any size."""
+    rng = random.Random(seed)
+    special = [0, seq_len, seq_len + 7, max(seq_len // 2, 1)]
+    values = [special[i] if i < len(special) else rng.randint(0, seq_len) for i in range(batch)]
+    rng.shuffle(values)
+    return torch.tensor(values, device=DEVICE)
+
+
+# --------------------------------------------------------------------------- correctness
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 16), (4, 1, 49, 64), (4, 1, 50, 40), (4, 1, 197, 80), (4, 1, 257, 128)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_per_sample_prefix(shape, dtype):
+    prefix = per_sample_prefix(shape[0], shape[2])
+    assert_within_budget(triton_op(prefix), reference_op(prefix), shape, dtype)
+
+
+@pytest.mark.parametrize("prefix", [0, 1, 37, 100, 100 + 50])
+def test_int_prefix(prefix):
+    shape = (1, 2, 100, 64)
+    assert_within_budget(triton_op(prefix), reference_op(prefix), shape, torch.float32, seed=prefix)
+
+
+@pytest.mark.parametrize("layout", ["packed_qkv", "bnhd"])
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_strided_inputs(layout, dtype):
+    shape = (2, 3, 50, 40)
+    prefix = torch.tensor([10, 0], device=DEVICE)
+    assert_within_budget(triton_op(prefix), reference_op(prefix), shape, dtype, layout=layout)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_large_logits(dtype):
+    """Logits of about +-100 (fp32) and +-60 (fp16): exp() overflows unless the running max is subtracted."""
+    shape = (2, 1, 70, 64)
+    prefix = torch.tensor([5, 33], device=DEVICE)
+    magnitude = 4.0 if dtype == torch.float16 else 5.0
+    assert_within_budget(triton_op(prefix), reference_op(prefix), shape, dtype, magnitude=magnitude)
+
+
+def test_extreme_logits_stay_finite():
+    """Logits near +-2000: the recomputed probabilities lose about |logit| * eps, still far from overflow."""
+    q, k, v, leaves = make_qkv((2, 1, 70, 64), torch.float32, magnitude=20.0)
+    prefix = torch.tensor([5, 33], device=DEVICE)
+    got = outputs_and_grads(triton_op(prefix), q, k, v, leaves)
+    leaves64 = float64_twins(leaves)
+    want = outputs_and_grads(reference_op(prefix), *leaves64, leaves64)
+    for g, w in zip(got, want):
+        assert torch.isfinite(g).all()
+        assert (g.double() - w).norm() <= 2e-3 * w.norm()
+
+
+def test_custom_scale():
+    prefix = torch.tensor([4, 20], device=DEVICE)
+    assert_within_budget(triton_op(prefix, scale=0.3), reference_op(prefix, scale=0.3), (2, 1, 33, 32), torch.float32)
+
+
+def _tiles(fwd, dkdv, dq):
+    return AttentionConfigs(TileConfig(*fwd, 4, 1), TileConfig(*dkdv, 4, 1), TileConfig(*dq, 4, 1))
+
+
+SMALL_TILES = {
+    "square16": _tiles((16, 16), (16, 16), (16, 16)),
+    "tall": _tiles((32, 16), (16, 32), (32, 16)),
+    "wide": _tiles((16, 32), (32, 16), (16, 32)),
+}
+
+
+@pytest.mark.parametrize("tiles", SMALL_TILES, ids=str)
+@pytest.mark.parametrize("seq_len", [50, 97])
+def test_many_tiles(tiles, seq_len):
+    """Diagonal, prefix-edge and sequence-end tiles in every combination of tile shapes."""
+    shape = (4, 1, seq_len, 24)
+    prefix = per_sample_prefix(4, seq_len, seed=seq_len)
+    assert_within_budget(triton_op(prefix, SMALL_TILES[tiles], 0.25), reference_op(prefix, 0.25), shape,
+                         torch.float32, seed=seq_len)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    batch=st.integers(1, 3), heads=st.integers(1, 2), seq_len=st.integers(1, 90),
+    head_dim=st.sampled_from([16, 24, 40, 64]), tiles=st.sampled_from(sorted(SMALL_TILES)),
+    layout=st.sampled_from(["contiguous", "packed_qkv", "bnhd"]), seed=st.integers(0, 2**16),
+)
+def test_random_shapes(batch, heads, seq_len, head_dim, tiles, layout, seed):
+    prefix = torch.tensor(random.Random(seed).choices(range(seq_len + 3), k=batch), device=DEVICE)
+    assert_within_budget(triton_op(prefix, SMALL_TILES[tiles], 1 / math.sqrt(head_dim)), reference_op(prefix),
+                         (batch, heads, seq_len, head_dim), torch.float32, layout=layout, seed=seed)
+
+
+@pytest.mark.parametrize("mode", ["full", "causal", "prefix"])
+def test_attention_entry(mode):
+    shape = (2, 2, 45, 32)
+    kwargs = {"full": {}, "causal": {"causal": True}, "prefix": {"prefix_len": torch.tensor([3, 30], device=DEVICE)}}[mode]
+
+    def kernel_fn(q, k, v):
+        with mimkernels.use_backend("triton"):
+            return mimkernels.attention(q, k, v, **kwargs)
+
+    assert_within_budget(kernel_fn, lambda q, k, v: reference.attention(q, k, v, **kwargs), shape, torch.float32)
+
+
+def test_output_is_stored_tokens_major():
+    q, k, v, _ = make_qkv((2, 3, 20, 16), torch.float32)
+    with mimkernels.use_backend("triton"):
+        out = mimkernels.prefix_causal_attention(q, k, v, 5)
+    assert out.shape == (2, 3, 20, 16)
+    assert out.transpose(1, 2).is_contiguous()  # so .transpose(1, 2).reshape(B, N, H * D) is a view
+
+
+def test_backward_is_deterministic():
+    prefix = torch.tensor([7, 60], device=DEVICE)
+    runs = []
+    for _ in range(2):
+        q, k, v, leaves = make_qkv((2, 2, 70, 32), torch.float32)
+        runs.append(outputs_and_grads(triton_op(prefix), q, k, v, leaves))
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+def test_non_unit_head_dim_stride_is_copied():
+    q, k, v, _ = make_qkv((1, 2, 9, 16), torch.float32)
+    k_strided = torch.empty(1, 2, 9, 32, device=DEVICE)[..., ::2]
+    k_strided.copy_(k.detach())
+    with mimkernels.use_backend("triton"):
+        out = mimkernels.prefix_causal_attention(q, k_strided, v, 3)
+    torch.testing.assert_close(out, reference.prefix_causal_attention(q, k, v, 3))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_empty_batch(backend):
+    q = torch.randn(0, 2, 10, 16, device=DEVICE, requires_grad=True)
+    with mimkernels.use_backend(backend):
+        out = mimkernels.prefix_causal_attention(q, q, q, torch.zeros(0, dtype=torch.long, device=DEVICE))
+    assert out.shape == (0, 2, 10, 16)
+    out.sum().backward()
+    assert q.grad.shape == q.shape
+
+
+# --------------------------------------------------------------------------- backends
+
+
+def test_auto_on_cpu_is_the_reference():
+    q, k, v, _ = make_qkv((2, 2, 30, 16), torch.float32)
+    prefix = torch.tensor([4, 40])
+    q, k, v = q.cpu(), k.cpu(), v.cpu()
+    assert torch.equal(mimkernels.prefix_causal_attention(q, k, v, prefix),
+                       reference.prefix_causal_attention(q, k, v, prefix))
+
+
+def test_available_backends():
+    names = mimkernels.available_backends()
+    assert names[0] == "torch" and "triton" in names  # the interpreter or a GPU runs Triton here
+
+
+def test_unknown_backend_names():
+    with pytest.raises(ValueError, match="backend name"):
+        with mimkernels.use_backend("tritonn"):
+            pass
+
+
+def test_unknown_backend_in_environment(monkeypatch):
+    monkeypatch.setenv("MIMKERNELS_BACKEND", "fast")
+    q = torch.randn(1, 1, 4, 16)
+    with pytest.raises(ValueError, match="MIMKERNELS_BACKEND"):
+        mimkernels.prefix_causal_attention(q, q, q, 0)
+
+
+def test_environment_picks_backend(monkeypatch):
+    monkeypatch.setenv("MIMKERNELS_BACKEND", "triton")
+    q, k, v, _ = make_qkv((1, 2, 12, 16), torch.float32)
+    out = mimkernels.prefix_causal_attention(q, k, v, 2)
+    assert out.transpose(1, 2).is_contiguous() and not out.is_contiguous()  # the kernel's layout, not SDPA's
+
+
+def test_named_backend_that_cannot_run(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q = torch.randn(1, 1, 4, 16)
+    with mimkernels.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        mimkernels.prefix_causal_attention(q, q, q, 0)
+    with mimkernels.use_backend("cuda"), pytest.raises(RuntimeError, match="no 'cuda' implementation"):
+        mimkernels.prefix_causal_attention(q, q, q, 0)
+
+
+def test_autocast_dtype_is_followed():
+    q = torch.randn(1, 2, 8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mimkernels.prefix_causal_attention(q, q, q, 2)
+    assert out.dtype == torch.bfloat16
+
+
+# --------------------------------------------------------------------------- mask
+
+
+@pytest.mark.parametrize("prefix", [0, 3, 9, torch.tensor([0, 2, 9, 50]), torch.tensor([-4, 5], dtype=torch.int32)],
+                         ids=str)
+def test_prefix_causal_mask(prefix):
+    seq_len = 9
+    mask = mimkernels.prefix_causal_mask(seq_len, prefix)
+    values = prefix.tolist() if isinstance(prefix, torch.Tensor) else [prefix]
+    assert mask.shape == (len(values), 1, seq_len, seq_len) and mask.dtype == torch.bool
+    for b, p in enumerate(values):
+        for i in range(seq_len):
+            for j in range(seq_len):
+                assert mask[b, 0, i, j].item() == (j <= i or j < p)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _qkv(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("case, error, match", [
+    (lambda: (_qkv(2, 8, 16), _qkv(2, 8, 16), _qkv(2, 8, 16), 0), ValueError, "q must be 4-D"),
+    (lambda: (_qkv(1, 2, 8, 16), "k", _qkv(1, 2, 8, 16), 0), TypeError, "k must be a torch.Tensor"),
+    (lambda: (_qkv(1, 2, 8, 16), _qkv(1, 2, 9, 16), _qkv(1, 2, 9, 16), 0), ValueError, "query and key lengths differ"),
+    (lambda: (_qkv(1, 2, 8, 16), _qkv(1, 3, 8, 16), _qkv(1, 3, 8, 16), 0), ValueError, "k has shape"),
+    (lambda: (_qkv(1, 2, 8, 16), _qkv(1, 2, 8, 16), _qkv(1, 2, 8, 24), 0), ValueError, "v has shape"),
+    (lambda: (_qkv(1, 2, 8, 16), _qkv(1, 2, 8, 16, dtype=torch.float16), _qkv(1, 2, 8, 16), 0), TypeError,
+     "k has dtype"),
+    (lambda: (_qkv(1, 2, 8, 16, dtype=torch.float64),) * 3 + (0,), TypeError, "float16, bfloat16 or float32"),
+    (lambda: (_qkv(1, 2, 8, 12),) * 3 + (0,), ValueError, "head_dim"),
+    (lambda: (_qkv(1, 2, 8, 264),) * 3 + (0,), ValueError, "head_dim"),
+    (lambda: (_qkv(1, 2, 8, 8),) * 3 + (0,), ValueError, "head_dim"),
+    (lambda: (_qkv(1, 2, 8, 16),) * 3 + (-1,), ValueError, "prefix_len must be >= 0"),
+    (lambda: (_qkv(1, 2, 8, 16),) * 3 + (2.0,), TypeError, "prefix_len must be an int"),
+    (lambda: (_qkv(1, 2, 8, 16),) * 3 + (True,), TypeError, "prefix_len must be an int"),
+    (lambda: (_qkv(1, 2, 8, 16),) * 3 + (torch.tensor([2.0]),), TypeError, "integer tensor"),
+    (lambda: (_qkv(1, 2, 8, 16),) * 3 + (torch.tensor([True]),), TypeError, "integer tensor"),
+    (lambda: (_qkv(2, 2, 8, 16),) * 3 + (torch.tensor([1, 2, 3]),), ValueError, r"shape \[batch\]"),
+    (lambda: (_qkv(2, 2, 8, 16),) * 3 + (torch.tensor(2),), ValueError, r"shape \[batch\]"),
+], ids=lambda x: x if isinstance(x, str) else "")
+def test_bad_input(case, error, match):
+    q, k, v, prefix = case()
+    for backend in ("torch", "triton"):
+        with mimkernels.use_backend(backend), pytest.raises(error, match=match):
+            mimkernels.prefix_causal_attention(q, k, v, prefix)
+
+
+def test_bad_attention_arguments():
+    q = _qkv(1, 1, 4, 16)
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        mimkernels.attention(q, q, q, causal="yes")
+    with pytest.raises(TypeError, match="scale must be a real number"):
+        mimkernels.attention(q, q, q, scale="0.1")
+    with pytest.raises(ValueError, match="scale must be finite"):
+        mimkernels.attention(q, q, q, scale=float("inf"))
+
+
+def test_bad_mask_arguments():
+    with pytest.raises(ValueError, match="seq_len"):
+        mimkernels.prefix_causal_mask(-1, 0)
+    with pytest.raises(ValueError, match="prefix_len must be >= 0"):
+        mimkernels.prefix_causal_mask(4, -2)
+    with pytest.raises(ValueError, match=r"shape \[batch\]"):
+        mimkernels.prefix_causal_mask(4, torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(TypeError, match="integer tensor"):
+        mimkernels.prefix_causal_mask(4, torch.zeros(2))
+
+
+@pytest.mark.gpu
+def test_prefix_on_other_device():
+    q = torch.randn(2, 1, 8, 16, device="cuda")
+    with pytest.raises(ValueError, match="prefix_len is on"):
+        mimkernels.prefix_causal_attention(q, q, q, torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="k is on"):
+        mimkernels.prefix_causal_attention(q, q.cpu(), q, 1)
