@@ -16,7 +16,6 @@ the head dim is padded inside the tile, never in memory.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +23,7 @@ import triton
 import triton.language as tl
 
 LOG2_E = 1.4426950408889634
+ROW_DOT_BLOCK = 32  # query rows per program of the backward's row-dot pre-pass
 
 
 @dataclass(frozen=True)
@@ -41,24 +41,23 @@ class AttentionConfigs:
     backward_dq: TileConfig  # one program per query tile, looping over key tiles
 
 
+# (block_m, block_n, num_warps, num_stages) of the forward, dK/dV and dQ kernels, by operand width and padded
+# head dim. Picked so that none spills on sm_80 or sm_90 (benchmarks/kernel_report.py; tests/test_kernel_report.py).
+_SHIPPED = {
+    (2, 64): ((128, 64, 4, 3), (32, 64, 4, 3), (64, 32, 4, 3)),
+    (2, 128): ((128, 64, 8, 3), (16, 64, 8, 2), (64, 32, 8, 2)),
+    (2, 256): ((64, 64, 8, 2), (32, 32, 8, 1), (32, 32, 8, 1)),
+    (4, 64): ((32, 32, 4, 2), (32, 32, 8, 1), (32, 32, 4, 2)),  # fp32 runs on FMA units, not tensor cores
+    (4, 128): ((32, 16, 8, 1), (16, 32, 8, 1), (32, 32, 8, 1)),
+    (4, 256): ((16, 32, 8, 1), (16, 16, 8, 1), (16, 32, 8, 1)),
+}
+
+
 def configs_for(head_dim: int, dtype: torch.dtype) -> AttentionConfigs:
-    """The tile shapes shipped for this head dim and dtype (checked for spills by benchmarks/kernel_report.py)."""
-    block_d = triton.next_power_of_2(head_dim)
-    if block_d <= 64:
-        fwd, dkdv, dq = (128, 64, 4, 3), (32, 128, 4, 3), (128, 32, 4, 3)
-    elif block_d <= 128:
-        fwd, dkdv, dq = (128, 64, 8, 3), (32, 128, 8, 2), (128, 32, 8, 2)
-    else:
-        fwd, dkdv, dq = (64, 64, 8, 2), (32, 64, 8, 1), (64, 32, 8, 1)
-    if dtype == torch.float32:  # 4-byte operands: halve the longer side of each tile
-        fwd, dkdv, dq = (_halve_longer(*cfg) for cfg in (fwd, dkdv, dq))
+    """The tile shapes shipped for this head dim and dtype."""
+    block_d = max(64, triton.next_power_of_2(head_dim))
+    fwd, dkdv, dq = _SHIPPED[dtype.itemsize, block_d]
     return AttentionConfigs(TileConfig(*fwd), TileConfig(*dkdv), TileConfig(*dq))
-
-
-def _halve_longer(block_m, block_n, num_warps, num_stages):
-    if block_m >= block_n:
-        return block_m // 2, block_n, num_warps, num_stages
-    return block_m, block_n // 2, num_warps, num_stages
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -386,10 +385,10 @@ def _prefix_args(prefix, q):
     return q, prefix, False
 
 
-def _shape_args(q: torch.Tensor):
-    head_dim = q.shape[-1]
+def shape_args(head_dim: int, dtype: torch.dtype) -> dict:
+    """The head-dim and precision constexprs of every kernel here."""
     block_d = max(16, triton.next_power_of_2(head_dim))
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 stays fp32, never TF32
+    precision = "ieee" if dtype == torch.float32 else "tf32"  # fp32 stays fp32, never TF32
     return dict(head_dim=head_dim, EVEN_D=block_d == head_dim, BLOCK_D=block_d, DOT_PRECISION=precision)
 
 
@@ -408,7 +407,7 @@ def forward(q, k, v, prefix, scale: float, configs: AttentionConfigs | None = No
         q, k, v, out, lse, prefix_ptr, prefix_int,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         heads, seq_len, scale * LOG2_E, num_m_tiles,
-        PREFIX_IS_TENSOR=prefix_is_tensor, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **_shape_args(q),
+        PREFIX_IS_TENSOR=prefix_is_tensor, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **shape_args(head_dim, q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
@@ -418,16 +417,14 @@ def backward(grad_out, q, k, v, out, lse, prefix, scale: float, configs: Attenti
     """dq, dk, dv, each [B, H, N, D] stored [B, N, H, D]. Deterministic: no atomics."""
     batch, heads, seq_len, head_dim = q.shape
     cfgs = configs or configs_for(head_dim, q.dtype)
-    shape_args = _shape_args(q)
+    shapes = shape_args(head_dim, q.dtype)
     prefix_ptr, prefix_int, prefix_is_tensor = _prefix_args(prefix, q)
 
     delta = torch.empty_like(lse)
-    row_tile = 64
-    num_row_tiles = triton.cdiv(seq_len, row_tile)
+    num_row_tiles = triton.cdiv(seq_len, ROW_DOT_BLOCK)
     _bwd_row_dot[(batch * heads * num_row_tiles,)](
         out, grad_out, delta, *_strides(out), *_strides(grad_out), heads, seq_len, num_row_tiles,
-        head_dim=shape_args["head_dim"], EVEN_D=shape_args["EVEN_D"], BLOCK_M=row_tile,
-        BLOCK_D=shape_args["BLOCK_D"],
+        head_dim=shapes["head_dim"], EVEN_D=shapes["EVEN_D"], BLOCK_M=ROW_DOT_BLOCK, BLOCK_D=shapes["BLOCK_D"],
     )
 
     dq, dk, dv = _empty_bnhd(q), _empty_bnhd(k), _empty_bnhd(v)
@@ -438,7 +435,7 @@ def backward(grad_out, q, k, v, out, lse, prefix, scale: float, configs: Attenti
         q, k, v, grad_out, lse, delta, dk, dv, prefix_ptr, prefix_int,
         *common, *_strides(dk), *_strides(dv),
         heads, seq_len, scale, scale * LOG2_E, num_n_tiles,
-        PREFIX_IS_TENSOR=prefix_is_tensor, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **shape_args,
+        PREFIX_IS_TENSOR=prefix_is_tensor, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **shapes,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     cfg = cfgs.backward_dq
@@ -447,7 +444,7 @@ def backward(grad_out, q, k, v, out, lse, prefix, scale: float, configs: Attenti
         q, k, v, grad_out, lse, delta, dq, prefix_ptr, prefix_int,
         *common, *_strides(dq),
         heads, seq_len, scale, scale * LOG2_E, num_m_tiles,
-        PREFIX_IS_TENSOR=prefix_is_tensor, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **shape_args,
+        PREFIX_IS_TENSOR=prefix_is_tensor, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **shapes,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return dq, dk, dv

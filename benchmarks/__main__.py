@@ -1,0 +1,21 @@
+"""``python -m benchmarks``: every benchmark family, results under benchmarks/results/<device>/."""
+import re
+import sys
+
+import torch
+
+from benchmarks import bench_attention
+
+FAMILIES = {"attention": bench_attention}
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("benchmarks need a CUDA GPU; none here")
+        return 0
+    out = "benchmarks/results/" + re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name()).strip("_")
+    return max(family.main(["--out", out] + sys.argv[1:]) for family in FAMILIES.values())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Prefix-causal attention against what AIM users would use instead (GPU only).
+
+Providers, all timed in this process on the same inputs:
+  mimkernels          mimkernels.prefix_causal_attention (Triton)
+  sdpa_dense_mask     SDPA with the dense bool mask built per call, as apple/ml-aim does
+  flex+block_mask     FlexAttention (compiled) including create_block_mask for the batch's prefixes
+  flex                FlexAttention with the block mask built beforehand
+  sdpa_causal         SDPA is_causal=True (flash backend): same FLOP class, no prefix
+  flash_attn_causal   FlashAttention causal, where the flash_attn package is installed
+
+TFLOP/s count visible pairs only (each provider's own mask); roofline % per benchmarks/common.py.
+
+    python -m benchmarks.bench_attention [--quick] [--modes fwd bwd fwd_bwd] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import mimkernels
+from benchmarks import common
+
+# name: (heads, seq_len, head_dim)
+SHAPES = {
+    "vit_b": (12, 197, 64),
+    "vit_h": (16, 257, 80),
+    "aim_600m": (12, 256, 128),
+    "aim_3b": (24, 256, 128),
+    "long": (16, 4096, 128),
+}
+MODES = ("fwd", "bwd", "fwd_bwd")
+FLOPS_PER_PAIR_AND_DIM = {"fwd": 4, "bwd": 10, "fwd_bwd": 14}  # 2 matmuls forward, 5 backward
+TENSORS_MOVED = {"fwd": 4, "bwd": 8, "fwd_bwd": 12}  # q k v o | q k v o dO dq dk dv | both
+
+
+def visible_pairs(seq_len: int, prefix: torch.Tensor) -> int:
+    """Number of (query, key) pairs the prefix-causal mask lets through, summed over the batch."""
+    rows = torch.arange(seq_len, device=prefix.device)
+    per_row = torch.maximum(rows[None, :] + 1, prefix.clamp(0, seq_len)[:, None])
+    return int(per_row.sum())
+
+
+def batch_for(seq_len: int, quick: bool) -> int:
+    """Enough samples to fill the GPU: about 64k tokens per call (16k with --quick)."""
+    return max(2, (2**14 if quick else 2**16) // seq_len)
+
+
+def _flex():
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    return torch.compile(flex_attention, dynamic=False), create_block_mask
+
+
+def providers(q, k, v, prefix):
+    """name -> (callable giving the output, prefix it attends with for FLOP counting)."""
+    batch, _, seq_len, _ = q.shape
+    found = {
+        "mimkernels": (lambda: mimkernels.prefix_causal_attention(q, k, v, prefix), prefix),
+        "sdpa_dense_mask": (lambda: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mimkernels.prefix_causal_mask(seq_len, prefix)), prefix),
+    }
+    try:
+        flex_attention, create_block_mask = _flex()
+    except ImportError:
+        pass
+    else:
+        def prefix_lm(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx) | (kv_idx < prefix[b])
+
+        def build():
+            return create_block_mask(prefix_lm, batch, None, seq_len, seq_len, device=q.device)
+
+        prebuilt = build()
+        found["flex+block_mask"] = (lambda: flex_attention(q, k, v, block_mask=build()), prefix)
+        found["flex"] = (lambda: flex_attention(q, k, v, block_mask=prebuilt), prefix)
+    no_prefix = torch.zeros_like(prefix)
+    found["sdpa_causal"] = (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), no_prefix)
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        pass
+    else:
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        found["flash_attn_causal"] = (lambda: flash_attn_func(qt, kt, vt, causal=True), no_prefix)
+    return found
+
+
+def _timed(fn, mode, q, k, v, grad_out, quick):
+    if mode == "fwd":
+        return common.time_ms(fn, quick=quick)
+    if mode == "bwd":
+        out = fn()
+        return common.time_ms(lambda: torch.autograd.grad(out, (q, k, v), grad_out, retain_graph=True), quick=quick)
+    return common.time_ms(lambda: torch.autograd.grad(fn(), (q, k, v), grad_out), quick=quick)
+
+
+def run(shapes, modes, dtype, quick, peaks) -> list[common.Result]:
+    rows = []
+    for name in shapes:
+        heads, seq_len, head_dim = SHAPES[name]
+        batch = batch_for(seq_len, quick)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(batch, heads, seq_len, head_dim, device="cuda", dtype=dtype, generator=gen)
+                   .requires_grad_() for _ in range(3))
+        grad_out = torch.randn_like(q)
+        prefix = torch.randint(1, seq_len, (batch,), device="cuda", generator=gen)
+        shape = f"{name}:B{batch}xH{heads}xN{seq_len}xD{head_dim}"
+        min_bytes = q.numel() * q.element_size()
+        for provider, (fn, attended_prefix) in providers(q, k, v, prefix).items():
+            pairs = visible_pairs(seq_len, attended_prefix) * heads
+            for mode in modes:
+                if mode == "bwd" and provider == "flex+block_mask":
+                    continue  # the block mask is built in the forward only
+                try:
+                    times = _timed(fn, mode, q, k, v, grad_out, quick)
+                except Exception as err:  # a baseline that cannot run this shape is reported, not fatal
+                    print(f"  {shape} {provider} {mode}: skipped ({type(err).__name__}: {str(err)[:120]})")
+                    continue
+                rows.append(common.result("prefix_causal_attention", provider, mode, shape, str(dtype)[6:], times,
+                                          FLOPS_PER_PAIR_AND_DIM[mode] * pairs * head_dim,
+                                          TENSORS_MOVED[mode] * min_bytes, peaks))
+                print(f"  {shape:34s} {provider:18s} {mode:8s} {times[0]:8.3f} ms  {rows[-1].tflops:6.1f} TFLOP/s  "
+                      f"{rows[-1].roofline_pct:5.1f}% roofline", flush=True)
+    return rows
+
+
+def speedups(rows: list[common.Result]) -> list[str]:
+    """mimkernels' speed over each baseline, per shape and mode (>1: mimkernels is faster)."""
+    ours = {(r.shape, r.mode): r.ms_p50 for r in rows if r.provider == "mimkernels"}
+    lines = [f"{'shape':34s} {'mode':8s} {'baseline':18s} speedup"]
+    for r in rows:
+        if r.provider != "mimkernels" and (r.shape, r.mode) in ours:
+            lines.append(f"{r.shape:34s} {r.mode:8s} {r.provider:18s} {r.ms_p50 / ours[r.shape, r.mode]:6.2f}x")
+    return lines
+
+
+def plot(rows: list[common.Result], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [m for m in MODES if any(r.mode == m for r in rows)]
+    shapes = list(dict.fromkeys(r.shape for r in rows))
+    names = list(dict.fromkeys(r.provider for r in rows))
+    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), squeeze=False)
+    width = 0.8 / len(names)
+    for ax, mode in zip(axes[0], modes):
+        for i, provider in enumerate(names):
+            values = {r.shape: r.tflops for r in rows if r.mode == mode and r.provider == provider}
+            ax.bar([s + i * width for s in range(len(shapes))], [values.get(s, 0) for s in shapes], width,
+                   label=provider)
+        ax.set_title(f"{mode} ({rows[0].dtype})")
+        ax.set_xticks([s + 0.4 - width / 2 for s in range(len(shapes))], [s.split(":")[0] for s in shapes])
+        ax.set_ylabel("TFLOP/s over visible pairs")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"prefix-causal attention on {torch.cuda.get_device_name()}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="prefix-causal attention benchmark (GPU)")
+    parser.add_argument("--quick", action="store_true", help="smaller batches and fewer repeats")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    parser.add_argument("--out", default=None, help="folder for the CSV and PNG (default: print only)")
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_attention needs a CUDA GPU: timings through the Triton interpreter would mean nothing")
+        return 0
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    peaks = common.measure_peaks(args.quick)
+    print(f"{torch.cuda.get_device_name()}: measured peaks {peaks.tflops:.0f} TFLOP/s bf16, {peaks.gbps:.0f} GB/s")
+    rows = run(args.shapes, args.modes, dtype, args.quick, peaks)
+    print("\n".join(speedups(rows)))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        common.write_csv(os.path.join(args.out, "attention.csv"), rows)
+        if not args.no_plot:
+            plot(rows, os.path.join(args.out, "attention.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""What every benchmark family shares: timing, measured peaks, the CSV schema, the run's provenance."""
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import subprocess
+from dataclasses import dataclass, fields
+
+import torch
+
+CSV_FIELDS = ("kernel", "provider", "mode", "shape", "dtype", "ms_p50", "ms_p20", "ms_p80", "tflops", "gbps",
+              "roofline_pct", "device", "torch", "triton", "commit", "timestamp")
+
+
+def commit() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("MIMKERNELS_COMMIT", "unknown")
+    return rev.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def time_ms(fn, *, quick: bool = False) -> tuple[float, float, float]:
+    """Median, 20th and 80th percentile in ms (triton.testing.do_bench: CUDA events, L2 flushed between runs)."""
+    import triton.testing
+
+    p50, p20, p80 = triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100,
+                                            quantiles=[0.5, 0.2, 0.8])
+    return p50, p20, p80
+
+
+@dataclass(frozen=True)
+class Peaks:
+    tflops: float  # dense bf16 matmul, measured
+    gbps: float  # device-to-device copy, bytes read + written, measured
+
+
+def measure_peaks(quick: bool = False) -> Peaks:
+    """The two ceilings of this GPU, measured now rather than taken from a datasheet."""
+    n = 4096 if quick else 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    matmul_ms = time_ms(lambda: a @ b, quick=quick)[0]
+    src = torch.randn(2**28 // (4 if quick else 1), device="cuda", dtype=torch.float32)
+    dst = torch.empty_like(src)
+    copy_ms = time_ms(lambda: dst.copy_(src), quick=quick)[0]
+    return Peaks(tflops=2 * n**3 / matmul_ms / 1e9, gbps=2 * src.numel() * 4 / copy_ms / 1e6)
+
+
+@dataclass
+class Result:
+    kernel: str
+    provider: str
+    mode: str
+    shape: str
+    dtype: str
+    ms_p50: float
+    ms_p20: float
+    ms_p80: float
+    tflops: float
+    gbps: float
+    roofline_pct: float
+
+
+def result(kernel, provider, mode, shape, dtype, times, flops, min_bytes, peaks: Peaks) -> Result:
+    """A row with throughput and roofline % (the larger of the compute and memory fractions)."""
+    p50, p20, p80 = times
+    tflops = flops / p50 / 1e9
+    gbps = min_bytes / p50 / 1e6
+    roofline = 100 * max(tflops / peaks.tflops, gbps / peaks.gbps)
+    return Result(kernel, provider, mode, shape, dtype, p50, p20, p80, tflops, gbps, roofline)
+
+
+def write_csv(path: str, rows: list[Result]) -> None:
+    provenance = {
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "triton": __import__("triton").__version__, "commit": commit(),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for row in rows:
+            values = {field.name: getattr(row, field.name) for field in fields(row)}
+            writer.writerow({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in values.items()} | provenance)

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One-shot check on a lent GPU: environment, GPU tests, quick benchmarks. Under 8 minutes on an H100.
+# Writes under $OUT (default benchmarks/results/local); commit what it measured, raw, under benchmarks/results/.
+# Uses the machine's own python3 (its torch and triton): nothing is installed, nothing is fetched.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/local}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+unset TRITON_INTERPRET
+status=0
+
+{
+  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo "${MIMKERNELS_COMMIT:-unknown}")"
+  echo "date: $(date -u +%FT%TZ)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+  $PY -c 'import torch, triton; print("torch", torch.__version__, "| triton", triton.__version__, "| cuda", torch.version.cuda)'
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+echo "== GPU tests"
+timeout 240 $PY -m pytest -q -m gpu -p no:cacheprovider tests > "$OUT/pytest_gpu.txt" 2>&1 || status=1
+tail -n 15 "$OUT/pytest_gpu.txt"
+
+echo "== self-check + quick benchmark"
+timeout 300 $PY -m benchmarks.bench_attention --quick --out "$OUT" > "$OUT/bench_attention.txt" 2>&1 || status=1
+tail -n 40 "$OUT/bench_attention.txt"
+exit $status

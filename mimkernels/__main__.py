@@ -1,0 +1,85 @@
+"""``python -m mimkernels``: check every shipped kernel against the reference here, then time it (GPU).
+
+On a GPU the kernels run compiled; on a CPU they run through Triton's interpreter on small shapes,
+and timings are skipped (they would measure the interpreter).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
+import mimkernels  # noqa: E402
+from mimkernels import reference  # noqa: E402
+
+# relative error (in the 2-norm) allowed against float64, per dtype
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def check_attention(batch, heads, seq_len, head_dim, dtype, device) -> tuple[float, float]:
+    """Worst relative error of the output and of dq, dk, dv against the float64 reference."""
+    gen = torch.Generator(device=device).manual_seed(seq_len)
+    q, k, v = (torch.randn(batch, heads, seq_len, head_dim, device=device, generator=gen)
+               .to(dtype).requires_grad_() for _ in range(3))
+    prefix = torch.randint(0, seq_len + 1, (batch,), device=device, generator=gen)
+    grad_out = torch.randn(batch, heads, seq_len, head_dim, device=device, generator=gen).to(dtype)
+    with mimkernels.use_backend("triton"):
+        out = mimkernels.prefix_causal_attention(q, k, v, prefix)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out64 = reference.prefix_causal_attention(q64, k64, v64, prefix)
+    grads64 = torch.autograd.grad(out64, (q64, k64, v64), grad_out.double())
+    return _relative_error(out, out64), max(_relative_error(g, w) for g, w in zip(grads, grads64))
+
+
+def self_check(device: str) -> bool:
+    if HAS_GPU:
+        dtypes = (torch.bfloat16, torch.float16, torch.float32)
+        shapes = ((8, 12, 197, 64), (4, 16, 257, 80), (2, 12, 256, 128), (1, 2, 1025, 40))
+    else:  # the interpreter is slow, and its bf16 tl.dot is broken
+        dtypes = (torch.float16, torch.float32)
+        shapes = ((2, 2, 49, 64), (2, 1, 197, 80))
+    print(f"{'kernel':26s} {'dtype':9s} {'B,H,N,D':16s} {'out err':>9s} {'grad err':>9s}")
+    ok = True
+    for dtype in dtypes:
+        for shape in shapes:
+            out_err, grad_err = check_attention(*shape, dtype, device)
+            passed = max(out_err, grad_err) <= TOLERANCE[dtype]
+            ok &= passed
+            print(f"{'prefix_causal_attention':26s} {str(dtype)[6:]:9s} {','.join(map(str, shape)):16s} "
+                  f"{out_err:9.2e} {grad_err:9.2e}  {'ok' if passed else 'FAIL'}")
+    return ok
+
+
+def main() -> int:
+    device = "cuda" if HAS_GPU else "cpu"
+    where = torch.cuda.get_device_name() if HAS_GPU else "CPU (Triton interpreter)"
+    print(f"mimkernels {mimkernels.__version__} | torch {torch.__version__} | {where}")
+    print(f"backends available here: {', '.join(mimkernels.available_backends())}\n")
+    ok = self_check(device)
+    print()
+    if not HAS_GPU:
+        print("Timings need a GPU: on this machine the kernels run through the Triton interpreter. "
+              "See `make bench` on a CUDA machine.")
+    else:
+        try:
+            from benchmarks import bench_attention
+        except ImportError:
+            print("benchmarks/ is not importable from here: run from the repository root for timings")
+        else:
+            bench_attention.main(["--quick", "--modes", "fwd_bwd", "--no-plot"])
+    print("\nself-check:", "all kernels match the reference" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Attention checks that need a GPU: bf16, compiled kernels at real sizes, torch.compile, CUDA graphs."""
+import pytest
+import torch
+
+import mimkernels
+from mimkernels import reference
+
+pytestmark = pytest.mark.gpu
+
+
+def _relative_errors(shape, dtype, prefix, causal_only=False):
+    q, k, v = (torch.randn(shape, device="cuda").to(dtype).requires_grad_() for _ in range(3))
+    grad_out = torch.randn(shape, device="cuda").to(dtype)
+    out = mimkernels.prefix_causal_attention(q, k, v, prefix)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out64 = reference.prefix_causal_attention(*leaves64, prefix)
+    grads64 = torch.autograd.grad(out64, leaves64, grad_out.double())
+    return [((g.double() - w).norm() / w.norm()).item() for g, w in zip([out, *grads], [out64, *grads64])]
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 2e-2), (torch.float16, 4e-3), (torch.float32, 1e-5)],
+                         ids=str)
+@pytest.mark.parametrize("shape", [(3, 4, 1, 64), (8, 12, 197, 64), (4, 16, 257, 80), (2, 12, 256, 128),
+                                   (2, 3, 49, 40), (2, 2, 50, 256), (2, 2, 1025, 96), (1, 2, 300, 112)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_matches_reference_on_gpu(shape, dtype, tolerance):
+    prefix = torch.randint(0, shape[2] + 2, (shape[0],), device="cuda")
+    errors = _relative_errors(shape, dtype, prefix)
+    assert max(errors) <= tolerance, errors
+
+
+def test_long_sequence():
+    errors = _relative_errors((1, 2, 8192, 64), torch.bfloat16, torch.tensor([3000], device="cuda"))
+    assert max(errors) <= 2e-2, errors
+
+
+def test_many_batch_heads():
+    """batch * heads = 2^20 programs along one grid axis."""
+    q = torch.randn(2**14, 64, 16, 16, device="cuda", dtype=torch.float16)
+    prefix = torch.randint(0, 17, (2**14,), device="cuda")
+    out = mimkernels.prefix_causal_attention(q, q, q, prefix)
+    rows = torch.tensor([0, 2**14 - 1], device="cuda")
+    want = reference.prefix_causal_attention(q[rows].float(), q[rows].float(), q[rows].float(), prefix[rows])
+    torch.testing.assert_close(out[rows].float(), want, atol=2e-3, rtol=2e-3)
+
+
+def test_torch_compile_fullgraph():
+    q, k, v = (torch.randn(4, 6, 197, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    prefix = torch.randint(1, 197, (4,), device="cuda")
+
+    def step(q, k, v, prefix):
+        return mimkernels.prefix_causal_attention(q, k, v, prefix).float().square().sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    loss = compiled(q, k, v, prefix)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    loss_eager = step(q, k, v, prefix)
+    grads_eager = torch.autograd.grad(loss_eager, (q, k, v))
+    torch.testing.assert_close(loss, loss_eager)
+    for g, e in zip(grads, grads_eager):
+        torch.testing.assert_close(g, e)
+
+
+def test_cuda_graph_capture():
+    """No host sync on the fast path: forward and backward capture into a CUDA graph and replay."""
+    q, k, v = (torch.randn(4, 6, 197, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    prefix = torch.randint(1, 197, (4,), device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up (compiles the kernels) outside the capture
+        torch.autograd.grad(mimkernels.prefix_causal_attention(q, k, v, prefix).sum(), (q, k, v))
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = mimkernels.prefix_causal_attention(q, k, v, prefix)
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+    prefix.copy_(torch.tensor([0, 5, 196, 300], device="cuda"))
+    graph.replay()
+    want = reference.prefix_causal_attention(q.float(), k.float(), v.float(), prefix)
+    torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_auto_uses_triton_on_gpu():
+    q = torch.randn(2, 3, 20, 32, device="cuda", dtype=torch.float16)
+    out = mimkernels.prefix_causal_attention(q, q, q, 4)
+    assert out.transpose(1, 2).is_contiguous() and not out.is_contiguous()
