@@ -1,8 +1,8 @@
 """Compile the shipped attention kernels for sm_80 and sm_90 (no GPU needed) and report their resources.
 
 For every head-dim class, dtype and kernel, the config that ``configs_for`` ships is compiled to a
-cubin by Triton's own toolchain; Triton's bundled ``cuobjdump -res-usage`` gives registers, stack
-and local memory (spills), and Triton's metadata the shared memory. Run as
+cubin by Triton's own toolchain. ptxas's own log (``-v``) gives registers, stack frame and spill
+stores and loads, and Triton's metadata the shared memory. Run as
 
     python benchmarks/kernel_report.py [--quick] [--csv FILE]
 
@@ -12,12 +12,12 @@ TRITON_INTERPRET must be unset: the interpreter replaces the compiler.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import io
 import os
 import re
-import subprocess
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -49,11 +49,12 @@ class Row:
     registers: int
     shared_bytes: int
     stack_bytes: int
-    local_bytes: int
+    spill_store_bytes: int
+    spill_load_bytes: int
 
     @property
     def spills(self) -> bool:
-        return self.local_bytes > 0 or self.stack_bytes > 0
+        return self.spill_store_bytes > 0 or self.spill_load_bytes > 0
 
 
 def _signature(fn, pointer_types: dict[str, str], constexprs: dict):
@@ -92,20 +93,12 @@ def _launches(head_dim: int, dtype: torch.dtype):
     ], shape
 
 
-_RES_USAGE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+_PTXAS_LOG = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads"
+                        r".*?Used (\d+) registers", re.S)
 
 
-def _resources(cubin: bytes) -> tuple[int, int, int]:
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        text = subprocess.run([cuobjdump, "-res-usage", f.name], check=True, capture_output=True, text=True).stdout
-    regs, stack, _, local = map(int, _RES_USAGE.search(text).groups())
-    return regs, stack, local
-
-
-def compile_one(fn, cfg, pointer_types, extra_constexprs, shape, arch: int) -> tuple[int, int, int, int]:
+def compile_one(fn, cfg, pointer_types, extra_constexprs, shape, arch: int) -> tuple[int, int, int, int, int]:
+    """registers, shared bytes, stack bytes, spill store bytes, spill load bytes of one compiled kernel."""
     constexprs = {k: v for k, v in {**shape, **extra_constexprs}.items() if k in fn.arg_names}
     if "BLOCK_M" in fn.arg_names:
         constexprs["BLOCK_M"] = cfg.block_m
@@ -113,10 +106,15 @@ def compile_one(fn, cfg, pointer_types, extra_constexprs, shape, arch: int) -> t
         constexprs["BLOCK_N"] = cfg.block_n
     signature, attrs = _signature(fn, pointer_types, constexprs)
     src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    regs, stack, local = _resources(compiled.asm["cubin"])
-    return regs, compiled.metadata.shared, stack, local
+    log = io.StringIO()
+    # a cached cubin would skip ptxas and its log, so compile afresh with the log printed
+    with triton.knobs.compilation.scope(), triton.knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+        triton.knobs.compilation.always_compile = True
+        triton.knobs.nvidia.dump_ptxas_log = True
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    stack, spill_stores, spill_loads, regs = map(int, _PTXAS_LOG.search(log.getvalue()).groups())
+    return regs, compiled.metadata.shared, stack, spill_stores, spill_loads
 
 
 def report(head_dims=HEAD_DIMS, archs=ARCHS, dtypes=tuple(DTYPES)) -> list[Row]:
@@ -126,9 +124,9 @@ def report(head_dims=HEAD_DIMS, archs=ARCHS, dtypes=tuple(DTYPES)) -> list[Row]:
             for head_dim in head_dims:
                 launches, shape = _launches(head_dim, dtype)
                 for fn, cfg, pointers, constexprs in launches:
-                    regs, shared, stack, local = compile_one(fn, cfg, pointers, constexprs, shape, arch)
                     rows.append(Row(fn.__name__, f"sm_{arch}", DTYPES[dtype], head_dim, cfg.block_m, cfg.block_n,
-                                    cfg.num_warps, cfg.num_stages, regs, shared, stack, local))
+                                    cfg.num_warps, cfg.num_stages,
+                                    *compile_one(fn, cfg, pointers, constexprs, shape, arch)))
                     print(_format(rows[-1]), flush=True)
     return rows
 
@@ -137,7 +135,7 @@ def _format(row: Row) -> str:
     flag = "  SPILLS" if row.spills else ""
     return (f"{row.kernel:26s} {row.arch} {row.dtype} D={row.head_dim:<3d} tile {row.block_m:>3d}x{row.block_n:<3d} "
             f"w{row.num_warps} s{row.num_stages}  regs {row.registers:3d}  smem {row.shared_bytes:6d} B  "
-            f"stack {row.stack_bytes} local {row.local_bytes}{flag}")
+            f"stack {row.stack_bytes:4d}  spill st/ld {row.spill_store_bytes}/{row.spill_load_bytes}{flag}")
 
 
 def main(argv=None) -> int:

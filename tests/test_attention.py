@@ -148,6 +148,11 @@ def test_int_prefix(prefix):
     assert_within_budget(triton_op(prefix), reference_op(prefix), shape, torch.float32, seed=prefix)
 
 
+def test_strided_prefix_tensor():
+    prefix = torch.tensor([0, 99, 30, 99, 5, 99], device=DEVICE)[::2]  # [0, 30, 5], stride 2
+    assert_within_budget(triton_op(prefix), reference_op(prefix), (3, 1, 40, 16), torch.float32)
+
+
 @pytest.mark.parametrize("layout", ["packed_qkv", "bnhd"])
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 def test_strided_inputs(layout, dtype):

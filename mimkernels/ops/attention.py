@@ -58,7 +58,7 @@ def _checked_prefix(prefix_len, q):
         raise ValueError(f"prefix_len must have shape [batch] = ({batch},), got {tuple(prefix_len.shape)}")
     if prefix_len.device != q.device:
         raise ValueError(f"prefix_len is on {prefix_len.device} but q is on {q.device}")
-    return prefix_len
+    return prefix_len.contiguous()  # the kernels index it as a flat array
 
 
 def _checked_scale(scale, head_dim):

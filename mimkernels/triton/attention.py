@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 LOG2_E = 1.4426950408889634
-ROW_DOT_BLOCK = 32  # query rows per program of the backward's row-dot pre-pass
+ROW_DOT_BLOCK = 16  # query rows per program of the backward's row-dot pre-pass
 
 
 @dataclass(frozen=True)
@@ -44,12 +44,12 @@ class AttentionConfigs:
 # (block_m, block_n, num_warps, num_stages) of the forward, dK/dV and dQ kernels, by operand width and padded
 # head dim. Picked so that none spills on sm_80 or sm_90 (benchmarks/kernel_report.py; tests/test_kernel_report.py).
 _SHIPPED = {
-    (2, 64): ((128, 64, 4, 3), (32, 64, 4, 3), (64, 32, 4, 3)),
-    (2, 128): ((128, 64, 8, 3), (16, 64, 8, 2), (64, 32, 8, 2)),
-    (2, 256): ((64, 64, 8, 2), (32, 32, 8, 1), (32, 32, 8, 1)),
-    (4, 64): ((32, 32, 4, 2), (32, 32, 8, 1), (32, 32, 4, 2)),  # fp32 runs on FMA units, not tensor cores
-    (4, 128): ((32, 16, 8, 1), (16, 32, 8, 1), (32, 32, 8, 1)),
-    (4, 256): ((16, 32, 8, 1), (16, 16, 8, 1), (16, 32, 8, 1)),
+    (2, 64): ((128, 64, 8, 3), (16, 64, 4, 3), (64, 32, 4, 3)),
+    (2, 128): ((64, 64, 8, 3), (16, 64, 8, 2), (64, 32, 8, 2)),
+    (2, 256): ((32, 64, 8, 2), (32, 32, 8, 1), (32, 32, 8, 1)),
+    (4, 64): ((32, 32, 4, 2), (16, 32, 4, 1), (32, 32, 4, 2)),  # fp32 runs on FMA units, not tensor cores
+    (4, 128): ((32, 16, 8, 1), (16, 32, 8, 1), (16, 32, 8, 1)),
+    (4, 256): ((16, 32, 4, 1), (16, 16, 4, 1), (16, 16, 8, 1)),
 }
 
 

@@ -1,0 +1,28 @@
+"""The arithmetic behind the benchmark tables (the timings themselves need a GPU)."""
+import torch
+
+import mimkernels
+from benchmarks import bench_attention, common
+
+
+def test_visible_pairs_counts_the_mask():
+    prefix = torch.tensor([0, 1, 7, 13, 40])
+    assert bench_attention.visible_pairs(13, prefix) == int(mimkernels.prefix_causal_mask(13, prefix).sum())
+
+
+def test_roofline_is_the_larger_fraction():
+    peaks = common.Peaks(tflops=100.0, gbps=1000.0)
+    # 1 ms: 10 TFLOP/s is 10% of compute; 500 GB/s is 50% of bandwidth
+    row = common.result("k", "p", "fwd", "s", "bf16", (1.0, 0.9, 1.1), flops=10e9, min_bytes=500e6, peaks=peaks)
+    assert abs(row.tflops - 10.0) < 1e-9 and abs(row.gbps - 500.0) < 1e-9
+    assert abs(row.roofline_pct - 50.0) < 1e-9
+
+
+def test_speedups_compare_within_shape_and_mode():
+    peaks = common.Peaks(1.0, 1.0)
+    rows = [common.result("k", provider, mode, "s", "bf16", (ms, ms, ms), 1, 1, peaks)
+            for provider, mode, ms in [("mimkernels", "fwd", 1.0), ("sdpa_dense_mask", "fwd", 3.0),
+                                       ("mimkernels", "bwd", 2.0), ("flex", "bwd", 3.0)]]
+    lines = bench_attention.speedups(rows)
+    assert any("sdpa_dense_mask" in line and "3.00x" in line for line in lines)
+    assert any("flex" in line and "1.50x" in line for line in lines)
