@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
-import importlib
+import importlib.util
 import os
 
 import torch
@@ -49,13 +48,10 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.cache
-def _importable(module: str) -> bool:
-    try:
-        importlib.import_module(module)
-    except ImportError:
-        return False
-    return True
+# Looked up once, without importing anything (triton must not be imported before TRITON_INTERPRET is set),
+# and kept as plain values so that torch.compile traces the backend choice without a graph break.
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_HAS_EXTENSION = importlib.util.find_spec("mimkernels._C") is not None
 
 
 def _why_not(backend: str, device: torch.device) -> str | None:
@@ -63,12 +59,12 @@ def _why_not(backend: str, device: torch.device) -> str | None:
     if backend == "torch":
         return None
     if backend == "triton":
-        if not _importable("triton"):
+        if not _HAS_TRITON:
             return "the triton package is not installed"
         if device.type == "cuda" or (device.type == "cpu" and triton_interpreted()):
             return None
         return f"Triton kernels need a CUDA tensor, or a CPU tensor with TRITON_INTERPRET=1; got device {device}"
-    if not _importable("mimkernels._C"):
+    if not _HAS_EXTENSION:
         return "the compiled extension mimkernels._C is not built (pip install -e . with a CUDA toolkit)"
     return None
 

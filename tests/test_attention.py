@@ -182,6 +182,21 @@ def test_extreme_logits_stay_finite():
         assert (g.double() - w).norm() <= 2e-3 * w.norm()
 
 
+def test_reads_nothing_past_the_sequence_or_head_dim():
+    """q, k, v are windows into a NaN-filled buffer: any read past N tokens or D columns would show."""
+    batch, heads, seq_len, head_dim = 2, 2, 45, 40
+    buffer = torch.full((3, batch, heads, seq_len + 9, head_dim + 8), float("nan"), device=DEVICE)
+    buffer[..., :seq_len, :head_dim] = torch.randn(3, batch, heads, seq_len, head_dim, device=DEVICE)
+    buffer.requires_grad_()
+    q, k, v = buffer[..., :seq_len, :head_dim]
+    prefix = torch.tensor([0, 30], device=DEVICE)
+    got = outputs_and_grads(triton_op(prefix), q, k, v, [buffer])
+    clean = buffer.detach()[..., :seq_len, :head_dim].double().requires_grad_()
+    want = outputs_and_grads(reference_op(prefix), *clean, [clean])
+    torch.testing.assert_close(got[0].double(), want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1][..., :seq_len, :head_dim].double(), want[1], atol=1e-5, rtol=1e-5)
+
+
 def test_custom_scale():
     prefix = torch.tensor([4, 20], device=DEVICE)
     assert_within_budget(triton_op(prefix, scale=0.3), reference_op(prefix, scale=0.3), (2, 1, 33, 32), torch.float32)
@@ -312,6 +327,15 @@ def test_named_backend_that_cannot_run(monkeypatch):
         mimkernels.prefix_causal_attention(q, q, q, 0)
     with mimkernels.use_backend("cuda"), pytest.raises(RuntimeError, match="no 'cuda' implementation"):
         mimkernels.prefix_causal_attention(q, q, q, 0)
+
+
+def test_dispatch_traces_without_graph_breaks():
+    """Validation and backend choice compile with fullgraph=True (the GPU test compiles the kernels too)."""
+    q, k, v, _ = make_qkv((2, 2, 16, 16), torch.float32)
+    q, k, v = q.cpu(), k.cpu(), v.cpu()
+    prefix = torch.tensor([3, 20])
+    compiled = torch.compile(mimkernels.prefix_causal_attention, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(q, k, v, prefix), reference.prefix_causal_attention(q, k, v, prefix))
 
 
 def test_autocast_dtype_is_followed():

@@ -8,6 +8,11 @@ import torch
 
 from .. import _backend, reference
 
+# Imported here, not on first use, so torch.compile never traces the module's first import.
+_kernels = None
+if _backend._HAS_TRITON:
+    from ..triton import attention as _kernels
+
 _HEAD_DIMS = range(16, 257, 8)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -74,13 +79,11 @@ def _checked_scale(scale, head_dim):
 class _TritonAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, prefix, scale):
-        from ..triton import attention as kernels
-
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         if q.numel() == 0:
-            out, lse = kernels._empty_bnhd(q), None
+            out, lse = _kernels._empty_bnhd(q), None
         else:
-            out, lse = kernels.forward(q, k, v, prefix, scale)
+            out, lse = _kernels.forward(q, k, v, prefix, scale)
         ctx.scale = scale
         ctx.prefix_int = None if isinstance(prefix, torch.Tensor) else prefix
         saved_prefix = (prefix,) if ctx.prefix_int is None else ()
@@ -89,15 +92,13 @@ class _TritonAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        from ..triton import attention as kernels
-
         q, k, v, out, lse, *saved_prefix = ctx.saved_tensors
         if q.numel() == 0:
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None
         prefix = saved_prefix[0] if saved_prefix else ctx.prefix_int
         if grad_out.stride(-1) != 1:
             grad_out = grad_out.contiguous()
-        dq, dk, dv = kernels.backward(grad_out, q, k, v, out, lse, prefix, ctx.scale)
+        dq, dk, dv = _kernels.backward(grad_out, q, k, v, out, lse, prefix, ctx.scale)
         return dq, dk, dv, None, None
 
 

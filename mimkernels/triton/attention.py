@@ -5,8 +5,8 @@ Full attention is ``prefix = N`` and causal attention ``prefix = 0``, so one
 kernel family serves all three.
 
 FlashAttention-2 scheme: online softmax over key tiles, the log-sum-exp saved
-(in base 2), the probabilities recomputed in the backward. Each loop over tiles
-is split in two: tiles every pair of which is visible run without mask
+(in base 2), the probabilities recomputed in the backward. Every loop over tiles
+is split: tiles every pair of which is visible run without mask
 arithmetic, and only the few tiles on the diagonal, the prefix edge or the
 sequence end are masked. Tiles nobody can see are never loaded, so the work is
 proportional to the number of visible pairs.
