@@ -105,7 +105,8 @@ def _timed(fn, mode, q, k, v, grad_out, quick):
     return common.time_ms(lambda: torch.autograd.grad(fn(), (q, k, v), grad_out), quick=quick)
 
 
-def run(shapes, modes, dtype, quick, peaks) -> list[common.Result]:
+def run(shapes, modes, dtype, quick, peaks, csv_path=None) -> list[common.Result]:
+    """Time every provider on every shape; the CSV is rewritten after each shape, so a cut-off run keeps its rows."""
     rows = []
     for name in shapes:
         heads, seq_len, head_dim = SHAPES[name]
@@ -137,6 +138,8 @@ def run(shapes, modes, dtype, quick, peaks) -> list[common.Result]:
                                           TENSORS_MOVED[mode] * min_bytes, peaks))
                 print(f"  {shape:34s} {provider:18s} {mode:8s} {times[0]:8.3f} ms  {rows[-1].tflops:6.1f} TFLOP/s  "
                       f"{rows[-1].roofline_pct:5.1f}% roofline", flush=True)
+        if csv_path:
+            common.write_csv(csv_path, rows)
     return rows
 
 
@@ -190,13 +193,12 @@ def main(argv=None) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     peaks = common.measure_peaks(args.quick)
     print(f"{torch.cuda.get_device_name()}: measured peaks {peaks.tflops:.0f} TFLOP/s bf16, {peaks.gbps:.0f} GB/s")
-    rows = run(args.shapes, args.modes, dtype, args.quick, peaks)
-    print("\n".join(speedups(rows)))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        common.write_csv(os.path.join(args.out, "attention.csv"), rows)
-        if not args.no_plot:
-            plot(rows, os.path.join(args.out, "attention.png"))
+    rows = run(args.shapes, args.modes, dtype, args.quick, peaks, args.out and os.path.join(args.out, "attention.csv"))
+    print("\n".join(speedups(rows)))
+    if args.out and not args.no_plot:
+        plot(rows, os.path.join(args.out, "attention.png"))
     return 0
 
 
