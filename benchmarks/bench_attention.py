@@ -143,6 +143,27 @@ def run(shapes, modes, dtype, quick, peaks, csv_path=None) -> list[common.Result
     return rows
 
 
+def floors(shapes, peaks: common.Peaks) -> list[str]:
+    """The two lower bounds per shape and mode (FLOPs over peak rate, minimal bytes over bandwidth), no GPU needed.
+
+    Uses the benchmark's own batch and a uniform prefix drawn with the same seed on the CPU.
+    """
+    lines = [f"{'shape':34s} {'mode':8s} {'GFLOP':>7s} {'MB':>7s} {'compute ms':>10s} {'memory ms':>9s}  bound"]
+    for name in shapes:
+        heads, seq_len, head_dim = SHAPES[name]
+        batch = batch_for(seq_len, quick=False)
+        prefix = torch.randint(1, seq_len, (batch,), generator=torch.Generator().manual_seed(0))
+        pairs = visible_pairs(seq_len, prefix) * heads
+        for mode in MODES:
+            flops = FLOPS_PER_PAIR_AND_DIM[mode] * pairs * head_dim
+            megabytes = TENSORS_MOVED[mode] * batch * heads * seq_len * head_dim * 2 / 1e6  # 16-bit operands
+            compute_ms, memory_ms = flops / peaks.tflops / 1e9, megabytes / peaks.gbps
+            lines.append(f"{f'{name}:B{batch}xH{heads}xN{seq_len}xD{head_dim}':34s} {mode:8s} {flops / 1e9:7.0f} "
+                         f"{megabytes:7.0f} {compute_ms:10.3f} {memory_ms:9.3f}  "
+                         f"{'memory' if memory_ms > compute_ms else 'compute'}")
+    return lines
+
+
 def speedups(rows: list[common.Result]) -> list[str]:
     """mimkernels' speed over each baseline, per shape and mode (>1: mimkernels is faster)."""
     ours = {(r.shape, r.mode): r.ms_p50 for r in rows if r.provider == "mimkernels"}
@@ -186,7 +207,12 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     parser.add_argument("--out", default=None, help="folder for the CSV and PNG (default: print only)")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--floors", nargs=2, type=float, metavar=("TFLOPS", "GBPS"),
+                        help="print the roofline floors for these peak rates and exit (no GPU needed)")
     args = parser.parse_args(argv)
+    if args.floors:
+        print("\n".join(floors(args.shapes, common.Peaks(*args.floors))))
+        return 0
     if not torch.cuda.is_available():
         print("bench_attention needs a CUDA GPU: timings through the Triton interpreter would mean nothing")
         return 0
