@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 READY := $(VENV)/.ready
 
-.PHONY: demo test bench report clean
+.PHONY: demo test bench report lint clean
 
 $(READY): requirements-dev.txt pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,11 @@ test: $(READY)
 bench: $(READY)
 	$(PY) -m benchmarks
 
+lint: $(READY)
+	$(PY) -m ruff check mimkernels benchmarks tests
+
 report: $(READY)
-	$(PY) benchmarks/kernel_report.py
+	$(PY) -m benchmarks.kernel_report
 
 clean:
 	rm -rf $(VENV) build *.egg-info

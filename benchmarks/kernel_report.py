@@ -4,7 +4,7 @@ For every head-dim class, dtype and kernel, the config that ``configs_for`` ship
 cubin by Triton's own toolchain. ptxas's own log (``-v``) gives registers, stack frame and spill
 stores and loads, and Triton's metadata the shared memory. Run as
 
-    python benchmarks/kernel_report.py [--quick] [--csv FILE]
+    python -m benchmarks.kernel_report [--quick] [--csv FILE]
 
 It exits non-zero if any kernel spills. ``--quick`` compiles one head dim per tile class, sm_90 only.
 TRITON_INTERPRET must be unset: the interpreter replaces the compiler.
@@ -21,13 +21,14 @@ import sys
 from dataclasses import asdict, dataclass
 
 if os.environ.get("TRITON_INTERPRET") == "1":
-    sys.exit("kernel_report.py compiles real kernels: unset TRITON_INTERPRET")
+    sys.exit("kernel_report compiles real kernels: unset TRITON_INTERPRET")
 
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from benchmarks.common import commit  # noqa: E402
 from mimkernels.triton import attention as kernels  # noqa: E402
 
 ARCHS = (80, 90)
@@ -146,10 +147,10 @@ def main(argv=None) -> int:
     rows = report(QUICK_HEAD_DIMS, (90,)) if args.quick else report()
     if args.csv:
         with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])) + ["triton"])
+            writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])) + ["triton", "commit"])
             writer.writeheader()
             for row in rows:
-                writer.writerow({**asdict(row), "triton": triton.__version__})
+                writer.writerow({**asdict(row), "triton": triton.__version__, "commit": commit()})
     spilled = [row for row in rows if row.spills]
     print(f"{len(rows)} kernels compiled with triton {triton.__version__}; {len(spilled)} spill")
     return 1 if spilled else 0

@@ -9,6 +9,7 @@ import random
 
 import pytest
 import torch
+from conftest import DEVICE
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,8 +17,6 @@ import mimkernels
 from mimkernels import reference
 from mimkernels.triton import attention as kernels
 from mimkernels.triton.attention import AttentionConfigs, TileConfig
-
-from conftest import DEVICE
 
 FLOOR = {torch.float32: 1e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
 CPU_DTYPES = [torch.float32, torch.float16]  # the interpreter's bf16 tl.dot is broken: bf16 is GPU-only
@@ -238,7 +237,8 @@ def test_random_shapes(batch, heads, seq_len, head_dim, tiles, layout, seed):
 @pytest.mark.parametrize("mode", ["full", "causal", "prefix"])
 def test_attention_entry(mode):
     shape = (2, 2, 45, 32)
-    kwargs = {"full": {}, "causal": {"causal": True}, "prefix": {"prefix_len": torch.tensor([3, 30], device=DEVICE)}}[mode]
+    kwargs = {"full": {}, "causal": {"causal": True},
+              "prefix": {"prefix_len": torch.tensor([3, 30], device=DEVICE)}}[mode]
 
     def kernel_fn(q, k, v):
         with mimkernels.use_backend("triton"):

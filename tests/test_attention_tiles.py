@@ -9,13 +9,12 @@ import collections
 
 import pytest
 import torch
+from conftest import DEVICE, HAS_GPU
 from triton.runtime import interpreter
 
 import mimkernels
 from mimkernels.triton import attention as kernels
 from mimkernels.triton.attention import AttentionConfigs, TileConfig
-
-from conftest import DEVICE, HAS_GPU
 
 pytestmark = pytest.mark.skipif(HAS_GPU, reason="counts tile work through the Triton interpreter")
 
