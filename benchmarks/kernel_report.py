@@ -144,13 +144,14 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="one head dim per tile class, sm_90 only")
     parser.add_argument("--csv", help="also write the rows to this CSV file")
     args = parser.parse_args(argv)
+    source = commit()  # the code compiled is the code at the start
     rows = report(QUICK_HEAD_DIMS, (90,)) if args.quick else report()
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])) + ["triton", "commit"])
             writer.writeheader()
             for row in rows:
-                writer.writerow({**asdict(row), "triton": triton.__version__, "commit": commit()})
+                writer.writerow({**asdict(row), "triton": triton.__version__, "commit": source})
     spilled = [row for row in rows if row.spills]
     print(f"{len(rows)} kernels compiled with triton {triton.__version__}; {len(spilled)} spill")
     return 1 if spilled else 0
