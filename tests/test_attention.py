@@ -141,6 +141,14 @@ def test_per_sample_prefix(shape, dtype):
     assert_within_budget(triton_op(prefix), reference_op(prefix), shape, dtype)
 
 
+@pytest.mark.parametrize("head_dim", [96, 112, 256])
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_wide_head_dims(head_dim, dtype):
+    """Padded (96, 112) and the largest (256) head dims, with the shipped tile configs."""
+    prefix = torch.tensor([0, 20], device=DEVICE)
+    assert_within_budget(triton_op(prefix), reference_op(prefix), (2, 1, 41, head_dim), dtype, seed=head_dim)
+
+
 @pytest.mark.parametrize("prefix", [0, 1, 31, 32, 33, 64, 100, 100 + 50])
 def test_int_prefix(prefix):
     shape = (1, 2, 100, 64)
