@@ -55,7 +55,7 @@ def _flex():
     return torch.compile(flex_attention, dynamic=False), create_block_mask
 
 
-def providers(q, k, v, prefix):
+def providers(q, k, v, prefix, with_flex=True):
     """name -> (callable giving the output, prefix it attends with for FLOP counting)."""
     batch, _, seq_len, _ = q.shape
     found = {
@@ -64,10 +64,10 @@ def providers(q, k, v, prefix):
             q, k, v, attn_mask=mimkernels.prefix_causal_mask(seq_len, prefix)), prefix),
     }
     try:
-        flex_attention, create_block_mask = _flex()
+        flex_attention, create_block_mask = _flex() if with_flex else (None, None)
     except ImportError:
-        pass
-    else:
+        flex_attention = None
+    if flex_attention is not None:
         def prefix_lm(b, h, q_idx, kv_idx):
             return (kv_idx <= q_idx) | (kv_idx < prefix[b])
 
@@ -97,30 +97,34 @@ def _relative_error(fn, expected: torch.Tensor) -> float:
 
 
 def _timed(fn, mode, q, k, v, grad_out, quick):
+    timing = {"quick": quick, "device": q.device.type}
     if mode == "fwd":
-        return common.time_ms(fn, quick=quick)
+        return common.time_ms(fn, **timing)
     if mode == "bwd":
         out = fn()
-        return common.time_ms(lambda: torch.autograd.grad(out, (q, k, v), grad_out, retain_graph=True), quick=quick)
-    return common.time_ms(lambda: torch.autograd.grad(fn(), (q, k, v), grad_out), quick=quick)
+        return common.time_ms(lambda: torch.autograd.grad(out, (q, k, v), grad_out, retain_graph=True), **timing)
+    return common.time_ms(lambda: torch.autograd.grad(fn(), (q, k, v), grad_out), **timing)
 
 
-def run(shapes, modes, dtype, quick, peaks, csv_path=None) -> list[common.Result]:
-    """Time every provider on every shape; the CSV is rewritten after each shape, so a cut-off run keeps its rows."""
+def run(shapes, modes, dtype, quick, peaks, csv_path=None, *, device="cuda", batch=None, with_flex=True):
+    """Time every provider on every shape; the CSV is rewritten after each shape, so a cut-off run keeps its rows.
+
+    ``device="cpu"`` with a small ``batch`` only exercises the harness (tests): its times mean nothing.
+    """
     rows = []
     for name in shapes:
         heads, seq_len, head_dim = SHAPES[name]
-        batch = batch_for(seq_len, quick)
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v = (torch.randn(batch, heads, seq_len, head_dim, device="cuda", dtype=dtype, generator=gen)
+        samples = batch or batch_for(seq_len, quick)
+        gen = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.randn(samples, heads, seq_len, head_dim, device=device, dtype=dtype, generator=gen)
                    .requires_grad_() for _ in range(3))
         grad_out = torch.randn_like(q)
-        prefix = torch.randint(1, seq_len, (batch,), device="cuda", generator=gen)
-        shape = f"{name}:B{batch}xH{heads}xN{seq_len}xD{head_dim}"
+        prefix = torch.randint(1, seq_len, (samples,), device=device, generator=gen)
+        shape = f"{name}:B{samples}xH{heads}xN{seq_len}xD{head_dim}"
         min_bytes = q.numel() * q.element_size()
         with torch.no_grad():
             expected = mimkernels.prefix_causal_attention(q, k, v, prefix).float()
-        for provider, (fn, attended_prefix) in providers(q, k, v, prefix).items():
+        for provider, (fn, attended_prefix) in providers(q, k, v, prefix, with_flex).items():
             if attended_prefix is prefix and (error := _relative_error(fn, expected)) > 2e-2:
                 print(f"  {shape} {provider}: skipped, its output differs from mimkernels' by {error:.2e} (relative)")
                 continue
@@ -139,7 +143,7 @@ def run(shapes, modes, dtype, quick, peaks, csv_path=None) -> list[common.Result
                 print(f"  {shape:34s} {provider:18s} {mode:8s} {times[0]:8.3f} ms  {rows[-1].tflops:6.1f} TFLOP/s  "
                       f"{rows[-1].roofline_pct:5.1f}% roofline", flush=True)
         if csv_path:
-            common.write_csv(csv_path, rows)
+            common.write_csv(csv_path, rows, device)
     return rows
 
 
@@ -174,7 +178,7 @@ def speedups(rows: list[common.Result]) -> list[str]:
     return lines
 
 
-def plot(rows: list[common.Result], path: str) -> None:
+def plot(rows: list[common.Result], path: str, device: str = "cuda") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -194,7 +198,7 @@ def plot(rows: list[common.Result], path: str) -> None:
         ax.set_xticks([s + 0.4 - width / 2 for s in range(len(shapes))], [s.split(":")[0] for s in shapes])
         ax.set_ylabel("TFLOP/s over visible pairs")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"prefix-causal attention on {torch.cuda.get_device_name()}")
+    fig.suptitle(f"prefix-causal attention on {common.device_name(device)}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 import csv
 import datetime
 import os
+import statistics
 import subprocess
+import time
 from dataclasses import dataclass, fields
 
 import torch
@@ -23,8 +25,22 @@ def commit() -> str:
     return rev.stdout.strip() + ("-dirty" if dirty else "")
 
 
-def time_ms(fn, *, quick: bool = False) -> tuple[float, float, float]:
-    """Median, 20th and 80th percentile in ms (triton.testing.do_bench: CUDA events, L2 flushed between runs)."""
+def device_name(device: str = "cuda") -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else device
+
+
+def time_ms(fn, *, quick: bool = False, device: str = "cuda") -> tuple[float, float, float]:
+    """Median, 20th and 80th percentile in ms (triton.testing.do_bench: CUDA events, L2 flushed between runs).
+
+    On the CPU (only to exercise a benchmark's harness in tests) it takes wall-clock times of a few calls.
+    """
+    if device != "cuda":
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times), min(times), max(times)
     import triton.testing
 
     p50, p20, p80 = triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100,
@@ -74,9 +90,9 @@ def result(kernel, provider, mode, shape, dtype, times, flops, min_bytes, peaks:
     return Result(kernel, provider, mode, shape, dtype, p50, p20, p80, tflops, gbps, roofline)
 
 
-def write_csv(path: str, rows: list[Result]) -> None:
+def write_csv(path: str, rows: list[Result], device: str = "cuda") -> None:
     provenance = {
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "device": device_name(device), "torch": torch.__version__,
         "triton": __import__("triton").__version__, "commit": commit(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -26,3 +26,18 @@ def test_speedups_compare_within_shape_and_mode():
     lines = bench_attention.speedups(rows)
     assert any("sdpa_dense_mask" in line and "3.00x" in line for line in lines)
     assert any("flex" in line and "1.50x" in line for line in lines)
+
+
+def test_harness_runs_end_to_end(tmp_path):
+    """Every provider but FlexAttention (minutes to compile on a CPU), every mode, the CSV and the plot."""
+    peaks = common.Peaks(1.0, 1.0)
+    csv_path = tmp_path / "attention.csv"
+    rows = bench_attention.run(["vit_b"], bench_attention.MODES, torch.float32, True, peaks, str(csv_path),
+                               device="cpu", batch=2, with_flex=False)
+    assert {r.provider for r in rows} == {"mimkernels", "sdpa_dense_mask", "sdpa_causal"}
+    assert {r.mode for r in rows} == set(bench_attention.MODES)
+    header = csv_path.read_text().splitlines()[0]
+    assert header == ",".join(common.CSV_FIELDS)
+    assert len(csv_path.read_text().splitlines()) == 1 + len(rows)
+    bench_attention.plot(rows, str(tmp_path / "attention.png"), device="cpu")
+    assert (tmp_path / "attention.png").stat().st_size > 0
