@@ -1,13 +1,17 @@
 """mimkernels: fused kernels for masked and autoregressive image pre-training (MAE, BEiT, SimMIM, AIM)."""
 from ._backend import available_backends, use_backend
 from .ops.attention import attention, prefix_causal_attention, prefix_causal_mask
+from .ops.tokens import gather_tokens, random_masking, restore_tokens
 
 __version__ = "0.1.0"
 
 __all__ = [
     "attention",
     "available_backends",
+    "gather_tokens",
     "prefix_causal_attention",
     "prefix_causal_mask",
+    "random_masking",
+    "restore_tokens",
     "use_backend",
 ]

@@ -5,6 +5,8 @@ functions evaluated in float64, and the ``torch`` backend runs them as they are.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -38,3 +40,58 @@ def attention(q, k, v, *, causal=False, prefix_len=None, scale=None):
     if prefix_len is not None:
         return prefix_causal_attention(q, k, v, prefix_len, scale=scale)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+
+
+class Masking(NamedTuple):
+    """What :func:`random_masking` returns (official MAE names and meanings)."""
+
+    x_kept: torch.Tensor  # [B, P + K, D]: the prefix tokens, then the kept patch tokens in ids_keep order
+    mask: torch.Tensor  # [B, L] float32: 1 where the patch was removed, 0 where kept
+    ids_restore: torch.Tensor  # [B, L] int64: the position of each patch in the shuffled order
+    ids_keep: torch.Tensor  # [B, K] int64: the kept patches, by original position
+
+
+def _row_index(ids, dim):
+    return ids.long().unsqueeze(-1).expand(-1, -1, dim)
+
+
+def random_masking(x, mask_ratio, *, noise=None, num_prefix_tokens=0):
+    """Official MAE random masking of x [B, P + L, D]: keep the ``int(L * (1 - mask_ratio))`` patches of
+    smallest noise; the P leading prefix tokens (cls) are kept in front, unmasked."""
+    batch, tokens, dim = x.shape
+    num_patches = tokens - num_prefix_tokens
+    num_kept = int(num_patches * (1 - mask_ratio))
+    if noise is None:
+        noise = torch.rand(batch, num_patches, device=x.device)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :num_kept]
+    patches = torch.gather(x[:, num_prefix_tokens:], 1, _row_index(ids_keep, dim))
+    mask = torch.ones(batch, num_patches, device=x.device)
+    mask[:, :num_kept] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return Masking(torch.cat([x[:, :num_prefix_tokens], patches], 1), mask, ids_restore, ids_keep)
+
+
+def gather_tokens(x, ids_keep, *, pos_embed=None):
+    """``x[b, ids_keep[b]] (+ pos_embed[0, ids_keep[b]])``; x [B, L, D], ids_keep [B, K], pos_embed [1, L, D]."""
+    index = _row_index(ids_keep, x.shape[-1])
+    out = torch.gather(x, 1, index)
+    if pos_embed is not None:
+        out = out + torch.gather(pos_embed.expand(x.shape[0], -1, -1), 1, index).to(out.dtype)
+    return out
+
+
+def restore_tokens(x_kept, ids_restore, mask_token, *, pos_embed=None, num_prefix_tokens=0):
+    """Official MAE decoder input: append mask tokens to the kept patches, unshuffle with ids_restore,
+    keep the P prefix rows in front, add pos_embed [1, P + L, D]. x_kept [B, P + K, D] -> [B, P + L, D]."""
+    batch, rows, dim = x_kept.shape
+    num_patches = ids_restore.shape[1]
+    num_masked = num_patches + num_prefix_tokens - rows
+    mask_tokens = mask_token.reshape(1, 1, dim).to(x_kept.dtype).expand(batch, num_masked, dim)
+    shuffled = torch.cat([x_kept[:, num_prefix_tokens:], mask_tokens], 1)
+    patches = torch.gather(shuffled, 1, _row_index(ids_restore, dim))
+    out = torch.cat([x_kept[:, :num_prefix_tokens], patches], 1)
+    if pos_embed is not None:
+        out = out + pos_embed.to(out.dtype)
+    return out

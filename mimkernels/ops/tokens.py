@@ -1,0 +1,252 @@
+"""MAE token dropping (random_masking, gather_tokens) and restoring (restore_tokens).
+
+Validation, backend choice and autograd. The kernels behind the ``triton`` backend are two row-copy
+primitives (mimkernels/triton/tokens.py); each op's backward is the other primitive run the opposite
+way, organised by output row: no atomics, no zero-fill, no expanded index tensor.
+
+Index contract: ``ids_keep`` holds distinct patch indices in [0, L) per row, ``ids_restore`` is a
+permutation of [0, L) per row (what random_masking returns). On CPU tensors every op checks this and
+raises IndexError / ValueError; on CUDA tensors the check costs a host sync, so it runs only with
+``MIMKERNELS_CHECK_INDICES=1``. Unchecked out-of-range ids never read or write out of bounds (gathered
+rows come out zero, restored rows take the mask token); repeated ids give an undefined gradient.
+"""
+from __future__ import annotations
+
+import numbers
+import os
+
+import torch
+
+from .. import _backend, reference
+from ..reference import Masking
+
+_kernels = None
+if _backend._HAS_TRITON:
+    from ..triton import tokens as _kernels
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_tokens(name, x):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"{name} must be 3-D [batch, tokens, dim], got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+
+def _check_prefix_count(num_prefix_tokens, tokens, name):
+    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, numbers.Integral):
+        raise TypeError(f"num_prefix_tokens must be an int, got {type(num_prefix_tokens).__name__}")
+    if not 0 <= num_prefix_tokens <= tokens:
+        raise ValueError(f"num_prefix_tokens must lie in [0, {tokens}] ({name} has {tokens} tokens), "
+                         f"got {num_prefix_tokens}")
+    return int(num_prefix_tokens)
+
+
+def _check_ids(name, ids, x, batch, length=None):
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be an int32 or int64 tensor, got {ids.dtype}")
+    if ids.dim() != 2 or ids.shape[0] != batch or (length is not None and ids.shape[1] != length):
+        expected = f"[{batch}, {length if length is not None else 'K'}]"
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(ids.shape)}")
+    if ids.device != x.device:
+        raise ValueError(f"{name} is on {ids.device} but the tokens are on {x.device}")
+    return ids if ids.stride(-1) == 1 else ids.contiguous()
+
+
+def _check_embedding(name, t, rows, dim, x):
+    """pos_embed [1, rows, D] or mask_token with D elements ([1, 1, D] or [D]); rows None for mask_token."""
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if rows is None and t.numel() != dim:
+        raise ValueError(f"{name} must hold {dim} values (the token width), got shape {tuple(t.shape)}")
+    if rows is not None and tuple(t.shape) != (1, rows, dim):
+        raise ValueError(f"{name} must have shape (1, {rows}, {dim}), got {tuple(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but the tokens are on {x.device}")
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _indices_checked(ids) -> bool:
+    return ids.device.type == "cpu" or os.environ.get("MIMKERNELS_CHECK_INDICES", "0") == "1"
+
+
+def _check_distinct(name, ids, upper, *, permutation=False):
+    """Values in [0, upper), distinct per row (a permutation of [0, upper) if asked). Syncs with the device."""
+    if not _indices_checked(ids) or ids.numel() == 0:
+        return
+    low, high = ids.min().item(), ids.max().item()
+    if low < 0 or high >= upper:
+        raise IndexError(f"{name} values must lie in [0, {upper}), got values from {low} to {high}")
+    ordered = ids.sort(dim=1).values
+    if permutation and not torch.equal(ordered, torch.arange(upper, device=ids.device).expand_as(ordered)):
+        raise ValueError(f"each row of {name} must be a permutation of 0..{upper - 1}")
+    if (ordered[:, 1:] == ordered[:, :-1]).any():
+        raise ValueError(f"{name} repeats an index within a row; the kept indices must be distinct")
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+def _inverse(ids, length, fill):
+    """inverse[b, ids[b, k]] = k, and ``fill`` where no k points: the map from source rows back to outputs."""
+    inverse = ids.new_full((ids.shape[0], length), fill)
+    positions = torch.arange(ids.shape[1], device=ids.device, dtype=ids.dtype).expand_as(ids)
+    return inverse.scatter_(1, ids.long(), positions)
+
+
+class _GatherRows(torch.autograd.Function):
+    """out = gather_rows(x, ids, pos, P); ``inverse`` (ids_restore when the caller has it) drives the backward."""
+
+    @staticmethod
+    def forward(ctx, x, ids, pos, num_prefix, inverse, kernels):
+        ctx.save_for_backward(ids, inverse)
+        ctx.num_prefix, ctx.num_src, ctx.kernels = num_prefix, x.shape[1], kernels
+        ctx.pos_dtype = None if pos is None else pos.dtype
+        return kernels.gather_rows(x, ids, pos, num_prefix)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        ids, inverse = ctx.saved_tensors
+        if inverse is None:
+            inverse = _inverse(ids, ctx.num_src - ctx.num_prefix, fill=ids.shape[1])
+        zero_token = grad_out.new_zeros(grad_out.shape[-1])
+        # source rows that were not gathered get the zero "token": a scatter into zeros, one pass
+        grad_x = ctx.kernels.restore_rows(grad_out.contiguous(), inverse, zero_token, None, ctx.num_prefix)
+        grad_pos = None
+        if ctx.needs_input_grad[2]:
+            grad_pos = grad_x.sum(0, keepdim=True, dtype=torch.float32).to(ctx.pos_dtype)
+        return grad_x, None, grad_pos, None, None, None
+
+
+class _RestoreRows(torch.autograd.Function):
+    """out = restore_rows(x_kept, ids_restore, mask_token, pos, P)."""
+
+    @staticmethod
+    def forward(ctx, x_kept, ids_restore, mask_token, pos, num_prefix, kernels):
+        ctx.save_for_backward(ids_restore)
+        ctx.num_prefix, ctx.num_kept, ctx.kernels = num_prefix, x_kept.shape[1] - num_prefix, kernels
+        ctx.token_shape, ctx.token_dtype = mask_token.shape, mask_token.dtype
+        ctx.pos_dtype = None if pos is None else pos.dtype
+        return kernels.restore_rows(x_kept, ids_restore, mask_token.reshape(-1), pos, num_prefix)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (ids_restore,) = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_x = grad_token = grad_pos = None
+        if ctx.needs_input_grad[0]:
+            ids_keep = _inverse(ids_restore, ids_restore.shape[1], fill=0)[:, :ctx.num_kept]
+            grad_x = ctx.kernels.gather_rows(grad_out, ids_keep, None, ctx.num_prefix)
+        if ctx.needs_input_grad[2]:
+            masked = (ids_restore >= ctx.num_kept).to(grad_out.dtype)
+            grad_token = torch.einsum("bl,bld->d", masked, grad_out[:, ctx.num_prefix:])
+            grad_token = grad_token.to(ctx.token_dtype).reshape(ctx.token_shape)
+        if ctx.needs_input_grad[3]:
+            grad_pos = grad_out.sum(0, keepdim=True, dtype=torch.float32).to(ctx.pos_dtype)
+        return grad_x, None, grad_token, grad_pos, None, None
+
+
+def _kernels_for(op, x):
+    """The kernel module for ``x``'s backend, or None for the PyTorch reference."""
+    backend = _backend.select(op, x.device, implemented=("triton",))
+    return _kernels if backend == "triton" else None
+
+
+# ----------------------------------------------------------------------------- public ops
+
+
+def random_masking(x, mask_ratio, *, noise=None, num_prefix_tokens=0) -> Masking:
+    """Official MAE random masking: keep the ``K = int(L * (1 - mask_ratio))`` patches of smallest noise.
+
+    Args:
+        x: ``[B, P + L, D]`` tokens; the ``P = num_prefix_tokens`` leading ones (cls) pass through unmasked.
+        mask_ratio: fraction of patches removed, in [0, 1), leaving at least one patch.
+        noise: ``[B, L]`` floats ranking the patches (default ``torch.rand``); the same noise gives
+            bit-for-bit the official ``x_masked``, ``mask`` and ``ids_restore``.
+
+    Returns:
+        ``Masking(x_kept [B, P + K, D], mask [B, L] float32 (1 = removed), ids_restore [B, L], ids_keep [B, K])``.
+        Differentiable in x.
+    """
+    _check_tokens("x", x)
+    num_prefix = _check_prefix_count(num_prefix_tokens, x.shape[1], "x")
+    batch, num_patches = x.shape[0], x.shape[1] - num_prefix
+    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, numbers.Real) or not 0 <= mask_ratio < 1:
+        raise ValueError(f"mask_ratio must be a number in [0, 1), got {mask_ratio!r}")
+    num_kept = int(num_patches * (1 - mask_ratio))
+    if num_kept < 1:
+        raise ValueError(f"mask_ratio={mask_ratio} keeps no patch out of {num_patches}")
+    if noise is None:
+        noise = torch.rand(batch, num_patches, device=x.device)
+    elif not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
+        raise TypeError("noise must be a floating-point tensor [batch, patches] or None")
+    elif tuple(noise.shape) != (batch, num_patches) or noise.device != x.device:
+        raise ValueError(f"noise must have shape ({batch}, {num_patches}) on {x.device}, "
+                         f"got {tuple(noise.shape)} on {noise.device}")
+    kernels = _kernels_for("random_masking", x)
+    if kernels is None:
+        return reference.random_masking(x, mask_ratio, noise=noise, num_prefix_tokens=num_prefix)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = _inverse(ids_shuffle, num_patches, fill=0)  # the inverse permutation: argsort(ids_shuffle)
+    ids_keep = ids_shuffle[:, :num_kept]
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    x_kept = _GatherRows.apply(x, ids_keep, None, num_prefix, ids_restore, kernels)
+    mask = (ids_restore >= num_kept).to(torch.float32)
+    return Masking(x_kept, mask, ids_restore, ids_keep)
+
+
+def gather_tokens(x, ids_keep, *, pos_embed=None):
+    """``x[b, ids_keep[b]] (+ pos_embed[0, ids_keep[b]])`` in one pass.
+
+    x ``[B, L, D]``, ids_keep ``[B, K]`` (int32/int64, distinct per row), pos_embed ``[1, L, D]`` or None
+    (added in fp32, cast to x's dtype). Differentiable in x and pos_embed.
+    """
+    _check_tokens("x", x)
+    ids_keep = _check_ids("ids_keep", ids_keep, x, x.shape[0])
+    pos_embed = _check_embedding("pos_embed", pos_embed, x.shape[1], x.shape[2], x)
+    _check_distinct("ids_keep", ids_keep, x.shape[1])
+    kernels = _kernels_for("gather_tokens", x)
+    if kernels is None:
+        return reference.gather_tokens(x, ids_keep, pos_embed=pos_embed)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    return _GatherRows.apply(x, ids_keep, pos_embed, 0, None, kernels)
+
+
+def restore_tokens(x_kept, ids_restore, mask_token, *, pos_embed=None, num_prefix_tokens=0):
+    """MAE decoder input: the kept tokens unshuffled back to their places, mask tokens elsewhere.
+
+    x_kept ``[B, P + K, D]`` (P prefix rows first), ids_restore ``[B, L]`` (a permutation per row: row l
+    takes kept token ``ids_restore[b, l]`` if it is < K, else the mask token), mask_token with D values,
+    pos_embed ``[1, P + L, D]`` or None. Returns ``[B, P + L, D]`` in x_kept's dtype. Differentiable in
+    x_kept, mask_token and pos_embed.
+    """
+    _check_tokens("x_kept", x_kept)
+    batch, rows, dim = x_kept.shape
+    ids_restore = _check_ids("ids_restore", ids_restore, x_kept, batch)
+    num_prefix = _check_prefix_count(num_prefix_tokens, rows, "x_kept")
+    num_patches = ids_restore.shape[1]
+    if rows - num_prefix > num_patches:
+        raise ValueError(f"x_kept has {rows - num_prefix} patch tokens but ids_restore only {num_patches} places")
+    if not isinstance(mask_token, torch.Tensor):
+        raise TypeError(f"mask_token must be a torch.Tensor, got {type(mask_token).__name__}")
+    mask_token = _check_embedding("mask_token", mask_token, None, dim, x_kept)
+    pos_embed = _check_embedding("pos_embed", pos_embed, num_prefix + num_patches, dim, x_kept)
+    _check_distinct("ids_restore", ids_restore, num_patches, permutation=True)
+    kernels = _kernels_for("restore_tokens", x_kept)
+    if kernels is None:
+        return reference.restore_tokens(x_kept, ids_restore, mask_token, pos_embed=pos_embed,
+                                        num_prefix_tokens=num_prefix)
+    x_kept = x_kept if x_kept.stride(-1) == 1 else x_kept.contiguous()
+    return _RestoreRows.apply(x_kept, ids_restore, mask_token, pos_embed, num_prefix, kernels)

@@ -1,0 +1,115 @@
+"""MAE token gather and restore in Triton: one pass over the rows, ids read once per row.
+
+Two row-copy primitives serve every token op and its backward:
+
+- ``gather_rows``: ``out[b, r] = x[b, r]`` for the P prefix rows, then ``out[b, P + k] = x[b, P + ids[b, k]]``,
+  plus ``pos[0, <same source row>]`` when a positional embedding is given.
+- ``restore_rows``: ``out[b, r] = x[b, r]`` for the P prefix rows, then ``out[b, P + l] = x[b, P + ids[b, l]]``
+  if ``ids[b, l] < K`` else ``token``, plus ``pos[0, <output row>]`` when given.
+
+No expanded index tensor: each program reads its rows' ids once and copies whole rows. Ids outside
+[0, L) never read or write outside the tensors: gathered rows come out zero, restored rows take the token.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_ROWS = 8
+MAX_BLOCK_D = 1024  # wider rows are copied in chunks
+
+
+@triton.jit
+def _gather_rows(
+    X, IDS, POS, OUT,
+    stride_xb, stride_xt, stride_ib, stride_pt, stride_ob, stride_ot,
+    num_prefix, num_ids, num_src, dim,
+    HAS_POS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    batch = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    is_row = rows < num_prefix + num_ids
+    is_prefix = rows < num_prefix
+    ids = tl.load(IDS + batch * stride_ib + (rows - num_prefix), mask=is_row & ~is_prefix, other=0).to(tl.int64)
+    src = tl.where(is_prefix, rows, num_prefix + ids)
+    readable = is_row & (src >= 0) & (src < num_src)
+    for d_start in range(0, dim, BLOCK_D):
+        cols = d_start + tl.arange(0, BLOCK_D)
+        in_dim = cols[None, :] < dim
+        values = tl.load(X + batch * stride_xb + src[:, None] * stride_xt + cols[None, :],
+                         mask=readable[:, None] & in_dim, other=0.0).to(tl.float32)
+        if HAS_POS:
+            values += tl.load(POS + src[:, None] * stride_pt + cols[None, :], mask=readable[:, None] & in_dim,
+                              other=0.0).to(tl.float32)
+        tl.store(OUT + batch * stride_ob + rows[:, None] * stride_ot + cols[None, :],
+                 values.to(OUT.dtype.element_ty), mask=is_row[:, None] & in_dim)
+
+
+@triton.jit
+def _restore_rows(
+    X, IDS, TOKEN, POS, OUT,
+    stride_xb, stride_xt, stride_ib, stride_pt, stride_ob, stride_ot,
+    num_prefix, num_kept, num_ids, dim,
+    HAS_POS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    batch = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    is_row = rows < num_prefix + num_ids
+    is_prefix = rows < num_prefix
+    ids = tl.load(IDS + batch * stride_ib + (rows - num_prefix), mask=is_row & ~is_prefix, other=0).to(tl.int64)
+    from_x = is_row & (is_prefix | ((ids >= 0) & (ids < num_kept)))
+    src = tl.where(is_prefix, rows, num_prefix + ids)
+    for d_start in range(0, dim, BLOCK_D):
+        cols = d_start + tl.arange(0, BLOCK_D)
+        in_dim = cols[None, :] < dim
+        kept = tl.load(X + batch * stride_xb + src[:, None] * stride_xt + cols[None, :],
+                       mask=from_x[:, None] & in_dim, other=0.0).to(tl.float32)
+        token = tl.load(TOKEN + cols, mask=cols < dim, other=0.0).to(tl.float32)
+        values = tl.where(from_x[:, None], kept, token[None, :])
+        if HAS_POS:
+            values += tl.load(POS + rows[:, None] * stride_pt + cols[None, :], mask=is_row[:, None] & in_dim,
+                              other=0.0).to(tl.float32)
+        tl.store(OUT + batch * stride_ob + rows[:, None] * stride_ot + cols[None, :],
+                 values.to(OUT.dtype.element_ty), mask=is_row[:, None] & in_dim)
+
+
+def _block_d(dim: int) -> int:
+    return min(MAX_BLOCK_D, max(16, triton.next_power_of_2(dim)))
+
+
+def gather_rows(x: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor | None, num_prefix: int) -> torch.Tensor:
+    """x [B, P + L, D], ids [B, K] -> [B, P + K, D]; pos [1, P + L, D] or None. Unit stride in D and in ids."""
+    batch, num_src, dim = x.shape
+    num_ids = ids.shape[1]
+    out = x.new_empty(batch, num_prefix + num_ids, dim)
+    if out.numel() == 0:
+        return out
+    pos_arg = pos if pos is not None else x
+    grid = (triton.cdiv(num_prefix + num_ids, BLOCK_ROWS), batch)
+    _gather_rows[grid](
+        x, ids, pos_arg, out,
+        x.stride(0), x.stride(1), ids.stride(0), pos_arg.stride(-2), out.stride(0), out.stride(1),
+        num_prefix, num_ids, num_src, dim,
+        HAS_POS=pos is not None, BLOCK_R=BLOCK_ROWS, BLOCK_D=_block_d(dim),
+    )
+    return out
+
+
+def restore_rows(x: torch.Tensor, ids: torch.Tensor, token: torch.Tensor, pos: torch.Tensor | None,
+                 num_prefix: int) -> torch.Tensor:
+    """x [B, P + K, D], ids [B, L], token [D] -> [B, P + L, D]; pos [1, P + L, D] or None."""
+    batch, num_rows, dim = x.shape
+    num_ids = ids.shape[1]
+    out = x.new_empty(batch, num_prefix + num_ids, dim)
+    if out.numel() == 0:
+        return out
+    pos_arg = pos if pos is not None else x
+    grid = (triton.cdiv(num_prefix + num_ids, BLOCK_ROWS), batch)
+    _restore_rows[grid](
+        x, ids, token, pos_arg, out,
+        x.stride(0), x.stride(1), ids.stride(0), pos_arg.stride(-2), out.stride(0), out.stride(1),
+        num_prefix, num_rows - num_prefix, num_ids, dim,
+        HAS_POS=pos is not None, BLOCK_R=BLOCK_ROWS, BLOCK_D=_block_d(dim),
+    )
+    return out

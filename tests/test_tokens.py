@@ -1,0 +1,214 @@
+"""MAE token ops on every backend against the official-MAE reference in float64, forward and gradients."""
+import pytest
+import torch
+from conftest import DEVICE
+
+import mimkernels
+from mimkernels import reference
+from mimkernels.triton import tokens as kernels
+
+BACKENDS = [name for name in ("torch", "triton", "cuda") if name in mimkernels.available_backends()]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOLERANCE = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}  # relative to the largest value
+
+
+def official_random_masking(x, mask_ratio, noise):
+    """facebookresearch/mae models_mae.py random_masking, as published (no prefix tokens)."""
+    N, L, D = x.shape
+    len_keep = int(L * (1 - mask_ratio))
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :len_keep]
+    x_masked = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, D))
+    mask = torch.ones([N, L], device=x.device)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, dim=1, index=ids_restore)
+    return x_masked, mask, ids_restore
+
+
+def leaf(*shape, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen).to(DEVICE, dtype).requires_grad_()
+
+
+def run(backend, fn, *args, **kwargs):
+    with mimkernels.use_backend(backend):
+        return fn(*args, **kwargs)
+
+
+def assert_close_to_float64(got, want, dtype, what):
+    scale = max(1.0, want.abs().max().item())
+    err = (got.double() - want).abs().max().item()
+    assert err <= TOLERANCE[dtype] * scale, f"{what}: error {err:.3e}"
+
+
+def check_grads(out, inputs, reference_fn, dtype):
+    """Gradients of ``out`` w.r.t. ``inputs`` against ``reference_fn`` run on float64 twins."""
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out.device, out.dtype)
+    got = torch.autograd.grad(out, inputs, grad_out)
+    twins = [t.detach().double().requires_grad_() for t in inputs]
+    want_out = reference_fn(*twins)
+    want = torch.autograd.grad(want_out, twins, grad_out.double())
+    assert_close_to_float64(out, want_out, dtype, "output")
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape and g.dtype == inputs[i].dtype
+        assert_close_to_float64(g, w, dtype, f"grad {i}")
+
+
+# --------------------------------------------------------------------------- random_masking
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("patches, mask_ratio", [(49, 0.75), (196, 0.75), (50, 0.0), (197, 0.9)])
+def test_random_masking_is_official_mae(backend, dtype, patches, mask_ratio):
+    x = leaf(3, patches, 40, dtype=dtype)
+    noise = torch.rand(3, patches, generator=torch.Generator().manual_seed(patches)).to(DEVICE)
+    got = run(backend, mimkernels.random_masking, x, mask_ratio, noise=noise)
+    x_masked, mask, ids_restore = official_random_masking(x.detach(), mask_ratio, noise)
+    assert torch.equal(got.x_kept, x_masked)  # bit for bit: a gather copies
+    assert torch.equal(got.mask, mask) and got.mask.dtype == torch.float32
+    assert torch.equal(got.ids_restore, ids_restore)
+    assert torch.equal(got.ids_keep, torch.argsort(noise, dim=1)[:, :x_masked.shape[1]])
+    check_grads(got.x_kept, [x], lambda x64: official_random_masking(x64, mask_ratio, noise)[0], dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_random_masking_keeps_prefix_tokens(backend):
+    x = leaf(2, 1 + 196, 24)  # cls + 14 x 14 patches
+    noise = torch.rand(2, 196, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    got = run(backend, mimkernels.random_masking, x, 0.75, noise=noise, num_prefix_tokens=1)
+    x_masked, mask, ids_restore = official_random_masking(x.detach()[:, 1:], 0.75, noise)
+    assert torch.equal(got.x_kept, torch.cat([x.detach()[:, :1], x_masked], 1))
+    assert torch.equal(got.mask, mask) and torch.equal(got.ids_restore, ids_restore)
+    check_grads(got.x_kept, [x], lambda x64: reference.random_masking(
+        x64, 0.75, noise=noise, num_prefix_tokens=1).x_kept, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_random_masking_draws_noise(backend):
+    torch.manual_seed(3)
+    first = run(backend, mimkernels.random_masking, leaf(2, 20, 16), 0.5)
+    assert first.x_kept.shape == (2, 10, 16) and first.mask.sum().item() == 20
+    assert torch.equal(first.ids_restore.sort(1).values, torch.arange(20, device=DEVICE).expand(2, 20))
+
+
+# --------------------------------------------------------------------------- gather_tokens
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("patches, kept, dim", [(49, 12, 40), (196, 49, 33), (197, 50, 1100), (5, 5, 8)])
+@pytest.mark.parametrize("with_pos", [False, True])
+def test_gather_tokens(backend, dtype, patches, kept, dim, with_pos):
+    x = leaf(2, patches, dim, dtype=dtype)
+    ids = torch.stack([torch.randperm(patches, generator=torch.Generator().manual_seed(b))[:kept] for b in range(2)])
+    ids = ids.to(DEVICE, torch.int32 if patches % 2 else torch.int64)
+    inputs = [x]
+    if with_pos:
+        inputs.append(leaf(1, patches, dim, seed=1))
+    out = run(backend, mimkernels.gather_tokens, x, ids, pos_embed=inputs[1] if with_pos else None)
+    assert out.dtype == dtype and out.shape == (2, kept, dim)
+
+    def want(x64, pos64=None):
+        return reference.gather_tokens(x64, ids, pos_embed=pos64)
+
+    check_grads(out, inputs, want, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gather_tokens_strided_input(backend):
+    base = leaf(2, 30, 64)
+    x = base[:, ::2, :48]  # every other token, a slice of the width
+    ids = torch.tensor([[3, 0, 14], [7, 8, 1]], device=DEVICE)
+    out = run(backend, mimkernels.gather_tokens, x, ids)
+    torch.testing.assert_close(out, reference.gather_tokens(x, ids), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- restore_tokens
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("prefix, patches, kept, dim", [(1, 196, 49, 40), (0, 49, 12, 33), (1, 50, 50, 16),
+                                                        (2, 9, 0, 1100)])
+@pytest.mark.parametrize("with_pos", [False, True])
+def test_restore_tokens(backend, dtype, prefix, patches, kept, dim, with_pos):
+    x_kept = leaf(3, prefix + kept, dim, dtype=dtype)
+    mask_token = leaf(1, 1, dim, seed=2)  # an fp32 parameter, as in MAE
+    ids_restore = torch.stack([torch.randperm(patches, generator=torch.Generator().manual_seed(b))
+                               for b in range(3)]).to(DEVICE)
+    inputs = [x_kept, mask_token]
+    if with_pos:
+        inputs.append(leaf(1, prefix + patches, dim, seed=3))
+    out = run(backend, mimkernels.restore_tokens, x_kept, ids_restore, mask_token,
+              pos_embed=inputs[2] if with_pos else None, num_prefix_tokens=prefix)
+    assert out.dtype == dtype and out.shape == (3, prefix + patches, dim)
+
+    def want(x64, token64, pos64=None):
+        return reference.restore_tokens(x64, ids_restore, token64, pos_embed=pos64, num_prefix_tokens=prefix)
+
+    check_grads(out, inputs, want, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masking_then_restore_round_trip(backend):
+    """Restoring with a zero mask token puts every kept token back and zeros elsewhere."""
+    x = leaf(2, 1 + 49, 32)
+    kept = run(backend, mimkernels.random_masking, x, 0.75, num_prefix_tokens=1)
+    zero = torch.zeros(32, device=DEVICE)
+    back = run(backend, mimkernels.restore_tokens, kept.x_kept, kept.ids_restore, zero, num_prefix_tokens=1)
+    keep = torch.cat([torch.ones(2, 1, device=DEVICE), 1 - kept.mask], 1).unsqueeze(-1)
+    torch.testing.assert_close(back, x.detach() * keep, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- out-of-range ids in the kernels
+
+
+def test_kernels_never_leave_the_tensors():
+    """Unchecked bad ids read only inside x: its neighbours in memory are NaN and must not show up."""
+    storage = torch.full((2, 12, 8), float("nan"), device=DEVICE)
+    x = storage[:, 2:10]  # 8 tokens, NaN rows on both sides
+    x.copy_(torch.randn(2, 8, 8))
+    bad = torch.tensor([[0, -1, 8, 1 << 40], [7, -(1 << 40), 3, 9]], device=DEVICE)
+    gathered = kernels.gather_rows(x, bad, None, 0)
+    assert torch.isfinite(gathered).all()
+    torch.testing.assert_close(gathered[0, 0], x[0, 0]) and torch.testing.assert_close(gathered[0, 1:], 0 * x[0, 1:])
+    token = torch.ones(8, device=DEVICE)
+    restored = kernels.restore_rows(x, bad, token, None, 0)
+    assert torch.isfinite(restored).all()
+    torch.testing.assert_close(restored[0, 1:], token.expand(3, 8))  # out of [0, K): the mask token
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("call, error, match", [
+    (lambda x, i: mimkernels.random_masking(x, 1.0), ValueError, "mask_ratio"),
+    (lambda x, i: mimkernels.random_masking(x, -0.1), ValueError, "mask_ratio"),
+    (lambda x, i: mimkernels.random_masking(x[:, :3], 0.75), ValueError, "keeps no patch"),
+    (lambda x, i: mimkernels.random_masking(x, 0.5, num_prefix_tokens=11), ValueError, "num_prefix_tokens"),
+    (lambda x, i: mimkernels.random_masking(x, 0.5, num_prefix_tokens=1.0), TypeError, "num_prefix_tokens"),
+    (lambda x, i: mimkernels.random_masking(x, 0.5, noise=torch.rand(2, 9)), ValueError, "noise"),
+    (lambda x, i: mimkernels.random_masking(x[0], 0.5), ValueError, "3-D"),
+    (lambda x, i: mimkernels.random_masking(x.long(), 0.5), TypeError, "floating-point"),
+    (lambda x, i: mimkernels.gather_tokens(x, i.float()), TypeError, "int32 or int64"),
+    (lambda x, i: mimkernels.gather_tokens(x, i[:1]), ValueError, r"ids_keep must have shape \[2, K\]"),
+    (lambda x, i: mimkernels.gather_tokens(x, i + 10), IndexError, r"\[0, 10\)"),
+    (lambda x, i: mimkernels.gather_tokens(x, i * 0), ValueError, "distinct"),
+    (lambda x, i: mimkernels.gather_tokens(x, i, pos_embed=torch.zeros(1, 10, 5)), ValueError, "pos_embed"),
+    (lambda x, i: mimkernels.restore_tokens(x[:, :3], i, torch.zeros(5)), ValueError, "mask_token must hold 4"),
+    (lambda x, i: mimkernels.restore_tokens(x[:, :3], i, None), TypeError, "mask_token"),
+    (lambda x, i: mimkernels.restore_tokens(x, i, torch.zeros(4)), ValueError, "only 3 places"),
+    (lambda x, i: mimkernels.restore_tokens(x[:, :3], i * 0, torch.zeros(4)), ValueError, "permutation"),
+    (lambda x, i: mimkernels.restore_tokens(x[:, :3], i, torch.zeros(4), num_prefix_tokens=4), ValueError,
+     "num_prefix_tokens"),
+    (lambda x, i: mimkernels.restore_tokens(x[:, :4], i, torch.zeros(4), pos_embed=torch.zeros(1, 3, 4),
+                                            num_prefix_tokens=1), ValueError, r"pos_embed must have shape \(1, 4, 4\)"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_input(backend, call, error, match):
+    x = torch.randn(2, 10, 4)
+    ids = torch.tensor([[0, 2, 1], [2, 0, 1]])
+    with mimkernels.use_backend(backend), pytest.raises(error, match=match):
+        call(x, ids)
