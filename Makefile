@@ -6,7 +6,7 @@ READY := $(VENV)/.ready
 
 .PHONY: demo test bench report lint clean
 
-$(READY): requirements-dev.txt pyproject.toml setup.py
+$(READY): requirements-dev.txt pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt

@@ -1,20 +1,51 @@
-"""Builds the optional compiled extension ``mimkernels._C`` from csrc/ when csrc/ holds sources.
+"""Builds the optional compiled extension ``mimkernels._C`` from csrc/ (everything else is in pyproject.toml).
 
-Set MIMKERNELS_BUILD_EXT=0 to skip it. Everything else lives in pyproject.toml.
+CPU ops always; CUDA ops too when this torch is a CUDA build and a CUDA toolkit (nvcc) is found. Without
+a visible GPU the CUDA code is compiled for sm_80 and sm_90 (TORCH_CUDA_ARCH_LIST overrides). The CUDA
+headers that torch's headers need and the toolkit may lack (cusparse.h, ...) come from the pip ``nvidia``
+wheels torch depends on. MIMKERNELS_BUILD_EXT=0 skips the extension: the package works without it.
 """
 import glob
+import importlib.util
 import os
 
 from setuptools import setup
 
-sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu"))
-ext_modules, cmdclass = [], {}
-if sources and os.environ.get("MIMKERNELS_BUILD_EXT", "1") != "0":
-    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    has_cuda = any(s.endswith(".cu") for s in sources)
-    extension = CUDAExtension if has_cuda else CppExtension
-    ext_modules = [extension("mimkernels._C", sources, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})]
-    cmdclass = {"build_ext": BuildExtension}
+def _nvidia_wheel_includes():
+    spec = importlib.util.find_spec("nvidia")
+    roots = list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
+    return sorted({path for root in roots for path in glob.glob(os.path.join(root, "*", "include"))})
 
+
+def _point_at_cuda_toolkit():
+    """torch infers CUDA_HOME from the nvcc on PATH; a wrapper script there (/usr/local/bin/nvcc) would make
+    it /usr/local, whose lib/ lacks libcudart. Prefer the standard toolkit root when CUDA_HOME is unset."""
+    if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
+        if os.path.exists("/usr/local/cuda/bin/nvcc"):
+            os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+
+def _extension():
+    cpp_sources = sorted(glob.glob("csrc/*.cpp"))
+    if not cpp_sources or os.environ.get("MIMKERNELS_BUILD_EXT", "1") == "0":
+        return [], {}
+    _point_at_cuda_toolkit()
+    import torch
+    from torch.utils import cpp_extension
+
+    cuda_sources = sorted(glob.glob("csrc/*.cu"))
+    with_cuda = bool(cuda_sources) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if with_cuda:
+        if not torch.cuda.is_available():
+            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        extension = cpp_extension.CUDAExtension(
+            "mimkernels._C", cpp_sources + cuda_sources, include_dirs=_nvidia_wheel_includes(),
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
+    else:
+        extension = cpp_extension.CppExtension("mimkernels._C", cpp_sources, extra_compile_args={"cxx": ["-O3"]})
+    return [extension], {"build_ext": cpp_extension.BuildExtension}
+
+
+ext_modules, cmdclass = _extension()
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -180,10 +180,22 @@ def test_kernels_never_leave_the_tensors():
     torch.testing.assert_close(restored[0, 1:], token.expand(3, 8))  # out of [0, K): the mask token
 
 
+@pytest.mark.skipif("cuda" not in BACKENDS, reason="the compiled extension is not built")
+def test_extension_cpu_ops_raise_index_error():
+    from mimkernels import extension
+
+    x = torch.randn(2, 8, 8)
+    bad = torch.tensor([[0, 8], [1, 2]])
+    with pytest.raises(IndexError, match=r"\[0, 8\)"):
+        extension.gather_rows(x, bad, None, 0)
+    with pytest.raises(IndexError, match=r"\[0, 2\)"):
+        extension.restore_rows(x, bad, torch.zeros(8), None, 0)
+
+
 # --------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("call, error, match", [
     (lambda x, i: mimkernels.random_masking(x, 1.0), ValueError, "mask_ratio"),
     (lambda x, i: mimkernels.random_masking(x, -0.1), ValueError, "mask_ratio"),

@@ -1,8 +1,9 @@
 """MAE token dropping (random_masking, gather_tokens) and restoring (restore_tokens).
 
-Validation, backend choice and autograd. The kernels behind the ``triton`` backend are two row-copy
-primitives (mimkernels/triton/tokens.py); each op's backward is the other primitive run the opposite
-way, organised by output row: no atomics, no zero-fill, no expanded index tensor.
+Validation, backend choice and autograd. The kernels behind the ``triton`` and ``cuda`` backends are
+two row-copy primitives (mimkernels/triton/tokens.py, csrc/tokens*.{cpp,cu}); each op's backward is the
+other primitive run the opposite way, organised by output row: no atomics, no zero-fill, no expanded
+index tensor.
 
 Index contract: ``ids_keep`` holds distinct patch indices in [0, L) per row, ``ids_restore`` is a
 permutation of [0, L) per row (what random_masking returns). On CPU tensors every op checks this and
@@ -20,9 +21,16 @@ import torch
 from .. import _backend, reference
 from ..reference import Masking
 
-_kernels = None
+# Both kernel modules offer gather_rows(x, ids, pos, P) and restore_rows(x, ids, token, pos, P).
+_KERNELS = {}
 if _backend._HAS_TRITON:
-    from ..triton import tokens as _kernels
+    from ..triton import tokens as _triton_kernels
+
+    _KERNELS["triton"] = _triton_kernels
+if _backend._HAS_EXTENSION:
+    from .. import extension as _extension_kernels
+
+    _KERNELS["cuda"] = _extension_kernels
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -160,8 +168,7 @@ class _RestoreRows(torch.autograd.Function):
 
 def _kernels_for(op, x):
     """The kernel module for ``x``'s backend, or None for the PyTorch reference."""
-    backend = _backend.select(op, x.device, implemented=("triton",))
-    return _kernels if backend == "triton" else None
+    return _KERNELS.get(_backend.select(op, x.device, implemented=("cuda", "triton")))
 
 
 # ----------------------------------------------------------------------------- public ops

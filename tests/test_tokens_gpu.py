@@ -1,0 +1,52 @@
+"""MAE token ops on a GPU: the compiled CUDA kernels and the Triton kernels at MAE sizes, all vector widths."""
+import pytest
+import torch
+
+import mimkernels
+from mimkernels import reference
+
+pytestmark = pytest.mark.gpu
+
+GPU_BACKENDS = [name for name in ("cuda", "triton") if name in mimkernels.available_backends()]
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("dim", [768, 1024, 33, 36, 1100])  # 16-byte vectors, odd widths, 4/8-byte vectors
+def test_mae_encoder_and_decoder_path(backend, dtype, dim):
+    batch, patches = 16, 196
+    x = torch.randn(batch, 1 + patches, dim, device="cuda", dtype=dtype, requires_grad=True)
+    pos = torch.randn(1, 1 + patches, dim, device="cuda", requires_grad=True)
+    token = torch.randn(1, 1, dim, device="cuda", requires_grad=True)
+    noise = torch.rand(batch, patches, device="cuda")
+    with mimkernels.use_backend(backend):
+        kept = mimkernels.random_masking(x, 0.75, noise=noise, num_prefix_tokens=1)
+        gathered = mimkernels.gather_tokens(x[:, 1:], kept.ids_keep, pos_embed=pos[:, 1:])
+        restored = mimkernels.restore_tokens(kept.x_kept, kept.ids_restore, token, pos_embed=pos, num_prefix_tokens=1)
+    want = reference.random_masking(x, 0.75, noise=noise, num_prefix_tokens=1)
+    assert torch.equal(kept.x_kept, want.x_kept) and torch.equal(kept.mask, want.mask)
+    torch.testing.assert_close(gathered, reference.gather_tokens(x[:, 1:], kept.ids_keep, pos_embed=pos[:, 1:]))
+    loss = restored.float().square().mean() + gathered.float().square().mean()
+    grads = torch.autograd.grad(loss, (x, pos, token))
+    restored_ref = reference.restore_tokens(want.x_kept, want.ids_restore, token, pos_embed=pos, num_prefix_tokens=1)
+    gathered_ref = reference.gather_tokens(x[:, 1:], want.ids_keep, pos_embed=pos[:, 1:])
+    loss_ref = restored_ref.float().square().mean() + gathered_ref.float().square().mean()
+    for g, w in zip(grads, torch.autograd.grad(loss_ref, (x, pos, token))):
+        torch.testing.assert_close(g, w, rtol=2e-2, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_out_of_range_ids_stay_in_bounds(backend):
+    x = torch.randn(2, 8, 64, device="cuda")
+    bad = torch.tensor([[0, -3, 8, 1 << 40], [7, 2, 3, 9]], device="cuda")
+    kernels = mimkernels.ops.tokens._KERNELS[backend]
+    gathered = kernels.gather_rows(x, bad, None, 0)
+    torch.cuda.synchronize()
+    assert torch.isfinite(gathered).all() and gathered[0, 1:].abs().sum() == 0
+
+
+def test_index_check_flag(monkeypatch):
+    monkeypatch.setenv("MIMKERNELS_CHECK_INDICES", "1")
+    x = torch.randn(2, 8, 64, device="cuda")
+    with pytest.raises(IndexError):
+        mimkernels.gather_tokens(x, torch.tensor([[0, 8], [1, 2]], device="cuda"))
