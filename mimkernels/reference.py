@@ -55,9 +55,12 @@ def _row_index(ids, dim):
     return ids.long().unsqueeze(-1).expand(-1, -1, dim)
 
 
-def random_masking(x, mask_ratio, *, noise=None, num_prefix_tokens=0):
+def random_masking(x, mask_ratio, *, noise=None, num_prefix_tokens=0, pos_embed=None):
     """Official MAE random masking of x [B, P + L, D]: keep the ``int(L * (1 - mask_ratio))`` patches of
-    smallest noise; the P leading prefix tokens (cls) are kept in front, unmasked."""
+    smallest noise; the P leading prefix tokens (cls) are kept in front, unmasked. ``pos_embed``
+    [1, P + L, D], if given, is added to every token first, as MAE does."""
+    if pos_embed is not None:
+        x = x + pos_embed.to(x.dtype)
     batch, tokens, dim = x.shape
     num_patches = tokens - num_prefix_tokens
     num_kept = int(num_patches * (1 - mask_ratio))

@@ -86,6 +86,17 @@ def test_random_masking_keeps_prefix_tokens(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_random_masking_adds_pos_embed(backend, dtype):
+    x = leaf(2, 1 + 49, 40, dtype=dtype)
+    pos = leaf(1, 1 + 49, 40, seed=5)
+    noise = torch.rand(2, 49, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    got = run(backend, mimkernels.random_masking, x, 0.75, noise=noise, num_prefix_tokens=1, pos_embed=pos)
+    check_grads(got.x_kept, [x, pos], lambda x64, pos64: reference.random_masking(
+        x64, 0.75, noise=noise, num_prefix_tokens=1, pos_embed=pos64).x_kept, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_random_masking_draws_noise(backend):
     torch.manual_seed(3)
     first = run(backend, mimkernels.random_masking, leaf(2, 20, 16), 0.5)

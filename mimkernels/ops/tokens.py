@@ -174,7 +174,7 @@ def _kernels_for(op, x):
 # ----------------------------------------------------------------------------- public ops
 
 
-def random_masking(x, mask_ratio, *, noise=None, num_prefix_tokens=0) -> Masking:
+def random_masking(x, mask_ratio, *, noise=None, num_prefix_tokens=0, pos_embed=None) -> Masking:
     """Official MAE random masking: keep the ``K = int(L * (1 - mask_ratio))`` patches of smallest noise.
 
     Args:
@@ -182,13 +182,16 @@ def random_masking(x, mask_ratio, *, noise=None, num_prefix_tokens=0) -> Masking
         mask_ratio: fraction of patches removed, in [0, 1), leaving at least one patch.
         noise: ``[B, L]`` floats ranking the patches (default ``torch.rand``); the same noise gives
             bit-for-bit the official ``x_masked``, ``mask`` and ``ids_restore``.
+        pos_embed: optional ``[1, P + L, D]``, added to the kept rows in the same pass (MAE adds it to
+            every token before masking: the same values, with one rounding instead of two).
 
     Returns:
         ``Masking(x_kept [B, P + K, D], mask [B, L] float32 (1 = removed), ids_restore [B, L], ids_keep [B, K])``.
-        Differentiable in x.
+        Differentiable in x and pos_embed.
     """
     _check_tokens("x", x)
     num_prefix = _check_prefix_count(num_prefix_tokens, x.shape[1], "x")
+    pos_embed = _check_embedding("pos_embed", pos_embed, x.shape[1], x.shape[2], x)
     batch, num_patches = x.shape[0], x.shape[1] - num_prefix
     if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, numbers.Real) or not 0 <= mask_ratio < 1:
         raise ValueError(f"mask_ratio must be a number in [0, 1), got {mask_ratio!r}")
@@ -204,12 +207,13 @@ def random_masking(x, mask_ratio, *, noise=None, num_prefix_tokens=0) -> Masking
                          f"got {tuple(noise.shape)} on {noise.device}")
     kernels = _kernels_for("random_masking", x)
     if kernels is None:
-        return reference.random_masking(x, mask_ratio, noise=noise, num_prefix_tokens=num_prefix)
+        return reference.random_masking(x, mask_ratio, noise=noise, num_prefix_tokens=num_prefix,
+                                         pos_embed=pos_embed)
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = _inverse(ids_shuffle, num_patches, fill=0)  # the inverse permutation: argsort(ids_shuffle)
     ids_keep = ids_shuffle[:, :num_kept]
     x = x if x.stride(-1) == 1 else x.contiguous()
-    x_kept = _GatherRows.apply(x, ids_keep, None, num_prefix, ids_restore, kernels)
+    x_kept = _GatherRows.apply(x, ids_keep, pos_embed, num_prefix, ids_restore, kernels)
     mask = (ids_restore >= num_kept).to(torch.float32)
     return Masking(x_kept, mask, ids_restore, ids_keep)
 
