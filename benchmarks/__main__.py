@@ -4,9 +4,9 @@ import sys
 
 import torch
 
-from benchmarks import bench_attention
+from benchmarks import bench_attention, bench_tokens
 
-FAMILIES = {"attention": bench_attention}
+FAMILIES = {"attention": bench_attention, "tokens": bench_tokens}
 
 
 def main() -> int:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One-shot check on a lent GPU: environment, GPU tests, quick benchmarks. About 7 minutes at most, so a
-# 15-minute lease keeps room for a rerun. (The extension build joins here once csrc/ has ops; the kernel
-# resource report needs no GPU: benchmarks/kernel_report.py.)
+# One-shot check on a lent GPU: extension build, environment, GPU tests, quick benchmarks. At most 9 minutes
+# at most, so a 15-minute lease keeps room for a rerun. (The kernel resource report needs no GPU:
+# python -m benchmarks.kernel_report.)
 # Writes under $OUT (default benchmarks/results/local); commit what it measured, raw, under benchmarks/results/.
 # Where the tree has no .git (the device copy), pass the commit: MIMKERNELS_COMMIT=<sha> benchmarks/gpu_check.sh
 # Uses the machine's own python3 (its torch and triton): nothing is installed, nothing is fetched.
@@ -14,6 +14,9 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 unset TRITON_INTERPRET
 status=0
 
+echo "== build the extension (csrc/) in place"
+timeout 150 $PY setup.py build_ext --inplace > "$OUT/build.txt" 2>&1 || { status=1; tail -n 20 "$OUT/build.txt"; }
+
 {
   echo "commit: $(git rev-parse HEAD 2>/dev/null || echo "${MIMKERNELS_COMMIT:-unknown}")"
   echo "date: $(date -u +%FT%TZ)"
@@ -23,10 +26,12 @@ status=0
 cat "$OUT/env.txt"
 
 echo "== GPU tests"
-timeout 180 $PY -m pytest -q -m gpu -p no:cacheprovider tests > "$OUT/pytest_gpu.txt" 2>&1 || status=1
+timeout 150 $PY -m pytest -q -m gpu -p no:cacheprovider tests > "$OUT/pytest_gpu.txt" 2>&1 || status=1
 tail -n 15 "$OUT/pytest_gpu.txt"
 
-echo "== quick benchmark"
-timeout 240 $PY -m benchmarks.bench_attention --quick --out "$OUT" > "$OUT/bench_attention.txt" 2>&1 || status=1
-tail -n 40 "$OUT/bench_attention.txt"
+echo "== quick benchmarks"
+timeout 180 $PY -m benchmarks.bench_attention --quick --out "$OUT" > "$OUT/bench_attention.txt" 2>&1 || status=1
+timeout 60 $PY -m benchmarks.bench_tokens --quick --out "$OUT" > "$OUT/bench_tokens.txt" 2>&1 || status=1
+tail -n 30 "$OUT/bench_attention.txt"
+tail -n 20 "$OUT/bench_tokens.txt"
 exit $status

@@ -41,3 +41,16 @@ def test_harness_runs_end_to_end(tmp_path):
     assert len(csv_path.read_text().splitlines()) == 1 + len(rows)
     bench_attention.plot(rows, str(tmp_path / "attention.png"), device="cpu")
     assert (tmp_path / "attention.png").stat().st_size > 0
+
+
+def test_tokens_harness_runs_end_to_end(tmp_path):
+    from benchmarks import bench_tokens
+
+    csv_path = tmp_path / "tokens.csv"
+    rows = bench_tokens.run(["mae_base"], torch.float32, True, common.Peaks(1.0, 1.0), str(csv_path),
+                            device="cpu", batch=2)
+    providers = {r.provider for r in rows}
+    assert {"official_mae", "torch_gather", "mimkernels", "mimkernels_triton"} <= providers
+    assert {r.shape.split(":")[0] for r in rows} == {"encoder", "decoder"}
+    assert len(csv_path.read_text().splitlines()) == 1 + len(rows)
+    assert any("mimkernels vs official_mae" in line for line in bench_tokens.speedups(rows))

@@ -1,0 +1,161 @@
+"""MAE token dropping and restoring against the official MAE code path and plain torch.gather (GPU).
+
+Two jobs, each timed fwd and fwd_bwd, all providers on the same inputs in this process:
+  encoder  x + pos_embed, random masking (keep 25%), gather of the kept tokens
+  decoder  mask tokens appended, unshuffle with ids_restore, cls row kept in front, + decoder pos_embed
+Providers: official_mae (facebookresearch/mae's code: ids expanded D-fold with repeat, cat, gather),
+torch_gather (the same with an expanded, not repeated, index), mimkernels (auto backend: the compiled
+extension if built, else Triton), mimkernels_triton (the Triton kernels by name).
+
+GB/s count the fewest bytes each job must move (kept rows read and written; the backward writes the
+whole input gradient); roofline % is against the device copy bandwidth measured in the same run.
+
+    python -m benchmarks.bench_tokens [--quick] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+import mimkernels
+from benchmarks import common
+
+SHAPES = {"mae_base": (196, 768), "mae_large": (196, 1024)}  # patches, width (decoder width as the encoder's)
+MASK_RATIO = 0.75
+MODES = ("fwd", "fwd_bwd")
+
+
+def official_encoder(x, pos, noise):
+    x = x + pos
+    N, L, D = x.shape
+    len_keep = int(L * (1 - MASK_RATIO))
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :len_keep]
+    x_masked = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, D))
+    mask = torch.ones([N, L], device=x.device)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, dim=1, index=ids_restore)
+    return x_masked
+
+
+def gather_encoder(x, pos, noise):
+    ids_keep = torch.argsort(noise, dim=1)[:, :int(x.shape[1] * (1 - MASK_RATIO))]
+    return torch.gather(x + pos, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def official_decoder(x, ids_restore, mask_token, pos, repeat=True):
+    mask_tokens = mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1)
+    x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
+    index = ids_restore.unsqueeze(-1)
+    index = index.repeat(1, 1, x.shape[2]) if repeat else index.expand(-1, -1, x.shape[2])
+    x_ = torch.gather(x_, dim=1, index=index)
+    x = torch.cat([x[:, :1, :], x_], dim=1)
+    return x + pos
+
+
+def _mimkernels(backend, fn):
+    def run(*args):
+        with mimkernels.use_backend(backend):
+            return fn(*args)
+    return run
+
+
+def providers(job):
+    if job == "encoder":
+        def ours(x, pos, noise):
+            return mimkernels.random_masking(x, MASK_RATIO, noise=noise, pos_embed=pos).x_kept
+
+        return {"official_mae": official_encoder, "torch_gather": gather_encoder,
+                "mimkernels": _mimkernels("auto", ours), "mimkernels_triton": _mimkernels("triton", ours)}
+
+    def ours(x, ids_restore, mask_token, pos):
+        return mimkernels.restore_tokens(x, ids_restore, mask_token, pos_embed=pos, num_prefix_tokens=1)
+
+    return {"official_mae": official_decoder,
+            "torch_gather": lambda *args: official_decoder(*args, repeat=False),
+            "mimkernels": _mimkernels("auto", ours), "mimkernels_triton": _mimkernels("triton", ours)}
+
+
+def job_inputs(job, batch, patches, dim, dtype, device):
+    """(arguments, the tensors to differentiate, minimal bytes for fwd and for fwd_bwd)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    kept = int(patches * (1 - MASK_RATIO))
+    size = torch.tensor([], dtype=dtype).element_size()
+    if job == "encoder":
+        x = torch.randn(batch, patches, dim, device=device, dtype=dtype, generator=gen).requires_grad_()
+        pos = torch.randn(1, patches, dim, device=device, dtype=dtype, generator=gen).requires_grad_()
+        noise = torch.rand(batch, patches, device=device, generator=gen)
+        fwd = 2 * batch * kept * dim * size  # read the kept rows, write them
+        return (x, pos, noise), (x, pos), fwd, fwd + batch * (kept + patches) * dim * size
+    x = torch.randn(batch, 1 + kept, dim, device=device, dtype=dtype, generator=gen).requires_grad_()
+    ids_restore = torch.argsort(torch.rand(batch, patches, device=device, generator=gen), dim=1)
+    mask_token = torch.randn(1, 1, dim, device=device, dtype=dtype, generator=gen).requires_grad_()
+    pos = torch.randn(1, 1 + patches, dim, device=device, dtype=dtype, generator=gen).requires_grad_()
+    fwd = batch * (2 + kept + patches) * dim * size  # read kept rows, write every row
+    return (x, ids_restore, mask_token, pos), (x, mask_token, pos), fwd, 2 * fwd
+
+
+def _step(fn, args, leaves, grad_out, mode):
+    if mode == "fwd":
+        return lambda: fn(*args)
+    return lambda: torch.autograd.grad(fn(*args), leaves, grad_out)
+
+
+def run(shapes, dtype, quick, peaks, csv_path=None, *, device="cuda", batch=256):
+    rows = []
+    for name in shapes:
+        patches, dim = SHAPES[name]
+        for job in ("encoder", "decoder"):
+            args, leaves, fwd_bytes, fwd_bwd_bytes = job_inputs(job, batch, patches, dim, dtype, device)
+            shape = f"{job}:{name}:B{batch}xL{patches}xD{dim}"
+            expected = official_encoder(*args) if job == "encoder" else official_decoder(*args)
+            for provider, fn in providers(job).items():
+                try:
+                    out = fn(*args)
+                except RuntimeError as err:  # e.g. a backend not available here
+                    print(f"  {shape} {provider}: skipped ({str(err)[:120]})")
+                    continue
+                torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)  # a wrong answer is not timed
+                grad_out = torch.randn_like(out)
+                for mode, min_bytes in zip(MODES, (fwd_bytes, fwd_bwd_bytes)):
+                    times = common.time_ms(_step(fn, args, leaves, grad_out, mode), quick=quick, device=device)
+                    rows.append(common.result("mae_tokens", provider, mode, shape, str(dtype)[6:], times, 0,
+                                              min_bytes, peaks))
+                    print(f"  {shape:32s} {provider:18s} {mode:8s} {times[0]:8.3f} ms  {rows[-1].gbps:7.0f} GB/s  "
+                          f"{rows[-1].roofline_pct:5.1f}% of copy", flush=True)
+        if csv_path:
+            common.write_csv(csv_path, rows, device)
+    return rows
+
+
+def speedups(rows):
+    ours = {(r.shape, r.mode): r.ms_p50 for r in rows if r.provider == "mimkernels"}
+    return [f"{r.shape:32s} {r.mode:8s} mimkernels vs {r.provider:18s} {r.ms_p50 / ours[r.shape, r.mode]:6.2f}x"
+            for r in rows if r.provider != "mimkernels" and (r.shape, r.mode) in ours]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="MAE token drop/restore benchmark (GPU)")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    parser.add_argument("--out", default=None, help="folder for the CSV (default: print only)")
+    parser.add_argument("--no-plot", action="store_true", help="accepted for the common runner; no plot here")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_tokens needs a CUDA GPU")
+        return 0
+    peaks = common.measure_peaks(args.quick)
+    print(f"{torch.cuda.get_device_name()}: measured copy bandwidth {peaks.gbps:.0f} GB/s")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+    rows = run(args.shapes, torch.bfloat16, args.quick, peaks, args.out and os.path.join(args.out, "tokens.csv"))
+    print("\n".join(speedups(rows)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
