@@ -10,12 +10,10 @@ import sys
 
 import torch
 
-HAS_GPU = torch.cuda.is_available()
-if not HAS_GPU:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+import mimkernels
+from mimkernels import _backend, reference
 
-import mimkernels  # noqa: E402
-from mimkernels import reference  # noqa: E402
+HAS_GPU = torch.cuda.is_available()
 
 # relative error (in the 2-norm) allowed against float64, per dtype
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
@@ -41,6 +39,28 @@ def check_attention(batch, heads, seq_len, head_dim, dtype, device) -> tuple[flo
     return _relative_error(out, out64), max(_relative_error(g, w) for g, w in zip(grads, grads64))
 
 
+def check_tokens(backend, batch, patches, dim, dtype, device) -> tuple[float, float]:
+    """MAE encoder masking (+ pos) and decoder restore (+ pos): worst relative error of outputs and gradients."""
+    gen = torch.Generator(device=device).manual_seed(patches)
+    x = torch.randn(batch, 1 + patches, dim, device=device, generator=gen).to(dtype).requires_grad_()
+    pos = torch.randn(1, 1 + patches, dim, device=device, generator=gen).requires_grad_()
+    token = torch.randn(1, 1, dim, device=device, generator=gen).requires_grad_()
+    noise = torch.rand(batch, patches, device=device, generator=gen)
+
+    def decoder_input(ops, x, pos, token):
+        kept = ops.random_masking(x, 0.75, noise=noise, num_prefix_tokens=1, pos_embed=pos)
+        return ops.restore_tokens(kept.x_kept, kept.ids_restore, token, pos_embed=pos, num_prefix_tokens=1)
+
+    with mimkernels.use_backend(backend):
+        out = decoder_input(mimkernels, x, pos, token)
+    grad_out = torch.randn(out.shape, device=device, generator=gen).to(dtype)
+    grads = torch.autograd.grad(out, (x, pos, token), grad_out)
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, pos, token)]
+    out64 = decoder_input(reference, *leaves64)
+    grads64 = torch.autograd.grad(out64, leaves64, grad_out.double())
+    return _relative_error(out, out64), max(_relative_error(g, w) for g, w in zip(grads, grads64))
+
+
 def self_check(device: str) -> bool:
     if HAS_GPU:
         dtypes = (torch.bfloat16, torch.float16, torch.float32)
@@ -48,7 +68,7 @@ def self_check(device: str) -> bool:
     else:  # the interpreter is slow, and its bf16 tl.dot is broken
         dtypes = (torch.float16, torch.float32)
         shapes = ((2, 2, 49, 64), (2, 1, 197, 80))
-    print(f"{'kernel':26s} {'dtype':9s} {'B,H,N,D':16s} {'out err':>9s} {'grad err':>9s}")
+    print(f"{'kernel':26s} {'dtype':9s} {'shape':16s} {'out err':>9s} {'grad err':>9s}")
     ok = True
     for dtype in dtypes:
         for shape in shapes:
@@ -57,10 +77,23 @@ def self_check(device: str) -> bool:
             ok &= passed
             print(f"{'prefix_causal_attention':26s} {str(dtype)[6:]:9s} {','.join(map(str, shape)):16s} "
                   f"{out_err:9.2e} {grad_err:9.2e}  {'ok' if passed else 'FAIL'}")
+    token_shapes = ((64, 196, 768), (8, 49, 40)) if HAS_GPU else ((2, 49, 40),)
+    for backend in (name for name in ("cuda", "triton") if name in mimkernels.available_backends()):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for shape in token_shapes:
+                out_err, grad_err = check_tokens(backend, *shape, dtype, device)
+                passed = max(out_err, grad_err) <= TOLERANCE[dtype]
+                ok &= passed
+                print(f"{'mae tokens (' + backend + ')':26s} {str(dtype)[6:]:9s} {','.join(map(str, shape)):16s} "
+                      f"{out_err:9.2e} {grad_err:9.2e}  {'ok' if passed else 'FAIL'}")
     return ok
 
 
 def main() -> int:
+    if not HAS_GPU and not _backend.triton_interpreted():
+        # the kernels were defined when mimkernels was imported: start again with the interpreter on
+        os.execve(sys.executable, [sys.executable, "-m", "mimkernels", *sys.argv[1:]],
+                  {**os.environ, "TRITON_INTERPRET": "1"})
     device = "cuda" if HAS_GPU else "cpu"
     where = torch.cuda.get_device_name() if HAS_GPU else "CPU (Triton interpreter)"
     print(f"mimkernels {mimkernels.__version__} | torch {torch.__version__} | {where}")
@@ -77,6 +110,9 @@ def main() -> int:
             print("benchmarks/ is not importable from here: run from the repository root for timings")
         else:
             bench_attention.main(["--quick", "--modes", "fwd_bwd", "--no-plot"])
+            from benchmarks import bench_tokens
+
+            bench_tokens.main(["--quick"])
     print("\nself-check:", "all kernels match the reference" if ok else "FAILED")
     return 0 if ok else 1
 

@@ -44,14 +44,19 @@ def use_backend(name: str):
 
 
 def triton_interpreted() -> bool:
-    """True when Triton kernels run through its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when mimkernels' Triton kernels were built for Triton's CPU interpreter.
+
+    Triton decides when a kernel is defined, that is when mimkernels is imported: TRITON_INTERPRET=1
+    must be set before that, and setting it later changes nothing.
+    """
+    return _TRITON_INTERPRETED
 
 
 # Looked up once, without importing anything (triton must not be imported before TRITON_INTERPRET is set),
 # and kept as plain values so that torch.compile traces the backend choice without a graph break.
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 _HAS_EXTENSION = importlib.util.find_spec("mimkernels._C") is not None
+_TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read before the kernels are defined
 
 
 def _why_not(backend: str, device: torch.device) -> str | None:
