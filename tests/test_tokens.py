@@ -192,6 +192,15 @@ def test_kernels_never_leave_the_tensors():
 
 
 @pytest.mark.skipif("cuda" not in BACKENDS, reason="the compiled extension is not built")
+def test_extension_ops_pass_opcheck():
+    """Schema, fake (meta) kernels for torch.compile, and dispatch of the csrc ops."""
+    x, pos = torch.randn(2, 6, 8), torch.randn(1, 6, 8)
+    torch.library.opcheck(torch.ops.mimkernels.gather_rows.default, (x, torch.tensor([[4, 0], [1, 3]]), pos, 1))
+    ids_restore = torch.tensor([[3, 0, 1, 2], [2, 3, 0, 1]], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.mimkernels.restore_rows.default, (x[:, :3], ids_restore, torch.zeros(8), None, 1))
+
+
+@pytest.mark.skipif("cuda" not in BACKENDS, reason="the compiled extension is not built")
 def test_extension_cpu_ops_raise_index_error():
     from mimkernels import extension
 

@@ -46,7 +46,7 @@ def test_out_of_range_ids_stay_in_bounds(backend):
 
 
 def test_index_check_flag(monkeypatch):
-    monkeypatch.setenv("MIMKERNELS_CHECK_INDICES", "1")
+    monkeypatch.setattr(mimkernels.ops.tokens, "_CHECK_CUDA_INDICES", True)
     x = torch.randn(2, 8, 64, device="cuda")
     with pytest.raises(IndexError):
         mimkernels.gather_tokens(x, torch.tensor([[0, 8], [1, 2]], device="cuda"))

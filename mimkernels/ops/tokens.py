@@ -7,9 +7,10 @@ index tensor.
 
 Index contract: ``ids_keep`` holds distinct patch indices in [0, L) per row, ``ids_restore`` is a
 permutation of [0, L) per row (what random_masking returns). On CPU tensors every op checks this and
-raises IndexError / ValueError; on CUDA tensors the check costs a host sync, so it runs only with
-``MIMKERNELS_CHECK_INDICES=1``. Unchecked out-of-range ids never read or write out of bounds (gathered
-rows come out zero, restored rows take the mask token); repeated ids give an undefined gradient.
+raises IndexError / ValueError; on CUDA tensors the check costs a host sync, so it runs only when
+``MIMKERNELS_CHECK_INDICES=1`` is set before mimkernels is imported. Unchecked out-of-range ids never
+read or write out of bounds (gathered rows come out zero, restored rows take the mask token); repeated
+ids give an undefined gradient.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ if _backend._HAS_EXTENSION:
     _KERNELS["cuda"] = _extension_kernels
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_CHECK_CUDA_INDICES = os.environ.get("MIMKERNELS_CHECK_INDICES", "0") == "1"  # read once: compiled code has no env
 
 
 # ----------------------------------------------------------------------------- validation
@@ -87,7 +89,7 @@ def _check_embedding(name, t, rows, dim, x):
 
 
 def _indices_checked(ids) -> bool:
-    return ids.device.type == "cpu" or os.environ.get("MIMKERNELS_CHECK_INDICES", "0") == "1"
+    return ids.device.type == "cpu" or _CHECK_CUDA_INDICES
 
 
 def _check_distinct(name, ids, upper, *, permutation=False):
@@ -118,11 +120,11 @@ class _GatherRows(torch.autograd.Function):
     """out = gather_rows(x, ids, pos, P); ``inverse`` (ids_restore when the caller has it) drives the backward."""
 
     @staticmethod
-    def forward(ctx, x, ids, pos, num_prefix, inverse, kernels):
+    def forward(ctx, x, ids, pos, num_prefix, inverse, backend):
         ctx.save_for_backward(ids, inverse)
-        ctx.num_prefix, ctx.num_src, ctx.kernels = num_prefix, x.shape[1], kernels
+        ctx.num_prefix, ctx.num_src, ctx.backend = num_prefix, x.shape[1], backend
         ctx.pos_dtype = None if pos is None else pos.dtype
-        return kernels.gather_rows(x, ids, pos, num_prefix)
+        return _KERNELS[backend].gather_rows(x, ids, pos, num_prefix)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -131,7 +133,7 @@ class _GatherRows(torch.autograd.Function):
             inverse = _inverse(ids, ctx.num_src - ctx.num_prefix, fill=ids.shape[1])
         zero_token = grad_out.new_zeros(grad_out.shape[-1])
         # source rows that were not gathered get the zero "token": a scatter into zeros, one pass
-        grad_x = ctx.kernels.restore_rows(grad_out.contiguous(), inverse, zero_token, None, ctx.num_prefix)
+        grad_x = _KERNELS[ctx.backend].restore_rows(grad_out.contiguous(), inverse, zero_token, None, ctx.num_prefix)
         grad_pos = None
         if ctx.needs_input_grad[2]:
             grad_pos = grad_x.sum(0, keepdim=True, dtype=torch.float32).to(ctx.pos_dtype)
@@ -142,12 +144,12 @@ class _RestoreRows(torch.autograd.Function):
     """out = restore_rows(x_kept, ids_restore, mask_token, pos, P)."""
 
     @staticmethod
-    def forward(ctx, x_kept, ids_restore, mask_token, pos, num_prefix, kernels):
+    def forward(ctx, x_kept, ids_restore, mask_token, pos, num_prefix, backend):
         ctx.save_for_backward(ids_restore)
-        ctx.num_prefix, ctx.num_kept, ctx.kernels = num_prefix, x_kept.shape[1] - num_prefix, kernels
+        ctx.num_prefix, ctx.num_kept, ctx.backend = num_prefix, x_kept.shape[1] - num_prefix, backend
         ctx.token_shape, ctx.token_dtype = mask_token.shape, mask_token.dtype
         ctx.pos_dtype = None if pos is None else pos.dtype
-        return kernels.restore_rows(x_kept, ids_restore, mask_token.reshape(-1), pos, num_prefix)
+        return _KERNELS[backend].restore_rows(x_kept, ids_restore, mask_token.reshape(-1), pos, num_prefix)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -156,7 +158,7 @@ class _RestoreRows(torch.autograd.Function):
         grad_x = grad_token = grad_pos = None
         if ctx.needs_input_grad[0]:
             ids_keep = _inverse(ids_restore, ids_restore.shape[1], fill=0)[:, :ctx.num_kept]
-            grad_x = ctx.kernels.gather_rows(grad_out, ids_keep, None, ctx.num_prefix)
+            grad_x = _KERNELS[ctx.backend].gather_rows(grad_out, ids_keep, None, ctx.num_prefix)
         if ctx.needs_input_grad[2]:
             masked = (ids_restore >= ctx.num_kept).to(grad_out.dtype)
             grad_token = torch.einsum("bl,bld->d", masked, grad_out[:, ctx.num_prefix:])
@@ -166,9 +168,10 @@ class _RestoreRows(torch.autograd.Function):
         return grad_x, None, grad_token, grad_pos, None, None
 
 
-def _kernels_for(op, x):
-    """The kernel module for ``x``'s backend, or None for the PyTorch reference."""
-    return _KERNELS.get(_backend.select(op, x.device, implemented=("cuda", "triton")))
+def _backend_for(op, x):
+    """"cuda" or "triton" (a key of _KERNELS) for ``x``, or None for the PyTorch reference."""
+    backend = _backend.select(op, x.device, implemented=("cuda", "triton"))
+    return None if backend == "torch" else backend
 
 
 # ----------------------------------------------------------------------------- public ops
@@ -205,15 +208,15 @@ def random_masking(x, mask_ratio, *, noise=None, num_prefix_tokens=0, pos_embed=
     elif tuple(noise.shape) != (batch, num_patches) or noise.device != x.device:
         raise ValueError(f"noise must have shape ({batch}, {num_patches}) on {x.device}, "
                          f"got {tuple(noise.shape)} on {noise.device}")
-    kernels = _kernels_for("random_masking", x)
-    if kernels is None:
+    backend = _backend_for("random_masking", x)
+    if backend is None:
         return reference.random_masking(x, mask_ratio, noise=noise, num_prefix_tokens=num_prefix,
                                          pos_embed=pos_embed)
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = _inverse(ids_shuffle, num_patches, fill=0)  # the inverse permutation: argsort(ids_shuffle)
     ids_keep = ids_shuffle[:, :num_kept]
     x = x if x.stride(-1) == 1 else x.contiguous()
-    x_kept = _GatherRows.apply(x, ids_keep, pos_embed, num_prefix, ids_restore, kernels)
+    x_kept = _GatherRows.apply(x, ids_keep, pos_embed, num_prefix, ids_restore, backend)
     mask = (ids_restore >= num_kept).to(torch.float32)
     return Masking(x_kept, mask, ids_restore, ids_keep)
 
@@ -228,11 +231,11 @@ def gather_tokens(x, ids_keep, *, pos_embed=None):
     ids_keep = _check_ids("ids_keep", ids_keep, x, x.shape[0])
     pos_embed = _check_embedding("pos_embed", pos_embed, x.shape[1], x.shape[2], x)
     _check_distinct("ids_keep", ids_keep, x.shape[1])
-    kernels = _kernels_for("gather_tokens", x)
-    if kernels is None:
+    backend = _backend_for("gather_tokens", x)
+    if backend is None:
         return reference.gather_tokens(x, ids_keep, pos_embed=pos_embed)
     x = x if x.stride(-1) == 1 else x.contiguous()
-    return _GatherRows.apply(x, ids_keep, pos_embed, 0, None, kernels)
+    return _GatherRows.apply(x, ids_keep, pos_embed, 0, None, backend)
 
 
 def restore_tokens(x_kept, ids_restore, mask_token, *, pos_embed=None, num_prefix_tokens=0):
@@ -255,9 +258,9 @@ def restore_tokens(x_kept, ids_restore, mask_token, *, pos_embed=None, num_prefi
     mask_token = _check_embedding("mask_token", mask_token, None, dim, x_kept)
     pos_embed = _check_embedding("pos_embed", pos_embed, num_prefix + num_patches, dim, x_kept)
     _check_distinct("ids_restore", ids_restore, num_patches, permutation=True)
-    kernels = _kernels_for("restore_tokens", x_kept)
-    if kernels is None:
+    backend = _backend_for("restore_tokens", x_kept)
+    if backend is None:
         return reference.restore_tokens(x_kept, ids_restore, mask_token, pos_embed=pos_embed,
                                         num_prefix_tokens=num_prefix)
     x_kept = x_kept if x_kept.stride(-1) == 1 else x_kept.contiguous()
-    return _RestoreRows.apply(x_kept, ids_restore, mask_token, pos_embed, num_prefix, kernels)
+    return _RestoreRows.apply(x_kept, ids_restore, mask_token, pos_embed, num_prefix, backend)
