@@ -1,6 +1,8 @@
 """mimkernels: fused kernels for masked and autoregressive image pre-training (MAE, BEiT, SimMIM, AIM)."""
 from ._backend import available_backends, use_backend
 from .ops.attention import attention, prefix_causal_attention, prefix_causal_mask
+from .ops.losses import masked_patch_loss
+from .ops.patch_embed import patchify, unpatchify
 from .ops.tokens import gather_tokens, random_masking, restore_tokens
 
 __version__ = "0.1.0"
@@ -9,9 +11,12 @@ __all__ = [
     "attention",
     "available_backends",
     "gather_tokens",
+    "masked_patch_loss",
+    "patchify",
     "prefix_causal_attention",
     "prefix_causal_mask",
     "random_masking",
     "restore_tokens",
+    "unpatchify",
     "use_backend",
 ]

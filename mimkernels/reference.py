@@ -5,6 +5,7 @@ functions evaluated in float64, and the ``torch`` backend runs them as they are.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -98,3 +99,39 @@ def restore_tokens(x_kept, ids_restore, mask_token, *, pos_embed=None, num_prefi
     if pos_embed is not None:
         out = out + pos_embed.to(out.dtype)
     return out
+
+
+def patchify(images, patch_size):
+    """MAE patchify: images [B, C, H, W] -> [B, (H/p) * (W/p), p * p * C], (p, q, c) order inside a patch."""
+    batch, channels, height, width = images.shape
+    p = patch_size
+    x = images.reshape(batch, channels, height // p, p, width // p, p)
+    x = torch.einsum("nchpwq->nhwpqc", x)
+    return x.reshape(batch, (height // p) * (width // p), p * p * channels)
+
+
+def unpatchify(x, patch_size, height, width):
+    """Inverse of :func:`patchify` for an image of ``height x width`` patches: -> [B, C, height * p, width * p]."""
+    p = patch_size
+    channels = x.shape[-1] // (p * p)
+    x = x.reshape(x.shape[0], height, width, p, p, channels)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(x.shape[0], channels, height * p, width * p)
+
+
+def masked_patch_loss(pred, images, mask, *, norm_pix=True, loss="l2"):
+    """Official MAE ``forward_loss``: per-patch mean error against the (normalised) patchified images,
+    averaged over the patches where mask is 1 (weighted by mask). ``loss="l1"``: SimMIM's masked L1.
+
+    A mask of all zeros gives 0 (the official code divides 0 by 0).
+    """
+    target = patchify(images, math.isqrt(pred.shape[-1] // images.shape[1]))  # pred rows hold p * p * C values
+    if norm_pix:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1.0e-6) ** 0.5
+    error = (pred - target).abs() if loss == "l1" else (pred - target) ** 2
+    per_patch = error.mean(dim=-1)
+    total = (per_patch * mask).sum()
+    weight = mask.sum()
+    return total / torch.where(weight > 0, weight, torch.ones_like(weight))

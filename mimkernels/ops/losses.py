@@ -1,0 +1,80 @@
+"""Masked pixel reconstruction loss (MAE, SimMIM): validation, backend choice, autograd."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _backend, reference
+from .patch_embed import check_images
+
+_kernels = None
+if _backend._HAS_TRITON:
+    from ..triton import losses as _kernels
+
+
+class _MaskedPatchLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pred, images, mask, patch_size, norm_pix, l1):
+        patch_loss = _kernels.masked_patch_loss(pred, images, mask, patch_size, norm_pix, l1)
+        weight = mask.sum()
+        denominator = torch.where(weight > 0, weight, torch.ones_like(weight))  # an all-zero mask gives 0
+        ctx.save_for_backward(pred, images, mask, denominator)
+        ctx.args = patch_size, norm_pix, l1
+        return patch_loss.sum() / denominator
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        pred, images, mask, denominator = ctx.saved_tensors
+        scale = (grad_loss.float() / denominator).reshape(1)
+        grad_pred = _kernels.masked_patch_loss_backward(pred, images, mask, scale, *ctx.args)
+        return grad_pred, None, None, None, None, None
+
+
+def masked_patch_loss(pred, images, mask, *, norm_pix=True, loss="l2"):
+    """Official MAE ``forward_loss`` in one pass: the error of ``pred`` against the patchified images,
+    averaged over each patch, then over the patches where ``mask`` is 1.
+
+    Args:
+        pred: ``[B, L, p * p * C]`` predictions in MAE's patch order (the patch size is read from it).
+        images: ``[B, C, H, W]`` with ``L = (H / p) * (W / p)``; a constant (no gradient flows to it).
+        mask: ``[B, L]``, 1 for patches to score (MAE: removed ones); other values weight the patches.
+        norm_pix: normalise each target patch by its mean and unbiased variance (eps 1e-6), as MAE.
+        loss: ``"l2"`` (MAE) or ``"l1"`` (SimMIM's masked L1, without its 1e-5 in the denominator).
+
+    Returns:
+        fp32 scalar, differentiable in pred. A mask of all zeros gives 0 and a zero gradient (the
+        official code would divide 0 by 0).
+    """
+    if not isinstance(pred, torch.Tensor) or pred.dim() != 3 or not pred.is_floating_point():
+        raise ValueError(f"pred must be a 3-D float tensor [batch, patches, p * p * C], got "
+                         f"{getattr(pred, 'shape', type(pred).__name__)}")
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise ValueError(f"images must be a 4-D tensor [batch, channels, height, width], got "
+                         f"{getattr(images, 'shape', type(images).__name__)}")
+    batch, num_patches, patch_numel = pred.shape
+    channels = images.shape[1]
+    patch_size = math.isqrt(patch_numel // channels) if patch_numel % channels == 0 else 0
+    if patch_size < 1 or patch_size * patch_size * channels != patch_numel:
+        raise ValueError(f"pred rows hold {patch_numel} values, not p * p * C for C = {channels} channels")
+    check_images(images, patch_size)
+    if images.shape[0] != batch or images.device != pred.device:
+        raise ValueError(f"images {tuple(images.shape)} on {images.device} do not match pred {tuple(pred.shape)} "
+                         f"on {pred.device}")
+    patches = (images.shape[2] // patch_size) * (images.shape[3] // patch_size)
+    if patches != num_patches:
+        raise ValueError(f"images hold {patches} patches of size {patch_size}, pred has {num_patches}")
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (batch, num_patches) or mask.device != pred.device:
+        raise ValueError(f"mask must be a tensor of shape ({batch}, {num_patches}) on {pred.device}")
+    if loss not in ("l1", "l2"):
+        raise ValueError(f"loss must be 'l2' or 'l1', got {loss!r}")
+    if not isinstance(norm_pix, bool):
+        raise TypeError(f"norm_pix must be a bool, got {type(norm_pix).__name__}")
+    if norm_pix and patch_numel < 2:
+        raise ValueError("norm_pix needs at least 2 values per patch (unbiased variance)")
+    images, mask = images.detach(), mask.to(torch.float32)
+    backend = _backend.select("masked_patch_loss", pred.device, implemented=("triton",))
+    if backend == "torch":
+        return reference.masked_patch_loss(pred, images, mask, norm_pix=norm_pix, loss=loss).float()
+    pred = pred if pred.stride(-1) == 1 else pred.contiguous()
+    return _MaskedPatchLoss.apply(pred, images, mask.contiguous(), patch_size, norm_pix, loss == "l1")

@@ -1,0 +1,149 @@
+"""patchify / unpatchify and the fused masked pixel loss against the official MAE code in float64."""
+import pytest
+import torch
+from conftest import DEVICE
+
+import mimkernels
+from mimkernels import reference
+
+BACKENDS = ["torch", "triton"]
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}  # relative
+
+
+def official_patchify(imgs, p):
+    """facebookresearch/mae models_mae.py patchify (square RGB images)."""
+    h = w = imgs.shape[2] // p
+    x = imgs.reshape(shape=(imgs.shape[0], 3, h, p, w, p))
+    x = torch.einsum("nchpwq->nhwpqc", x)
+    return x.reshape(shape=(imgs.shape[0], h * w, p**2 * 3))
+
+
+def official_forward_loss(imgs, pred, mask, p, norm_pix_loss):
+    """facebookresearch/mae models_mae.py forward_loss."""
+    target = official_patchify(imgs, p)
+    if norm_pix_loss:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1.0e-6) ** 0.5
+    loss = (pred - target) ** 2
+    loss = loss.mean(dim=-1)
+    return (loss * mask).sum() / mask.sum()
+
+
+def inputs(batch, channels, height, width, patch, dtype, mask_kind, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, channels, height, width, generator=gen).to(DEVICE)
+    patches = (height // patch) * (width // patch)
+    pred = torch.randn(batch, patches, patch * patch * channels, generator=gen).to(DEVICE, dtype).requires_grad_()
+    mask = {
+        "mae": (torch.rand(batch, patches, generator=gen) < 0.75).float(),
+        "zeros": torch.zeros(batch, patches),
+        "ones": torch.ones(batch, patches),
+        "weights": torch.rand(batch, patches, generator=gen),
+    }[mask_kind].to(DEVICE)
+    return images, pred, mask
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_equals_official_mae_forward_loss(backend, norm_pix):
+    images, pred, mask = inputs(2, 3, 64, 64, 16, torch.float32, "mae")
+    with mimkernels.use_backend(backend):
+        got = mimkernels.masked_patch_loss(pred, images, mask, norm_pix=norm_pix)
+    want = official_forward_loss(images.double(), pred.detach().double(), mask.double(), 16, norm_pix)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 28, 42, 14), (2, 1, 32, 16, 16), (1, 3, 16, 16, 16), (3, 2, 12, 8, 4)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("norm_pix, loss", [(True, "l2"), (False, "l2"), (False, "l1"), (True, "l1")])
+@pytest.mark.parametrize("mask_kind", ["mae", "ones", "weights"])
+def test_loss_and_gradient(backend, dtype, shape, norm_pix, loss, mask_kind):
+    *image_shape, patch = shape
+    images, pred, mask = inputs(*image_shape, patch, dtype, mask_kind)
+    with mimkernels.use_backend(backend):
+        got = mimkernels.masked_patch_loss(pred, images, mask, norm_pix=norm_pix, loss=loss)
+    (grad,) = torch.autograd.grad(got, pred)
+    pred64 = pred.detach().double().requires_grad_()
+    want = reference.masked_patch_loss(pred64, images.double(), mask.double(), norm_pix=norm_pix, loss=loss)
+    (grad64,) = torch.autograd.grad(want, pred64)
+    assert got.dtype == torch.float32 and grad.dtype == dtype
+    assert abs(got.item() - want.item()) <= TOLERANCE[dtype] * max(1.0, abs(want.item()))
+    assert (grad.double() - grad64).abs().max().item() <= TOLERANCE[dtype] * grad64.abs().max().item() + 1e-12
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_zero_mask_gives_zero(backend):
+    images, pred, mask = inputs(2, 3, 32, 32, 16, torch.float32, "zeros")
+    with mimkernels.use_backend(backend):
+        got = mimkernels.masked_patch_loss(pred, images, mask)
+    (grad,) = torch.autograd.grad(got, pred)
+    assert got.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bool_mask_and_strided_pred(backend):
+    images, pred, mask = inputs(2, 3, 32, 32, 16, torch.float32, "mae")
+    wide = torch.randn(2, 4, 2 * 768, device=DEVICE)
+    strided = wide[:, :, ::2]  # non-unit stride in the last dim
+    with mimkernels.use_backend(backend):
+        got = mimkernels.masked_patch_loss(strided, images, mask.bool())
+    torch.testing.assert_close(got, reference.masked_patch_loss(strided, images, mask).float())
+
+
+def test_images_get_no_gradient():
+    images, pred, mask = inputs(1, 3, 16, 16, 16, torch.float32, "ones")
+    images.requires_grad_()
+    for backend in BACKENDS:
+        with mimkernels.use_backend(backend):
+            loss = mimkernels.masked_patch_loss(pred, images, mask)
+        assert torch.autograd.grad(loss, images, allow_unused=True)[0] is None
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"pred": torch.randn(2, 4, 700)}, ValueError, "p \\* p \\* C"),
+    ({"images": torch.randn(2, 3, 32, 40)}, ValueError, "not divisible by the patch size 16"),
+    ({"images": torch.randn(2, 3, 32, 64)}, ValueError, "8 patches of size 16, pred has 4"),
+    ({"images": torch.randn(3, 3, 32, 32)}, ValueError, "do not match pred"),
+    ({"images": torch.randn(2, 3, 32)}, ValueError, "4-D"),
+    ({"mask": torch.ones(2, 5)}, ValueError, "mask must be a tensor of shape \\(2, 4\\)"),
+    ({"loss": "huber"}, ValueError, "'l2' or 'l1'"),
+    ({"norm_pix": 1}, TypeError, "norm_pix must be a bool"),
+    ({"pred": torch.randn(2, 4)}, ValueError, "3-D"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_input(kwargs, error, match):
+    args = {"pred": torch.randn(2, 4, 768), "images": torch.randn(2, 3, 32, 32), "mask": torch.ones(2, 4),
+            "norm_pix": True, "loss": "l2"} | kwargs
+    for backend in BACKENDS:
+        with mimkernels.use_backend(backend), pytest.raises(error, match=match):
+            mimkernels.masked_patch_loss(args["pred"], args["images"], args["mask"], norm_pix=args["norm_pix"],
+                                         loss=args["loss"])
+
+
+# --------------------------------------------------------------------------- patchify
+
+
+def test_patchify_is_official_and_unpatchify_inverts_it():
+    images = torch.randn(2, 3, 48, 80)
+    x = mimkernels.patchify(images, 16)
+    assert x.shape == (2, 15, 768)
+    square = images[..., :48]
+    assert torch.equal(mimkernels.patchify(square, 16), official_patchify(square, 16))
+    assert torch.equal(mimkernels.unpatchify(x, 16, 3, 5), images)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: mimkernels.patchify(torch.randn(1, 3, 30, 32), 16), ValueError, "not divisible"),
+    (lambda: mimkernels.patchify(torch.randn(1, 3, 32, 32), 0), ValueError, "patch_size"),
+    (lambda: mimkernels.patchify(torch.randn(3, 32, 32), 16), ValueError, "4-D"),
+    (lambda: mimkernels.patchify(torch.zeros(1, 3, 32, 32, dtype=torch.long), 16), TypeError, "floating-point"),
+    (lambda: mimkernels.unpatchify(torch.randn(1, 6, 768), 16, 2, 2), ValueError, "height \\* width"),
+    (lambda: mimkernels.unpatchify(torch.randn(1, 4, 700), 16, 2, 2), ValueError, "multiple of patch_size"),
+    (lambda: mimkernels.unpatchify(torch.randn(1, 4, 768), 16, 0, 4), ValueError, "height"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_patchify_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
