@@ -101,6 +101,21 @@ def restore_tokens(x_kept, ids_restore, mask_token, *, pos_embed=None, num_prefi
     return out
 
 
+def patch_embed(images, weight, bias=None, *, pos_embed=None, ids_keep=None, mask=None, mask_token=None):
+    """``conv2d(images, weight, bias, stride=p).flatten(2).transpose(1, 2)``: [B, L, E] in weight's dtype;
+    masked patches (mask [B, L]) become mask_token, then pos_embed [1, L, E] is added, then only the
+    ``ids_keep`` [B, K] rows are kept."""
+    bias = None if bias is None else bias.to(weight.dtype)
+    x = F.conv2d(images.to(weight.dtype), weight, bias, stride=weight.shape[-1]).flatten(2).transpose(1, 2)
+    if mask is not None:
+        x = torch.where(mask.bool().unsqueeze(-1), mask_token.reshape(1, 1, -1).to(x.dtype), x)
+    if pos_embed is not None:
+        x = x + pos_embed.to(x.dtype)
+    if ids_keep is not None:
+        x = torch.gather(x, 1, _row_index(ids_keep, x.shape[-1]))
+    return x
+
+
 def patchify(images, patch_size):
     """MAE patchify: images [B, C, H, W] -> [B, (H/p) * (W/p), p * p * C], (p, q, c) order inside a patch."""
     batch, channels, height, width = images.shape

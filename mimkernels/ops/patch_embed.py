@@ -1,11 +1,16 @@
-"""Patch operations: MAE's patchify / unpatchify (the fused patch embedding itself is issue 4's next step)."""
+"""Patch embedding (one GEMM over the image read in place) and MAE's patchify / unpatchify."""
 from __future__ import annotations
 
 import numbers
 
 import torch
 
-from .. import reference
+from .. import _backend, reference
+from . import tokens
+
+_kernels = None
+if _backend._HAS_TRITON:
+    from ..triton import patch_embed as _kernels
 
 
 def _check_patch_size(patch_size):
@@ -47,3 +52,114 @@ def unpatchify(x, patch_size, height, width):
     if x.shape[2] % (patch_size * patch_size):
         raise ValueError(f"x rows hold {x.shape[2]} values, not a multiple of patch_size**2 = {patch_size**2}")
     return reference.unpatchify(x, patch_size, height, width)
+
+
+# ----------------------------------------------------------------------------- patch_embed
+
+class _PatchEmbed(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, images, weight, bias, pos_embed, mask_token, ids_keep, mask):
+        out = _kernels.forward(images, weight, bias, pos_embed, ids_keep, mask, mask_token)
+        ctx.save_for_backward(images, weight, ids_keep, mask)
+        ctx.dtypes = [None if t is None else t.dtype for t in (bias, pos_embed, mask_token)]
+        ctx.pos_rows = None if pos_embed is None else pos_embed.shape[1]
+        ctx.token_shape = None if mask_token is None else mask_token.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        images, weight, ids_keep, mask = ctx.saved_tensors
+        grad = grad_out.contiguous()
+        grad_images = grad_weight = grad_bias = grad_pos = grad_token = None
+        bias_dtype, pos_dtype, token_dtype = ctx.dtypes
+        if ctx.needs_input_grad[3]:  # pos_embed is added after the mask token: every row reaches it
+            if ids_keep is None:
+                summed = grad.sum(0, dtype=torch.float32)
+            else:
+                summed = grad.new_zeros(ctx.pos_rows, grad.shape[-1], dtype=torch.float32)
+                summed.index_add_(0, ids_keep.reshape(-1).long(), grad.reshape(-1, grad.shape[-1]).float())
+            grad_pos = summed.to(pos_dtype).unsqueeze(0)
+        if mask is not None:
+            masked = mask.bool().unsqueeze(-1)
+            if ctx.needs_input_grad[4]:
+                grad_token = (grad * masked).sum((0, 1), dtype=torch.float32).to(token_dtype).reshape(ctx.token_shape)
+            grad = grad.masked_fill(masked, 0)  # masked rows took the token: no gradient to the convolution
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.sum((0, 1), dtype=torch.float32).to(bias_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = _kernels.weight_grad(images, grad, ids_keep, weight.shape).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            grad_images = _image_grad(grad, weight, ids_keep, images)
+        return grad_images, grad_weight, grad_bias, grad_pos, grad_token, None, None
+
+
+def _image_grad(grad, weight, ids_keep, images):
+    """d loss / d images: each patch's pixel gradient (grad @ W) put back in place; dropped patches get 0."""
+    batch, channels, height, width = images.shape
+    patch = weight.shape[-1]
+    pixel_grad = grad @ weight.reshape(weight.shape[0], -1).to(grad.dtype)  # [B, rows, C * p * p]
+    if ids_keep is not None:
+        full = pixel_grad.new_zeros(batch, (height // patch) * (width // patch), pixel_grad.shape[-1])
+        pixel_grad = full.scatter_(1, ids_keep.long().unsqueeze(-1).expand_as(pixel_grad), pixel_grad)
+    pixel_grad = pixel_grad.reshape(batch, height // patch, width // patch, channels, patch, patch)
+    return pixel_grad.permute(0, 3, 1, 4, 2, 5).reshape(images.shape).to(images.dtype)
+
+
+def patch_embed(images, weight, bias=None, *, pos_embed=None, ids_keep=None, mask=None, mask_token=None):
+    """Patch embedding ``conv2d(images, weight, bias, stride=p).flatten(2).transpose(1, 2) (+ pos_embed)``
+    as one GEMM that reads the image in place.
+
+    Args:
+        images: ``[B, C, H, W]``, H and W multiples of p (non-square is fine).
+        weight: ``[E, C, p, p]`` (Conv2d layout: timm / MAE checkpoints load unchanged); bias ``[E]``.
+        pos_embed: ``[1, L, E]`` for the L patches (pass ``pos_embed[:, 1:]`` when it holds a cls row).
+        ids_keep: ``[B, K]`` (MAE): compute only these patches; returns ``[B, K, E]``.
+        mask, mask_token: ``[B, L]`` (bool or 0/1) and E values (BEiT, SimMIM): masked patches are replaced
+            by the token before pos_embed is added. Not together with ids_keep.
+
+    Returns ``[B, L or K, E]`` in weight's dtype (autocast's under ``torch.autocast``), computed with fp32
+    accumulation. Differentiable in images, weight, bias, pos_embed and mask_token.
+    """
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[2] != weight.shape[3]:
+        raise ValueError(f"weight must be [E, C, p, p] (Conv2d layout), got {getattr(weight, 'shape', weight)!r}")
+    patch_size = weight.shape[-1]
+    check_images(images, patch_size)
+    embed, channels = weight.shape[:2]
+    if images.shape[1] != channels:
+        raise ValueError(f"images have {images.shape[1]} channels, weight expects {channels}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be floating point, got {weight.dtype}")
+    num_patches = (images.shape[2] // patch_size) * (images.shape[3] // patch_size)
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (embed,)):
+        raise ValueError(f"bias must have shape ({embed},), got {getattr(bias, 'shape', bias)!r}")
+    if pos_embed is not None and (not isinstance(pos_embed, torch.Tensor)
+                                  or tuple(pos_embed.shape) != (1, num_patches, embed)):
+        raise ValueError(f"pos_embed must have shape (1, {num_patches}, {embed}), "
+                         f"got {getattr(pos_embed, 'shape', pos_embed)!r}")
+    if ids_keep is not None and mask is not None:
+        raise ValueError("pass ids_keep (MAE) or mask with mask_token (BEiT, SimMIM), not both")
+    if (mask is None) != (mask_token is None):
+        raise ValueError("mask and mask_token go together")
+    for name, t in (("weight", weight), ("bias", bias), ("pos_embed", pos_embed), ("mask_token", mask_token)):
+        if t is not None and t.device != images.device:
+            raise ValueError(f"{name} is on {t.device} but images are on {images.device}")
+    if ids_keep is not None:
+        ids_keep = tokens._check_ids("ids_keep", ids_keep, images, images.shape[0])
+        tokens._check_distinct("ids_keep", ids_keep, num_patches)
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (images.shape[0], num_patches):
+            raise ValueError(f"mask must have shape ({images.shape[0]}, {num_patches}), "
+                             f"got {getattr(mask, 'shape', mask)!r}")
+        if mask.device != images.device:
+            raise ValueError(f"mask is on {mask.device} but images are on {images.device}")
+        if not isinstance(mask_token, torch.Tensor) or mask_token.numel() != embed:
+            raise ValueError(f"mask_token must hold {embed} values, got {getattr(mask_token, 'shape', mask_token)!r}")
+    if torch.is_autocast_enabled(images.device.type):
+        weight = weight.to(torch.get_autocast_dtype(images.device.type))
+    backend = _backend.select("patch_embed", images.device, implemented=("triton",))
+    if backend == "torch":
+        return reference.patch_embed(images, weight, bias, pos_embed=pos_embed, ids_keep=ids_keep, mask=mask,
+                                     mask_token=mask_token)
+    contiguous = [None if t is None else t.contiguous() for t in (weight, bias, pos_embed, mask_token)]
+    mask = None if mask is None else (mask != 0).to(torch.int8).contiguous()
+    return _PatchEmbed.apply(images, *contiguous, ids_keep, mask)

@@ -1,0 +1,91 @@
+"""Fused patch embedding against conv2d (+ mask token, + pos_embed, + gather) in float64, every gradient."""
+import pytest
+import torch
+from conftest import DEVICE, HAS_GPU
+
+import mimkernels
+from mimkernels import reference
+
+# the interpreter's bf16 tl.dot is broken: bf16 runs through Triton on a GPU only
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_GPU else [])
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}  # relative to the largest value
+
+
+def make(batch, channels, height, width, patch, embed, dtype, mode, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    patches = (height // patch) * (width // patch)
+    leaves = {
+        "images": torch.randn(batch, channels, height, width, generator=gen),
+        "weight": torch.randn(embed, channels, patch, patch, generator=gen) / (channels * patch * patch) ** 0.5,
+        "bias": torch.randn(embed, generator=gen),
+        "pos_embed": torch.randn(1, patches, embed, generator=gen),
+    }
+    leaves = {k: v.to(DEVICE, dtype if k in ("images", "weight") else torch.float32).requires_grad_()
+              for k, v in leaves.items()}
+    extra = {}
+    if mode == "mae":
+        kept = max(1, patches // 4)
+        ids = [torch.randperm(patches, generator=gen)[:kept] for _ in range(batch)]
+        extra["ids_keep"] = torch.stack(ids).to(DEVICE)
+    if mode == "simmim":
+        leaves["mask_token"] = torch.randn(1, 1, embed, generator=gen).to(DEVICE).requires_grad_()
+        extra["mask"] = (torch.rand(batch, patches, generator=gen) < 0.6).to(DEVICE)
+    return leaves, extra
+
+
+def call(fn, leaves, extra):
+    kwargs = {k: v for k, v in leaves.items() if k not in ("images", "weight", "bias")}
+    return fn(leaves["images"], leaves["weight"], leaves["bias"], **kwargs, **extra)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["full", "mae", "simmim"])
+@pytest.mark.parametrize("shape", [(2, 3, 32, 48, 16, 40), (1, 3, 28, 42, 14, 64), (2, 1, 16, 32, 16, 24),
+                                   (1, 3, 32, 32, 16, 768)], ids=lambda s: "x".join(map(str, s)))
+def test_patch_embed(backend, dtype, mode, shape):
+    leaves, extra = make(*shape, dtype, mode)
+    with mimkernels.use_backend(backend):
+        out = call(mimkernels.patch_embed, leaves, extra)
+    assert out.dtype == dtype
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(DEVICE, dtype)
+    grads = torch.autograd.grad(out, list(leaves.values()), grad_out)
+    leaves64 = {k: v.detach().double().requires_grad_() for k, v in leaves.items()}
+    want = call(reference.patch_embed, leaves64, extra)
+    grads64 = torch.autograd.grad(want, list(leaves64.values()), grad_out.double())
+    for name, got, ref in [("out", out, want), *zip(leaves, grads, grads64)]:
+        assert got.shape == ref.shape, name
+        err = (got.double() - ref).abs().max().item()
+        assert err <= TOLERANCE[dtype] * max(1.0, ref.abs().max().item()), f"{name}: {err:.3e}"
+
+
+def test_autocast_runs_in_autocast_dtype():
+    leaves, extra = make(1, 3, 32, 32, 16, 40, torch.float32, "full")
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out = call(mimkernels.patch_embed, leaves, extra)
+    assert out.dtype == torch.bfloat16
+    assert torch.autograd.grad(out.float().sum(), leaves["weight"])[0].dtype == torch.float32
+
+
+@pytest.mark.parametrize("change, error, match", [
+    ({"weight": torch.randn(8, 3, 16)}, ValueError, "weight must be"),
+    ({"weight": torch.randn(8, 3, 16, 8)}, ValueError, "weight must be"),
+    ({"images": torch.randn(1, 3, 30, 32)}, ValueError, "not divisible by the patch size 16"),
+    ({"images": torch.randn(1, 1, 32, 32)}, ValueError, "1 channels, weight expects 3"),
+    ({"bias": torch.randn(9)}, ValueError, "bias must have shape"),
+    ({"pos_embed": torch.randn(1, 5, 8)}, ValueError, r"pos_embed must have shape \(1, 4, 8\)"),
+    ({"ids_keep": torch.tensor([[0, 1]]), "mask": torch.ones(1, 4), "mask_token": torch.zeros(8)}, ValueError,
+     "not both"),
+    ({"mask": torch.ones(1, 4)}, ValueError, "go together"),
+    ({"mask": torch.ones(1, 3), "mask_token": torch.zeros(8)}, ValueError, r"mask must have shape \(1, 4\)"),
+    ({"mask": torch.ones(1, 4), "mask_token": torch.zeros(7)}, ValueError, "mask_token must hold 8"),
+    ({"ids_keep": torch.tensor([[0, 1, 2]]).float()}, TypeError, "int32 or int64"),
+    ({"ids_keep": torch.tensor([[0, 1], [2, 3]])}, ValueError, r"ids_keep must have shape \[1, K\]"),
+    ({"ids_keep": torch.tensor([[0, 4]])}, IndexError, r"\[0, 4\)"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_input(change, error, match):
+    args = {"images": torch.randn(1, 3, 32, 32), "weight": torch.randn(8, 3, 16, 16), "bias": None} | change
+    images, weight, bias = args.pop("images"), args.pop("weight"), args.pop("bias")
+    for backend in ("torch", "triton"):
+        with mimkernels.use_backend(backend), pytest.raises(error, match=match):
+            mimkernels.patch_embed(images, weight, bias, **args)
