@@ -1,12 +1,14 @@
-"""Compile the shipped attention kernels for sm_80 and sm_90 (no GPU needed) and report their resources.
+"""Compile the shipped Triton kernels for sm_80 and sm_90 (no GPU needed) and report their resources.
 
-For every head-dim class, dtype and kernel, the config that ``configs_for`` ships is compiled to a
-cubin by Triton's own toolchain. ptxas's own log (``-v``) gives registers, stack frame and spill
-stores and loads, and Triton's metadata the shared memory. Run as
+Every attention kernel for every head-dim class and dtype (the configs ``configs_for`` ships), and the
+patch-embedding, masked-loss and token kernels per dtype, are compiled to cubins by Triton's own
+toolchain. ptxas's own log (``-v``) gives registers, stack frame and spill stores and loads, and
+Triton's metadata the shared memory. Run as
 
     python -m benchmarks.kernel_report [--quick] [--csv FILE]
 
-It exits non-zero if any kernel spills. ``--quick`` compiles one head dim per tile class, sm_90 only.
+It exits non-zero if any kernel spills. ``--quick`` compiles one head dim per tile class, sm_90 only
+(and every other kernel).
 TRITON_INTERPRET must be unset: the interpreter replaces the compiler.
 """
 from __future__ import annotations
@@ -30,6 +32,9 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from benchmarks.common import commit  # noqa: E402
 from mimkernels.triton import attention as kernels  # noqa: E402
+from mimkernels.triton import losses as loss_kernels  # noqa: E402
+from mimkernels.triton import patch_embed as patch_kernels  # noqa: E402
+from mimkernels.triton import tokens as token_kernels  # noqa: E402
 
 ARCHS = (80, 90)
 HEAD_DIMS = (16, 32, 40, 64, 80, 128, 256)  # every tile class, with padded (40, 80) and exact head dims
@@ -42,9 +47,8 @@ class Row:
     kernel: str
     arch: str
     dtype: str
-    head_dim: int
-    block_m: int
-    block_n: int
+    variant: str  # the head dim for attention kernels
+    tile: str
     num_warps: int
     num_stages: int
     registers: int
@@ -56,6 +60,18 @@ class Row:
     @property
     def spills(self) -> bool:
         return self.spill_store_bytes > 0 or self.spill_load_bytes > 0
+
+
+@dataclass
+class Launch:
+    """One kernel as its launcher compiles it: every constexpr fixed, pointer element types given."""
+    fn: object
+    variant: str
+    tile: str
+    num_warps: int
+    num_stages: int
+    pointers: dict
+    constexprs: dict
 
 
 def _signature(fn, pointer_types: dict[str, str], constexprs: dict):
@@ -76,44 +92,73 @@ def _signature(fn, pointer_types: dict[str, str], constexprs: dict):
     return signature, {key: [["tt.divisibility", 16]] for key in aligned}
 
 
-def _launches(head_dim: int, dtype: torch.dtype):
-    """(kernel, tile config, pointer types, constexprs) as the launchers in mimkernels.triton.attention use them."""
+def attention_launches(head_dim: int, dtype: torch.dtype) -> list[Launch]:
+    """The four attention kernels as mimkernels.triton.attention launches them for this head dim and dtype."""
     ty = "*" + DTYPES[dtype]
     cfgs = kernels.configs_for(head_dim, dtype)
     shape = kernels.shape_args(head_dim, dtype)
-    prefix = {"PREFIX_IS_TENSOR": True}
-    tensors = {name: ty for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
-    tensors.update(LSE="*fp32", DELTA="*fp32", PREFIX="*i64")
-    row_dot = kernels.TileConfig(kernels.ROW_DOT_BLOCK, 0, 4, 1)
-    return [
-        (kernels._prefix_causal_fwd, cfgs.forward, tensors, prefix),
-        (kernels._prefix_causal_bwd_dkdv, cfgs.backward_dkdv, tensors, prefix),
-        (kernels._prefix_causal_bwd_dq, cfgs.backward_dq, tensors, prefix),
-        (kernels._bwd_row_dot, row_dot, tensors, {"head_dim": shape["head_dim"], "EVEN_D": shape["EVEN_D"],
-                                                  "BLOCK_D": shape["BLOCK_D"]}),
-    ], shape
+    pointers = {name: ty for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
+    pointers.update(LSE="*fp32", DELTA="*fp32", PREFIX="*i64")
+    launches = []
+    for fn, cfg in ((kernels._prefix_causal_fwd, cfgs.forward), (kernels._prefix_causal_bwd_dkdv, cfgs.backward_dkdv),
+                    (kernels._prefix_causal_bwd_dq, cfgs.backward_dq)):
+        constexprs = {**shape, "PREFIX_IS_TENSOR": True, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
+        launches.append(Launch(fn, f"D={head_dim}", f"{cfg.block_m}x{cfg.block_n}", cfg.num_warps, cfg.num_stages,
+                               pointers, constexprs))
+    row_dot = {k: shape[k] for k in ("head_dim", "EVEN_D", "BLOCK_D")} | {"BLOCK_M": kernels.ROW_DOT_BLOCK}
+    launches.append(Launch(kernels._bwd_row_dot, f"D={head_dim}", f"{kernels.ROW_DOT_BLOCK}", 4, 1, pointers,
+                           row_dot))
+    return launches
+
+
+def other_launches(dtype: torch.dtype) -> list[Launch]:
+    """Patch embedding, masked loss and token kernels, with every optional input switched on."""
+    ty = "*" + DTYPES[dtype]
+    precision = kernels.shape_args(64, dtype)["DOT_PRECISION"]
+    launches = []
+    r, e, k, warps, stages = patch_kernels.FORWARD_CONFIGS[dtype.itemsize]
+    launches.append(Launch(
+        patch_kernels._patch_embed_fwd, "bias+pos+ids", f"{r}x{e}x{k}", warps, stages,
+        {"IMG": ty, "W": ty, "BIAS": "*fp32", "POS": "*fp32", "IDS": "*i64", "MASK": "*i8", "TOKEN": "*fp32",
+         "OUT": ty},
+        {"HAS_BIAS": True, "HAS_POS": True, "HAS_IDS": True, "HAS_MASK": False, "BLOCK_R": r, "BLOCK_E": e,
+         "BLOCK_K": k, "DOT_PRECISION": precision}))
+    e, k, r, warps, stages = patch_kernels.WEIGHT_GRAD_CONFIGS[dtype.itemsize]
+    launches.append(Launch(
+        patch_kernels._patch_embed_weight_grad, "ids", f"{e}x{k}x{r}", warps, stages,
+        {"IMG": ty, "GRAD": ty, "IDS": "*i64", "GRAD_W": "*fp32"},
+        {"HAS_IDS": True, "BLOCK_E": e, "BLOCK_K": k, "BLOCK_R": r, "DOT_PRECISION": precision}))
+    block = 1024  # p * p * C = 768 (p 16) or 588 (p 14), padded
+    for fn in (loss_kernels._masked_patch_loss_fwd, loss_kernels._masked_patch_loss_bwd):
+        launches.append(Launch(fn, "norm_pix", f"{block}", 4, 1,
+                               {"IMG": "*fp32", "PRED": ty, "MASK": "*fp32", "PATCH_LOSS": "*fp32", "SCALE": "*fp32",
+                                "GRAD_PRED": ty},
+                               {"NORM_PIX": True, "L1": False, "BLOCK": block}))
+    for fn in (token_kernels._gather_rows, token_kernels._restore_rows):
+        launches.append(Launch(fn, "pos", f"{token_kernels.BLOCK_ROWS}x{token_kernels.MAX_BLOCK_D}", 4, 1,
+                               {"X": ty, "IDS": "*i64", "POS": "*fp32", "TOKEN": ty, "OUT": ty},
+                               {"HAS_POS": True, "BLOCK_R": token_kernels.BLOCK_ROWS,
+                                "BLOCK_D": token_kernels.MAX_BLOCK_D}))
+    return launches
 
 
 _PTXAS_LOG = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads"
                         r".*?Used (\d+) registers", re.S)
 
 
-def compile_one(fn, cfg, pointer_types, extra_constexprs, shape, arch: int) -> tuple[int, int, int, int, int]:
+def compile_one(launch: Launch, arch: int) -> tuple[int, int, int, int, int]:
     """registers, shared bytes, stack bytes, spill store bytes, spill load bytes of one compiled kernel."""
-    constexprs = {k: v for k, v in {**shape, **extra_constexprs}.items() if k in fn.arg_names}
-    if "BLOCK_M" in fn.arg_names:
-        constexprs["BLOCK_M"] = cfg.block_m
-    if "BLOCK_N" in fn.arg_names:
-        constexprs["BLOCK_N"] = cfg.block_n
-    signature, attrs = _signature(fn, pointer_types, constexprs)
-    src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
+    constexprs = {k: v for k, v in launch.constexprs.items() if k in launch.fn.arg_names}
+    pointers = {k: v for k, v in launch.pointers.items() if k in launch.fn.arg_names}
+    signature, attrs = _signature(launch.fn, pointers, constexprs)
+    src = ASTSource(launch.fn, signature, constexprs=constexprs, attrs=attrs)
     log = io.StringIO()
     # a cached cubin would skip ptxas and its log, so compile afresh with the log printed
     with triton.knobs.compilation.scope(), triton.knobs.nvidia.scope(), contextlib.redirect_stdout(log):
         triton.knobs.compilation.always_compile = True
         triton.knobs.nvidia.dump_ptxas_log = True
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+                                  options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
     stack, spill_stores, spill_loads, regs = map(int, _PTXAS_LOG.search(log.getvalue()).groups())
     return regs, compiled.metadata.shared, stack, spill_stores, spill_loads
 
@@ -122,19 +167,17 @@ def report(head_dims=HEAD_DIMS, archs=ARCHS, dtypes=tuple(DTYPES)) -> list[Row]:
     rows = []
     for arch in archs:
         for dtype in dtypes:
-            for head_dim in head_dims:
-                launches, shape = _launches(head_dim, dtype)
-                for fn, cfg, pointers, constexprs in launches:
-                    rows.append(Row(fn.__name__, f"sm_{arch}", DTYPES[dtype], head_dim, cfg.block_m, cfg.block_n,
-                                    cfg.num_warps, cfg.num_stages,
-                                    *compile_one(fn, cfg, pointers, constexprs, shape, arch)))
-                    print(_format(rows[-1]), flush=True)
+            launches = [launch for head_dim in head_dims for launch in attention_launches(head_dim, dtype)]
+            for launch in launches + other_launches(dtype):
+                rows.append(Row(launch.fn.__name__, f"sm_{arch}", DTYPES[dtype], launch.variant, launch.tile,
+                                launch.num_warps, launch.num_stages, *compile_one(launch, arch)))
+                print(_format(rows[-1]), flush=True)
     return rows
 
 
 def _format(row: Row) -> str:
     flag = "  SPILLS" if row.spills else ""
-    return (f"{row.kernel:26s} {row.arch} {row.dtype} D={row.head_dim:<3d} tile {row.block_m:>3d}x{row.block_n:<3d} "
+    return (f"{row.kernel:26s} {row.arch} {row.dtype} {row.variant:12s} tile {row.tile:10s} "
             f"w{row.num_warps} s{row.num_stages}  regs {row.registers:3d}  smem {row.shared_bytes:6d} B  "
             f"stack {row.stack_bytes:4d}  spill st/ld {row.spill_store_bytes}/{row.spill_load_bytes}{flag}")
 

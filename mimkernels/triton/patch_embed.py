@@ -12,9 +12,11 @@ import torch
 import triton
 import triton.language as tl
 
-# (block rows, block embed, block k, warps, stages)
-FORWARD_CONFIG = (64, 64, 32, 4, 2)
-WEIGHT_GRAD_CONFIG = (64, 64, 32, 4, 2)  # (block embed, block k, block rows, ...)
+# By operand width in bytes; no config spills on sm_80 or sm_90 (benchmarks/kernel_report.py).
+# forward: (block rows, block embed, block k, warps, stages)
+FORWARD_CONFIGS = {2: (64, 64, 32, 4, 2), 4: (32, 64, 32, 4, 1)}
+# weight gradient: (block embed, block k, block rows, warps, stages)
+WEIGHT_GRAD_CONFIGS = {2: (64, 64, 32, 4, 2), 4: (32, 64, 32, 4, 1)}
 
 
 @triton.jit
@@ -119,7 +121,7 @@ def forward(images, weight, bias, pos, ids, mask, token):
     out = torch.empty(batch, rows_per_image, embed, dtype=weight.dtype, device=images.device)
     if out.numel() == 0:
         return out
-    block_r, block_e, block_k, warps, stages = FORWARD_CONFIG
+    block_r, block_e, block_k, warps, stages = FORWARD_CONFIGS[weight.dtype.itemsize]
     total_rows = batch * rows_per_image
     dummy = w2
     _patch_embed_fwd[(triton.cdiv(total_rows, block_r), triton.cdiv(embed, block_e))](
@@ -142,7 +144,7 @@ def weight_grad(images, grad, ids, weight_shape):
     k_total = weight_shape[1] * patch_size * patch_size
     rows_per_image = grad.shape[1]
     grad_w = torch.empty(embed, k_total, dtype=torch.float32, device=images.device)
-    block_e, block_k, block_r, warps, stages = WEIGHT_GRAD_CONFIG
+    block_e, block_k, block_r, warps, stages = WEIGHT_GRAD_CONFIGS[grad.dtype.itemsize]
     _patch_embed_weight_grad[(triton.cdiv(embed, block_e), triton.cdiv(k_total, block_k))](
         images, grad, grad if ids is None else ids, grad_w,
         *images.stride(), 0 if ids is None else ids.stride(0),
