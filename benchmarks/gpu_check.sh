@@ -26,12 +26,14 @@ timeout 150 $PY setup.py build_ext --inplace > "$OUT/build.txt" 2>&1 || { status
 cat "$OUT/env.txt"
 
 echo "== GPU tests"
-timeout 150 $PY -m pytest -q -m gpu -p no:cacheprovider tests > "$OUT/pytest_gpu.txt" 2>&1 || status=1
+timeout 120 $PY -m pytest -q -m gpu -p no:cacheprovider tests > "$OUT/pytest_gpu.txt" 2>&1 || status=1
 tail -n 15 "$OUT/pytest_gpu.txt"
 
 echo "== quick benchmarks"
-timeout 180 $PY -m benchmarks.bench_attention --quick --out "$OUT" > "$OUT/bench_attention.txt" 2>&1 || status=1
-timeout 60 $PY -m benchmarks.bench_tokens --quick --out "$OUT" > "$OUT/bench_tokens.txt" 2>&1 || status=1
-tail -n 30 "$OUT/bench_attention.txt"
-tail -n 20 "$OUT/bench_tokens.txt"
+timeout 150 $PY -m benchmarks.bench_attention --quick --out "$OUT" > "$OUT/bench_attention.txt" 2>&1 || status=1
+timeout 45 $PY -m benchmarks.bench_tokens --quick --out "$OUT" > "$OUT/bench_tokens.txt" 2>&1 || status=1
+timeout 60 $PY -m benchmarks.bench_patch_embed --quick --out "$OUT" > "$OUT/bench_patch_embed.txt" 2>&1 || status=1
+tail -n 25 "$OUT/bench_attention.txt"
+tail -n 12 "$OUT/bench_tokens.txt"
+tail -n 15 "$OUT/bench_patch_embed.txt"
 exit $status

@@ -61,6 +61,30 @@ def check_tokens(backend, batch, patches, dim, dtype, device) -> tuple[float, fl
     return _relative_error(out, out64), max(_relative_error(g, w) for g, w in zip(grads, grads64))
 
 
+def check_patch_embed(batch, size, patch, embed, dtype, device) -> tuple[float, float]:
+    """Kept-patch embedding (MAE) and the masked loss: worst relative error of outputs and gradients."""
+    gen = torch.Generator(device=device).manual_seed(embed)
+    images = torch.randn(batch, 3, size, size, device=device, generator=gen)
+    weight = (torch.randn(embed, 3, patch, patch, device=device, generator=gen) / (3 * patch * patch) ** 0.5)
+    weight = weight.to(dtype).requires_grad_()
+    pos = torch.randn(1, (size // patch) ** 2, embed, device=device, generator=gen).requires_grad_()
+    ids_keep = torch.argsort(torch.rand(batch, (size // patch) ** 2, device=device, generator=gen), 1)[:, :2]
+    pred = torch.randn(batch, (size // patch) ** 2, 3 * patch * patch, device=device, generator=gen).to(dtype)
+    pred.requires_grad_()
+    mask = (torch.rand(batch, (size // patch) ** 2, device=device, generator=gen) < 0.75).float()
+    with mimkernels.use_backend("triton"):
+        out = mimkernels.patch_embed(images, weight, pos_embed=pos, ids_keep=ids_keep)
+        loss = mimkernels.masked_patch_loss(pred, images, mask)
+    grad_out = torch.randn(out.shape, device=device, generator=gen).to(dtype)
+    grads = torch.autograd.grad(out, (weight, pos), grad_out) + torch.autograd.grad(loss, pred)
+    leaves64 = [t.detach().double().requires_grad_() for t in (weight, pos, pred)]
+    out64 = reference.patch_embed(images.double(), leaves64[0], pos_embed=leaves64[1], ids_keep=ids_keep)
+    loss64 = reference.masked_patch_loss(leaves64[2], images.double(), mask.double())
+    grads64 = torch.autograd.grad(out64, leaves64[:2], grad_out.double()) + torch.autograd.grad(loss64, leaves64[2])
+    return (max(_relative_error(out, out64), _relative_error(loss, loss64)),
+            max(_relative_error(g, w) for g, w in zip(grads, grads64)))
+
+
 def self_check(device: str) -> bool:
     if HAS_GPU:
         dtypes = (torch.bfloat16, torch.float16, torch.float32)
@@ -86,6 +110,14 @@ def self_check(device: str) -> bool:
                 ok &= passed
                 print(f"{'mae tokens (' + backend + ')':26s} {str(dtype)[6:]:9s} {','.join(map(str, shape)):16s} "
                       f"{out_err:9.2e} {grad_err:9.2e}  {'ok' if passed else 'FAIL'}")
+    embed_shapes = ((16, 224, 16, 768), (4, 224, 14, 1536)) if HAS_GPU else ((2, 32, 16, 40),)
+    for dtype in dtypes:
+        for shape in embed_shapes:
+            out_err, grad_err = check_patch_embed(*shape, dtype, device)
+            passed = max(out_err, grad_err) <= TOLERANCE[dtype]
+            ok &= passed
+            print(f"{'patch_embed + loss':26s} {str(dtype)[6:]:9s} {','.join(map(str, shape)):16s} "
+                  f"{out_err:9.2e} {grad_err:9.2e}  {'ok' if passed else 'FAIL'}")
     return ok
 
 
@@ -110,9 +142,10 @@ def main() -> int:
             print("benchmarks/ is not importable from here: run from the repository root for timings")
         else:
             bench_attention.main(["--quick", "--modes", "fwd_bwd", "--no-plot"])
-            from benchmarks import bench_tokens
+            from benchmarks import bench_patch_embed, bench_tokens
 
             bench_tokens.main(["--quick"])
+            bench_patch_embed.main(["--quick", "--shapes", "vit_b16"])
     print("\nself-check:", "all kernels match the reference" if ok else "FAILED")
     return 0 if ok else 1
 

@@ -54,3 +54,15 @@ def test_tokens_harness_runs_end_to_end(tmp_path):
     assert {r.shape.split(":")[0] for r in rows} == {"encoder", "decoder"}
     assert len(csv_path.read_text().splitlines()) == 1 + len(rows)
     assert any("mimkernels vs official_mae" in line for line in bench_tokens.speedups(rows))
+
+
+def test_patch_embed_harness_runs_end_to_end(tmp_path):
+    from benchmarks import bench_patch_embed
+
+    csv_path = tmp_path / "patch_embed.csv"
+    rows = bench_patch_embed.run(["vit_b16"], torch.float32, True, common.Peaks(1.0, 1.0), str(csv_path),
+                                 device="cpu", batch=2, size=32)
+    assert {r.kernel for r in rows} == {"patch_embed", "masked_patch_loss"}
+    assert {r.shape.split(":")[0] for r in rows} == {"full", "mae", "simmim", "loss"}
+    assert len(csv_path.read_text().splitlines()) == 1 + len(rows)
+    assert bench_patch_embed.speedups(rows)

@@ -1,0 +1,147 @@
+"""Patch embedding and masked pixel loss against the usual PyTorch paths (GPU).
+
+Embedding providers: conv2d (timm PatchEmbed: Conv2d on cuDNN, flatten, transpose, + pos_embed; + gather
+of the kept patches for MAE; + mask-token blend for SimMIM) and mimkernels (one GEMM reading the image
+in place; MAE computes only the kept quarter). Loss providers: official_mae (facebookresearch/mae
+forward_loss) and mimkernels (one fused kernel). bf16, fwd and fwd_bwd, all in this process.
+
+    python -m benchmarks.bench_patch_embed [--quick] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import mimkernels
+from benchmarks import common
+
+# name: (patch, embed)
+SHAPES = {"vit_b16": (16, 768), "vit_l16": (16, 1024), "vit_g14": (14, 1536)}
+EMBED_MODES = ("full", "mae", "simmim")
+MODES = ("fwd", "fwd_bwd")
+
+
+def conv2d_path(images, weight, bias, pos, ids_keep=None, mask=None, mask_token=None):
+    x = F.conv2d(images, weight, bias, stride=weight.shape[-1]).flatten(2).transpose(1, 2)
+    if mask is not None:
+        w = mask.unsqueeze(-1).to(x.dtype)
+        x = x * (1 - w) + mask_token.to(x.dtype) * w
+    x = x + pos
+    if ids_keep is not None:
+        x = torch.gather(x, 1, ids_keep.unsqueeze(-1).repeat(1, 1, x.shape[-1]))
+    return x
+
+
+def official_forward_loss(imgs, pred, mask, p):
+    h, w = imgs.shape[2] // p, imgs.shape[3] // p
+    target = imgs.reshape(imgs.shape[0], 3, h, p, w, p)
+    target = torch.einsum("nchpwq->nhwpqc", target).reshape(imgs.shape[0], h * w, p * p * 3)
+    mean = target.mean(dim=-1, keepdim=True)
+    var = target.var(dim=-1, keepdim=True)
+    target = (target - mean) / (var + 1.0e-6) ** 0.5
+    loss = ((pred - target) ** 2).mean(dim=-1)
+    return (loss * mask).sum() / mask.sum()
+
+
+def _embedders(images, weight, bias, pos, extra):
+    return (("conv2d", lambda: conv2d_path(images, weight, bias, pos, **extra)),
+            ("mimkernels", lambda: mimkernels.patch_embed(images, weight, bias, pos_embed=pos, **extra)))
+
+
+def _losses(images, pred, mask, patch):
+    return (("official_mae", lambda: official_forward_loss(images, pred, mask, patch)),
+            ("mimkernels", lambda: mimkernels.masked_patch_loss(pred, images, mask)))
+
+
+def _step(fn, leaves, mode):
+    if mode == "fwd":
+        return fn
+
+    def forward_backward():
+        out = fn()
+        grad = out if out.dim() == 0 else out.float().square().mean()
+        return torch.autograd.grad(grad, leaves)
+    return forward_backward
+
+
+def run(shapes, dtype, quick, peaks, csv_path=None, *, device="cuda", batch=256, size=224):
+    rows = []
+    gen = torch.Generator(device=device).manual_seed(0)
+    images = torch.randn(batch, 3, size, size, device=device, generator=gen).to(dtype)
+    for name in shapes:
+        patch, embed = SHAPES[name]
+        patches = (size // patch) ** 2
+        k_total = 3 * patch * patch
+        weight = (torch.randn(embed, 3, patch, patch, device=device, generator=gen) / k_total**0.5).to(dtype)
+        bias = torch.zeros(embed, device=device, dtype=dtype)
+        pos = torch.randn(1, patches, embed, device=device, generator=gen).to(dtype)
+        token = torch.zeros(1, 1, embed, device=device, dtype=dtype)
+        leaves = [t.requires_grad_() for t in (weight, bias, pos, token)]
+        ids_keep = torch.argsort(torch.rand(batch, patches, device=device, generator=gen), 1)[:, :patches // 4]
+        mask = torch.rand(batch, patches, device=device, generator=gen) < 0.6
+        for embed_mode in EMBED_MODES:
+            extra = {"mae": {"ids_keep": ids_keep}, "simmim": {"mask": mask, "mask_token": token}}.get(embed_mode, {})
+            grads_of = leaves if embed_mode == "simmim" else leaves[:3]
+            out_rows = batch * (patches // 4 if embed_mode == "mae" else patches)
+            flops = 2 * out_rows * embed * k_total
+            pixels_read = images.numel() * (0.25 if embed_mode == "mae" else 1)
+            min_bytes = (pixels_read + out_rows * embed) * images.element_size()
+            shape = f"{embed_mode}:{name}:B{batch}x{size}px:p{patch}xE{embed}"
+            expected = conv2d_path(images, weight, bias, pos, **extra)
+            for provider, fn in _embedders(images, weight, bias, pos, extra):
+                torch.testing.assert_close(fn(), expected, rtol=3e-2, atol=3e-2)  # a wrong answer is not timed
+                for mode in MODES:
+                    times = common.time_ms(_step(fn, grads_of, mode), quick=quick, device=device)
+                    factor = 3 if mode == "fwd_bwd" else 1  # backward: weight and input-side GEMMs
+                    rows.append(common.result("patch_embed", provider, mode, shape, str(dtype)[6:], times,
+                                              factor * flops, factor * min_bytes, peaks))
+                    print(f"  {shape:40s} {provider:12s} {mode:8s} {times[0]:8.3f} ms  {rows[-1].tflops:6.1f} TFLOP/s",
+                          flush=True)
+        pred = torch.randn(batch, patches, k_total, device=device, generator=gen).to(dtype).requires_grad_()
+        loss_mask = (torch.rand(batch, patches, device=device, generator=gen) < 0.75).float()
+        shape = f"loss:{name}:B{batch}x{size}px:p{patch}"
+        loss_bytes = (images.numel() + pred.numel()) * images.element_size()
+        for provider, fn in _losses(images, pred, loss_mask, patch):
+            for mode in MODES:
+                times = common.time_ms(_step(fn, [pred], mode), quick=quick, device=device)
+                rows.append(common.result("masked_patch_loss", provider, mode, shape, str(dtype)[6:], times, 0,
+                                          loss_bytes * (2 if mode == "fwd_bwd" else 1), peaks))
+                print(f"  {shape:40s} {provider:12s} {mode:8s} {times[0]:8.3f} ms  {rows[-1].gbps:7.0f} GB/s",
+                      flush=True)
+        if csv_path:
+            common.write_csv(csv_path, rows, device)
+    return rows
+
+
+def speedups(rows):
+    ours = {(r.shape, r.mode): r.ms_p50 for r in rows if r.provider == "mimkernels"}
+    return [f"{r.shape:40s} {r.mode:8s} mimkernels vs {r.provider:12s} {r.ms_p50 / ours[r.shape, r.mode]:6.2f}x"
+            for r in rows if r.provider != "mimkernels" and (r.shape, r.mode) in ours]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="patch embedding and masked loss benchmark (GPU)")
+    parser.add_argument("--quick", action="store_true", help="batch 64 and fewer repeats")
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    parser.add_argument("--out", default=None, help="folder for the CSV (default: print only)")
+    parser.add_argument("--no-plot", action="store_true", help="accepted for the common runner; no plot here")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_patch_embed needs a CUDA GPU")
+        return 0
+    peaks = common.measure_peaks(args.quick)
+    print(f"{torch.cuda.get_device_name()}: measured peaks {peaks.tflops:.0f} TFLOP/s bf16, {peaks.gbps:.0f} GB/s")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+    rows = run(args.shapes, torch.bfloat16, args.quick, peaks,
+               args.out and os.path.join(args.out, "patch_embed.csv"), batch=64 if args.quick else 256)
+    print("\n".join(speedups(rows)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
