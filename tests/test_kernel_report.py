@@ -1,4 +1,4 @@
-"""The shipped attention configs compile for sm_90 without spilling registers (no GPU needed).
+"""The shipped Triton configs compile for sm_90 without spilling registers (no GPU needed).
 
 Runs ``python -m benchmarks.kernel_report --quick`` in a subprocess: the compiler, not the interpreter, must
 see the kernels, and this session's TRITON_INTERPRET=1 has already replaced them.
@@ -19,3 +19,5 @@ def test_default_configs_do_not_spill():
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert "0 spill" in run.stdout
     assert run.stdout.count("_prefix_causal_fwd") == 9  # 3 head-dim classes x 3 dtypes were compiled
+    for kernel in ("_patch_embed_fwd", "_patch_embed_weight_grad", "_masked_patch_loss_bwd", "_restore_rows"):
+        assert run.stdout.count(kernel) == 3, kernel
