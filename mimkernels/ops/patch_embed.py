@@ -75,9 +75,10 @@ class _PatchEmbed(torch.autograd.Function):
         if ctx.needs_input_grad[3]:  # pos_embed is added after the mask token: every row reaches it
             if ids_keep is None:
                 summed = grad.sum(0, dtype=torch.float32)
-            else:
-                summed = grad.new_zeros(ctx.pos_rows, grad.shape[-1], dtype=torch.float32)
-                summed.index_add_(0, ids_keep.reshape(-1).long(), grad.reshape(-1, grad.shape[-1]).float())
+            else:  # kept rows back in their places (zeros elsewhere), then summed: deterministic, no atomics
+                inverse = tokens._inverse(ids_keep, ctx.pos_rows, fill=ids_keep.shape[1])
+                placed = tokens._KERNELS["triton"].restore_rows(grad, inverse, grad.new_zeros(grad.shape[-1]), None, 0)
+                summed = placed.sum(0, dtype=torch.float32)
             grad_pos = summed.to(pos_dtype).unsqueeze(0)
         if mask is not None:
             masked = mask.bool().unsqueeze(-1)
