@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import mimkernels
-from benchmarks import common
+from benchmarks import common, official
 
 # name: (patch, embed)
 SHAPES = {"vit_b16": (16, 768), "vit_l16": (16, 1024), "vit_g14": (14, 1536)}
@@ -36,24 +36,13 @@ def conv2d_path(images, weight, bias, pos, ids_keep=None, mask=None, mask_token=
     return x
 
 
-def official_forward_loss(imgs, pred, mask, p):
-    h, w = imgs.shape[2] // p, imgs.shape[3] // p
-    target = imgs.reshape(imgs.shape[0], 3, h, p, w, p)
-    target = torch.einsum("nchpwq->nhwpqc", target).reshape(imgs.shape[0], h * w, p * p * 3)
-    mean = target.mean(dim=-1, keepdim=True)
-    var = target.var(dim=-1, keepdim=True)
-    target = (target - mean) / (var + 1.0e-6) ** 0.5
-    loss = ((pred - target) ** 2).mean(dim=-1)
-    return (loss * mask).sum() / mask.sum()
-
-
 def _embedders(images, weight, bias, pos, extra):
     return (("conv2d", lambda: conv2d_path(images, weight, bias, pos, **extra)),
             ("mimkernels", lambda: mimkernels.patch_embed(images, weight, bias, pos_embed=pos, **extra)))
 
 
 def _losses(images, pred, mask, patch):
-    return (("official_mae", lambda: official_forward_loss(images, pred, mask, patch)),
+    return (("official_mae", lambda: official.forward_loss(images, pred, mask, patch)),
             ("mimkernels", lambda: mimkernels.masked_patch_loss(pred, images, mask)))
 
 

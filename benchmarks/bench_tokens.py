@@ -21,7 +21,7 @@ import sys
 import torch
 
 import mimkernels
-from benchmarks import common
+from benchmarks import common, official
 
 SHAPES = {"mae_base": (196, 768), "mae_large": (196, 1024)}  # patches, width (decoder width as the encoder's)
 MASK_RATIO = 0.75
@@ -29,32 +29,12 @@ MODES = ("fwd", "fwd_bwd")
 
 
 def official_encoder(x, pos, noise):
-    x = x + pos
-    N, L, D = x.shape
-    len_keep = int(L * (1 - MASK_RATIO))
-    ids_shuffle = torch.argsort(noise, dim=1)
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
-    ids_keep = ids_shuffle[:, :len_keep]
-    x_masked = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, D))
-    mask = torch.ones([N, L], device=x.device)
-    mask[:, :len_keep] = 0
-    mask = torch.gather(mask, dim=1, index=ids_restore)
-    return x_masked
+    return official.random_masking(x + pos, MASK_RATIO, noise)[0]
 
 
 def gather_encoder(x, pos, noise):
     ids_keep = torch.argsort(noise, dim=1)[:, :int(x.shape[1] * (1 - MASK_RATIO))]
     return torch.gather(x + pos, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
-def official_decoder(x, ids_restore, mask_token, pos, repeat=True):
-    mask_tokens = mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1)
-    x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
-    index = ids_restore.unsqueeze(-1)
-    index = index.repeat(1, 1, x.shape[2]) if repeat else index.expand(-1, -1, x.shape[2])
-    x_ = torch.gather(x_, dim=1, index=index)
-    x = torch.cat([x[:, :1, :], x_], dim=1)
-    return x + pos
 
 
 def _mimkernels(backend, fn):
@@ -75,8 +55,8 @@ def providers(job):
     def ours(x, ids_restore, mask_token, pos):
         return mimkernels.restore_tokens(x, ids_restore, mask_token, pos_embed=pos, num_prefix_tokens=1)
 
-    return {"official_mae": official_decoder,
-            "torch_gather": lambda *args: official_decoder(*args, repeat=False),
+    return {"official_mae": official.decoder_input,
+            "torch_gather": lambda *args: official.decoder_input(*args, repeat=False),
             "mimkernels": _mimkernels("auto", ours), "mimkernels_triton": _mimkernels("triton", ours)}
 
 
@@ -112,7 +92,7 @@ def run(shapes, dtype, quick, peaks, csv_path=None, *, device="cuda", batch=256)
         for job in ("encoder", "decoder"):
             args, leaves, fwd_bytes, fwd_bwd_bytes = job_inputs(job, batch, patches, dim, dtype, device)
             shape = f"{job}:{name}:B{batch}xL{patches}xD{dim}"
-            expected = official_encoder(*args) if job == "encoder" else official_decoder(*args)
+            expected = official_encoder(*args) if job == "encoder" else official.decoder_input(*args)
             for provider, fn in providers(job).items():
                 try:
                     out = fn(*args)

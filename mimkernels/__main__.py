@@ -5,6 +5,7 @@ and timings are skipped (they would measure the interpreter).
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -88,36 +89,28 @@ def check_patch_embed(batch, size, patch, embed, dtype, device) -> tuple[float, 
 def self_check(device: str) -> bool:
     if HAS_GPU:
         dtypes = (torch.bfloat16, torch.float16, torch.float32)
-        shapes = ((8, 12, 197, 64), (4, 16, 257, 80), (2, 12, 256, 128), (1, 2, 1025, 40))
-    else:  # the interpreter is slow, and its bf16 tl.dot is broken
+        attention_shapes = ((8, 12, 197, 64), (4, 16, 257, 80), (2, 12, 256, 128), (1, 2, 1025, 40))
+        token_shapes = ((64, 196, 768), (8, 49, 40))
+        embed_shapes = ((16, 224, 16, 768), (4, 224, 14, 1536))
+    else:  # the interpreter is slow, and its bf16 tl.dot is broken (the token ops have no dot)
         dtypes = (torch.float16, torch.float32)
-        shapes = ((2, 2, 49, 64), (2, 1, 197, 80))
+        attention_shapes = ((2, 2, 49, 64), (2, 1, 197, 80))
+        token_shapes, embed_shapes = ((2, 49, 40),), ((2, 32, 16, 40),)
+    checks = [("prefix_causal_attention", check_attention, dtypes, attention_shapes),
+              ("patch_embed + loss", check_patch_embed, dtypes, embed_shapes)]
+    for backend in (name for name in ("cuda", "triton") if name in mimkernels.available_backends()):
+        checks.append((f"mae tokens ({backend})", functools.partial(check_tokens, backend),
+                       (torch.bfloat16, torch.float16, torch.float32), token_shapes))
     print(f"{'kernel':26s} {'dtype':9s} {'shape':16s} {'out err':>9s} {'grad err':>9s}")
     ok = True
-    for dtype in dtypes:
-        for shape in shapes:
-            out_err, grad_err = check_attention(*shape, dtype, device)
-            passed = max(out_err, grad_err) <= TOLERANCE[dtype]
-            ok &= passed
-            print(f"{'prefix_causal_attention':26s} {str(dtype)[6:]:9s} {','.join(map(str, shape)):16s} "
-                  f"{out_err:9.2e} {grad_err:9.2e}  {'ok' if passed else 'FAIL'}")
-    token_shapes = ((64, 196, 768), (8, 49, 40)) if HAS_GPU else ((2, 49, 40),)
-    for backend in (name for name in ("cuda", "triton") if name in mimkernels.available_backends()):
-        for dtype in (torch.bfloat16, torch.float16, torch.float32):
-            for shape in token_shapes:
-                out_err, grad_err = check_tokens(backend, *shape, dtype, device)
+    for name, check, check_dtypes, shapes in checks:
+        for dtype in check_dtypes:
+            for shape in shapes:
+                out_err, grad_err = check(*shape, dtype, device)
                 passed = max(out_err, grad_err) <= TOLERANCE[dtype]
                 ok &= passed
-                print(f"{'mae tokens (' + backend + ')':26s} {str(dtype)[6:]:9s} {','.join(map(str, shape)):16s} "
+                print(f"{name:26s} {str(dtype)[6:]:9s} {','.join(map(str, shape)):16s} "
                       f"{out_err:9.2e} {grad_err:9.2e}  {'ok' if passed else 'FAIL'}")
-    embed_shapes = ((16, 224, 16, 768), (4, 224, 14, 1536)) if HAS_GPU else ((2, 32, 16, 40),)
-    for dtype in dtypes:
-        for shape in embed_shapes:
-            out_err, grad_err = check_patch_embed(*shape, dtype, device)
-            passed = max(out_err, grad_err) <= TOLERANCE[dtype]
-            ok &= passed
-            print(f"{'patch_embed + loss':26s} {str(dtype)[6:]:9s} {','.join(map(str, shape)):16s} "
-                  f"{out_err:9.2e} {grad_err:9.2e}  {'ok' if passed else 'FAIL'}")
     return ok
 
 

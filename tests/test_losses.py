@@ -4,30 +4,12 @@ import torch
 from conftest import DEVICE
 
 import mimkernels
+from benchmarks.official import forward_loss as official_forward_loss
+from benchmarks.official import patchify as official_patchify
 from mimkernels import reference
 
 BACKENDS = ["torch", "triton"]
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}  # relative
-
-
-def official_patchify(imgs, p):
-    """facebookresearch/mae models_mae.py patchify (square RGB images)."""
-    h = w = imgs.shape[2] // p
-    x = imgs.reshape(shape=(imgs.shape[0], 3, h, p, w, p))
-    x = torch.einsum("nchpwq->nhwpqc", x)
-    return x.reshape(shape=(imgs.shape[0], h * w, p**2 * 3))
-
-
-def official_forward_loss(imgs, pred, mask, p, norm_pix_loss):
-    """facebookresearch/mae models_mae.py forward_loss."""
-    target = official_patchify(imgs, p)
-    if norm_pix_loss:
-        mean = target.mean(dim=-1, keepdim=True)
-        var = target.var(dim=-1, keepdim=True)
-        target = (target - mean) / (var + 1.0e-6) ** 0.5
-    loss = (pred - target) ** 2
-    loss = loss.mean(dim=-1)
-    return (loss * mask).sum() / mask.sum()
 
 
 def inputs(batch, channels, height, width, patch, dtype, mask_kind, seed=0):

@@ -4,26 +4,13 @@ import torch
 from conftest import DEVICE
 
 import mimkernels
+from benchmarks.official import random_masking as official_random_masking
 from mimkernels import reference
 from mimkernels.triton import tokens as kernels
 
 BACKENDS = [name for name in ("torch", "triton", "cuda") if name in mimkernels.available_backends()]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOLERANCE = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}  # relative to the largest value
-
-
-def official_random_masking(x, mask_ratio, noise):
-    """facebookresearch/mae models_mae.py random_masking, as published (no prefix tokens)."""
-    N, L, D = x.shape
-    len_keep = int(L * (1 - mask_ratio))
-    ids_shuffle = torch.argsort(noise, dim=1)
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
-    ids_keep = ids_shuffle[:, :len_keep]
-    x_masked = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, D))
-    mask = torch.ones([N, L], device=x.device)
-    mask[:, :len_keep] = 0
-    mask = torch.gather(mask, dim=1, index=ids_restore)
-    return x_masked, mask, ids_restore
 
 
 def leaf(*shape, dtype=torch.float32, seed=0):

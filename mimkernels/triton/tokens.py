@@ -21,17 +21,24 @@ MAX_BLOCK_D = 1024  # wider rows are copied in chunks
 
 
 @triton.jit
+def _program_rows(IDS, stride_ib, num_prefix, num_ids, BLOCK_R: tl.constexpr):
+    """This program's sample and output rows, which of them exist and are prefix rows, and their ids."""
+    batch = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    is_row = rows < num_prefix + num_ids
+    is_prefix = rows < num_prefix
+    ids = tl.load(IDS + batch * stride_ib + (rows - num_prefix), mask=is_row & ~is_prefix, other=0).to(tl.int64)
+    return batch, rows, is_row, is_prefix, ids
+
+
+@triton.jit
 def _gather_rows(
     X, IDS, POS, OUT,
     stride_xb, stride_xt, stride_ib, stride_pt, stride_ob, stride_ot,
     num_prefix, num_ids, num_src, dim,
     HAS_POS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    batch = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    is_row = rows < num_prefix + num_ids
-    is_prefix = rows < num_prefix
-    ids = tl.load(IDS + batch * stride_ib + (rows - num_prefix), mask=is_row & ~is_prefix, other=0).to(tl.int64)
+    batch, rows, is_row, is_prefix, ids = _program_rows(IDS, stride_ib, num_prefix, num_ids, BLOCK_R)
     src = tl.where(is_prefix, rows, num_prefix + ids)
     readable = is_row & (src >= 0) & (src < num_src)
     for d_start in range(0, dim, BLOCK_D):
@@ -53,11 +60,7 @@ def _restore_rows(
     num_prefix, num_kept, num_ids, dim,
     HAS_POS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    batch = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    is_row = rows < num_prefix + num_ids
-    is_prefix = rows < num_prefix
-    ids = tl.load(IDS + batch * stride_ib + (rows - num_prefix), mask=is_row & ~is_prefix, other=0).to(tl.int64)
+    batch, rows, is_row, is_prefix, ids = _program_rows(IDS, stride_ib, num_prefix, num_ids, BLOCK_R)
     from_x = is_row & (is_prefix | ((ids >= 0) & (ids < num_kept)))
     src = tl.where(is_prefix, rows, num_prefix + ids)
     for d_start in range(0, dim, BLOCK_D):
