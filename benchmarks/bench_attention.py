@@ -168,16 +168,6 @@ def floors(shapes, peaks: common.Peaks) -> list[str]:
     return lines
 
 
-def speedups(rows: list[common.Result]) -> list[str]:
-    """mimkernels' speed over each baseline, per shape and mode (>1: mimkernels is faster)."""
-    ours = {(r.shape, r.mode): r.ms_p50 for r in rows if r.provider == "mimkernels"}
-    lines = [f"{'shape':34s} {'mode':8s} {'baseline':18s} speedup"]
-    for r in rows:
-        if r.provider != "mimkernels" and (r.shape, r.mode) in ours:
-            lines.append(f"{r.shape:34s} {r.mode:8s} {r.provider:18s} {r.ms_p50 / ours[r.shape, r.mode]:6.2f}x")
-    return lines
-
-
 def plot(rows: list[common.Result], path: str, device: str = "cuda") -> None:
     import matplotlib
 
@@ -226,7 +216,7 @@ def main(argv=None) -> int:
     if args.out:
         os.makedirs(args.out, exist_ok=True)
     rows = run(args.shapes, args.modes, dtype, args.quick, peaks, args.out and os.path.join(args.out, "attention.csv"))
-    print("\n".join(speedups(rows)))
+    print("\n".join(common.speedups(rows)))
     if args.out and not args.no_plot:
         plot(rows, os.path.join(args.out, "attention.png"))
     return 0

@@ -9,8 +9,6 @@ forward_loss) and mimkernels (one fused kernel). bf16, fwd and fwd_bwd, all in t
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 
 import torch
@@ -106,30 +104,9 @@ def run(shapes, dtype, quick, peaks, csv_path=None, *, device="cuda", batch=256,
     return rows
 
 
-def speedups(rows):
-    ours = {(r.shape, r.mode): r.ms_p50 for r in rows if r.provider == "mimkernels"}
-    return [f"{r.shape:40s} {r.mode:8s} mimkernels vs {r.provider:12s} {r.ms_p50 / ours[r.shape, r.mode]:6.2f}x"
-            for r in rows if r.provider != "mimkernels" and (r.shape, r.mode) in ours]
-
-
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="patch embedding and masked loss benchmark (GPU)")
-    parser.add_argument("--quick", action="store_true", help="batch 64 and fewer repeats")
-    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
-    parser.add_argument("--out", default=None, help="folder for the CSV (default: print only)")
-    parser.add_argument("--no-plot", action="store_true", help="accepted for the common runner; no plot here")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_patch_embed needs a CUDA GPU")
-        return 0
-    peaks = common.measure_peaks(args.quick)
-    print(f"{torch.cuda.get_device_name()}: measured peaks {peaks.tflops:.0f} TFLOP/s bf16, {peaks.gbps:.0f} GB/s")
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-    rows = run(args.shapes, torch.bfloat16, args.quick, peaks,
-               args.out and os.path.join(args.out, "patch_embed.csv"), batch=64 if args.quick else 256)
-    print("\n".join(speedups(rows)))
-    return 0
+    return common.family_main(argv, "patch embedding and masked loss benchmark", SHAPES, run, "patch_embed.csv",
+                              quick_run_kwargs={"batch": 64})
 
 
 if __name__ == "__main__":

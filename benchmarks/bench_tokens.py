@@ -14,8 +14,6 @@ whole input gradient); roofline % is against the device copy bandwidth measured 
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 
 import torch
@@ -112,29 +110,8 @@ def run(shapes, dtype, quick, peaks, csv_path=None, *, device="cuda", batch=256)
     return rows
 
 
-def speedups(rows):
-    ours = {(r.shape, r.mode): r.ms_p50 for r in rows if r.provider == "mimkernels"}
-    return [f"{r.shape:32s} {r.mode:8s} mimkernels vs {r.provider:18s} {r.ms_p50 / ours[r.shape, r.mode]:6.2f}x"
-            for r in rows if r.provider != "mimkernels" and (r.shape, r.mode) in ours]
-
-
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="MAE token drop/restore benchmark (GPU)")
-    parser.add_argument("--quick", action="store_true", help="fewer repeats")
-    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
-    parser.add_argument("--out", default=None, help="folder for the CSV (default: print only)")
-    parser.add_argument("--no-plot", action="store_true", help="accepted for the common runner; no plot here")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_tokens needs a CUDA GPU")
-        return 0
-    peaks = common.measure_peaks(args.quick)
-    print(f"{torch.cuda.get_device_name()}: measured copy bandwidth {peaks.gbps:.0f} GB/s")
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-    rows = run(args.shapes, torch.bfloat16, args.quick, peaks, args.out and os.path.join(args.out, "tokens.csv"))
-    print("\n".join(speedups(rows)))
-    return 0
+    return common.family_main(argv, "MAE token drop/restore benchmark", SHAPES, run, "tokens.csv")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """What every benchmark family shares: timing, measured peaks, the CSV schema, the run's provenance."""
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import os
@@ -102,3 +103,35 @@ def write_csv(path: str, rows: list[Result], device: str = "cuda") -> None:
         for row in rows:
             values = {field.name: getattr(row, field.name) for field in fields(row)}
             writer.writerow({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in values.items()} | provenance)
+
+
+def speedups(rows: list[Result]) -> list[str]:
+    """mimkernels' speed over each other provider, per shape and mode (>1: mimkernels is faster)."""
+    ours = {(r.shape, r.mode): r.ms_p50 for r in rows if r.provider == "mimkernels"}
+    lines = [f"{'shape':40s} {'mode':8s} {'baseline':18s} speedup"]
+    for r in rows:
+        if r.provider != "mimkernels" and (r.shape, r.mode) in ours:
+            lines.append(f"{r.shape:40s} {r.mode:8s} {r.provider:18s} {r.ms_p50 / ours[r.shape, r.mode]:6.2f}x")
+    return lines
+
+
+def family_main(argv, description: str, shapes: dict, run, csv_name: str, quick_run_kwargs=None) -> int:
+    """The command line of a benchmark family: --quick, --shapes, --out; bf16; speedups printed last."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="smaller runs, fewer repeats")
+    parser.add_argument("--shapes", nargs="+", choices=list(shapes), default=list(shapes))
+    parser.add_argument("--out", default=None, help="folder for the CSV (default: print only)")
+    parser.add_argument("--no-plot", action="store_true", help="accepted for the common runner")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(f"{description} needs a CUDA GPU")
+        return 0
+    peaks = measure_peaks(args.quick)
+    print(f"{device_name()}: measured peaks {peaks.tflops:.0f} TFLOP/s bf16, {peaks.gbps:.0f} GB/s copy")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+    csv_path = args.out and os.path.join(args.out, csv_name)
+    run_kwargs = (quick_run_kwargs or {}) if args.quick else {}
+    rows = run(args.shapes, torch.bfloat16, args.quick, peaks, csv_path, **run_kwargs)
+    print("\n".join(speedups(rows)))
+    return 0

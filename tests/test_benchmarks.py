@@ -23,7 +23,7 @@ def test_speedups_compare_within_shape_and_mode():
     rows = [common.result("k", provider, mode, "s", "bf16", (ms, ms, ms), 1, 1, peaks)
             for provider, mode, ms in [("mimkernels", "fwd", 1.0), ("sdpa_dense_mask", "fwd", 3.0),
                                        ("mimkernels", "bwd", 2.0), ("flex", "bwd", 3.0)]]
-    lines = bench_attention.speedups(rows)
+    lines = common.speedups(rows)
     assert any("sdpa_dense_mask" in line and "3.00x" in line for line in lines)
     assert any("flex" in line and "1.50x" in line for line in lines)
 
@@ -53,7 +53,7 @@ def test_tokens_harness_runs_end_to_end(tmp_path):
     assert {"official_mae", "torch_gather", "mimkernels", "mimkernels_triton"} <= providers
     assert {r.shape.split(":")[0] for r in rows} == {"encoder", "decoder"}
     assert len(csv_path.read_text().splitlines()) == 1 + len(rows)
-    assert any("mimkernels vs official_mae" in line for line in bench_tokens.speedups(rows))
+    assert any("official_mae" in line and line.endswith("x") for line in common.speedups(rows))
 
 
 def test_patch_embed_harness_runs_end_to_end(tmp_path):
@@ -65,4 +65,4 @@ def test_patch_embed_harness_runs_end_to_end(tmp_path):
     assert {r.kernel for r in rows} == {"patch_embed", "masked_patch_loss"}
     assert {r.shape.split(":")[0] for r in rows} == {"full", "mae", "simmim", "loss"}
     assert len(csv_path.read_text().splitlines()) == 1 + len(rows)
-    assert bench_patch_embed.speedups(rows)
+    assert len(common.speedups(rows)) > 1

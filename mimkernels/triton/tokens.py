@@ -81,38 +81,28 @@ def _block_d(dim: int) -> int:
     return min(MAX_BLOCK_D, max(16, triton.next_power_of_2(dim)))
 
 
-def gather_rows(x: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor | None, num_prefix: int) -> torch.Tensor:
-    """x [B, P + L, D], ids [B, K] -> [B, P + K, D]; pos [1, P + L, D] or None. Unit stride in D and in ids."""
-    batch, num_src, dim = x.shape
-    num_ids = ids.shape[1]
-    out = x.new_empty(batch, num_prefix + num_ids, dim)
+def _launch(kernel, x, ids, pos, num_prefix, pointers, sizes):
+    """Run a row-copy kernel writing [B, P + ids.shape[1], D]; ``pointers`` go between IDS and POS."""
+    batch, _, dim = x.shape
+    out = x.new_empty(batch, num_prefix + ids.shape[1], dim)
     if out.numel() == 0:
         return out
-    pos_arg = pos if pos is not None else x
-    grid = (triton.cdiv(num_prefix + num_ids, BLOCK_ROWS), batch)
-    _gather_rows[grid](
-        x, ids, pos_arg, out,
+    pos_arg = pos if pos is not None else x  # never read without HAS_POS
+    kernel[(triton.cdiv(out.shape[1], BLOCK_ROWS), batch)](
+        x, ids, *pointers, pos_arg, out,
         x.stride(0), x.stride(1), ids.stride(0), pos_arg.stride(-2), out.stride(0), out.stride(1),
-        num_prefix, num_ids, num_src, dim,
+        num_prefix, *sizes, dim,
         HAS_POS=pos is not None, BLOCK_R=BLOCK_ROWS, BLOCK_D=_block_d(dim),
     )
     return out
+
+
+def gather_rows(x: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor | None, num_prefix: int) -> torch.Tensor:
+    """x [B, P + L, D], ids [B, K] -> [B, P + K, D]; pos [1, P + L, D] or None. Unit stride in D and in ids."""
+    return _launch(_gather_rows, x, ids, pos, num_prefix, (), (ids.shape[1], x.shape[1]))
 
 
 def restore_rows(x: torch.Tensor, ids: torch.Tensor, token: torch.Tensor, pos: torch.Tensor | None,
                  num_prefix: int) -> torch.Tensor:
     """x [B, P + K, D], ids [B, L], token [D] -> [B, P + L, D]; pos [1, P + L, D] or None."""
-    batch, num_rows, dim = x.shape
-    num_ids = ids.shape[1]
-    out = x.new_empty(batch, num_prefix + num_ids, dim)
-    if out.numel() == 0:
-        return out
-    pos_arg = pos if pos is not None else x
-    grid = (triton.cdiv(num_prefix + num_ids, BLOCK_ROWS), batch)
-    _restore_rows[grid](
-        x, ids, token, pos_arg, out,
-        x.stride(0), x.stride(1), ids.stride(0), pos_arg.stride(-2), out.stride(0), out.stride(1),
-        num_prefix, num_rows - num_prefix, num_ids, dim,
-        HAS_POS=pos is not None, BLOCK_R=BLOCK_ROWS, BLOCK_D=_block_d(dim),
-    )
-    return out
+    return _launch(_restore_rows, x, ids, pos, num_prefix, (token,), (x.shape[1] - num_prefix, ids.shape[1]))
