@@ -38,11 +38,45 @@ void check_ids_range(const at::Tensor& ids, int64_t upper, const char* op) {
                     " to ", high);
 }
 
+// One output row: a copy of src, or the fp32 fill row (zeros when null), plus pos, rounded once.
 template <typename scalar_t>
-void write_row(scalar_t* out, const scalar_t* src, const float* pos, int64_t dim) {
+void write_row(scalar_t* out, const scalar_t* src, const float* fill, const float* pos, int64_t dim) {
   for (int64_t d = 0; d < dim; ++d) {
-    out[d] = pos ? static_cast<scalar_t>(static_cast<float>(src[d]) + pos[d]) : src[d];
+    if (src != nullptr && pos == nullptr) {
+      out[d] = src[d];
+    } else {
+      const float value = src != nullptr ? static_cast<float>(src[d]) : (fill != nullptr ? fill[d] : 0.0f);
+      out[d] = static_cast<scalar_t>(pos != nullptr ? value + pos[d] : value);
+    }
   }
+}
+
+struct RowSource {
+  int64_t x_row;    // row of x to copy; negative: the fill row
+  int64_t pos_row;  // row of pos to add
+};
+
+// out[b, row] for every b < B and row < rows, from source(b, row), in parallel.
+template <typename Source>
+at::Tensor copy_rows_cpu(const at::Tensor& x, int64_t rows, const at::Tensor& fill, const at::Tensor& pos,
+                         Source source) {
+  const int64_t batch = x.size(0), dim = x.size(2);
+  at::Tensor out = at::empty({batch, rows, dim}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "copy_rows_cpu", [&] {
+    const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+    const float* fill_data = fill.defined() ? fill.const_data_ptr<float>() : nullptr;
+    const float* pos_data = pos.defined() ? pos.const_data_ptr<float>() : nullptr;
+    scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, batch * rows, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t b = i / rows;
+        const RowSource s = source(b, i % rows);
+        write_row(out_data + i * dim, s.x_row >= 0 ? x_data + b * x.stride(0) + s.x_row * x.stride(1) : nullptr,
+                  fill_data, pos_data ? pos_data + s.pos_row * dim : nullptr, dim);
+      }
+    });
+  });
+  return out;
 }
 
 at::Tensor gather_rows_cpu(const at::Tensor& x, const at::Tensor& ids_in, const std::optional<at::Tensor>& pos_in,
@@ -51,23 +85,12 @@ at::Tensor gather_rows_cpu(const at::Tensor& x, const at::Tensor& ids_in, const 
   const at::Tensor ids = ids_in.to(at::kLong).contiguous();
   check_ids_range(ids, x.size(1) - num_prefix, "gather_rows");
   const at::Tensor pos = pos_in.has_value() ? pos_in->to(at::kFloat).contiguous() : at::Tensor();
-  const int64_t batch = x.size(0), dim = x.size(2), rows = num_prefix + ids.size(1);
-  at::Tensor out = at::empty({batch, rows, dim}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gather_rows_cpu", [&] {
-    const scalar_t* x_data = x.const_data_ptr<scalar_t>();
-    const int64_t* id_data = ids.const_data_ptr<int64_t>();
-    const float* pos_data = pos.defined() ? pos.const_data_ptr<float>() : nullptr;
-    scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, batch * rows, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t b = i / rows, row = i % rows;
-        const int64_t src = row < num_prefix ? row : num_prefix + id_data[b * ids.size(1) + row - num_prefix];
-        write_row(out_data + i * dim, x_data + b * x.stride(0) + src * x.stride(1),
-                  pos_data ? pos_data + src * dim : nullptr, dim);
-      }
-    });
+  const int64_t* id_data = ids.const_data_ptr<int64_t>();
+  const int64_t num_ids = ids.size(1);
+  return copy_rows_cpu(x, num_prefix + num_ids, at::Tensor(), pos, [&](int64_t b, int64_t row) {
+    const int64_t src = row < num_prefix ? row : num_prefix + id_data[b * num_ids + row - num_prefix];
+    return RowSource{src, src};
   });
-  return out;
 }
 
 at::Tensor restore_rows_cpu(const at::Tensor& x, const at::Tensor& ids_in, const at::Tensor& token_in,
@@ -77,28 +100,15 @@ at::Tensor restore_rows_cpu(const at::Tensor& x, const at::Tensor& ids_in, const
   TORCH_CHECK_VALUE(token_in.numel() == x.size(2), "restore_rows: token must hold ", x.size(2), " values");
   const at::Tensor ids = ids_in.to(at::kLong).contiguous();
   check_ids_range(ids, num_ids, "restore_rows");
-  const at::Tensor token = token_in.to(x.scalar_type()).contiguous();
+  const at::Tensor token = token_in.to(at::kFloat).contiguous();
   const at::Tensor pos = pos_in.has_value() ? pos_in->to(at::kFloat).contiguous() : at::Tensor();
-  const int64_t batch = x.size(0), dim = x.size(2), rows = num_prefix + num_ids, kept = x.size(1) - num_prefix;
-  at::Tensor out = at::empty({batch, rows, dim}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "restore_rows_cpu", [&] {
-    const scalar_t* x_data = x.const_data_ptr<scalar_t>();
-    const scalar_t* token_data = token.const_data_ptr<scalar_t>();
-    const int64_t* id_data = ids.const_data_ptr<int64_t>();
-    const float* pos_data = pos.defined() ? pos.const_data_ptr<float>() : nullptr;
-    scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, batch * rows, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t b = i / rows, row = i % rows;
-        const int64_t id = row < num_prefix ? -1 : id_data[b * num_ids + row - num_prefix];
-        const scalar_t* src = row < num_prefix ? x_data + b * x.stride(0) + row * x.stride(1)
-                              : id < kept      ? x_data + b * x.stride(0) + (num_prefix + id) * x.stride(1)
-                                               : token_data;
-        write_row(out_data + i * dim, src, pos_data ? pos_data + row * dim : nullptr, dim);
-      }
-    });
+  const int64_t* id_data = ids.const_data_ptr<int64_t>();
+  const int64_t kept = x.size(1) - num_prefix;
+  return copy_rows_cpu(x, num_prefix + num_ids, token, pos, [&](int64_t b, int64_t row) {
+    if (row < num_prefix) return RowSource{row, row};
+    const int64_t id = id_data[b * num_ids + row - num_prefix];
+    return RowSource{id < kept ? num_prefix + id : -1, row};
   });
-  return out;
 }
 
 }  // namespace

@@ -21,22 +21,22 @@ struct alignas(sizeof(scalar_t) * kVec) Pack {
   scalar_t v[kVec];
 };
 
-// The row copy both ops share: out = (src or zeros) + pos, kVec elements per thread step.
+// The row copy both ops share: out = (src, or the fp32 fill row, or zeros) + pos, rounded once,
+// kVec elements per thread step. A plain copy (no pos) moves the bits unchanged.
 template <typename scalar_t, int kVec>
 __device__ void write_row(scalar_t* __restrict__ out, const scalar_t* __restrict__ src,
-                          const float* __restrict__ pos, int64_t dim) {
+                          const float* __restrict__ fill, const float* __restrict__ pos, int64_t dim) {
   using P = Pack<scalar_t, kVec>;
   for (int64_t d = threadIdx.x * kVec; d < dim; d += blockDim.x * kVec) {
     P values;
-    if (src != nullptr) {
-      values = *reinterpret_cast<const P*>(src + d);
-    } else {
+    if (src != nullptr) values = *reinterpret_cast<const P*>(src + d);
+    if (src == nullptr || pos != nullptr) {
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) values.v[i] = scalar_t(0);
-    }
-    if (pos != nullptr) {
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) values.v[i] = static_cast<scalar_t>(static_cast<float>(values.v[i]) + pos[d + i]);
+      for (int i = 0; i < kVec; ++i) {
+        float value = src != nullptr ? static_cast<float>(values.v[i]) : (fill != nullptr ? fill[d + i] : 0.0f);
+        if (pos != nullptr) value += pos[d + i];
+        values.v[i] = static_cast<scalar_t>(value);
+      }
     }
     *reinterpret_cast<P*>(out + d) = values;
   }
@@ -52,13 +52,13 @@ __global__ void gather_rows_kernel(const scalar_t* __restrict__ x, const index_t
   const int64_t src = row < num_prefix ? row : num_prefix + static_cast<int64_t>(ids[b * ids_stride_b + row - num_prefix]);
   const bool readable = src >= 0 && src < num_src;
   write_row<scalar_t, kVec>(out + static_cast<int64_t>(blockIdx.x) * dim,
-                            readable ? x + b * x_stride_b + src * x_stride_t : nullptr,
+                            readable ? x + b * x_stride_b + src * x_stride_t : nullptr, nullptr,
                             pos != nullptr && readable ? pos + src * dim : nullptr, dim);
 }
 
 template <typename scalar_t, typename index_t, int kVec>
 __global__ void restore_rows_kernel(const scalar_t* __restrict__ x, const index_t* __restrict__ ids,
-                                    const scalar_t* __restrict__ token, const float* __restrict__ pos,
+                                    const float* __restrict__ token, const float* __restrict__ pos,
                                     scalar_t* __restrict__ out, int64_t x_stride_b, int64_t x_stride_t,
                                     int64_t ids_stride_b, int64_t num_prefix, int64_t num_kept, int64_t num_ids,
                                     int64_t dim) {
@@ -67,8 +67,8 @@ __global__ void restore_rows_kernel(const scalar_t* __restrict__ x, const index_
   const int64_t id = row < num_prefix ? -1 : static_cast<int64_t>(ids[b * ids_stride_b + row - num_prefix]);
   const scalar_t* src = row < num_prefix            ? x + b * x_stride_b + row * x_stride_t
                         : (id >= 0 && id < num_kept) ? x + b * x_stride_b + (num_prefix + id) * x_stride_t
-                                                     : token;
-  write_row<scalar_t, kVec>(out + static_cast<int64_t>(blockIdx.x) * dim, src,
+                                                     : nullptr;  // the mask token
+  write_row<scalar_t, kVec>(out + static_cast<int64_t>(blockIdx.x) * dim, src, token,
                             pos != nullptr ? pos + row * dim : nullptr, dim);
 }
 
@@ -139,20 +139,19 @@ at::Tensor restore_rows_cuda(const at::Tensor& x, const at::Tensor& ids, const a
   TORCH_CHECK_VALUE(ids.size(1) <= 1 || ids.stride(1) == 1, "restore_rows: ids must have unit stride in dim 1");
   TORCH_CHECK_VALUE(token_in.numel() == x.size(2), "restore_rows: token must hold ", x.size(2), " values");
   const c10::cuda::OptionalCUDAGuard guard(x.device());
-  const at::Tensor token = token_in.to(x.scalar_type()).contiguous();
+  const at::Tensor token = token_in.to(at::kFloat).contiguous();  // a no-op for the usual fp32 parameter
   const at::Tensor pos = pos_in.has_value() ? pos_in->to(at::kFloat).contiguous() : at::Tensor();
   const int64_t batch = x.size(0), dim = x.size(2), rows = num_prefix + num_ids;
   at::Tensor out = at::empty({batch, rows, dim}, x.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "restore_rows_cuda", [&] {
-    const int vec = vector_width<scalar_t>(dim, {x.const_data_ptr(), out.const_data_ptr(), token.const_data_ptr()},
-                                           {x.stride(0), x.stride(1)});
+    const int vec = vector_width<scalar_t>(dim, {x.const_data_ptr(), out.const_data_ptr()}, {x.stride(0), x.stride(1)});
     const float* pos_data = pos.defined() ? pos.const_data_ptr<float>() : nullptr;
     AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "restore_rows_cuda_ids", [&] {
       MIMKERNELS_DISPATCH_VEC(vec, [&] {
         restore_rows_kernel<scalar_t, index_t, kVec>
             <<<batch * rows, threads_for(dim, kVec), 0, c10::cuda::getCurrentCUDAStream()>>>(
-                x.const_data_ptr<scalar_t>(), ids.const_data_ptr<index_t>(), token.const_data_ptr<scalar_t>(),
+                x.const_data_ptr<scalar_t>(), ids.const_data_ptr<index_t>(), token.const_data_ptr<float>(),
                 pos_data, out.mutable_data_ptr<scalar_t>(), x.stride(0), x.stride(1), ids.stride(0), num_prefix,
                 x.size(1) - num_prefix, num_ids, dim);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
