@@ -1,6 +1,11 @@
-"""Transcriptions of facebookresearch/mae's models_mae.py code paths (MaskedAutoencoderViT methods as
-plain functions): the baselines the benchmarks time and the tests compare against. Square RGB images."""
+"""Transcriptions of the official code paths, as plain functions: the baselines the benchmarks time and
+the tests compare against. facebookresearch/mae's models_mae.py (MaskedAutoencoderViT methods, square RGB
+images) and apple/ml-aim's PrefixCausalAttention, both on timm-style blocks with PyTorch's SDPA.
+
+The model-level functions run a mimkernels model's own parameters through the official computation, so
+the two implementations are compared (and timed) on the very same weights."""
 import torch
+import torch.nn.functional as F
 
 
 def random_masking(x, mask_ratio, noise):
@@ -47,3 +52,54 @@ def forward_loss(imgs, pred, mask, p, norm_pix_loss=True):
     loss = (pred - target) ** 2
     loss = loss.mean(dim=-1)
     return (loss * mask).sum() / mask.sum()
+
+
+def vit_block(block, x, attn_mask=None):
+    """timm's ``Block.forward`` (ml-aim's, with an attention mask) on a mimkernels ``Block``'s parameters."""
+    batch, tokens, dim = x.shape
+    attn = block.attn
+    qkv = attn.qkv(block.norm1(x)).reshape(batch, tokens, 3, attn.num_heads, dim // attn.num_heads)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    x = x + attn.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+    return x + block.mlp(block.norm2(x))
+
+
+def mae_forward(model, imgs, mask_ratio, noise):
+    """MaskedAutoencoderViT.forward (encoder, decoder, loss) on a mimkernels MAE's parameters."""
+    x = model.patch_embed.proj(imgs).flatten(2).transpose(1, 2)  # timm PatchEmbed
+    x = x + model.pos_embed[:, 1:, :]
+    x, mask, ids_restore = random_masking(x, mask_ratio, noise)
+    cls_token = model.cls_token + model.pos_embed[:, :1, :]
+    x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+    for block in model.blocks:
+        x = vit_block(block, x)
+    x = model.decoder_embed(model.norm(x))
+    x = decoder_input(x, ids_restore, model.mask_token, model.decoder_pos_embed)
+    for block in model.decoder_blocks:
+        x = vit_block(block, x)
+    pred = model.decoder_pred(model.decoder_norm(x))[:, 1:, :]
+    return forward_loss(imgs, pred, mask, model.patch_embed.patch_size, model.norm_pix_loss), pred, mask
+
+
+def prefix_causal_attn_mask(causal_mask, prefix_len):
+    """ml-aim's PrefixCausalAttention mask: the causal [1, N, N] buffer or'ed with the prefix columns."""
+    tokens = causal_mask.shape[-1]
+    not_prefix = torch.arange(tokens, device=prefix_len.device) >= prefix_len.reshape(-1, 1)  # ml-aim's mask
+    prefix_mask = (~not_prefix).unsqueeze(1).expand(-1, tokens, -1)
+    attn_mask = causal_mask.clone().expand(prefix_len.shape[0], -1, -1)
+    return torch.logical_or(attn_mask, prefix_mask).unsqueeze(1), not_prefix
+
+
+def aim_forward(model, imgs, prefix_len):
+    """AIM pre-training step, ml-aim style (dense boolean mask + SDPA, Conv2d patches, unfused loss), on a
+    mimkernels AIM's parameters. prefix_len: int64 tensor [B]."""
+    tokens = model.num_patches
+    causal = torch.ones(1, tokens, tokens, dtype=torch.bool, device=imgs.device).tril(diagonal=0)
+    attn_mask, not_prefix = prefix_causal_attn_mask(causal, prefix_len)
+    x = model.patch_norm(model.patch_embed.proj(imgs).flatten(2).transpose(1, 2)) + model.pos_embed
+    for block in model.blocks:
+        x = vit_block(block, x, attn_mask)
+    pred = F.pad(model.forward_head(model.norm(x)[:, :-1]), (0, 0, 1, 0))  # row l: patch l, from position l - 1
+    loss = forward_loss(imgs, pred, not_prefix.float(), model.patch_embed.patch_size, model.norm_pix_loss)
+    return loss, pred

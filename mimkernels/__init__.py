@@ -3,7 +3,7 @@ from ._backend import available_backends, use_backend
 from .ops.attention import attention, prefix_causal_attention, prefix_causal_mask
 from .ops.losses import masked_patch_loss
 from .ops.patch_embed import patch_embed, patchify, unpatchify
-from .ops.tokens import gather_tokens, random_masking, restore_tokens
+from .ops.tokens import gather_tokens, masking_indices, random_masking, restore_tokens
 
 __version__ = "0.1.0"
 
@@ -12,6 +12,7 @@ __all__ = [
     "available_backends",
     "gather_tokens",
     "masked_patch_loss",
+    "masking_indices",
     "patch_embed",
     "patchify",
     "prefix_causal_attention",

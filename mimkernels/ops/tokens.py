@@ -196,29 +196,61 @@ def random_masking(x, mask_ratio, *, noise=None, num_prefix_tokens=0, pos_embed=
     num_prefix = _check_prefix_count(num_prefix_tokens, x.shape[1], "x")
     pos_embed = _check_embedding("pos_embed", pos_embed, x.shape[1], x.shape[2], x)
     batch, num_patches = x.shape[0], x.shape[1] - num_prefix
+    num_kept = _kept_count(mask_ratio, num_patches)
+    noise = _checked_noise(noise, batch, num_patches, x.device)
+    backend = _backend_for("random_masking", x)
+    if backend is None:
+        return reference.random_masking(x, mask_ratio, noise=noise, num_prefix_tokens=num_prefix,
+                                         pos_embed=pos_embed)
+    mask, ids_restore, ids_keep = _masking_indices(noise, num_kept)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    x_kept = _GatherRows.apply(x, ids_keep, pos_embed, num_prefix, ids_restore, backend)
+    return Masking(x_kept, mask, ids_restore, ids_keep)
+
+
+def masking_indices(noise, mask_ratio):
+    """The index half of :func:`random_masking`, for code that gathers the kept patches itself (e.g.
+    ``patch_embed(..., ids_keep=ids_keep)`` computes only those). Keeps the ``K = int(L * (1 - mask_ratio))``
+    patches of smallest noise, exactly as random_masking does with the same noise.
+
+    Args:
+        noise: ``[B, L]`` floating-point tensor ranking the patches (e.g. ``torch.rand(B, L)``).
+        mask_ratio: fraction of patches removed, in [0, 1), leaving at least one patch.
+
+    Returns:
+        ``(mask [B, L] float32 (1 = removed), ids_restore [B, L] int64, ids_keep [B, K] int64)``.
+    """
+    if not isinstance(noise, torch.Tensor) or not noise.is_floating_point() or noise.dim() != 2:
+        raise TypeError(f"noise must be a 2-D floating-point tensor [batch, patches], got "
+                        f"{getattr(noise, 'shape', type(noise).__name__)}")
+    return _masking_indices(noise, _kept_count(mask_ratio, noise.shape[1]))
+
+
+def _kept_count(mask_ratio, num_patches):
     if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, numbers.Real) or not 0 <= mask_ratio < 1:
         raise ValueError(f"mask_ratio must be a number in [0, 1), got {mask_ratio!r}")
     num_kept = int(num_patches * (1 - mask_ratio))
     if num_kept < 1:
         raise ValueError(f"mask_ratio={mask_ratio} keeps no patch out of {num_patches}")
+    return num_kept
+
+
+def _checked_noise(noise, batch, num_patches, device):
     if noise is None:
-        noise = torch.rand(batch, num_patches, device=x.device)
-    elif not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
+        return torch.rand(batch, num_patches, device=device)
+    if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
         raise TypeError("noise must be a floating-point tensor [batch, patches] or None")
-    elif tuple(noise.shape) != (batch, num_patches) or noise.device != x.device:
-        raise ValueError(f"noise must have shape ({batch}, {num_patches}) on {x.device}, "
+    if tuple(noise.shape) != (batch, num_patches) or noise.device != device:
+        raise ValueError(f"noise must have shape ({batch}, {num_patches}) on {device}, "
                          f"got {tuple(noise.shape)} on {noise.device}")
-    backend = _backend_for("random_masking", x)
-    if backend is None:
-        return reference.random_masking(x, mask_ratio, noise=noise, num_prefix_tokens=num_prefix,
-                                         pos_embed=pos_embed)
+    return noise
+
+
+def _masking_indices(noise, num_kept):
     ids_shuffle = torch.argsort(noise, dim=1)
-    ids_restore = _inverse(ids_shuffle, num_patches, fill=0)  # the inverse permutation: argsort(ids_shuffle)
-    ids_keep = ids_shuffle[:, :num_kept]
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    x_kept = _GatherRows.apply(x, ids_keep, pos_embed, num_prefix, ids_restore, backend)
+    ids_restore = _inverse(ids_shuffle, noise.shape[1], fill=0)  # the inverse permutation: argsort(ids_shuffle)
     mask = (ids_restore >= num_kept).to(torch.float32)
-    return Masking(x_kept, mask, ids_restore, ids_keep)
+    return mask, ids_restore, ids_shuffle[:, :num_kept]
 
 
 def gather_tokens(x, ids_keep, *, pos_embed=None):

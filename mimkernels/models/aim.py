@@ -1,0 +1,139 @@
+"""Autoregressive image model (AIM, El-Nouby et al., ICML'24, arXiv 2401.08541) on mimkernels' fused ops.
+
+Pre-training: a ViT trunk without cls token reads the patches in raster order with prefix-causal
+attention (patches ``j < S`` visible to every query, the rest causally), and a per-patch MLP head
+predicts from position ``i`` the pixels of patch ``i + 1``, normalised per patch. The prefix length S is
+drawn per sample, uniformly in ``{1, ..., L - 1}``: at least one prefix patch (a bidirectional context
+for the first prediction, which is what lets the trunk switch to full attention downstream) and at
+least one predicted patch. The loss counts only the non-prefix patches ``S .. L - 1``; the prediction of
+patch S comes from position S - 1, which sees patches 0 .. S - 1 only, so no prediction sees its target.
+
+Trunk as apple/ml-aim ships it (``aim-v1``): Conv2d patch projection followed by a LayerNorm, fixed 2-D
+sin-cos positional embedding, pre-norm blocks whose linear layers have no bias, LayerNorms with eps 1e-6,
+a final LayerNorm. The paper describes the pre-training head (sin-cos positions added again before it,
+N residual MLP blocks with expansion 4, no biases) but ml-aim does not publish it; ours projects the
+trunk output to ``head_embed_dim``, adds the positions, runs ``head_depth`` pre-norm MLP blocks, a
+LayerNorm and a linear projection to pixels.
+"""
+from __future__ import annotations
+
+import numbers
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mimkernels
+
+from .vit import Block, Mlp, PatchEmbed, check_head_dim, init_weights, sincos_pos_embed
+
+_LN = partial(nn.LayerNorm, eps=1e-6)
+
+
+class MlpBlock(nn.Module):
+    """One block of the AIM head: ``x + mlp(norm(x))``, per patch."""
+
+    def __init__(self, dim: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm = _LN(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), bias=False)
+
+    def forward(self, x):
+        return x + self.mlp(self.norm(x))
+
+
+class AIM(nn.Module):
+    """AIM: prefix-causal ViT trunk + per-patch MLP head, trained to predict the next patch."""
+
+    def __init__(self, img_size=224, patch_size=14, in_chans=3, embed_dim=1536, depth=24, num_heads=12,
+                 head_depth=12, head_embed_dim=2048, mlp_ratio=4.0, norm_pix_loss=True):
+        super().__init__()
+        check_head_dim("trunk", embed_dim, num_heads)
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        if self.patch_embed.num_patches < 2:
+            raise ValueError("AIM needs at least 2 patches per image (a prefix and a patch to predict)")
+        grid = self.patch_embed.grid_size
+        self.patch_norm = _LN(embed_dim)
+        self.register_buffer("pos_embed", sincos_pos_embed(embed_dim, grid, grid), persistent=False)
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias=False, bias=False,
+                                          norm_layer=_LN) for _ in range(depth))
+        self.norm = _LN(embed_dim)
+
+        self.head_embed = nn.Linear(embed_dim, head_embed_dim, bias=False)
+        self.register_buffer("head_pos_embed", sincos_pos_embed(head_embed_dim, grid, grid), persistent=False)
+        self.head_blocks = nn.ModuleList(MlpBlock(head_embed_dim, mlp_ratio) for _ in range(head_depth))
+        self.head_norm = _LN(head_embed_dim)
+        self.head_pred = nn.Linear(head_embed_dim, patch_size**2 * in_chans, bias=False)
+        self.norm_pix_loss = norm_pix_loss
+        self.apply(init_weights)
+
+    @property
+    def num_patches(self) -> int:
+        return self.patch_embed.num_patches
+
+    def sample_prefix_len(self, batch: int, device=None, generator=None) -> torch.Tensor:
+        """Prefix lengths ``[batch]`` (int64), uniform in ``{1, ..., L - 1}``."""
+        return torch.randint(1, self.num_patches, (batch,), device=device, generator=generator)
+
+    def forward_features(self, imgs, prefix_len=None):
+        """Trunk output ``[B, L, E]`` (after the final norm). ``prefix_len=None``: full bidirectional
+        attention (downstream use); else prefix-causal attention with that prefix (int or ``[B]`` tensor)."""
+        x = self.patch_norm(self.patch_embed(imgs)) + self.pos_embed
+        for block in self.blocks:
+            x = block(x, prefix_len)
+        return self.norm(x)
+
+    def forward_head(self, features):
+        """Per-patch pixel predictions ``[B, rows, p * p * C]`` from trunk features ``[B, rows, E]`` of the
+        first ``rows`` positions."""
+        x = self.head_embed(features) + self.head_pos_embed[:, : features.shape[1]]
+        for block in self.head_blocks:
+            x = block(x)
+        return self.head_pred(self.head_norm(x))
+
+    def forward(self, imgs, prefix_len=None):
+        """``(loss, pred)``: pred ``[B, L, p * p * C]`` holds at row l the prediction of patch l (made at
+        position l - 1; row 0 is zero, patch 0 is never predicted), in normalised pixels when
+        ``norm_pix_loss``. ``prefix_len``: int or ``[B]`` integer tensor, drawn per sample when None."""
+        self.patch_embed.check(imgs)
+        batch, num_patches = imgs.shape[0], self.num_patches
+        if prefix_len is None:
+            prefix_len = self.sample_prefix_len(batch, imgs.device)
+        elif isinstance(prefix_len, bool) or not isinstance(prefix_len, (numbers.Integral, torch.Tensor)):
+            raise TypeError(f"prefix_len must be None, an int or an integer tensor [batch], got "
+                            f"{type(prefix_len).__name__}")
+        features = self.forward_features(imgs, prefix_len)
+        pred = F.pad(self.forward_head(features[:, :-1]), (0, 0, 1, 0))
+        positions = torch.arange(num_patches, device=imgs.device)
+        prefix = prefix_len.reshape(-1, 1) if isinstance(prefix_len, torch.Tensor) else prefix_len
+        mask = (positions >= prefix).float().expand(batch, num_patches)
+        loss = mimkernels.masked_patch_loss(pred, imgs, mask, norm_pix=self.norm_pix_loss)
+        return loss, pred
+
+
+def _aim(embed_dim, num_heads, depth, **kwargs) -> AIM:
+    return AIM(**{"img_size": 224, "patch_size": 14, "embed_dim": embed_dim, "depth": depth,
+                  "num_heads": num_heads, **kwargs})
+
+
+def aim_600m(**kwargs) -> AIM:
+    return _aim(1536, 12, 24, **kwargs)
+
+
+def aim_1b(**kwargs) -> AIM:
+    return _aim(2048, 16, 24, **kwargs)
+
+
+def aim_3b(**kwargs) -> AIM:
+    return _aim(3072, 24, 24, **kwargs)
+
+
+def aim_7b(**kwargs) -> AIM:
+    return _aim(4096, 32, 32, **kwargs)
+
+
+def aim_tiny(**kwargs) -> AIM:
+    """A small AIM for tests and CPU demos: 64 px images, 64 patches of 8 px, 4 blocks, a 2-block head."""
+    return AIM(**{"img_size": 64, "patch_size": 8, "embed_dim": 128, "depth": 4, "num_heads": 4,
+                  "head_depth": 2, "head_embed_dim": 128, **kwargs})
