@@ -103,3 +103,22 @@ def aim_forward(model, imgs, prefix_len):
     pred = F.pad(model.forward_head(model.norm(x)[:, :-1]), (0, 0, 1, 0))  # row l: patch l, from position l - 1
     loss = forward_loss(imgs, pred, not_prefix.float(), model.patch_embed.patch_size, model.norm_pix_loss)
     return loss, pred
+
+
+def get_2d_sincos_pos_embed(embed_dim, grid_size, cls_token=False):
+    """util/pos_embed.py's get_2d_sincos_pos_embed (numpy, float64), [(1 +) grid_size**2, embed_dim]."""
+    import numpy as np
+
+    def one_dim(dim, pos):
+        omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
+        omega = 1.0 / 10000**omega
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    grid_h = np.arange(grid_size, dtype=np.float32)
+    grid_w = np.arange(grid_size, dtype=np.float32)
+    grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0).reshape([2, 1, grid_size, grid_size])
+    pos_embed = np.concatenate([one_dim(embed_dim // 2, grid[0]), one_dim(embed_dim // 2, grid[1])], axis=1)
+    if cls_token:
+        pos_embed = np.concatenate([np.zeros([1, embed_dim]), pos_embed], axis=0)
+    return pos_embed

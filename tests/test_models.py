@@ -1,0 +1,264 @@
+"""Reference MAE and AIM models: the fused backend against the official computation on the same weights.
+
+Truth is the official code path (benchmarks/official.py: facebookresearch/mae's forward, ml-aim's dense
+prefix mask + SDPA) run on the model's own parameters in float64. The fused backend (Triton kernels;
+through the interpreter on CPU) and the torch backend run in fp32; each loss, prediction and parameter
+gradient of the fused model may be off by at most 2x the error of the official code run in fp32, plus a
+small floor (the budget of tests/test_attention.py).
+"""
+import copy
+
+import pytest
+import torch
+
+import mimkernels
+from benchmarks import official
+from mimkernels.models import AIM, CONFIGS, MAE, aim_tiny, mae_vit_base_patch16, mae_vit_tiny_patch8
+from mimkernels.models.vit import sincos_pos_embed
+
+FUSED = "auto" if torch.cuda.is_available() else "triton"
+FLOOR = 1e-6
+
+
+def small_mae(**kwargs):
+    config = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=48,
+                  decoder_depth=1, decoder_num_heads=2, norm_pix_loss=True)
+    return MAE(**{**config, **kwargs})
+
+
+def small_aim(**kwargs):
+    config = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, head_depth=2, head_embed_dim=48)
+    return AIM(**{**config, **kwargs})
+
+
+def run(model, fn, backend=None):
+    """(outputs, {param name: grad}) of ``fn(model)``, whose first output is the loss."""
+    model.zero_grad(set_to_none=True)
+    if backend is None:
+        outputs = fn(model)
+    else:
+        with mimkernels.use_backend(backend):
+            outputs = fn(model)
+    outputs[0].backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    return [o.detach() for o in outputs], grads
+
+
+def max_err(got, want):
+    return (got.double() - want).abs().max().item()
+
+
+def assert_fused_within_budget(model, make_inputs, official_fn, model_fn):
+    """Fused fp32 vs official float64, against the official code's own fp32 error."""
+    inputs = make_inputs(torch.float32)
+    model64 = copy.deepcopy(model).double()
+    want, want_grads = run(model64, lambda m: official_fn(m, *make_inputs(torch.float64)))
+    base, base_grads = run(model, lambda m: official_fn(m, *inputs))
+    got, got_grads = run(model, lambda m: model_fn(m, *inputs), FUSED)
+    torch_out, _ = run(model, lambda m: model_fn(m, *inputs), "torch")
+    pairs = [(f"output {i}", g, b, w) for i, (g, b, w) in enumerate(zip(got, base, want))]
+    pairs += [(f"grad {n}", got_grads[n], base_grads[n], want_grads[n]) for n in want_grads]
+    for name, g, b, w in pairs:
+        budget = 2 * max_err(b, w) + FLOOR * max(1.0, w.abs().max().item())
+        assert max_err(g, w) <= budget, f"{name}: error {max_err(g, w):.3e} > budget {budget:.3e}"
+    for i, (t, w) in enumerate(zip(torch_out, want)):  # the plain PyTorch backend is the same computation
+        assert max_err(t, w) <= 2 * max_err(base[i], w) + FLOOR * max(1.0, w.abs().max().item())
+    assert len(want_grads) == len(list(p for p in model.parameters() if p.requires_grad))
+
+
+# ----------------------------------------------------------------------------- MAE
+
+
+def official_mae_keys(depth, decoder_depth):
+    """The state_dict keys of facebookresearch/mae's MaskedAutoencoderViT (timm blocks)."""
+    def block(prefix):
+        return [f"{prefix}.{part}.{kind}" for part in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1",
+                                                       "mlp.fc2") for kind in ("weight", "bias")]
+    keys = ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight",
+            "norm.bias", "decoder_embed.weight", "decoder_embed.bias", "mask_token", "decoder_pos_embed",
+            "decoder_norm.weight", "decoder_norm.bias", "decoder_pred.weight", "decoder_pred.bias"]
+    for i in range(depth):
+        keys += block(f"blocks.{i}")
+    for i in range(decoder_depth):
+        keys += block(f"decoder_blocks.{i}")
+    return set(keys)
+
+
+def test_mae_state_dict_has_the_official_keys_and_shapes():
+    model = mae_vit_base_patch16()
+    state = model.state_dict()
+    assert set(state) == official_mae_keys(12, 8)
+    assert state["pos_embed"].shape == (1, 197, 768) and state["decoder_pos_embed"].shape == (1, 197, 512)
+    assert state["patch_embed.proj.weight"].shape == (768, 3, 16, 16)
+    assert state["blocks.11.attn.qkv.weight"].shape == (2304, 768)
+    assert state["decoder_pred.weight"].shape == (16 * 16 * 3, 512)
+    assert not model.pos_embed.requires_grad and not model.decoder_pos_embed.requires_grad
+    assert sum(p.numel() for p in model.parameters()) == 111_907_840
+
+
+def test_mae_loads_a_foreign_state_dict_unchanged():
+    model = small_mae()
+    foreign = {name: torch.randn_like(t) for name, t in small_mae().state_dict().items()}
+    model.load_state_dict(foreign, strict=True)
+    assert all(torch.equal(model.state_dict()[name], t) for name, t in foreign.items())
+
+
+def test_sincos_pos_embed_is_maes():
+    for dim, grid in ((768, 14), (32, 4), (512, 16)):
+        want = torch.from_numpy(official.get_2d_sincos_pos_embed(dim, grid, cls_token=True)).float()
+        assert torch.allclose(sincos_pos_embed(dim, grid, grid, cls_token=True)[0], want, atol=1e-6)
+
+
+def mae_inputs(batch, size, channels=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    imgs = torch.randn(batch, channels, size, size, generator=gen)
+    noise = torch.rand(batch, (size // 8) ** 2, generator=gen)
+    return lambda dtype: (imgs.to(dtype), 0.75, noise)
+
+
+@pytest.mark.parametrize("norm_pix_loss", [True, False])
+def test_mae_matches_the_official_forward(norm_pix_loss):
+    torch.manual_seed(0)
+    model = small_mae(norm_pix_loss=norm_pix_loss)
+    assert_fused_within_budget(model, mae_inputs(3, 32), official.mae_forward,
+                               lambda m, imgs, ratio, noise: m(imgs, ratio, noise=noise))
+
+
+def test_mae_head_dim_40_and_odd_mask_ratio():
+    torch.manual_seed(1)
+    model = small_mae(embed_dim=80, decoder_embed_dim=80, num_heads=2, decoder_num_heads=2)
+    make = mae_inputs(2, 32, seed=1)
+    assert_fused_within_budget(model, lambda dtype: (*make(dtype)[:1], 0.6, make(dtype)[2]), official.mae_forward,
+                               lambda m, imgs, ratio, noise: m(imgs, ratio, noise=noise))
+
+
+def test_mae_same_noise_same_mask_on_every_backend():
+    model = small_mae()
+    imgs, _, noise = mae_inputs(2, 32)(torch.float32)
+    masks = []
+    for backend in ("torch", FUSED):
+        with mimkernels.use_backend(backend):
+            masks.append(model(imgs, noise=noise)[2])
+    assert torch.equal(masks[0], masks[1]) and masks[0].sum().item() == 2 * 12
+    assert torch.equal(masks[0], official.random_masking(torch.zeros(2, 16, 1), 0.75, noise)[1])
+
+
+def test_mae_rejects_bad_images():
+    model = small_mae()
+    with pytest.raises(ValueError, match="imgs must be"):
+        model(torch.randn(2, 3, 48, 48))
+    with pytest.raises(ValueError, match="imgs must be"):
+        model(torch.randn(3, 32, 32))
+    with pytest.raises(ValueError, match="mask_ratio"):
+        model(torch.randn(1, 3, 32, 32), mask_ratio=1.0)
+    with pytest.raises(ValueError, match="head dim"):
+        small_mae(embed_dim=36, num_heads=3)
+
+
+# ----------------------------------------------------------------------------- AIM
+
+
+def aim_inputs(batch, size, prefix, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    imgs = torch.randn(batch, 3, size, size, generator=gen)
+    return lambda dtype: (imgs.to(dtype), torch.tensor(prefix))
+
+
+@pytest.mark.parametrize("prefix", [[1, 15, 7], [3, 3, 8]])
+def test_aim_matches_the_ml_aim_forward(prefix):
+    torch.manual_seed(2)
+    model = small_aim()
+    assert_fused_within_budget(model, aim_inputs(3, 32, prefix), official.aim_forward,
+                               lambda m, imgs, prefix_len: m(imgs, prefix_len))
+
+
+def test_aim_head_dim_40():
+    torch.manual_seed(3)
+    model = small_aim(embed_dim=80, num_heads=2, head_embed_dim=40)
+    assert_fused_within_budget(model, aim_inputs(2, 32, [5, 2], seed=3), official.aim_forward,
+                               lambda m, imgs, prefix_len: m(imgs, prefix_len))
+
+
+def test_aim_never_sees_the_patch_it_predicts():
+    """With prefix S, changing patch j >= S may change only the predictions of patches after j."""
+    torch.manual_seed(4)
+    model, prefix, j = small_aim(), 5, 9
+    imgs = torch.randn(1, 3, 32, 32)
+    changed = imgs.clone()
+    row, col = divmod(j, 4)
+    changed[:, :, row * 8:(row + 1) * 8, col * 8:(col + 1) * 8] += 1.0
+    with mimkernels.use_backend(FUSED), torch.no_grad():
+        before, after = model(imgs, prefix)[1], model(changed, prefix)[1]
+    assert torch.equal(before[:, : j + 1], after[:, : j + 1])  # rows <= j are made at positions < j
+    assert not torch.allclose(before[:, j + 1:], after[:, j + 1:])
+
+
+def test_aim_loss_counts_only_non_prefix_patches():
+    model = small_aim()
+    imgs = torch.randn(2, 3, 32, 32)
+    loss, pred = model(imgs, torch.tensor([4, 4]))
+    target = mimkernels.patchify(imgs, 8)
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    want = ((pred - target) ** 2).mean(-1)[:, 4:].mean()
+    assert torch.allclose(loss, want, rtol=1e-5) and torch.equal(pred[:, 0], torch.zeros_like(pred[:, 0]))
+
+
+def test_aim_prefix_lengths_cover_one_to_l_minus_one():
+    model = small_aim()
+    drawn = model.sample_prefix_len(4000, generator=torch.Generator().manual_seed(0))
+    assert drawn.min().item() == 1 and drawn.max().item() == model.num_patches - 1
+    assert set(drawn.tolist()) == set(range(1, model.num_patches))
+
+
+def test_aim_downstream_features_use_full_attention():
+    model = small_aim()
+    imgs = torch.randn(2, 3, 32, 32)
+    with mimkernels.use_backend(FUSED), torch.no_grad():
+        full = model.forward_features(imgs)
+        assert torch.allclose(full, model.forward_features(imgs, model.num_patches), atol=1e-6)
+        assert not torch.allclose(full, model.forward_features(imgs, 1), atol=1e-3)
+
+
+def test_aim_rejects_bad_input():
+    model = small_aim()
+    with pytest.raises(ValueError, match="imgs must be"):
+        model(torch.randn(1, 3, 64, 64))
+    with pytest.raises(TypeError, match="prefix_len"):
+        model(torch.randn(1, 3, 32, 32), 2.5)
+    with pytest.raises(ValueError, match="prefix_len must be >= 0"):
+        model(torch.randn(1, 3, 32, 32), -1)
+    with pytest.raises(ValueError, match="at least 2 patches"):
+        small_aim(img_size=8)
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def test_configs_have_the_published_shapes():
+    widths = {"aim_600m": 1536, "aim_1b": 2048, "aim_3b": 3072, "aim_7b": 4096}
+    with torch.device("meta"):  # no memory for billions of parameters
+        for name, width in widths.items():
+            model = CONFIGS["aim"][name]()
+            assert model.blocks[0].attn.head_dim == 128 and model.patch_embed.proj.weight.shape[0] == width
+            assert model.patch_embed.patch_size == 14 and model.num_patches == 256
+        large, huge = CONFIGS["mae"]["mae_vit_large_patch16"](), CONFIGS["mae"]["mae_vit_huge_patch14"]()
+    assert (len(large.blocks), large.blocks[0].attn.head_dim) == (24, 64)
+    assert (len(huge.blocks), huge.patch_embed.patch_size, huge.pos_embed.shape[1]) == (32, 14, 257)
+    assert {name for name in CONFIGS["mae"]} >= {"mae_vit_tiny_patch8"} and "aim_tiny" in CONFIGS["aim"]
+
+
+@pytest.mark.parametrize("build", [mae_vit_tiny_patch8, aim_tiny])
+def test_tiny_configs_train_under_the_torch_backend(build):
+    torch.manual_seed(5)
+    model = build(norm_pix_loss=True)
+    imgs = torch.randn(4, 3, 64, 64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    with mimkernels.use_backend("torch"):
+        for _ in range(8):
+            loss = model(imgs, 16)[0] if isinstance(model, AIM) else model(imgs, noise=torch.rand(4, 64))[0]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    assert losses[-1] < losses[0]
