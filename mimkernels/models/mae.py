@@ -61,8 +61,8 @@ class MAE(nn.Module):
         return mimkernels.patchify(imgs, self.patch_embed.patch_size)
 
     def unpatchify(self, x):
-        size = self.patch_embed.img_size
-        return mimkernels.unpatchify(x, self.patch_embed.patch_size, size, size)
+        grid = self.patch_embed.grid_size
+        return mimkernels.unpatchify(x, self.patch_embed.patch_size, grid, grid)
 
     def random_masking(self, x, mask_ratio, noise=None):
         """Official method: ``(x_masked, mask, ids_restore)`` for patch tokens ``x [B, L, D]``."""

@@ -1,0 +1,456 @@
+"""``python -m mimkernels.train {mae,aim} --config NAME --data builtin|PATH --steps N``: pre-train MAE or AIM.
+
+One process, or many through ``torchrun --nproc-per-node K -m mimkernels.train ...`` (DistributedDataParallel:
+NCCL on GPUs, gloo on CPUs; a DistributedSampler splits the data; only rank 0 writes files). AdamW with
+linear warmup and cosine decay (both papers' schedule), bf16 autocast on a GPU. Writes ``checkpoint.pt``
+(atomically: a crash never leaves a half-written file) every ``--save-every`` steps and at the end, and a
+reconstruction PNG beside it; ``--resume`` continues from the checkpoint.
+
+``--data builtin`` trains on the photos that ship inside scikit-image (offline); a folder PATH is searched
+recursively for images, read with Pillow. Either way each sample is a random resized crop (+ flip).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import mimkernels
+
+from .models import AIM, CONFIGS
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# photographs in scikit-image's skimage/data (the synthetic test patterns are left out)
+BUILTIN_PHOTOS = ("astronaut.png", "brick.png", "camera.png", "chelsea.png", "coffee.png", "coins.png",
+                  "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png", "moon.png",
+                  "motorcycle_left.png", "motorcycle_right.png", "page.png", "retina.jpg", "rocket.jpg")
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, as both papers normalise
+HEADER_CHECK_LIMIT = 10_000  # folders up to this size have every file's header checked before training
+
+# per model: AdamW peak lr per `lr_batch` images (linear scaling), weight decay, betas, crop scale
+DEFAULTS = {
+    "mae": dict(base_lr=1.5e-4, lr_batch=256, weight_decay=0.05, betas=(0.9, 0.95), crop_scale=(0.2, 1.0)),
+    "aim": dict(base_lr=1e-3, lr_batch=4096, weight_decay=0.05, betas=(0.9, 0.95), crop_scale=(0.4, 1.0)),
+}
+
+
+class UsageError(Exception):
+    """Bad data (no images, an unreadable file) or a bad --resume: reported without a traceback."""
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def builtin_photos() -> list[Path]:
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError("--data builtin reads the photos shipped with scikit-image: pip install scikit-image")
+    folder = Path(spec.submodule_search_locations[0]) / "data"
+    files = [folder / name for name in BUILTIN_PHOTOS if (folder / name).is_file()]
+    if not files:
+        raise UsageError(f"no built-in photos found in {folder}")
+    return files
+
+
+def image_files(path: str) -> list[Path]:
+    """Every image below ``path`` (a folder), sorted; raises UsageError when there is none."""
+    root = Path(path)
+    if not root.is_dir():
+        raise UsageError(f"--data {path}: no such folder (give a folder of images, or 'builtin')")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise UsageError(f"--data {path}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+def open_rgb(path: Path):
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise UsageError(f"cannot read image {path}: {error}") from None
+
+
+def check_headers(files: list[Path]) -> None:
+    from PIL import Image
+
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            raise UsageError(f"cannot read image {path}: {error}") from None
+
+
+def random_resized_crop(image, size: int, scale: tuple[float, float], ratio=(3 / 4, 4 / 3)):
+    """A random crop of ``scale`` of the area and ``ratio`` aspect, resized to ``size``^2 (bicubic), flipped
+    half the time. Random numbers come from torch's generator (seeded per rank and per loader worker)."""
+    from PIL import Image
+
+    width, height = image.size
+    area = width * height
+    box = None
+    for _ in range(10):
+        target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(()).item())
+        log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+        aspect = math.exp(log_lo + (log_hi - log_lo) * torch.rand(()).item())
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left = torch.randint(0, width - w + 1, ()).item()
+            top = torch.randint(0, height - h + 1, ()).item()
+            box = (left, top, left + w, top + h)
+            break
+    if box is None:  # fall back to the largest centred crop
+        side = min(width, height)
+        box = ((width - side) // 2, (height - side) // 2, (width + side) // 2, (height + side) // 2)
+    crop = image.resize((size, size), Image.BICUBIC, box=box)
+    return crop.transpose(Image.FLIP_LEFT_RIGHT) if torch.rand(()).item() < 0.5 else crop
+
+
+def to_tensor(image) -> torch.Tensor:
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (pixels - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+
+
+class CropDataset(torch.utils.data.Dataset):
+    """Random resized crops of a list of images; ``length`` may exceed the number of files (each visit
+    draws a new crop), so that a few photos still fill an epoch of several batches."""
+
+    def __init__(self, files: list[Path], size: int, scale: tuple[float, float], length: int):
+        self.files, self.size, self.scale, self.length = files, size, scale, length
+        self.cache = {} if len(files) <= 256 else None  # small sets stay decoded in memory
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        path = self.files[index % len(self.files)]
+        if self.cache is None:
+            image = open_rgb(path)
+        else:
+            image = self.cache.get(path) or self.cache.setdefault(path, open_rgb(path))
+        return to_tensor(random_resized_crop(image, self.size, self.scale))
+
+
+def denormalize(imgs: torch.Tensor) -> torch.Tensor:
+    mean, std = (torch.tensor(v, device=imgs.device).view(1, 3, 1, 1) for v in (MEAN, STD))
+    return (imgs.float() * std + mean).clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def save_atomically(write, path: Path) -> None:
+    """``write(file)`` to a temporary file beside ``path``, flushed to disk, then renamed over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def reconstruction_image(model, imgs: torch.Tensor, mask_ratio: float) -> np.ndarray:
+    """MAE: original | masked | reconstruction (visible patches pasted back); AIM: original | prediction
+    (the first quarter of the patches is the prefix and shown as is). uint8 [rows*H, panels*W, 3]."""
+    patch = model.patch_embed.patch_size
+    target = mimkernels.patchify(imgs.float(), patch)
+    with torch.no_grad():
+        if isinstance(model, AIM):
+            prefix = model.num_patches // 4
+            pred = model(imgs, prefix)[1].float()
+            shown = (torch.arange(model.num_patches, device=imgs.device) >= prefix).float().expand(imgs.shape[0], -1)
+        else:
+            _, pred, shown = model(imgs, mask_ratio)
+            pred = pred.float()
+    if model.norm_pix_loss:  # predictions are in per-patch normalised pixels: use the target's statistics
+        pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
+    grid = model.patch_embed.grid_size
+    shown = shown.unsqueeze(-1).expand_as(target)
+    pasted = mimkernels.unpatchify(target * (1 - shown) + pred * shown, patch, grid, grid)
+    panels = [imgs.float(), pasted]
+    if not isinstance(model, AIM):  # removed patches drawn black
+        panels.insert(1, mimkernels.unpatchify(target * (1 - shown) - 10 * shown, patch, grid, grid))
+    grid = torch.cat([torch.cat([denormalize(p)[i] for p in panels], dim=2) for i in range(imgs.shape[0])], dim=1)
+    scale = max(1, 256 // imgs.shape[-1])  # small demo images are shown enlarged
+    grid = grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    return (grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def save_png(pixels: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    save_atomically(lambda file: Image.fromarray(pixels).save(file, format="PNG"), path)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class Summary:
+    """What a run did: losses at the first and last logging points, throughput, files written."""
+
+    model: str
+    config: str
+    steps: int
+    first_loss: float
+    last_loss: float
+    images_per_s: float
+    checkpoint: Path | None
+    reconstruction: Path | None
+
+    def lines(self) -> list[str]:
+        return [f"{self.model} {self.config}: {self.steps} steps, loss {self.first_loss:.4f} -> {self.last_loss:.4f}, "
+                f"{self.images_per_s:,.1f} images/s",
+                f"  checkpoint      {self.checkpoint}", f"  reconstruction  {self.reconstruction}"]
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float, min_lr: float) -> float:
+    """Linear warmup to ``peak`` over ``warmup`` steps, then half-cosine decay to ``min_lr``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_lr + (peak - min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def param_groups(model, weight_decay: float):
+    """No weight decay for biases, norms and tokens (1-D parameters and the [1, 1, D] tokens), as MAE."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 or name.endswith("token") else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Progress:
+    """One line per log step: a bar that redraws in place on a terminal, plain lines otherwise."""
+
+    def __init__(self, label: str, total: int, enabled: bool):
+        self.label, self.total, self.enabled = label, total, enabled
+        self.tty = sys.stdout.isatty()
+
+    def update(self, step: int, loss: float, images_per_s: float, lr: float) -> None:
+        if not self.enabled:
+            return
+        filled = 24 * step // self.total
+        line = (f"{self.label} [{'#' * filled}{'.' * (24 - filled)}] {step}/{self.total} loss {loss:.4f} "
+                f"{images_per_s:,.1f} img/s lr {lr:.2e}")
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", flush=True)
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            print()
+
+
+def replicas_in_sync(model) -> bool:
+    """True when every rank holds the same parameters (compares per-tensor float64 sums across ranks)."""
+    sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
+    gathered = [torch.empty_like(sums) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, sums)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m mimkernels.train", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("model", choices=sorted(CONFIGS))
+    parser.add_argument("--config", help="model config, default the tiny one; mae: " + ", ".join(CONFIGS["mae"])
+                        + "; aim: " + ", ".join(CONFIGS["aim"]))
+    parser.add_argument("--data", default="builtin", help="'builtin' (scikit-image's photos) or a folder of images")
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps in all (resumed runs included)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per process and step")
+    parser.add_argument("--lr", type=float, help="peak lr; default: MAE 1.5e-4 x batch/256, AIM 1e-3 x batch/4096 "
+                        "(global batch, linear scaling)")
+    parser.add_argument("--min-lr", type=float, default=0.0)
+    parser.add_argument("--warmup-steps", type=int, help="default 5%% of --steps")
+    parser.add_argument("--weight-decay", type=float)
+    parser.add_argument("--clip-grad", type=float, help="clip the gradient norm to this (default: no clipping)")
+    parser.add_argument("--mask-ratio", type=float, default=0.75, help="MAE only")
+    parser.add_argument("--no-norm-pix-loss", dest="norm_pix_loss", action="store_false",
+                        help="predict raw pixels instead of per-patch normalised ones")
+    parser.add_argument("--img-size", type=int, help="default: the config's")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="auto: bf16 autocast on a GPU, fp32 on a CPU")
+    parser.add_argument("--backend", choices=mimkernels._backend.BACKENDS, help="mimkernels backend (default: "
+                        "MIMKERNELS_BACKEND or auto)")
+    parser.add_argument("--out", default="runs/train", help="folder for checkpoint.pt and the PNGs")
+    parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    parser.add_argument("--resume", nargs="?", const="auto", help="continue from a checkpoint (default "
+                        "OUT/checkpoint.pt)")
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--workers", type=int, default=0, help="data loader processes per rank")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    args.config = args.config or next(iter(CONFIGS[args.model]))
+    if args.config not in CONFIGS[args.model]:
+        parser.error(f"--config {args.config} is not a {args.model} config; choose from "
+                     f"{', '.join(CONFIGS[args.model])}")
+    for name in ("steps", "batch_size", "log_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.save_every < 0 or args.workers < 0 or (args.warmup_steps is not None and args.warmup_steps < 0):
+        parser.error("--save-every, --workers and --warmup-steps must be >= 0")
+    return args
+
+
+def build_model(args) -> torch.nn.Module:
+    kwargs = {"norm_pix_loss": args.norm_pix_loss}
+    if args.img_size:
+        kwargs["img_size"] = args.img_size
+    return CONFIGS[args.model][args.config](**kwargs)
+
+
+def train(args, rank: int = 0, world: int = 1, device: torch.device | None = None) -> Summary:
+    """The training loop of one process (rank ``rank`` of ``world``, process group already set up)."""
+    device = device or torch.device("cpu")
+    files = builtin_photos() if args.data == "builtin" else image_files(args.data)
+    if len(files) <= HEADER_CHECK_LIMIT:
+        check_headers(files)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    model = build_model(args).to(device)
+    defaults = DEFAULTS[args.model]
+    global_batch = args.batch_size * world
+    peak_lr = args.lr if args.lr is not None else defaults["base_lr"] * global_batch / defaults["lr_batch"]
+    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 20)
+    weight_decay = args.weight_decay if args.weight_decay is not None else defaults["weight_decay"]
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=peak_lr, betas=defaults["betas"])
+
+    out = Path(args.out)
+    checkpoint_path = out / "checkpoint.pt"
+    start = 0
+    if args.resume:
+        path = checkpoint_path if args.resume == "auto" else Path(args.resume)
+        if not path.is_file():
+            raise UsageError(f"--resume: no checkpoint at {path}")
+        state = torch.load(path, map_location=device, weights_only=False)
+        if (state["model_name"], state["config"]) != (args.model, args.config):
+            raise UsageError(f"--resume: {path} holds {state['model_name']} {state['config']}, "
+                            f"not {args.model} {args.config}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+        if start >= args.steps:
+            raise UsageError(f"--resume: {path} is at step {start} already; ask for more --steps")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed + 1000 * rank + start)  # data, masks and prefixes differ across ranks
+
+    image_size = model.patch_embed.img_size
+    dataset = CropDataset(files, image_size, defaults["crop_scale"], length=max(len(files), 8 * global_batch))
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                                  seed=args.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda")
+    wrapped = model
+    if world > 1:
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.index is not None
+                                                            else None)
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    viz = None
+    progress = Progress(f"{args.model} {args.config}", args.steps, enabled=rank == 0 and not args.quiet)
+    logged, window_loss, window_start, window_steps = [], torch.zeros((), device=device), time.perf_counter(), 0
+    rates = []
+    step, epoch = start, start // len(loader)
+    backend = mimkernels.use_backend(args.backend) if args.backend else contextlib.nullcontext()
+    with backend:
+        model.train()
+        while step < args.steps:
+            sampler.set_epoch(epoch)
+            for imgs in loader:
+                if step >= args.steps:
+                    break
+                imgs = imgs.to(device, non_blocking=True)
+                if viz is None:
+                    viz = imgs[:4].clone()
+                lr = lr_at(step, args.steps, warmup, peak_lr, args.min_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    loss = wrapped(imgs) if args.model == "aim" else wrapped(imgs, args.mask_ratio)
+                    loss = loss[0]
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if args.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+                optimizer.step()
+                step += 1
+                window_loss += loss.detach().float()
+                window_steps += 1
+                if step % args.log_every == 0 or step == args.steps:
+                    mean_loss = window_loss.item() / window_steps  # .item() waits for the device
+                    elapsed = time.perf_counter() - window_start
+                    rate = window_steps * global_batch / elapsed
+                    logged.append(mean_loss)
+                    if len(logged) > 1 or step == args.steps:  # the first window includes warm-up and compilation
+                        rates.append(rate)
+                    progress.update(step, mean_loss, rate, lr)
+                    window_loss.zero_()
+                    window_start, window_steps = time.perf_counter(), 0
+                if (args.save_every and step % args.save_every == 0) or step == args.steps:
+                    save_checkpoint(model, optimizer, args, step, rank, checkpoint_path, viz)
+            epoch += 1
+    progress.close()
+    if world > 1 and not replicas_in_sync(model):
+        raise RuntimeError("parameters differ across ranks after training")
+    written = rank == 0 and start < args.steps
+    return Summary(args.model, args.config, args.steps - start, logged[0] if logged else math.nan,
+                   logged[-1] if logged else math.nan, float(np.median(rates)) if rates else math.nan,
+                   checkpoint_path if written else None, out / "reconstruction.png" if written else None)
+
+
+def save_checkpoint(model, optimizer, args, step, rank, path: Path, viz) -> None:
+    """Rank 0 writes the checkpoint and the reconstruction PNG (the model is the same on every rank)."""
+    if rank != 0:
+        return
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+             "model_name": args.model, "config": args.config, "args": vars(args)}
+    save_atomically(lambda file: torch.save(state, file), path)
+    model.eval()
+    save_png(reconstruction_image(model, viz, args.mask_ratio), path.with_name("reconstruction.png"))
+    model.train()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        summary = train(args, rank, world, device)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    if rank == 0:
+        print("\n".join(summary.lines()))
+        if world > 1:
+            print(f"  parameters identical on all {world} ranks")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
