@@ -1,0 +1,135 @@
+"""The training CLI: runs, checkpoints, resume, data errors, and two-process DDP with gloo."""
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mimkernels import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--batch-size", "4", "--log-every", "1", "--quiet"]
+
+
+def run_cli(capsys, *argv):
+    code = train.main([*map(str, argv)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def write_images(folder: Path):
+    gen = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(gen.integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(folder / "a.png")
+    Image.fromarray(gen.integers(0, 255, (70, 50), dtype=np.uint8)).save(folder / "gray.jpg")  # grayscale
+    (folder / "sub").mkdir(exist_ok=True)
+    Image.fromarray(gen.integers(0, 255, (64, 64, 4), dtype=np.uint8)).save(folder / "sub" / "rgba.png")
+    (folder / "notes.txt").write_text("not an image, and not looked at")
+
+
+def test_mae_run_checkpoint_png_and_resume(tmp_path, capsys):
+    out = tmp_path / "mae"
+    code, stdout, _ = run_cli(capsys, "mae", "--steps", 3, "--save-every", 2, "--out", out, *TINY)
+    assert code == 0 and "mae mae_vit_tiny_patch8: 3 steps" in stdout
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 3 and state["model_name"] == "mae" and "patch_embed.proj.weight" in state["model"]
+    with Image.open(out / "reconstruction.png") as png:  # original | masked | reconstruction, 4 rows, x4
+        assert png.size == (3 * 256, 4 * 256) and png.mode == "RGB"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+
+    code, stdout, _ = run_cli(capsys, "mae", "--steps", 5, "--out", out, "--resume", *TINY)
+    assert code == 0 and "2 steps" in stdout
+    resumed = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert resumed["step"] == 5
+    assert resumed["optimizer"]["state"][0]["step"].item() == 5  # AdamW went on from step 3
+    assert not torch.equal(resumed["model"]["blocks.0.attn.qkv.weight"], state["model"]["blocks.0.attn.qkv.weight"])
+
+
+def test_aim_on_a_folder_of_images(tmp_path, capsys):
+    write_images(tmp_path / "photos")
+    code, stdout, _ = run_cli(capsys, "aim", "--data", tmp_path / "photos", "--steps", 2, "--out", tmp_path / "aim",
+                              *TINY)
+    assert code == 0 and "aim aim_tiny: 2 steps" in stdout
+    with Image.open(tmp_path / "aim" / "reconstruction.png") as png:  # original | prediction
+        assert png.size == (2 * 256, 4 * 256)
+
+
+def test_the_cli_runs_the_fused_kernels(tmp_path, capsys):
+    code, stdout, _ = run_cli(capsys, "mae", "--steps", 1, "--batch-size", 2, "--backend",
+                              "auto" if torch.cuda.is_available() else "triton", "--out", tmp_path, "--quiet")
+    assert code == 0 and math.isfinite(float(stdout.split("-> ")[1].split(",")[0]))
+
+
+@pytest.mark.parametrize("setup, argv, message", [
+    (lambda p: (p / "empty").mkdir(), ["--data", "{p}/empty"], "no images found"),
+    (lambda p: None, ["--data", "{p}/missing"], "no such folder"),
+    (lambda p: (p / "bad").mkdir() or (p / "bad" / "x.png").write_bytes(b"not a png"), ["--data", "{p}/bad"],
+     "cannot read image .*x.png"),
+    (lambda p: None, ["--resume", "{p}/none.pt"], "no checkpoint at"),
+])
+def test_bad_data_is_reported_without_a_traceback(tmp_path, capsys, setup, argv, message):
+    setup(tmp_path)
+    argv = [a.format(p=tmp_path) for a in argv]
+    code, _, stderr = run_cli(capsys, "mae", "--steps", 1, "--out", tmp_path / "out", *argv, *TINY)
+    assert code == 2 and "Traceback" not in stderr
+    import re
+    assert re.search(message, stderr), stderr
+
+
+def test_resume_refuses_another_model(tmp_path, capsys):
+    assert run_cli(capsys, "aim", "--steps", 1, "--out", tmp_path, *TINY)[0] == 0
+    code, _, stderr = run_cli(capsys, "mae", "--steps", 2, "--out", tmp_path, "--resume", *TINY)
+    assert code == 2 and "holds aim aim_tiny" in stderr
+
+
+def test_bad_arguments_exit_with_usage(capsys):
+    for argv in (["mae", "--config", "aim_tiny"], ["aim", "--steps", "0"], ["vit"]):
+        with pytest.raises(SystemExit) as exit_info:
+            train.parse_args(argv)
+        assert exit_info.value.code == 2
+
+
+def test_atomic_save_keeps_the_old_file_on_failure(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    train.save_atomically(lambda f: f.write(b"old"), path)
+
+    def crash(file):
+        file.write(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train.save_atomically(crash, path)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_lr_schedule_warms_up_then_decays():
+    lrs = [train.lr_at(step, 100, 10, 1.0, 0.1) for step in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_weight_decay_skips_biases_norms_and_tokens():
+    from mimkernels.models import mae_vit_tiny_patch8
+
+    model = mae_vit_tiny_patch8()
+    decay, no_decay = train.param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in no_decay["params"]} >= {"cls_token", "mask_token", "norm.weight", "norm.bias"}
+    assert all(p.ndim > 1 for p in decay["params"]) and "pos_embed" not in {names[id(p)] for p in decay["params"]}
+
+
+def test_ddp_two_cpu_processes_keep_identical_parameters(tmp_path):
+    """torchrun with 2 processes on gloo: each rank trains on its own shard; the run ends by comparing
+    every parameter tensor across ranks (train.replicas_in_sync) and fails if any differs."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+               "-m", "mimkernels.train", "mae", "--steps", "3", "--out", str(tmp_path), *TINY]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "parameters identical on all 2 ranks" in result.stdout
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 3
