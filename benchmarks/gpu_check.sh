@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One-shot check on a lent GPU: extension build, environment, GPU tests, quick benchmarks. At most 9 minutes
-# at most, so a 15-minute lease keeps room for a rerun. (The kernel resource report needs no GPU:
+# One-shot check on a lent GPU: extension build, environment, GPU tests, quick benchmarks (kernels, then
+# model training steps). Every step has its own timeout; 9 minutes in all at most. (The kernel resource report needs no GPU:
 # python -m benchmarks.kernel_report.)
 # Writes under $OUT (default benchmarks/results/local); commit what it measured, raw, under benchmarks/results/.
 # Where the tree has no .git (the device copy), pass the commit: MIMKERNELS_COMMIT=<sha> benchmarks/gpu_check.sh
@@ -15,7 +15,7 @@ unset TRITON_INTERPRET
 status=0
 
 echo "== build the extension (csrc/) in place"
-timeout 150 $PY setup.py build_ext --inplace > "$OUT/build.txt" 2>&1 || { status=1; tail -n 20 "$OUT/build.txt"; }
+timeout 120 $PY setup.py build_ext --inplace > "$OUT/build.txt" 2>&1 || { status=1; tail -n 20 "$OUT/build.txt"; }
 
 {
   echo "commit: $(git rev-parse HEAD 2>/dev/null || echo "${MIMKERNELS_COMMIT:-unknown}")"
@@ -26,14 +26,17 @@ timeout 150 $PY setup.py build_ext --inplace > "$OUT/build.txt" 2>&1 || { status
 cat "$OUT/env.txt"
 
 echo "== GPU tests"
-timeout 120 $PY -m pytest -q -m gpu -p no:cacheprovider tests > "$OUT/pytest_gpu.txt" 2>&1 || status=1
+timeout 100 $PY -m pytest -q -m gpu -p no:cacheprovider tests > "$OUT/pytest_gpu.txt" 2>&1 || status=1
 tail -n 15 "$OUT/pytest_gpu.txt"
 
 echo "== quick benchmarks"
-timeout 150 $PY -m benchmarks.bench_attention --quick --out "$OUT" > "$OUT/bench_attention.txt" 2>&1 || status=1
-timeout 45 $PY -m benchmarks.bench_tokens --quick --out "$OUT" > "$OUT/bench_tokens.txt" 2>&1 || status=1
-timeout 60 $PY -m benchmarks.bench_patch_embed --quick --out "$OUT" > "$OUT/bench_patch_embed.txt" 2>&1 || status=1
+timeout 110 $PY -m benchmarks.bench_attention --quick --out "$OUT" > "$OUT/bench_attention.txt" 2>&1 || status=1
+timeout 40 $PY -m benchmarks.bench_tokens --quick --out "$OUT" > "$OUT/bench_tokens.txt" 2>&1 || status=1
+timeout 50 $PY -m benchmarks.bench_patch_embed --quick --out "$OUT" > "$OUT/bench_patch_embed.txt" 2>&1 || status=1
+timeout 110 $PY -m benchmarks.bench_models --quick --shapes mae_vit_l aim_600m --out "$OUT" > "$OUT/bench_models.txt" 2>&1 \
+  || status=1
 tail -n 25 "$OUT/bench_attention.txt"
 tail -n 12 "$OUT/bench_tokens.txt"
 tail -n 15 "$OUT/bench_patch_embed.txt"
+tail -n 8 "$OUT/bench_models.txt"
 exit $status

@@ -66,3 +66,18 @@ def test_patch_embed_harness_runs_end_to_end(tmp_path):
     assert {r.shape.split(":")[0] for r in rows} == {"full", "mae", "simmim", "loss"}
     assert len(csv_path.read_text().splitlines()) == 1 + len(rows)
     assert len(common.speedups(rows)) > 1
+
+
+def test_models_harness_runs_end_to_end(tmp_path):
+    from benchmarks import bench_models
+
+    configs = {"mae": ("mae", "mae_vit_tiny_patch8", 2), "aim": ("aim", "aim_tiny", 2)}
+    csv_path = tmp_path / "models.csv"
+    rows = bench_models.run(["mae", "aim"], torch.float32, True, common.Peaks(1.0, 1.0), str(csv_path),
+                            device="cpu", configs=configs)
+    assert {(r.kernel, r.provider) for r in rows} == {("mae_train_step", "mimkernels"), ("mae_train_step", "timm_sdpa"),
+                                                     ("aim_train_step", "mimkernels"),
+                                                     ("aim_train_step", "ml_aim_dense_mask")}
+    summary = (tmp_path / "models_summary.csv").read_text().splitlines()
+    assert summary[0].startswith("shape,provider,images_per_s,peak_gib,speedup") and len(summary) == 5
+    assert len(csv_path.read_text().splitlines()) == 1 + len(rows)

@@ -17,7 +17,7 @@ from mimkernels.models import AIM, CONFIGS, MAE, aim_tiny, mae_vit_base_patch16,
 from mimkernels.models.vit import sincos_pos_embed
 
 FUSED = "auto" if torch.cuda.is_available() else "triton"
-FLOOR = 1e-6
+FLOOR = {torch.float32: 1e-6, torch.bfloat16: 5e-3}  # relative to the largest value compared
 
 
 def small_mae(**kwargs):
@@ -31,14 +31,12 @@ def small_aim(**kwargs):
     return AIM(**{**config, **kwargs})
 
 
-def run(model, fn, backend=None):
+def run(model, fn, backend="torch", autocast=None):
     """(outputs, {param name: grad}) of ``fn(model)``, whose first output is the loss."""
     model.zero_grad(set_to_none=True)
-    if backend is None:
+    device = next(model.parameters()).device.type
+    with mimkernels.use_backend(backend), torch.autocast(device, autocast or torch.float32, enabled=bool(autocast)):
         outputs = fn(model)
-    else:
-        with mimkernels.use_backend(backend):
-            outputs = fn(model)
     outputs[0].backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
     return [o.detach() for o in outputs], grads
@@ -48,21 +46,23 @@ def max_err(got, want):
     return (got.double() - want).abs().max().item()
 
 
-def assert_fused_within_budget(model, make_inputs, official_fn, model_fn):
-    """Fused fp32 vs official float64, against the official code's own fp32 error."""
+def assert_fused_within_budget(model, make_inputs, official_fn, model_fn, autocast=None):
+    """Fused (fp32, or under bf16 autocast) vs official float64, against the official code's error in the
+    same precision."""
     inputs = make_inputs(torch.float32)
     model64 = copy.deepcopy(model).double()
     want, want_grads = run(model64, lambda m: official_fn(m, *make_inputs(torch.float64)))
-    base, base_grads = run(model, lambda m: official_fn(m, *inputs))
-    got, got_grads = run(model, lambda m: model_fn(m, *inputs), FUSED)
-    torch_out, _ = run(model, lambda m: model_fn(m, *inputs), "torch")
+    base, base_grads = run(model, lambda m: official_fn(m, *inputs), autocast=autocast)
+    got, got_grads = run(model, lambda m: model_fn(m, *inputs), FUSED, autocast)
+    torch_out, _ = run(model, lambda m: model_fn(m, *inputs), "torch", autocast)
+    floor = FLOOR[autocast or torch.float32]
     pairs = [(f"output {i}", g, b, w) for i, (g, b, w) in enumerate(zip(got, base, want))]
     pairs += [(f"grad {n}", got_grads[n], base_grads[n], want_grads[n]) for n in want_grads]
     for name, g, b, w in pairs:
-        budget = 2 * max_err(b, w) + FLOOR * max(1.0, w.abs().max().item())
+        budget = 2 * max_err(b, w) + floor * max(1.0, w.abs().max().item())
         assert max_err(g, w) <= budget, f"{name}: error {max_err(g, w):.3e} > budget {budget:.3e}"
     for i, (t, w) in enumerate(zip(torch_out, want)):  # the plain PyTorch backend is the same computation
-        assert max_err(t, w) <= 2 * max_err(base[i], w) + FLOOR * max(1.0, w.abs().max().item())
+        assert max_err(t, w) <= 2 * max_err(base[i], w) + floor * max(1.0, w.abs().max().item())
     assert len(want_grads) == len(list(p for p in model.parameters() if p.requires_grad))
 
 
@@ -109,10 +109,10 @@ def test_sincos_pos_embed_is_maes():
         assert torch.allclose(sincos_pos_embed(dim, grid, grid, cls_token=True)[0], want, atol=1e-6)
 
 
-def mae_inputs(batch, size, channels=3, seed=0):
+def mae_inputs(batch, size, channels=3, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    imgs = torch.randn(batch, channels, size, size, generator=gen)
-    noise = torch.rand(batch, (size // 8) ** 2, generator=gen)
+    imgs = torch.randn(batch, channels, size, size, generator=gen).to(device)
+    noise = torch.rand(batch, (size // 8) ** 2, generator=gen).to(device)
     return lambda dtype: (imgs.to(dtype), 0.75, noise)
 
 
@@ -158,10 +158,10 @@ def test_mae_rejects_bad_images():
 # ----------------------------------------------------------------------------- AIM
 
 
-def aim_inputs(batch, size, prefix, seed=0):
+def aim_inputs(batch, size, prefix, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    imgs = torch.randn(batch, 3, size, size, generator=gen)
-    return lambda dtype: (imgs.to(dtype), torch.tensor(prefix))
+    imgs = torch.randn(batch, 3, size, size, generator=gen).to(device)
+    return lambda dtype: (imgs.to(dtype), torch.tensor(prefix, device=device))
 
 
 @pytest.mark.parametrize("prefix", [[1, 15, 7], [3, 3, 8]])
@@ -229,6 +229,19 @@ def test_aim_rejects_bad_input():
         model(torch.randn(1, 3, 32, 32), -1)
     with pytest.raises(ValueError, match="at least 2 patches"):
         small_aim(img_size=8)
+
+
+@pytest.mark.gpu
+def test_models_under_bf16_autocast_on_gpu():
+    """bf16 autocast (the training CLI's GPU mode): head dims 64 and 128 at ViT-like lengths."""
+    torch.manual_seed(6)
+    mae = small_mae(img_size=112, patch_size=8, embed_dim=128, num_heads=2, decoder_embed_dim=128,
+                    decoder_num_heads=2).cuda()  # 196 patches, head dim 64
+    assert_fused_within_budget(mae, mae_inputs(4, 112, device="cuda"), official.mae_forward,
+                               lambda m, imgs, ratio, noise: m(imgs, ratio, noise=noise), torch.bfloat16)
+    aim = small_aim(img_size=112, patch_size=8, embed_dim=256, num_heads=2).cuda()  # head dim 128
+    assert_fused_within_budget(aim, aim_inputs(4, 112, [1, 50, 195, 100], device="cuda"), official.aim_forward,
+                               lambda m, imgs, prefix_len: m(imgs, prefix_len), torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------- configs

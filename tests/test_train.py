@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from mimkernels import train
+
+Image = pytest.importorskip("PIL.Image")  # the training CLI's image reader (a [train] extra)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--batch-size", "4", "--log-every", "1", "--quiet"]
@@ -133,3 +134,13 @@ def test_ddp_two_cpu_processes_keep_identical_parameters(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "parameters identical on all 2 ranks" in result.stdout
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", ["mae", "aim"])
+def test_cli_on_gpu_with_bf16_autocast(tmp_path, capsys, model):
+    write_images(tmp_path / "photos")
+    code, stdout, _ = run_cli(capsys, model, "--data", tmp_path / "photos", "--steps", 4, "--batch-size", 8,
+                              "--lr", 1e-3, "--out", tmp_path / "run", "--log-every", 2, "--quiet")
+    assert code == 0 and math.isfinite(float(stdout.split("-> ")[1].split(",")[0]))
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["args"]["precision"] == "auto"

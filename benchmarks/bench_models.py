@@ -1,0 +1,150 @@
+"""Training-step throughput and peak memory of the reference models: fused vs the usual builds (GPU).
+
+One training step = forward + backward under bf16 autocast + a fused AdamW step, on the same model object
+(same parameters, same optimizer) for every provider, in this process:
+  mimkernels         the model as shipped (mimkernels.models, auto backend: fused kernels)
+  timm_sdpa          MAE: facebookresearch/mae's forward on timm-style blocks with SDPA (benchmarks/official.py)
+  ml_aim_dense_mask  AIM: ml-aim's PrefixCausalAttention (dense [B,1,N,N] bool mask + SDPA), Conv2d patches,
+                     unfused loss
+Before timing, each baseline's loss is checked against ours on the same images, noise and prefixes.
+
+Targets (issue 5): MAE ViT-L step >= 1.3x timm_sdpa, AIM-600M step >= 1.4x ml_aim_dense_mask, peak memory
+no higher than either. They are printed as met / missed, never asserted.
+
+    python -m benchmarks.bench_models [--quick] [--shapes mae_vit_l ...] [--out DIR]
+"""
+from __future__ import annotations
+
+import csv
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from benchmarks import common, official
+from mimkernels import models
+
+# name -> (model family, config, batch); AIM-600M at 256 images would not fit an 80 GB card with AdamW
+SHAPES = {
+    "mae_vit_b": ("mae", "mae_vit_base_patch16", 256),
+    "mae_vit_l": ("mae", "mae_vit_large_patch16", 256),
+    "aim_600m": ("aim", "aim_600m", 64),
+}
+TARGETS = {"mae_vit_l": ("timm_sdpa", 1.3), "aim_600m": ("ml_aim_dense_mask", 1.4)}
+SUMMARY_FIELDS = ("shape", "provider", "images_per_s", "peak_gib", "speedup", "device", "torch", "commit")
+
+
+def step_times(step, *, warmup: int, iters: int, device: str) -> tuple[float, float, float]:
+    """p50, p20, p80 of ``iters`` training steps in ms, after ``warmup`` (one step is long: CUDA events)."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            start_s = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - start_s) * 1e3)
+    quantiles = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
+    return statistics.median(times), quantiles[1], quantiles[7]
+
+
+def providers(family, model, imgs, device):
+    """name -> loss function of the model; MAE noise and AIM prefixes are fixed so losses compare."""
+    batch = imgs.shape[0]
+    gen = torch.Generator(device=device).manual_seed(0)
+    if family == "mae":
+        noise = torch.rand(batch, model.patch_embed.num_patches, device=device, generator=gen)
+        return {"mimkernels": lambda: model(imgs, 0.75, noise=noise)[0],
+                "timm_sdpa": lambda: official.mae_forward(model, imgs, 0.75, noise)[0]}
+    prefix = model.sample_prefix_len(batch, device, generator=gen)
+    return {"mimkernels": lambda: model(imgs, prefix)[0],
+            "ml_aim_dense_mask": lambda: official.aim_forward(model, imgs, prefix)[0]}
+
+
+def run(shapes, dtype, quick, peaks, csv_path=None, *, device="cuda", configs=None, batch=None):
+    """Rows in the common schema (mode ``train_step``); ``configs``/``batch`` override SHAPES (CPU tests)."""
+    rows, summary = [], []
+    for name in shapes:
+        family, config, shape_batch = (configs or SHAPES)[name]
+        batch_size = batch or shape_batch
+        torch.manual_seed(0)
+        model = models.CONFIGS[family][config](norm_pix_loss=True).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+        size = model.patch_embed.img_size
+        imgs = torch.randn(batch_size, 3, size, size, device=device)
+        candidates = providers(family, model, imgs, device)
+        with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            losses = {provider: loss_fn().float().item() for provider, loss_fn in candidates.items()}
+        for provider, loss_fn in candidates.items():
+            if abs(losses[provider] - losses["mimkernels"]) > 2e-2 * abs(losses["mimkernels"]) + 1e-3:
+                print(f"  {name} {provider}: loss {losses[provider]:.4f} != ours {losses['mimkernels']:.4f}; not timed")
+                continue
+
+            def step(loss_fn=loss_fn, optimizer=optimizer):
+                with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+                    loss = loss_fn()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+
+            if device == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            times = step_times(step, warmup=1 if quick else 3, iters=3 if quick else 10, device=device)
+            peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+            shape = f"{name}:{config}:B{batch_size}"
+            rows.append(common.result(f"{family}_train_step", provider, "train_step", shape, str(dtype)[6:], times,
+                                      0, 0, peaks))
+            summary.append({"shape": shape, "provider": provider, "images_per_s": batch_size / times[0] * 1e3,
+                            "peak_gib": peak_gib})
+            print(f"  {shape:40s} {provider:18s} {times[0]:9.2f} ms/step {summary[-1]['images_per_s']:9.1f} img/s "
+                  f"peak {peak_gib:6.2f} GiB  loss {losses[provider]:.4f}", flush=True)
+        del model, optimizer
+    for row in summary:
+        ours = next(r for r in summary if r["shape"] == row["shape"] and r["provider"] == "mimkernels")
+        row["speedup"] = ours["images_per_s"] / row["images_per_s"]
+    if csv_path:
+        common.write_csv(csv_path, rows, device)
+        write_summary(os.path.join(os.path.dirname(csv_path), "models_summary.csv"), summary, device)
+    print("\n".join(target_lines(summary)))
+    return rows
+
+
+def target_lines(summary) -> list[str]:
+    lines = []
+    for name, (baseline, goal) in TARGETS.items():
+        pair = {r["provider"]: r for r in summary if r["shape"].startswith(name + ":")}
+        if "mimkernels" in pair and baseline in pair:
+            ours, theirs = pair["mimkernels"], pair[baseline]
+            speed = theirs["speedup"]
+            memory_ok = not ours["peak_gib"] > theirs["peak_gib"]  # NaN (CPU) compares False
+            verdict = "met" if speed >= goal else "missed"
+            lines.append(f"target {name}: {speed:.2f}x {baseline} (goal >= {goal}x: {verdict}), peak "
+                         f"{ours['peak_gib']:.2f} vs {theirs['peak_gib']:.2f} GiB ({'met' if memory_ok else 'missed'})")
+    return lines
+
+
+def write_summary(path, summary, device) -> None:
+    provenance = {"device": common.device_name(device), "torch": torch.__version__, "commit": common.commit()}
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS)
+        writer.writeheader()
+        for row in summary:
+            writer.writerow({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in row.items()} | provenance)
+
+
+def main(argv=None) -> int:
+    return common.family_main(argv, "MAE / AIM training-step benchmark", SHAPES, run, "models.csv")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
