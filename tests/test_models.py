@@ -275,3 +275,10 @@ def test_tiny_configs_train_under_the_torch_backend(build):
             optimizer.step()
             losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_mae_patchify_methods_round_trip():
+    model = small_mae(img_size=48)
+    imgs = torch.randn(2, 3, 48, 48)
+    patches = model.patchify(imgs)
+    assert torch.equal(patches, official.patchify(imgs, 8)) and torch.equal(model.unpatchify(patches), imgs)

@@ -231,3 +231,25 @@ def test_bad_input(backend, call, error, match):
     ids = torch.tensor([[0, 2, 1], [2, 0, 1]])
     with mimkernels.use_backend(backend), pytest.raises(error, match=match):
         call(x, ids)
+
+
+@pytest.mark.parametrize("patches, mask_ratio", [(196, 0.75), (49, 0.5), (1, 0.0), (50, 0.9)])
+def test_masking_indices_are_random_maskings(patches, mask_ratio):
+    noise = torch.rand(3, patches, generator=torch.Generator().manual_seed(patches))
+    mask, ids_restore, ids_keep = mimkernels.masking_indices(noise, mask_ratio)
+    x = torch.randn(3, patches, 8)
+    x_kept, want_mask, want_restore = official_random_masking(x, mask_ratio, noise)
+    assert torch.equal(mask, want_mask) and torch.equal(ids_restore, want_restore)
+    assert torch.equal(torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, 8)), x_kept)
+
+
+@pytest.mark.parametrize("noise, ratio, error, match", [
+    (torch.rand(2, 4), 1.0, ValueError, "mask_ratio"),
+    (torch.rand(2, 4), 0.9, ValueError, "keeps no patch"),
+    (torch.rand(8), 0.5, TypeError, "noise must be a 2-D"),
+    (torch.arange(8).reshape(2, 4), 0.5, TypeError, "noise must be a 2-D floating-point"),
+    ([[0.1, 0.2]], 0.5, TypeError, "noise"),
+])
+def test_masking_indices_bad_input(noise, ratio, error, match):
+    with pytest.raises(error, match=match):
+        mimkernels.masking_indices(noise, ratio)
