@@ -131,7 +131,7 @@ def demo_training(out: Path, steps: int) -> list:
         print(f"\n== training {model} ({config}) on the built-in photos ==")
         args = train.parse_args([model, "--config", config, "--data", "builtin", "--steps", str(steps),
                                  "--batch-size", str(batch), "--lr", str(lr), "--out", str(out / model),
-                                 "--log-every", str(max(1, steps // 10))])
+                                 "--log-every", str(max(1, steps // 10)), "--workers", "4" if HAS_GPU else "0"])
         summaries.append(train.train(args, device=torch.device("cuda" if HAS_GPU else "cpu")))
     return summaries
 
