@@ -304,6 +304,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("steps", "batch_size", "log_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0 <= args.mask_ratio < 1:
+        parser.error(f"--mask-ratio must lie in [0, 1), got {args.mask_ratio}")
     if args.save_every < 0 or args.workers < 0 or (args.warmup_steps is not None and args.warmup_steps < 0):
         parser.error("--save-every, --workers and --warmup-steps must be >= 0")
     return args
@@ -313,7 +315,10 @@ def build_model(args) -> torch.nn.Module:
     kwargs = {"norm_pix_loss": args.norm_pix_loss}
     if args.img_size:
         kwargs["img_size"] = args.img_size
-    return CONFIGS[args.model][args.config](**kwargs)
+    try:
+        return CONFIGS[args.model][args.config](**kwargs)
+    except ValueError as error:  # e.g. an --img-size the patch size does not divide
+        raise UsageError(f"{args.config}: {error}") from None
 
 
 def train(args, rank: int = 0, world: int = 1, device: torch.device | None = None) -> Summary:

@@ -72,6 +72,7 @@ def test_the_cli_runs_the_fused_kernels(tmp_path, capsys):
     (lambda p: (p / "bad").mkdir() or (p / "bad" / "x.png").write_bytes(b"not a png"), ["--data", "{p}/bad"],
      "cannot read image .*x.png"),
     (lambda p: None, ["--resume", "{p}/none.pt"], "no checkpoint at"),
+    (lambda p: None, ["--img-size", "60"], "not a multiple of patch_size"),
 ])
 def test_bad_data_is_reported_without_a_traceback(tmp_path, capsys, setup, argv, message):
     setup(tmp_path)
@@ -89,7 +90,7 @@ def test_resume_refuses_another_model(tmp_path, capsys):
 
 
 def test_bad_arguments_exit_with_usage(capsys):
-    for argv in (["mae", "--config", "aim_tiny"], ["aim", "--steps", "0"], ["vit"]):
+    for argv in (["mae", "--config", "aim_tiny"], ["aim", "--steps", "0"], ["vit"], ["mae", "--mask-ratio", "1"]):
         with pytest.raises(SystemExit) as exit_info:
             train.parse_args(argv)
         assert exit_info.value.code == 2
