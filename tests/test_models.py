@@ -132,6 +132,17 @@ def test_mae_head_dim_40_and_odd_mask_ratio():
                                lambda m, imgs, ratio, noise: m(imgs, ratio, noise=noise))
 
 
+def test_the_tiny_configs_fused_match_the_official_code():
+    """The shipped tiny configs (64 px, 64 patches, head dims 32 and 16) end to end."""
+    torch.manual_seed(7)
+    mae = mae_vit_tiny_patch8(norm_pix_loss=True)
+    assert_fused_within_budget(mae, mae_inputs(2, 64, seed=7), official.mae_forward,
+                               lambda m, imgs, ratio, noise: m(imgs, ratio, noise=noise))
+    aim = aim_tiny()
+    assert_fused_within_budget(aim, aim_inputs(2, 64, [1, 40], seed=7), official.aim_forward,
+                               lambda m, imgs, prefix_len: m(imgs, prefix_len))
+
+
 def test_mae_same_noise_same_mask_on_every_backend():
     model = small_mae()
     imgs, _, noise = mae_inputs(2, 32)(torch.float32)
