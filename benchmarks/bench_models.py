@@ -77,7 +77,8 @@ def run(shapes, dtype, quick, peaks, csv_path=None, *, device="cuda", configs=No
         family, config, shape_batch = (configs or SHAPES)[name]
         batch_size = batch or shape_batch
         torch.manual_seed(0)
-        model = models.CONFIGS[family][config](norm_pix_loss=True).to(device)
+        with torch.device(device):
+            model = models.CONFIGS[family][config](norm_pix_loss=True)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
         size = model.patch_embed.img_size
         imgs = torch.randn(batch_size, 3, size, size, device=device)

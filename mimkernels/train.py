@@ -328,7 +328,8 @@ def train(args, rank: int = 0, world: int = 1, device: torch.device | None = Non
     if len(files) <= HEADER_CHECK_LIMIT:
         check_headers(files)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model = build_model(args).to(device)
+    with torch.device(device):  # initialised where it trains: no host copy of billions of parameters
+        model = build_model(args)
     defaults = DEFAULTS[args.model]
     global_batch = args.batch_size * world
     peak_lr = args.lr if args.lr is not None else defaults["base_lr"] * global_batch / defaults["lr_batch"]
