@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import itertools
 import math
 import os
 import sys
@@ -321,6 +322,46 @@ def build_model(args) -> torch.nn.Module:
         raise UsageError(f"{args.config}: {error}") from None
 
 
+class Meter:
+    """Mean loss and images/s over the steps since the last report (reading the loss waits for the device,
+    so it happens only at report time)."""
+
+    def __init__(self, device, images_per_step: int):
+        self.images_per_step = images_per_step
+        self.loss_sum, self.steps, self.start = torch.zeros((), device=device), 0, time.perf_counter()
+        self.losses, self.rates = [], []
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss.detach().float()
+        self.steps += 1
+
+    def report(self, final: bool) -> tuple[float, float]:
+        loss = self.loss_sum.item() / self.steps
+        rate = self.steps * self.images_per_step / (time.perf_counter() - self.start)
+        self.losses.append(loss)
+        if len(self.losses) > 1 or final:  # the first window holds the warm-up (allocations, autotuning)
+            self.rates.append(rate)
+        self.loss_sum.zero_()
+        self.steps, self.start = 0, time.perf_counter()
+        return loss, rate
+
+
+def resume(args, model, optimizer, checkpoint_path: Path, device) -> int:
+    """Load ``--resume``'s checkpoint into model and optimizer; returns its step."""
+    path = checkpoint_path if args.resume == "auto" else Path(args.resume)
+    if not path.is_file():
+        raise UsageError(f"--resume: no checkpoint at {path}")
+    state = torch.load(path, map_location=device, weights_only=False)
+    if (state["model_name"], state["config"]) != (args.model, args.config):
+        raise UsageError(f"--resume: {path} holds {state['model_name']} {state['config']}, "
+                         f"not {args.model} {args.config}")
+    if state["step"] >= args.steps:
+        raise UsageError(f"--resume: {path} is at step {state['step']} already; ask for more --steps")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"]
+
+
 def train(args, rank: int = 0, world: int = 1, device: torch.device | None = None) -> Summary:
     """The training loop of one process (rank ``rank`` of ``world``, process group already set up)."""
     device = device or torch.device("cpu")
@@ -336,88 +377,57 @@ def train(args, rank: int = 0, world: int = 1, device: torch.device | None = Non
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 20)
     weight_decay = args.weight_decay if args.weight_decay is not None else defaults["weight_decay"]
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=peak_lr, betas=defaults["betas"])
-
     out = Path(args.out)
     checkpoint_path = out / "checkpoint.pt"
-    start = 0
-    if args.resume:
-        path = checkpoint_path if args.resume == "auto" else Path(args.resume)
-        if not path.is_file():
-            raise UsageError(f"--resume: no checkpoint at {path}")
-        state = torch.load(path, map_location=device, weights_only=False)
-        if (state["model_name"], state["config"]) != (args.model, args.config):
-            raise UsageError(f"--resume: {path} holds {state['model_name']} {state['config']}, "
-                            f"not {args.model} {args.config}")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
-        if start >= args.steps:
-            raise UsageError(f"--resume: {path} is at step {start} already; ask for more --steps")
+    start = resume(args, model, optimizer, checkpoint_path, device) if args.resume else 0
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed + 1000 * rank + start)  # data, masks and prefixes differ across ranks
 
-    image_size = model.patch_embed.img_size
-    dataset = CropDataset(files, image_size, defaults["crop_scale"], length=max(len(files), 8 * global_batch))
+    dataset = CropDataset(files, model.patch_embed.img_size, defaults["crop_scale"],
+                          length=max(len(files), 8 * global_batch))
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
                                                   seed=args.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                                          num_workers=args.workers, pin_memory=device.type == "cuda")
     wrapped = model
     if world > 1:
-        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.index is not None
-                                                            else None)
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=None if device.index is None
+                                                            else [device.index])
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    viz = None
     progress = Progress(f"{args.model} {args.config}", args.steps, enabled=rank == 0 and not args.quiet)
-    logged, window_loss, window_start, window_steps = [], torch.zeros((), device=device), time.perf_counter(), 0
-    rates = []
-    step, epoch = start, start // len(loader)
-    backend = mimkernels.use_backend(args.backend) if args.backend else contextlib.nullcontext()
-    with backend:
+    meter = Meter(device, global_batch)
+    viz, step, epoch = None, start, start // len(loader)
+    with mimkernels.use_backend(args.backend) if args.backend else contextlib.nullcontext():
         model.train()
         while step < args.steps:
             sampler.set_epoch(epoch)
-            for imgs in loader:
-                if step >= args.steps:
-                    break
+            for imgs in itertools.islice(loader, args.steps - step):
                 imgs = imgs.to(device, non_blocking=True)
-                if viz is None:
-                    viz = imgs[:4].clone()
+                viz = imgs[:4].clone() if viz is None else viz
                 lr = lr_at(step, args.steps, warmup, peak_lr, args.min_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    loss = wrapped(imgs) if args.model == "aim" else wrapped(imgs, args.mask_ratio)
-                    loss = loss[0]
+                    loss = (wrapped(imgs) if args.model == "aim" else wrapped(imgs, args.mask_ratio))[0]
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if args.clip_grad:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
                 optimizer.step()
                 step += 1
-                window_loss += loss.detach().float()
-                window_steps += 1
+                meter.add(loss)
                 if step % args.log_every == 0 or step == args.steps:
-                    mean_loss = window_loss.item() / window_steps  # .item() waits for the device
-                    elapsed = time.perf_counter() - window_start
-                    rate = window_steps * global_batch / elapsed
-                    logged.append(mean_loss)
-                    if len(logged) > 1 or step == args.steps:  # the first window includes warm-up and compilation
-                        rates.append(rate)
-                    progress.update(step, mean_loss, rate, lr)
-                    window_loss.zero_()
-                    window_start, window_steps = time.perf_counter(), 0
+                    progress.update(step, *meter.report(final=step == args.steps), lr)
                 if (args.save_every and step % args.save_every == 0) or step == args.steps:
                     save_checkpoint(model, optimizer, args, step, rank, checkpoint_path, viz)
             epoch += 1
     progress.close()
     if world > 1 and not replicas_in_sync(model):
         raise RuntimeError("parameters differ across ranks after training")
-    written = rank == 0 and start < args.steps
-    return Summary(args.model, args.config, args.steps - start, logged[0] if logged else math.nan,
-                   logged[-1] if logged else math.nan, float(np.median(rates)) if rates else math.nan,
-                   checkpoint_path if written else None, out / "reconstruction.png" if written else None)
+    return Summary(args.model, args.config, args.steps - start, meter.losses[0], meter.losses[-1],
+                   float(np.median(meter.rates)), checkpoint_path if rank == 0 else None,
+                   out / "reconstruction.png" if rank == 0 else None)
 
 
 def save_checkpoint(model, optimizer, args, step, rank, path: Path, viz) -> None:
