@@ -1,20 +1,26 @@
-"""Prefix-causal attention against what AIM users would use instead (GPU only).
+"""Attention against what users would run instead (GPU only): prefix-causal (AIM) and full (MAE) shapes.
 
-Providers, all timed in this process on the same inputs:
-  mimkernels          mimkernels.prefix_causal_attention (Triton)
+Providers, all timed in this process on the same inputs. Prefix-causal shapes:
+  mimkernels          mimkernels.prefix_causal_attention (Triton; deterministic backward, the default)
+  mimkernels_atomic   the same with deterministic=False (one backward launch, dQ by fp32 atomics)
   sdpa_dense_mask     SDPA with the dense bool mask built per call, as apple/ml-aim does
   flex+block_mask     FlexAttention (compiled) including create_block_mask for the batch's prefixes
   flex                FlexAttention with the block mask built beforehand
   sdpa_causal         SDPA is_causal=True (flash backend): same FLOP class, no prefix
   flash_attn_causal   FlashAttention causal, where the flash_attn package is installed
+Full-attention shapes: mimkernels (mimkernels.attention), mimkernels_atomic, and SDPA as it dispatches by
+default (sdpa) and forced to each fused backend (sdpa_flash, sdpa_cudnn, sdpa_efficient).
 
-TFLOP/s count visible pairs only (each provider's own mask); roofline % per benchmarks/common.py.
+TFLOP/s count visible pairs only (each provider's own mask); roofline % per benchmarks/common.py. The issue's
+targets are printed last as met / missed (never asserted), with the peak memory of one fwd+bwd per provider.
 
-    python -m benchmarks.bench_attention [--quick] [--modes fwd bwd fwd_bwd] [--out DIR]
+    python -m benchmarks.bench_attention [--quick] [--modes fwd bwd fwd_bwd] [--shapes ...] [--out DIR]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
 import os
 import sys
 
@@ -24,13 +30,17 @@ import torch.nn.functional as F
 import mimkernels
 from benchmarks import common
 
-# name: (heads, seq_len, head_dim)
+# name: (batch, heads, seq_len, head_dim, mask) with mask "prefix" (per-sample prefix in [1, N)) or "full"
 SHAPES = {
-    "vit_b": (12, 197, 64),
-    "vit_h": (16, 257, 80),
-    "aim_600m": (12, 256, 128),
-    "aim_3b": (24, 256, 128),
-    "long": (16, 4096, 128),
+    "aim_600m": (64, 12, 256, 128, "prefix"),
+    "aim_3b": (32, 24, 256, 128, "prefix"),
+    "vit_b_n257": (128, 12, 257, 64, "prefix"),
+    "vit_h_n257": (64, 16, 257, 80, "prefix"),
+    "n1024": (16, 16, 1024, 128, "prefix"),
+    "n4096": (4, 16, 4096, 128, "prefix"),
+    "mae_encoder": (256, 16, 50, 64, "full"),
+    "mae_decoder": (256, 16, 197, 32, "full"),
+    "vit_b": (256, 12, 197, 64, "full"),
 }
 MODES = ("fwd", "bwd", "fwd_bwd")
 FLOPS_PER_PAIR_AND_DIM = {"fwd": 4, "bwd": 10, "fwd_bwd": 14}  # 2 matmuls forward, 5 backward
@@ -44,22 +54,42 @@ def visible_pairs(seq_len: int, prefix: torch.Tensor) -> int:
     return int(per_row.sum())
 
 
-def batch_for(seq_len: int, quick: bool) -> int:
-    """Enough samples to fill the GPU: about 64k tokens per call (16k with --quick)."""
-    return max(2, (2**14 if quick else 2**16) // seq_len)
-
-
 def _flex():
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     return torch.compile(flex_attention, dynamic=False), create_block_mask
 
 
+def _sdpa_backend(name):
+    """A context that forces SDPA onto one fused backend, or None where this torch lacks it."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, name, None)
+    return None if backend is None else (lambda: sdpa_kernel(backend))
+
+
 def providers(q, k, v, prefix, with_flex=True):
-    """name -> (callable giving the output, prefix it attends with for FLOP counting)."""
+    """name -> (callable giving the output, prefix it attends with for FLOP counting). ``prefix`` is an integer
+    tensor [B] (prefix-causal shapes) or the int N (full attention)."""
     batch, _, seq_len, _ = q.shape
+    if not isinstance(prefix, torch.Tensor):  # full attention
+        found = {
+            "mimkernels": (lambda: mimkernels.attention(q, k, v), prefix),
+            "mimkernels_atomic": (lambda: mimkernels.attention(q, k, v, deterministic=False), prefix),
+            "sdpa": (lambda: F.scaled_dot_product_attention(q, k, v), prefix),
+        }
+        for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+            context = _sdpa_backend(name) if q.is_cuda else None
+            if context is not None:
+                def forced(context=context):
+                    with context():
+                        return F.scaled_dot_product_attention(q, k, v)
+                found["sdpa_" + name.split("_")[0].lower()] = (forced, prefix)
+        return found
     found = {
         "mimkernels": (lambda: mimkernels.prefix_causal_attention(q, k, v, prefix), prefix),
+        "mimkernels_atomic": (lambda: mimkernels.prefix_causal_attention(q, k, v, prefix, deterministic=False),
+                              prefix),
         "sdpa_dense_mask": (lambda: F.scaled_dot_product_attention(
             q, k, v, attn_mask=mimkernels.prefix_causal_mask(seq_len, prefix)), prefix),
     }
@@ -106,29 +136,47 @@ def _timed(fn, mode, q, k, v, grad_out, quick):
     return common.time_ms(lambda: torch.autograd.grad(fn(), (q, k, v), grad_out), **timing)
 
 
-def run(shapes, modes, dtype, quick, peaks, csv_path=None, *, device="cuda", batch=None, with_flex=True):
+def _peak_mib(fn, q, k, v, grad_out) -> float:
+    """Peak memory of one fwd+bwd above what was allocated before it, MiB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    torch.autograd.grad(fn(), (q, k, v), grad_out)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def run(shapes, modes, dtype, quick, peaks, csv_path=None, *, device="cuda", batch=None, with_flex=True,
+        memory=None, table=None):
     """Time every provider on every shape; the CSV is rewritten after each shape, so a cut-off run keeps its rows.
 
-    ``device="cpu"`` with a small ``batch`` only exercises the harness (tests): its times mean nothing.
+    ``memory``, a dict, receives {(shape, provider): peak MiB of one fwd+bwd} (GPU only).
+    ``device="cpu"`` with a small ``batch`` (and ``table`` of shapes) only exercises the harness (tests): its
+    times mean nothing.
     """
     rows = []
     for name in shapes:
-        heads, seq_len, head_dim = SHAPES[name]
-        samples = batch or batch_for(seq_len, quick)
+        samples, heads, seq_len, head_dim, mask = (table or SHAPES)[name]
+        samples = batch or samples
         gen = torch.Generator(device=device).manual_seed(0)
         q, k, v = (torch.randn(samples, heads, seq_len, head_dim, device=device, dtype=dtype, generator=gen)
                    .requires_grad_() for _ in range(3))
         grad_out = torch.randn_like(q)
-        prefix = torch.randint(1, seq_len, (samples,), device=device, generator=gen)
+        if mask == "prefix":
+            prefix = torch.randint(1, seq_len, (samples,), device=device, generator=gen)
+        else:
+            prefix = seq_len
         shape = f"{name}:B{samples}xH{heads}xN{seq_len}xD{head_dim}"
         min_bytes = q.numel() * q.element_size()
         with torch.no_grad():
-            expected = mimkernels.prefix_causal_attention(q, k, v, prefix).float()
+            expected = mimkernels.attention(q, k, v, prefix_len=prefix).float()
         for provider, (fn, attended_prefix) in providers(q, k, v, prefix, with_flex).items():
             if attended_prefix is prefix and (error := _relative_error(fn, expected)) > 2e-2:
                 print(f"  {shape} {provider}: skipped, its output differs from mimkernels' by {error:.2e} (relative)")
                 continue
-            pairs = visible_pairs(seq_len, attended_prefix) * heads
+            counted = attended_prefix if isinstance(attended_prefix, torch.Tensor) else \
+                torch.full((samples,), attended_prefix, device=device)
+            pairs = visible_pairs(seq_len, counted) * heads
             for mode in modes:
                 if mode == "bwd" and provider == "flex+block_mask":
                     continue  # the block mask is built in the forward only
@@ -137,14 +185,59 @@ def run(shapes, modes, dtype, quick, peaks, csv_path=None, *, device="cuda", bat
                 except Exception as err:  # a baseline that cannot run this shape is reported, not fatal
                     print(f"  {shape} {provider} {mode}: skipped ({type(err).__name__}: {str(err)[:120]})")
                     continue
-                rows.append(common.result("prefix_causal_attention", provider, mode, shape, str(dtype)[6:], times,
+                rows.append(common.result("attention", provider, mode, shape, str(dtype)[6:], times,
                                           FLOPS_PER_PAIR_AND_DIM[mode] * pairs * head_dim,
                                           TENSORS_MOVED[mode] * min_bytes, peaks))
                 print(f"  {shape:34s} {provider:18s} {mode:8s} {times[0]:8.3f} ms  {rows[-1].tflops:6.1f} TFLOP/s  "
                       f"{rows[-1].roofline_pct:5.1f}% roofline", flush=True)
+            if memory is not None and device == "cuda":
+                with contextlib.suppress(Exception):
+                    memory[name, provider] = _peak_mib(fn, q, k, v, grad_out)
         if csv_path:
             common.write_csv(csv_path, rows, device)
+        del q, k, v, grad_out, expected
     return rows
+
+
+# The issue's targets: (shapes, mode, baseline provider, least speedup of mimkernels over it). A speedup below 1
+# is a cap on our time relative to the baseline's (0.87: at most 1.15x the baseline's time).
+SPEEDUP_TARGETS = [
+    (("aim_600m", "aim_3b"), "fwd_bwd", "sdpa_dense_mask", 1.5),
+    (("aim_600m", "aim_3b"), "fwd_bwd", "flex", 2.0),
+    (("aim_600m", "aim_3b"), "fwd_bwd", "flex+block_mask", 10.0),
+    (("aim_600m", "aim_3b"), "fwd_bwd", "sdpa_causal", 1 / 1.15),
+    (("n1024", "n4096"), "fwd_bwd", "flex", 1.15),
+    (("n1024", "n4096"), "fwd_bwd", "sdpa_dense_mask", 2.5),
+    (("vit_b_n257", "vit_h_n257"), "fwd_bwd", "sdpa_dense_mask", 2.0),
+    (("vit_b_n257", "vit_h_n257"), "fwd_bwd", "flex", 1.2),
+    (("mae_encoder", "mae_decoder", "vit_b"), "fwd_bwd", "sdpa", 1.0),
+    (("mae_encoder", "mae_decoder", "vit_b"), "fwd", "sdpa", 1.0),
+]
+RATE_TARGETS = [("n4096", "fwd", 500.0), ("n4096", "bwd", 380.0)]  # TFLOP/s over visible pairs
+
+
+def targets(rows: list[common.Result], memory: dict, provider: str = "mimkernels") -> list[str]:
+    """One line per target and shape: measured value, target, met / missed (nothing is asserted)."""
+    by = {(r.shape.split(":")[0], r.provider, r.mode): r for r in rows}
+    lines = [f"== targets for {provider}"]
+    for shapes, mode, baseline, least in SPEEDUP_TARGETS:
+        for shape in shapes:
+            ours, theirs = by.get((shape, provider, mode)), by.get((shape, baseline, mode))
+            if ours is None or theirs is None:
+                continue
+            speedup = theirs.ms_p50 / ours.ms_p50
+            verdict = "met" if speedup >= least else "MISSED"
+            lines.append(f"{shape:12s} {mode:8s} vs {baseline:16s} {speedup:6.2f}x (target >= {least:.2f}x)  {verdict}")
+    for shape, mode, rate in RATE_TARGETS:
+        if (row := by.get((shape, provider, mode))) is not None:
+            verdict = "met" if row.tflops >= rate else "MISSED"
+            lines.append(f"{shape:12s} {mode:8s} {row.tflops:6.1f} TFLOP/s (target >= {rate:.0f})  {verdict}")
+    for shape in dict.fromkeys(s for s, _ in memory):
+        if (shape, provider) in memory and (shape, "flex") in memory:
+            ours, flex = memory[shape, provider], memory[shape, "flex"]
+            verdict = "met" if ours <= flex * 1.001 else "MISSED"
+            lines.append(f"{shape:12s} peak fwd+bwd {ours:7.0f} MiB vs flex {flex:7.0f} MiB  {verdict}")
+    return lines
 
 
 def floors(shapes, peaks: common.Peaks) -> list[str]:
@@ -154,9 +247,10 @@ def floors(shapes, peaks: common.Peaks) -> list[str]:
     """
     lines = [f"{'shape':34s} {'mode':8s} {'GFLOP':>7s} {'MB':>7s} {'compute ms':>10s} {'memory ms':>9s}  bound"]
     for name in shapes:
-        heads, seq_len, head_dim = SHAPES[name]
-        batch = batch_for(seq_len, quick=False)
+        batch, heads, seq_len, head_dim, mask = SHAPES[name]
         prefix = torch.randint(1, seq_len, (batch,), generator=torch.Generator().manual_seed(0))
+        if mask == "full":
+            prefix = torch.full((batch,), seq_len)
         pairs = visible_pairs(seq_len, prefix) * heads
         for mode in MODES:
             flops = FLOPS_PER_PAIR_AND_DIM[mode] * pairs * head_dim
@@ -215,8 +309,19 @@ def main(argv=None) -> int:
     print(f"{torch.cuda.get_device_name()}: measured peaks {peaks.tflops:.0f} TFLOP/s bf16, {peaks.gbps:.0f} GB/s")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-    rows = run(args.shapes, args.modes, dtype, args.quick, peaks, args.out and os.path.join(args.out, "attention.csv"))
+    memory = {}
+    rows = run(args.shapes, args.modes, dtype, args.quick, peaks, args.out and os.path.join(args.out, "attention.csv"),
+               memory=memory)
     print("\n".join(common.speedups(rows)))
+    for shape, provider in memory:
+        print(f"memory {shape:12s} {provider:18s} {memory[shape, provider]:8.0f} MiB peak over one fwd+bwd")
+    if args.out:
+        with open(os.path.join(args.out, "attention_memory.csv"), "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["shape", "provider", "peak_mib_fwd_bwd", "device", "commit"])
+            for (shape, provider), mib in memory.items():
+                writer.writerow([shape, provider, f"{mib:.1f}", common.device_name(), common.commit()])
+    print("\n".join(targets(rows, memory) + targets(rows, memory, "mimkernels_atomic")))
     if args.out and not args.no_plot:
         plot(rows, os.path.join(args.out, "attention.png"))
     return 0

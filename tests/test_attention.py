@@ -91,30 +91,32 @@ def assert_within_budget(kernel_fn, reference_fn, shape, dtype, layout="contiguo
         assert kernel_err <= budget, f"{name}: error {kernel_err:.3e} > budget {budget:.3e} (torch {torch_err:.3e})"
 
 
-def triton_op(prefix, configs=None, scale=None):
+def triton_op(prefix, configs=None, scale=None, deterministic=True):
     """The public op on the Triton backend, or the raw autograd op with explicit tile configs."""
     if configs is None:
         def run(q, k, v):
             with mimkernels.use_backend("triton"):
-                return mimkernels.prefix_causal_attention(q, k, v, prefix, scale=scale)
+                return mimkernels.prefix_causal_attention(q, k, v, prefix, scale=scale, deterministic=deterministic)
         return run
-    return lambda q, k, v: _ConfiguredAttention.apply(q, k, v, prefix, scale or 1 / math.sqrt(q.shape[-1]), configs)
+    return lambda q, k, v: _ConfiguredAttention.apply(q, k, v, prefix, scale or 1 / math.sqrt(q.shape[-1]), configs,
+                                                      deterministic)
 
 
 class _ConfiguredAttention(torch.autograd.Function):
     """The kernels with small, odd tile shapes, to exercise the multi-tile paths on small N."""
 
     @staticmethod
-    def forward(ctx, q, k, v, prefix, scale, configs):
+    def forward(ctx, q, k, v, prefix, scale, configs, deterministic):
         out, lse = kernels.forward(q, k, v, prefix, scale, configs)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = prefix, scale, configs
+        ctx.args = prefix, scale, configs, deterministic
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        prefix, scale, configs = ctx.args
-        return (*kernels.backward(grad_out.contiguous(), *ctx.saved_tensors, prefix, scale, configs), None, None, None)
+        prefix, scale, configs, deterministic = ctx.args
+        grads = kernels.backward(grad_out.contiguous(), *ctx.saved_tensors, prefix, scale, configs, deterministic)
+        return (*grads, None, None, None, None)
 
 
 def reference_op(prefix, scale=None):
@@ -228,6 +230,23 @@ def test_many_tiles(tiles, seq_len):
     prefix = per_sample_prefix(4, seq_len, seed=seq_len)
     assert_within_budget(triton_op(prefix, SMALL_TILES[tiles], 0.25), reference_op(prefix, 0.25), shape,
                          torch.float32, seed=seq_len)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 1, 1, 16), (4, 1, 49, 64), (4, 1, 50, 40), (4, 1, 197, 80)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_atomic_backward(shape, dtype):
+    """deterministic=False: dQ summed atomically by the dK/dV programs, same budget as the two-launch backward."""
+    prefix = per_sample_prefix(shape[0], shape[2], seed=shape[2])
+    assert_within_budget(triton_op(prefix, deterministic=False), reference_op(prefix), shape, dtype)
+
+
+@pytest.mark.parametrize("tiles", SMALL_TILES, ids=str)
+def test_atomic_backward_many_tiles(tiles):
+    shape = (4, 2, 61, 24)
+    prefix = per_sample_prefix(4, 61, seed=3)
+    assert_within_budget(triton_op(prefix, SMALL_TILES[tiles], 0.25, deterministic=False), reference_op(prefix, 0.25),
+                         shape, torch.float32, layout="packed_qkv")
 
 
 @settings(max_examples=12, deadline=None)
@@ -405,6 +424,10 @@ def test_bad_input(case, error, match):
 
 def test_bad_attention_arguments():
     q = _qkv(1, 1, 4, 16)
+    with pytest.raises(TypeError, match="deterministic must be a bool"):
+        mimkernels.attention(q, q, q, deterministic=None)
+    with pytest.raises(TypeError, match="deterministic must be a bool"):
+        mimkernels.prefix_causal_attention(q, q, q, 2, deterministic=1)
     with pytest.raises(TypeError, match="causal must be a bool"):
         mimkernels.attention(q, q, q, causal="yes")
     with pytest.raises(TypeError, match="scale must be a real number"):

@@ -99,3 +99,17 @@ def test_tiles_visited_and_masked(tile_work, configs, seq_len, prefixes):
         assert tile_work[name]["dot"] == DOTS_PER_TILE[name] * visited, name
         assert tile_work[name]["masked"] == masked, name
     assert not tile_work["_bwd_row_dot"]
+
+
+@pytest.mark.parametrize("seq_len, prefixes", [(50, [0, 50]), (97, [1, 48, 96])])
+def test_atomic_backward_visits_the_same_tiles(tile_work, seq_len, prefixes):
+    """One launch, five matmuls per visited (query tile, key tile) pair; the dQ kernel does not run."""
+    heads, configs = 2, _configs((16, 16), (16, 32), (32, 16))
+    q, k, v = (torch.randn(len(prefixes), heads, seq_len, 16, device=DEVICE) for _ in range(3))
+    prefix = torch.tensor(prefixes, device=DEVICE)
+    out, lse = kernels.forward(q, k, v, prefix, 0.25, configs)
+    kernels.backward(torch.randn_like(out), q, k, v, out, lse, prefix, 0.25, configs, deterministic=False)
+    visited, masked = expected_tiles(seq_len, prefixes, heads, 16, 32, True)
+    assert tile_work["_prefix_causal_bwd_dkdv"]["dot"] == 5 * visited
+    assert tile_work["_prefix_causal_bwd_dkdv"]["masked"] == masked
+    assert not tile_work["_prefix_causal_bwd_dq"]

@@ -32,15 +32,32 @@ def test_harness_runs_end_to_end(tmp_path):
     """Every provider but FlexAttention (minutes to compile on a CPU), every mode, the CSV and the plot."""
     peaks = common.Peaks(1.0, 1.0)
     csv_path = tmp_path / "attention.csv"
-    rows = bench_attention.run(["vit_b"], bench_attention.MODES, torch.float32, True, peaks, str(csv_path),
-                               device="cpu", batch=2, with_flex=False)
-    assert {r.provider for r in rows} == {"mimkernels", "sdpa_dense_mask", "sdpa_causal"}
+    table = {"tiny_prefix": (2, 2, 37, 16, "prefix"), "tiny_full": (2, 2, 21, 16, "full")}
+    rows = bench_attention.run(list(table), bench_attention.MODES, torch.float32, True, peaks, str(csv_path),
+                               device="cpu", with_flex=False, table=table)
+    providers = {shape: {r.provider for r in rows if r.shape.startswith(shape)} for shape in table}
+    assert providers["tiny_prefix"] == {"mimkernels", "mimkernels_atomic", "sdpa_dense_mask", "sdpa_causal"}
+    assert providers["tiny_full"] == {"mimkernels", "mimkernels_atomic", "sdpa"}  # forced backends: CUDA only
     assert {r.mode for r in rows} == set(bench_attention.MODES)
     header = csv_path.read_text().splitlines()[0]
     assert header == ",".join(common.CSV_FIELDS)
     assert len(csv_path.read_text().splitlines()) == 1 + len(rows)
     bench_attention.plot(rows, str(tmp_path / "attention.png"), device="cpu")
     assert (tmp_path / "attention.png").stat().st_size > 0
+
+
+def test_targets_report_met_and_missed():
+    peaks = common.Peaks(1.0, 1.0)
+    rows = [common.result("attention", provider, mode, f"{shape}:B1", "bf16", (ms, ms, ms), 6e11 * ms, 1, peaks)
+            for shape, provider, mode, ms in [
+                ("aim_600m", "mimkernels", "fwd_bwd", 1.0), ("aim_600m", "sdpa_dense_mask", "fwd_bwd", 2.0),
+                ("aim_600m", "flex", "fwd_bwd", 1.5), ("n4096", "mimkernels", "fwd", 0.001)]]
+    lines = bench_attention.targets(rows, {("aim_600m", "mimkernels"): 10.0, ("aim_600m", "flex"): 9.0})
+    assert any("sdpa_dense_mask" in line and "2.00x" in line and line.endswith(" met") for line in lines)
+    assert any("vs flex " in line and "1.50x" in line and line.endswith("MISSED") for line in lines)
+    assert any("TFLOP/s" in line and "target >= 500" in line and line.endswith(" met") for line in lines)
+    assert any("peak" in line and line.endswith("MISSED") for line in lines)
+    assert not any("aim_3b" in line for line in lines)  # nothing is reported for shapes not measured
 
 
 def test_tokens_harness_runs_end_to_end(tmp_path):

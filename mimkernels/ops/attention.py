@@ -78,13 +78,14 @@ def _checked_scale(scale, head_dim):
 
 class _TritonAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, prefix, scale):
+    def forward(ctx, q, k, v, prefix, scale, deterministic):
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         if q.numel() == 0:
             out, lse = _kernels._empty_bnhd(q), None
         else:
             out, lse = _kernels.forward(q, k, v, prefix, scale)
         ctx.scale = scale
+        ctx.deterministic = deterministic
         ctx.prefix_int = None if isinstance(prefix, torch.Tensor) else prefix
         saved_prefix = (prefix,) if ctx.prefix_int is None else ()
         ctx.save_for_backward(q, k, v, out, lse, *saved_prefix)
@@ -94,25 +95,28 @@ class _TritonAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse, *saved_prefix = ctx.saved_tensors
         if q.numel() == 0:
-            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None
         prefix = saved_prefix[0] if saved_prefix else ctx.prefix_int
         if grad_out.stride(-1) != 1:
             grad_out = grad_out.contiguous()
-        dq, dk, dv = _kernels.backward(grad_out, q, k, v, out, lse, prefix, ctx.scale)
-        return dq, dk, dv, None, None
+        dq, dk, dv = _kernels.backward(grad_out, q, k, v, out, lse, prefix, ctx.scale,
+                                       deterministic=ctx.deterministic)
+        return dq, dk, dv, None, None, None
 
 
-def _attend(q, k, v, prefix, scale, op):
+def _attend(q, k, v, prefix, scale, deterministic, op):
     scale = _checked_scale(scale, q.shape[-1])
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     backend = _backend.select(op, q.device, implemented=("triton",))
     if backend == "triton":
-        return _TritonAttention.apply(q, k, v, prefix, scale)
+        return _TritonAttention.apply(q, k, v, prefix, scale, deterministic)
     if isinstance(prefix, int) and prefix == q.shape[2]:
         return reference.attention(q, k, v, scale=scale)
     return reference.prefix_causal_attention(q, k, v, prefix, scale=scale)
 
 
-def prefix_causal_attention(q, k, v, prefix_len, *, scale=None):
+def prefix_causal_attention(q, k, v, prefix_len, *, scale=None, deterministic=True):
     """Prefix-causal softmax attention (AIM): query i sees key j iff ``j <= i or j < prefix_len[b]``.
 
     Args:
@@ -121,6 +125,9 @@ def prefix_causal_attention(q, k, v, prefix_len, *, scale=None):
         prefix_len: a non-negative int for the whole batch, or an integer tensor ``[B]`` on q's device
             whose values are clamped to ``[0, N]`` on the device (no host sync).
         scale: softmax scale, default ``1 / sqrt(D)``.
+        deterministic: True (default): the backward gives bit-identical gradients run after run (dK/dV and dQ
+            in two launches, no atomics). False: one backward launch that adds dQ with fp32 atomics (fewer
+            matmuls; the summation order, hence the last bits of dq, vary between runs).
 
     Returns:
         ``[B, H, N, D]``, equal to ``F.scaled_dot_product_attention(q, k, v,
@@ -128,10 +135,10 @@ def prefix_causal_attention(q, k, v, prefix_len, *, scale=None):
         ``[B, N, H, D]``, so ``out.transpose(1, 2).reshape(B, N, H * D)`` is a free view.
     """
     q, k, v = _checked_qkv(q, k, v)
-    return _attend(q, k, v, _checked_prefix(prefix_len, q), scale, "prefix_causal_attention")
+    return _attend(q, k, v, _checked_prefix(prefix_len, q), scale, deterministic, "prefix_causal_attention")
 
 
-def attention(q, k, v, *, causal=False, prefix_len=None, scale=None):
+def attention(q, k, v, *, causal=False, prefix_len=None, scale=None, deterministic=True):
     """One entry for full (MAE, BEiT, SimMIM), causal, and prefix-causal (AIM) attention.
 
     ``prefix_len=None`` gives full attention, or causal attention with ``causal=True``. A given
@@ -145,7 +152,7 @@ def attention(q, k, v, *, causal=False, prefix_len=None, scale=None):
         prefix = 0 if causal else q.shape[2]
     else:
         prefix = _checked_prefix(prefix_len, q)
-    return _attend(q, k, v, prefix, scale, "attention")
+    return _attend(q, k, v, prefix, scale, deterministic, "attention")
 
 
 def prefix_causal_mask(seq_len, prefix_len, *, device=None):

@@ -16,6 +16,7 @@ the head dim is padded inside the tile, never in memory.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -33,16 +34,26 @@ class TileConfig:
     num_warps: int
     num_stages: int
 
+    @classmethod
+    def parse(cls, text: str) -> TileConfig:
+        """From ``"block_m x block_n x num_warps x num_stages"``, the form the tile tables use."""
+        return cls(*(int(part) for part in text.split("x")))
+
+    def __str__(self) -> str:
+        return f"{self.block_m}x{self.block_n}x{self.num_warps}x{self.num_stages}"
+
 
 @dataclass(frozen=True)
 class AttentionConfigs:
     forward: TileConfig
     backward_dkdv: TileConfig  # one program per key tile, looping over query tiles
     backward_dq: TileConfig  # one program per query tile, looping over key tiles
+    backward_atomic: TileConfig | None = None  # dK/dV per key tile, dQ added atomically (None: backward_dkdv's)
 
 
 # (block_m, block_n, num_warps, num_stages) of the forward, dK/dV and dQ kernels, by operand width and padded
-# head dim. Picked so that none spills on sm_80 or sm_90 (benchmarks/kernel_report.py; tests/test_kernel_report.py).
+# head dim. Picked so that none spills on sm_80 or sm_90 (benchmarks/kernel_report.py; tests/test_kernel_report.py):
+# the portable fallback for GPUs and shapes that the measured table (attention_tiles.py) does not cover.
 _SHIPPED = {
     (2, 64): ((128, 64, 8, 3), (16, 64, 4, 3), (64, 32, 4, 3)),
     (2, 128): ((64, 64, 8, 3), (16, 64, 8, 2), (64, 32, 8, 2)),
@@ -52,12 +63,72 @@ _SHIPPED = {
     (4, 256): ((16, 32, 4, 1), (16, 16, 4, 1), (16, 16, 8, 1)),
 }
 
+# Sequence-length classes of the measured table: the longest N of each class (the last is unbounded).
+SEQ_CLASSES = (128, 384, 1536, 1 << 31)
+
 
 def configs_for(head_dim: int, dtype: torch.dtype) -> AttentionConfigs:
-    """The tile shapes shipped for this head dim and dtype."""
+    """The portable tile shapes for this head dim and dtype: spill-free on sm_80 and sm_90, not tuned for speed."""
     block_d = max(64, triton.next_power_of_2(head_dim))
     fwd, dkdv, dq = _SHIPPED[dtype.itemsize, block_d]
     return AttentionConfigs(TileConfig(*fwd), TileConfig(*dkdv), TileConfig(*dq))
+
+
+def seq_class(seq_len: int) -> int:
+    """The sequence-length class (its longest N) that ``seq_len`` falls in."""
+    return next(bound for bound in SEQ_CLASSES if seq_len <= bound)
+
+
+def table_key(arch: int, head_dim: int, dtype: torch.dtype, seq_len: int) -> tuple[int, int, int, int]:
+    """(compute capability as 90, operand bytes, padded head dim, sequence class): the measured table's key."""
+    return arch, dtype.itemsize, max(16, triton.next_power_of_2(head_dim)), seq_class(seq_len)
+
+
+def measured_configs(key: tuple[int, int, int, int], table: dict | None = None) -> AttentionConfigs | None:
+    """The measured configs for ``key``, or for the nearest measured sequence class; None if none is measured."""
+    from . import attention_tiles
+
+    table = attention_tiles.MEASURED if table is None else table
+    arch, itemsize, block_d, bound = key
+    classes = [c for c in SEQ_CLASSES if (arch, itemsize, block_d, c) in table]
+    if not classes:
+        return None
+    here = SEQ_CLASSES.index(bound)
+    nearest = min(classes, key=lambda c: (abs(SEQ_CLASSES.index(c) - here), c))
+    fwd, dkdv, dq, atomic = table[arch, itemsize, block_d, nearest]
+    return AttentionConfigs(TileConfig.parse(fwd), TileConfig.parse(dkdv), TileConfig.parse(dq),
+                            TileConfig.parse(atomic))
+
+
+_ARCH = {}  # torch device -> compute capability as one int (90), or 0 off CUDA
+_RUNTIME_TUNED = {}  # table key -> AttentionConfigs found by MIMKERNELS_AUTOTUNE=1 in this process
+
+
+def _arch(device: torch.device) -> int:
+    if device not in _ARCH:
+        major, minor = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+        _ARCH[device] = 10 * major + minor
+    return _ARCH[device]
+
+
+def configs_for_call(q: torch.Tensor) -> AttentionConfigs:
+    """The configs a call on ``q`` ([B, H, N, D]) uses: measured for its GPU and shape class where the table has
+    them (or MIMKERNELS_AUTOTUNE=1 has found them in this process), else the portable ones."""
+    arch = _arch(q.device)
+    head_dim, seq_len = q.shape[-1], q.shape[-2]
+    if q.dtype == torch.float32 or not arch:
+        return configs_for(head_dim, q.dtype)  # fp32 and the interpreter: portable tiles
+    key = table_key(arch, head_dim, q.dtype, seq_len)  # fp16 shares bf16's entries: same tensor-core rate
+    found = _RUNTIME_TUNED.get(key) or measured_configs(key)
+    if found is None and autotune_enabled() and not torch.cuda.is_current_stream_capturing():
+        from . import attention_tuning
+
+        found = _RUNTIME_TUNED[key] = attention_tuning.tune_call_shape(q)
+    return found or configs_for(head_dim, q.dtype)
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get("MIMKERNELS_AUTOTUNE", "0") == "1"
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -214,11 +285,15 @@ def _bwd_row_dot(
 
 @triton.jit
 def _dkdv_query_tiles(
-    dk, dv, k, v, q_base, do_base, lse_row, delta_row, stride_qn, stride_don,
-    offs_n, offs_d, m_lo, m_hi, prefix, seq_len, head_dim, qk_scale,
+    dk, dv, k, v, q_base, do_base, dq_base, lse_row, delta_row, stride_qn, stride_don, stride_dqn,
+    offs_n, offs_d, m_lo, m_hi, prefix, seq_len, head_dim, qk_scale, scale,
     BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr,
 ):
-    """Accumulate dK, dV of one key tile over query tiles [m_lo, m_hi); works on transposed scores [keys, queries]."""
+    """Accumulate dK, dV of one key tile over query tiles [m_lo, m_hi); works on transposed scores [keys, queries].
+
+    With DQ_ATOMIC, also add this key tile's share of dQ (scaled) to the fp32 rows at ``dq_base`` atomically.
+    """
     for m_start in range(m_lo, m_hi, BLOCK_M):
         offs_m = m_start + tl.arange(0, BLOCK_M)
         q = _load_tile(q_base, offs_m, stride_qn, offs_d, seq_len, head_dim, MASKED, EVEN_D)
@@ -237,25 +312,31 @@ def _dkdv_query_tiles(
         probs_t = tl.exp2(scores_t - lse[None, :])
         dv += tl.dot(probs_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         dprobs_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        dscores_t = probs_t * (dprobs_t - delta[None, :])
-        dk += tl.dot(dscores_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        dscores_t = (probs_t * (dprobs_t - delta[None, :])).to(q.dtype)
+        dk += tl.dot(dscores_t, q, input_precision=DOT_PRECISION)
+        if DQ_ATOMIC:
+            dq = tl.dot(tl.trans(dscores_t), k, input_precision=DOT_PRECISION) * scale
+            dq_ptrs = dq_base + offs_m[:, None] * stride_dqn + offs_d[None, :]
+            tl.atomic_add(dq_ptrs, dq, mask=(offs_m[:, None] < seq_len) & (offs_d[None, :] < head_dim), sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _prefix_causal_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, prefix_int,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, PREFIX, prefix_int,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
+    stride_dqb, stride_dqh, stride_dqn,
     num_heads, seq_len, scale, qk_scale, num_n_tiles,
     PREFIX_IS_TENSOR: tl.constexpr, head_dim: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr,
 ):
+    """dK, dV of one key tile; with DQ_ATOMIC also dQ (fp32, atomically, so not bit-reproducible), in one launch."""
     pid = tl.program_id(0)
     bh = pid // num_n_tiles
     n_start = (pid % num_n_tiles) * BLOCK_N  # key tile 0 is seen by the most queries: it goes first
@@ -271,6 +352,7 @@ def _prefix_causal_bwd_dkdv(
                    offs_n, stride_vn, offs_d, seq_len, head_dim, True, EVEN_D)
     q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
     do_base = DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
+    dq_base = DQ_ACC + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh
     lse_row = LSE + bh.to(tl.int64) * seq_len
     delta_row = DELTA + bh.to(tl.int64) * seq_len
 
@@ -287,15 +369,17 @@ def _prefix_causal_bwd_dkdv(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dk, dv = _dkdv_query_tiles(
-        dk, dv, k, v, q_base, do_base, lse_row, delta_row, stride_qn, stride_don, offs_n, offs_d,
-        m_lo, diag_end, prefix, seq_len, head_dim, qk_scale, BLOCK_M, EVEN_D, True, DOT_PRECISION)
+        dk, dv, k, v, q_base, do_base, dq_base, lse_row, delta_row, stride_qn, stride_don, stride_dqn, offs_n,
+        offs_d, m_lo, diag_end, prefix, seq_len, head_dim, qk_scale, scale, BLOCK_M, EVEN_D, True, DOT_PRECISION,
+        DQ_ATOMIC)
     dk, dv = _dkdv_query_tiles(
-        dk, dv, k, v, q_base, do_base, lse_row, delta_row, stride_qn, stride_don, offs_n, offs_d,
-        diag_end, m_floor, prefix, seq_len, head_dim, qk_scale, BLOCK_M, EVEN_D, False, DOT_PRECISION)
+        dk, dv, k, v, q_base, do_base, dq_base, lse_row, delta_row, stride_qn, stride_don, stride_dqn, offs_n,
+        offs_d, diag_end, m_floor, prefix, seq_len, head_dim, qk_scale, scale, BLOCK_M, EVEN_D, False, DOT_PRECISION,
+        DQ_ATOMIC)
     dk, dv = _dkdv_query_tiles(
-        dk, dv, k, v, q_base, do_base, lse_row, delta_row, stride_qn, stride_don, offs_n, offs_d,
-        tl.maximum(diag_end, m_floor), seq_len, prefix, seq_len, head_dim, qk_scale, BLOCK_M, EVEN_D, True,
-        DOT_PRECISION)
+        dk, dv, k, v, q_base, do_base, dq_base, lse_row, delta_row, stride_qn, stride_don, stride_dqn, offs_n,
+        offs_d, tl.maximum(diag_end, m_floor), seq_len, prefix, seq_len, head_dim, qk_scale, scale, BLOCK_M, EVEN_D,
+        True, DOT_PRECISION, DQ_ATOMIC)
 
     _store_tile(DK + batch.to(tl.int64) * stride_dkb + head.to(tl.int64) * stride_dkh, offs_n, stride_dkn, offs_d,
                 seq_len, head_dim, (dk * scale).to(DK.dtype.element_ty))
@@ -396,9 +480,10 @@ def forward(q, k, v, prefix, scale: float, configs: AttentionConfigs | None = No
     """Output ([B, H, N, D], stored [B, N, H, D]) and base-2 log-sum-exp ([B, H, N], fp32).
 
     ``prefix`` is a Python int already clamped to [0, N], or an integer tensor [B] (clamped in the kernel).
+    ``configs`` default to :func:`configs_for_call`'s.
     """
     batch, heads, seq_len, head_dim = q.shape
-    cfg = (configs or configs_for(head_dim, q.dtype)).forward
+    cfg = (configs or configs_for_call(q)).forward
     out = _empty_bnhd(q)
     lse = torch.empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
     num_m_tiles = triton.cdiv(seq_len, cfg.block_m)
@@ -413,38 +498,76 @@ def forward(q, k, v, prefix, scale: float, configs: AttentionConfigs | None = No
     return out, lse
 
 
-def backward(grad_out, q, k, v, out, lse, prefix, scale: float, configs: AttentionConfigs | None = None):
-    """dq, dk, dv, each [B, H, N, D] stored [B, N, H, D]. Deterministic: no atomics."""
-    batch, heads, seq_len, head_dim = q.shape
-    cfgs = configs or configs_for(head_dim, q.dtype)
-    shapes = shape_args(head_dim, q.dtype)
-    prefix_ptr, prefix_int, prefix_is_tensor = _prefix_args(prefix, q)
-
-    delta = torch.empty_like(lse)
+def backward_row_dot(grad_out, out):
+    """delta = rowsum(dO * O), [B, H, N] fp32: the first step of every backward."""
+    batch, heads, seq_len, head_dim = out.shape
+    shapes = shape_args(head_dim, out.dtype)
+    delta = torch.empty(batch, heads, seq_len, dtype=torch.float32, device=out.device)
     num_row_tiles = triton.cdiv(seq_len, ROW_DOT_BLOCK)
     _bwd_row_dot[(batch * heads * num_row_tiles,)](
         out, grad_out, delta, *_strides(out), *_strides(grad_out), heads, seq_len, num_row_tiles,
         head_dim=shapes["head_dim"], EVEN_D=shapes["EVEN_D"], BLOCK_M=ROW_DOT_BLOCK, BLOCK_D=shapes["BLOCK_D"],
     )
+    return delta
 
-    dq, dk, dv = _empty_bnhd(q), _empty_bnhd(k), _empty_bnhd(v)
-    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out))
-    cfg = cfgs.backward_dkdv
+
+def backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: TileConfig, dq_accumulator=None):
+    """dk, dv ([B, H, N, D] stored [B, N, H, D]); with ``dq_accumulator`` (fp32 [B, H, N, D], zeroed) the same
+    launch also adds dQ into it, atomically."""
+    batch, heads, seq_len, head_dim = q.shape
+    prefix_ptr, prefix_int, prefix_is_tensor = _prefix_args(prefix, q)
+    dk, dv = _empty_bnhd(k), _empty_bnhd(v)
+    atomic = dq_accumulator is not None
+    dq_acc = dq_accumulator if atomic else dk  # never written without DQ_ATOMIC
     num_n_tiles = triton.cdiv(seq_len, cfg.block_n)
     _prefix_causal_bwd_dkdv[(batch * heads * num_n_tiles,)](
-        q, k, v, grad_out, lse, delta, dk, dv, prefix_ptr, prefix_int,
-        *common, *_strides(dk), *_strides(dv),
-        heads, seq_len, scale, scale * LOG2_E, num_n_tiles,
-        PREFIX_IS_TENSOR=prefix_is_tensor, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **shapes,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        q, k, v, grad_out, lse, delta, dk, dv, dq_acc, prefix_ptr, prefix_int,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
+        *_strides(dq_acc), heads, seq_len, scale, scale * LOG2_E, num_n_tiles,
+        PREFIX_IS_TENSOR=prefix_is_tensor, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DQ_ATOMIC=atomic,
+        **shape_args(head_dim, q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    cfg = cfgs.backward_dq
+    return dk, dv
+
+
+def backward_dq(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: TileConfig):
+    """dq ([B, H, N, D] stored [B, N, H, D]), one program per query tile: deterministic."""
+    batch, heads, seq_len, head_dim = q.shape
+    prefix_ptr, prefix_int, prefix_is_tensor = _prefix_args(prefix, q)
+    dq = _empty_bnhd(q)
     num_m_tiles = triton.cdiv(seq_len, cfg.block_m)
     _prefix_causal_bwd_dq[(batch * heads * num_m_tiles,)](
         q, k, v, grad_out, lse, delta, dq, prefix_ptr, prefix_int,
-        *common, *_strides(dq),
+        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
         heads, seq_len, scale, scale * LOG2_E, num_m_tiles,
-        PREFIX_IS_TENSOR=prefix_is_tensor, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **shapes,
+        PREFIX_IS_TENSOR=prefix_is_tensor, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **shape_args(head_dim, q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    return dq
+
+
+def backward_atomic(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: TileConfig):
+    """dq, dk, dv from one launch (5 matmuls per tile pair instead of 7); dQ is summed with fp32 atomics, whose
+    order varies from run to run, so dq is not bit-reproducible."""
+    batch, heads, seq_len, head_dim = q.shape
+    dq_acc = torch.zeros(batch, seq_len, heads, head_dim, dtype=torch.float32, device=q.device).transpose(1, 2)
+    dk, dv = backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale, cfg, dq_accumulator=dq_acc)
+    dq = _empty_bnhd(q)
+    dq.copy_(dq_acc)
     return dq, dk, dv
+
+
+def backward(grad_out, q, k, v, out, lse, prefix, scale: float, configs: AttentionConfigs | None = None,
+             deterministic: bool = True):
+    """dq, dk, dv, each [B, H, N, D] stored [B, N, H, D].
+
+    Deterministic (the default): dK/dV and dQ in two launches, no atomics. ``deterministic=False``: one launch
+    with dQ accumulated atomically in fp32.
+    """
+    cfgs = configs or configs_for_call(q)
+    delta = backward_row_dot(grad_out, out)
+    if deterministic:
+        dk, dv = backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale, cfgs.backward_dkdv)
+        dq = backward_dq(grad_out, q, k, v, lse, delta, prefix, scale, cfgs.backward_dq)
+        return dq, dk, dv
+    return backward_atomic(grad_out, q, k, v, lse, delta, prefix, scale, cfgs.backward_atomic or cfgs.backward_dkdv)

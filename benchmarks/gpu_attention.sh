@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Attention on a lent GPU in one call (about 8 minutes): tune the tile table, benchmark against the baselines
+# with the new table, then the attention GPU tests. Raw outputs under $OUT (default benchmarks/results/local),
+# the rewritten table copied there as attention_tiles.py. Commit them under benchmarks/results/<device>/.
+# Where the tree has no .git (the device copy), pass the commit: MIMKERNELS_COMMIT=<sha> benchmarks/gpu_attention.sh
+# Uses the machine's own python3 (its torch and triton): nothing is installed, nothing is fetched.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/local}
+PY=${PYTHON:-python3}
+TUNE_S=${TUNE_S:-200}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+status=0
+{
+  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo "${MIMKERNELS_COMMIT:-unknown}")"
+  echo "date: $(date -u +%FT%TZ)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+  $PY -c 'import torch, triton; print("torch", torch.__version__, "| triton", triton.__version__, "| cuda", torch.version.cuda)'
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+echo "== tune the attention tile table (budget ${TUNE_S} s)"
+timeout $((TUNE_S + 90)) $PY -m benchmarks.tune_attention --budget-s "$TUNE_S" --out "$OUT" --write-table \
+  > "$OUT/tune_attention.txt" 2>&1 || status=1
+cp mimkernels/triton/attention_tiles.py "$OUT/attention_tiles.py"
+tail -n 12 "$OUT/tune_attention.txt"
+
+echo "== benchmark with the new table"
+timeout ${BENCH_S:-210} $PY -m benchmarks.bench_attention --quick --no-plot --out "$OUT" > "$OUT/bench_attention.txt" 2>&1 \
+  || status=1
+grep -E "^(==|[a-z_0-9]+ +(fwd|bwd|fwd_bwd|peak)|memory)" "$OUT/bench_attention.txt" | tail -n 60
+
+echo "== attention GPU tests"
+timeout ${TEST_S:-80} $PY -m pytest -q -x -p no:cacheprovider tests/test_attention_gpu.py > "$OUT/pytest_attention_gpu.txt" 2>&1 \
+  || status=1
+tail -n 8 "$OUT/pytest_attention_gpu.txt"
+exit $status

@@ -1,0 +1,154 @@
+"""Sweep the attention kernels' tile configs on this GPU and (with --write-table) rewrite the shipped table.
+
+    python -m benchmarks.tune_attention [--budget-s 240] [--out DIR] [--write-table] [--shapes ...]
+
+For each shape below, every candidate of every kernel (forward, dK/dV, dQ, atomic-dQ backward;
+``mimkernels.triton.attention_tuning.CANDIDATES``) is checked against the float32 reference and timed alone
+(median of CUDA-event timings, L2 flushed). The fastest correct one per kernel becomes the table entry for the
+shape's key (GPU architecture, operand width, padded head dim, sequence class) in
+``mimkernels/triton/attention_tiles.py``; entries of other keys are kept. The compiles come first, in parallel
+worker processes that fill Triton's on-disk cache, so the budget goes to timing. Every trial is written to
+``tune_attention.csv`` under --out, raw.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import csv
+import datetime
+import multiprocessing
+import os
+import pprint
+import sys
+import time
+
+import torch
+
+from benchmarks import common
+from mimkernels.triton import attention as kernels
+from mimkernels.triton import attention_tiles, attention_tuning
+
+# name: (batch, heads, seq_len, head_dim, prefix): one representative per table key, with the mask it is used with
+SHAPES = {
+    "aim_600m": (64, 12, 256, 128, "random"),
+    "n1024": (16, 16, 1024, 128, "random"),
+    "n4096": (4, 16, 4096, 128, "random"),
+    "vit_b": (256, 12, 197, 64, "full"),
+    "mae_encoder": (256, 16, 50, 64, "full"),
+    "mae_decoder": (256, 16, 197, 32, "full"),
+}
+TABLE_PATH = attention_tiles.__file__
+CSV_FIELDS = ("shape", "key", "kernel", "config", "ms", "error", "note", "device", "torch", "triton", "commit")
+
+
+def _precompile_one(job) -> str:
+    """Worker: compile one (shape, kernel, config) by running it once on a 2-sample problem with the same
+    strides and lengths as the real one (so Triton's specialisation, hence its cache key, is the same)."""
+    (batch, heads, seq_len, head_dim, prefix), dtype_name, kernel, text = job
+    dtype = getattr(torch, dtype_name)
+    problem = attention_tuning.make_problem(2, heads, seq_len, head_dim, dtype, prefix, with_reference=False)
+    attention_tuning.sweep(problem, (kernel,), {kernel: (text,)}, timer=lambda fn: fn() and 0.0)
+    torch.cuda.synchronize()
+    return f"{kernel} {text}"
+
+
+def precompile(shapes: dict, dtype: torch.dtype, workers: int, deadline: float) -> int:
+    """Compile every candidate in ``workers`` processes; returns how many finished before the deadline."""
+    jobs = [(shape, str(dtype)[6:], kernel, text) for shape in shapes.values()
+            for kernel, texts in attention_tuning.CANDIDATES.items() for text in texts]
+    done = 0
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        futures = [pool.submit(_precompile_one, job) for job in jobs]
+        try:
+            for future in concurrent.futures.as_completed(futures, timeout=max(1.0, deadline - time.monotonic())):
+                done += future.exception() is None
+        except concurrent.futures.TimeoutError:
+            print(f"precompile: deadline reached after {done} of {len(jobs)} compiles", flush=True)
+        for future in futures:
+            future.cancel()
+    return done
+
+
+def table_text(measured: dict, provenance: dict) -> str:
+    """The generated attention_tiles.py: its docstring kept, the two dicts rewritten."""
+    with open(TABLE_PATH) as f:
+        source = f.read()
+    header = source[:source.index("MEASURED = ")]
+    return (header + "MEASURED = " + pprint.pformat(dict(sorted(measured.items())), width=118, sort_dicts=False)
+            + "\n\nPROVENANCE = " + pprint.pformat(dict(sorted(provenance.items())), width=118, sort_dicts=False)
+            + "\n")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    parser.add_argument("--budget-s", type=float, default=240.0, help="stop timing after this many seconds")
+    parser.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)),
+                        help="parallel compile processes (0: compile while timing)")
+    parser.add_argument("--out", default=None, help="folder for tune_attention.csv")
+    parser.add_argument("--write-table", action="store_true", help="rewrite mimkernels/triton/attention_tiles.py")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("tune_attention needs a CUDA GPU: the interpreter's timings mean nothing")
+        return 0
+    start = time.monotonic()
+    deadline = start + args.budget_s
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    shapes = {name: SHAPES[name] for name in args.shapes}
+    arch = kernels._arch(torch.device("cuda"))
+    provenance_base = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
+                       f"{__import__('triton').__version__}, commit {common.commit()}, "
+                       f"{datetime.date.today().isoformat()}")
+    if args.workers:
+        done = precompile(shapes, dtype, args.workers, start + 0.45 * args.budget_s)
+        print(f"precompile: {done} kernels in {time.monotonic() - start:.0f} s", flush=True)
+
+    measured, provenance = dict(attention_tiles.MEASURED), dict(attention_tiles.PROVENANCE)
+    rows, summary = [], []
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                triton=__import__("triton").__version__, commit=common.commit())
+    for name, (batch, heads, seq_len, head_dim, prefix) in shapes.items():
+        if time.monotonic() > deadline:
+            summary.append(f"{name}: not tuned (budget spent)")
+            continue
+        key = kernels.table_key(arch, head_dim, dtype, seq_len)
+        problem = attention_tuning.make_problem(batch, heads, seq_len, head_dim, dtype, prefix)
+
+        def record(trial, name=name, key=key):
+            rows.append(dict(shape=name, key=str(key), kernel=trial.kernel, config=trial.config,
+                             ms=f"{trial.ms:.5f}" if trial.ms is not None else "",
+                             error=f"{trial.error:.2e}" if trial.error is not None else "", note=trial.note, **meta))
+            shown = f"{trial.ms:8.4f} ms" if trial.ms is not None else trial.note
+            print(f"  {name:12s} {trial.kernel:16s} {trial.config:11s} {shown}", flush=True)
+
+        trials = attention_tuning.sweep(problem, deadline=deadline, on_trial=record)
+        best = attention_tuning.fastest(trials)
+        configs = attention_tuning.configs_from(best)
+        line = (f"{name} B{batch} H{heads} N{seq_len} D{head_dim} {prefix}: "
+                + ", ".join(f"{k} {t.config} {t.ms:.4f} ms" for k, t in best.items()))
+        summary.append(line)
+        if configs is not None:
+            measured[key] = (str(configs.forward), str(configs.backward_dkdv), str(configs.backward_dq),
+                             str(configs.backward_atomic))
+            provenance[key] = f"{provenance_base}; {line}"
+        del problem
+        torch.cuda.empty_cache()
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "tune_attention.csv"), "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+                writer.writeheader()
+                writer.writerows(rows)
+    print("\n".join(["== fastest correct config per kernel"] + summary))
+    if args.write_table:
+        with open(TABLE_PATH, "w") as f:
+            f.write(table_text(measured, provenance))
+        print(f"wrote {len(measured)} entries to {TABLE_PATH}")
+    print(f"tune_attention: {time.monotonic() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Choosing attention tile configs by measured speed on the GPU at hand.
+
+Two users: ``python -m benchmarks.tune_attention`` (sweeps the benchmark shapes on a GPU and rewrites
+``attention_tiles.py``) and ``MIMKERNELS_AUTOTUNE=1`` (sweeps the shape of a call whose GPU and shape class
+the table lacks, once per class and process). Every trial is checked against the float32 reference before it
+is timed: a fast wrong config is never chosen.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from .. import reference
+from . import attention as kernels
+from .attention import AttentionConfigs, TileConfig
+
+# Candidate tiles per kernel ("block_m x block_n x warps x stages"). The first H200 sweep (shared results,
+# 2026-11-27) found the winners among bigger tiles than the spill-free ones; these span them and their neighbours.
+CANDIDATES = {
+    "forward": ("128x32x4x4", "128x64x4x3", "128x64x8x3", "128x64x8x4", "128x128x8x2", "128x128x8x3",
+                "64x64x4x3", "64x64x4x4", "64x32x4x4", "64x128x4x3"),
+    "backward_dkdv": ("32x128x8x3", "32x128x4x3", "32x64x4x3", "32x64x8x2", "64x128x8x2", "64x128x8x3",
+                      "64x64x4x2", "64x64x4x3", "16x128x8x3"),
+    "backward_dq": ("64x32x4x3", "64x32x4x4", "64x64x4x3", "128x32x4x3", "128x32x8x3", "128x64x8x2",
+                    "128x64x8x3", "128x128x8x2"),
+    "backward_atomic": ("32x128x8x3", "32x64x4x3", "64x64x4x3", "64x128x8x2", "64x128x8x3", "32x128x4x3"),
+}
+KERNELS = tuple(CANDIDATES)
+TOLERANCE = {2: 2e-2, 4: 1e-4}  # relative error vs the float32 reference above which a trial is wrong
+
+
+@dataclass
+class Problem:
+    """Inputs of one attention call and the float32 reference results the trials are checked against."""
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    grad_out: torch.Tensor
+    prefix: int | torch.Tensor  # an int in [0, N] or an integer tensor [B]
+    scale: float
+    want: dict | None = None  # "out", "dq", "dk", "dv" in float32
+
+
+@dataclass
+class Trial:
+    kernel: str
+    config: str
+    ms: float | None  # None: it failed (compile error, out of resources) or was wrong
+    error: float | None  # largest relative error of its outputs against the reference
+    note: str = ""
+
+
+def make_problem(batch, heads, seq_len, head_dim, dtype, prefix="random", device="cuda", seed=0,
+                 with_reference=True) -> Problem:
+    """``prefix``: "random" (per-sample in [1, N), AIM), "full" (N: MAE), "causal" (0), or an int."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q, k, v, grad_out = (torch.randn(batch, heads, seq_len, head_dim, device=device, dtype=dtype, generator=gen)
+                         for _ in range(4))
+    if prefix == "random":
+        prefix = torch.randint(1, max(seq_len, 2), (batch,), device=device, generator=gen)
+    else:
+        prefix = {"full": seq_len, "causal": 0}.get(prefix, prefix)
+    problem = Problem(q, k, v, grad_out, prefix, head_dim ** -0.5)
+    if with_reference:
+        with torch.enable_grad():
+            leaves = [t.float().requires_grad_() for t in (q, k, v)]
+            out = reference.prefix_causal_attention(*leaves, prefix, scale=problem.scale)
+            dq, dk, dv = torch.autograd.grad(out, leaves, grad_out.float())
+        problem.want = {"out": out.detach(), "dq": dq, "dk": dk, "dv": dv}
+    return problem
+
+
+def _relative_error(got: dict, want: dict) -> float:
+    return max(((got[name].float() - want[name]).norm() / want[name].norm().clamp_min(1e-30)).item()
+               for name in got)
+
+
+def _runner(problem: Problem, kernel: str, cfg: TileConfig, lse, delta):
+    """A zero-argument call of ``kernel`` with ``cfg``, returning its outputs by name."""
+    p = problem
+    if kernel == "forward":
+        base = kernels.configs_for(p.q.shape[-1], p.q.dtype)
+        configs = replace(base, forward=cfg)
+        return lambda: dict(zip(("out",), kernels.forward(p.q, p.k, p.v, p.prefix, p.scale, configs)[:1]))
+    args = (p.grad_out, p.q, p.k, p.v, lse, delta, p.prefix, p.scale, cfg)
+    if kernel == "backward_dkdv":
+        return lambda: dict(zip(("dk", "dv"), kernels.backward_dkdv(*args)))
+    if kernel == "backward_dq":
+        return lambda: {"dq": kernels.backward_dq(*args)}
+    if kernel == "backward_atomic":
+        return lambda: dict(zip(("dq", "dk", "dv"), kernels.backward_atomic(*args)))
+    raise ValueError(f"unknown kernel {kernel!r}; expected one of {', '.join(KERNELS)}")
+
+
+def default_timer(fn) -> float:
+    """Median ms of ``fn`` on the GPU (CUDA events, L2 flushed between runs)."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
+
+
+def sweep(problem: Problem, kernels_to_tune=KERNELS, candidates=None, timer=default_timer, deadline=None,
+          on_trial=None) -> list[Trial]:
+    """Check and time every candidate of every kernel on ``problem``; stops early past ``deadline``
+    (a ``time.monotonic()`` value). Inputs of the backward kernels come from the portable forward."""
+    candidates = candidates or CANDIDATES
+    portable = kernels.configs_for(problem.q.shape[-1], problem.q.dtype)
+    out, lse = kernels.forward(problem.q, problem.k, problem.v, problem.prefix, problem.scale, portable)
+    delta = kernels.backward_row_dot(problem.grad_out, out)
+    tolerance = TOLERANCE[problem.q.element_size()]
+    trials = []
+    for kernel in kernels_to_tune:
+        for text in candidates[kernel]:
+            if deadline is not None and time.monotonic() > deadline:
+                return trials
+            try:
+                run = _runner(problem, kernel, TileConfig.parse(text), lse, delta)
+                error = _relative_error(run(), problem.want) if problem.want else None
+                if error is not None and not error <= tolerance:
+                    trial = Trial(kernel, text, None, error, f"wrong: relative error {error:.2e} > {tolerance:g}")
+                else:
+                    trial = Trial(kernel, text, timer(run), error)
+            except Exception as err:  # a config this GPU or compiler cannot run is a result, not a crash
+                trial = Trial(kernel, text, None, None, f"{type(err).__name__}: {str(err)[:160]}")
+            trials.append(trial)
+            if on_trial:
+                on_trial(trial)
+    return trials
+
+
+def fastest(trials: list[Trial]) -> dict[str, Trial]:
+    """The fastest correct trial of each kernel that has one."""
+    best = {}
+    for trial in trials:
+        if trial.ms is not None and (trial.kernel not in best or trial.ms < best[trial.kernel].ms):
+            best[trial.kernel] = trial
+    return best
+
+
+def configs_from(best: dict[str, Trial]) -> AttentionConfigs | None:
+    """AttentionConfigs of the winners; None unless the forward, dK/dV and dQ kernels all have one."""
+    if not all(name in best for name in ("forward", "backward_dkdv", "backward_dq")):
+        return None
+    atomic = best.get("backward_atomic", best["backward_dkdv"])
+    return AttentionConfigs(*(TileConfig.parse(best[name].config) for name in ("forward", "backward_dkdv",
+                                                                              "backward_dq")),
+                            TileConfig.parse(atomic.config))
+
+
+def tune_call_shape(q: torch.Tensor) -> AttentionConfigs | None:
+    """MIMKERNELS_AUTOTUNE=1: sweep the candidates on a problem of q's shape (random per-sample prefixes), on
+    q's device. Takes seconds to minutes (every candidate compiles once); the caller caches the result."""
+    batch, heads, seq_len, head_dim = q.shape
+    batch = max(1, min(batch, 2**27 // (heads * seq_len * seq_len)))  # the dense reference stays under ~2 GB
+    with torch.no_grad(), torch.cuda.device(q.device):
+        problem = make_problem(batch, heads, seq_len, head_dim, q.dtype, device=q.device)
+        return configs_from(fastest(sweep(problem)))

@@ -1,0 +1,104 @@
+"""The tile-table machinery: the sweep's checks and choice (through the interpreter), the table lookup, and the
+table file the tune script writes. The timings themselves need a GPU (benchmarks/tune_attention.py)."""
+import time
+
+import pytest
+import torch
+from conftest import HAS_GPU
+
+from benchmarks import tune_attention
+from mimkernels.triton import attention as kernels
+from mimkernels.triton import attention_tuning as tuning
+from mimkernels.triton.attention import AttentionConfigs, TileConfig
+
+pytestmark = pytest.mark.skipif(HAS_GPU, reason="runs the sweep through the Triton interpreter")
+
+TINY = {"forward": ("16x16x4x1", "32x16x4x1"), "backward_dkdv": ("16x32x4x1", "16x16x4x1"),
+        "backward_dq": ("16x16x4x1",), "backward_atomic": ("16x16x4x1",)}
+
+
+def fake_timer(fn):
+    """Calls fn (so it runs) and returns a time that makes the first candidate of each kernel the slowest."""
+    fn()
+    fake_timer.calls += 1
+    return 1.0 / fake_timer.calls
+
+
+fake_timer.calls = 0
+
+
+@pytest.fixture
+def problem():
+    return tuning.make_problem(2, 1, 37, 16, torch.float32, device="cpu")
+
+
+def test_tile_config_text_round_trip():
+    cfg = TileConfig.parse("128x32x4x4")
+    assert cfg == TileConfig(128, 32, 4, 4) and str(cfg) == "128x32x4x4"
+
+
+def test_sweep_checks_times_and_picks_the_fastest(problem):
+    trials = tuning.sweep(problem, candidates=TINY, timer=fake_timer)
+    assert [(t.kernel, t.config) for t in trials] == [(k, c) for k, texts in TINY.items() for c in texts]
+    assert all(t.ms is not None and t.error < 1e-5 for t in trials), trials
+    best = tuning.fastest(trials)
+    assert best["forward"].config == "32x16x4x1" and best["backward_dkdv"].config == "16x16x4x1"
+    assert tuning.configs_from(best) == AttentionConfigs(*(TileConfig.parse(c) for c in (
+        "32x16x4x1", "16x16x4x1", "16x16x4x1", "16x16x4x1")))
+
+
+def test_a_wrong_result_is_never_timed(problem):
+    problem.want["out"] = problem.want["out"] + 1.0  # every forward now disagrees with the reference
+    trials = tuning.sweep(problem, ("forward", "backward_dq"), TINY, timer=fake_timer)
+    forward = [t for t in trials if t.kernel == "forward"]
+    assert forward and all(t.ms is None and t.note.startswith("wrong") for t in forward)
+    assert tuning.configs_from(tuning.fastest(trials)) is None  # no forward, no table entry
+
+
+def test_a_failing_config_is_recorded_not_raised(problem, monkeypatch):
+    def out_of_resources(*args, **kwargs):
+        raise RuntimeError("out of resource: shared memory")
+
+    monkeypatch.setattr(kernels, "backward_dq", out_of_resources)
+    trials = tuning.sweep(problem, ("backward_dq",), TINY, timer=fake_timer)
+    assert len(trials) == 1 and trials[0].ms is None and "out of resource" in trials[0].note
+    bad = tuning.sweep(problem, ("forward",), {"forward": ("16x16",)}, timer=fake_timer)
+    assert bad[0].ms is None and bad[0].note.startswith("TypeError")
+
+
+def test_sweep_stops_at_the_deadline(problem):
+    assert tuning.sweep(problem, candidates=TINY, timer=fake_timer, deadline=time.monotonic() - 1) == []
+
+
+def test_measured_lookup_takes_the_nearest_sequence_class():
+    table = {(90, 2, 128, 384): ("128x32x4x4", "32x128x8x3", "64x32x4x3", "64x128x8x2"),
+             (90, 2, 128, 1 << 31): ("128x128x8x3", "32x128x8x3", "128x64x8x3", "32x128x8x3")}
+    assert kernels.table_key(90, 80, torch.bfloat16, 257) == (90, 2, 128, 384)
+    assert kernels.table_key(90, 32, torch.float16, 50) == (90, 2, 32, 128)
+    assert kernels.measured_configs((90, 2, 128, 128), table).forward == TileConfig(128, 32, 4, 4)
+    assert kernels.measured_configs((90, 2, 128, 1536), table).forward == TileConfig(128, 32, 4, 4)  # nearer, smaller
+    assert kernels.measured_configs((90, 2, 128, 1 << 31), table).backward_dq == TileConfig(128, 64, 8, 3)
+    assert kernels.measured_configs((90, 2, 64, 384), table) is None
+    assert kernels.measured_configs((80, 2, 128, 384), table) is None
+
+
+def test_cpu_calls_use_the_portable_configs():
+    q = torch.randn(1, 1, 300, 64)
+    assert kernels.configs_for_call(q) == kernels.configs_for(64, torch.float32)
+
+
+def test_every_shipped_entry_parses():
+    from mimkernels.triton import attention_tiles
+
+    for key, tiles in attention_tiles.MEASURED.items():
+        assert len(key) == 4 and key[3] in kernels.SEQ_CLASSES
+        assert kernels.measured_configs(key) is not None and len(tiles) == 4
+
+
+def test_table_file_round_trip():
+    measured = {(90, 2, 128, 384): ("128x32x4x4", "32x128x8x3", "64x32x4x3", "64x128x8x2")}
+    provenance = {(90, 2, 128, 384): "NVIDIA H200, torch 2.11; aim_600m ..."}
+    namespace = {}
+    exec(tune_attention.table_text(measured, provenance), namespace)
+    assert namespace["MEASURED"] == measured and namespace["PROVENANCE"] == provenance
+    assert "GENERATED" in namespace["__doc__"]
