@@ -17,6 +17,9 @@ CSV_FIELDS = ("kernel", "provider", "mode", "shape", "dtype", "ms_p50", "ms_p20"
 
 
 def commit() -> str:
+    """MIMKERNELS_COMMIT where set (a copied tree's own .git may be stale), else this checkout's HEAD."""
+    if os.environ.get("MIMKERNELS_COMMIT"):
+        return os.environ["MIMKERNELS_COMMIT"]
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,

@@ -14,7 +14,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 status=0
 {
-  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo "${MIMKERNELS_COMMIT:-unknown}")"
+  echo "commit: ${MIMKERNELS_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
   echo "date: $(date -u +%FT%TZ)"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
   $PY -c 'import torch, triton; print("torch", torch.__version__, "| triton", triton.__version__, "| cuda", torch.version.cuda)'

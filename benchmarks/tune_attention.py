@@ -143,8 +143,9 @@ def main(argv=None) -> int:
                 writer.writerows(rows)
     print("\n".join(["== fastest correct config per kernel"] + summary))
     if args.write_table:
+        text = table_text(measured, provenance)  # reads the old file: before it is opened for writing
         with open(TABLE_PATH, "w") as f:
-            f.write(table_text(measured, provenance))
+            f.write(text)
         print(f"wrote {len(measured)} entries to {TABLE_PATH}")
     print(f"tune_attention: {time.monotonic() - start:.0f} s")
     return 0
