@@ -155,7 +155,13 @@ def run(shapes, modes, dtype, quick, peaks, csv_path=None, *, device="cuda", bat
     times mean nothing.
     """
     rows = []
+    if with_flex:
+        # Flex compiles once per shape; past Dynamo's recompile limit it would silently run eagerly (dense, slow),
+        # and its compiled backward donates buffers, which the bwd-only timing (retain_graph) cannot reuse.
+        torch._functorch.config.donated_buffer = False
     for name in shapes:
+        if with_flex:
+            torch._dynamo.reset()
         samples, heads, seq_len, head_dim, mask = (table or SHAPES)[name]
         samples = batch or samples
         gen = torch.Generator(device=device).manual_seed(0)
