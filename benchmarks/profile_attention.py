@@ -50,7 +50,8 @@ def profile(shape: str, provider: str, steps: int = 20) -> list[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shapes", nargs="+", choices=list(bench_attention.SHAPES), default=["aim_600m", "mae_encoder"])
+    parser.add_argument("--shapes", nargs="+", choices=list(bench_attention.SHAPES),
+                        default=["aim_600m", "mae_encoder"])
     parser.add_argument("--providers", nargs="+", default=["mimkernels", "sdpa", "sdpa_dense_mask"])
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
