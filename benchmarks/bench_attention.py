@@ -158,6 +158,9 @@ def run(shapes, modes, dtype, quick, peaks, csv_path=None, *, device="cuda", bat
     if with_flex:
         # Flex compiles once per shape; past Dynamo's recompile limit it would silently run eagerly (dense, slow),
         # and its compiled backward donates buffers, which the bwd-only timing (retain_graph) cannot reuse.
+        import torch._dynamo
+        import torch._functorch.config
+
         torch._functorch.config.donated_buffer = False
     for name in shapes:
         if with_flex:

@@ -40,9 +40,9 @@ def profile(shape: str, provider: str, steps: int = 20) -> list[str]:
             step()
         torch.cuda.synchronize()
     lines = [f"== {shape} {provider}: host {host_ms:.3f} ms/call to enqueue, wall {wall_ms:.3f} ms/call"]
-    events = sorted(prof.key_averages(), key=lambda e: -getattr(e, "device_time_total", e.cuda_time_total))
+    events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
     for event in events[:8]:
-        total = getattr(event, "device_time_total", event.cuda_time_total)
+        total = event.device_time_total
         if total:
             lines.append(f"   {total / steps / 1e3:8.4f} ms/call  x{event.count // steps:<3d} {event.key[:90]}")
     return lines
