@@ -48,14 +48,45 @@ def profile(shape: str, provider: str, steps: int = 20) -> list[str]:
     return lines
 
 
+def host_profile(shape: str, provider: str = "mimkernels", steps: int = 50) -> str:
+    """cProfile of ``steps`` fwd+bwd calls: where the host's enqueue time goes (top functions by own time)."""
+    import cProfile
+    import io
+    import pstats
+
+    batch, heads, seq_len, head_dim, mask = bench_attention.SHAPES[shape]
+    q, k, v = (torch.randn(batch, heads, seq_len, head_dim, device="cuda", dtype=torch.bfloat16,
+                           requires_grad=True) for _ in range(3))
+    grad_out = torch.randn_like(q)
+    prefix = torch.randint(1, seq_len, (batch,), device="cuda") if mask == "prefix" else seq_len
+    fn = bench_attention.providers(q, k, v, prefix, with_flex=False)[provider][0]
+    for _ in range(3):
+        torch.autograd.grad(fn(), (q, k, v), grad_out)
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        torch.autograd.grad(fn(), (q, k, v), grad_out)
+    profiler.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+    return f"== host profile {shape} {provider}, {steps} fwd+bwd calls\n" + text.getvalue()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", nargs="+", choices=list(bench_attention.SHAPES),
                         default=["aim_600m", "mae_encoder"])
     parser.add_argument("--providers", nargs="+", default=["mimkernels", "sdpa", "sdpa_dense_mask"])
+    parser.add_argument("--host", action="store_true", help="cProfile the host side of mimkernels' calls instead")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_attention needs a CUDA GPU")
+        return 0
+    if args.host:
+        for shape in args.shapes:
+            print(host_profile(shape), flush=True)
         return 0
     for shape in args.shapes:
         for provider in args.providers:
