@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 LOG2_E = 1.4426950408889634
 ROW_DOT_BLOCK = 16  # query rows per program of the backward's row-dot pre-pass
 
@@ -111,9 +113,20 @@ def _arch(device: torch.device) -> int:
     return _ARCH[device]
 
 
+_CALL_CONFIGS = {}  # (device, dtype, head dim, N) -> AttentionConfigs: one dict lookup per call after the first
+
+
 def configs_for_call(q: torch.Tensor) -> AttentionConfigs:
     """The configs a call on ``q`` ([B, H, N, D]) uses: measured for its GPU and shape class where the table has
     them (or MIMKERNELS_AUTOTUNE=1 has found them in this process), else the portable ones."""
+    key = (q.device, q.dtype, q.shape[-1], q.shape[-2])
+    found = _CALL_CONFIGS.get(key)
+    if found is None:
+        found = _CALL_CONFIGS[key] = _looked_up_configs(q)
+    return found
+
+
+def _looked_up_configs(q: torch.Tensor) -> AttentionConfigs:
     arch = _arch(q.device)
     head_dim, seq_len = q.shape[-1], q.shape[-2]
     if q.dtype == torch.float32 or not arch:
@@ -488,13 +501,12 @@ def forward(q, k, v, prefix, scale: float, configs: AttentionConfigs | None = No
     lse = torch.empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
     num_m_tiles = triton.cdiv(seq_len, cfg.block_m)
     prefix_ptr, prefix_int, prefix_is_tensor = _prefix_args(prefix, q)
-    _prefix_causal_fwd[(batch * heads * num_m_tiles,)](
+    launch(_prefix_causal_fwd, (batch * heads * num_m_tiles,), (
         q, k, v, out, lse, prefix_ptr, prefix_int,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         heads, seq_len, scale * LOG2_E, num_m_tiles,
-        PREFIX_IS_TENSOR=prefix_is_tensor, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **shape_args(head_dim, q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    ), dict(PREFIX_IS_TENSOR=prefix_is_tensor, **shape_args(head_dim, q.dtype), BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse
 
 
@@ -504,10 +516,10 @@ def backward_row_dot(grad_out, out):
     shapes = shape_args(head_dim, out.dtype)
     delta = torch.empty(batch, heads, seq_len, dtype=torch.float32, device=out.device)
     num_row_tiles = triton.cdiv(seq_len, ROW_DOT_BLOCK)
-    _bwd_row_dot[(batch * heads * num_row_tiles,)](
+    launch(_bwd_row_dot, (batch * heads * num_row_tiles,), (
         out, grad_out, delta, *_strides(out), *_strides(grad_out), heads, seq_len, num_row_tiles,
-        head_dim=shapes["head_dim"], EVEN_D=shapes["EVEN_D"], BLOCK_M=ROW_DOT_BLOCK, BLOCK_D=shapes["BLOCK_D"],
-    )
+    ), dict(head_dim=shapes["head_dim"], EVEN_D=shapes["EVEN_D"], BLOCK_M=ROW_DOT_BLOCK, BLOCK_D=shapes["BLOCK_D"]),
+        num_warps=4, num_stages=3)
     return delta
 
 
@@ -520,13 +532,12 @@ def backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: Tile
     atomic = dq_accumulator is not None
     dq_acc = dq_accumulator if atomic else dk  # never written without DQ_ATOMIC
     num_n_tiles = triton.cdiv(seq_len, cfg.block_n)
-    _prefix_causal_bwd_dkdv[(batch * heads * num_n_tiles,)](
+    launch(_prefix_causal_bwd_dkdv, (batch * heads * num_n_tiles,), (
         q, k, v, grad_out, lse, delta, dk, dv, dq_acc, prefix_ptr, prefix_int,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
         *_strides(dq_acc), heads, seq_len, scale, scale * LOG2_E, num_n_tiles,
-        PREFIX_IS_TENSOR=prefix_is_tensor, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DQ_ATOMIC=atomic,
-        **shape_args(head_dim, q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    ), dict(PREFIX_IS_TENSOR=prefix_is_tensor, **shape_args(head_dim, q.dtype), BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n, DQ_ATOMIC=atomic), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dk, dv
 
 
@@ -536,13 +547,12 @@ def backward_dq(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: TileCo
     prefix_ptr, prefix_int, prefix_is_tensor = _prefix_args(prefix, q)
     dq = _empty_bnhd(q)
     num_m_tiles = triton.cdiv(seq_len, cfg.block_m)
-    _prefix_causal_bwd_dq[(batch * heads * num_m_tiles,)](
+    launch(_prefix_causal_bwd_dq, (batch * heads * num_m_tiles,), (
         q, k, v, grad_out, lse, delta, dq, prefix_ptr, prefix_int,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
         heads, seq_len, scale, scale * LOG2_E, num_m_tiles,
-        PREFIX_IS_TENSOR=prefix_is_tensor, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **shape_args(head_dim, q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    ), dict(PREFIX_IS_TENSOR=prefix_is_tensor, **shape_args(head_dim, q.dtype), BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dq
 
 

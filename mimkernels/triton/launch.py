@@ -1,0 +1,64 @@
+"""Launching Triton kernels with less host time: the compiled kernel is reused per argument specialisation.
+
+``kernel[grid](*args)`` binds and specialises every argument in Python on every launch; on the H200 machine
+that was about 0.1 ms per launch, and it left one attention fwd+bwd (4 launches) host-bound at 0.7-1.0 ms while
+its kernels ran in 0.39 ms (benchmarks/results/nvidia-h200/2026-11-27-run4-*/profile_attention.txt). Here the
+first launch per key goes through Triton, which compiles (or loads) the kernel and returns it; later launches
+with the same key call the compiled kernel directly. The key holds at least everything Triton specialises on:
+each tensor's dtype and 16-byte alignment, each int's size class, whether it is 1 and whether 16 divides it, every
+constexpr, the warps, stages and device. Only Triton versions whose launch path was read and run are trusted
+(``_TRUSTED``); elsewhere, under the interpreter, while torch.compile traces, or with MIMKERNELS_FAST_LAUNCH=0,
+every launch goes through Triton as usual.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from .._backend import triton_interpreted
+
+_TRUSTED = ("3.6.", "3.7.", "3.8.")  # CompiledKernel[grid](*all args in signature order) as in these versions
+_COMPILED = {}  # key -> CompiledKernel
+_TAIL = {}  # kernel -> names of its trailing constexpr parameters
+
+
+def fast_launch_enabled() -> bool:
+    return (triton.__version__.startswith(_TRUSTED) and not triton_interpreted()
+            and os.environ.get("MIMKERNELS_FAST_LAUNCH", "1") != "0")
+
+
+_ENABLED = fast_launch_enabled()
+
+
+def _specialisation(arg):
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    if isinstance(arg, bool):
+        return "bool", arg
+    if isinstance(arg, int):
+        return arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31, arg < 2**63
+    if isinstance(arg, float):
+        return "float"
+    raise TypeError(f"no fast-launch key for a {type(arg).__name__} argument")
+
+
+def launch(kernel, grid: tuple, args: tuple, constexprs: dict, *, num_warps: int, num_stages: int) -> None:
+    """``kernel[grid](*args, **constexprs, num_warps=..., num_stages=...)``, with the host work done once per key.
+
+    ``args`` are the kernel's leading parameters in order (tensors, ints, floats); ``constexprs`` all the rest.
+    """
+    if not _ENABLED or torch.compiler.is_compiling():
+        kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+        return
+    key = (kernel, args[0].device.index, num_warps, num_stages, *constexprs.items(), *map(_specialisation, args))
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        compiled = kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+        tail = kernel.arg_names[len(args):]
+        if sorted(tail) == sorted(constexprs):  # else: keep launching through Triton
+            _TAIL[kernel] = tail
+            _COMPILED[key] = compiled
+        return
+    compiled[(*grid, 1, 1)[:3]](*args, *(constexprs[name] for name in _TAIL[kernel]))

@@ -1,0 +1,75 @@
+"""The fast launch path's bookkeeping (the Triton launch itself is exercised by every GPU test)."""
+import torch
+
+from mimkernels.triton import launch as fast
+
+
+class FakeKernel:
+    """Stands for a JITFunction: records launches through Triton and hands out a fake compiled kernel."""
+    arg_names = ["X", "n", "scale", "BLOCK", "FLAG"]
+
+    def __init__(self):
+        self.jit_launches, self.direct_launches = [], []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.jit_launches.append((grid, args, kwargs))
+            return FakeCompiled(self)
+        return run
+
+
+class FakeCompiled:
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        return lambda *args: self.kernel.direct_launches.append((grid, args))
+
+
+def test_same_key_launches_the_compiled_kernel_directly(monkeypatch):
+    monkeypatch.setattr(fast, "_ENABLED", True)
+    monkeypatch.setattr(fast, "_COMPILED", {})
+    kernel, x = FakeKernel(), torch.zeros(64)
+    constexprs = {"BLOCK": 32, "FLAG": True}
+    for n in (48, 64, 48):  # both divisible by 16: one key
+        fast.launch(kernel, (4,), (x, n, 0.5), constexprs, num_warps=4, num_stages=2)
+    assert len(kernel.jit_launches) == 1
+    assert kernel.jit_launches[0][2] == {"BLOCK": 32, "FLAG": True, "num_warps": 4, "num_stages": 2}
+    assert kernel.direct_launches == [((4, 1, 1), (x, 64, 0.5, 32, True)), ((4, 1, 1), (x, 48, 0.5, 32, True))]
+
+
+def test_what_triton_specialises_on_changes_the_key(monkeypatch):
+    monkeypatch.setattr(fast, "_ENABLED", True)
+    monkeypatch.setattr(fast, "_COMPILED", {})
+    kernel, x = FakeKernel(), torch.zeros(64)
+    cases = [((x, 48, 0.5), {"BLOCK": 32, "FLAG": True}, 4),
+             ((x, 47, 0.5), {"BLOCK": 32, "FLAG": True}, 4),  # 16 no longer divides n
+             ((x, 1, 0.5), {"BLOCK": 32, "FLAG": True}, 4),  # n == 1
+             ((x, 2**40, 0.5), {"BLOCK": 32, "FLAG": True}, 4),  # 64-bit n
+             ((x[1:], 48, 0.5), {"BLOCK": 32, "FLAG": True}, 4),  # pointer not 16-byte aligned
+             ((x.half(), 48, 0.5), {"BLOCK": 32, "FLAG": True}, 4),  # dtype
+             ((x, 48, 0.5), {"BLOCK": 64, "FLAG": True}, 4),  # constexpr
+             ((x, 48, 0.5), {"BLOCK": 32, "FLAG": True}, 8)]  # warps
+    for args, constexprs, warps in cases:
+        fast.launch(kernel, (1,), args, constexprs, num_warps=warps, num_stages=2)
+    assert len(kernel.jit_launches) == len(cases) and not kernel.direct_launches
+
+
+def test_disabled_always_goes_through_triton(monkeypatch):
+    monkeypatch.setattr(fast, "_ENABLED", False)
+    kernel, x = FakeKernel(), torch.zeros(64)
+    for _ in range(3):
+        fast.launch(kernel, (1,), (x, 48, 0.5), {"BLOCK": 32, "FLAG": True}, num_warps=4, num_stages=2)
+    assert len(kernel.jit_launches) == 3 and not kernel.direct_launches
+
+
+def test_enabled_only_for_read_triton_versions(monkeypatch):
+    monkeypatch.delenv("MIMKERNELS_FAST_LAUNCH", raising=False)
+    monkeypatch.setattr(fast, "triton_interpreted", lambda: False)
+    monkeypatch.setattr(fast.triton, "__version__", "3.6.0")
+    assert fast.fast_launch_enabled()
+    monkeypatch.setattr(fast.triton, "__version__", "3.2.0")
+    assert not fast.fast_launch_enabled()
+    monkeypatch.setattr(fast.triton, "__version__", "3.6.0")
+    monkeypatch.setenv("MIMKERNELS_FAST_LAUNCH", "0")
+    assert not fast.fast_launch_enabled()
