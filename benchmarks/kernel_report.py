@@ -1,6 +1,7 @@
 """Compile the shipped Triton kernels for sm_80 and sm_90 (no GPU needed) and report their resources.
 
-Every attention kernel for every head-dim class and dtype (the configs ``configs_for`` ships), and the
+A spill check, not a speed measure. Every attention kernel for every head-dim class and dtype with the portable
+configs (``configs_for``, the fallback where the measured table has no entry; these must not spill), and the
 patch-embedding, masked-loss and token kernels per dtype, are compiled to cubins by Triton's own
 toolchain. ptxas's own log (``-v``) gives registers, stack frame and spill stores and loads, and
 Triton's metadata the shared memory. Run as
@@ -8,7 +9,8 @@ Triton's metadata the shared memory. Run as
     python -m benchmarks.kernel_report [--quick] [--csv FILE]
 
 It exits non-zero if any kernel spills. ``--quick`` compiles one head dim per tile class, sm_90 only
-(and every other kernel).
+(and every other kernel). ``--measured`` lists the measured table's configs (attention_tiles.py), which were
+chosen by speed on a GPU and may spill.
 TRITON_INTERPRET must be unset: the interpreter replaces the compiler.
 """
 from __future__ import annotations
@@ -92,22 +94,30 @@ def _signature(fn, pointer_types: dict[str, str], constexprs: dict):
     return signature, {key: [["tt.divisibility", 16]] for key in aligned}
 
 
-def attention_launches(head_dim: int, dtype: torch.dtype) -> list[Launch]:
-    """The four attention kernels as mimkernels.triton.attention launches them for this head dim and dtype."""
+def attention_launches(head_dim: int, dtype: torch.dtype, cfgs=None, variant: str = "") -> list[Launch]:
+    """The attention kernels as mimkernels.triton.attention launches them for this head dim and dtype: with the
+    portable configs (``configs_for``) unless ``cfgs`` are given; the atomic-dQ backward only with ``cfgs``."""
     ty = "*" + DTYPES[dtype]
-    cfgs = kernels.configs_for(head_dim, dtype)
+    portable = cfgs is None
+    cfgs = cfgs or kernels.configs_for(head_dim, dtype)
     shape = kernels.shape_args(head_dim, dtype)
     pointers = {name: ty for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
-    pointers.update(LSE="*fp32", DELTA="*fp32", PREFIX="*i64")
+    pointers.update(LSE="*fp32", DELTA="*fp32", PREFIX="*i64", DQ_ACC="*fp32")
+    plan = [(kernels._prefix_causal_fwd, cfgs.forward, {}),
+            (kernels._prefix_causal_bwd_dkdv, cfgs.backward_dkdv, {"DQ_ATOMIC": False}),
+            (kernels._prefix_causal_bwd_dq, cfgs.backward_dq, {})]
+    if not portable and cfgs.backward_atomic is not None:
+        plan.append((kernels._prefix_causal_bwd_dkdv, cfgs.backward_atomic, {"DQ_ATOMIC": True}))
     launches = []
-    for fn, cfg in ((kernels._prefix_causal_fwd, cfgs.forward), (kernels._prefix_causal_bwd_dkdv, cfgs.backward_dkdv),
-                    (kernels._prefix_causal_bwd_dq, cfgs.backward_dq)):
-        constexprs = {**shape, "PREFIX_IS_TENSOR": True, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
-        launches.append(Launch(fn, f"D={head_dim}", f"{cfg.block_m}x{cfg.block_n}", cfg.num_warps, cfg.num_stages,
-                               pointers, constexprs))
+    for fn, cfg, extra in plan:
+        constexprs = {**shape, "PREFIX_IS_TENSOR": True, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, **extra}
+        launches.append(Launch(fn, f"D={head_dim}{variant}" + (" atomic" if extra.get("DQ_ATOMIC") else ""),
+                               f"{cfg.block_m}x{cfg.block_n}", cfg.num_warps, cfg.num_stages, pointers, constexprs))
+    if not portable:
+        return launches
     row_dot = {k: shape[k] for k in ("head_dim", "EVEN_D", "BLOCK_D")} | {"BLOCK_M": kernels.ROW_DOT_BLOCK}
-    launches.append(Launch(kernels._bwd_row_dot, f"D={head_dim}", f"{kernels.ROW_DOT_BLOCK}", 4, 1, pointers,
-                           row_dot))
+    launches.append(Launch(kernels._bwd_row_dot, f"D={head_dim}", f"{kernels.ROW_DOT_BLOCK}", kernels.ROW_DOT_WARPS,
+                           kernels.ROW_DOT_STAGES, pointers, row_dot))
     return launches
 
 
@@ -163,6 +173,22 @@ def compile_one(launch: Launch, arch: int) -> tuple[int, int, int, int, int]:
     return regs, compiled.metadata.shared, stack, spill_stores, spill_loads
 
 
+def measured_report() -> list[Row]:
+    """The measured table's configs (attention_tiles.py), each on its own architecture: for information, since a
+    config that spills but measured faster may ship."""
+    from mimkernels.triton import attention_tiles
+
+    rows = []
+    for key in sorted(attention_tiles.MEASURED):
+        arch, itemsize, block_d, seq_class = key
+        dtype = {2: torch.bfloat16, 4: torch.float32}[itemsize]
+        for launch in attention_launches(block_d, dtype, kernels.measured_configs(key), f" N<={seq_class}"):
+            rows.append(Row(launch.fn.__name__, f"sm_{arch}", DTYPES[dtype], launch.variant, launch.tile,
+                            launch.num_warps, launch.num_stages, *compile_one(launch, arch)))
+            print(_format(rows[-1]), flush=True)
+    return rows
+
+
 def report(head_dims=HEAD_DIMS, archs=ARCHS, dtypes=tuple(DTYPES)) -> list[Row]:
     rows = []
     for arch in archs:
@@ -186,8 +212,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one head dim per tile class, sm_90 only")
     parser.add_argument("--csv", help="also write the rows to this CSV file")
+    parser.add_argument("--measured", action="store_true",
+                        help="report the measured table's configs instead (spills are listed, not failed)")
     args = parser.parse_args(argv)
     source = commit()  # the code compiled is the code at the start
+    if args.measured:
+        rows = measured_report()
+        print(f"{len(rows)} kernels of the measured table compiled with triton {triton.__version__}; "
+              f"{sum(row.spills for row in rows)} spill (allowed: chosen by measured speed)")
+        return 0
     rows = report(QUICK_HEAD_DIMS, (90,)) if args.quick else report()
     if args.csv:
         with open(args.csv, "w", newline="") as f:

@@ -33,7 +33,7 @@ def _checked_qkv(q, k, v):
             raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}")
         if t.shape[2] != q.shape[2]:
             raise ValueError(f"query and key lengths differ: q has {q.shape[2]} tokens, {name} has {t.shape[2]}")
-        if t.shape != q.shape:
+        if tuple(t.shape) != tuple(q.shape):
             raise ValueError(f"{name} has shape {tuple(t.shape)} but q has {tuple(q.shape)}; they must match")
     if q.dtype not in _DTYPES:
         raise TypeError(f"q, k, v must be float16, bfloat16 or float32, got {q.dtype}")
@@ -59,7 +59,7 @@ def _checked_prefix(prefix_len, q):
     batch, seq_len = q.shape[0], q.shape[2]
     if not isinstance(prefix_len, torch.Tensor):
         return min(int(prefix_len), seq_len)
-    if prefix_len.shape != (batch,):
+    if tuple(prefix_len.shape) != (batch,):
         raise ValueError(f"prefix_len must have shape [batch] = ({batch},), got {tuple(prefix_len.shape)}")
     if prefix_len.device != q.device:
         raise ValueError(f"prefix_len is on {prefix_len.device} but q is on {q.device}")

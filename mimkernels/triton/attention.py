@@ -23,10 +23,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch
+from .launch import cdiv, launch, next_power_of_2
 
 LOG2_E = 1.4426950408889634
 ROW_DOT_BLOCK = 16  # query rows per program of the backward's row-dot pre-pass
+ROW_DOT_WARPS, ROW_DOT_STAGES = 4, 3
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ SEQ_CLASSES = (128, 384, 1536, 1 << 31)
 
 def configs_for(head_dim: int, dtype: torch.dtype) -> AttentionConfigs:
     """The portable tile shapes for this head dim and dtype: spill-free on sm_80 and sm_90, not tuned for speed."""
-    block_d = max(64, triton.next_power_of_2(head_dim))
+    block_d = max(64, next_power_of_2(head_dim))
     fwd, dkdv, dq = _SHIPPED[dtype.itemsize, block_d]
     return AttentionConfigs(TileConfig(*fwd), TileConfig(*dkdv), TileConfig(*dq))
 
@@ -83,7 +84,7 @@ def seq_class(seq_len: int) -> int:
 
 def table_key(arch: int, head_dim: int, dtype: torch.dtype, seq_len: int) -> tuple[int, int, int, int]:
     """(compute capability as 90, operand bytes, padded head dim, sequence class): the measured table's key."""
-    return arch, dtype.itemsize, max(16, triton.next_power_of_2(head_dim)), seq_class(seq_len)
+    return arch, dtype.itemsize, max(16, next_power_of_2(head_dim)), seq_class(seq_len)
 
 
 def measured_configs(key: tuple[int, int, int, int], table: dict | None = None) -> AttentionConfigs | None:
@@ -472,7 +473,7 @@ def _empty_bnhd(like: torch.Tensor) -> torch.Tensor:
 
 
 def _strides(t: torch.Tensor):
-    return t.stride(0), t.stride(1), t.stride(2)
+    return t.stride()[:3]
 
 
 def _prefix_args(prefix, q):
@@ -482,9 +483,18 @@ def _prefix_args(prefix, q):
     return q, prefix, False
 
 
+_SHAPE_ARGS = {}
+
+
 def shape_args(head_dim: int, dtype: torch.dtype) -> dict:
-    """The head-dim and precision constexprs of every kernel here."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    """The head-dim and precision constexprs of every kernel here (computed once per head dim and dtype)."""
+    if (head_dim, dtype) not in _SHAPE_ARGS:
+        _SHAPE_ARGS[head_dim, dtype] = _shape_args(head_dim, dtype)
+    return _SHAPE_ARGS[head_dim, dtype]
+
+
+def _shape_args(head_dim: int, dtype: torch.dtype) -> dict:
+    block_d = max(16, next_power_of_2(head_dim))
     precision = "ieee" if dtype == torch.float32 else "tf32"  # fp32 stays fp32, never TF32
     return dict(head_dim=head_dim, EVEN_D=block_d == head_dim, BLOCK_D=block_d, DOT_PRECISION=precision)
 
@@ -499,7 +509,7 @@ def forward(q, k, v, prefix, scale: float, configs: AttentionConfigs | None = No
     cfg = (configs or configs_for_call(q)).forward
     out = _empty_bnhd(q)
     lse = torch.empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
-    num_m_tiles = triton.cdiv(seq_len, cfg.block_m)
+    num_m_tiles = cdiv(seq_len, cfg.block_m)
     prefix_ptr, prefix_int, prefix_is_tensor = _prefix_args(prefix, q)
     launch(_prefix_causal_fwd, (batch * heads * num_m_tiles,), (
         q, k, v, out, lse, prefix_ptr, prefix_int,
@@ -515,11 +525,11 @@ def backward_row_dot(grad_out, out):
     batch, heads, seq_len, head_dim = out.shape
     shapes = shape_args(head_dim, out.dtype)
     delta = torch.empty(batch, heads, seq_len, dtype=torch.float32, device=out.device)
-    num_row_tiles = triton.cdiv(seq_len, ROW_DOT_BLOCK)
+    num_row_tiles = cdiv(seq_len, ROW_DOT_BLOCK)
     launch(_bwd_row_dot, (batch * heads * num_row_tiles,), (
         out, grad_out, delta, *_strides(out), *_strides(grad_out), heads, seq_len, num_row_tiles,
     ), dict(head_dim=shapes["head_dim"], EVEN_D=shapes["EVEN_D"], BLOCK_M=ROW_DOT_BLOCK, BLOCK_D=shapes["BLOCK_D"]),
-        num_warps=4, num_stages=3)
+        num_warps=ROW_DOT_WARPS, num_stages=ROW_DOT_STAGES)
     return delta
 
 
@@ -531,7 +541,7 @@ def backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: Tile
     dk, dv = _empty_bnhd(k), _empty_bnhd(v)
     atomic = dq_accumulator is not None
     dq_acc = dq_accumulator if atomic else dk  # never written without DQ_ATOMIC
-    num_n_tiles = triton.cdiv(seq_len, cfg.block_n)
+    num_n_tiles = cdiv(seq_len, cfg.block_n)
     launch(_prefix_causal_bwd_dkdv, (batch * heads * num_n_tiles,), (
         q, k, v, grad_out, lse, delta, dk, dv, dq_acc, prefix_ptr, prefix_int,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
@@ -546,7 +556,7 @@ def backward_dq(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: TileCo
     batch, heads, seq_len, head_dim = q.shape
     prefix_ptr, prefix_int, prefix_is_tensor = _prefix_args(prefix, q)
     dq = _empty_bnhd(q)
-    num_m_tiles = triton.cdiv(seq_len, cfg.block_m)
+    num_m_tiles = cdiv(seq_len, cfg.block_m)
     launch(_prefix_causal_bwd_dq, (batch * heads * num_m_tiles,), (
         q, k, v, grad_out, lse, delta, dq, prefix_ptr, prefix_int,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),

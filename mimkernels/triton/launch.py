@@ -24,6 +24,16 @@ _COMPILED = {}  # key -> CompiledKernel
 _TAIL = {}  # kernel -> names of its trailing constexpr parameters
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for launch grids; ``triton.cdiv`` costs microseconds per host call (a ConstexprFunction)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= n (n >= 1); plain Python, as :func:`cdiv`."""
+    return 1 << (n - 1).bit_length()
+
+
 def fast_launch_enabled() -> bool:
     return (triton.__version__.startswith(_TRUSTED) and not triton_interpreted()
             and os.environ.get("MIMKERNELS_FAST_LAUNCH", "1") != "0")

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import next_power_of_2
+
 
 @triton.jit
 def _target_and_pred(IMG, PRED, batch, patch, offs, stride_ib, stride_ic, stride_ih, stride_iw, stride_pb,
@@ -104,7 +106,7 @@ def masked_patch_loss(pred, images, mask, patch_size: int, norm_pix: bool, l1: b
     strides, sizes = _args(pred, images, mask, patch_size)
     _masked_patch_loss_fwd[(batch * num_patches,)](
         images, pred, mask, patch_loss, *strides, *sizes.values(),
-        NORM_PIX=norm_pix, L1=l1, BLOCK=triton.next_power_of_2(patch_numel))
+        NORM_PIX=norm_pix, L1=l1, BLOCK=next_power_of_2(patch_numel))
     return patch_loss
 
 
@@ -115,5 +117,5 @@ def masked_patch_loss_backward(pred, images, mask, scale, patch_size: int, norm_
     strides, sizes = _args(pred, images, mask, patch_size)
     _masked_patch_loss_bwd[(batch * num_patches,)](
         images, pred, mask, scale, grad_pred, *strides, grad_pred.stride(0), grad_pred.stride(1), *sizes.values(),
-        NORM_PIX=norm_pix, L1=l1, BLOCK=triton.next_power_of_2(patch_numel))
+        NORM_PIX=norm_pix, L1=l1, BLOCK=next_power_of_2(patch_numel))
     return grad_pred

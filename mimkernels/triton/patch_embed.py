@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import cdiv
+
 # By operand width in bytes; no config spills on sm_80 or sm_90 (benchmarks/kernel_report.py).
 # forward: (block rows, block embed, block k, warps, stages)
 FORWARD_CONFIGS = {2: (64, 64, 32, 4, 2), 4: (32, 64, 32, 4, 1)}
@@ -124,7 +126,7 @@ def forward(images, weight, bias, pos, ids, mask, token):
     block_r, block_e, block_k, warps, stages = FORWARD_CONFIGS[weight.dtype.itemsize]
     total_rows = batch * rows_per_image
     dummy = w2
-    _patch_embed_fwd[(triton.cdiv(total_rows, block_r), triton.cdiv(embed, block_e))](
+    _patch_embed_fwd[(cdiv(total_rows, block_r), cdiv(embed, block_e))](
         images, w2, dummy if bias is None else bias, dummy if pos is None else pos,
         dummy if ids is None else ids, dummy if mask is None else mask, dummy if token is None else token, out,
         *images.stride(), w2.stride(0), 0 if ids is None else ids.stride(0), 0 if mask is None else mask.stride(0),
@@ -145,7 +147,7 @@ def weight_grad(images, grad, ids, weight_shape):
     rows_per_image = grad.shape[1]
     grad_w = torch.empty(embed, k_total, dtype=torch.float32, device=images.device)
     block_e, block_k, block_r, warps, stages = WEIGHT_GRAD_CONFIGS[grad.dtype.itemsize]
-    _patch_embed_weight_grad[(triton.cdiv(embed, block_e), triton.cdiv(k_total, block_k))](
+    _patch_embed_weight_grad[(cdiv(embed, block_e), cdiv(k_total, block_k))](
         images, grad, grad if ids is None else ids, grad_w,
         *images.stride(), 0 if ids is None else ids.stride(0),
         batch * rows_per_image, rows_per_image, (height // patch_size) * (width // patch_size), width // patch_size,

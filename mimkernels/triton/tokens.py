@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import cdiv, next_power_of_2
+
 BLOCK_ROWS = 8
 MAX_BLOCK_D = 1024  # wider rows are copied in chunks
 
@@ -78,7 +80,7 @@ def _restore_rows(
 
 
 def _block_d(dim: int) -> int:
-    return min(MAX_BLOCK_D, max(16, triton.next_power_of_2(dim)))
+    return min(MAX_BLOCK_D, max(16, next_power_of_2(dim)))
 
 
 def _launch(kernel, x, ids, pos, num_prefix, pointers, sizes):
@@ -88,7 +90,7 @@ def _launch(kernel, x, ids, pos, num_prefix, pointers, sizes):
     if out.numel() == 0:
         return out
     pos_arg = pos if pos is not None else x  # never read without HAS_POS
-    kernel[(triton.cdiv(out.shape[1], BLOCK_ROWS), batch)](
+    kernel[(cdiv(out.shape[1], BLOCK_ROWS), batch)](
         x, ids, *pointers, pos_arg, out,
         x.stride(0), x.stride(1), ids.stride(0), pos_arg.stride(-2), out.stride(0), out.stride(1),
         num_prefix, *sizes, dim,
