@@ -2,13 +2,14 @@
 
 Providers, all timed in this process on the same inputs. Prefix-causal shapes:
   mimkernels          mimkernels.prefix_causal_attention (Triton; deterministic backward, the default)
-  mimkernels_atomic   the same with deterministic=False (one backward launch, dQ by fp32 atomics)
+  mimkernels_nondet   the same with deterministic=False (the atomic-dQ backward where the tile table measured it
+                      faster; for full / causal attention, PyTorch's SDPA)
   sdpa_dense_mask     SDPA with the dense bool mask built per call, as apple/ml-aim does
   flex+block_mask     FlexAttention (compiled) including create_block_mask for the batch's prefixes
   flex                FlexAttention with the block mask built beforehand
   sdpa_causal         SDPA is_causal=True (flash backend): same FLOP class, no prefix
   flash_attn_causal   FlashAttention causal, where the flash_attn package is installed
-Full-attention shapes: mimkernels (mimkernels.attention), mimkernels_atomic, and SDPA as it dispatches by
+Full-attention shapes: mimkernels (mimkernels.attention), mimkernels_nondet, and SDPA as it dispatches by
 default (sdpa) and forced to each fused backend (sdpa_flash, sdpa_cudnn, sdpa_efficient).
 
 TFLOP/s count visible pairs only (each provider's own mask); roofline % per benchmarks/common.py. The issue's
@@ -25,6 +26,8 @@ import os
 import sys
 
 import torch
+import torch._dynamo
+import torch._functorch.config
 import torch.nn.functional as F
 
 import mimkernels
@@ -75,7 +78,7 @@ def providers(q, k, v, prefix, with_flex=True):
     if not isinstance(prefix, torch.Tensor):  # full attention
         found = {
             "mimkernels": (lambda: mimkernels.attention(q, k, v), prefix),
-            "mimkernels_atomic": (lambda: mimkernels.attention(q, k, v, deterministic=False), prefix),
+            "mimkernels_nondet": (lambda: mimkernels.attention(q, k, v, deterministic=False), prefix),
             "sdpa": (lambda: F.scaled_dot_product_attention(q, k, v), prefix),
         }
         for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
@@ -88,7 +91,7 @@ def providers(q, k, v, prefix, with_flex=True):
         return found
     found = {
         "mimkernels": (lambda: mimkernels.prefix_causal_attention(q, k, v, prefix), prefix),
-        "mimkernels_atomic": (lambda: mimkernels.prefix_causal_attention(q, k, v, prefix, deterministic=False),
+        "mimkernels_nondet": (lambda: mimkernels.prefix_causal_attention(q, k, v, prefix, deterministic=False),
                               prefix),
         "sdpa_dense_mask": (lambda: F.scaled_dot_product_attention(
             q, k, v, attn_mask=mimkernels.prefix_causal_mask(seq_len, prefix)), prefix),
@@ -158,9 +161,6 @@ def run(shapes, modes, dtype, quick, peaks, csv_path=None, *, device="cuda", bat
     if with_flex:
         # Flex compiles once per shape; past Dynamo's recompile limit it would silently run eagerly (dense, slow),
         # and its compiled backward donates buffers, which the bwd-only timing (retain_graph) cannot reuse.
-        import torch._dynamo
-        import torch._functorch.config
-
         torch._functorch.config.donated_buffer = False
     for name in shapes:
         if with_flex:
@@ -330,7 +330,7 @@ def main(argv=None) -> int:
             writer.writerow(["shape", "provider", "peak_mib_fwd_bwd", "device", "commit"])
             for (shape, provider), mib in memory.items():
                 writer.writerow([shape, provider, f"{mib:.1f}", common.device_name(), common.commit()])
-    print("\n".join(targets(rows, memory) + targets(rows, memory, "mimkernels_atomic")))
+    print("\n".join(targets(rows, memory) + targets(rows, memory, "mimkernels_nondet")))
     if args.out and not args.no_plot:
         plot(rows, os.path.join(args.out, "attention.png"))
     return 0

@@ -1,6 +1,7 @@
 """Sweep the attention kernels' tile configs on this GPU and (with --write-table) rewrite the shipped table.
 
     python -m benchmarks.tune_attention [--budget-s 240] [--out DIR] [--write-table] [--shapes ...]
+    python -m benchmarks.tune_attention --from-csv RESULTS/tune_attention.csv --write-table   # no GPU
 
 For each shape below, every candidate of every kernel (forward, dK/dV, dQ, atomic-dQ backward;
 ``mimkernels.triton.attention_tuning.CANDIDATES``) is checked against the float32 reference and timed alone
@@ -8,7 +9,8 @@ For each shape below, every candidate of every kernel (forward, dK/dV, dQ, atomi
 shape's key (GPU architecture, operand width, padded head dim, sequence class) in
 ``mimkernels/triton/attention_tiles.py``; entries of other keys are kept. The compiles come first, in parallel
 worker processes that fill Triton's on-disk cache, so the budget goes to timing. Every trial is written to
-``tune_attention.csv`` under --out, raw.
+``tune_attention.csv`` under --out, raw; ``--from-csv`` rebuilds the table from such a file.
+The atomic-dQ backward gets a table tile only where it beat the two-launch backward.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ SHAPES = {
     "mae_decoder": (256, 16, 197, 32, "full"),
 }
 TABLE_PATH = attention_tiles.__file__
-CSV_FIELDS = ("shape", "key", "kernel", "config", "ms", "error", "note", "device", "torch", "triton", "commit")
+CSV_FIELDS = ("shape", "key", "kernel", "config", "ms", "error", "note", "device", "torch", "triton", "commit", "date")
 
 
 def _precompile_one(job) -> str:
@@ -80,6 +82,46 @@ def table_text(measured: dict, provenance: dict) -> str:
             + "\n")
 
 
+def table_entry(name: str, key: tuple, trials: list, source: str) -> tuple[str, tuple | None, str]:
+    """(summary line, table value or None, provenance) of one tuned shape."""
+    batch, heads, seq_len, head_dim, prefix = SHAPES[name]
+    best = attention_tuning.fastest(trials)
+    configs = attention_tuning.configs_from(best)
+    line = (f"{name} B{batch} H{heads} N{seq_len} D{head_dim} {prefix}: "
+            + ", ".join(f"{k} {t.config} {t.ms:.4f} ms" for k, t in best.items()))
+    if configs is None:
+        return line, None, ""
+    atomic = str(configs.backward_atomic) if configs.backward_atomic else None
+    value = (str(configs.forward), str(configs.backward_dkdv), str(configs.backward_dq), atomic)
+    return line, value, f"{source}; {line}"
+
+
+def entries_from_csv(path: str) -> list[tuple[tuple, str, tuple | None, str]]:
+    """(key, summary line, table value, provenance) per shape of a tune_attention.csv: the table rebuilt from raw
+    measurements, e.g. after the choice rule changed, with no GPU."""
+    groups = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            groups.setdefault((row["shape"], row["key"]), []).append(row)
+    entries = []
+    for (name, key_text), rows in groups.items():
+        key = tuple(int(part) for part in key_text.strip("()").split(","))
+        trials = [attention_tuning.Trial(r["kernel"], r["config"], float(r["ms"]) if r["ms"] else None,
+                                         float(r["error"]) if r["error"] else None, r["note"]) for r in rows]
+        first = rows[0]
+        source = (f"{first['device']}, torch {first['torch']}, triton {first['triton']}, commit {first['commit']}, "
+                  f"{first.get('date') or 'date not recorded'}; rebuilt from {os.path.basename(path)}")
+        entries.append((key, *table_entry(name, key, trials, source)))
+    return entries
+
+
+def write_table(measured: dict, provenance: dict) -> None:
+    text = table_text(measured, provenance)  # reads the old file: before it is opened for writing
+    with open(TABLE_PATH, "w") as f:
+        f.write(text)
+    print(f"wrote {len(measured)} entries to {TABLE_PATH}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
@@ -89,7 +131,17 @@ def main(argv=None) -> int:
                         help="parallel compile processes (0: compile while timing)")
     parser.add_argument("--out", default=None, help="folder for tune_attention.csv")
     parser.add_argument("--write-table", action="store_true", help="rewrite mimkernels/triton/attention_tiles.py")
+    parser.add_argument("--from-csv", help="rebuild the entries from this tune_attention.csv instead (no GPU)")
     args = parser.parse_args(argv)
+    measured, provenance = dict(attention_tiles.MEASURED), dict(attention_tiles.PROVENANCE)
+    if args.from_csv:
+        for key, line, value, source in entries_from_csv(args.from_csv):
+            print(line)
+            if value is not None:
+                measured[key], provenance[key] = value, source
+        if args.write_table:
+            write_table(measured, provenance)
+        return 0
     if not torch.cuda.is_available():
         print("tune_attention needs a CUDA GPU: the interpreter's timings mean nothing")
         return 0
@@ -105,10 +157,10 @@ def main(argv=None) -> int:
         done = precompile(shapes, dtype, args.workers, start + 0.45 * args.budget_s)
         print(f"precompile: {done} kernels in {time.monotonic() - start:.0f} s", flush=True)
 
-    measured, provenance = dict(attention_tiles.MEASURED), dict(attention_tiles.PROVENANCE)
     rows, summary = [], []
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                triton=__import__("triton").__version__, commit=common.commit())
+                triton=__import__("triton").__version__, commit=common.commit(),
+                date=datetime.date.today().isoformat())
     for name, (batch, heads, seq_len, head_dim, prefix) in shapes.items():
         if time.monotonic() > deadline:
             summary.append(f"{name}: not tuned (budget spent)")
@@ -124,15 +176,10 @@ def main(argv=None) -> int:
             print(f"  {name:12s} {trial.kernel:16s} {trial.config:11s} {shown}", flush=True)
 
         trials = attention_tuning.sweep(problem, deadline=deadline, on_trial=record)
-        best = attention_tuning.fastest(trials)
-        configs = attention_tuning.configs_from(best)
-        line = (f"{name} B{batch} H{heads} N{seq_len} D{head_dim} {prefix}: "
-                + ", ".join(f"{k} {t.config} {t.ms:.4f} ms" for k, t in best.items()))
+        line, value, source = table_entry(name, key, trials, provenance_base)
         summary.append(line)
-        if configs is not None:
-            measured[key] = (str(configs.forward), str(configs.backward_dkdv), str(configs.backward_dq),
-                             str(configs.backward_atomic))
-            provenance[key] = f"{provenance_base}; {line}"
+        if value is not None:
+            measured[key], provenance[key] = value, source
         del problem
         torch.cuda.empty_cache()
         if args.out:
@@ -143,10 +190,7 @@ def main(argv=None) -> int:
                 writer.writerows(rows)
     print("\n".join(["== fastest correct config per kernel"] + summary))
     if args.write_table:
-        text = table_text(measured, provenance)  # reads the old file: before it is opened for writing
-        with open(TABLE_PATH, "w") as f:
-            f.write(text)
-        print(f"wrote {len(measured)} entries to {TABLE_PATH}")
+        write_table(measured, provenance)
     print(f"tune_attention: {time.monotonic() - start:.0f} s")
     return 0
 

@@ -103,7 +103,7 @@ def triton_op(prefix, configs=None, scale=None, deterministic=True):
 
 
 class _ConfiguredAttention(torch.autograd.Function):
-    """The kernels with small, odd tile shapes, to exercise the multi-tile paths on small N."""
+    """The kernels with explicit (e.g. small, odd) tile shapes; ``deterministic=False`` runs the atomic-dQ backward."""
 
     @staticmethod
     def forward(ctx, q, k, v, prefix, scale, configs, deterministic):
@@ -115,7 +115,8 @@ class _ConfiguredAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         prefix, scale, configs, deterministic = ctx.args
-        grads = kernels.backward(grad_out.contiguous(), *ctx.saved_tensors, prefix, scale, configs, deterministic)
+        grads = kernels.backward(grad_out.contiguous(), *ctx.saved_tensors, prefix, scale, configs,
+                                 atomic_dq=not deterministic)
         return (*grads, None, None, None, None)
 
 
@@ -236,9 +237,23 @@ def test_many_tiles(tiles, seq_len):
 @pytest.mark.parametrize("shape", [(3, 1, 1, 16), (4, 1, 49, 64), (4, 1, 50, 40), (4, 1, 197, 80)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_atomic_backward(shape, dtype):
-    """deterministic=False: dQ summed atomically by the dK/dV programs, same budget as the two-launch backward."""
+    """The atomic-dQ backward (dQ summed atomically by the dK/dV programs): same budget as the two-launch one."""
     prefix = per_sample_prefix(shape[0], shape[2], seed=shape[2])
-    assert_within_budget(triton_op(prefix, deterministic=False), reference_op(prefix), shape, dtype)
+    configs = kernels.configs_for(shape[-1], dtype)
+    assert_within_budget(triton_op(prefix, configs, deterministic=False), reference_op(prefix), shape, dtype)
+
+
+@pytest.mark.parametrize("mode", ["full", "causal", "prefix"])
+def test_nondeterministic_public_op(mode):
+    """deterministic=False through the public op takes whatever path measured fastest; the answer is the same."""
+    kwargs = {"full": {}, "causal": {"causal": True}, "prefix": {"prefix_len": torch.tensor([3, 30], device=DEVICE)}}
+
+    def kernel_fn(q, k, v):
+        with mimkernels.use_backend("triton"):
+            return mimkernels.attention(q, k, v, deterministic=False, **kwargs[mode])
+
+    assert_within_budget(kernel_fn, lambda q, k, v: reference.attention(q, k, v, **kwargs[mode]), (2, 2, 45, 32),
+                         torch.float32)
 
 
 @pytest.mark.parametrize("tiles", SMALL_TILES, ids=str)

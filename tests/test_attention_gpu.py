@@ -4,6 +4,7 @@ import torch
 
 import mimkernels
 from mimkernels import reference
+from mimkernels.triton import attention as kernels
 
 pytestmark = pytest.mark.gpu
 
@@ -35,10 +36,22 @@ def test_matches_reference_on_gpu(shape, dtype, tolerance):
 
 @pytest.mark.parametrize("shape", [(3, 4, 1, 64), (8, 12, 197, 64), (2, 12, 256, 128), (2, 2, 1025, 96)],
                          ids=lambda s: "x".join(map(str, s)))
-def test_atomic_backward_matches_reference(shape):
+def test_atomic_backward_matches_reference(shape, monkeypatch):
+    """The atomic-dQ backward, forced on (the table enables it only where it measured faster)."""
+    monkeypatch.setattr(kernels, "atomic_dq_measured_faster", lambda q: True)
     prefix = torch.randint(0, shape[2] + 2, (shape[0],), device="cuda")
     errors = _relative_errors(shape, torch.bfloat16, prefix, deterministic=False)
     assert max(errors) <= 2e-2, errors
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_nondeterministic_full_and_causal_route_to_sdpa(causal):
+    q, k, v = (torch.randn(4, 16, 50, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    got = mimkernels.attention(q, k, v, causal=causal, deterministic=False)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    assert torch.equal(got, want)  # the same call, not just close
+    ours = mimkernels.attention(q, k, v, causal=causal)
+    torch.testing.assert_close(ours, want, atol=2e-2, rtol=2e-2)
 
 
 def test_default_backward_is_bitwise_deterministic():

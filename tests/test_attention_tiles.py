@@ -108,7 +108,7 @@ def test_atomic_backward_visits_the_same_tiles(tile_work, seq_len, prefixes):
     q, k, v = (torch.randn(len(prefixes), heads, seq_len, 16, device=DEVICE) for _ in range(3))
     prefix = torch.tensor(prefixes, device=DEVICE)
     out, lse = kernels.forward(q, k, v, prefix, 0.25, configs)
-    kernels.backward(torch.randn_like(out), q, k, v, out, lse, prefix, 0.25, configs, deterministic=False)
+    kernels.backward(torch.randn_like(out), q, k, v, out, lse, prefix, 0.25, configs, atomic_dq=True)
     visited, masked = expected_tiles(seq_len, prefixes, heads, 16, 32, True)
     assert tile_work["_prefix_causal_bwd_dkdv"]["dot"] == 5 * visited
     assert tile_work["_prefix_causal_bwd_dkdv"]["masked"] == masked

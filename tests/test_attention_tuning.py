@@ -47,6 +47,18 @@ def test_sweep_checks_times_and_picks_the_fastest(problem):
         "32x16x4x1", "16x16x4x1", "16x16x4x1", "16x16x4x1")))
 
 
+def test_the_atomic_backward_is_chosen_only_if_faster():
+    def trial(kernel, config, ms):
+        return tuning.Trial(kernel, config, ms, 0.0)
+
+    best = {"forward": trial("forward", "64x64x4x3", 0.1), "backward_dkdv": trial("backward_dkdv", "64x64x4x2", 0.2),
+            "backward_dq": trial("backward_dq", "64x32x4x3", 0.1)}
+    slower = tuning.configs_from({**best, "backward_atomic": trial("backward_atomic", "64x128x8x3", 0.31)})
+    faster = tuning.configs_from({**best, "backward_atomic": trial("backward_atomic", "64x128x8x3", 0.29)})
+    assert slower.backward_atomic is None and faster.backward_atomic == TileConfig(64, 128, 8, 3)
+    assert tuning.configs_from(best).backward_atomic is None
+
+
 def test_a_wrong_result_is_never_timed(problem):
     problem.want["out"] = problem.want["out"] + 1.0  # every forward now disagrees with the reference
     trials = tuning.sweep(problem, ("forward", "backward_dq"), TINY, timer=fake_timer)
@@ -102,3 +114,18 @@ def test_table_file_round_trip():
     exec(tune_attention.table_text(measured, provenance), namespace)
     assert namespace["MEASURED"] == measured and namespace["PROVENANCE"] == provenance
     assert "GENERATED" in namespace["__doc__"]
+
+
+def test_table_rebuilt_from_a_raw_csv(tmp_path):
+    """--from-csv: the fastest correct config per kernel; a failed or wrong trial never wins; no GPU needed."""
+    path = tmp_path / "tune_attention.csv"
+    meta = "NVIDIA H200,2.11.0,3.6.0,abc1234,2026-11-27"
+    path.write_text("\n".join([",".join(tune_attention.CSV_FIELDS)] + [
+        f"aim_600m,\"(90, 2, 128, 384)\",{kernel},{config},{ms},1e-3,{note},{meta}" for kernel, config, ms, note in [
+            ("forward", "64x64x4x3", "0.10", ""), ("forward", "128x32x4x4", "", "wrong: relative error 1"),
+            ("backward_dkdv", "64x64x4x2", "0.17", ""), ("backward_dkdv", "32x64x4x3", "0.20", ""),
+            ("backward_dq", "64x32x4x3", "0.11", ""), ("backward_atomic", "64x128x8x3", "0.32", "")]]) + "\n")
+    [(key, line, value, source)] = tune_attention.entries_from_csv(str(path))
+    assert key == (90, 2, 128, 384)
+    assert value == ("64x64x4x3", "64x64x4x2", "64x32x4x3", None)  # atomic 0.32 ms > 0.17 + 0.11
+    assert "NVIDIA H200" in source and "abc1234" in source and "aim_600m" in line

@@ -36,8 +36,8 @@ def test_harness_runs_end_to_end(tmp_path):
     rows = bench_attention.run(list(table), bench_attention.MODES, torch.float32, True, peaks, str(csv_path),
                                device="cpu", with_flex=False, table=table)
     providers = {shape: {r.provider for r in rows if r.shape.startswith(shape)} for shape in table}
-    assert providers["tiny_prefix"] == {"mimkernels", "mimkernels_atomic", "sdpa_dense_mask", "sdpa_causal"}
-    assert providers["tiny_full"] == {"mimkernels", "mimkernels_atomic", "sdpa"}  # forced backends: CUDA only
+    assert providers["tiny_prefix"] == {"mimkernels", "mimkernels_nondet", "sdpa_dense_mask", "sdpa_causal"}
+    assert providers["tiny_full"] == {"mimkernels", "mimkernels_nondet", "sdpa"}  # forced backends: CUDA only
     assert {r.mode for r in rows} == set(bench_attention.MODES)
     header = csv_path.read_text().splitlines()[0]
     assert header == ",".join(common.CSV_FIELDS)

@@ -5,6 +5,7 @@ import math
 import numbers
 
 import torch
+import torch.nn.functional as F
 
 from .. import _backend, reference
 
@@ -99,9 +100,18 @@ class _TritonAttention(torch.autograd.Function):
         prefix = saved_prefix[0] if saved_prefix else ctx.prefix_int
         if grad_out.stride(-1) != 1:
             grad_out = grad_out.contiguous()
-        dq, dk, dv = _kernels.backward(grad_out, q, k, v, out, lse, prefix, ctx.scale,
-                                       deterministic=ctx.deterministic)
+        atomic = not ctx.deterministic and _kernels.atomic_dq_measured_faster(q)
+        dq, dk, dv = _kernels.backward(grad_out, q, k, v, out, lse, prefix, ctx.scale, atomic_dq=atomic)
         return dq, dk, dv, None, None, None
+
+
+def _sdpa_measured_faster(q, prefix, deterministic) -> bool:
+    """Full or causal attention with ``deterministic=False`` under the auto backend, in fp16 / bf16 on CUDA: SDPA's
+    fused kernels (cuDNN, flash; their backward may use atomics) measured faster per call than ours on the H200
+    at the MAE shapes (benchmarks/results/nvidia-h200/, bench_attention). A per-sample prefix never routes (it
+    would need a host sync to see whether it is all 0 or all N), nor does an explicit ``triton`` backend."""
+    return (not deterministic and q.is_cuda and q.dtype != torch.float32 and isinstance(prefix, int)
+            and prefix in (0, q.shape[2]) and _backend.current_backend() == "auto")
 
 
 def _attend(q, k, v, prefix, scale, deterministic, op):
@@ -109,6 +119,8 @@ def _attend(q, k, v, prefix, scale, deterministic, op):
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     backend = _backend.select(op, q.device, implemented=("triton",))
+    if backend == "triton" and _sdpa_measured_faster(q, prefix, deterministic):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=prefix == 0, scale=scale)
     if backend == "triton":
         return _TritonAttention.apply(q, k, v, prefix, scale, deterministic)
     if isinstance(prefix, int) and prefix == q.shape[2]:
@@ -125,9 +137,10 @@ def prefix_causal_attention(q, k, v, prefix_len, *, scale=None, deterministic=Tr
         prefix_len: a non-negative int for the whole batch, or an integer tensor ``[B]`` on q's device
             whose values are clamped to ``[0, N]`` on the device (no host sync).
         scale: softmax scale, default ``1 / sqrt(D)``.
-        deterministic: True (default): the backward gives bit-identical gradients run after run (dK/dV and dQ
-            in two launches, no atomics). False: one backward launch that adds dQ with fp32 atomics (fewer
-            matmuls; the summation order, hence the last bits of dq, vary between runs).
+        deterministic: True (default): bit-identical gradients run after run (our kernels; dK/dV and dQ in two
+            launches, no atomics). False: the fastest measured path, whose summation order may vary: the
+            atomic-dQ backward where the tile table measured it faster, and for full or causal attention
+            (``attention()`` without a prefix) on CUDA in fp16/bf16, PyTorch's SDPA.
 
     Returns:
         ``[B, H, N, D]``, equal to ``F.scaled_dot_product_attention(q, k, v,

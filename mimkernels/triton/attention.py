@@ -51,7 +51,9 @@ class AttentionConfigs:
     forward: TileConfig
     backward_dkdv: TileConfig  # one program per key tile, looping over query tiles
     backward_dq: TileConfig  # one program per query tile, looping over key tiles
-    backward_atomic: TileConfig | None = None  # dK/dV per key tile, dQ added atomically (None: backward_dkdv's)
+    # dK/dV per key tile with dQ added atomically: the measured table gives a tile only where this beat the
+    # two-launch backward; None elsewhere (the atomic kernel, where asked for explicitly, then uses backward_dkdv's)
+    backward_atomic: TileConfig | None = None
 
 
 # (block_m, block_n, num_warps, num_stages) of the forward, dK/dV and dQ kernels, by operand width and padded
@@ -100,7 +102,7 @@ def measured_configs(key: tuple[int, int, int, int], table: dict | None = None) 
     nearest = min(classes, key=lambda c: (abs(SEQ_CLASSES.index(c) - here), c))
     fwd, dkdv, dq, atomic = table[arch, itemsize, block_d, nearest]
     return AttentionConfigs(TileConfig.parse(fwd), TileConfig.parse(dkdv), TileConfig.parse(dq),
-                            TileConfig.parse(atomic))
+                            TileConfig.parse(atomic) if atomic else None)
 
 
 _ARCH = {}  # torch device -> compute capability as one int (90), or 0 off CUDA
@@ -578,16 +580,21 @@ def backward_atomic(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: Ti
 
 
 def backward(grad_out, q, k, v, out, lse, prefix, scale: float, configs: AttentionConfigs | None = None,
-             deterministic: bool = True):
+             atomic_dq: bool = False):
     """dq, dk, dv, each [B, H, N, D] stored [B, N, H, D].
 
-    Deterministic (the default): dK/dV and dQ in two launches, no atomics. ``deterministic=False``: one launch
-    with dQ accumulated atomically in fp32.
+    Default: dK/dV and dQ in two launches, no atomics, so bit-identical run after run. ``atomic_dq=True``: one
+    launch that adds dQ with fp32 atomics (tile ``configs.backward_atomic``, else ``backward_dkdv``).
     """
     cfgs = configs or configs_for_call(q)
     delta = backward_row_dot(grad_out, out)
-    if deterministic:
-        dk, dv = backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale, cfgs.backward_dkdv)
-        dq = backward_dq(grad_out, q, k, v, lse, delta, prefix, scale, cfgs.backward_dq)
-        return dq, dk, dv
-    return backward_atomic(grad_out, q, k, v, lse, delta, prefix, scale, cfgs.backward_atomic or cfgs.backward_dkdv)
+    if atomic_dq:
+        return backward_atomic(grad_out, q, k, v, lse, delta, prefix, scale, cfgs.backward_atomic or cfgs.backward_dkdv)
+    dk, dv = backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale, cfgs.backward_dkdv)
+    dq = backward_dq(grad_out, q, k, v, lse, delta, prefix, scale, cfgs.backward_dq)
+    return dq, dk, dv
+
+
+def atomic_dq_measured_faster(q: torch.Tensor) -> bool:
+    """Whether the measured table says the atomic-dQ backward beats the two-launch one for calls like ``q``."""
+    return configs_for_call(q).backward_atomic is not None

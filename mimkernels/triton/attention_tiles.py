@@ -8,28 +8,33 @@ Value: tiles of the forward, dK/dV, dQ and atomic-dQ backward kernels, each "blo
 A shape whose key is missing uses the nearest measured sequence class of its key, else the portable configs.
 """
 
-MEASURED = {(90, 2, 32, 384): ('128x32x4x4', '32x64x4x3', '64x32x4x3', '32x128x4x3'),
- (90, 2, 64, 128): ('64x64x4x4', '32x64x4x3', '64x64x4x3', '64x64x4x3'),
- (90, 2, 64, 384): ('128x32x4x4', '32x64x4x3', '64x32x4x3', '32x128x4x3'),
- (90, 2, 128, 384): ('64x64x4x3', '64x64x4x2', '64x32x4x3', '64x128x8x3'),
- (90, 2, 128, 1536): ('64x64x4x3', '64x64x4x2', '128x64x8x3', '64x128x8x3'),
- (90, 2, 128, 2147483648): ('64x64x4x3', '64x128x8x3', '128x64x8x3', '64x128x8x3')}
+MEASURED = {(90, 2, 32, 384): ('128x32x4x4', '32x64x4x3', '64x32x4x3', None),
+ (90, 2, 64, 128): ('64x64x4x4', '32x64x4x3', '64x64x4x3', None),
+ (90, 2, 64, 384): ('128x32x4x4', '32x64x4x3', '64x32x4x3', None),
+ (90, 2, 128, 384): ('64x64x4x3', '64x64x4x2', '64x32x4x3', None),
+ (90, 2, 128, 1536): ('64x64x4x3', '64x64x4x2', '128x64x8x3', None),
+ (90, 2, 128, 2147483648): ('64x64x4x3', '64x128x8x3', '128x64x8x3', None)}
 
-PROVENANCE = {(90, 2, 32, 384): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit a7ff355, 2026-11-27; mae_decoder B256 H16 '
-                   'N197 D32 full: forward 128x32x4x4 0.1612 ms, backward_dkdv 32x64x4x3 0.3341 ms, backward_dq '
-                   '64x32x4x3 0.1592 ms, backward_atomic 32x128x4x3 0.5262 ms',
- (90, 2, 64, 128): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit a7ff355, 2026-11-27; mae_encoder B256 H16 '
-                   'N50 D64 full: forward 64x64x4x4 0.0519 ms, backward_dkdv 32x64x4x3 0.0812 ms, backward_dq '
-                   '64x64x4x3 0.0553 ms, backward_atomic 64x64x4x3 0.1579 ms',
- (90, 2, 64, 384): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit a7ff355, 2026-11-27; vit_b B256 H12 N197 '
-                   'D64 full: forward 128x32x4x4 0.1858 ms, backward_dkdv 32x64x4x3 0.3785 ms, backward_dq 64x32x4x3 '
-                   '0.1824 ms, backward_atomic 32x128x4x3 0.6775 ms',
- (90, 2, 128, 384): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit a7ff355, 2026-11-27; aim_600m B64 H12 '
-                    'N256 D128 random: forward 64x64x4x3 0.0971 ms, backward_dkdv 64x64x4x2 0.1706 ms, backward_dq '
-                    '64x32x4x3 0.1111 ms, backward_atomic 64x128x8x3 0.3217 ms',
- (90, 2, 128, 1536): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit a7ff355, 2026-11-27; n1024 B16 H16 N1024 '
-                     'D128 random: forward 64x64x4x3 0.2481 ms, backward_dkdv 64x64x4x2 0.5319 ms, backward_dq '
-                     '128x64x8x3 0.3041 ms, backward_atomic 64x128x8x3 0.8913 ms',
- (90, 2, 128, 2147483648): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit a7ff355, 2026-11-27; n4096 B4 H16 '
-                           'N4096 D128 random: forward 64x64x4x3 0.7779 ms, backward_dkdv 64x128x8x3 1.6796 ms, '
-                           'backward_dq 128x64x8x3 0.8754 ms, backward_atomic 64x128x8x3 2.8006 ms'}
+PROVENANCE = {(90, 2, 32, 384): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit a7ff355, date not recorded; rebuilt from '
+                   'tune_attention.csv; mae_decoder B256 H16 N197 D32 full: forward 128x32x4x4 0.1612 ms, '
+                   'backward_dkdv 32x64x4x3 0.3341 ms, backward_dq 64x32x4x3 0.1592 ms, backward_atomic 32x128x4x3 '
+                   '0.5262 ms',
+ (90, 2, 64, 128): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit a7ff355, date not recorded; rebuilt from '
+                   'tune_attention.csv; mae_encoder B256 H16 N50 D64 full: forward 64x64x4x4 0.0519 ms, '
+                   'backward_dkdv 32x64x4x3 0.0812 ms, backward_dq 64x64x4x3 0.0553 ms, backward_atomic 64x64x4x3 '
+                   '0.1579 ms',
+ (90, 2, 64, 384): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit a7ff355, date not recorded; rebuilt from '
+                   'tune_attention.csv; vit_b B256 H12 N197 D64 full: forward 128x32x4x4 0.1858 ms, backward_dkdv '
+                   '32x64x4x3 0.3785 ms, backward_dq 64x32x4x3 0.1824 ms, backward_atomic 32x128x4x3 0.6775 ms',
+ (90, 2, 128, 384): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit a7ff355, date not recorded; rebuilt from '
+                    'tune_attention.csv; aim_600m B64 H12 N256 D128 random: forward 64x64x4x3 0.0971 ms, '
+                    'backward_dkdv 64x64x4x2 0.1706 ms, backward_dq 64x32x4x3 0.1111 ms, backward_atomic 64x128x8x3 '
+                    '0.3217 ms',
+ (90, 2, 128, 1536): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit a7ff355, date not recorded; rebuilt from '
+                     'tune_attention.csv; n1024 B16 H16 N1024 D128 random: forward 64x64x4x3 0.2481 ms, '
+                     'backward_dkdv 64x64x4x2 0.5319 ms, backward_dq 128x64x8x3 0.3041 ms, backward_atomic '
+                     '64x128x8x3 0.8913 ms',
+ (90, 2, 128, 2147483648): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit a7ff355, date not recorded; '
+                           'rebuilt from tune_attention.csv; n4096 B4 H16 N4096 D128 random: forward 64x64x4x3 '
+                           '0.7779 ms, backward_dkdv 64x128x8x3 1.6797 ms, backward_dq 128x64x8x3 0.8754 ms, '
+                           'backward_atomic 64x128x8x3 2.8006 ms'}

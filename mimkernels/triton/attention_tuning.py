@@ -140,13 +140,15 @@ def fastest(trials: list[Trial]) -> dict[str, Trial]:
 
 
 def configs_from(best: dict[str, Trial]) -> AttentionConfigs | None:
-    """AttentionConfigs of the winners; None unless the forward, dK/dV and dQ kernels all have one."""
+    """AttentionConfigs of the winners; None unless the forward, dK/dV and dQ kernels all have one. The atomic-dQ
+    backward gets a tile only if it beat dK/dV + dQ (both include the fp32 buffer's zeroing and cast)."""
     if not all(name in best for name in ("forward", "backward_dkdv", "backward_dq")):
         return None
-    atomic = best.get("backward_atomic", best["backward_dkdv"])
+    atomic = best.get("backward_atomic")
+    two_launch_ms = best["backward_dkdv"].ms + best["backward_dq"].ms
     return AttentionConfigs(*(TileConfig.parse(best[name].config) for name in ("forward", "backward_dkdv",
                                                                               "backward_dq")),
-                            TileConfig.parse(atomic.config))
+                            TileConfig.parse(atomic.config) if atomic and atomic.ms < two_launch_ms else None)
 
 
 def tune_call_shape(q: torch.Tensor) -> AttentionConfigs | None:
