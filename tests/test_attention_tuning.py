@@ -129,3 +129,21 @@ def test_table_rebuilt_from_a_raw_csv(tmp_path):
     assert key == (90, 2, 128, 384)
     assert value == ("64x64x4x3", "64x64x4x2", "64x32x4x3", None)  # atomic 0.32 ms > 0.17 + 0.11
     assert "NVIDIA H200" in source and "abc1234" in source and "aim_600m" in line
+
+
+def test_runtime_autotune_runs_once_per_shape_class(monkeypatch):
+    """MIMKERNELS_AUTOTUNE=1 on a GPU the table lacks: one sweep for the shape class, then the cached result."""
+    found = AttentionConfigs(*(TileConfig.parse(c) for c in ("16x16x4x1",) * 4))
+    calls = []
+    monkeypatch.setenv("MIMKERNELS_AUTOTUNE", "1")
+    monkeypatch.setattr(kernels, "_arch", lambda device: 75)  # a GPU the table has no entry for
+    monkeypatch.setattr(kernels, "_CALL_CONFIGS", {})
+    monkeypatch.setattr(kernels, "_RUNTIME_TUNED", {})
+    monkeypatch.setattr(kernels.torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(tuning, "tune_call_shape", lambda q: calls.append(q.shape) or found)
+    for seq_len in (200, 300, 300):  # one sequence class
+        assert kernels.configs_for_call(torch.empty(2, 3, seq_len, 64, dtype=torch.bfloat16)) is found
+    assert calls == [(2, 3, 200, 64)]
+    monkeypatch.setenv("MIMKERNELS_AUTOTUNE", "0")
+    assert kernels.configs_for_call(torch.empty(2, 3, 1000, 64, dtype=torch.bfloat16)) == \
+        kernels.configs_for(64, torch.bfloat16)  # not enabled: the portable configs
