@@ -105,13 +105,16 @@ def attention_launches(head_dim: int, dtype: torch.dtype, cfgs=None, variant: st
     pointers.update(LSE="*fp32", DELTA="*fp32", PREFIX="*i64", DQ_ACC="*fp32")
     plan = [(kernels._prefix_causal_fwd, cfgs.forward, {}),
             (kernels._prefix_causal_bwd_dkdv, cfgs.backward_dkdv, {"DQ_ATOMIC": False}),
-            (kernels._prefix_causal_bwd_dq, cfgs.backward_dq, {})]
+            (kernels._prefix_causal_bwd_dq, cfgs.backward_dq, {"DELTA_HERE": False})]
     if not portable and cfgs.backward_atomic is not None:
         plan.append((kernels._prefix_causal_bwd_dkdv, cfgs.backward_atomic, {"DQ_ATOMIC": True}))
+    if not portable and cfgs.backward_dq_delta is not None:
+        plan.append((kernels._prefix_causal_bwd_dq, cfgs.backward_dq_delta, {"DELTA_HERE": True}))
     launches = []
     for fn, cfg, extra in plan:
         constexprs = {**shape, "PREFIX_IS_TENSOR": True, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, **extra}
-        launches.append(Launch(fn, f"D={head_dim}{variant}" + (" atomic" if extra.get("DQ_ATOMIC") else ""),
+        suffix = " atomic" if extra.get("DQ_ATOMIC") else " +delta" if extra.get("DELTA_HERE") else ""
+        launches.append(Launch(fn, f"D={head_dim}{variant}{suffix}",
                                f"{cfg.block_m}x{cfg.block_n}", cfg.num_warps, cfg.num_stages, pointers, constexprs))
     if not portable:
         return launches

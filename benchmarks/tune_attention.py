@@ -91,8 +91,8 @@ def table_entry(name: str, key: tuple, trials: list, source: str) -> tuple[str, 
             + ", ".join(f"{k} {t.config} {t.ms:.4f} ms" for k, t in best.items()))
     if configs is None:
         return line, None, ""
-    atomic = str(configs.backward_atomic) if configs.backward_atomic else None
-    value = (str(configs.forward), str(configs.backward_dkdv), str(configs.backward_dq), atomic)
+    value = (str(configs.forward), str(configs.backward_dkdv), str(configs.backward_dq),
+             *(str(cfg) if cfg else None for cfg in (configs.backward_atomic, configs.backward_dq_delta)))
     return line, value, f"{source}; {line}"
 
 

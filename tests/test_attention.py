@@ -4,6 +4,7 @@ Error budget (as flash-attention's tests): the kernel's max error against the fl
 be at most twice that of PyTorch's own implementation in the same dtype, plus a small floor.
 Without a GPU the Triton kernels run through the interpreter (tests/conftest.py), so shapes stay small.
 """
+import dataclasses
 import math
 import random
 
@@ -254,6 +255,16 @@ def test_nondeterministic_public_op(mode):
 
     assert_within_budget(kernel_fn, lambda q, k, v: reference.attention(q, k, v, **kwargs[mode]), (2, 2, 45, 32),
                          torch.float32)
+
+
+@pytest.mark.parametrize("tiles", SMALL_TILES, ids=str)
+@pytest.mark.parametrize("seq_len", [1, 50, 97])
+def test_delta_computed_in_the_dq_kernel(tiles, seq_len):
+    """The backward without the row-dot pre-pass: dQ first, computing delta, then dK/dV reading it."""
+    configs = dataclasses.replace(SMALL_TILES[tiles], backward_dq_delta=SMALL_TILES[tiles].backward_dq)
+    prefix = per_sample_prefix(4, seq_len, seed=seq_len)
+    assert_within_budget(triton_op(prefix, configs, 0.25), reference_op(prefix, 0.25), (4, 1, seq_len, 24),
+                         torch.float32, layout="bnhd", seed=seq_len)
 
 
 @pytest.mark.parametrize("tiles", SMALL_TILES, ids=str)

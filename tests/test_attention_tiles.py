@@ -113,3 +113,17 @@ def test_atomic_backward_visits_the_same_tiles(tile_work, seq_len, prefixes):
     assert tile_work["_prefix_causal_bwd_dkdv"]["dot"] == 5 * visited
     assert tile_work["_prefix_causal_bwd_dkdv"]["masked"] == masked
     assert not tile_work["_prefix_causal_bwd_dq"]
+
+
+def test_delta_in_the_dq_kernel_skips_the_pre_pass(tile_work):
+    """With backward_dq_delta the dQ kernel visits the same tiles (3 matmuls each) and the row-dot kernel never runs."""
+    seq_len, prefixes, heads = 97, [1, 48, 96], 2
+    base = _configs((16, 16), (16, 32), (32, 16))
+    configs = AttentionConfigs(base.forward, base.backward_dkdv, base.backward_dq, None, base.backward_dq)
+    q, k, v = (torch.randn(len(prefixes), heads, seq_len, 16, device=DEVICE) for _ in range(3))
+    prefix = torch.tensor(prefixes, device=DEVICE)
+    out, lse = kernels.forward(q, k, v, prefix, 0.25, configs)
+    kernels.backward(torch.randn_like(out), q, k, v, out, lse, prefix, 0.25, configs)
+    visited, _ = expected_tiles(seq_len, prefixes, heads, 32, 16, False)
+    assert tile_work["_prefix_causal_bwd_dq"]["dot"] == 3 * visited
+    assert not tile_work["_bwd_row_dot"]

@@ -14,7 +14,8 @@ from mimkernels.triton.attention import AttentionConfigs, TileConfig
 pytestmark = pytest.mark.skipif(HAS_GPU, reason="runs the sweep through the Triton interpreter")
 
 TINY = {"forward": ("16x16x4x1", "32x16x4x1"), "backward_dkdv": ("16x32x4x1", "16x16x4x1"),
-        "backward_dq": ("16x16x4x1",), "backward_atomic": ("16x16x4x1",)}
+        "backward_dq": ("16x16x4x1",), "backward_atomic": ("16x16x4x1",), "backward_row_dot": ("16x0x4x3",),
+        "backward_dq_delta": ("32x16x4x1",)}
 
 
 def fake_timer(fn):
@@ -44,10 +45,10 @@ def test_sweep_checks_times_and_picks_the_fastest(problem):
     best = tuning.fastest(trials)
     assert best["forward"].config == "32x16x4x1" and best["backward_dkdv"].config == "16x16x4x1"
     assert tuning.configs_from(best) == AttentionConfigs(*(TileConfig.parse(c) for c in (
-        "32x16x4x1", "16x16x4x1", "16x16x4x1", "16x16x4x1")))
+        "32x16x4x1", "16x16x4x1", "16x16x4x1", "16x16x4x1", "32x16x4x1")))
 
 
-def test_the_atomic_backward_is_chosen_only_if_faster():
+def test_the_optional_backward_kernels_are_chosen_only_if_faster():
     def trial(kernel, config, ms):
         return tuning.Trial(kernel, config, ms, 0.0)
 
@@ -57,6 +58,12 @@ def test_the_atomic_backward_is_chosen_only_if_faster():
     faster = tuning.configs_from({**best, "backward_atomic": trial("backward_atomic", "64x128x8x3", 0.29)})
     assert slower.backward_atomic is None and faster.backward_atomic == TileConfig(64, 128, 8, 3)
     assert tuning.configs_from(best).backward_atomic is None
+    row_dot = {"backward_row_dot": trial("backward_row_dot", "16x0x4x3", 0.03)}
+    slower = tuning.configs_from({**best, **row_dot,
+                                    "backward_dq_delta": trial("backward_dq_delta", "64x32x4x3", 0.14)})
+    faster = tuning.configs_from({**best, **row_dot,
+                                    "backward_dq_delta": trial("backward_dq_delta", "64x32x4x3", 0.12)})
+    assert slower.backward_dq_delta is None and faster.backward_dq_delta == TileConfig(64, 32, 4, 3)
 
 
 def test_a_wrong_result_is_never_timed(problem):
@@ -92,6 +99,9 @@ def test_measured_lookup_takes_the_nearest_sequence_class():
     assert kernels.measured_configs((90, 2, 128, 1 << 31), table).backward_dq == TileConfig(128, 64, 8, 3)
     assert kernels.measured_configs((90, 2, 64, 384), table) is None
     assert kernels.measured_configs((80, 2, 128, 384), table) is None
+    five = {(90, 2, 64, 384): ("128x32x4x4", "32x64x4x3", "64x32x4x3", None, "64x32x4x3")}
+    configs = kernels.measured_configs((90, 2, 64, 384), five)
+    assert configs.backward_atomic is None and configs.backward_dq_delta == TileConfig(64, 32, 4, 3)
 
 
 def test_cpu_calls_use_the_portable_configs():
@@ -104,7 +114,7 @@ def test_every_shipped_entry_parses():
 
     for key, tiles in attention_tiles.MEASURED.items():
         assert len(key) == 4 and key[3] in kernels.SEQ_CLASSES
-        assert kernels.measured_configs(key) is not None and len(tiles) == 4
+        assert kernels.measured_configs(key) is not None and len(tiles) in (4, 5)
 
 
 def test_table_file_round_trip():
@@ -127,7 +137,7 @@ def test_table_rebuilt_from_a_raw_csv(tmp_path):
             ("backward_dq", "64x32x4x3", "0.11", ""), ("backward_atomic", "64x128x8x3", "0.32", "")]]) + "\n")
     [(key, line, value, source)] = tune_attention.entries_from_csv(str(path))
     assert key == (90, 2, 128, 384)
-    assert value == ("64x64x4x3", "64x64x4x2", "64x32x4x3", None)  # atomic 0.32 ms > 0.17 + 0.11
+    assert value == ("64x64x4x3", "64x64x4x2", "64x32x4x3", None, None)  # atomic 0.32 ms > 0.17 + 0.11
     assert "NVIDIA H200" in source and "abc1234" in source and "aim_600m" in line
 
 

@@ -54,6 +54,8 @@ class AttentionConfigs:
     # dK/dV per key tile with dQ added atomically: the measured table gives a tile only where this beat the
     # two-launch backward; None elsewhere (the atomic kernel, where asked for explicitly, then uses backward_dkdv's)
     backward_atomic: TileConfig | None = None
+    # the dQ kernel computing delta itself (no row-dot pre-pass); given only where that measured faster
+    backward_dq_delta: TileConfig | None = None
 
 
 # (block_m, block_n, num_warps, num_stages) of the forward, dK/dV and dQ kernels, by operand width and padded
@@ -100,9 +102,9 @@ def measured_configs(key: tuple[int, int, int, int], table: dict | None = None) 
         return None
     here = SEQ_CLASSES.index(bound)
     nearest = min(classes, key=lambda c: (abs(SEQ_CLASSES.index(c) - here), c))
-    fwd, dkdv, dq, atomic = table[arch, itemsize, block_d, nearest]
-    return AttentionConfigs(TileConfig.parse(fwd), TileConfig.parse(dkdv), TileConfig.parse(dq),
-                            TileConfig.parse(atomic) if atomic else None)
+    fwd, dkdv, dq, *optional = table[arch, itemsize, block_d, nearest]  # atomic and dq_delta: None if slower
+    return AttentionConfigs(*(TileConfig.parse(text) for text in (fwd, dkdv, dq)),
+                            *(TileConfig.parse(text) if text else None for text in optional))
 
 
 _ARCH = {}  # torch device -> compute capability as one int (90), or 0 off CUDA
@@ -425,17 +427,20 @@ def _dq_key_tiles(
 
 @triton.jit
 def _prefix_causal_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, PREFIX, prefix_int,
+    Q, K, V, O, DO, LSE, DELTA, DQ, PREFIX, prefix_int,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
     stride_dob, stride_doh, stride_don,
     stride_dqb, stride_dqh, stride_dqn,
     num_heads, seq_len, scale, qk_scale, num_m_tiles,
     PREFIX_IS_TENSOR: tl.constexpr, head_dim: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DELTA_HERE: tl.constexpr,
 ):
+    """dQ of one query tile. With DELTA_HERE it also computes and stores this tile's delta rows (rowsum(dO * O)),
+    which the dK/dV kernel launched after it reads: the row-dot pre-pass folded into this kernel."""
     pid = tl.program_id(0)
     bh = pid // num_m_tiles
     m_start = (num_m_tiles - 1 - pid % num_m_tiles) * BLOCK_M  # the longest rows first
@@ -450,7 +455,13 @@ def _prefix_causal_bwd_dq(
     do = _load_tile(DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh,
                     offs_m, stride_don, offs_d, seq_len, head_dim, True, EVEN_D)
     lse = tl.load(LSE + bh.to(tl.int64) * seq_len + offs_m, mask=offs_m < seq_len, other=0.0)
-    delta = tl.load(DELTA + bh.to(tl.int64) * seq_len + offs_m, mask=offs_m < seq_len, other=0.0)
+    if DELTA_HERE:
+        o = _load_tile(O + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh,
+                       offs_m, stride_on, offs_d, seq_len, head_dim, True, EVEN_D)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + bh.to(tl.int64) * seq_len + offs_m, delta, mask=offs_m < seq_len)
+    else:
+        delta = tl.load(DELTA + bh.to(tl.int64) * seq_len + offs_m, mask=offs_m < seq_len, other=0.0)
     k_base = K + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh
 
@@ -553,18 +564,24 @@ def backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: Tile
     return dk, dv
 
 
-def backward_dq(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: TileConfig):
-    """dq ([B, H, N, D] stored [B, N, H, D]), one program per query tile: deterministic."""
+def backward_dq(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: TileConfig, out=None):
+    """dq ([B, H, N, D] stored [B, N, H, D]), one program per query tile: deterministic.
+
+    With ``out`` (the forward's output) the kernel computes delta itself and writes it into ``delta``
+    (fp32 [B, H, N], uninitialised) for the dK/dV kernel: no row-dot pre-pass.
+    """
     batch, heads, seq_len, head_dim = q.shape
     prefix_ptr, prefix_int, prefix_is_tensor = _prefix_args(prefix, q)
     dq = _empty_bnhd(q)
+    delta_here = out is not None
+    out = out if delta_here else grad_out  # never read without DELTA_HERE
     num_m_tiles = cdiv(seq_len, cfg.block_m)
     launch(_prefix_causal_bwd_dq, (batch * heads * num_m_tiles,), (
-        q, k, v, grad_out, lse, delta, dq, prefix_ptr, prefix_int,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
+        q, k, v, out, grad_out, lse, delta, dq, prefix_ptr, prefix_int,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(grad_out), *_strides(dq),
         heads, seq_len, scale, scale * LOG2_E, num_m_tiles,
     ), dict(PREFIX_IS_TENSOR=prefix_is_tensor, **shape_args(head_dim, q.dtype), BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            BLOCK_N=cfg.block_n, DELTA_HERE=delta_here), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dq
 
 
@@ -583,10 +600,17 @@ def backward(grad_out, q, k, v, out, lse, prefix, scale: float, configs: Attenti
              atomic_dq: bool = False):
     """dq, dk, dv, each [B, H, N, D] stored [B, N, H, D].
 
-    Default: dK/dV and dQ in two launches, no atomics, so bit-identical run after run. ``atomic_dq=True``: one
-    launch that adds dQ with fp32 atomics (tile ``configs.backward_atomic``, else ``backward_dkdv``).
+    Default: a row-dot pre-pass, then dK/dV and dQ in two launches, no atomics, so bit-identical run after run;
+    where ``configs.backward_dq_delta`` is set, the dQ kernel computes delta itself and runs first (no pre-pass).
+    ``atomic_dq=True``: one launch that adds dQ with fp32 atomics (tile ``configs.backward_atomic``, else
+    ``backward_dkdv``).
     """
     cfgs = configs or configs_for_call(q)
+    if cfgs.backward_dq_delta is not None and not atomic_dq:  # dQ first, computing delta for dK/dV: 3 launches
+        delta = torch.empty_like(lse)
+        dq = backward_dq(grad_out, q, k, v, lse, delta, prefix, scale, cfgs.backward_dq_delta, out=out)
+        dk, dv = backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale, cfgs.backward_dkdv)
+        return dq, dk, dv
     delta = backward_row_dot(grad_out, out)
     if atomic_dq:
         return backward_atomic(grad_out, q, k, v, lse, delta, prefix, scale, cfgs.backward_atomic or cfgs.backward_dkdv)

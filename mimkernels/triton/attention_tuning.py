@@ -26,7 +26,15 @@ CANDIDATES = {
     "backward_dq": ("64x32x4x3", "64x32x4x4", "64x64x4x3", "128x32x4x3", "128x32x8x3", "128x64x8x2",
                     "128x64x8x3", "128x128x8x2"),
     "backward_atomic": ("32x128x8x3", "32x64x4x3", "64x64x4x3", "64x128x8x2", "64x128x8x3", "32x128x4x3"),
+    # the fixed row-dot pre-pass, timed only to compare dQ + pre-pass with the dQ kernel that computes delta
+    "backward_row_dot": (f"{kernels.ROW_DOT_BLOCK}x0x{kernels.ROW_DOT_WARPS}x{kernels.ROW_DOT_STAGES}",),
+    "backward_dq_delta": ("64x32x4x3", "64x64x4x3", "128x32x4x3", "128x64x8x3", "64x32x8x3", "64x64x8x3"),
 }
+# Candidates added after the first H200 sweep, which found every D = 128 winner at 4 warps and the dK/dV one
+# spilling (64x64x4x2): the same tiles with 8 warps, to be measured by the next session with a GPU.
+for _kernel, _extra in (("forward", ("64x64x8x3", "64x128x8x3")), ("backward_dkdv", ("64x64x8x2", "64x64x8x3")),
+                        ("backward_dq", ("64x32x8x3", "64x64x8x3"))):
+    CANDIDATES[_kernel] += _extra
 KERNELS = tuple(CANDIDATES)
 TOLERANCE = {2: 2e-2, 4: 1e-4}  # relative error vs the float32 reference above which a trial is wrong
 
@@ -73,12 +81,13 @@ def make_problem(batch, heads, seq_len, head_dim, dtype, prefix="random", device
 
 
 def _relative_error(got: dict, want: dict) -> float:
-    return max(((got[name].float() - want[name]).norm() / want[name].norm().clamp_min(1e-30)).item()
-               for name in got)
+    return max((((got[name].float() - want[name]).norm() / want[name].norm().clamp_min(1e-30)).item()
+                for name in got), default=0.0)
 
 
-def _runner(problem: Problem, kernel: str, cfg: TileConfig, lse, delta):
-    """A zero-argument call of ``kernel`` with ``cfg``, returning its outputs by name."""
+def _runner(problem: Problem, kernel: str, cfg: TileConfig, out, lse, delta):
+    """A zero-argument call of ``kernel`` with ``cfg``, returning its outputs by name (checked against the
+    reference; the row-dot pre-pass has none to check)."""
     p = problem
     if kernel == "forward":
         base = kernels.configs_for(p.q.shape[-1], p.q.dtype)
@@ -91,6 +100,12 @@ def _runner(problem: Problem, kernel: str, cfg: TileConfig, lse, delta):
         return lambda: {"dq": kernels.backward_dq(*args)}
     if kernel == "backward_atomic":
         return lambda: dict(zip(("dq", "dk", "dv"), kernels.backward_atomic(*args)))
+    if kernel == "backward_row_dot":
+        return lambda: (kernels.backward_row_dot(p.grad_out, out), {})[1]
+    if kernel == "backward_dq_delta":
+        scratch = torch.empty_like(delta)
+        args = (p.grad_out, p.q, p.k, p.v, lse, scratch, p.prefix, p.scale, cfg)
+        return lambda: {"dq": kernels.backward_dq(*args, out=out)}
     raise ValueError(f"unknown kernel {kernel!r}; expected one of {', '.join(KERNELS)}")
 
 
@@ -112,11 +127,11 @@ def sweep(problem: Problem, kernels_to_tune=KERNELS, candidates=None, timer=defa
     tolerance = TOLERANCE[problem.q.element_size()]
     trials = []
     for kernel in kernels_to_tune:
-        for text in candidates[kernel]:
+        for text in candidates.get(kernel, ()):
             if deadline is not None and time.monotonic() > deadline:
                 return trials
             try:
-                run = _runner(problem, kernel, TileConfig.parse(text), lse, delta)
+                run = _runner(problem, kernel, TileConfig.parse(text), out, lse, delta)
                 error = _relative_error(run(), problem.want) if problem.want else None
                 if error is not None and not error <= tolerance:
                     trial = Trial(kernel, text, None, error, f"wrong: relative error {error:.2e} > {tolerance:g}")
@@ -141,14 +156,18 @@ def fastest(trials: list[Trial]) -> dict[str, Trial]:
 
 def configs_from(best: dict[str, Trial]) -> AttentionConfigs | None:
     """AttentionConfigs of the winners; None unless the forward, dK/dV and dQ kernels all have one. The atomic-dQ
-    backward gets a tile only if it beat dK/dV + dQ (both include the fp32 buffer's zeroing and cast)."""
+    backward gets a tile only if it beat dK/dV + dQ (it includes its fp32 buffer's zeroing and cast), the
+    delta-computing dQ kernel only if it beat dQ + the row-dot pre-pass."""
     if not all(name in best for name in ("forward", "backward_dkdv", "backward_dq")):
         return None
-    atomic = best.get("backward_atomic")
+    atomic, dq_delta, row_dot = (best.get(name) for name in ("backward_atomic", "backward_dq_delta",
+                                                              "backward_row_dot"))
     two_launch_ms = best["backward_dkdv"].ms + best["backward_dq"].ms
+    delta_wins = dq_delta and row_dot and dq_delta.ms < best["backward_dq"].ms + row_dot.ms
     return AttentionConfigs(*(TileConfig.parse(best[name].config) for name in ("forward", "backward_dkdv",
                                                                               "backward_dq")),
-                            TileConfig.parse(atomic.config) if atomic and atomic.ms < two_launch_ms else None)
+                            TileConfig.parse(atomic.config) if atomic and atomic.ms < two_launch_ms else None,
+                            TileConfig.parse(dq_delta.config) if delta_wins else None)
 
 
 def tune_call_shape(q: torch.Tensor) -> AttentionConfigs | None:
