@@ -25,8 +25,13 @@ def _checked(name, what: str) -> str:
     return name
 
 
+@torch.compiler.assume_constant_result
 def current_backend() -> str:
-    """The backend name in force here: ``use_backend`` first, then the environment."""
+    """The backend name in force here: ``use_backend`` first, then the environment.
+
+    torch.compile calls this once while tracing and bakes the answer into the graph (Dynamo of torch <= 2.11
+    cannot trace ``ContextVar.get``): the backend in force when a function is compiled is the one it keeps.
+    """
     name = _override.get()
     if name is not None:
         return name

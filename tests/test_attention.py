@@ -480,3 +480,41 @@ def test_prefix_on_other_device():
         mimkernels.prefix_causal_attention(q, q, q, torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="k is on"):
         mimkernels.prefix_causal_attention(q, q.cpu(), q, 1)
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+
+def test_compiled_forward_and_backward_match_eager():
+    """fullgraph torch.compile (aot_eager: forward and backward graphs) runs the kernels as custom ops."""
+    shape, prefix = (2, 2, 33, 16), torch.tensor([5, 40], device=DEVICE)
+
+    def loss_of(q, k, v, prefix):
+        return mimkernels.prefix_causal_attention(q, k, v, prefix).square().sum()
+
+    q, k, v, leaves = make_qkv(shape, torch.float32)
+    with mimkernels.use_backend("triton"):
+        compiled = torch.compile(loss_of, fullgraph=True, backend="aot_eager")
+        got = [compiled(q, k, v, prefix)]
+        got += torch.autograd.grad(got[0], leaves)
+        want = [loss_of(q, k, v, prefix)]
+        want += torch.autograd.grad(want[0], leaves)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)  # the same kernels on the same inputs
+
+
+@pytest.mark.parametrize("prefix", [torch.tensor([0, 9]), 7], ids=["tensor", "int"])
+def test_custom_ops_pass_opcheck(prefix):
+    """Schema, fake kernels (shapes and strides), autograd registration of the ops torch.compile sees."""
+    from mimkernels.ops import attention as ops
+
+    q, k, v = (torch.randn(2, 2, 9, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    tensor_prefix = prefix.to(DEVICE) if isinstance(prefix, torch.Tensor) else None
+    int_prefix = 0 if tensor_prefix is not None else prefix
+    args = (q, k, v, tensor_prefix, int_prefix, 0.25, True)
+    torch.library.opcheck(ops._attention_forward_op, args)
+    out, lse = ops._attention_forward_op(*args)
+    grad_out = torch.randn_like(out)
+    torch.library.opcheck(ops._attention_backward_op,
+                          (grad_out, q.detach(), k.detach(), v.detach(), out.detach(), lse, tensor_prefix,
+                           int_prefix, 0.25, True))
