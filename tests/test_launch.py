@@ -31,11 +31,12 @@ def test_same_key_launches_the_compiled_kernel_directly(monkeypatch):
     monkeypatch.setattr(fast, "_COMPILED", {})
     kernel, x = FakeKernel(), torch.zeros(64)
     constexprs = {"BLOCK": 32, "FLAG": True}
-    for n in (48, 64, 48):  # both divisible by 16: one key
-        fast.launch(kernel, (4,), (x, n, 0.5), constexprs, num_warps=4, num_stages=2)
+    y = torch.zeros(64)  # another tensor of the same dtype and alignment
+    for tensor, grid in ((x, (4,)), (y, (8,)), (x, (2,))):
+        fast.launch(kernel, grid, (tensor, 48, 0.5), constexprs, num_warps=4, num_stages=2)
     assert len(kernel.jit_launches) == 1
     assert kernel.jit_launches[0][2] == {"BLOCK": 32, "FLAG": True, "num_warps": 4, "num_stages": 2}
-    assert kernel.direct_launches == [((4, 1, 1), (x, 64, 0.5, 32, True)), ((4, 1, 1), (x, 48, 0.5, 32, True))]
+    assert kernel.direct_launches == [((8, 1, 1), (y, 48, 0.5, 32, True)), ((2, 1, 1), (x, 48, 0.5, 32, True))]
 
 
 def test_what_triton_specialises_on_changes_the_key(monkeypatch):
@@ -43,9 +44,10 @@ def test_what_triton_specialises_on_changes_the_key(monkeypatch):
     monkeypatch.setattr(fast, "_COMPILED", {})
     kernel, x = FakeKernel(), torch.zeros(64)
     cases = [((x, 48, 0.5), {"BLOCK": 32, "FLAG": True}, 4),
-             ((x, 47, 0.5), {"BLOCK": 32, "FLAG": True}, 4),  # 16 no longer divides n
+             ((x, 64, 0.5), {"BLOCK": 32, "FLAG": True}, 4),  # any other value (Triton's rules aside)
              ((x, 1, 0.5), {"BLOCK": 32, "FLAG": True}, 4),  # n == 1
              ((x, 2**40, 0.5), {"BLOCK": 32, "FLAG": True}, 4),  # 64-bit n
+             ((x, 48, 0.25), {"BLOCK": 32, "FLAG": True}, 4),  # a float
              ((x[1:], 48, 0.5), {"BLOCK": 32, "FLAG": True}, 4),  # pointer not 16-byte aligned
              ((x.half(), 48, 0.5), {"BLOCK": 32, "FLAG": True}, 4),  # dtype
              ((x, 48, 0.5), {"BLOCK": 64, "FLAG": True}, 4),  # constexpr

@@ -5,10 +5,11 @@ that was about 0.1 ms per launch, and it left one attention fwd+bwd (4 launches)
 its kernels ran in 0.39 ms (benchmarks/results/nvidia-h200/2026-11-27-run4-*/profile_attention.txt). Here the
 first launch per key goes through Triton, which compiles (or loads) the kernel and returns it; later launches
 with the same key call the compiled kernel directly. The key holds at least everything Triton specialises on:
-each tensor's dtype and 16-byte alignment, each int's size class, whether it is 1 and whether 16 divides it, every
-constexpr, the warps, stages and device. Only Triton versions whose launch path was read and run are trusted
-(``_TRUSTED``); elsewhere, under the interpreter, while torch.compile traces, or with MIMKERNELS_FAST_LAUNCH=0,
-every launch goes through Triton as usual.
+each tensor's dtype and 16-byte alignment, every other argument's value (so equal keys specialise equally under
+any rule Triton has for ints and floats), every constexpr, the warps, stages and device. The key costs about 15 us
+per launch on the 2-core test machine (benchmarks/test_host_overhead.py). Only Triton versions whose launch path
+was read are trusted (``_TRUSTED``; 3.6 also ran on the H200); elsewhere, under the interpreter, while
+torch.compile traces, or with MIMKERNELS_FAST_LAUNCH=0, every launch goes through Triton as usual.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from .._backend import triton_interpreted
 
 _TRUSTED = ("3.6.", "3.7.", "3.8.")  # CompiledKernel[grid](*all args in signature order) as in these versions
 _COMPILED = {}  # key -> CompiledKernel
+_MAX_KEYS = 4096
 _TAIL = {}  # kernel -> names of its trailing constexpr parameters
 
 
@@ -42,16 +44,12 @@ def fast_launch_enabled() -> bool:
 _ENABLED = fast_launch_enabled()
 
 
-def _specialisation(arg):
+def _argument_key(arg):
+    """Tensors by dtype and 16-byte alignment (what Triton specialises on; their addresses change every call), every
+    other argument by value: equal values specialise equally, whatever Triton's rules for ints and floats are."""
     if isinstance(arg, torch.Tensor):
-        return arg.dtype, arg.data_ptr() % 16 == 0
-    if isinstance(arg, bool):
-        return "bool", arg
-    if isinstance(arg, int):
-        return arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31, arg < 2**63
-    if isinstance(arg, float):
-        return "float"
-    raise TypeError(f"no fast-launch key for a {type(arg).__name__} argument")
+        return arg.dtype, arg.data_ptr() & 15
+    return arg
 
 
 def launch(kernel, grid: tuple, args: tuple, constexprs: dict, *, num_warps: int, num_stages: int) -> None:
@@ -62,9 +60,11 @@ def launch(kernel, grid: tuple, args: tuple, constexprs: dict, *, num_warps: int
     if not _ENABLED or torch.compiler.is_compiling():
         kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
         return
-    key = (kernel, args[0].device.index, num_warps, num_stages, *constexprs.items(), *map(_specialisation, args))
+    key = (kernel, args[0].device.index, num_warps, num_stages, *constexprs.values(), *map(_argument_key, args))
     compiled = _COMPILED.get(key)
     if compiled is None:
+        if len(_COMPILED) > _MAX_KEYS:  # e.g. a float argument that changes every call: stay bounded
+            _COMPILED.clear()
         compiled = kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
         tail = kernel.arg_names[len(args):]
         if sorted(tail) == sorted(constexprs):  # else: keep launching through Triton

@@ -1,0 +1,111 @@
+"""Host time per call of each public op, measured without a GPU (pytest-benchmark; nothing is asserted).
+
+    python -m pytest benchmarks/test_host_overhead.py --benchmark-only -p no:cacheprovider
+
+What is timed: mimkernels' own host work (validation, backend choice, autograd, tile lookup, allocation, launch
+bookkeeping) on tiny CPU tensors, with Triton's launch replaced by a stub: ``JITFunction.run`` hands back a fake
+compiled kernel whose launch does nothing, so the fast launch path (mimkernels/triton/launch.py) is exercised
+as on a GPU. Not timed: Triton's own launch through ``kernel[grid]`` (about 0.1 ms per launch on the H200
+machine, benchmarks/results/nvidia-h200/*run5*) and the kernels. SDPA on the same tiny tensors is the point of
+comparison (its figure includes its small CPU compute). The token ops check their indices on CPU tensors, which
+CUDA tensors skip by default: their figures here include that check. Figures go to benchmarks/NOTES.md.
+"""
+import os
+
+import pytest
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    pytest.skip("times the host path of compiled kernels: unset TRITON_INTERPRET", allow_module_level=True)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+import mimkernels  # noqa: E402
+from mimkernels import _backend  # noqa: E402
+from mimkernels.triton import launch  # noqa: E402
+
+
+class _NoLaunch:
+    """What the stubbed Triton hands back: a 'compiled kernel' whose launches do nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@pytest.fixture(autouse=True)
+def stubbed_launches(monkeypatch):
+    monkeypatch.setattr(JITFunction, "run", lambda self, *args, grid, warmup, **kwargs: _NoLaunch())
+    monkeypatch.setattr(launch, "_COMPILED", {})
+    why_not = _backend._why_not
+    monkeypatch.setattr(_backend, "_why_not", lambda name, device: None if name == "triton" else why_not(name, device))
+    with mimkernels.use_backend("triton"):
+        yield
+
+
+@pytest.fixture(params=[True, False], ids=["fast_launch", "triton_launch"])
+def launch_path(request, monkeypatch):
+    monkeypatch.setattr(launch, "_ENABLED", request.param)
+
+
+def _qkv(batch=2, heads=4, seq_len=50, head_dim=64):
+    return [torch.randn(batch, heads, seq_len, head_dim, requires_grad=True) for _ in range(3)]
+
+
+def _fwd_bwd(fn, leaves):
+    out = fn()
+    grad = torch.ones_like(out)
+    return lambda: torch.autograd.grad(fn(), leaves, grad)
+
+
+def test_prefix_causal_attention_forward(benchmark, launch_path):
+    q, k, v = _qkv()
+    prefix = torch.tensor([3, 40])
+    with torch.no_grad():
+        benchmark(mimkernels.prefix_causal_attention, q, k, v, prefix)
+
+
+def test_prefix_causal_attention_fwd_bwd(benchmark, launch_path):
+    q, k, v = _qkv()
+    prefix = torch.tensor([3, 40])
+    benchmark(_fwd_bwd(lambda: mimkernels.prefix_causal_attention(q, k, v, prefix), [q, k, v]))
+
+
+def test_full_attention_fwd_bwd(benchmark):
+    q, k, v = _qkv()
+    benchmark(_fwd_bwd(lambda: mimkernels.attention(q, k, v), [q, k, v]))
+
+
+def test_sdpa_fwd_bwd_reference(benchmark):
+    """PyTorch's SDPA on the same tiny tensors (its C++ dispatch plus a little CPU math)."""
+    q, k, v = _qkv(seq_len=8, head_dim=16)
+    benchmark(_fwd_bwd(lambda: F.scaled_dot_product_attention(q, k, v), [q, k, v]))
+
+
+def test_random_masking_forward(benchmark):
+    x, pos = torch.randn(2, 50, 64), torch.randn(1, 50, 64)
+    with torch.no_grad():
+        benchmark(mimkernels.random_masking, x, 0.75, num_prefix_tokens=1, pos_embed=pos)
+
+
+def test_restore_tokens_fwd_bwd(benchmark):
+    kept = torch.randn(2, 13, 64, requires_grad=True)
+    ids_restore = torch.stack([torch.randperm(49) for _ in range(2)])
+    token = torch.zeros(1, 1, 64, requires_grad=True)
+    benchmark(_fwd_bwd(lambda: mimkernels.restore_tokens(kept, ids_restore, token, num_prefix_tokens=1),
+                       [kept, token]))
+
+
+def test_patch_embed_fwd_bwd(benchmark):
+    images = torch.randn(2, 3, 64, 64)
+    weight = torch.randn(64, 3, 16, 16, requires_grad=True)
+    bias = torch.zeros(64, requires_grad=True)
+    ids_keep = torch.stack([torch.randperm(16)[:4] for _ in range(2)])
+    benchmark(_fwd_bwd(lambda: mimkernels.patch_embed(images, weight, bias, ids_keep=ids_keep), [weight, bias]))
+
+
+def test_masked_patch_loss_fwd_bwd(benchmark):
+    images = torch.randn(2, 3, 64, 64)
+    pred = torch.randn(2, 16, 768, requires_grad=True)
+    mask = (torch.rand(2, 16) < 0.75).float()
+    benchmark(_fwd_bwd(lambda: mimkernels.masked_patch_loss(pred, images, mask), [pred]))
