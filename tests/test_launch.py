@@ -33,7 +33,7 @@ def test_same_key_launches_the_compiled_kernel_directly(monkeypatch):
     constexprs = {"BLOCK": 32, "FLAG": True}
     y = torch.zeros(64)  # another tensor of the same dtype and alignment
     for tensor, grid in ((x, (4,)), (y, (8,)), (x, (2,))):
-        fast.launch(kernel, grid, (tensor, 48, 0.5), constexprs, num_warps=4, num_stages=2)
+        fast.launch(kernel, grid, (tensor,), (48, 0.5), constexprs, num_warps=4, num_stages=2)
     assert len(kernel.jit_launches) == 1
     assert kernel.jit_launches[0][2] == {"BLOCK": 32, "FLAG": True, "num_warps": 4, "num_stages": 2}
     assert kernel.direct_launches == [((8, 1, 1), (y, 48, 0.5, 32, True)), ((2, 1, 1), (x, 48, 0.5, 32, True))]
@@ -53,7 +53,7 @@ def test_what_triton_specialises_on_changes_the_key(monkeypatch):
              ((x, 48, 0.5), {"BLOCK": 64, "FLAG": True}, 4),  # constexpr
              ((x, 48, 0.5), {"BLOCK": 32, "FLAG": True}, 8)]  # warps
     for args, constexprs, warps in cases:
-        fast.launch(kernel, (1,), args, constexprs, num_warps=warps, num_stages=2)
+        fast.launch(kernel, (1,), args[:1], args[1:], constexprs, num_warps=warps, num_stages=2)
     assert len(kernel.jit_launches) == len(cases) and not kernel.direct_launches
 
 
@@ -61,7 +61,7 @@ def test_disabled_always_goes_through_triton(monkeypatch):
     monkeypatch.setattr(fast, "_ENABLED", False)
     kernel, x = FakeKernel(), torch.zeros(64)
     for _ in range(3):
-        fast.launch(kernel, (1,), (x, 48, 0.5), {"BLOCK": 32, "FLAG": True}, num_warps=4, num_stages=2)
+        fast.launch(kernel, (1,), (x,), (48, 0.5), {"BLOCK": 32, "FLAG": True}, num_warps=4, num_stages=2)
     assert len(kernel.jit_launches) == 3 and not kernel.direct_launches
 
 

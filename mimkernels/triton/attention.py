@@ -524,9 +524,8 @@ def forward(q, k, v, prefix, scale: float, configs: AttentionConfigs | None = No
     lse = torch.empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
     num_m_tiles = cdiv(seq_len, cfg.block_m)
     prefix_ptr, prefix_int, prefix_is_tensor = _prefix_args(prefix, q)
-    launch(_prefix_causal_fwd, (batch * heads * num_m_tiles,), (
-        q, k, v, out, lse, prefix_ptr, prefix_int,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+    launch(_prefix_causal_fwd, (batch * heads * num_m_tiles,), (q, k, v, out, lse, prefix_ptr), (
+        prefix_int, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         heads, seq_len, scale * LOG2_E, num_m_tiles,
     ), dict(PREFIX_IS_TENSOR=prefix_is_tensor, **shape_args(head_dim, q.dtype), BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -539,8 +538,8 @@ def backward_row_dot(grad_out, out):
     shapes = shape_args(head_dim, out.dtype)
     delta = torch.empty(batch, heads, seq_len, dtype=torch.float32, device=out.device)
     num_row_tiles = cdiv(seq_len, ROW_DOT_BLOCK)
-    launch(_bwd_row_dot, (batch * heads * num_row_tiles,), (
-        out, grad_out, delta, *_strides(out), *_strides(grad_out), heads, seq_len, num_row_tiles,
+    launch(_bwd_row_dot, (batch * heads * num_row_tiles,), (out, grad_out, delta), (
+        *_strides(out), *_strides(grad_out), heads, seq_len, num_row_tiles,
     ), dict(head_dim=shapes["head_dim"], EVEN_D=shapes["EVEN_D"], BLOCK_M=ROW_DOT_BLOCK, BLOCK_D=shapes["BLOCK_D"]),
         num_warps=ROW_DOT_WARPS, num_stages=ROW_DOT_STAGES)
     return delta
@@ -556,8 +555,9 @@ def backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: Tile
     dq_acc = dq_accumulator if atomic else dk  # never written without DQ_ATOMIC
     num_n_tiles = cdiv(seq_len, cfg.block_n)
     launch(_prefix_causal_bwd_dkdv, (batch * heads * num_n_tiles,), (
-        q, k, v, grad_out, lse, delta, dk, dv, dq_acc, prefix_ptr, prefix_int,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
+        q, k, v, grad_out, lse, delta, dk, dv, dq_acc, prefix_ptr,
+    ), (
+        prefix_int, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
         *_strides(dq_acc), heads, seq_len, scale, scale * LOG2_E, num_n_tiles,
     ), dict(PREFIX_IS_TENSOR=prefix_is_tensor, **shape_args(head_dim, q.dtype), BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n, DQ_ATOMIC=atomic), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -577,8 +577,9 @@ def backward_dq(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: TileCo
     out = out if delta_here else grad_out  # never read without DELTA_HERE
     num_m_tiles = cdiv(seq_len, cfg.block_m)
     launch(_prefix_causal_bwd_dq, (batch * heads * num_m_tiles,), (
-        q, k, v, out, grad_out, lse, delta, dq, prefix_ptr, prefix_int,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(grad_out), *_strides(dq),
+        q, k, v, out, grad_out, lse, delta, dq, prefix_ptr,
+    ), (
+        prefix_int, *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(grad_out), *_strides(dq),
         heads, seq_len, scale, scale * LOG2_E, num_m_tiles,
     ), dict(PREFIX_IS_TENSOR=prefix_is_tensor, **shape_args(head_dim, q.dtype), BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n, DELTA_HERE=delta_here), num_warps=cfg.num_warps, num_stages=cfg.num_stages)

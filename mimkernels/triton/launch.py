@@ -21,9 +21,8 @@ import triton
 from .._backend import triton_interpreted
 
 _TRUSTED = ("3.6.", "3.7.", "3.8.")  # CompiledKernel[grid](*all args in signature order) as in these versions
-_COMPILED = {}  # key -> CompiledKernel
+_COMPILED = {}  # key -> (CompiledKernel, the constexpr values in signature order)
 _MAX_KEYS = 4096
-_TAIL = {}  # kernel -> names of its trailing constexpr parameters
 
 
 def cdiv(a: int, b: int) -> int:
@@ -44,31 +43,28 @@ def fast_launch_enabled() -> bool:
 _ENABLED = fast_launch_enabled()
 
 
-def _argument_key(arg):
-    """Tensors by dtype and 16-byte alignment (what Triton specialises on; their addresses change every call), every
-    other argument by value: equal values specialise equally, whatever Triton's rules for ints and floats are."""
-    if isinstance(arg, torch.Tensor):
-        return arg.dtype, arg.data_ptr() & 15
-    return arg
+def launch(kernel, grid: tuple, tensors: tuple, scalars: tuple, constexprs: dict, *, num_warps: int,
+           num_stages: int) -> None:
+    """``kernel[grid](*tensors, *scalars, **constexprs, num_warps=..., num_stages=...)``, with the host work done
+    once per key.
 
-
-def launch(kernel, grid: tuple, args: tuple, constexprs: dict, *, num_warps: int, num_stages: int) -> None:
-    """``kernel[grid](*args, **constexprs, num_warps=..., num_stages=...)``, with the host work done once per key.
-
-    ``args`` are the kernel's leading parameters in order (tensors, ints, floats); ``constexprs`` all the rest.
+    The kernel's parameters are, in order: ``tensors``, then ``scalars`` (ints, floats), then ``constexprs``.
     """
     if not _ENABLED or torch.compiler.is_compiling():
-        kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+        kernel[grid](*tensors, *scalars, **constexprs, num_warps=num_warps, num_stages=num_stages)
         return
-    key = (kernel, args[0].device.index, num_warps, num_stages, *constexprs.values(), *map(_argument_key, args))
-    compiled = _COMPILED.get(key)
-    if compiled is None:
+    # Tensors by dtype and 16-byte alignment (what Triton specialises on; their addresses change every call), the
+    # scalars by value: equal values specialise equally, whatever Triton's rules for ints and floats are.
+    key = (id(kernel), tensors[0].get_device(), num_warps, num_stages, *constexprs.values(), *scalars,
+           *[(t.dtype, t.data_ptr() & 15) for t in tensors])
+    cached = _COMPILED.get(key)
+    if cached is None:
         if len(_COMPILED) > _MAX_KEYS:  # e.g. a float argument that changes every call: stay bounded
             _COMPILED.clear()
-        compiled = kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
-        tail = kernel.arg_names[len(args):]
+        compiled = kernel[grid](*tensors, *scalars, **constexprs, num_warps=num_warps, num_stages=num_stages)
+        tail = kernel.arg_names[len(tensors) + len(scalars):]
         if sorted(tail) == sorted(constexprs):  # else: keep launching through Triton
-            _TAIL[kernel] = tail
-            _COMPILED[key] = compiled
+            _COMPILED[key] = compiled, tuple(constexprs[name] for name in tail)
         return
-    compiled[(*grid, 1, 1)[:3]](*args, *(constexprs[name] for name in _TAIL[kernel]))
+    compiled, tail_values = cached
+    compiled[(*grid, 1, 1)[:3]](*tensors, *scalars, *tail_values)
