@@ -505,16 +505,14 @@ def test_compiled_forward_and_backward_match_eager():
 
 @pytest.mark.parametrize("prefix", [torch.tensor([0, 9]), 7], ids=["tensor", "int"])
 def test_custom_ops_pass_opcheck(prefix):
-    """Schema, fake kernels (shapes and strides), autograd registration of the ops torch.compile sees."""
+    """Schema, fake kernels (shapes and strides) and dispatch of the ops torch.compile sees."""
     from mimkernels.ops import attention as ops
 
-    q, k, v = (torch.randn(2, 2, 9, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(2, 2, 9, 16, device=DEVICE) for _ in range(3))
     tensor_prefix = prefix.to(DEVICE) if isinstance(prefix, torch.Tensor) else None
     int_prefix = 0 if tensor_prefix is not None else prefix
-    args = (q, k, v, tensor_prefix, int_prefix, 0.25, True)
-    torch.library.opcheck(ops._attention_forward_op, args)
-    out, lse = ops._attention_forward_op(*args)
-    grad_out = torch.randn_like(out)
-    torch.library.opcheck(ops._attention_backward_op,
-                          (grad_out, q.detach(), k.detach(), v.detach(), out.detach(), lse, tensor_prefix,
-                           int_prefix, 0.25, True))
+    args = (q, k, v, tensor_prefix, int_prefix, 0.25)
+    torch.library.opcheck(ops._forward_kernels.custom_op, args)
+    out, lse = ops._forward_kernels(*args)
+    torch.library.opcheck(ops._backward_kernels.custom_op,
+                          (torch.randn_like(out), q, k, v, out, lse, tensor_prefix, int_prefix, 0.25, True))

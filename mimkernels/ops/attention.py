@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend, reference
+from .._custom_ops import custom_op_when_compiling
 
 # Imported here, not on first use, so torch.compile never traces the module's first import.
 _kernels = None
@@ -77,86 +78,52 @@ def _checked_scale(scale, head_dim):
     return float(scale)
 
 
-def _forward_kernels(q, k, v, prefix, scale):
-    """Output and log-sum-exp; ``prefix`` an int in [0, N] or an integer tensor [B]."""
+def _bnhd_fake(t):
+    return _kernels._empty_bnhd(t)
+
+
+@custom_op_when_compiling(
+    "attention_forward",
+    "(Tensor q, Tensor k, Tensor v, Tensor? prefix, int prefix_int, float scale) -> (Tensor, Tensor)",
+    lambda q, k, v, prefix, prefix_int, scale: (_bnhd_fake(q), q.new_empty(q.shape[:3], dtype=torch.float32)))
+def _forward_kernels(q, k, v, prefix, prefix_int, scale):
+    """Output and log-sum-exp; the prefix is the tensor ``prefix`` [B], or the int ``prefix_int`` where it is None."""
     if q.numel() == 0:
         return _kernels._empty_bnhd(q), q.new_empty(q.shape[:3], dtype=torch.float32)
-    return _kernels.forward(q, k, v, prefix, scale)
+    return _kernels.forward(q, k, v, prefix_int if prefix is None else prefix, scale)
 
 
-def _backward_kernels(grad_out, q, k, v, out, lse, prefix, scale, deterministic):
+@custom_op_when_compiling(
+    "attention_backward",
+    "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? prefix, int prefix_int, "
+    "float scale, bool deterministic) -> (Tensor, Tensor, Tensor)",
+    lambda grad_out, q, k, v, *rest: (_bnhd_fake(q), _bnhd_fake(k), _bnhd_fake(v)))
+def _backward_kernels(grad_out, q, k, v, out, lse, prefix, prefix_int, scale, deterministic):
     if q.numel() == 0:
         return tuple(_kernels._empty_bnhd(t).zero_() for t in (q, k, v))
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
     atomic = not deterministic and _kernels.atomic_dq_measured_faster(q)
-    return _kernels.backward(grad_out, q, k, v, out, lse, prefix, scale, atomic_dq=atomic)
-
-
-# Two wrappers of the same kernels. Eager calls go through an autograd.Function: on the test machine a
-# torch.library custom op cost about 260 us more host time per fwd+bwd, more than the kernels take at short N.
-# Under torch.compile the calls become the custom ops below (fake kernels for tracing, autograd registered), which
-# Dynamo and Inductor treat as opaque: nothing of the kernels' Python is traced.
+    return _kernels.backward(grad_out, q, k, v, out, lse, prefix_int if prefix is None else prefix, scale,
+                             atomic_dq=atomic)
 
 
 class _TritonAttention(torch.autograd.Function):
+    """``prefix`` a tensor [B] or None, then ``prefix_int`` holds the int prefix."""
+
     @staticmethod
-    def forward(ctx, q, k, v, prefix, scale, deterministic):
-        out, lse = _forward_kernels(q, k, v, prefix, scale)
-        ctx.scale, ctx.deterministic = scale, deterministic
-        ctx.prefix_int = None if isinstance(prefix, torch.Tensor) else prefix
-        saved_prefix = (prefix,) if ctx.prefix_int is None else ()
-        ctx.save_for_backward(q, k, v, out, lse, *saved_prefix)
+    def forward(ctx, q, k, v, prefix, prefix_int, scale, deterministic):
+        out, lse = _forward_kernels(q, k, v, prefix, prefix_int, scale)
+        ctx.prefix_int, ctx.scale, ctx.deterministic = prefix_int, scale, deterministic
+        ctx.save_for_backward(q, k, v, out, lse, *(() if prefix is None else (prefix,)))
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, *saved_prefix = ctx.saved_tensors
-        prefix = saved_prefix[0] if saved_prefix else ctx.prefix_int
-        dq, dk, dv = _backward_kernels(grad_out, q, k, v, out, lse, prefix, ctx.scale, ctx.deterministic)
-        return dq, dk, dv, None, None, None
-
-
-@torch.library.custom_op("mimkernels::attention_forward", mutates_args=())
-def _attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: torch.Tensor | None,
-                          prefix_int: int, scale: float, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse); ``prefix`` a tensor [B], or None for the int ``prefix_int``."""
-    return _forward_kernels(q, k, v, prefix_int if prefix is None else prefix, scale)
-
-
-@_attention_forward_op.register_fake
-def _(q, k, v, prefix, prefix_int, scale, deterministic):
-    return _kernels._empty_bnhd(q), q.new_empty(q.shape[:3], dtype=torch.float32)
-
-
-@torch.library.custom_op("mimkernels::attention_backward", mutates_args=())
-def _attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           out: torch.Tensor, lse: torch.Tensor, prefix: torch.Tensor | None, prefix_int: int,
-                           scale: float, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward_kernels(grad_out, q, k, v, out, lse, prefix_int if prefix is None else prefix, scale,
-                             deterministic)
-
-
-@_attention_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, prefix, prefix_int, scale, deterministic):
-    return _kernels._empty_bnhd(q), _kernels._empty_bnhd(k), _kernels._empty_bnhd(v)
-
-
-def _op_setup_context(ctx, inputs, output):
-    q, k, v, prefix, prefix_int, scale, deterministic = inputs
-    ctx.save_for_backward(q, k, v, *output, prefix)
-    ctx.prefix_int, ctx.scale, ctx.deterministic = prefix_int, scale, deterministic
-    ctx.mark_non_differentiable(output[1])
-
-
-def _op_backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, prefix = ctx.saved_tensors
-    grads = _attention_backward_op(grad_out.contiguous(), q, k, v, out, lse, prefix, ctx.prefix_int, ctx.scale,
-                                   ctx.deterministic)
-    return (*grads, None, None, None, None)
-
-
-_attention_forward_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+        q, k, v, out, lse, *prefix = ctx.saved_tensors
+        dq, dk, dv = _backward_kernels(grad_out, q, k, v, out, lse, prefix[0] if prefix else None, ctx.prefix_int,
+                                       ctx.scale, ctx.deterministic)
+        return dq, dk, dv, None, None, None, None
 
 
 def _sdpa_measured_faster(q, prefix, deterministic) -> bool:
@@ -177,11 +144,9 @@ def _attend(q, k, v, prefix, scale, deterministic, op):
         return F.scaled_dot_product_attention(q, k, v, is_causal=prefix == 0, scale=scale)
     if backend == "triton":
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        if torch.compiler.is_compiling():
-            tensor_prefix = prefix if isinstance(prefix, torch.Tensor) else None
-            int_prefix = 0 if tensor_prefix is not None else prefix
-            return _attention_forward_op(q, k, v, tensor_prefix, int_prefix, scale, deterministic)[0]
-        return _TritonAttention.apply(q, k, v, prefix, scale, deterministic)
+        if isinstance(prefix, torch.Tensor):
+            return _TritonAttention.apply(q, k, v, prefix, 0, scale, deterministic)
+        return _TritonAttention.apply(q, k, v, None, prefix, scale, deterministic)
     if isinstance(prefix, int) and prefix == q.shape[2]:
         return reference.attention(q, k, v, scale=scale)
     return reference.prefix_causal_attention(q, k, v, prefix, scale=scale)

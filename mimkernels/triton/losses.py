@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._custom_ops import custom_op_when_compiling
 from .launch import next_power_of_2
 
 
@@ -99,6 +100,10 @@ def _args(pred, images, mask, patch_size):
         channels=images.shape[1], patch_numel=patch_numel)
 
 
+@custom_op_when_compiling(
+    "triton_masked_patch_loss",
+    "(Tensor pred, Tensor images, Tensor mask, int patch_size, bool norm_pix, bool l1) -> Tensor",
+    lambda pred, *rest: pred.new_empty(pred.shape[0] * pred.shape[1], dtype=torch.float32))
 def masked_patch_loss(pred, images, mask, patch_size: int, norm_pix: bool, l1: bool) -> torch.Tensor:
     """The weighted sum of per-patch mean errors, fp32 [B * L] per patch (summed by the caller)."""
     batch, num_patches, patch_numel = pred.shape
@@ -110,6 +115,10 @@ def masked_patch_loss(pred, images, mask, patch_size: int, norm_pix: bool, l1: b
     return patch_loss
 
 
+@custom_op_when_compiling(
+    "triton_masked_patch_loss_backward",
+    "(Tensor pred, Tensor images, Tensor mask, Tensor scale, int patch_size, bool norm_pix, bool l1) -> Tensor",
+    lambda pred, *rest: pred.new_empty(pred.shape))
 def masked_patch_loss_backward(pred, images, mask, scale, patch_size: int, norm_pix: bool, l1: bool):
     """d loss / d pred, [B, L, P] in pred's dtype; ``scale`` is a 1-element fp32 tensor (no host sync)."""
     batch, num_patches, patch_numel = pred.shape

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._custom_ops import custom_op_when_compiling
 from .launch import cdiv
 
 # By operand width in bytes; no config spills on sm_80 or sm_90 (benchmarks/kernel_report.py).
@@ -111,6 +112,16 @@ def _precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _forward_fake(images, weight, bias, pos, ids, mask, token):
+    patch_size = weight.shape[-1]
+    rows = ids.shape[1] if ids is not None else (images.shape[2] // patch_size) * (images.shape[3] // patch_size)
+    return images.new_empty(images.shape[0], rows, weight.shape[0], dtype=weight.dtype)
+
+
+@custom_op_when_compiling(
+    "triton_patch_embed",
+    "(Tensor images, Tensor weight, Tensor? bias, Tensor? pos, Tensor? ids, Tensor? mask, Tensor? token) -> Tensor",
+    _forward_fake)
 def forward(images, weight, bias, pos, ids, mask, token):
     """[B, rows, E] in weight's dtype; rows = kept patches with ``ids``, else all patches."""
     batch, _, height, width = images.shape
@@ -139,6 +150,9 @@ def forward(images, weight, bias, pos, ids, mask, token):
     return out
 
 
+@custom_op_when_compiling(
+    "triton_patch_embed_weight_grad", "(Tensor images, Tensor grad, Tensor? ids, int[] weight_shape) -> Tensor",
+    lambda images, grad, ids, weight_shape: images.new_empty(weight_shape, dtype=torch.float32))
 def weight_grad(images, grad, ids, weight_shape):
     """d loss / d weight in fp32, shaped like the Conv2d weight; ``grad`` [B, rows, E] contiguous."""
     batch, _, height, width = images.shape

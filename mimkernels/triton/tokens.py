@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._custom_ops import custom_op_when_compiling
 from .launch import cdiv, next_power_of_2
 
 BLOCK_ROWS = 8
@@ -99,11 +100,20 @@ def _launch(kernel, x, ids, pos, num_prefix, pointers, sizes):
     return out
 
 
+def _rows_fake(x, ids, *rest):
+    num_prefix = rest[-1]
+    return x.new_empty(x.shape[0], num_prefix + ids.shape[1], x.shape[2])
+
+
+@custom_op_when_compiling("triton_gather_rows", "(Tensor x, Tensor ids, Tensor? pos, int num_prefix) -> Tensor",
+                          _rows_fake)
 def gather_rows(x: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor | None, num_prefix: int) -> torch.Tensor:
     """x [B, P + L, D], ids [B, K] -> [B, P + K, D]; pos [1, P + L, D] or None. Unit stride in D and in ids."""
     return _launch(_gather_rows, x, ids, pos, num_prefix, (), (ids.shape[1], x.shape[1]))
 
 
+@custom_op_when_compiling("triton_restore_rows",
+                          "(Tensor x, Tensor ids, Tensor token, Tensor? pos, int num_prefix) -> Tensor", _rows_fake)
 def restore_rows(x: torch.Tensor, ids: torch.Tensor, token: torch.Tensor, pos: torch.Tensor | None,
                  num_prefix: int) -> torch.Tensor:
     """x [B, P + K, D], ids [B, L], token [D] -> [B, P + L, D]; pos [1, P + L, D] or None."""

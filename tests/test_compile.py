@@ -1,0 +1,74 @@
+"""torch.compile(fullgraph=True) of whole training steps, on the CPU: every op runs as a custom op in the graph.
+
+``aot_eager`` traces the forward and backward graphs (Dynamo + AOTAutograd, fake tensors through each op's
+registered fake kernel) and runs them eagerly, so it works without a GPU; the Triton kernels run through the
+interpreter. The GPU test (tests/test_attention_gpu.py) compiles with Inductor.
+"""
+import pytest
+import torch
+from conftest import HAS_GPU
+
+import mimkernels
+from mimkernels.models import aim_tiny, mae_vit_tiny_patch8
+
+pytestmark = pytest.mark.skipif(HAS_GPU, reason="the CPU variant; on a GPU, tests/*_gpu.py compile with Inductor")
+
+
+def _loss_and_grads(model, step, *inputs):
+    model.zero_grad(set_to_none=True)
+    loss = step(*inputs)
+    loss.backward()
+    return [loss.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("name", ["mae", "aim"])
+def test_training_step_compiles_fullgraph_and_matches_eager(name):
+    torch.manual_seed(0)
+    imgs = torch.randn(2, 3, 64, 64)
+    if name == "mae":
+        model = mae_vit_tiny_patch8(norm_pix_loss=True)
+        noise = torch.rand(2, 64)
+
+        def step(imgs):
+            return model(imgs, 0.75, noise=noise)[0]
+    else:
+        model = aim_tiny()
+        prefix = torch.tensor([1, 40])
+
+        def step(imgs):
+            return model(imgs, prefix)[0]
+
+    with mimkernels.use_backend("triton"):
+        eager = _loss_and_grads(model, step, imgs)
+        compiled = _loss_and_grads(model, torch.compile(step, fullgraph=True, backend="aot_eager"), imgs)
+    assert len(compiled) == len(eager) > 10
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _opcheck_cases():
+    from mimkernels.triton import losses, patch_embed, tokens
+
+    x, pos = torch.randn(2, 7, 16), torch.randn(1, 7, 16)
+    ids_keep = torch.tensor([[3, 0], [5, 2]])
+    ids_restore = torch.stack([torch.randperm(6) for _ in range(2)])
+    images, weight = torch.randn(2, 3, 16, 16), torch.randn(8, 3, 8, 8)
+    pred, mask = torch.randn(2, 4, 192), torch.tensor([[1.0, 0, 1, 1], [0, 1, 0, 0]])
+    return {
+        "gather_rows": (tokens.gather_rows, (x, ids_keep, pos, 1)),
+        "restore_rows": (tokens.restore_rows, (x[:, :3], ids_restore, torch.randn(16), pos, 1)),
+        "patch_embed": (patch_embed.forward, (images, weight, torch.randn(8), torch.randn(1, 4, 8),
+                                              torch.tensor([[1, 3], [0, 2]]), None, None)),
+        "patch_embed_weight_grad": (patch_embed.weight_grad, (images, torch.randn(2, 4, 8), None, [8, 3, 8, 8])),
+        "masked_patch_loss": (losses.masked_patch_loss, (pred, images, mask, 8, True, False)),
+        "masked_patch_loss_backward": (losses.masked_patch_loss_backward,
+                                       (pred, images, mask, torch.tensor([0.25]), 8, True, False)),
+    }
+
+
+@pytest.mark.parametrize("name", ["gather_rows", "restore_rows", "patch_embed", "patch_embed_weight_grad",
+                                  "masked_patch_loss", "masked_patch_loss_backward"])
+def test_kernel_custom_ops_pass_opcheck(name):
+    """Schema, fake kernel (shapes, dtypes, strides) and dispatch of each launcher torch.compile sees."""
+    launcher, args = _opcheck_cases()[name]
+    torch.library.opcheck(launcher.custom_op, args)
