@@ -13,13 +13,7 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 status=0
-{
-  echo "commit: ${MIMKERNELS_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
-  echo "date: $(date -u +%FT%TZ)"
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
-  $PY -c 'import torch, triton; print("torch", torch.__version__, "| triton", triton.__version__, "| cuda", torch.version.cuda)'
-} > "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
+source benchmarks/gpu_env.sh
 
 echo "== tune the attention tile table (budget ${TUNE_S} s)"
 timeout $((TUNE_S + 90)) $PY -m benchmarks.tune_attention --budget-s "$TUNE_S" --out "$OUT" --write-table \

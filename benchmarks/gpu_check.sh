@@ -17,13 +17,7 @@ status=0
 echo "== build the extension (csrc/) in place"
 timeout 120 $PY setup.py build_ext --inplace > "$OUT/build.txt" 2>&1 || { status=1; tail -n 20 "$OUT/build.txt"; }
 
-{
-  echo "commit: ${MIMKERNELS_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
-  echo "date: $(date -u +%FT%TZ)"
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
-  $PY -c 'import torch, triton; print("torch", torch.__version__, "| triton", triton.__version__, "| cuda", torch.version.cuda)'
-} > "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
+source benchmarks/gpu_env.sh
 
 echo "== GPU tests"
 timeout 100 $PY -m pytest -q -m gpu -p no:cacheprovider tests > "$OUT/pytest_gpu.txt" 2>&1 || status=1

@@ -15,16 +15,19 @@ import torch
 from benchmarks import bench_attention
 
 
-def profile(shape: str, provider: str, steps: int = 20) -> list[str]:
+def _fwd_bwd_step(shape: str, provider: str):
+    """One fwd+bwd of ``provider`` on the bf16 inputs of bench_attention's ``shape``."""
     batch, heads, seq_len, head_dim, mask = bench_attention.SHAPES[shape]
     q, k, v = (torch.randn(batch, heads, seq_len, head_dim, device="cuda", dtype=torch.bfloat16,
                            requires_grad=True) for _ in range(3))
     grad_out = torch.randn_like(q)
     prefix = torch.randint(1, seq_len, (batch,), device="cuda") if mask == "prefix" else seq_len
     fn = bench_attention.providers(q, k, v, prefix, with_flex=False)[provider][0]
+    return lambda: torch.autograd.grad(fn(), (q, k, v), grad_out)
 
-    def step():
-        torch.autograd.grad(fn(), (q, k, v), grad_out)
+
+def profile(shape: str, provider: str, steps: int = 20) -> list[str]:
+    step = _fwd_bwd_step(shape, provider)
 
     for _ in range(3):
         step()
@@ -54,19 +57,14 @@ def host_profile(shape: str, provider: str = "mimkernels", steps: int = 50) -> s
     import io
     import pstats
 
-    batch, heads, seq_len, head_dim, mask = bench_attention.SHAPES[shape]
-    q, k, v = (torch.randn(batch, heads, seq_len, head_dim, device="cuda", dtype=torch.bfloat16,
-                           requires_grad=True) for _ in range(3))
-    grad_out = torch.randn_like(q)
-    prefix = torch.randint(1, seq_len, (batch,), device="cuda") if mask == "prefix" else seq_len
-    fn = bench_attention.providers(q, k, v, prefix, with_flex=False)[provider][0]
+    step = _fwd_bwd_step(shape, provider)
     for _ in range(3):
-        torch.autograd.grad(fn(), (q, k, v), grad_out)
+        step()
     torch.cuda.synchronize()
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(steps):
-        torch.autograd.grad(fn(), (q, k, v), grad_out)
+        step()
     profiler.disable()
     torch.cuda.synchronize()
     text = io.StringIO()

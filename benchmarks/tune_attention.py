@@ -26,19 +26,15 @@ import time
 
 import torch
 
-from benchmarks import common
+from benchmarks import bench_attention, common
 from mimkernels.triton import attention as kernels
 from mimkernels.triton import attention_tiles, attention_tuning
 
-# name: (batch, heads, seq_len, head_dim, prefix): one representative per table key, with the mask it is used with
-SHAPES = {
-    "aim_600m": (64, 12, 256, 128, "random"),
-    "n1024": (16, 16, 1024, 128, "random"),
-    "n4096": (4, 16, 4096, 128, "random"),
-    "vit_b": (256, 12, 197, 64, "full"),
-    "mae_encoder": (256, 16, 50, 64, "full"),
-    "mae_decoder": (256, 16, 197, 32, "full"),
-}
+# One representative per table key, with the mask it is used with: shapes of bench_attention (its "prefix" mask is
+# a per-sample prefix drawn in [1, N), which attention_tuning.make_problem calls "random").
+TUNED = ("aim_600m", "n1024", "n4096", "vit_b", "mae_encoder", "mae_decoder")
+_PREFIX_KIND = {"prefix": "random", "full": "full"}
+SHAPES = {name: (*bench_attention.SHAPES[name][:4], _PREFIX_KIND[bench_attention.SHAPES[name][4]]) for name in TUNED}
 TABLE_PATH = attention_tiles.__file__
 CSV_FIELDS = ("shape", "key", "kernel", "config", "ms", "error", "note", "device", "torch", "triton", "commit", "date")
 
