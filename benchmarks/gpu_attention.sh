@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Attention on a lent GPU in one call (about 8 minutes): tune the tile table, benchmark against the baselines
-# with the new table, then the attention GPU tests. Raw outputs under $OUT (default benchmarks/results/local),
-# the rewritten table copied there as attention_tiles.py. Commit them under benchmarks/results/<device>/.
+# Attention on a lent GPU in one call (about 8 minutes): tune the tile table, profile and benchmark against the
+# baselines with the new table, then the attention GPU tests. Raw outputs under $OUT (default
+# benchmarks/results/local; 8 files, the device tool's limit). Commit them under benchmarks/results/<device>/ and
+# the table with `python -m benchmarks.tune_attention --from-csv <them>/tune_attention.csv --write-table`.
 # Where the tree has no .git (the device copy), pass the commit: MIMKERNELS_COMMIT=<sha> benchmarks/gpu_attention.sh
 # Uses the machine's own python3 (its torch and triton): nothing is installed, nothing is fetched.
 set -uo pipefail
@@ -18,8 +19,12 @@ source benchmarks/gpu_env.sh
 echo "== tune the attention tile table (budget ${TUNE_S} s)"
 timeout $((TUNE_S + 90)) $PY -m benchmarks.tune_attention --budget-s "$TUNE_S" --out "$OUT" --write-table \
   > "$OUT/tune_attention.txt" 2>&1 || status=1
-cp mimkernels/triton/attention_tiles.py "$OUT/attention_tiles.py"
-tail -n 12 "$OUT/tune_attention.txt"
+tail -n 12 "$OUT/tune_attention.txt"  # the table it wrote can be rebuilt from tune_attention.csv (--from-csv)
+
+echo "== GPU time per kernel and host time per call, with the new table"
+timeout ${PROFILE_S:-45} $PY -m benchmarks.profile_attention --shapes aim_600m mae_encoder \
+  --providers mimkernels sdpa_dense_mask sdpa > "$OUT/profile_attention.txt" 2>&1 || status=1
+grep "==" "$OUT/profile_attention.txt"
 
 echo "== benchmark with the new table"
 timeout ${BENCH_S:-210} $PY -m benchmarks.bench_attention --quick --no-plot --out "$OUT" > "$OUT/bench_attention.txt" 2>&1 \
@@ -27,7 +32,7 @@ timeout ${BENCH_S:-210} $PY -m benchmarks.bench_attention --quick --no-plot --ou
 grep -E "^(==|[a-z_0-9]+ +(fwd|bwd|fwd_bwd|peak)|memory)" "$OUT/bench_attention.txt" | tail -n 60
 
 echo "== attention GPU tests"
-timeout ${TEST_S:-80} $PY -m pytest -q -x -p no:cacheprovider tests/test_attention_gpu.py > "$OUT/pytest_attention_gpu.txt" 2>&1 \
+timeout ${TEST_S:-80} $PY -m pytest -q -p no:cacheprovider tests/test_attention_gpu.py tests/test_compile.py > "$OUT/pytest_attention_gpu.txt" 2>&1 \
   || status=1
 tail -n 8 "$OUT/pytest_attention_gpu.txt"
 exit $status

@@ -11,7 +11,7 @@ from conftest import HAS_GPU
 import mimkernels
 from mimkernels.models import aim_tiny, mae_vit_tiny_patch8
 
-pytestmark = pytest.mark.skipif(HAS_GPU, reason="the CPU variant; on a GPU, tests/*_gpu.py compile with Inductor")
+cpu_only = pytest.mark.skipif(HAS_GPU, reason="the CPU variant (aot_eager, interpreter); GPUs run the Inductor one")
 
 
 def _loss_and_grads(model, step, *inputs):
@@ -21,29 +21,40 @@ def _loss_and_grads(model, step, *inputs):
     return [loss.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
 
-@pytest.mark.parametrize("name", ["mae", "aim"])
-def test_training_step_compiles_fullgraph_and_matches_eager(name):
+def _model_and_step(name, device):
     torch.manual_seed(0)
-    imgs = torch.randn(2, 3, 64, 64)
+    imgs = torch.randn(2, 3, 64, 64, device=device)
     if name == "mae":
-        model = mae_vit_tiny_patch8(norm_pix_loss=True)
-        noise = torch.rand(2, 64)
+        model = mae_vit_tiny_patch8(norm_pix_loss=True).to(device)
+        noise = torch.rand(2, 64, device=device)
+        return model, lambda imgs: model(imgs, 0.75, noise=noise)[0], imgs
+    model = aim_tiny().to(device)
+    prefix = torch.tensor([1, 40], device=device)
+    return model, lambda imgs: model(imgs, prefix)[0], imgs
 
-        def step(imgs):
-            return model(imgs, 0.75, noise=noise)[0]
-    else:
-        model = aim_tiny()
-        prefix = torch.tensor([1, 40])
 
-        def step(imgs):
-            return model(imgs, prefix)[0]
-
+def _compiled_matches_eager(name, device, backend, rtol, atol):
+    model, step, imgs = _model_and_step(name, device)
     with mimkernels.use_backend("triton"):
         eager = _loss_and_grads(model, step, imgs)
-        compiled = _loss_and_grads(model, torch.compile(step, fullgraph=True, backend="aot_eager"), imgs)
+        compiled = _loss_and_grads(model, torch.compile(step, fullgraph=True, backend=backend), imgs)
     assert len(compiled) == len(eager) > 10
     for got, want in zip(compiled, eager):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+
+
+@cpu_only
+@pytest.mark.parametrize("name", ["mae", "aim"])
+def test_training_step_compiles_fullgraph_and_matches_eager(name):
+    """aot_eager: the same kernels and the same ATen ops in the same order, so equal to rounding."""
+    _compiled_matches_eager(name, "cpu", "aot_eager", rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["mae", "aim"])
+def test_training_step_compiles_with_inductor_on_gpu(name):
+    """Inductor fuses the ops around ours (fp32 here): equal to eager within fp32 reassociation."""
+    _compiled_matches_eager(name, "cuda", "inductor", rtol=1e-4, atol=1e-5)
 
 
 def _opcheck_cases():
@@ -66,6 +77,7 @@ def _opcheck_cases():
     }
 
 
+@cpu_only
 @pytest.mark.parametrize("name", ["gather_rows", "restore_rows", "patch_embed", "patch_embed_weight_grad",
                                   "masked_patch_loss", "masked_patch_loss_backward"])
 def test_kernel_custom_ops_pass_opcheck(name):
