@@ -143,12 +143,12 @@ def other_launches(dtype: torch.dtype) -> list[Launch]:
         {"HAS_IDS": True, "BLOCK_E": e, "BLOCK_K": k, "BLOCK_R": r, "DOT_PRECISION": precision}))
     block = 1024  # p * p * C = 768 (p 16) or 588 (p 14), padded
     for fn in (loss_kernels._masked_patch_loss_fwd, loss_kernels._masked_patch_loss_bwd):
-        launches.append(Launch(fn, "norm_pix", f"{block}", 4, 1,
+        launches.append(Launch(fn, "norm_pix", f"{block}", 4, 3,
                                {"IMG": "*fp32", "PRED": ty, "MASK": "*fp32", "PATCH_LOSS": "*fp32", "SCALE": "*fp32",
                                 "GRAD_PRED": ty},
                                {"NORM_PIX": True, "L1": False, "BLOCK": block}))
     for fn in (token_kernels._gather_rows, token_kernels._restore_rows):
-        launches.append(Launch(fn, "pos", f"{token_kernels.BLOCK_ROWS}x{token_kernels.MAX_BLOCK_D}", 4, 1,
+        launches.append(Launch(fn, "pos", f"{token_kernels.BLOCK_ROWS}x{token_kernels.MAX_BLOCK_D}", 4, 3,
                                {"X": ty, "IDS": "*i64", "POS": "*fp32", "TOKEN": ty, "OUT": ty},
                                {"HAS_POS": True, "BLOCK_R": token_kernels.BLOCK_ROWS,
                                 "BLOCK_D": token_kernels.MAX_BLOCK_D}))

@@ -1,7 +1,14 @@
 """The fast launch path's bookkeeping (the Triton launch itself is exercised by every GPU test)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from mimkernels.triton import launch as fast
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class FakeKernel:
@@ -75,3 +82,48 @@ def test_enabled_only_for_read_triton_versions(monkeypatch):
     monkeypatch.setattr(fast.triton, "__version__", "3.6.0")
     monkeypatch.setenv("MIMKERNELS_FAST_LAUNCH", "0")
     assert not fast.fast_launch_enabled()
+
+
+def test_every_launcher_splits_its_arguments_as_the_kernel_declares_them():
+    """Each public op on the compiled (not interpreted) kernels, with Triton's launch stubbed: every launcher must
+    land in the fast path's cache, i.e. its tensors + scalars + constexprs line up with the kernel's parameters.
+    Runs in a subprocess: this one has the interpreter on."""
+    script = r"""
+import torch
+from triton.runtime.jit import JITFunction
+import mimkernels
+from mimkernels import _backend
+from mimkernels.triton import launch
+
+class NoLaunch:
+    def __getitem__(self, grid):
+        return lambda *args: None
+
+JITFunction.run = lambda self, *args, grid, warmup, **kwargs: NoLaunch()
+launch._ENABLED = True
+why = _backend._why_not
+_backend._why_not = lambda name, device: None if name == "triton" else why(name, device)
+with mimkernels.use_backend("triton"):
+    q = torch.randn(2, 2, 20, 16, requires_grad=True)
+    torch.autograd.grad(mimkernels.prefix_causal_attention(q, q, q, torch.tensor([3, 9])).sum(), q)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    kept = mimkernels.random_masking(x, 0.5, num_prefix_tokens=1)
+    restored = mimkernels.restore_tokens(kept.x_kept, kept.ids_restore, torch.zeros(16, requires_grad=True),
+                                         num_prefix_tokens=1)
+    torch.autograd.grad(restored.sum(), x)
+    images, weight = torch.randn(2, 3, 16, 16), torch.randn(8, 3, 8, 8, requires_grad=True)
+    torch.autograd.grad(mimkernels.patch_embed(images, weight).sum(), weight)
+    pred = torch.randn(2, 4, 192, requires_grad=True)
+    torch.autograd.grad(mimkernels.masked_patch_loss(pred, images, torch.ones(2, 4)), pred)
+names = sorted({kernel.__name__ for kernel in launch._LAUNCHED})
+print(" ".join(names))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == sorted([
+        "_bwd_row_dot", "_gather_rows", "_masked_patch_loss_bwd", "_masked_patch_loss_fwd", "_patch_embed_fwd",
+        "_patch_embed_weight_grad", "_prefix_causal_bwd_dkdv", "_prefix_causal_bwd_dq", "_prefix_causal_fwd",
+        "_restore_rows"])

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .._custom_ops import custom_op_when_compiling
-from .launch import next_power_of_2
+from .launch import launch, next_power_of_2
 
 
 @triton.jit
@@ -109,9 +109,9 @@ def masked_patch_loss(pred, images, mask, patch_size: int, norm_pix: bool, l1: b
     batch, num_patches, patch_numel = pred.shape
     patch_loss = torch.empty(batch * num_patches, dtype=torch.float32, device=pred.device)
     strides, sizes = _args(pred, images, mask, patch_size)
-    _masked_patch_loss_fwd[(batch * num_patches,)](
-        images, pred, mask, patch_loss, *strides, *sizes.values(),
-        NORM_PIX=norm_pix, L1=l1, BLOCK=next_power_of_2(patch_numel))
+    launch(_masked_patch_loss_fwd, (batch * num_patches,), (images, pred, mask, patch_loss), (
+        *strides, *sizes.values()), dict(NORM_PIX=norm_pix, L1=l1, BLOCK=next_power_of_2(patch_numel)),
+        num_warps=4, num_stages=3)
     return patch_loss
 
 
@@ -124,7 +124,7 @@ def masked_patch_loss_backward(pred, images, mask, scale, patch_size: int, norm_
     batch, num_patches, patch_numel = pred.shape
     grad_pred = torch.empty(batch, num_patches, patch_numel, dtype=pred.dtype, device=pred.device)
     strides, sizes = _args(pred, images, mask, patch_size)
-    _masked_patch_loss_bwd[(batch * num_patches,)](
-        images, pred, mask, scale, grad_pred, *strides, grad_pred.stride(0), grad_pred.stride(1), *sizes.values(),
-        NORM_PIX=norm_pix, L1=l1, BLOCK=next_power_of_2(patch_numel))
+    launch(_masked_patch_loss_bwd, (batch * num_patches,), (images, pred, mask, scale, grad_pred), (
+        *strides, grad_pred.stride(0), grad_pred.stride(1), *sizes.values(),
+    ), dict(NORM_PIX=norm_pix, L1=l1, BLOCK=next_power_of_2(patch_numel)), num_warps=4, num_stages=3)
     return grad_pred

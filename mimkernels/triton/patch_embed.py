@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .._custom_ops import custom_op_when_compiling
-from .launch import cdiv
+from .launch import cdiv, launch
 
 # By operand width in bytes; no config spills on sm_80 or sm_90 (benchmarks/kernel_report.py).
 # forward: (block rows, block embed, block k, warps, stages)
@@ -137,16 +137,16 @@ def forward(images, weight, bias, pos, ids, mask, token):
     block_r, block_e, block_k, warps, stages = FORWARD_CONFIGS[weight.dtype.itemsize]
     total_rows = batch * rows_per_image
     dummy = w2
-    _patch_embed_fwd[(cdiv(total_rows, block_r), cdiv(embed, block_e))](
+    launch(_patch_embed_fwd, (cdiv(total_rows, block_r), cdiv(embed, block_e)), (
         images, w2, dummy if bias is None else bias, dummy if pos is None else pos,
         dummy if ids is None else ids, dummy if mask is None else mask, dummy if token is None else token, out,
+    ), (
         *images.stride(), w2.stride(0), 0 if ids is None else ids.stride(0), 0 if mask is None else mask.stride(0),
         0 if pos is None else pos.stride(1),
         total_rows, rows_per_image, num_patches, patches_w, patch_size, embed, k_total,
-        HAS_BIAS=bias is not None, HAS_POS=pos is not None, HAS_IDS=ids is not None, HAS_MASK=mask is not None,
-        BLOCK_R=block_r, BLOCK_E=block_e, BLOCK_K=block_k, DOT_PRECISION=_precision(weight.dtype),
-        num_warps=warps, num_stages=stages,
-    )
+    ), dict(HAS_BIAS=bias is not None, HAS_POS=pos is not None, HAS_IDS=ids is not None, HAS_MASK=mask is not None,
+            BLOCK_R=block_r, BLOCK_E=block_e, BLOCK_K=block_k, DOT_PRECISION=_precision(weight.dtype)),
+        num_warps=warps, num_stages=stages)
     return out
 
 
@@ -161,12 +161,12 @@ def weight_grad(images, grad, ids, weight_shape):
     rows_per_image = grad.shape[1]
     grad_w = torch.empty(embed, k_total, dtype=torch.float32, device=images.device)
     block_e, block_k, block_r, warps, stages = WEIGHT_GRAD_CONFIGS[grad.dtype.itemsize]
-    _patch_embed_weight_grad[(cdiv(embed, block_e), cdiv(k_total, block_k))](
+    launch(_patch_embed_weight_grad, (cdiv(embed, block_e), cdiv(k_total, block_k)), (
         images, grad, grad if ids is None else ids, grad_w,
+    ), (
         *images.stride(), 0 if ids is None else ids.stride(0),
         batch * rows_per_image, rows_per_image, (height // patch_size) * (width // patch_size), width // patch_size,
         patch_size, embed, k_total,
-        HAS_IDS=ids is not None, BLOCK_E=block_e, BLOCK_K=block_k, BLOCK_R=block_r,
-        DOT_PRECISION=_precision(grad.dtype), num_warps=warps, num_stages=stages,
-    )
+    ), dict(HAS_IDS=ids is not None, BLOCK_E=block_e, BLOCK_K=block_k, BLOCK_R=block_r,
+            DOT_PRECISION=_precision(grad.dtype)), num_warps=warps, num_stages=stages)
     return grad_w.reshape(weight_shape)

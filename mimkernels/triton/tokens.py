@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .._custom_ops import custom_op_when_compiling
-from .launch import cdiv, next_power_of_2
+from .launch import cdiv, launch, next_power_of_2
 
 BLOCK_ROWS = 8
 MAX_BLOCK_D = 1024  # wider rows are copied in chunks
@@ -91,12 +91,10 @@ def _launch(kernel, x, ids, pos, num_prefix, pointers, sizes):
     if out.numel() == 0:
         return out
     pos_arg = pos if pos is not None else x  # never read without HAS_POS
-    kernel[(cdiv(out.shape[1], BLOCK_ROWS), batch)](
-        x, ids, *pointers, pos_arg, out,
+    launch(kernel, (cdiv(out.shape[1], BLOCK_ROWS), batch), (x, ids, *pointers, pos_arg, out), (
         x.stride(0), x.stride(1), ids.stride(0), pos_arg.stride(-2), out.stride(0), out.stride(1),
         num_prefix, *sizes, dim,
-        HAS_POS=pos is not None, BLOCK_R=BLOCK_ROWS, BLOCK_D=_block_d(dim),
-    )
+    ), dict(HAS_POS=pos is not None, BLOCK_R=BLOCK_ROWS, BLOCK_D=_block_d(dim)), num_warps=4, num_stages=3)
     return out
 
 
