@@ -7,11 +7,13 @@ One training step = forward + backward under bf16 autocast + a fused AdamW step,
   ml_aim_dense_mask  AIM: ml-aim's PrefixCausalAttention (dense [B,1,N,N] bool mask + SDPA), Conv2d patches,
                      unfused loss
 Before timing, each baseline's loss is checked against ours on the same images, noise and prefixes.
+With --compile each provider is also timed under torch.compile (Inductor) as ``<provider>_compiled``: the
+step's forward and loss compiled, backward and AdamW as usual.
 
 Targets (issue 5): MAE ViT-L step >= 1.3x timm_sdpa, AIM-600M step >= 1.4x ml_aim_dense_mask, peak memory
 no higher than either. They are printed as met / missed, never asserted.
 
-    python -m benchmarks.bench_models [--quick] [--shapes mae_vit_l ...] [--out DIR]
+    python -m benchmarks.bench_models [--quick] [--compile] [--shapes mae_vit_l ...] [--out DIR]
 """
 from __future__ import annotations
 
@@ -57,21 +59,28 @@ def step_times(step, *, warmup: int, iters: int, device: str) -> tuple[float, fl
     return statistics.median(times), quantiles[1], quantiles[7]
 
 
-def providers(family, model, imgs, device):
-    """name -> loss function of the model; MAE noise and AIM prefixes are fixed so losses compare."""
+def providers(family, model, imgs, device, compile_backend=None):
+    """name -> loss function of the model; MAE noise and AIM prefixes are fixed so losses compare. With
+    ``compile_backend`` (e.g. "inductor") each also as ``<name>_compiled``, compiled with that backend."""
     batch = imgs.shape[0]
     gen = torch.Generator(device=device).manual_seed(0)
     if family == "mae":
         noise = torch.rand(batch, model.patch_embed.num_patches, device=device, generator=gen)
-        return {"mimkernels": lambda: model(imgs, 0.75, noise=noise)[0],
-                "timm_sdpa": lambda: official.mae_forward(model, imgs, 0.75, noise)[0]}
-    prefix = model.sample_prefix_len(batch, device, generator=gen)
-    return {"mimkernels": lambda: model(imgs, prefix)[0],
-            "ml_aim_dense_mask": lambda: official.aim_forward(model, imgs, prefix)[0]}
+        found = {"mimkernels": lambda imgs: model(imgs, 0.75, noise=noise)[0],
+                 "timm_sdpa": lambda imgs: official.mae_forward(model, imgs, 0.75, noise)[0]}
+    else:
+        prefix = model.sample_prefix_len(batch, device, generator=gen)
+        found = {"mimkernels": lambda imgs: model(imgs, prefix)[0],
+                 "ml_aim_dense_mask": lambda imgs: official.aim_forward(model, imgs, prefix)[0]}
+    if compile_backend:
+        found |= {f"{name}_compiled": torch.compile(fn, backend=compile_backend) for name, fn in list(found.items())}
+    return {name: (lambda fn=fn: fn(imgs)) for name, fn in found.items()}
 
 
-def run(shapes, dtype, quick, peaks, csv_path=None, *, device="cuda", configs=None, batch=None):
-    """Rows in the common schema (mode ``train_step``); ``configs``/``batch`` override SHAPES (CPU tests)."""
+def run(shapes, dtype, quick, peaks, csv_path=None, *, device="cuda", configs=None, batch=None,
+        compile_backend=None):
+    """Rows in the common schema (mode ``train_step``); ``configs``/``batch`` override SHAPES (CPU tests);
+    ``compile_backend`` adds the compiled providers."""
     rows, summary = [], []
     for name in shapes:
         family, config, shape_batch = (configs or SHAPES)[name]
@@ -82,7 +91,7 @@ def run(shapes, dtype, quick, peaks, csv_path=None, *, device="cuda", configs=No
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
         size = model.patch_embed.img_size
         imgs = torch.randn(batch_size, 3, size, size, device=device)
-        candidates = providers(family, model, imgs, device)
+        candidates = providers(family, model, imgs, device, compile_backend)
         with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
             losses = {provider: loss_fn().float().item() for provider, loss_fn in candidates.items()}
         for provider, loss_fn in candidates.items():
@@ -144,7 +153,13 @@ def write_summary(path, summary, device) -> None:
 
 
 def main(argv=None) -> int:
-    return common.family_main(argv, "MAE / AIM training-step benchmark", SHAPES, run, "models.csv")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    compiled = "--compile" in argv
+    if compiled:
+        argv.remove("--compile")
+    return common.family_main(argv, "MAE / AIM training-step benchmark (--compile: also under torch.compile)",
+                              SHAPES, run, "models.csv",
+                              run_kwargs={"compile_backend": "inductor"} if compiled else None)
 
 
 if __name__ == "__main__":

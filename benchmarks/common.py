@@ -118,7 +118,8 @@ def speedups(rows: list[Result]) -> list[str]:
     return lines
 
 
-def family_main(argv, description: str, shapes: dict, run, csv_name: str, quick_run_kwargs=None) -> int:
+def family_main(argv, description: str, shapes: dict, run, csv_name: str, quick_run_kwargs=None,
+                run_kwargs=None) -> int:
     """The command line of a benchmark family: --quick, --shapes, --out; bf16; speedups printed last."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="smaller runs, fewer repeats")
@@ -134,7 +135,7 @@ def family_main(argv, description: str, shapes: dict, run, csv_name: str, quick_
     if args.out:
         os.makedirs(args.out, exist_ok=True)
     csv_path = args.out and os.path.join(args.out, csv_name)
-    run_kwargs = (quick_run_kwargs or {}) if args.quick else {}
-    rows = run(args.shapes, torch.bfloat16, args.quick, peaks, csv_path, **run_kwargs)
+    kwargs = {**((quick_run_kwargs or {}) if args.quick else {}), **(run_kwargs or {})}
+    rows = run(args.shapes, torch.bfloat16, args.quick, peaks, csv_path, **kwargs)
     print("\n".join(speedups(rows)))
     return 0

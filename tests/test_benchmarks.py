@@ -98,3 +98,12 @@ def test_models_harness_runs_end_to_end(tmp_path):
     summary = (tmp_path / "models_summary.csv").read_text().splitlines()
     assert summary[0].startswith("shape,provider,images_per_s,peak_gib,speedup") and len(summary) == 5
     assert len(csv_path.read_text().splitlines()) == 1 + len(rows)
+
+
+def test_models_harness_times_compiled_providers(tmp_path):
+    """--compile adds <provider>_compiled for each provider (aot_eager here: no C++ toolchain needed)."""
+    from benchmarks import bench_models
+
+    rows = bench_models.run(["mae"], torch.float32, True, common.Peaks(1.0, 1.0), None, device="cpu",
+                            configs={"mae": ("mae", "mae_vit_tiny_patch8", 2)}, compile_backend="aot_eager")
+    assert {r.provider for r in rows} == {"mimkernels", "timm_sdpa", "mimkernels_compiled", "timm_sdpa_compiled"}
