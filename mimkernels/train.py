@@ -287,6 +287,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--img-size", type=int, help="default: the config's")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                         help="auto: bf16 autocast on a GPU, fp32 on a CPU")
+    parser.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                        help="run the model's forward under torch.compile(fullgraph=True) with BACKEND (default "
+                             "inductor); off unless given")
     parser.add_argument("--backend", choices=mimkernels._backend.BACKENDS, help="mimkernels backend (default: "
                         "MIMKERNELS_BACKEND or auto)")
     parser.add_argument("--out", default="runs/train", help="folder for checkpoint.pt and the PNGs")
@@ -394,6 +397,8 @@ def train(args, rank: int = 0, world: int = 1, device: torch.device | None = Non
     if world > 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=None if device.index is None
                                                             else [device.index])
+    if args.compile:
+        wrapped = torch.compile(wrapped, fullgraph=True, backend=args.compile)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     progress = Progress(f"{args.model} {args.config}", args.steps, enabled=rank == 0 and not args.quiet)
     meter = Meter(device, global_batch)

@@ -66,6 +66,14 @@ def test_the_cli_runs_the_fused_kernels(tmp_path, capsys):
     assert code == 0 and math.isfinite(float(stdout.split("-> ")[1].split(",")[0]))
 
 
+def test_the_cli_compiles_the_model(tmp_path, capsys):
+    """--compile: the forward of every step under torch.compile(fullgraph=True) (aot_eager: no C++ toolchain)."""
+    backend = "auto" if torch.cuda.is_available() else "triton"
+    code, stdout, _ = run_cli(capsys, "aim", "--steps", 2, "--batch-size", 2, "--backend", backend,
+                              "--compile", "aot_eager", "--out", tmp_path, "--quiet")
+    assert code == 0 and math.isfinite(float(stdout.split("-> ")[1].split(",")[0]))
+
+
 @pytest.mark.parametrize("setup, argv, message", [
     (lambda p: (p / "empty").mkdir(), ["--data", "{p}/empty"], "no images found"),
     (lambda p: None, ["--data", "{p}/missing"], "no such folder"),
