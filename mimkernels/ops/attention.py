@@ -78,14 +78,10 @@ def _checked_scale(scale, head_dim):
     return float(scale)
 
 
-def _bnhd_fake(t):
-    return _kernels._empty_bnhd(t)
-
-
 @custom_op_when_compiling(
     "attention_forward",
     "(Tensor q, Tensor k, Tensor v, Tensor? prefix, int prefix_int, float scale) -> (Tensor, Tensor)",
-    lambda q, k, v, prefix, prefix_int, scale: (_bnhd_fake(q), q.new_empty(q.shape[:3], dtype=torch.float32)))
+    lambda q, k, v, prefix, prefix_int, scale: (_kernels._empty_bnhd(q), q.new_empty(q.shape[:3], dtype=torch.float32)))
 def _forward_kernels(q, k, v, prefix, prefix_int, scale):
     """Output and log-sum-exp; the prefix is the tensor ``prefix`` [B], or the int ``prefix_int`` where it is None."""
     if q.numel() == 0:
@@ -97,7 +93,7 @@ def _forward_kernels(q, k, v, prefix, prefix_int, scale):
     "attention_backward",
     "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? prefix, int prefix_int, "
     "float scale, bool deterministic) -> (Tensor, Tensor, Tensor)",
-    lambda grad_out, q, k, v, *rest: (_bnhd_fake(q), _bnhd_fake(k), _bnhd_fake(v)))
+    lambda grad_out, q, k, v, *rest: (_kernels._empty_bnhd(q), _kernels._empty_bnhd(k), _kernels._empty_bnhd(v)))
 def _backward_kernels(grad_out, q, k, v, out, lse, prefix, prefix_int, scale, deterministic):
     if q.numel() == 0:
         return tuple(_kernels._empty_bnhd(t).zero_() for t in (q, k, v))
