@@ -32,7 +32,7 @@ timeout ${BENCH_S:-210} $PY -m benchmarks.bench_attention --quick --no-plot --ou
 grep -E "^(==|[a-z_0-9]+ +(fwd|bwd|fwd_bwd|peak)|memory)" "$OUT/bench_attention.txt" | tail -n 60
 
 echo "== attention GPU tests"
-timeout ${TEST_S:-80} $PY -m pytest -q -p no:cacheprovider tests/test_attention_gpu.py tests/test_compile.py > "$OUT/pytest_attention_gpu.txt" 2>&1 \
+timeout ${TEST_S:-120} $PY -m pytest -q -p no:cacheprovider tests/test_attention_gpu.py tests/test_compile.py > "$OUT/pytest_attention_gpu.txt" 2>&1 \
   || status=1
 tail -n 8 "$OUT/pytest_attention_gpu.txt"
 exit $status
