@@ -162,7 +162,7 @@ def main(argv=None) -> int:
         except ImportError:
             print("benchmarks/ is not importable from here: run from the repository root for timings")
         else:
-            bench_attention.main(["--quick", "--modes", "fwd_bwd", "--no-plot"])
+            bench_attention.main(["--quick", "--modes", "fwd_bwd", "--no-plot", "--shapes", "aim_600m", "mae_encoder"])
             from benchmarks import bench_patch_embed, bench_tokens
 
             bench_tokens.main(["--quick"])
