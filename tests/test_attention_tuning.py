@@ -157,3 +157,19 @@ def test_runtime_autotune_runs_once_per_shape_class(monkeypatch):
     monkeypatch.setenv("MIMKERNELS_AUTOTUNE", "0")
     assert kernels.configs_for_call(torch.empty(2, 3, 1000, 64, dtype=torch.bfloat16)) == \
         kernels.configs_for(64, torch.bfloat16)  # not enabled: the portable configs
+
+
+def test_runtime_autotune_waits_out_a_cuda_graph_capture(monkeypatch):
+    """Inside a capture no sweep runs and the portable stand-in is not cached: the first call after it tunes."""
+    found = AttentionConfigs(*(TileConfig.parse(c) for c in ("16x16x4x1",) * 4))
+    capturing = [True]
+    monkeypatch.setenv("MIMKERNELS_AUTOTUNE", "1")
+    monkeypatch.setattr(kernels, "_arch", lambda device: 75)
+    monkeypatch.setattr(kernels, "_CALL_CONFIGS", {})
+    monkeypatch.setattr(kernels, "_RUNTIME_TUNED", {})
+    monkeypatch.setattr(kernels.torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setattr(tuning, "tune_call_shape", lambda q: found)
+    q = torch.empty(2, 3, 200, 64, dtype=torch.bfloat16)
+    assert kernels.configs_for_call(q) == kernels.configs_for(64, torch.bfloat16)
+    capturing[0] = False
+    assert kernels.configs_for_call(q) is found

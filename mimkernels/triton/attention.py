@@ -127,22 +127,26 @@ def configs_for_call(q: torch.Tensor) -> AttentionConfigs:
     key = (q.device, q.dtype, q.shape[-1], q.shape[-2])
     found = _CALL_CONFIGS.get(key)
     if found is None:
-        found = _CALL_CONFIGS[key] = _looked_up_configs(q)
+        found, final = _looked_up_configs(q)
+        if final:  # not a stand-in for an autotune that a CUDA-graph capture put off
+            _CALL_CONFIGS[key] = found
     return found
 
 
-def _looked_up_configs(q: torch.Tensor) -> AttentionConfigs:
+def _looked_up_configs(q: torch.Tensor) -> tuple[AttentionConfigs, bool]:
     arch = _arch(q.device)
     head_dim, seq_len = q.shape[-1], q.shape[-2]
     if q.dtype == torch.float32 or not arch:
-        return configs_for(head_dim, q.dtype)  # fp32 and the interpreter: portable tiles
+        return configs_for(head_dim, q.dtype), True  # fp32 and the interpreter: portable tiles
     key = table_key(arch, head_dim, q.dtype, seq_len)  # fp16 shares bf16's entries: same tensor-core rate
     found = _RUNTIME_TUNED.get(key) or measured_configs(key)
-    if found is None and autotune_enabled() and not torch.cuda.is_current_stream_capturing():
+    if found is None and autotune_enabled():
+        if torch.cuda.is_current_stream_capturing():  # no sweep inside a capture: portable now, tune later
+            return configs_for(head_dim, q.dtype), False
         from . import attention_tuning
 
         found = _RUNTIME_TUNED[key] = attention_tuning.tune_call_shape(q)
-    return found or configs_for(head_dim, q.dtype)
+    return found or configs_for(head_dim, q.dtype), True
 
 
 def autotune_enabled() -> bool:
