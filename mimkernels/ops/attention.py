@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
 
 from .. import _backend, reference
 from .._custom_ops import custom_op_when_compiling
+from ._checks import is_int, is_real, unit_stride
 
 # Imported here, not on first use, so torch.compile never traces the module's first import.
 _kernels = None
@@ -49,7 +49,7 @@ def _check_prefix_type(prefix_len):
     if isinstance(prefix_len, torch.Tensor):
         if prefix_len.dtype == torch.bool or prefix_len.is_floating_point() or prefix_len.is_complex():
             raise TypeError(f"prefix_len must be an integer tensor, got dtype {prefix_len.dtype}")
-    elif isinstance(prefix_len, bool) or not isinstance(prefix_len, numbers.Integral):
+    elif not is_int(prefix_len):
         raise TypeError(f"prefix_len must be an int or an integer tensor [batch], got {type(prefix_len).__name__}")
     elif prefix_len < 0:
         raise ValueError(f"prefix_len must be >= 0, got {prefix_len}")
@@ -71,7 +71,7 @@ def _checked_prefix(prefix_len, q):
 def _checked_scale(scale, head_dim):
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+    if not is_real(scale):
         raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
@@ -97,8 +97,7 @@ def _forward_kernels(q, k, v, prefix, prefix_int, scale):
 def _backward_kernels(grad_out, q, k, v, out, lse, prefix, prefix_int, scale, deterministic):
     if q.numel() == 0:
         return tuple(_kernels._empty_bnhd(t).zero_() for t in (q, k, v))
-    if grad_out.stride(-1) != 1:
-        grad_out = grad_out.contiguous()
+    grad_out = unit_stride(grad_out)
     atomic = not deterministic and _kernels.atomic_dq_measured_faster(q)
     return _kernels.backward(grad_out, q, k, v, out, lse, prefix_int if prefix is None else prefix, scale,
                              atomic_dq=atomic)
@@ -139,7 +138,7 @@ def _attend(q, k, v, prefix, scale, deterministic, op):
     if backend == "triton" and _sdpa_measured_faster(q, prefix, deterministic):
         return F.scaled_dot_product_attention(q, k, v, is_causal=prefix == 0, scale=scale)
     if backend == "triton":
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
         if isinstance(prefix, torch.Tensor):
             return _TritonAttention.apply(q, k, v, prefix, 0, scale, deterministic)
         return _TritonAttention.apply(q, k, v, None, prefix, scale, deterministic)
@@ -194,7 +193,7 @@ def prefix_causal_mask(seq_len, prefix_len, *, device=None):
     ``prefix_len``: a non-negative int (mask of batch 1) or an integer tensor ``[B]`` (values clamped
     to ``[0, N]``). ``device`` defaults to the tensor's device, else the CPU.
     """
-    if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral) or seq_len < 0:
+    if not is_int(seq_len) or seq_len < 0:
         raise ValueError(f"seq_len must be a non-negative int, got {seq_len!r}")
     _check_prefix_type(prefix_len)
     if isinstance(prefix_len, torch.Tensor) and prefix_len.dim() != 1:

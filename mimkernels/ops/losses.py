@@ -6,6 +6,7 @@ import math
 import torch
 
 from .. import _backend, reference
+from ._checks import unit_stride
 from .patch_embed import check_images
 
 _kernels = None
@@ -76,5 +77,5 @@ def masked_patch_loss(pred, images, mask, *, norm_pix=True, loss="l2"):
     backend = _backend.select("masked_patch_loss", pred.device, implemented=("triton",))
     if backend == "torch":
         return reference.masked_patch_loss(pred, images, mask, norm_pix=norm_pix, loss=loss).float()
-    pred = pred if pred.stride(-1) == 1 else pred.contiguous()
+    pred = unit_stride(pred)
     return _MaskedPatchLoss.apply(pred, images, mask.contiguous(), patch_size, norm_pix, loss == "l1")

@@ -1,12 +1,11 @@
 """Patch embedding (one GEMM over the image read in place) and MAE's patchify / unpatchify."""
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from .. import _backend, reference
 from . import tokens
+from ._checks import is_int
 
 _kernels = None
 if _backend._HAS_TRITON:
@@ -14,7 +13,7 @@ if _backend._HAS_TRITON:
 
 
 def _check_patch_size(patch_size):
-    if isinstance(patch_size, bool) or not isinstance(patch_size, numbers.Integral) or patch_size < 1:
+    if not is_int(patch_size) or patch_size < 1:
         raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
     return int(patch_size)
 
@@ -45,7 +44,7 @@ def unpatchify(x, patch_size, height, width):
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         raise ValueError(f"x must be a 3-D tensor [batch, patches, p * p * C], got {getattr(x, 'shape', x)!r}")
     for name, value in (("height", height), ("width", width)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"{name} (in patches) must be a positive int, got {value!r}")
     if x.shape[1] != height * width:
         raise ValueError(f"x has {x.shape[1]} patches, but height * width = {height * width}")

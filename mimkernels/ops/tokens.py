@@ -14,13 +14,13 @@ ids give an undefined gradient.
 """
 from __future__ import annotations
 
-import numbers
 import os
 
 import torch
 
 from .. import _backend, reference
 from ..reference import Masking
+from ._checks import is_int, is_real, unit_stride
 
 # Both kernel modules offer gather_rows(x, ids, pos, P) and restore_rows(x, ids, token, pos, P).
 _KERNELS = {}
@@ -50,7 +50,7 @@ def _check_tokens(name, x):
 
 
 def _check_prefix_count(num_prefix_tokens, tokens, name):
-    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, numbers.Integral):
+    if not is_int(num_prefix_tokens):
         raise TypeError(f"num_prefix_tokens must be an int, got {type(num_prefix_tokens).__name__}")
     if not 0 <= num_prefix_tokens <= tokens:
         raise ValueError(f"num_prefix_tokens must lie in [0, {tokens}] ({name} has {tokens} tokens), "
@@ -68,7 +68,7 @@ def _check_ids(name, ids, x, batch, length=None):
         raise ValueError(f"{name} must have shape {expected}, got {tuple(ids.shape)}")
     if ids.device != x.device:
         raise ValueError(f"{name} is on {ids.device} but the tokens are on {x.device}")
-    return ids if ids.stride(-1) == 1 else ids.contiguous()
+    return unit_stride(ids)
 
 
 def _check_embedding(name, t, rows, dim, x):
@@ -85,7 +85,7 @@ def _check_embedding(name, t, rows, dim, x):
         raise ValueError(f"{name} must have shape (1, {rows}, {dim}), got {tuple(t.shape)}")
     if t.device != x.device:
         raise ValueError(f"{name} is on {t.device} but the tokens are on {x.device}")
-    return t if t.stride(-1) == 1 else t.contiguous()
+    return unit_stride(t)
 
 
 def _indices_checked(ids) -> bool:
@@ -206,7 +206,7 @@ def random_masking(x, mask_ratio, *, noise=None, num_prefix_tokens=0, pos_embed=
         return reference.random_masking(x, mask_ratio, noise=noise, num_prefix_tokens=num_prefix,
                                          pos_embed=pos_embed)
     mask, ids_restore, ids_keep = _masking_indices(noise, num_kept)
-    x = x if x.stride(-1) == 1 else x.contiguous()
+    x = unit_stride(x)
     x_kept = _GatherRows.apply(x, ids_keep, pos_embed, num_prefix, ids_restore, backend)
     return Masking(x_kept, mask, ids_restore, ids_keep)
 
@@ -230,7 +230,7 @@ def masking_indices(noise, mask_ratio):
 
 
 def _kept_count(mask_ratio, num_patches):
-    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, numbers.Real) or not 0 <= mask_ratio < 1:
+    if not is_real(mask_ratio) or not 0 <= mask_ratio < 1:
         raise ValueError(f"mask_ratio must be a number in [0, 1), got {mask_ratio!r}")
     num_kept = int(num_patches * (1 - mask_ratio))
     if num_kept < 1:
@@ -269,7 +269,7 @@ def gather_tokens(x, ids_keep, *, pos_embed=None):
     backend = _backend_for("gather_tokens", x)
     if backend is None:
         return reference.gather_tokens(x, ids_keep, pos_embed=pos_embed)
-    x = x if x.stride(-1) == 1 else x.contiguous()
+    x = unit_stride(x)
     return _GatherRows.apply(x, ids_keep, pos_embed, 0, None, backend)
 
 
@@ -297,5 +297,5 @@ def restore_tokens(x_kept, ids_restore, mask_token, *, pos_embed=None, num_prefi
     if backend is None:
         return reference.restore_tokens(x_kept, ids_restore, mask_token, pos_embed=pos_embed,
                                         num_prefix_tokens=num_prefix)
-    x_kept = x_kept if x_kept.stride(-1) == 1 else x_kept.contiguous()
+    x_kept = unit_stride(x_kept)
     return _RestoreRows.apply(x_kept, ids_restore, mask_token, pos_embed, num_prefix, backend)
