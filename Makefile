@@ -4,7 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 READY := $(VENV)/.ready
 
-.PHONY: demo test bench report lint clean
+FLOOR_VENV := .venv-floor
+FLOOR_READY := $(FLOOR_VENV)/.ready
+
+.PHONY: demo test test-floor bench report lint clean
 
 $(READY): requirements-dev.txt pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,11 +16,21 @@ $(READY): requirements-dev.txt pyproject.toml setup.py $(wildcard csrc/*)
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $(READY)
 
+# the oldest supported torch / Triton (requirements-floor.txt), used through an installed wheel
+$(FLOOR_READY): requirements-floor.txt
+	test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(FLOOR_VENV)/bin/python -m pip install --quiet -r requirements-floor.txt
+	touch $(FLOOR_READY)
+
 demo: $(READY)
 	$(PY) -m mimkernels
 
 test: $(READY)
 	$(PY) -m pytest -q
+
+test-floor: $(FLOOR_READY)
+	bash tests/test_installed_wheel.sh $(FLOOR_VENV) -q
 
 bench: $(READY)
 	$(PY) -m benchmarks
@@ -29,4 +42,4 @@ report: $(READY)
 	$(PY) -m benchmarks.kernel_report
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(FLOOR_VENV) build *.egg-info

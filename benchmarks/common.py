@@ -3,53 +3,15 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import os
-import statistics
-import subprocess
-import time
 from dataclasses import dataclass, fields
 
 import torch
 
+from mimkernels.timing import commit, device_name, provenance, time_ms  # noqa: F401  (the benchmarks' API)
+
 CSV_FIELDS = ("kernel", "provider", "mode", "shape", "dtype", "ms_p50", "ms_p20", "ms_p80", "tflops", "gbps",
               "roofline_pct", "device", "torch", "triton", "commit", "timestamp")
-
-
-def commit() -> str:
-    """MIMKERNELS_COMMIT where set (a copied tree's own .git may be stale), else this checkout's HEAD."""
-    if os.environ.get("MIMKERNELS_COMMIT"):
-        return os.environ["MIMKERNELS_COMMIT"]
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("MIMKERNELS_COMMIT", "unknown")
-    return rev.stdout.strip() + ("-dirty" if dirty else "")
-
-
-def device_name(device: str = "cuda") -> str:
-    return torch.cuda.get_device_name() if device == "cuda" else device
-
-
-def time_ms(fn, *, quick: bool = False, device: str = "cuda") -> tuple[float, float, float]:
-    """Median, 20th and 80th percentile in ms (triton.testing.do_bench: CUDA events, L2 flushed between runs).
-
-    On the CPU (only to exercise a benchmark's harness in tests) it takes wall-clock times of a few calls.
-    """
-    if device != "cuda":
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times), min(times), max(times)
-    import triton.testing
-
-    p50, p20, p80 = triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100,
-                                            quantiles=[0.5, 0.2, 0.8])
-    return p50, p20, p80
 
 
 @dataclass(frozen=True)
@@ -95,17 +57,13 @@ def result(kernel, provider, mode, shape, dtype, times, flops, min_bytes, peaks:
 
 
 def write_csv(path: str, rows: list[Result], device: str = "cuda") -> None:
-    provenance = {
-        "device": device_name(device), "torch": torch.__version__,
-        "triton": __import__("triton").__version__, "commit": commit(),
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    run = provenance(device)
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
         for row in rows:
             values = {field.name: getattr(row, field.name) for field in fields(row)}
-            writer.writerow({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in values.items()} | provenance)
+            writer.writerow({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in values.items()} | run)
 
 
 def speedups(rows: list[Result]) -> list[str]:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One-shot check on a lent GPU: extension build, environment, GPU tests, quick benchmarks (kernels, then
-# model training steps). Every step has its own timeout; 9 minutes in all at most. (The kernel resource report needs no GPU:
-# python -m benchmarks.kernel_report.)
+# One-shot check on a lent GPU: extension build, environment, GPU tests, compute-sanitizer memcheck, quick benchmarks
+# (kernels, then model training steps). Every step has its own timeout; they add up to 11.5 minutes, more than one
+# device call's 10: give the call timeout_s=600 and expect the model benchmarks to be cut if every step runs long.
+# (The kernel resource report needs no GPU: python -m benchmarks.kernel_report.)
 # Writes under $OUT (default benchmarks/results/local); commit what it measured, raw, under benchmarks/results/.
 # Where the tree has no .git (the device copy), pass the commit: MIMKERNELS_COMMIT=<sha> benchmarks/gpu_check.sh
 # Uses the machine's own python3 (its torch and triton): nothing is installed, nothing is fetched.
@@ -20,8 +21,24 @@ timeout 120 $PY setup.py build_ext --inplace > "$OUT/build.txt" 2>&1 || { status
 source benchmarks/gpu_env.sh
 
 echo "== GPU tests"
-timeout 100 $PY -m pytest -q -m gpu -p no:cacheprovider tests > "$OUT/pytest_gpu.txt" 2>&1 || status=1
+timeout 150 $PY -m pytest -q -m gpu -p no:cacheprovider tests > "$OUT/pytest_gpu.txt" 2>&1 || status=1
 tail -n 15 "$OUT/pytest_gpu.txt"
+
+echo "== compute-sanitizer memcheck over every kernel (benchmarks/sanitizer_cases.py)"
+# no caching allocator: every tensor its own allocation, so an access past its end is outside any allocation
+if command -v compute-sanitizer > /dev/null; then
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 90 compute-sanitizer --tool memcheck --error-exitcode 9 \
+    $PY -m benchmarks.sanitizer_cases > "$OUT/sanitizer.txt" 2>&1
+  case $? in
+    0) verdict="clean: no memory errors" ;;
+    9) verdict="MEMORY ERRORS (see sanitizer.txt)"; status=1 ;;
+    124) verdict="timed out after 90 s: incomplete" ;;
+    *) verdict="could not run here (see sanitizer.txt; gVisor machines refuse the device)" ;;
+  esac
+else
+  verdict="compute-sanitizer not on PATH"
+fi
+echo "compute-sanitizer memcheck: $verdict" | tee -a "$OUT/sanitizer.txt"
 
 echo "== quick benchmarks"
 # four shapes (AIM, long N, MAE encoder, D = 80): all nine and the tile sweep are benchmarks/gpu_attention.sh's job

@@ -32,7 +32,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from benchmarks.common import commit  # noqa: E402
+from mimkernels.timing import commit  # noqa: E402
 from mimkernels.triton import attention as kernels  # noqa: E402
 from mimkernels.triton import losses as loss_kernels  # noqa: E402
 from mimkernels.triton import patch_embed as patch_kernels  # noqa: E402
@@ -141,17 +141,17 @@ def other_launches(dtype: torch.dtype) -> list[Launch]:
         patch_kernels._patch_embed_weight_grad, "ids", f"{e}x{k}x{r}", warps, stages,
         {"IMG": ty, "GRAD": ty, "IDS": "*i64", "GRAD_W": "*fp32"},
         {"HAS_IDS": True, "BLOCK_E": e, "BLOCK_K": k, "BLOCK_R": r, "DOT_PRECISION": precision}))
-    block = 1024  # p * p * C = 768 (p 16) or 588 (p 14), padded
+    tile, warps, stages = loss_kernels.launch_config(3 * 16 * 16)  # ViT-B/16 patches: 768 values
     for fn in (loss_kernels._masked_patch_loss_fwd, loss_kernels._masked_patch_loss_bwd):
-        launches.append(Launch(fn, "norm_pix", f"{block}", 4, 3,
+        launches.append(Launch(fn, "norm_pix", f"{tile['BLOCK']}", warps, stages,
                                {"IMG": "*fp32", "PRED": ty, "MASK": "*fp32", "PATCH_LOSS": "*fp32", "SCALE": "*fp32",
                                 "GRAD_PRED": ty},
-                               {"NORM_PIX": True, "L1": False, "BLOCK": block}))
+                               {"NORM_PIX": True, "L1": False, **tile}))
+    tile, warps, stages = token_kernels.launch_config(1024)  # wide tokens: the largest width block
     for fn in (token_kernels._gather_rows, token_kernels._restore_rows):
-        launches.append(Launch(fn, "pos", f"{token_kernels.BLOCK_ROWS}x{token_kernels.MAX_BLOCK_D}", 4, 3,
+        launches.append(Launch(fn, "pos", f"{tile['BLOCK_R']}x{tile['BLOCK_D']}", warps, stages,
                                {"X": ty, "IDS": "*i64", "POS": "*fp32", "TOKEN": ty, "OUT": ty},
-                               {"HAS_POS": True, "BLOCK_R": token_kernels.BLOCK_ROWS,
-                                "BLOCK_D": token_kernels.MAX_BLOCK_D}))
+                               {"HAS_POS": True, **tile}))
     return launches
 
 

@@ -1,7 +1,6 @@
-// mimkernels::gather_rows and mimkernels::restore_rows: schemas, argument checks and the CPU implementations.
-// The CUDA implementations live in tokens_cuda.cu and register themselves when the extension is built with CUDA.
-#include <Python.h>
-
+// The token family, mimkernels::gather_rows and mimkernels::restore_rows: schemas, argument checks and the CPU
+// implementations. The CUDA implementations live in tokens_cuda.cu and register themselves when the extension is
+// built with CUDA. The library itself and the Python module are defined once, in module.cpp.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -113,7 +112,7 @@ at::Tensor restore_rows_cpu(const at::Tensor& x, const at::Tensor& ids_in, const
 
 }  // namespace
 
-TORCH_LIBRARY(mimkernels, m) {
+TORCH_LIBRARY_FRAGMENT(mimkernels, m) {
   m.def("gather_rows(Tensor x, Tensor ids, Tensor? pos, int num_prefix) -> Tensor");
   m.def("restore_rows(Tensor x, Tensor ids, Tensor token, Tensor? pos, int num_prefix) -> Tensor");
 }
@@ -124,10 +123,3 @@ TORCH_LIBRARY_IMPL(mimkernels, CPU, m) {
 }
 
 }  // namespace mimkernels
-
-// `import mimkernels._C` loads this library, whose static initialisers register the ops above.
-extern "C" PyObject* PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "mimkernels compiled ops (torch.ops.mimkernels)", -1,
-                               nullptr};
-  return PyModule_Create(&module);
-}

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 import mimkernels
-from mimkernels import _backend, reference
+from mimkernels import _backend, reference, timing
 
 HAS_GPU = torch.cuda.is_available()
 
@@ -102,7 +102,7 @@ def self_check(device: str) -> bool:
         token_shapes, embed_shapes = ((2, 49, 40),), ((2, 32, 16, 40),)
     checks = [("prefix_causal_attention", check_attention, dtypes, attention_shapes),
               ("patch_embed + loss", check_patch_embed, dtypes, embed_shapes)]
-    for backend in (name for name in ("cuda", "triton") if name in mimkernels.available_backends()):
+    for backend in (name for name in ("extension", "triton") if name in mimkernels.available_backends()):
         checks.append((f"mae tokens ({backend})", functools.partial(check_tokens, backend),
                        (torch.bfloat16, torch.float16, torch.float32), token_shapes))
     print(f"{'kernel':26s} {'dtype':9s} {'shape':16s} {'out err':>9s} {'grad err':>9s}")
@@ -116,6 +116,90 @@ def self_check(device: str) -> bool:
                 print(f"{name:26s} {str(dtype)[6:]:9s} {','.join(map(str, shape)):16s} "
                       f"{out_err:9.2e} {grad_err:9.2e}  {'ok' if passed else 'FAIL'}")
     return ok
+
+
+# the hot paths at the shapes of the papers' recipes (bf16): AIM-600M attention (B64 H12 N256 D128, prefix-causal),
+# the MAE ViT-B encoder (B256, 50 tokens, 12 heads of 64), MAE tokens and kept-patch embedding at ViT-B/16, 224 px
+SPEED_SHAPES = {"aim_attention": (64, 12, 256, 128), "mae_attention": (256, 12, 50, 64),
+                "mae_tokens": (64, 196, 768), "mae_patch_embed": (64, 224, 16, 768)}
+
+
+def _fwd_bwd(forward, leaves):
+    """A callable running forward + backward (the training step's cost), with a fixed output gradient."""
+    grad_out = forward().detach().clone().normal_()
+    return lambda: torch.autograd.grad(forward(), leaves, grad_out)
+
+
+def speed_cases(shapes: dict, device: str, dtype=torch.bfloat16) -> list:
+    """(name, what the baseline is, mimkernels callable, baseline callable): fwd+bwd of each hot path."""
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape, grad=True):
+        return torch.randn(*shape, device=device, generator=gen).to(dtype).requires_grad_(grad)
+
+    def label(name, key):
+        return f"{name} {'x'.join(map(str, shapes[key]))}"
+
+    def prefix_causal_case(batch, heads, seq_len, head_dim):
+        q, k, v = (randn(batch, heads, seq_len, head_dim) for _ in range(3))
+        prefix = torch.randint(1, seq_len, (batch,), device=device, generator=gen)
+
+        def dense_mask():  # built per call, as apple/ml-aim does
+            return mimkernels.prefix_causal_mask(seq_len, prefix)
+
+        return (label("prefix-causal attention", "aim_attention"), "SDPA + dense bool mask",
+                _fwd_bwd(lambda: mimkernels.prefix_causal_attention(q, k, v, prefix), (q, k, v)),
+                _fwd_bwd(lambda: sdpa(q, k, v, attn_mask=dense_mask()), (q, k, v)))
+
+    def full_case(batch, heads, seq_len, head_dim):
+        q, k, v = (randn(batch, heads, seq_len, head_dim) for _ in range(3))
+        return (label("full attention", "mae_attention"), "SDPA",
+                _fwd_bwd(lambda: mimkernels.attention(q, k, v), (q, k, v)), _fwd_bwd(lambda: sdpa(q, k, v), (q, k, v)))
+
+    def tokens_case(batch, patches, dim):
+        x, pos, token = randn(batch, 1 + patches, dim), randn(1, 1 + patches, dim), randn(1, 1, dim)
+        noise = torch.rand(batch, patches, device=device, generator=gen)
+
+        def mask_and_restore(ops):
+            kept = ops.random_masking(x, 0.75, noise=noise, num_prefix_tokens=1, pos_embed=pos)
+            return ops.restore_tokens(kept.x_kept, kept.ids_restore, token, pos_embed=pos, num_prefix_tokens=1)
+
+        return (label("MAE mask + restore", "mae_tokens"), "PyTorch reference",
+                _fwd_bwd(lambda: mask_and_restore(mimkernels), (x, pos, token)),
+                _fwd_bwd(lambda: mask_and_restore(reference), (x, pos, token)))
+
+    def patch_embed_case(batch, size, patch, embed):
+        images = randn(batch, 3, size, size, grad=False)
+        weight, pos = randn(embed, 3, patch, patch), randn(1, (size // patch) ** 2, embed)
+        order = torch.argsort(torch.rand(batch, (size // patch) ** 2, device=device, generator=gen), 1)
+        ids_keep = order[:, : order.shape[1] // 4]  # MAE keeps a quarter
+
+        def embed_kept(ops):
+            return ops.patch_embed(images, weight, pos_embed=pos, ids_keep=ids_keep)
+
+        return (label("kept-patch embedding", "mae_patch_embed"), "PyTorch reference (conv, then gather)",
+                _fwd_bwd(lambda: embed_kept(mimkernels), (weight, pos)),
+                _fwd_bwd(lambda: embed_kept(reference), (weight, pos)))
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    return [prefix_causal_case(*shapes["aim_attention"]), full_case(*shapes["mae_attention"]),
+            tokens_case(*shapes["mae_tokens"]), patch_embed_case(*shapes["mae_patch_embed"])]
+
+
+def speed_check(shapes: dict, device: str, dtype=torch.bfloat16) -> list[tuple[str, float, float]]:
+    """Print and return (case, mimkernels ms, baseline ms) of one fwd+bwd per hot path, measured here and now.
+
+    A quick look, not the benchmark: `make bench` in a checkout times every provider, shape and mode.
+    """
+    print(f"fwd+bwd, {str(dtype)[6:]}, on {timing.device_name(device)} (medians; >1x: mimkernels faster)")
+    rows = []
+    for name, baseline_name, ours, baseline in speed_cases(shapes, device, dtype):
+        ours_ms = timing.time_ms(ours, quick=True, device=device)[0]
+        baseline_ms = timing.time_ms(baseline, quick=True, device=device)[0]
+        rows.append((name, ours_ms, baseline_ms))
+        print(f"  {name:40s} {ours_ms:8.3f} ms   {baseline_name} {baseline_ms:8.3f} ms   "
+              f"{baseline_ms / ours_ms:5.2f}x")
+    return rows
 
 
 def demo_training(out: Path, steps: int) -> list:
@@ -157,16 +241,7 @@ def main(argv=None) -> int:
         print("Timings need a GPU: on this machine the kernels run through the Triton interpreter. "
               "See `make bench` on a CUDA machine.")
     else:
-        try:
-            from benchmarks import bench_attention
-        except ImportError:
-            print("benchmarks/ is not importable from here: run from the repository root for timings")
-        else:
-            bench_attention.main(["--quick", "--modes", "fwd_bwd", "--no-plot", "--shapes", "aim_600m", "mae_encoder"])
-            from benchmarks import bench_patch_embed, bench_tokens
-
-            bench_tokens.main(["--quick"])
-            bench_patch_embed.main(["--quick", "--shapes", "vit_b16"])
+        speed_check(SPEED_SHAPES, device)
     summaries = [] if args.no_train else demo_training(Path(args.out), args.steps)
     print("\n" + "=" * 30 + " summary " + "=" * 30)
     print("self-check:", "all kernels match the reference" if ok else "FAILED")

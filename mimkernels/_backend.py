@@ -1,8 +1,11 @@
-"""Which implementation runs an op: ``auto``, ``torch``, ``triton`` or ``cuda``.
+"""Which implementation runs an op: ``auto``, ``torch``, ``triton`` or ``extension``.
 
 The default comes from the ``MIMKERNELS_BACKEND`` environment variable (``auto``
 when unset); :func:`use_backend` overrides it for a block of code. A backend
 asked for by name that cannot run raises; it never falls back silently.
+
+``extension`` is the compiled extension ``mimkernels._C`` (csrc/), which runs C++ on CPU tensors and CUDA on
+CUDA tensors. Until 0.2 it was called ``cuda``; that name is still accepted, with a DeprecationWarning.
 """
 from __future__ import annotations
 
@@ -10,16 +13,22 @@ import contextlib
 import contextvars
 import importlib.util
 import os
+import warnings
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton", "cuda")
+BACKENDS = ("auto", "torch", "triton", "extension")
+RENAMED = {"cuda": "extension"}  # old name -> new name; the old names go in 0.3
 ENV_VAR = "MIMKERNELS_BACKEND"
 
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("mimkernels_backend", default=None)
 
 
-def _checked(name, what: str) -> str:
+def _checked(name, what: str, stacklevel: int = 3) -> str:
+    if name in RENAMED:
+        warnings.warn(f"{what} {name!r} is deprecated and will be removed in mimkernels 0.3; "
+                      f"use {RENAMED[name]!r} (the compiled extension)", DeprecationWarning, stacklevel=stacklevel)
+        return RENAMED[name]
     if name not in BACKENDS:
         raise ValueError(f"{what} must be one of {', '.join(BACKENDS)}; got {name!r}")
     return name
@@ -41,7 +50,7 @@ def current_backend() -> str:
 @contextlib.contextmanager
 def use_backend(name: str):
     """Run the ops inside the ``with`` block on backend ``name``."""
-    token = _override.set(_checked(name, "backend name"))
+    token = _override.set(_checked(name, "backend name", stacklevel=4))  # past contextlib, at the caller
     try:
         yield
     finally:
@@ -80,7 +89,7 @@ def _why_not(backend: str, device: torch.device) -> str | None:
 
 
 def available_backends() -> list[str]:
-    """The backends this install can run here, e.g. ``["torch", "triton", "cuda"]``."""
+    """The backends this install can run here, e.g. ``["torch", "triton", "extension"]``."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return [name for name in BACKENDS[1:] if _why_not(name, device) is None]
 
@@ -90,7 +99,7 @@ def select(op: str, device: torch.device, implemented: tuple[str, ...]) -> str:
     name = current_backend()
     if name == "auto":
         if device.type == "cuda":
-            for candidate in ("cuda", "triton"):
+            for candidate in ("extension", "triton"):
                 if candidate in implemented and _why_not(candidate, device) is None:
                     return candidate
         return "torch"

@@ -290,8 +290,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
                         help="run the model's forward under torch.compile(fullgraph=True) with BACKEND (default "
                              "inductor); off unless given")
-    parser.add_argument("--backend", choices=mimkernels._backend.BACKENDS, help="mimkernels backend (default: "
-                        "MIMKERNELS_BACKEND or auto)")
+    parser.add_argument("--backend", choices=mimkernels._backend.BACKENDS + tuple(mimkernels._backend.RENAMED),
+                        help="mimkernels backend (default: MIMKERNELS_BACKEND or auto)")
     parser.add_argument("--out", default="runs/train", help="folder for checkpoint.pt and the PNGs")
     parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     parser.add_argument("--resume", nargs="?", const="auto", help="continue from a checkpoint (default "

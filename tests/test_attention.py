@@ -359,6 +359,16 @@ def test_unknown_backend_names():
             pass
 
 
+def test_old_backend_name_cuda_still_works_with_a_deprecation_warning(monkeypatch):
+    with pytest.warns(DeprecationWarning, match="'cuda' is deprecated.*use 'extension'") as caught:
+        with mimkernels.use_backend("cuda"):
+            assert mimkernels._backend.current_backend() == "extension"
+    assert caught[0].filename == __file__  # pointed at the caller, not at contextlib
+    monkeypatch.setenv("MIMKERNELS_BACKEND", "cuda")
+    with pytest.warns(DeprecationWarning, match="MIMKERNELS_BACKEND 'cuda' is deprecated"):
+        assert mimkernels._backend.current_backend() == "extension"
+
+
 def test_unknown_backend_in_environment(monkeypatch):
     monkeypatch.setenv("MIMKERNELS_BACKEND", "fast")
     q = torch.randn(1, 1, 4, 16)
@@ -378,7 +388,7 @@ def test_named_backend_that_cannot_run(monkeypatch):
     q = torch.randn(1, 1, 4, 16)
     with mimkernels.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         mimkernels.prefix_causal_attention(q, q, q, 0)
-    with mimkernels.use_backend("cuda"), pytest.raises(RuntimeError, match="no 'cuda' implementation"):
+    with mimkernels.use_backend("extension"), pytest.raises(RuntimeError, match="no 'extension' implementation"):
         mimkernels.prefix_causal_attention(q, q, q, 0)
 
 

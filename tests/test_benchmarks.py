@@ -107,3 +107,17 @@ def test_models_harness_times_compiled_providers(tmp_path):
     rows = bench_models.run(["mae"], torch.float32, True, common.Peaks(1.0, 1.0), None, device="cpu",
                             configs={"mae": ("mae", "mae_vit_tiny_patch8", 2)}, compile_backend="aot_eager")
     assert {r.provider for r in rows} == {"mimkernels", "timm_sdpa", "mimkernels_compiled", "timm_sdpa_compiled"}
+
+
+def test_sanitizer_cases_run(device, monkeypatch):
+    """The program gpu_check.sh runs under compute-sanitizer: every case runs (here on small CPU tensors)."""
+    from benchmarks import sanitizer_cases
+
+    if device == "cpu":  # the interpreter is slow: the edge cases only, small
+        monkeypatch.setattr(sanitizer_cases, "ATTENTION_CASES", [((2, 1, 19, 40), torch.float32),
+                                                                 ((1, 1, 1, 16), torch.float16)])
+    with mimkernels.use_backend("triton"):
+        names = [name for cases in (sanitizer_cases.attention_cases, sanitizer_cases.token_cases,
+                                    sanitizer_cases.patch_embed_cases) for name in cases(device)]
+    token_backends = {"triton", "extension"} & set(mimkernels.available_backends())
+    assert len(names) == len(sanitizer_cases.ATTENTION_CASES) + 3 + len(token_backends)

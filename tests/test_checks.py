@@ -1,8 +1,17 @@
 """The shared argument checks of mimkernels/ops/_checks.py."""
 import numpy as np
+import pytest
 import torch
 
-from mimkernels.ops._checks import is_int, is_real, unit_stride
+from mimkernels.ops import _checks
+from mimkernels.ops._checks import (
+    check_distinct_indices,
+    check_images,
+    check_index_tensor,
+    is_int,
+    is_real,
+    unit_stride,
+)
 
 
 def test_ints_and_reals_but_never_bools():
@@ -17,3 +26,56 @@ def test_unit_stride_copies_only_when_the_last_dimension_is_strided():
     strided = t[:, ::2]
     copied = unit_stride(strided)
     assert copied.stride(-1) == 1 and torch.equal(copied, strided)
+
+
+def test_check_images_names_the_argument():
+    check_images(torch.randn(2, 3, 32, 48), 16)
+    with pytest.raises(TypeError, match="target must be a torch.Tensor"):
+        check_images(np.zeros((2, 3, 32, 32)), 16, name="target")
+    with pytest.raises(ValueError, match="images must be 4-D"):
+        check_images(torch.randn(3, 32, 32), 16)
+    with pytest.raises(TypeError, match="floating-point"):
+        check_images(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), 16)
+    with pytest.raises(ValueError, match="32x40 is not divisible by the patch size 16"):
+        check_images(torch.randn(2, 3, 32, 40), 16)
+
+
+def test_check_index_tensor_metadata():
+    ids = torch.arange(12).reshape(2, 6)
+    assert check_index_tensor("ids", ids, 2, ids.device) is ids
+    assert check_index_tensor("ids", ids[:, ::2], 2, ids.device).stride(-1) == 1
+    assert check_index_tensor("ids", ids.int(), 2, ids.device, length=6).dtype == torch.int32
+    with pytest.raises(TypeError, match="ids_keep must be a torch.Tensor"):
+        check_index_tensor("ids_keep", [[0, 1]], 1, ids.device)
+    with pytest.raises(TypeError, match="int32 or int64"):
+        check_index_tensor("ids", ids.float(), 2, ids.device)
+    with pytest.raises(ValueError, match=r"ids must have shape \[3, K\]"):
+        check_index_tensor("ids", ids, 3, ids.device)
+    with pytest.raises(ValueError, match=r"ids must have shape \[2, 5\]"):
+        check_index_tensor("ids", ids, 2, ids.device, length=5)
+    with pytest.raises(ValueError, match="ids is on cpu but the data are on meta"):
+        check_index_tensor("ids", ids, 2, torch.device("meta"))
+
+
+def test_check_distinct_indices_values():
+    check_distinct_indices("ids", torch.tensor([[3, 0], [1, 2]]), 4)
+    check_distinct_indices("ids", torch.tensor([[2, 0, 1]]), 3, permutation=True)
+    check_distinct_indices("ids", torch.empty(2, 0, dtype=torch.long), 4)
+    with pytest.raises(IndexError, match=r"ids values must lie in \[0, 4\), got values from -1 to 3"):
+        check_distinct_indices("ids", torch.tensor([[3, -1]]), 4)
+    with pytest.raises(IndexError, match="from 0 to 4"):
+        check_distinct_indices("ids", torch.tensor([[0, 4]]), 4)
+    with pytest.raises(ValueError, match="repeats an index"):
+        check_distinct_indices("ids", torch.tensor([[1, 1]]), 4)
+    with pytest.raises(ValueError, match="permutation of 0..2"):
+        check_distinct_indices("ids", torch.tensor([[0, 1]]), 3, permutation=True)
+
+
+def test_index_values_on_cuda_are_checked_only_when_asked(monkeypatch):
+    """Without a GPU: a meta tensor stands in for a device tensor whose values cannot be read cheaply."""
+    bad = torch.empty(1, 2, dtype=torch.long, device="meta")
+    monkeypatch.setattr(_checks, "CHECK_CUDA_INDICES", False)
+    check_distinct_indices("ids", bad, 4)  # not read: no error, no sync
+    monkeypatch.setattr(_checks, "CHECK_CUDA_INDICES", True)
+    with pytest.raises((NotImplementedError, RuntimeError)):  # now it tries to read the values
+        check_distinct_indices("ids", bad, 4)

@@ -24,3 +24,43 @@ def test_demo_runs_and_summarises(tmp_path):
     for model in ("mae", "aim"):
         assert f"{tmp_path / model / 'reconstruction.png'}" in summary
         assert (tmp_path / model / "checkpoint.pt").is_file()
+
+
+def test_speed_check_times_every_hot_path_against_its_baseline(device, capsys):
+    """The demo's GPU timings, run here on tiny shapes (fp32: the interpreter's bf16 dot is broken)."""
+    from mimkernels.__main__ import SPEED_SHAPES, speed_check
+
+    tiny = {"aim_attention": (2, 2, 17, 16), "mae_attention": (2, 2, 5, 16), "mae_tokens": (2, 8, 16),
+            "mae_patch_embed": (2, 16, 8, 16)}
+    assert tiny.keys() == SPEED_SHAPES.keys()
+    rows = speed_check(tiny, device, dtype=torch.float32)
+    assert [name.split()[0] for name, _, _ in rows] == ["prefix-causal", "full", "MAE", "kept-patch"]
+    assert all(ours > 0 and baseline > 0 for _, ours, baseline in rows)
+    assert capsys.readouterr().out.count("x\n") == len(rows)
+
+
+def test_package_never_imports_the_repository_benchmarks():
+    """An installed wheel has no benchmarks/: the package must work without it."""
+    offenders = [str(path.relative_to(ROOT)) for path in (ROOT / "mimkernels").rglob("*.py")
+                 if any(line.lstrip().startswith(("from benchmarks", "import benchmarks"))
+                        for line in path.read_text().splitlines())]
+    assert offenders == []
+
+
+def test_commit_is_this_checkout_or_the_environment(monkeypatch, tmp_path):
+    from mimkernels import timing
+
+    monkeypatch.setenv("MIMKERNELS_COMMIT", "abc1234")
+    assert timing.commit() == "abc1234"
+    monkeypatch.delenv("MIMKERNELS_COMMIT")
+    here = timing.commit()
+    if (ROOT / ".git").exists():
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True).stdout.strip()
+        assert here.removesuffix("-dirty") == head
+    else:
+        assert here == "unknown"
+    # whatever repository encloses the working directory does not matter
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    monkeypatch.chdir(tmp_path)
+    assert timing.commit() == here

@@ -1,12 +1,18 @@
-"""Argument checks shared by the ops: what counts as an int or a real number, and the unit-stride rule.
+"""Argument checks shared by the ops (public to the package, tested once in tests/test_checks.py).
 
-Each op words its own error (naming the argument and what it needed); these say only whether a value passes.
+The predicates (``is_int``, ``is_real``) say only whether a value passes, and each op words its own error; the
+``check_*`` functions raise themselves, naming the argument, for checks that read the same in every op.
 """
 from __future__ import annotations
 
 import numbers
+import os
 
 import torch
+
+# Index values are checked on CUDA only when asked (the check syncs with the host); read once, at import:
+# compiled code has no environment. Unchecked out-of-range ids never read or write outside the tensors.
+CHECK_CUDA_INDICES = os.environ.get("MIMKERNELS_CHECK_INDICES", "0") == "1"
 
 
 def is_int(value) -> bool:
@@ -22,3 +28,51 @@ def is_real(value) -> bool:
 def unit_stride(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself if its last dimension is contiguous (what the kernels read in place), else a contiguous copy."""
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def check_images(images, patch_size: int, name: str = "images") -> None:
+    """``images`` is ``[B, C, H, W]`` floating point with H and W multiples of the patch size."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(images).__name__}")
+    if images.dim() != 4:
+        raise ValueError(f"{name} must be 4-D [batch, channels, height, width], got shape {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {images.dtype}")
+    height, width = images.shape[-2:]
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"{name} of size {height}x{width} is not divisible by the patch size {patch_size}")
+
+
+def check_index_tensor(name: str, ids, batch: int, device: torch.device, length: int | None = None) -> torch.Tensor:
+    """``ids`` is an int32/int64 tensor ``[batch, length]`` (any length if None) on ``device``; returns it with a
+    unit-stride last dimension. Checks the metadata only: ``check_distinct_indices`` checks the values."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be an int32 or int64 tensor, got {ids.dtype}")
+    if ids.dim() != 2 or ids.shape[0] != batch or (length is not None and ids.shape[1] != length):
+        expected = f"[{batch}, {length if length is not None else 'K'}]"
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(ids.shape)}")
+    if ids.device != device:
+        raise ValueError(f"{name} is on {ids.device} but the data are on {device}")
+    return unit_stride(ids)
+
+
+def check_distinct_indices(name: str, ids: torch.Tensor, upper: int, *, permutation: bool = False) -> None:
+    """Values in ``[0, upper)``, distinct within each row (each row a permutation of ``0..upper-1`` if asked).
+
+    Reads the values, so it syncs with the device: always on the CPU, on CUDA only with
+    ``MIMKERNELS_CHECK_INDICES=1``, and never while torch.compile traces.
+    """
+    checked = ids.device.type == "cpu" or CHECK_CUDA_INDICES
+    if not checked or ids.numel() == 0 or torch.compiler.is_compiling():
+        return
+    low, high = ids.min().item(), ids.max().item()
+    if low < 0 or high >= upper:
+        raise IndexError(f"{name} values must lie in [0, {upper}), got values from {low} to {high}")
+    ordered = ids.sort(dim=1).values
+    if permutation and (ids.shape[1] != upper
+                        or not torch.equal(ordered, torch.arange(upper, device=ids.device).expand_as(ordered))):
+        raise ValueError(f"each row of {name} must be a permutation of 0..{upper - 1}")
+    if (ordered[:, 1:] == ordered[:, :-1]).any():
+        raise ValueError(f"{name} repeats an index within a row; the kept indices must be distinct")

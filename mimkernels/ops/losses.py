@@ -6,8 +6,7 @@ import math
 import torch
 
 from .. import _backend, reference
-from ._checks import unit_stride
-from .patch_embed import check_images
+from ._checks import check_images, unit_stride
 
 _kernels = None
 if _backend._HAS_TRITON:

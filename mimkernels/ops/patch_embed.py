@@ -5,7 +5,7 @@ import torch
 
 from .. import _backend, reference
 from . import tokens
-from ._checks import is_int
+from ._checks import check_distinct_indices, check_images, check_index_tensor, is_int
 
 _kernels = None
 if _backend._HAS_TRITON:
@@ -16,19 +16,6 @@ def _check_patch_size(patch_size):
     if not is_int(patch_size) or patch_size < 1:
         raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
     return int(patch_size)
-
-
-def check_images(images, patch_size, name="images"):
-    """images is [B, C, H, W] floating point with H and W multiples of the patch size."""
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(images).__name__}")
-    if images.dim() != 4:
-        raise ValueError(f"{name} must be 4-D [batch, channels, height, width], got shape {tuple(images.shape)}")
-    if not images.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {images.dtype}")
-    height, width = images.shape[-2:]
-    if height % patch_size or width % patch_size:
-        raise ValueError(f"{name} of size {height}x{width} is not divisible by the patch size {patch_size}")
 
 
 def patchify(images, patch_size):
@@ -75,8 +62,7 @@ class _PatchEmbed(torch.autograd.Function):
             if ids_keep is None:
                 summed = grad.sum(0, dtype=torch.float32)
             else:  # kept rows back in their places (zeros elsewhere), then summed: deterministic, no atomics
-                inverse = tokens._inverse(ids_keep, ctx.pos_rows, fill=ids_keep.shape[1])
-                placed = tokens._KERNELS["triton"].restore_rows(grad, inverse, grad.new_zeros(grad.shape[-1]), None, 0)
+                placed = tokens.place_rows(grad, ids_keep, ctx.pos_rows)
                 summed = placed.sum(0, dtype=torch.float32)
             grad_pos = summed.to(pos_dtype).unsqueeze(0)
         if mask is not None:
@@ -105,21 +91,8 @@ def _image_grad(grad, weight, ids_keep, images):
     return pixel_grad.permute(0, 3, 1, 4, 2, 5).reshape(images.shape).to(images.dtype)
 
 
-def patch_embed(images, weight, bias=None, *, pos_embed=None, ids_keep=None, mask=None, mask_token=None):
-    """Patch embedding ``conv2d(images, weight, bias, stride=p).flatten(2).transpose(1, 2) (+ pos_embed)``
-    as one GEMM that reads the image in place.
-
-    Args:
-        images: ``[B, C, H, W]``, H and W multiples of p (non-square is fine).
-        weight: ``[E, C, p, p]`` (Conv2d layout: timm / MAE checkpoints load unchanged); bias ``[E]``.
-        pos_embed: ``[1, L, E]`` for the L patches (pass ``pos_embed[:, 1:]`` when it holds a cls row).
-        ids_keep: ``[B, K]`` (MAE): compute only these patches; returns ``[B, K, E]``.
-        mask, mask_token: ``[B, L]`` (bool or 0/1) and E values (BEiT, SimMIM): masked patches are replaced
-            by the token before pos_embed is added. Not together with ids_keep.
-
-    Returns ``[B, L or K, E]`` in weight's dtype (autocast's under ``torch.autocast``), computed with fp32
-    accumulation. Differentiable in images, weight, bias, pos_embed and mask_token.
-    """
+def _checked_patch_embed_args(images, weight, bias, pos_embed, ids_keep, mask, mask_token):
+    """Raises on any bad argument of :func:`patch_embed`, naming it; returns ids_keep with unit stride (or None)."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[2] != weight.shape[3]:
         raise ValueError(f"weight must be [E, C, p, p] (Conv2d layout), got {getattr(weight, 'shape', weight)!r}")
     patch_size = weight.shape[-1]
@@ -144,8 +117,8 @@ def patch_embed(images, weight, bias=None, *, pos_embed=None, ids_keep=None, mas
         if t is not None and t.device != images.device:
             raise ValueError(f"{name} is on {t.device} but images are on {images.device}")
     if ids_keep is not None:
-        ids_keep = tokens._check_ids("ids_keep", ids_keep, images, images.shape[0])
-        tokens._check_distinct("ids_keep", ids_keep, num_patches)
+        ids_keep = check_index_tensor("ids_keep", ids_keep, images.shape[0], images.device)
+        check_distinct_indices("ids_keep", ids_keep, num_patches)
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (images.shape[0], num_patches):
             raise ValueError(f"mask must have shape ({images.shape[0]}, {num_patches}), "
@@ -154,6 +127,25 @@ def patch_embed(images, weight, bias=None, *, pos_embed=None, ids_keep=None, mas
             raise ValueError(f"mask is on {mask.device} but images are on {images.device}")
         if not isinstance(mask_token, torch.Tensor) or mask_token.numel() != embed:
             raise ValueError(f"mask_token must hold {embed} values, got {getattr(mask_token, 'shape', mask_token)!r}")
+    return ids_keep
+
+
+def patch_embed(images, weight, bias=None, *, pos_embed=None, ids_keep=None, mask=None, mask_token=None):
+    """Patch embedding ``conv2d(images, weight, bias, stride=p).flatten(2).transpose(1, 2) (+ pos_embed)``
+    as one GEMM that reads the image in place.
+
+    Args:
+        images: ``[B, C, H, W]``, H and W multiples of p (non-square is fine).
+        weight: ``[E, C, p, p]`` (Conv2d layout: timm / MAE checkpoints load unchanged); bias ``[E]``.
+        pos_embed: ``[1, L, E]`` for the L patches (pass ``pos_embed[:, 1:]`` when it holds a cls row).
+        ids_keep: ``[B, K]`` (MAE): compute only these patches; returns ``[B, K, E]``.
+        mask, mask_token: ``[B, L]`` (bool or 0/1) and E values (BEiT, SimMIM): masked patches are replaced
+            by the token before pos_embed is added. Not together with ids_keep.
+
+    Returns ``[B, L or K, E]`` in weight's dtype (autocast's under ``torch.autocast``), computed with fp32
+    accumulation. Differentiable in images, weight, bias, pos_embed and mask_token.
+    """
+    ids_keep = _checked_patch_embed_args(images, weight, bias, pos_embed, ids_keep, mask, mask_token)
     if torch.is_autocast_enabled(images.device.type):
         weight = weight.to(torch.get_autocast_dtype(images.device.type))
     backend = _backend.select("patch_embed", images.device, implemented=("triton",))

@@ -14,13 +14,11 @@ ids give an undefined gradient.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .. import _backend, reference
 from ..reference import Masking
-from ._checks import is_int, is_real, unit_stride
+from ._checks import check_distinct_indices, check_index_tensor, is_int, is_real, unit_stride
 
 # Both kernel modules offer gather_rows(x, ids, pos, P) and restore_rows(x, ids, token, pos, P).
 _KERNELS = {}
@@ -31,10 +29,9 @@ if _backend._HAS_TRITON:
 if _backend._HAS_EXTENSION:
     from .. import extension as _extension_kernels
 
-    _KERNELS["cuda"] = _extension_kernels
+    _KERNELS["extension"] = _extension_kernels
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_CHECK_CUDA_INDICES = os.environ.get("MIMKERNELS_CHECK_INDICES", "0") == "1"  # read once: compiled code has no env
 
 
 # ----------------------------------------------------------------------------- validation
@@ -58,19 +55,6 @@ def _check_prefix_count(num_prefix_tokens, tokens, name):
     return int(num_prefix_tokens)
 
 
-def _check_ids(name, ids, x, batch, length=None):
-    if not isinstance(ids, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
-    if ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{name} must be an int32 or int64 tensor, got {ids.dtype}")
-    if ids.dim() != 2 or ids.shape[0] != batch or (length is not None and ids.shape[1] != length):
-        expected = f"[{batch}, {length if length is not None else 'K'}]"
-        raise ValueError(f"{name} must have shape {expected}, got {tuple(ids.shape)}")
-    if ids.device != x.device:
-        raise ValueError(f"{name} is on {ids.device} but the tokens are on {x.device}")
-    return unit_stride(ids)
-
-
 def _check_embedding(name, t, rows, dim, x):
     """pos_embed [1, rows, D] or mask_token with D elements ([1, 1, D] or [D]); rows None for mask_token."""
     if t is None:
@@ -88,27 +72,6 @@ def _check_embedding(name, t, rows, dim, x):
     return unit_stride(t)
 
 
-def _indices_checked(ids) -> bool:
-    return ids.device.type == "cpu" or _CHECK_CUDA_INDICES
-
-
-def _check_distinct(name, ids, upper, *, permutation=False):
-    """Values in [0, upper), distinct per row (a permutation of [0, upper) if asked). Syncs with the device.
-
-    Not while torch.compile traces (the check reads values; compiled code keeps the kernels' guarantee that
-    out-of-range ids never read or write outside the tensors)."""
-    if not _indices_checked(ids) or ids.numel() == 0 or torch.compiler.is_compiling():
-        return
-    low, high = ids.min().item(), ids.max().item()
-    if low < 0 or high >= upper:
-        raise IndexError(f"{name} values must lie in [0, {upper}), got values from {low} to {high}")
-    ordered = ids.sort(dim=1).values
-    if permutation and not torch.equal(ordered, torch.arange(upper, device=ids.device).expand_as(ordered)):
-        raise ValueError(f"each row of {name} must be a permutation of 0..{upper - 1}")
-    if (ordered[:, 1:] == ordered[:, :-1]).any():
-        raise ValueError(f"{name} repeats an index within a row; the kept indices must be distinct")
-
-
 # ----------------------------------------------------------------------------- autograd
 
 
@@ -117,6 +80,17 @@ def _inverse(ids, length, fill):
     inverse = ids.new_full((ids.shape[0], length), fill)
     positions = torch.arange(ids.shape[1], device=ids.device, dtype=ids.dtype).expand_as(ids)
     return inverse.scatter_(1, ids.long(), positions)
+
+
+def place_rows(rows, ids, length, backend="triton", *, num_prefix=0, inverse=None):
+    """Rows ``[B, P + K, D]`` put back where ``ids [B, K]`` took them from: ``[B, P + length, D]``, zeros where no
+    id points, the P prefix rows copied. The adjoint of gathering rows ``ids`` (how gathered rows' gradients reach
+    their sources), in one pass of the restore kernel with a zero mask token. ``inverse`` is ids' inverse map
+    (``ids_restore``) where the caller has it; ``backend`` a key of the token kernels ("triton", "extension")."""
+    if inverse is None:
+        inverse = _inverse(ids, length, fill=ids.shape[1])
+    zero_token = rows.new_zeros(rows.shape[-1])
+    return _KERNELS[backend].restore_rows(rows.contiguous(), inverse, zero_token, None, num_prefix)
 
 
 class _GatherRows(torch.autograd.Function):
@@ -132,11 +106,8 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         ids, inverse = ctx.saved_tensors
-        if inverse is None:
-            inverse = _inverse(ids, ctx.num_src - ctx.num_prefix, fill=ids.shape[1])
-        zero_token = grad_out.new_zeros(grad_out.shape[-1])
-        # source rows that were not gathered get the zero "token": a scatter into zeros, one pass
-        grad_x = _KERNELS[ctx.backend].restore_rows(grad_out.contiguous(), inverse, zero_token, None, ctx.num_prefix)
+        grad_x = place_rows(grad_out, ids, ctx.num_src - ctx.num_prefix, ctx.backend, num_prefix=ctx.num_prefix,
+                            inverse=inverse)
         grad_pos = None
         if ctx.needs_input_grad[2]:
             grad_pos = grad_x.sum(0, keepdim=True, dtype=torch.float32).to(ctx.pos_dtype)
@@ -172,8 +143,8 @@ class _RestoreRows(torch.autograd.Function):
 
 
 def _backend_for(op, x):
-    """"cuda" or "triton" (a key of _KERNELS) for ``x``, or None for the PyTorch reference."""
-    backend = _backend.select(op, x.device, implemented=("cuda", "triton"))
+    """"extension" or "triton" (a key of _KERNELS) for ``x``, or None for the PyTorch reference."""
+    backend = _backend.select(op, x.device, implemented=("extension", "triton"))
     return None if backend == "torch" else backend
 
 
@@ -263,9 +234,9 @@ def gather_tokens(x, ids_keep, *, pos_embed=None):
     (added in fp32, cast to x's dtype). Differentiable in x and pos_embed.
     """
     _check_tokens("x", x)
-    ids_keep = _check_ids("ids_keep", ids_keep, x, x.shape[0])
+    ids_keep = check_index_tensor("ids_keep", ids_keep, x.shape[0], x.device)
     pos_embed = _check_embedding("pos_embed", pos_embed, x.shape[1], x.shape[2], x)
-    _check_distinct("ids_keep", ids_keep, x.shape[1])
+    check_distinct_indices("ids_keep", ids_keep, x.shape[1])
     backend = _backend_for("gather_tokens", x)
     if backend is None:
         return reference.gather_tokens(x, ids_keep, pos_embed=pos_embed)
@@ -283,7 +254,7 @@ def restore_tokens(x_kept, ids_restore, mask_token, *, pos_embed=None, num_prefi
     """
     _check_tokens("x_kept", x_kept)
     batch, rows, dim = x_kept.shape
-    ids_restore = _check_ids("ids_restore", ids_restore, x_kept, batch)
+    ids_restore = check_index_tensor("ids_restore", ids_restore, batch, x_kept.device)
     num_prefix = _check_prefix_count(num_prefix_tokens, rows, "x_kept")
     num_patches = ids_restore.shape[1]
     if rows - num_prefix > num_patches:
@@ -292,7 +263,7 @@ def restore_tokens(x_kept, ids_restore, mask_token, *, pos_embed=None, num_prefi
         raise TypeError(f"mask_token must be a torch.Tensor, got {type(mask_token).__name__}")
     mask_token = _check_embedding("mask_token", mask_token, None, dim, x_kept)
     pos_embed = _check_embedding("pos_embed", pos_embed, num_prefix + num_patches, dim, x_kept)
-    _check_distinct("ids_restore", ids_restore, num_patches, permutation=True)
+    check_distinct_indices("ids_restore", ids_restore, num_patches, permutation=True)
     backend = _backend_for("restore_tokens", x_kept)
     if backend is None:
         return reference.restore_tokens(x_kept, ids_restore, mask_token, pos_embed=pos_embed,

@@ -59,15 +59,17 @@ class AttentionConfigs:
 
 
 # (block_m, block_n, num_warps, num_stages) of the forward, dK/dV and dQ kernels, by operand width and padded
-# head dim. Picked so that none spills on sm_80 or sm_90 (benchmarks/kernel_report.py; tests/test_kernel_report.py):
-# the portable fallback for GPUs and shapes that the measured table (attention_tiles.py) does not cover.
+# head dim. Picked so that none spills on sm_80 or sm_90 with Triton 3.6 or 3.8, the ends of the supported range
+# (benchmarks/kernel_report.py; tests/test_kernel_report.py runs in CI on both): the portable fallback for GPUs
+# and shapes that the measured table (attention_tiles.py) does not cover. Four entries changed for Triton 3.6,
+# whose register allocation spilled them (2-byte D=128 dK/dV and dQ, D=256 forward, 4-byte D=256 forward).
 _SHIPPED = {
     (2, 64): ((128, 64, 8, 3), (16, 64, 4, 3), (64, 32, 4, 3)),
-    (2, 128): ((64, 64, 8, 3), (16, 64, 8, 2), (64, 32, 8, 2)),
-    (2, 256): ((32, 64, 8, 2), (32, 32, 8, 1), (32, 32, 8, 1)),
+    (2, 128): ((64, 64, 8, 3), (16, 64, 8, 1), (32, 64, 8, 1)),
+    (2, 256): ((32, 32, 8, 2), (32, 32, 8, 1), (32, 32, 8, 1)),
     (4, 64): ((32, 32, 4, 2), (16, 32, 4, 1), (32, 32, 4, 2)),  # fp32 runs on FMA units, not tensor cores
     (4, 128): ((32, 16, 8, 1), (16, 32, 8, 1), (16, 32, 8, 1)),
-    (4, 256): ((16, 32, 4, 1), (16, 16, 4, 1), (16, 16, 8, 1)),
+    (4, 256): ((16, 16, 8, 1), (16, 16, 4, 1), (16, 16, 8, 1)),
 }
 
 # Sequence-length classes of the measured table: the longest N of each class (the last is unbounded).
@@ -191,6 +193,13 @@ def _prefix_of(prefix_ptr, prefix_int, batch, seq_len, PREFIX_IS_TENSOR: tl.cons
 
 
 @triton.jit
+def _head_rows(ptr, batch, head, stride_b, stride_h):
+    """The first row of (batch, head) in a [B, H, N, D]-strided tensor; int64 offsets, since B * H * N * D may pass
+    2^31 elements."""
+    return ptr + batch.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h
+
+
+@triton.jit
 def _key_range(m_start, prefix, seq_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """For the query tile starting at m_start: the end of its fully visible key tiles, and of all visible keys.
 
@@ -259,9 +268,9 @@ def _prefix_causal_fwd(
 
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-    k_base = K + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
-    v_base = V + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh
+    q_base = _head_rows(Q, batch, head, stride_qb, stride_qh)
+    k_base = _head_rows(K, batch, head, stride_kb, stride_kh)
+    v_base = _head_rows(V, batch, head, stride_vb, stride_vh)
     q = _load_tile(q_base, offs_m, stride_qn, offs_d, seq_len, head_dim, True, EVEN_D)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -275,7 +284,7 @@ def _prefix_causal_fwd(
         acc, row_sum, row_max, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
         full_end, visible_end, prefix, seq_len, head_dim, qk_scale, BLOCK_N, EVEN_D, True, DOT_PRECISION)
 
-    o_base = O + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+    o_base = _head_rows(O, batch, head, stride_ob, stride_oh)
     _store_tile(o_base, offs_m, stride_on, offs_d, seq_len, head_dim, (acc / row_sum[:, None]).to(O.dtype.element_ty))
     tl.store(LSE + bh.to(tl.int64) * seq_len + offs_m, row_max + tl.log2(row_sum), mask=offs_m < seq_len)
 
@@ -297,9 +306,9 @@ def _bwd_row_dot(
     head = bh % num_heads
     offs_m = (pid % num_m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    o = _load_tile(O + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh,
+    o = _load_tile(_head_rows(O, batch, head, stride_ob, stride_oh),
                    offs_m, stride_on, offs_d, seq_len, head_dim, True, EVEN_D)
-    do = _load_tile(DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh,
+    do = _load_tile(_head_rows(DO, batch, head, stride_dob, stride_doh),
                     offs_m, stride_don, offs_d, seq_len, head_dim, True, EVEN_D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + bh.to(tl.int64) * seq_len + offs_m, delta, mask=offs_m < seq_len)
@@ -368,13 +377,13 @@ def _prefix_causal_bwd_dkdv(
 
     offs_n = n_start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_tile(K + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh,
+    k = _load_tile(_head_rows(K, batch, head, stride_kb, stride_kh),
                    offs_n, stride_kn, offs_d, seq_len, head_dim, True, EVEN_D)
-    v = _load_tile(V + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh,
+    v = _load_tile(_head_rows(V, batch, head, stride_vb, stride_vh),
                    offs_n, stride_vn, offs_d, seq_len, head_dim, True, EVEN_D)
-    q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-    do_base = DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
-    dq_base = DQ_ACC + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh
+    q_base = _head_rows(Q, batch, head, stride_qb, stride_qh)
+    do_base = _head_rows(DO, batch, head, stride_dob, stride_doh)
+    dq_base = _head_rows(DQ_ACC, batch, head, stride_dqb, stride_dqh)
     lse_row = LSE + bh.to(tl.int64) * seq_len
     delta_row = DELTA + bh.to(tl.int64) * seq_len
 
@@ -403,9 +412,9 @@ def _prefix_causal_bwd_dkdv(
         offs_d, tl.maximum(diag_end, m_floor), seq_len, prefix, seq_len, head_dim, qk_scale, scale, BLOCK_M, EVEN_D,
         True, DOT_PRECISION, DQ_ATOMIC)
 
-    _store_tile(DK + batch.to(tl.int64) * stride_dkb + head.to(tl.int64) * stride_dkh, offs_n, stride_dkn, offs_d,
+    _store_tile(_head_rows(DK, batch, head, stride_dkb, stride_dkh), offs_n, stride_dkn, offs_d,
                 seq_len, head_dim, (dk * scale).to(DK.dtype.element_ty))
-    _store_tile(DV + batch.to(tl.int64) * stride_dvb + head.to(tl.int64) * stride_dvh, offs_n, stride_dvn, offs_d,
+    _store_tile(_head_rows(DV, batch, head, stride_dvb, stride_dvh), offs_n, stride_dvn, offs_d,
                 seq_len, head_dim, dv.to(DV.dtype.element_ty))
 
 
@@ -454,20 +463,20 @@ def _prefix_causal_bwd_dq(
 
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh,
+    q = _load_tile(_head_rows(Q, batch, head, stride_qb, stride_qh),
                    offs_m, stride_qn, offs_d, seq_len, head_dim, True, EVEN_D)
-    do = _load_tile(DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh,
+    do = _load_tile(_head_rows(DO, batch, head, stride_dob, stride_doh),
                     offs_m, stride_don, offs_d, seq_len, head_dim, True, EVEN_D)
     lse = tl.load(LSE + bh.to(tl.int64) * seq_len + offs_m, mask=offs_m < seq_len, other=0.0)
     if DELTA_HERE:
-        o = _load_tile(O + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh,
+        o = _load_tile(_head_rows(O, batch, head, stride_ob, stride_oh),
                        offs_m, stride_on, offs_d, seq_len, head_dim, True, EVEN_D)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         tl.store(DELTA + bh.to(tl.int64) * seq_len + offs_m, delta, mask=offs_m < seq_len)
     else:
         delta = tl.load(DELTA + bh.to(tl.int64) * seq_len + offs_m, mask=offs_m < seq_len, other=0.0)
-    k_base = K + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
-    v_base = V + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh
+    k_base = _head_rows(K, batch, head, stride_kb, stride_kh)
+    v_base = _head_rows(V, batch, head, stride_vb, stride_vh)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     full_end, visible_end = _key_range(m_start, prefix, seq_len, BLOCK_M, BLOCK_N)
@@ -476,7 +485,7 @@ def _prefix_causal_bwd_dq(
     dq = _dq_key_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
                        full_end, visible_end, prefix, seq_len, head_dim, qk_scale, BLOCK_N, EVEN_D, True,
                        DOT_PRECISION)
-    _store_tile(DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh, offs_m, stride_dqn, offs_d,
+    _store_tile(_head_rows(DQ, batch, head, stride_dqb, stride_dqh), offs_m, stride_dqn, offs_d,
                 seq_len, head_dim, (dq * scale).to(DQ.dtype.element_ty))
 
 

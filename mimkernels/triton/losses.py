@@ -93,6 +93,12 @@ def _masked_patch_loss_bwd(
              mask=offs < patch_numel)
 
 
+def launch_config(patch_numel: int) -> tuple[dict, int, int]:
+    """(tile constexprs, num_warps, num_stages) of both loss kernels for patches of ``patch_numel`` values: one
+    program per patch, the whole patch in one block. The kernel report compiles exactly this."""
+    return {"BLOCK": next_power_of_2(patch_numel)}, 4, 3
+
+
 def _args(pred, images, mask, patch_size):
     batch, num_patches, patch_numel = pred.shape
     return (*images.stride(), pred.stride(0), pred.stride(1), mask.stride(0)), dict(
@@ -109,9 +115,10 @@ def masked_patch_loss(pred, images, mask, patch_size: int, norm_pix: bool, l1: b
     batch, num_patches, patch_numel = pred.shape
     patch_loss = torch.empty(batch * num_patches, dtype=torch.float32, device=pred.device)
     strides, sizes = _args(pred, images, mask, patch_size)
+    tile, num_warps, num_stages = launch_config(patch_numel)
     launch(_masked_patch_loss_fwd, (batch * num_patches,), (images, pred, mask, patch_loss), (
-        *strides, *sizes.values()), dict(NORM_PIX=norm_pix, L1=l1, BLOCK=next_power_of_2(patch_numel)),
-        num_warps=4, num_stages=3)
+        *strides, *sizes.values()), dict(NORM_PIX=norm_pix, L1=l1, **tile), num_warps=num_warps,
+        num_stages=num_stages)
     return patch_loss
 
 
@@ -124,7 +131,8 @@ def masked_patch_loss_backward(pred, images, mask, scale, patch_size: int, norm_
     batch, num_patches, patch_numel = pred.shape
     grad_pred = torch.empty(batch, num_patches, patch_numel, dtype=pred.dtype, device=pred.device)
     strides, sizes = _args(pred, images, mask, patch_size)
+    tile, num_warps, num_stages = launch_config(patch_numel)
     launch(_masked_patch_loss_bwd, (batch * num_patches,), (images, pred, mask, scale, grad_pred), (
         *strides, grad_pred.stride(0), grad_pred.stride(1), *sizes.values(),
-    ), dict(NORM_PIX=norm_pix, L1=l1, BLOCK=next_power_of_2(patch_numel)), num_warps=4, num_stages=3)
+    ), dict(NORM_PIX=norm_pix, L1=l1, **tile), num_warps=num_warps, num_stages=num_stages)
     return grad_pred

@@ -80,8 +80,10 @@ def _restore_rows(
                  values.to(OUT.dtype.element_ty), mask=is_row[:, None] & in_dim)
 
 
-def _block_d(dim: int) -> int:
-    return min(MAX_BLOCK_D, max(16, next_power_of_2(dim)))
+def launch_config(dim: int) -> tuple[dict, int, int]:
+    """(tile constexprs, num_warps, num_stages) of both row-copy kernels for tokens of width ``dim``: BLOCK_ROWS
+    rows per program, the width in chunks of at most MAX_BLOCK_D. The kernel report compiles exactly this."""
+    return {"BLOCK_R": BLOCK_ROWS, "BLOCK_D": min(MAX_BLOCK_D, max(16, next_power_of_2(dim)))}, 4, 3
 
 
 def _launch(kernel, x, ids, pos, num_prefix, pointers, sizes):
@@ -91,10 +93,11 @@ def _launch(kernel, x, ids, pos, num_prefix, pointers, sizes):
     if out.numel() == 0:
         return out
     pos_arg = pos if pos is not None else x  # never read without HAS_POS
-    launch(kernel, (cdiv(out.shape[1], BLOCK_ROWS), batch), (x, ids, *pointers, pos_arg, out), (
+    tile, num_warps, num_stages = launch_config(dim)
+    launch(kernel, (cdiv(out.shape[1], tile["BLOCK_R"]), batch), (x, ids, *pointers, pos_arg, out), (
         x.stride(0), x.stride(1), ids.stride(0), pos_arg.stride(-2), out.stride(0), out.stride(1),
         num_prefix, *sizes, dim,
-    ), dict(HAS_POS=pos is not None, BLOCK_R=BLOCK_ROWS, BLOCK_D=_block_d(dim)), num_warps=4, num_stages=3)
+    ), dict(HAS_POS=pos is not None, **tile), num_warps=num_warps, num_stages=num_stages)
     return out
 
 

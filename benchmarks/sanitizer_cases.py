@@ -1,0 +1,87 @@
+"""Every kernel once, forward and backward, on shapes with ragged edges: the program compute-sanitizer watches.
+
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python -m benchmarks.sanitizer_cases
+
+(benchmarks/gpu_check.sh runs it so). Without the caching allocator each tensor is its own allocation, so a
+read or write past a tensor's end is outside any allocation and memcheck reports it. The shapes are small
+(memcheck slows kernels down many times) and odd: N not a multiple of any tile, head dims that are padded
+(40, 80), one-token sequences, out-of-range token ids (which must be ignored, never followed).
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+import mimkernels
+
+
+def _backward(out, leaves):
+    torch.autograd.grad(out, leaves, torch.randn_like(out))
+
+
+ATTENTION_CASES = [((2, 3, 49, 40), torch.bfloat16), ((2, 2, 197, 80), torch.float16),
+                   ((1, 2, 257, 128), torch.bfloat16), ((3, 1, 1, 64), torch.float32),
+                   ((1, 2, 130, 256), torch.bfloat16)]
+
+
+def attention_cases(device):
+    for (batch, heads, seq_len, head_dim), dtype in ATTENTION_CASES:
+        q, k, v = (torch.randn(batch, heads, seq_len, head_dim, device=device, dtype=dtype, requires_grad=True)
+                   for _ in range(3))
+        prefix = torch.randint(0, seq_len + 1, (batch,), device=device)
+        _backward(mimkernels.prefix_causal_attention(q, k, v, prefix), (q, k, v))
+        _backward(mimkernels.attention(q, k, v), (q, k, v))
+        yield f"attention {batch}x{heads}x{seq_len}x{head_dim} {str(dtype)[6:]}"
+
+
+def token_cases(device):
+    for backend in (name for name in ("triton", "extension") if name in mimkernels.available_backends()):
+        with mimkernels.use_backend(backend):
+            x = torch.randn(3, 1 + 49, 40, device=device, dtype=torch.bfloat16, requires_grad=True)
+            pos = torch.randn(1, 1 + 49, 40, device=device, requires_grad=True)
+            token = torch.randn(1, 1, 40, device=device, requires_grad=True)
+            kept = mimkernels.random_masking(x, 0.75, num_prefix_tokens=1, pos_embed=pos)
+            restored = mimkernels.restore_tokens(kept.x_kept, kept.ids_restore, token, pos_embed=pos,
+                                                 num_prefix_tokens=1)
+            _backward(restored, (x, pos, token))
+            if device == "cuda" or backend == "triton":  # the extension's CPU ops raise IndexError instead
+                kernels = mimkernels.ops.tokens._KERNELS[backend]
+                bad = torch.tensor([[0, -3, 50, 1 << 40], [7, 2, 3, 99], [1, 1, 1, -1]], device=device)
+                kernels.gather_rows(x.detach(), bad, None, 1)
+                kernels.restore_rows(x.detach()[:, :5], bad, token.detach().reshape(-1), None, 1)
+        yield f"tokens ({backend}) incl. out-of-range ids"
+
+
+def patch_embed_cases(device):
+    for mode in ("full", "mae", "simmim"):
+        images = torch.randn(3, 3, 48, 32, device=device)
+        weight = torch.randn(40, 3, 16, 16, device=device, dtype=torch.bfloat16, requires_grad=True)
+        pos = torch.randn(1, 6, 40, device=device, requires_grad=True)
+        kwargs = {"pos_embed": pos}
+        if mode == "mae":
+            kwargs["ids_keep"] = torch.argsort(torch.rand(3, 6, device=device), 1)[:, :2]
+        if mode == "simmim":
+            kwargs["mask"] = torch.rand(3, 6, device=device) < 0.5
+            kwargs["mask_token"] = torch.zeros(40, device=device)
+        _backward(mimkernels.patch_embed(images, weight, **kwargs), (weight, pos))
+        pred = torch.randn(3, 6, 3 * 16 * 16, device=device, dtype=torch.bfloat16, requires_grad=True)
+        mask = (torch.rand(3, 6, device=device) < 0.75).float()
+        _backward(mimkernels.masked_patch_loss(pred, images, mask), (pred,))
+        yield f"patch_embed ({mode}) + masked loss"
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("sanitizer cases need a CUDA GPU")
+        return 0
+    for cases in (attention_cases, token_cases, patch_embed_cases):
+        for name in cases("cuda"):
+            torch.cuda.synchronize()
+            print("ran", name, flush=True)
+    print("all cases ran")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
