@@ -89,8 +89,7 @@ def run(shapes, dtype, quick, peaks, csv_path=None, *, device="cuda", configs=No
         with torch.device(device):
             model = models.CONFIGS[family][config](norm_pix_loss=True)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
-        size = model.patch_embed.img_size
-        imgs = torch.randn(batch_size, 3, size, size, device=device)
+        imgs = torch.randn(batch_size, 3, *model.patch_embed.img_size, device=device)
         candidates = providers(family, model, imgs, device, compile_backend)
         with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
             losses = {provider: loss_fn().float().item() for provider, loss_fn in candidates.items()}

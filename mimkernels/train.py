@@ -181,12 +181,12 @@ def reconstruction_image(model, imgs: torch.Tensor, mask_ratio: float) -> np.nda
             pred = pred.float()
     if model.norm_pix_loss:  # predictions are in per-patch normalised pixels: use the target's statistics
         pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
-    grid = model.patch_embed.grid_size
+    grid_h, grid_w = model.patch_embed.grid_size
     shown = shown.unsqueeze(-1).expand_as(target)
-    pasted = mimkernels.unpatchify(target * (1 - shown) + pred * shown, patch, grid, grid)
+    pasted = mimkernels.unpatchify(target * (1 - shown) + pred * shown, patch, grid_h, grid_w)
     panels = [imgs.float(), pasted]
     if not isinstance(model, AIM):  # removed patches drawn black
-        panels.insert(1, mimkernels.unpatchify(target * (1 - shown) - 10 * shown, patch, grid, grid))
+        panels.insert(1, mimkernels.unpatchify(target * (1 - shown) - 10 * shown, patch, grid_h, grid_w))
     grid = torch.cat([torch.cat([denormalize(p)[i] for p in panels], dim=2) for i in range(imgs.shape[0])], dim=1)
     scale = max(1, 256 // imgs.shape[-1])  # small demo images are shown enlarged
     grid = grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
@@ -387,7 +387,7 @@ def train(args, rank: int = 0, world: int = 1, device: torch.device | None = Non
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed + 1000 * rank + start)  # data, masks and prefixes differ across ranks
 
-    dataset = CropDataset(files, model.patch_embed.img_size, defaults["crop_scale"],
+    dataset = CropDataset(files, model.patch_embed.img_size[0], defaults["crop_scale"],
                           length=max(len(files), 8 * global_batch))
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
                                                   seed=args.seed, drop_last=True)

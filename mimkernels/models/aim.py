@@ -53,15 +53,15 @@ class AIM(nn.Module):
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         if self.patch_embed.num_patches < 2:
             raise ValueError("AIM needs at least 2 patches per image (a prefix and a patch to predict)")
-        grid = self.patch_embed.grid_size
+        grid_h, grid_w = self.patch_embed.grid_size
         self.patch_norm = _LN(embed_dim)
-        self.register_buffer("pos_embed", sincos_pos_embed(embed_dim, grid, grid), persistent=False)
+        self.register_buffer("pos_embed", sincos_pos_embed(embed_dim, grid_h, grid_w), persistent=False)
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias=False, bias=False,
                                           norm_layer=_LN) for _ in range(depth))
         self.norm = _LN(embed_dim)
 
         self.head_embed = nn.Linear(embed_dim, head_embed_dim, bias=False)
-        self.register_buffer("head_pos_embed", sincos_pos_embed(head_embed_dim, grid, grid), persistent=False)
+        self.register_buffer("head_pos_embed", sincos_pos_embed(head_embed_dim, grid_h, grid_w), persistent=False)
         self.head_blocks = nn.ModuleList(MlpBlock(head_embed_dim, mlp_ratio) for _ in range(head_depth))
         self.head_norm = _LN(head_embed_dim)
         self.head_pred = nn.Linear(head_embed_dim, patch_size**2 * in_chans, bias=False)

@@ -32,17 +32,17 @@ class MAE(nn.Module):
         check_head_dim("encoder", embed_dim, num_heads)
         check_head_dim("decoder", decoder_embed_dim, decoder_num_heads)
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
-        grid = self.patch_embed.grid_size
+        grid_h, grid_w = self.patch_embed.grid_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         # fixed sin-cos tables, kept as frozen parameters so that the state_dict keys match the official ones
-        self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, grid, grid, cls_token=True), requires_grad=False)
+        self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, grid_h, grid_w, cls_token=True), requires_grad=False)
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, norm_layer=norm_layer)
                                     for _ in range(depth))
         self.norm = norm_layer(embed_dim)
 
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(decoder_embed_dim, grid, grid, cls_token=True),
+        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(decoder_embed_dim, grid_h, grid_w, cls_token=True),
                                               requires_grad=False)
         self.decoder_blocks = nn.ModuleList(Block(decoder_embed_dim, decoder_num_heads, mlp_ratio,
                                                   norm_layer=norm_layer) for _ in range(decoder_depth))
@@ -61,8 +61,8 @@ class MAE(nn.Module):
         return mimkernels.patchify(imgs, self.patch_embed.patch_size)
 
     def unpatchify(self, x):
-        grid = self.patch_embed.grid_size
-        return mimkernels.unpatchify(x, self.patch_embed.patch_size, grid, grid)
+        grid_h, grid_w = self.patch_embed.grid_size
+        return mimkernels.unpatchify(x, self.patch_embed.patch_size, grid_h, grid_w)
 
     def random_masking(self, x, mask_ratio, noise=None):
         """Official method: ``(x_masked, mask, ids_restore)`` for patch tokens ``x [B, L, D]``."""

@@ -1,0 +1,101 @@
+"""One call to run existing models on mimkernels' kernels: ``mimkernels.integrations.apply(model)``.
+
+Patching swaps the class of each supported submodule for a subclass whose ``forward`` calls mimkernels' ops;
+parameters, buffers, module names and the state_dict stay exactly as they were (checkpoints load both ways),
+and ``unapply`` swaps the classes back. A submodule whose configuration our kernels cannot honour keeps its
+original code, with one warning saying why; nothing is ever computed differently from the original beyond
+rounding.
+
+Supported models: timm's ``VisionTransformer`` (its ``Attention`` and ``PatchEmbed`` modules), Hugging Face
+transformers' ``ViTMAEForPreTraining`` and ``ViTMAEModel`` (masking and unshuffling, kept-patch embedding,
+attention, the reconstruction loss), and mimkernels' own models (already on the kernels: returned unchanged).
+``register_hf_attention()`` makes ``attn_implementation="mimkernels"`` available to any transformers model.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["apply", "patched_modules", "register_hf_attention", "unapply"]
+
+SUPPORTED = ("timm.models.vision_transformer.VisionTransformer", "transformers.ViTMAEForPreTraining",
+             "transformers.ViTMAEModel", "mimkernels.models.MAE", "mimkernels.models.AIM")
+
+
+def _is_timm_vit(model) -> bool:
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:
+        return False
+    return isinstance(model, VisionTransformer)
+
+
+def _is_hf_vit_mae(model) -> bool:
+    if not type(model).__module__.startswith("transformers."):
+        return False
+    from . import _hf
+
+    return isinstance(model, _hf.SUPPORTED)
+
+
+def apply(model: torch.nn.Module, *, attention: bool = True, patch_embed: bool = True, masking: bool = True,
+          loss: bool = True) -> torch.nn.Module:
+    """Patch ``model`` in place to run on mimkernels' kernels, and return it.
+
+    Args:
+        model: a timm ``VisionTransformer`` (any size, with or without cls / register tokens, with
+            ``dynamic_img_size``), a transformers ``ViTMAEForPreTraining`` / ``ViTMAEModel``, or a mimkernels
+            model (returned as is).
+        attention: run self-attention by :func:`mimkernels.attention` (full attention, or causal with timm's
+            ``is_causal=True``; a call with an explicit attention mask, with attention dropout while training,
+            or asking for attention weights runs the original code).
+        patch_embed: run the patch embedding by :func:`mimkernels.patch_embed` (ViTMAE: only the kept patches,
+            with their positions, which needs ``masking``).
+        masking: ViTMAE: random masking and the decoder's unshuffle by mimkernels' token ops (the same masks
+            and ids for the same noise, and the same random draws without).
+        loss: ViTMAE: the reconstruction loss by :func:`mimkernels.masked_patch_loss`.
+        ``interpolate_pos_encoding=True`` calls of ViTMAE run the original code.
+
+    Raises:
+        TypeError: ``model`` is not one of the supported classes (listed in the message).
+    """
+    from ..models import AIM, MAE
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, (MAE, AIM)):
+        return model
+    if _is_timm_vit(model):
+        from . import _timm
+
+        _timm.patch(model, attention=attention, patch_embed=patch_embed)
+        return model
+    if _is_hf_vit_mae(model):
+        from . import _hf
+
+        _hf.patch(model, attention=attention, patch_embed=patch_embed, masking=masking, loss=loss)
+        return model
+    raise TypeError(f"mimkernels.integrations.apply supports {', '.join(SUPPORTED)}; got "
+                    f"{type(model).__module__}.{type(model).__qualname__}")
+
+
+def register_hf_attention() -> str:
+    """Register mimkernels as a transformers attention implementation and return its name, ``"mimkernels"``:
+    ``from_pretrained(..., attn_implementation="mimkernels")`` or ``model.set_attn_implementation("mimkernels")``
+    then runs full and causal attention on mimkernels' kernels (masked calls, dropout and head dims the
+    kernels lack fall back to transformers' sdpa implementation)."""
+    from . import _hf
+
+    return _hf.register_attention()
+
+
+def patched_modules(model: torch.nn.Module) -> list[str]:
+    """Names of the submodules of ``model`` that run mimkernels' kernels after :func:`apply`."""
+    return [name for name, module in model.named_modules() if getattr(type(module), "_mimkernels_patch", False)]
+
+
+def unapply(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo :func:`apply`: every patched submodule gets its original class back. Returns ``model``."""
+    for module in model.modules():
+        if getattr(type(module), "_mimkernels_patch", False):
+            module.__class__ = type(module).__mro__[1]
+    return model

@@ -1,0 +1,152 @@
+"""Hugging Face transformers' ViTMAE on mimkernels' kernels (see mimkernels.integrations), and mimkernels as a
+transformers attention implementation (``attn_implementation="mimkernels"``)."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from transformers.models.vit_mae import modeling_vit_mae as vit_mae
+
+import mimkernels
+
+from ..nn import check_head_dim
+
+
+class MimkernelsViTMAEEmbeddings(vit_mae.ViTMAEEmbeddings):
+    """Patch embedding of only the kept patches (with their positions, in one GEMM) and MAE's masking, by
+    mimkernels; the same masks and ids as the original for the same noise, and the same random draws without."""
+
+    _mimkernels_patch = True
+    _mimkernels_patch_embed = True  # False: HF's convolution, then mimkernels' masking
+
+    def forward(self, pixel_values: torch.Tensor, noise: torch.Tensor | None = None,
+                interpolate_pos_encoding: bool = False):
+        if interpolate_pos_encoding:
+            return super().forward(pixel_values, noise, interpolate_pos_encoding)
+        batch, channels, height, width = pixel_values.shape
+        if channels != self.patch_embeddings.num_channels:
+            raise ValueError(f"pixel_values have {channels} channels, the configuration "
+                             f"{self.patch_embeddings.num_channels}")
+        if (height, width) != tuple(self.image_size):
+            raise ValueError(f"Input image size ({height}*{width}) doesn't match model "
+                             f"({self.image_size[0]}*{self.image_size[1]}).")
+        num_patches = self.patch_embeddings.num_patches
+        if noise is None:  # the draw the original makes, so that seeded runs mask the same patches
+            noise = torch.rand(batch, num_patches, device=pixel_values.device)
+        positions = self.position_embeddings
+        if self._mimkernels_patch_embed:
+            mask, ids_restore, ids_keep = mimkernels.masking_indices(noise, self.config.mask_ratio)
+            projection = self.patch_embeddings.projection
+            kept = mimkernels.patch_embed(pixel_values, projection.weight, projection.bias,
+                                          pos_embed=positions[:, 1:], ids_keep=ids_keep)
+        else:
+            patches = self.patch_embeddings(pixel_values)
+            kept, mask, ids_restore, _ = mimkernels.random_masking(patches, self.config.mask_ratio, noise=noise,
+                                                                   pos_embed=positions[:, 1:])
+        cls = (self.cls_token + positions[:, :1]).expand(batch, -1, -1).to(kept.dtype)
+        return torch.cat((cls, kept), dim=1), mask, ids_restore
+
+
+class MimkernelsViTMAEDecoder(vit_mae.ViTMAEDecoder):
+    """The unshuffle (kept tokens back in place, mask tokens elsewhere, plus positions) in one pass."""
+
+    _mimkernels_patch = True
+
+    def forward(self, hidden_states: torch.Tensor, ids_restore: torch.Tensor, interpolate_pos_encoding: bool = False):
+        if interpolate_pos_encoding:
+            return super().forward(hidden_states, ids_restore, interpolate_pos_encoding)
+        hidden_states = self.decoder_embed(hidden_states)
+        hidden_states = mimkernels.restore_tokens(hidden_states, ids_restore, self.mask_token,
+                                                  pos_embed=self.decoder_pos_embed, num_prefix_tokens=1)
+        for layer in self.decoder_layers:
+            hidden_states = layer(hidden_states)
+        logits = self.decoder_pred(self.decoder_norm(hidden_states))
+        return vit_mae.ViTMAEDecoderOutput(logits=logits[:, 1:, :])
+
+
+def _attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """An AttentionInterface function: [B, H, N, D] in, ([B, N, H, D], None) out."""
+    if attention_mask is not None or dropout > 0 or query.shape[-1] % 8 or not 16 <= query.shape[-1] <= 256:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    out = mimkernels.attention(query, key, value, causal=bool(getattr(module, "is_causal", False)), scale=scaling)
+    return out.transpose(1, 2), None
+
+
+class MimkernelsViTMAEAttention(vit_mae.ViTMAEAttention):
+    """Self-attention by :func:`mimkernels.attention` on the q, k, v projections; the original code for an
+    attention mask, attention dropout while training, or when attention weights are asked for."""
+
+    _mimkernels_patch = True
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        dropout = self.attention_dropout if self.training else 0.0
+        if attention_mask is not None or dropout > 0 or kwargs.get("output_attentions"):
+            return super().forward(hidden_states, attention_mask, **kwargs)
+        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        q, k, v = (proj(hidden_states).view(shape).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        out = mimkernels.attention(q, k, v, scale=self.scaling)
+        return self.o_proj(out.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)), None
+
+
+class MimkernelsViTMAEForPreTraining(vit_mae.ViTMAEForPreTraining):
+    """The reconstruction loss (per-patch normalised pixels with ``norm_pix_loss``, mean over removed patches) by
+    :func:`mimkernels.masked_patch_loss`, which reads the target pixels from the image in place."""
+
+    _mimkernels_patch = True
+
+    def forward(self, pixel_values=None, noise=None, interpolate_pos_encoding=None, attention_mask=None, **kwargs):
+        if interpolate_pos_encoding or kwargs.get("return_dict") is False:
+            return super().forward(pixel_values, noise=noise, interpolate_pos_encoding=interpolate_pos_encoding,
+                                   attention_mask=attention_mask, **kwargs)
+        outputs = self.vit(pixel_values, noise=noise, attention_mask=attention_mask, **kwargs)
+        logits = self.decoder(outputs.last_hidden_state, outputs.ids_restore).logits
+        loss = mimkernels.masked_patch_loss(logits, pixel_values, outputs.mask, norm_pix=self.config.norm_pix_loss)
+        return vit_mae.ViTMAEForPreTrainingOutput(loss=loss, logits=logits, mask=outputs.mask,
+                                                  ids_restore=outputs.ids_restore,
+                                                  hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+
+SUPPORTED = (vit_mae.ViTMAEForPreTraining, vit_mae.ViTMAEModel)
+
+
+def patch(model: torch.nn.Module, *, attention: bool, patch_embed: bool, masking: bool, loss: bool) -> None:
+    config = model.config
+    try:
+        check_head_dim("attention", config.hidden_size, config.num_attention_heads)
+        if isinstance(model, vit_mae.ViTMAEForPreTraining):
+            check_head_dim("decoder attention", config.decoder_hidden_size, config.decoder_num_attention_heads)
+    except ValueError as error:
+        if attention:
+            warnings.warn(f"mimkernels.integrations: attention keeps its original code: {error}", stacklevel=3)
+        attention = False
+    patch_size = config.patch_size
+    if isinstance(patch_size, (tuple, list)) and patch_size[0] != patch_size[1]:
+        if patch_embed:
+            warnings.warn("mimkernels.integrations: patch embedding keeps its original code: patches are not "
+                          "square", stacklevel=3)
+        patch_embed = False
+    for module in model.modules():
+        if attention and type(module) is vit_mae.ViTMAEAttention:
+            module.__class__ = MimkernelsViTMAEAttention
+        elif (masking or patch_embed) and type(module) is vit_mae.ViTMAEEmbeddings:
+            module.__class__ = MimkernelsViTMAEEmbeddings
+            module._mimkernels_patch_embed = patch_embed and masking  # kept-only embedding needs our masking
+            if patch_embed and not masking:
+                warnings.warn("mimkernels.integrations: patch_embed=True without masking=True keeps HF's "
+                              "patch embedding (ours embeds only the kept patches)", stacklevel=3)
+        elif masking and type(module) is vit_mae.ViTMAEDecoder:
+            module.__class__ = MimkernelsViTMAEDecoder
+    if loss and type(model) is vit_mae.ViTMAEForPreTraining:
+        model.__class__ = MimkernelsViTMAEForPreTraining
+
+
+def register_attention() -> str:
+    """Register ``"mimkernels"`` as a transformers attention implementation (full and causal attention; the
+    sdpa implementation for masks, dropout, and head dims the kernels lack). Returns the name."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("mimkernels", _attention_forward)
+    return "mimkernels"

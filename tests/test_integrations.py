@@ -1,0 +1,300 @@
+"""mimkernels.nn and mimkernels.integrations against the real timm (pinned in the test environment), on tiny models
+built here (nothing downloaded). Patched and unpatched models must agree in outputs and every gradient."""
+import copy
+import io
+import pickle
+import warnings
+
+import pytest
+import torch
+
+import mimkernels
+import mimkernels.integrations as integrations
+from mimkernels import nn as mnn
+
+timm = pytest.importorskip("timm", reason="timm is pinned in requirements-dev.txt / requirements-floor.txt")
+from timm.layers import Attention as TimmAttention  # noqa: E402
+from timm.layers import PatchEmbed as TimmPatchEmbed  # noqa: E402
+from timm.models.vision_transformer import VisionTransformer  # noqa: E402
+
+
+def _vit(**kwargs):
+    torch.manual_seed(0)
+    config = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)
+    return VisionTransformer(**{**config, **kwargs})
+
+
+def _outputs_and_grads(model, images, device):
+    model = model.to(device)
+    model.zero_grad(set_to_none=True)
+    out = model(images.to(device))
+    out.square().mean().backward()
+    return out.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same_model_numbers(make, images, device, rtol=1e-4, atol=1e-5, **apply_kwargs):
+    original = make()
+    patched = integrations.apply(make(), **apply_kwargs)
+    assert integrations.patched_modules(patched), "nothing was patched"
+    with mimkernels.use_backend("triton"):
+        out, grads = _outputs_and_grads(patched, images, device)
+    want_out, want_grads = _outputs_and_grads(original, images, device)
+    torch.testing.assert_close(out, want_out, rtol=rtol, atol=atol)
+    assert grads.keys() == want_grads.keys() and len(grads) > 10
+    for name in grads:
+        torch.testing.assert_close(grads[name], want_grads[name], rtol=rtol, atol=atol, msg=name)
+    return patched
+
+
+@pytest.mark.parametrize("variant", [
+    {},
+    {"class_token": False, "reg_tokens": 2, "global_pool": "avg"},
+    {"qk_norm": True, "qkv_bias": False},
+    {"dynamic_img_size": True},
+])
+def test_patched_timm_vit_matches_the_original(variant, device, monkeypatch):
+    calls = []
+
+    def counted(name, op):
+        def run(*args, **kwargs):
+            calls.append(name)
+            return op(*args, **kwargs)
+        return run
+
+    for name in ("attention", "patch_embed"):  # count that the kernels really run
+        monkeypatch.setattr(mimkernels, name, counted(name, getattr(mimkernels, name)))
+    images = torch.randn(2, 3, 32, 32)
+    patched = _assert_same_model_numbers(lambda: _vit(**variant), images, device)
+    names = integrations.patched_modules(patched)
+    assert names == ["patch_embed", "blocks.0.attn", "blocks.1.attn"]
+    assert calls == ["patch_embed", "attention", "attention"]
+
+
+def test_dynamic_img_size_takes_other_sizes(device):
+    images = torch.randn(2, 3, 48, 40)  # not the model's 32 x 32
+    _assert_same_model_numbers(lambda: _vit(dynamic_img_size=True), images, device)
+
+
+def test_state_dict_module_tree_and_checkpoints_unchanged():
+    original, patched = _vit(), integrations.apply(_vit())
+    assert [name for name, _ in original.named_modules()] == [name for name, _ in patched.named_modules()]
+    state, patched_state = original.state_dict(), patched.state_dict()
+    assert state.keys() == patched_state.keys()
+    assert all(torch.equal(state[key], patched_state[key]) for key in state)
+    other = _vit(depth=2)
+    torch.nn.init.normal_(other.head.weight)
+    patched.load_state_dict(other.state_dict())  # a checkpoint from an unpatched model loads, and back
+    other.load_state_dict(patched.state_dict())
+    assert isinstance(patched.blocks[0].attn, TimmAttention) and isinstance(patched.patch_embed, TimmPatchEmbed)
+
+
+def test_patched_model_copies_pickles_and_unapplies():
+    patched = integrations.apply(_vit())
+    clone = copy.deepcopy(patched)
+    buffer = io.BytesIO()
+    torch.save(patched, buffer)
+    assert integrations.patched_modules(clone) == integrations.patched_modules(patched)
+    assert integrations.patched_modules(pickle.loads(pickle.dumps(patched)))
+    integrations.unapply(patched)
+    assert integrations.patched_modules(patched) == []
+    assert type(patched.blocks[0].attn) is TimmAttention and type(patched.patch_embed) is TimmPatchEmbed
+
+
+def test_causal_and_masked_calls(device):
+    torch.manual_seed(0)
+    module = TimmAttention(64, num_heads=4, qkv_bias=True).to(device)
+    x = torch.randn(2, 9, 64, device=device)
+    want_causal = module(x, is_causal=True)
+    mask = torch.rand(2, 1, 9, 9, device=device) > 0.3
+    mask[..., 0] = True
+    want_masked = module(x, attn_mask=mask)
+    module.__class__ = integrations._timm.MimkernelsAttention  # what apply() does to each Attention
+    with mimkernels.use_backend("triton"):
+        torch.testing.assert_close(module(x, is_causal=True), want_causal, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(module(x, attn_mask=mask), want_masked)  # the original code path
+
+
+def test_unsupported_modules_keep_the_original_code_with_one_warning(device):
+    images = torch.randn(2, 3, 32, 32)
+    with pytest.warns(UserWarning, match="2 module.s. keep their original code because .*head dim") as caught:
+        patched = integrations.apply(_vit(embed_dim=60, num_heads=5))  # head dim 12: no kernel
+    assert len(caught) == 1 and integrations.patched_modules(patched) == ["patch_embed"]
+    with pytest.warns(UserWarning, match="attention dropout"):
+        dropping = integrations.apply(_vit(attn_drop_rate=0.1))
+    dropping.eval()  # no dropout in eval: the kernels run, and agree
+    with mimkernels.use_backend("triton"):
+        got = dropping.to(device)(images.to(device))
+    want = _vit(attn_drop_rate=0.1).eval().to(device)(images.to(device))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_only_supported_models():
+    with pytest.raises(TypeError, match="supports timm.models.vision_transformer.VisionTransformer"):
+        integrations.apply(torch.nn.Linear(4, 4))
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        integrations.apply("vit_base_patch16_224")
+    ours = mimkernels.models.mae_vit_tiny_patch8()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert integrations.apply(ours) is ours
+
+
+def test_patched_model_compiles_fullgraph(device):
+    if device != "cpu":
+        pytest.skip("the CPU variant (aot_eager); tests/test_compile.py covers Inductor on a GPU")
+    images = torch.randn(2, 3, 32, 32)
+    patched = integrations.apply(_vit())
+    with mimkernels.use_backend("triton"):
+        eager = patched(images)
+        compiled = torch.compile(patched, fullgraph=True, backend="aot_eager")(images)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- mimkernels.nn
+
+
+def test_nn_attention_loads_timm_weights_and_matches(device):
+    for qk_norm in (False, True):
+        torch.manual_seed(0)
+        theirs = TimmAttention(64, num_heads=4, qkv_bias=True, qk_norm=qk_norm,
+                               norm_layer=torch.nn.LayerNorm).to(device)
+        ours = mnn.Attention(64, num_heads=4, qkv_bias=True, qk_norm=qk_norm).to(device)
+        assert ours.state_dict().keys() == theirs.state_dict().keys()
+        ours.load_state_dict(theirs.state_dict())
+        x = torch.randn(2, 11, 64, device=device)
+        with mimkernels.use_backend("triton"):
+            torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(ours(x, causal=True), theirs(x, is_causal=True), rtol=1e-4, atol=1e-5)
+
+
+def test_nn_attention_prefix_causal_is_the_dense_mask(device):
+    torch.manual_seed(0)
+    module = mnn.Attention(64, num_heads=4).to(device)
+    x = torch.randn(3, 10, 64, device=device)
+    prefix = torch.tensor([0, 4, 10], device=device)
+    with mimkernels.use_backend("triton"):
+        got = module(x, prefix)
+    q, k, v = module.qkv(x).unflatten(-1, (3, 4, 16)).permute(2, 0, 3, 1, 4)
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mimkernels.prefix_causal_mask(10, prefix))
+    want = module.proj(dense.transpose(1, 2).reshape(3, 10, 64))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_nn_modules_check_their_arguments():
+    with pytest.raises(ValueError, match="attn_drop must be 0"):
+        mnn.Attention(64, num_heads=4, attn_drop=0.1)
+    with pytest.raises(ValueError, match="multiple of 8 in"):
+        mnn.Attention(60, num_heads=5)
+    with pytest.raises(ValueError, match="not a multiple of patch_size"):
+        mnn.PatchEmbed(30, 8, 3, 16)
+    embed = mnn.PatchEmbed(32, 8, 3, 16)
+    with pytest.raises(ValueError, match="must be 32x32"):
+        embed(torch.randn(1, 3, 40, 32))
+    with pytest.raises(ValueError, match=r"\[batch, 3, height, width\]"):
+        embed(torch.randn(1, 1, 32, 32))
+    assert mnn.PatchEmbed(None, 8, 3, 16)(torch.randn(1, 3, 40, 24)).shape == (1, 15, 16)
+
+
+def test_nn_patch_embed_loads_timm_weights_and_matches(device):
+    torch.manual_seed(0)
+    theirs = TimmPatchEmbed(img_size=32, patch_size=8, in_chans=3, embed_dim=16,
+                            norm_layer=torch.nn.LayerNorm).to(device)
+    ours = mnn.PatchEmbed(32, 8, 3, 16, norm_layer=torch.nn.LayerNorm).to(device)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    ours.load_state_dict(theirs.state_dict())
+    images = torch.randn(2, 3, 32, 32, device=device)
+    with mimkernels.use_backend("triton"):
+        torch.testing.assert_close(ours(images), theirs(images), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- Hugging Face ViTMAE
+
+
+def _hf_config(**kwargs):
+    transformers = pytest.importorskip("transformers", reason="transformers is pinned in the requirements files")
+    config = dict(image_size=32, patch_size=8, num_channels=3, hidden_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, intermediate_size=128, decoder_hidden_size=32, decoder_num_hidden_layers=1,
+                  decoder_num_attention_heads=2, decoder_intermediate_size=64, mask_ratio=0.75, norm_pix_loss=True,
+                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return transformers, transformers.ViTMAEConfig(**{**config, **kwargs})
+
+
+def _vit_mae(model_class="ViTMAEForPreTraining", **kwargs):
+    transformers, config = _hf_config(**kwargs)
+    torch.manual_seed(0)
+    return getattr(transformers, model_class)(config)
+
+
+@pytest.mark.parametrize("norm_pix_loss", [True, False])
+def test_patched_vit_mae_matches_the_original(norm_pix_loss, device):
+    images, noise = torch.randn(2, 3, 32, 32, device=device), torch.rand(2, 16, device=device)
+    original = _vit_mae(norm_pix_loss=norm_pix_loss).to(device)
+    patched = integrations.apply(_vit_mae(norm_pix_loss=norm_pix_loss).to(device))
+    assert integrations.patched_modules(patched) == [
+        "", "vit.embeddings", "vit.layers.0.attention", "vit.layers.1.attention", "decoder",
+        "decoder.decoder_layers.0.attention"]
+    with mimkernels.use_backend("triton"):
+        got = patched(images, noise=noise)
+        got.loss.backward()
+    want = original(images, noise=noise)
+    want.loss.backward()
+    assert torch.equal(got.mask, want.mask) and torch.equal(got.ids_restore, want.ids_restore)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
+    grads = {name: p.grad for name, p in patched.named_parameters() if p.grad is not None}
+    want_grads = {name: p.grad for name, p in original.named_parameters() if p.grad is not None}
+    assert grads.keys() == want_grads.keys() and len(grads) > 20
+    for name in grads:
+        torch.testing.assert_close(grads[name], want_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_patched_vit_mae_draws_the_same_masks_without_noise():
+    images = torch.randn(2, 3, 32, 32)
+    original, patched = _vit_mae(), integrations.apply(_vit_mae())
+    torch.manual_seed(7)
+    want = original(images)
+    torch.manual_seed(7)
+    with mimkernels.use_backend("triton"):
+        got = patched(images)
+    assert torch.equal(got.ids_restore, want.ids_restore)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-4, atol=1e-6)
+
+
+def test_patched_vit_mae_model_state_dict_and_fallbacks():
+    model = _vit_mae("ViTMAEModel")
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    integrations.apply(model)
+    assert model.state_dict().keys() == state.keys()
+    assert integrations.patched_modules(model)[0] == "embeddings"
+    images = torch.randn(2, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"doesn't match model \(32\*32\)"):
+        model(torch.randn(2, 3, 48, 48))
+    with mimkernels.use_backend("triton"):
+        bigger = model(torch.randn(1, 3, 48, 48), interpolate_pos_encoding=True)  # the original code path
+        assert bigger.last_hidden_state.shape == (1, 1 + 9, 64)
+        model(images, output_attentions=True)  # weights asked for: the original attention
+    integrations.unapply(model)
+    assert integrations.patched_modules(model) == []
+    with pytest.warns(UserWarning, match="attention keeps its original code"):
+        integrations.apply(_vit_mae("ViTMAEModel", hidden_size=60, num_attention_heads=5))
+
+
+def test_mimkernels_as_a_transformers_attention_implementation(device):
+    name = integrations.register_hf_attention()
+    images, noise = torch.randn(2, 3, 32, 32, device=device), torch.rand(2, 16, device=device)
+    reference_model = _vit_mae("ViTMAEModel").to(device)
+    model = _vit_mae("ViTMAEModel").to(device)
+    model.set_attn_implementation(name)
+    assert model.config._attn_implementation == "mimkernels"
+    calls = []
+    with mimkernels.use_backend("triton"):
+        original_attention = mimkernels.attention
+        try:
+            mimkernels.attention = lambda *args, **kwargs: calls.append(1) or original_attention(*args, **kwargs)
+            got = model(images, noise=noise).last_hidden_state
+        finally:
+            mimkernels.attention = original_attention
+    assert len(calls) == 2  # one per layer
+    want = reference_model(images, noise=noise).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
