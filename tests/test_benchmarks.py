@@ -109,6 +109,24 @@ def test_models_harness_times_compiled_providers(tmp_path):
     assert {r.provider for r in rows} == {"mimkernels", "timm_sdpa", "mimkernels_compiled", "timm_sdpa_compiled"}
 
 
+def test_integrations_harness_runs_end_to_end(tmp_path):
+    """Tiny timm ViT and HF ViTMAE, patched and not, eager and compiled (aot_eager), on the CPU."""
+    from benchmarks import bench_integrations
+
+    csv_path = tmp_path / "integrations.csv"
+    rows = bench_integrations.run(["timm_vit_b16", "hf_vit_mae_base"], torch.float32, True, common.Peaks(1.0, 1.0),
+                                  str(csv_path), device="cpu", compile_backend="aot_eager", tiny=True)
+    providers = {"unpatched", "mimkernels", "unpatched_compiled", "mimkernels_compiled"}
+    assert {(r.kernel, r.provider) for r in rows} == {(f"{name}_train_step", provider) for provider in providers
+                                                     for name in ("timm_vit_b16", "hf_vit_mae_base")}
+    summary = (tmp_path / "integrations_summary.csv").read_text().splitlines()
+    assert summary[0].startswith("shape,provider,images_per_s,peak_gib,speedup") and len(summary) == 1 + 8
+    lines = bench_integrations.target_lines([{"shape": "m:B2", "provider": "mimkernels", "speedup": 0.9},
+                                             {"shape": "m:B2", "provider": "mimkernels_compiled", "speedup": 1.2}])
+    assert lines == ["target m:B2 mimkernels: 0.90x the unpatched model (missed)",
+                     "target m:B2 mimkernels_compiled: 1.20x the unpatched model (met)"]
+
+
 def test_sanitizer_cases_run(device, monkeypatch):
     """The program gpu_check.sh runs under compute-sanitizer: every case runs (here on small CPU tensors)."""
     from benchmarks import sanitizer_cases
