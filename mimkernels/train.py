@@ -287,9 +287,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--img-size", type=int, help="default: the config's")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                         help="auto: bf16 autocast on a GPU, fp32 on a CPU")
-    parser.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
-                        help="run the model's forward under torch.compile(fullgraph=True) with BACKEND (default "
-                             "inductor); off unless given")
+    parser.add_argument("--compile", nargs="?", const="inductor", default="auto", metavar="BACKEND",
+                        help="run the model's forward under torch.compile(fullgraph=True) with BACKEND (inductor if "
+                             "none is named). Default: inductor on a GPU, where a compile error falls back to "
+                             "eager with a warning; off on a CPU. A backend named here never falls back")
+    parser.add_argument("--no-compile", dest="compile", action="store_const", const=None,
+                        help="run eagerly")
     parser.add_argument("--backend", choices=mimkernels._backend.BACKENDS + tuple(mimkernels._backend.RENAMED),
                         help="mimkernels backend (default: MIMKERNELS_BACKEND or auto)")
     parser.add_argument("--out", default="runs/train", help="folder for checkpoint.pt and the PNGs")
@@ -397,8 +400,10 @@ def train(args, rank: int = 0, world: int = 1, device: torch.device | None = Non
     if world > 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=None if device.index is None
                                                             else [device.index])
-    if args.compile:
-        wrapped = torch.compile(wrapped, fullgraph=True, backend=args.compile)
+    eager = wrapped
+    compile_backend = default_compile_backend(device) if args.compile == "auto" else args.compile
+    if compile_backend:
+        wrapped = torch.compile(wrapped, fullgraph=True, backend=compile_backend)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     progress = Progress(f"{args.model} {args.config}", args.steps, enabled=rank == 0 and not args.quiet)
     meter = Meter(device, global_batch)
@@ -413,10 +418,15 @@ def train(args, rank: int = 0, world: int = 1, device: torch.device | None = Non
                 lr = lr_at(step, args.steps, warmup, peak_lr, args.min_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    loss = (wrapped(imgs) if args.model == "aim" else wrapped(imgs, args.mask_ratio))[0]
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                try:
+                    loss = forward_backward(wrapped, imgs, args, optimizer, device, bf16)
+                except torch._dynamo.exc.TorchDynamoException as error:
+                    if wrapped is eager or args.compile != "auto" or step > start:
+                        raise
+                    print(f"warning: torch.compile failed ({type(error).__name__}: {str(error).splitlines()[0]}); "
+                          "training eagerly (--no-compile skips compiling)", file=sys.stderr)
+                    wrapped = eager
+                    loss = forward_backward(wrapped, imgs, args, optimizer, device, bf16)
                 if args.clip_grad:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
                 optimizer.step()
@@ -433,6 +443,21 @@ def train(args, rank: int = 0, world: int = 1, device: torch.device | None = Non
     return Summary(args.model, args.config, args.steps - start, meter.losses[0], meter.losses[-1],
                    float(np.median(meter.rates)), checkpoint_path if rank == 0 else None,
                    out / "reconstruction.png" if rank == 0 else None)
+
+
+def default_compile_backend(device: torch.device) -> str | None:
+    """What ``--compile`` defaults to: Inductor on a GPU; nothing on a CPU (the Triton kernels run interpreted there,
+    and Inductor would need a C++ toolchain for the rest)."""
+    return "inductor" if device.type == "cuda" else None
+
+
+def forward_backward(model, imgs, args, optimizer, device, bf16: bool) -> torch.Tensor:
+    """The loss of one batch, with its gradients in the parameters (cleared first); returns the loss."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = (model(imgs) if args.model == "aim" else model(imgs, args.mask_ratio))[0]
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    return loss
 
 
 def save_checkpoint(model, optimizer, args, step, rank, path: Path, viz) -> None:

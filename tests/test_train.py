@@ -74,6 +74,37 @@ def test_the_cli_compiles_the_model(tmp_path, capsys):
     assert code == 0 and math.isfinite(float(stdout.split("-> ")[1].split(",")[0]))
 
 
+def test_compile_defaults_to_the_gpu_and_no_compile_turns_it_off():
+    assert train.parse_args(["mae"]).compile == "auto" and train.parse_args(["mae", "--no-compile"]).compile is None
+    assert train.parse_args(["mae", "--compile"]).compile == "inductor"
+    assert train.default_compile_backend(torch.device("cpu")) is None
+    assert train.default_compile_backend(torch.device("cuda")) == "inductor"
+
+
+class CompileFailed(torch._dynamo.exc.TorchDynamoException):
+    """Stands for Dynamo's and Inductor's errors (their constructors differ across torch releases)."""
+
+
+def _failing_compile(*args, **kwargs):
+    def compiled(*inputs, **kw):
+        raise CompileFailed("no luck")
+    return compiled
+
+
+def test_a_default_compile_that_fails_falls_back_to_eager_with_a_warning(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train, "default_compile_backend", lambda device: "aot_eager")
+    monkeypatch.setattr(torch, "compile", _failing_compile)
+    code, stdout, stderr = run_cli(capsys, "mae", "--steps", 2, "--out", tmp_path, "--quiet", *TINY)
+    assert code == 0 and "warning: torch.compile failed (CompileFailed: no luck)" in stderr
+    assert math.isfinite(float(stdout.split("-> ")[1].split(",")[0]))
+
+
+def test_a_named_compile_backend_that_fails_raises(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch, "compile", _failing_compile)
+    with pytest.raises(CompileFailed):
+        run_cli(capsys, "mae", "--steps", 1, "--compile", "aot_eager", "--out", tmp_path, "--quiet", *TINY)
+
+
 @pytest.mark.parametrize("setup, argv, message", [
     (lambda p: (p / "empty").mkdir(), ["--data", "{p}/empty"], "no images found"),
     (lambda p: None, ["--data", "{p}/missing"], "no such folder"),
