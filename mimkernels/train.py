@@ -3,8 +3,9 @@
 One process, or many through ``torchrun --nproc-per-node K -m mimkernels.train ...`` (DistributedDataParallel:
 NCCL on GPUs, gloo on CPUs; a DistributedSampler splits the data; only rank 0 writes files). AdamW with
 linear warmup and cosine decay (both papers' schedule), bf16 autocast on a GPU. Writes ``checkpoint.pt``
-(atomically: a crash never leaves a half-written file) every ``--save-every`` steps and at the end, and a
-reconstruction PNG beside it; ``--resume`` continues from the checkpoint.
+(atomically: a crash never leaves a half-written file) every ``--save-every`` steps and at the end, a
+reconstruction PNG and ``loss.png`` beside it, and ``metrics.jsonl`` at every logging step; ``--resume``
+continues from the checkpoint exactly as an uninterrupted run would (data order, crops, masks and optimizer).
 
 ``--data builtin`` trains on the photos that ship inside scikit-image (offline); a folder PATH is searched
 recursively for images, read with Pillow. Either way each sample is a random resized crop (+ flip).
@@ -15,6 +16,7 @@ import argparse
 import contextlib
 import importlib.util
 import itertools
+import json
 import math
 import os
 import sys
@@ -95,29 +97,29 @@ def check_headers(files: list[Path]) -> None:
             raise UsageError(f"cannot read image {path}: {error}") from None
 
 
-def random_resized_crop(image, size: int, scale: tuple[float, float], ratio=(3 / 4, 4 / 3)):
+def random_resized_crop(image, size: int, scale: tuple[float, float], ratio=(3 / 4, 4 / 3), generator=None):
     """A random crop of ``scale`` of the area and ``ratio`` aspect, resized to ``size``^2 (bicubic), flipped
-    half the time. Random numbers come from torch's generator (seeded per rank and per loader worker)."""
+    half the time. Random numbers come from ``generator`` (torch's default one if None)."""
     from PIL import Image
 
     width, height = image.size
     area = width * height
     box = None
     for _ in range(10):
-        target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(()).item())
+        target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand((), generator=generator).item())
         log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-        aspect = math.exp(log_lo + (log_hi - log_lo) * torch.rand(()).item())
+        aspect = math.exp(log_lo + (log_hi - log_lo) * torch.rand((), generator=generator).item())
         w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
-            left = torch.randint(0, width - w + 1, ()).item()
-            top = torch.randint(0, height - h + 1, ()).item()
+            left = torch.randint(0, width - w + 1, (), generator=generator).item()
+            top = torch.randint(0, height - h + 1, (), generator=generator).item()
             box = (left, top, left + w, top + h)
             break
     if box is None:  # fall back to the largest centred crop
         side = min(width, height)
         box = ((width - side) // 2, (height - side) // 2, (width + side) // 2, (height + side) // 2)
     crop = image.resize((size, size), Image.BICUBIC, box=box)
-    return crop.transpose(Image.FLIP_LEFT_RIGHT) if torch.rand(()).item() < 0.5 else crop
+    return crop.transpose(Image.FLIP_LEFT_RIGHT) if torch.rand((), generator=generator).item() < 0.5 else crop
 
 
 def to_tensor(image) -> torch.Tensor:
@@ -125,13 +127,27 @@ def to_tensor(image) -> torch.Tensor:
     return (pixels - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
 
 
+def step_seed(seed: int, *parts: int) -> int:
+    """A 63-bit seed for one (seed, part, ...) tuple: randomness that depends on where a run is, not on how it
+    got there (so that a resumed run draws what an uninterrupted one would)."""
+    for part in parts:
+        seed = (seed * 1_000_003 + part + 1) % (1 << 63)
+    return seed
+
+
 class CropDataset(torch.utils.data.Dataset):
     """Random resized crops of a list of images; ``length`` may exceed the number of files (each visit
-    draws a new crop), so that a few photos still fill an epoch of several batches."""
+    draws a new crop), so that a few photos still fill an epoch of several batches. The crop of sample
+    ``index`` in epoch ``epoch`` (``set_epoch``) depends only on (seed, epoch, index): the same in any worker,
+    on any rank, and after a resume."""
 
-    def __init__(self, files: list[Path], size: int, scale: tuple[float, float], length: int):
-        self.files, self.size, self.scale, self.length = files, size, scale, length
+    def __init__(self, files: list[Path], size: int, scale: tuple[float, float], length: int, seed: int = 0):
+        self.files, self.size, self.scale, self.length, self.seed = files, size, scale, length, seed
+        self.epoch = 0
         self.cache = {} if len(files) <= 256 else None  # small sets stay decoded in memory
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self):
         return self.length
@@ -142,7 +158,25 @@ class CropDataset(torch.utils.data.Dataset):
             image = open_rgb(path)
         else:
             image = self.cache.get(path) or self.cache.setdefault(path, open_rgb(path))
-        return to_tensor(random_resized_crop(image, self.size, self.scale))
+        generator = torch.Generator().manual_seed(step_seed(self.seed, self.epoch, index))
+        return to_tensor(random_resized_crop(image, self.size, self.scale, generator=generator))
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """A DistributedSampler that starts its next epoch ``skip`` samples in: where a resumed run left off."""
+
+    def __init__(self, sampler: torch.utils.data.DistributedSampler, skip: int = 0):
+        self.sampler, self.skip = sampler, skip
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        skip, self.skip = self.skip, 0
+        return itertools.islice(iter(self.sampler), skip, None)
+
+    def __len__(self):
+        return len(self.sampler)
 
 
 def denormalize(imgs: torch.Tensor) -> torch.Tensor:
@@ -214,11 +248,15 @@ class Summary:
     images_per_s: float
     checkpoint: Path | None
     reconstruction: Path | None
+    metrics: Path | None = None
+    loss_plot: Path | None = None
 
     def lines(self) -> list[str]:
-        return [f"{self.model} {self.config}: {self.steps} steps, loss {self.first_loss:.4f} -> {self.last_loss:.4f}, "
-                f"{self.images_per_s:,.1f} images/s",
-                f"  checkpoint      {self.checkpoint}", f"  reconstruction  {self.reconstruction}"]
+        lines = [f"{self.model} {self.config}: {self.steps} steps, loss {self.first_loss:.4f} -> "
+                 f"{self.last_loss:.4f}, {self.images_per_s:,.1f} images/s",
+                 f"  checkpoint      {self.checkpoint}", f"  reconstruction  {self.reconstruction}"]
+        lines += [f"  metrics         {self.metrics}"] if self.metrics else []
+        return lines + ([f"  loss curve      {self.loss_plot}"] if self.loss_plot else [])
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float, min_lr: float) -> float:
@@ -328,6 +366,59 @@ def build_model(args) -> torch.nn.Module:
         raise UsageError(f"{args.config}: {error}") from None
 
 
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per logging step (step, loss, lr, images/s, grad norm, peak memory,
+    seconds since this process started training). A resumed run keeps the lines up to its checkpoint's step."""
+
+    def __init__(self, path: Path, start: int, enabled: bool):
+        self.path, self.enabled, self.started = path, enabled, time.perf_counter()
+        if not enabled:
+            return
+        kept = []
+        if start and path.is_file():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, **values) -> None:
+        if self.enabled:
+            values["elapsed_s"] = round(time.perf_counter() - self.started, 3)
+            with open(self.path, "a") as file:
+                file.write(json.dumps(values) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def plot_metrics(metrics_path: Path, png_path: Path) -> bool:
+    """``loss.png``: the loss (log scale) and the learning rate over the steps; False where matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    if not rows:
+        return False
+    steps = [row["step"] for row in rows]
+    figure, loss_axis = plt.subplots(figsize=(7, 4))
+    loss_axis.plot(steps, [row["loss"] for row in rows], color="tab:blue")
+    loss_axis.set(xlabel="step", ylabel="loss", yscale="log")
+    lr_axis = loss_axis.twinx()
+    lr_axis.plot(steps, [row["lr"] for row in rows], color="tab:orange", alpha=0.6)
+    lr_axis.set_ylabel("learning rate", color="tab:orange")
+    figure.tight_layout()
+    save_atomically(lambda file: figure.savefig(file, format="png", dpi=100), png_path)
+    plt.close(figure)
+    return True
+
+
 class Meter:
     """Mean loss and images/s over the steps since the last report (reading the loss waits for the device,
     so it happens only at report time)."""
@@ -388,14 +479,16 @@ def train(args, rank: int = 0, world: int = 1, device: torch.device | None = Non
     start = resume(args, model, optimizer, checkpoint_path, device) if args.resume else 0
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed + 1000 * rank + start)  # data, masks and prefixes differ across ranks
 
     dataset = CropDataset(files, model.patch_embed.img_size[0], defaults["crop_scale"],
-                          length=max(len(files), 8 * global_batch))
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
-                                                  seed=args.seed, drop_last=True)
+                          length=max(len(files), 8 * global_batch), seed=args.seed)
+    order = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                                seed=args.seed, drop_last=True)
+    steps_per_epoch = len(order) // args.batch_size
+    sampler = ResumableSampler(order, skip=start % steps_per_epoch * args.batch_size)  # exact resume
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                                          num_workers=args.workers, pin_memory=device.type == "cuda")
+    metrics = MetricsLog(out / "metrics.jsonl", start, enabled=rank == 0)
     wrapped = model
     if world > 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=None if device.index is None
@@ -407,12 +500,14 @@ def train(args, rank: int = 0, world: int = 1, device: torch.device | None = Non
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     progress = Progress(f"{args.model} {args.config}", args.steps, enabled=rank == 0 and not args.quiet)
     meter = Meter(device, global_batch)
-    viz, step, epoch = None, start, start // len(loader)
+    viz, step, epoch = None, start, start // steps_per_epoch
     with mimkernels.use_backend(args.backend) if args.backend else contextlib.nullcontext():
         model.train()
         while step < args.steps:
             sampler.set_epoch(epoch)
+            dataset.set_epoch(epoch)
             for imgs in itertools.islice(loader, args.steps - step):
+                torch.manual_seed(step_seed(args.seed, rank, step))  # masks and prefixes: a function of the step
                 imgs = imgs.to(device, non_blocking=True)
                 viz = imgs[:4].clone() if viz is None else viz
                 lr = lr_at(step, args.steps, warmup, peak_lr, args.min_lr)
@@ -427,22 +522,34 @@ def train(args, rank: int = 0, world: int = 1, device: torch.device | None = Non
                           "training eagerly (--no-compile skips compiling)", file=sys.stderr)
                     wrapped = eager
                     loss = forward_backward(wrapped, imgs, args, optimizer, device, bf16)
+                logging = (step + 1) % args.log_every == 0 or step + 1 == args.steps
+                grad_norm = None
                 if args.clip_grad:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+                elif logging:
+                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()
+                                                               if p.grad is not None])
                 optimizer.step()
                 step += 1
                 meter.add(loss)
-                if step % args.log_every == 0 or step == args.steps:
-                    progress.update(step, *meter.report(final=step == args.steps), lr)
+                if logging:
+                    mean_loss, images_per_s = meter.report(final=step == args.steps)
+                    progress.update(step, mean_loss, images_per_s, lr)
+                    metrics.write(step=step, loss=mean_loss, lr=lr, images_per_s=images_per_s,
+                                  grad_norm=float(grad_norm), peak_memory_gib=peak_memory_gib(device))
                 if (args.save_every and step % args.save_every == 0) or step == args.steps:
                     save_checkpoint(model, optimizer, args, step, rank, checkpoint_path, viz)
+                    if rank == 0:
+                        plot_metrics(metrics.path, out / "loss.png")
             epoch += 1
     progress.close()
     if world > 1 and not replicas_in_sync(model):
         raise RuntimeError("parameters differ across ranks after training")
+    loss_plot = out / "loss.png"
     return Summary(args.model, args.config, args.steps - start, meter.losses[0], meter.losses[-1],
                    float(np.median(meter.rates)), checkpoint_path if rank == 0 else None,
-                   out / "reconstruction.png" if rank == 0 else None)
+                   out / "reconstruction.png" if rank == 0 else None, metrics.path if rank == 0 else None,
+                   loss_plot if rank == 0 and loss_plot.is_file() else None)
 
 
 def default_compile_backend(device: torch.device) -> str | None:

@@ -298,3 +298,33 @@ def test_mimkernels_as_a_transformers_attention_implementation(device):
     assert len(calls) == 2  # one per layer
     want = reference_model(images, noise=noise).last_hidden_state
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- on a GPU, bf16, ViT-B sizes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["timm_vit_b16", "hf_vit_mae_base"])
+def test_patched_models_match_on_gpu_in_bf16(name):
+    """The benchmark's models at full size: patched and unpatched losses and gradients agree under bf16 autocast."""
+    from benchmarks import bench_integrations
+
+    images = torch.randn(8, 3, 224, 224, device="cuda")
+    labels, noise = torch.randint(0, 1000, (8,), device="cuda"), torch.rand(8, 196, device="cuda")
+    results = []
+    for patch in (False, True):
+        model = bench_integrations.build(name).cuda()
+        if patch:
+            integrations.apply(model)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = bench_integrations.loss_fn(name, model, images, labels, noise)()
+        loss.backward()
+        results.append((loss.float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss, grads), (want_loss, want_grads) = results[1], results[0]
+    torch.testing.assert_close(loss, want_loss, rtol=2e-2, atol=1e-3)
+    for key in want_grads:  # bf16 end to end: compare each gradient's direction and size, not element-wise
+        got, want = grads[key].flatten(), want_grads[key].flatten()
+        if want.norm() < 1e-8:
+            continue
+        assert torch.nn.functional.cosine_similarity(got, want, dim=0) > 0.95, key
+        assert abs(got.norm() / want.norm() - 1) < 0.1, key

@@ -51,6 +51,68 @@ def test_mae_run_checkpoint_png_and_resume(tmp_path, capsys):
     assert not torch.equal(resumed["model"]["blocks.0.attn.qkv.weight"], state["model"]["blocks.0.attn.qkv.weight"])
 
 
+class Interrupted(Exception):
+    """Stands for a run killed right after a checkpoint."""
+
+
+@pytest.mark.parametrize("model", ["mae", "aim"])
+def test_resume_continues_exactly(tmp_path, capsys, monkeypatch, model):
+    """A run stopped at step 3 of 7 and resumed logs the same losses, learning rates and gradient norms as an
+    uninterrupted one: the data order and position, the crops, the masks / prefixes and AdamW all continue."""
+    argv = [model, "--steps", 7, "--save-every", 3, *TINY]
+    assert run_cli(capsys, *argv, "--out", tmp_path / "whole")[0] == 0
+
+    save = train.save_checkpoint
+
+    def save_then_die(model_, optimizer, args, step, *rest):
+        save(model_, optimizer, args, step, *rest)
+        if step == 3:
+            raise Interrupted
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(Interrupted):
+        run_cli(capsys, *argv, "--out", tmp_path / "parts")
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    assert run_cli(capsys, *argv, "--out", tmp_path / "parts", "--resume")[0] == 0
+
+    whole, parts = (train.read_metrics(tmp_path / run / "metrics.jsonl") for run in ("whole", "parts"))
+    assert [row["step"] for row in parts] == [row["step"] for row in whole] == list(range(1, 8))
+    for key in ("loss", "lr", "grad_norm"):
+        assert [row[key] for row in parts] == [row[key] for row in whole], key
+
+
+def test_metrics_log_and_loss_plot(tmp_path, capsys):
+    code, stdout, _ = run_cli(capsys, "aim", "--steps", 4, "--out", tmp_path, "--batch-size", 4, "--log-every", 2)
+    rows = train.read_metrics(tmp_path / "metrics.jsonl")
+    assert code == 0 and [row["step"] for row in rows] == [2, 4]
+    assert set(rows[0]) == {"step", "loss", "lr", "images_per_s", "grad_norm", "peak_memory_gib", "elapsed_s"}
+    assert all(math.isfinite(row[key]) and row[key] > 0 for row in rows for key in ("loss", "lr", "grad_norm"))
+    assert rows[0]["peak_memory_gib"] is None  # the CPU has no peak to report
+    with Image.open(tmp_path / "loss.png") as png:
+        assert png.size == (700, 400)
+    assert f"metrics         {tmp_path / 'metrics.jsonl'}" in stdout
+    assert f"loss curve      {tmp_path / 'loss.png'}" in stdout
+
+
+def test_crops_depend_only_on_seed_epoch_and_index():
+    files = train.builtin_photos()[:2]
+    dataset = train.CropDataset(files, 32, (0.2, 1.0), length=6, seed=5)
+    first = [dataset[i] for i in range(6)]
+    assert torch.equal(dataset[3], first[3]) and not torch.equal(first[1], first[3])  # same index, same crop
+    dataset.set_epoch(1)
+    assert not torch.equal(dataset[3], first[3])  # a new epoch draws new crops
+    other = train.CropDataset(files, 32, (0.2, 1.0), length=6, seed=5)
+    other.set_epoch(1)
+    assert torch.equal(other[3], dataset[3])  # in any process
+
+
+def test_resumable_sampler_skips_once():
+    order = torch.utils.data.DistributedSampler(range(8), num_replicas=1, rank=0, shuffle=True, seed=0)
+    sampler = train.ResumableSampler(order, skip=3)
+    full = list(order)
+    assert list(sampler) == full[3:] and list(sampler) == full  # the skip applies to the next epoch only
+
+
 def test_aim_on_a_folder_of_images(tmp_path, capsys):
     write_images(tmp_path / "photos")
     code, stdout, _ = run_cli(capsys, "aim", "--data", tmp_path / "photos", "--steps", 2, "--out", tmp_path / "aim",
