@@ -277,23 +277,22 @@ def param_groups(model, weight_decay: float):
 
 
 class Progress:
-    """One line per log step: a bar that redraws in place on a terminal, plain lines otherwise."""
+    """tqdm's bar on rank 0 (loss, images/s, lr as its postfix), updated at each logging step; nothing elsewhere."""
 
-    def __init__(self, label: str, total: int, enabled: bool):
-        self.label, self.total, self.enabled = label, total, enabled
-        self.tty = sys.stdout.isatty()
+    def __init__(self, label: str, total: int, start: int, enabled: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=start, desc=label, unit="step", disable=not enabled,
+                        dynamic_ncols=True, file=sys.stdout)
+        self.step = start
 
     def update(self, step: int, loss: float, images_per_s: float, lr: float) -> None:
-        if not self.enabled:
-            return
-        filled = 24 * step // self.total
-        line = (f"{self.label} [{'#' * filled}{'.' * (24 - filled)}] {step}/{self.total} loss {loss:.4f} "
-                f"{images_per_s:,.1f} img/s lr {lr:.2e}")
-        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", flush=True)
+        self.bar.set_postfix_str(f"loss {loss:.4f}, {images_per_s:,.1f} img/s, lr {lr:.2e}", refresh=False)
+        self.bar.update(step - self.step)
+        self.step = step
 
     def close(self) -> None:
-        if self.enabled and self.tty:
-            print()
+        self.bar.close()
 
 
 def replicas_in_sync(model) -> bool:
@@ -498,7 +497,7 @@ def train(args, rank: int = 0, world: int = 1, device: torch.device | None = Non
     if compile_backend:
         wrapped = torch.compile(wrapped, fullgraph=True, backend=compile_backend)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    progress = Progress(f"{args.model} {args.config}", args.steps, enabled=rank == 0 and not args.quiet)
+    progress = Progress(f"{args.model} {args.config}", args.steps, start, enabled=rank == 0 and not args.quiet)
     meter = Meter(device, global_batch)
     viz, step, epoch = None, start, start // steps_per_epoch
     with mimkernels.use_backend(args.backend) if args.backend else contextlib.nullcontext():

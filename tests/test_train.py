@@ -94,6 +94,14 @@ def test_metrics_log_and_loss_plot(tmp_path, capsys):
     assert f"loss curve      {tmp_path / 'loss.png'}" in stdout
 
 
+def test_progress_is_tqdm_and_quiet_silences_it(tmp_path, capsys):
+    code, stdout, _ = run_cli(capsys, "aim", "--steps", 2, "--batch-size", 4, "--log-every", 1, "--out", tmp_path)
+    assert code == 0 and "2/2 [" in stdout and "img/s, lr" in stdout  # tqdm's bar, our postfix
+    code, stdout, _ = run_cli(capsys, "aim", "--steps", 3, "--batch-size", 4, "--out", tmp_path, "--resume",
+                              "--quiet")
+    assert code == 0 and "3/3 [" not in stdout and "aim aim_tiny: 1 steps" in stdout
+
+
 def test_crops_depend_only_on_seed_epoch_and_index():
     files = train.builtin_photos()[:2]
     dataset = train.CropDataset(files, 32, (0.2, 1.0), length=6, seed=5)
