@@ -8,7 +8,8 @@ reconstruction PNG and ``loss.png`` beside it, and ``metrics.jsonl`` at every lo
 continues from the checkpoint exactly as an uninterrupted run would (data order, crops, masks and optimizer).
 
 ``--data builtin`` trains on the photos that ship inside scikit-image (offline); a folder PATH is searched
-recursively for images, read with Pillow. Either way each sample is a random resized crop (+ flip).
+recursively for images (flat folders and ImageNet's ``train/<class>/*.JPEG`` alike), read with Pillow. Either
+way each sample goes through torchvision's RandomResizedCrop + flip + normalisation, as MAE's and AIM's.
 """
 from __future__ import annotations
 
@@ -97,34 +98,14 @@ def check_headers(files: list[Path]) -> None:
             raise UsageError(f"cannot read image {path}: {error}") from None
 
 
-def random_resized_crop(image, size: int, scale: tuple[float, float], ratio=(3 / 4, 4 / 3), generator=None):
-    """A random crop of ``scale`` of the area and ``ratio`` aspect, resized to ``size``^2 (bicubic), flipped
-    half the time. Random numbers come from ``generator`` (torch's default one if None)."""
-    from PIL import Image
+def augmentation(size: int, scale: tuple[float, float]):
+    """MAE's and AIM's training transform in torchvision: RandomResizedCrop (bicubic, the given area scale),
+    horizontal flip, ImageNet normalisation. Draws from torch's global generator."""
+    from torchvision import transforms
 
-    width, height = image.size
-    area = width * height
-    box = None
-    for _ in range(10):
-        target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand((), generator=generator).item())
-        log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-        aspect = math.exp(log_lo + (log_hi - log_lo) * torch.rand((), generator=generator).item())
-        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            left = torch.randint(0, width - w + 1, (), generator=generator).item()
-            top = torch.randint(0, height - h + 1, (), generator=generator).item()
-            box = (left, top, left + w, top + h)
-            break
-    if box is None:  # fall back to the largest centred crop
-        side = min(width, height)
-        box = ((width - side) // 2, (height - side) // 2, (width + side) // 2, (height + side) // 2)
-    crop = image.resize((size, size), Image.BICUBIC, box=box)
-    return crop.transpose(Image.FLIP_LEFT_RIGHT) if torch.rand((), generator=generator).item() < 0.5 else crop
-
-
-def to_tensor(image) -> torch.Tensor:
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return (pixels - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    return transforms.Compose([
+        transforms.RandomResizedCrop(size, scale=scale, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
 
 
 def step_seed(seed: int, *parts: int) -> int:
@@ -137,43 +118,45 @@ def step_seed(seed: int, *parts: int) -> int:
 
 class CropDataset(torch.utils.data.Dataset):
     """Random resized crops of a list of images; ``length`` may exceed the number of files (each visit
-    draws a new crop), so that a few photos still fill an epoch of several batches. The crop of sample
-    ``index`` in epoch ``epoch`` (``set_epoch``) depends only on (seed, epoch, index): the same in any worker,
-    on any rank, and after a resume."""
+    draws a new crop), so that a few photos still fill an epoch of several batches. Keys past ``length`` are
+    later visits (``ResumableSampler`` hands out ``epoch * length + index``): the crop of a key depends only on
+    (seed, key), the same in any worker (persistent ones too), on any rank, and after a resume."""
 
     def __init__(self, files: list[Path], size: int, scale: tuple[float, float], length: int, seed: int = 0):
-        self.files, self.size, self.scale, self.length, self.seed = files, size, scale, length, seed
-        self.epoch = 0
+        self.files, self.length, self.seed = files, length, seed
+        self.transform = augmentation(size, scale)
         self.cache = {} if len(files) <= 256 else None  # small sets stay decoded in memory
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self):
         return self.length
 
-    def __getitem__(self, index):
-        path = self.files[index % len(self.files)]
+    def __getitem__(self, key):
+        path = self.files[key % self.length % len(self.files)]
         if self.cache is None:
             image = open_rgb(path)
         else:
             image = self.cache.get(path) or self.cache.setdefault(path, open_rgb(path))
-        generator = torch.Generator().manual_seed(step_seed(self.seed, self.epoch, index))
-        return to_tensor(random_resized_crop(image, self.size, self.scale, generator=generator))
+        # the transform draws from the global generator of this process (a loader worker, or the main process,
+        # which reseeds per step before drawing masks): seeding it here makes the crop a function of the sample
+        torch.manual_seed(step_seed(self.seed, key))
+        return self.transform(image)
 
 
 class ResumableSampler(torch.utils.data.Sampler):
-    """A DistributedSampler that starts its next epoch ``skip`` samples in: where a resumed run left off."""
+    """A DistributedSampler's indices as keys ``epoch * period + index`` (which visit of a sample this is), that
+    starts its next epoch ``skip`` samples in: where a resumed run left off."""
 
-    def __init__(self, sampler: torch.utils.data.DistributedSampler, skip: int = 0):
-        self.sampler, self.skip = sampler, skip
+    def __init__(self, sampler: torch.utils.data.DistributedSampler, period: int, skip: int = 0):
+        self.sampler, self.period, self.skip, self.epoch = sampler, period, skip, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
+        self.epoch = epoch
 
     def __iter__(self):
         skip, self.skip = self.skip, 0
-        return itertools.islice(iter(self.sampler), skip, None)
+        offset = self.epoch * self.period
+        return (offset + index for index in itertools.islice(iter(self.sampler), skip, None))
 
     def __len__(self):
         return len(self.sampler)
@@ -484,9 +467,10 @@ def train(args, rank: int = 0, world: int = 1, device: torch.device | None = Non
     order = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
                                                 seed=args.seed, drop_last=True)
     steps_per_epoch = len(order) // args.batch_size
-    sampler = ResumableSampler(order, skip=start % steps_per_epoch * args.batch_size)  # exact resume
+    sampler = ResumableSampler(order, len(dataset), skip=start % steps_per_epoch * args.batch_size)  # exact resume
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda")
+                                         num_workers=args.workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=args.workers > 0)
     metrics = MetricsLog(out / "metrics.jsonl", start, enabled=rank == 0)
     wrapped = model
     if world > 1:
@@ -504,7 +488,6 @@ def train(args, rank: int = 0, world: int = 1, device: torch.device | None = Non
         model.train()
         while step < args.steps:
             sampler.set_epoch(epoch)
-            dataset.set_epoch(epoch)
             for imgs in itertools.islice(loader, args.steps - step):
                 torch.manual_seed(step_seed(args.seed, rank, step))  # masks and prefixes: a function of the step
                 imgs = imgs.to(device, non_blocking=True)

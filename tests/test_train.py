@@ -55,11 +55,12 @@ class Interrupted(Exception):
     """Stands for a run killed right after a checkpoint."""
 
 
-@pytest.mark.parametrize("model", ["mae", "aim"])
-def test_resume_continues_exactly(tmp_path, capsys, monkeypatch, model):
+@pytest.mark.parametrize("model, workers", [("mae", 0), ("aim", 0), ("aim", 2)])
+def test_resume_continues_exactly(tmp_path, capsys, monkeypatch, model, workers):
     """A run stopped at step 3 of 7 and resumed logs the same losses, learning rates and gradient norms as an
-    uninterrupted one: the data order and position, the crops, the masks / prefixes and AdamW all continue."""
-    argv = [model, "--steps", 7, "--save-every", 3, *TINY]
+    uninterrupted one: the data order and position, the crops (in loader workers too), the masks / prefixes and
+    AdamW all continue."""
+    argv = [model, "--steps", 7, "--save-every", 3, "--workers", workers, *TINY]
     assert run_cli(capsys, *argv, "--out", tmp_path / "whole")[0] == 0
 
     save = train.save_checkpoint
@@ -102,23 +103,25 @@ def test_progress_is_tqdm_and_quiet_silences_it(tmp_path, capsys):
     assert code == 0 and "3/3 [" not in stdout and "aim aim_tiny: 1 steps" in stdout
 
 
-def test_crops_depend_only_on_seed_epoch_and_index():
+def test_crops_depend_only_on_seed_and_key():
     files = train.builtin_photos()[:2]
     dataset = train.CropDataset(files, 32, (0.2, 1.0), length=6, seed=5)
-    first = [dataset[i] for i in range(6)]
-    assert torch.equal(dataset[3], first[3]) and not torch.equal(first[1], first[3])  # same index, same crop
-    dataset.set_epoch(1)
-    assert not torch.equal(dataset[3], first[3])  # a new epoch draws new crops
+    first = [dataset[key] for key in range(6)]
+    assert first[0].shape == (3, 32, 32) and abs(first[0].mean()) < 3  # normalised pixels
+    assert torch.equal(dataset[3], first[3]) and not torch.equal(first[1], first[3])  # same key, same crop
+    assert not torch.equal(dataset[6 + 3], first[3])  # the next epoch's visit of sample 3 draws a new crop
     other = train.CropDataset(files, 32, (0.2, 1.0), length=6, seed=5)
-    other.set_epoch(1)
-    assert torch.equal(other[3], dataset[3])  # in any process
+    assert torch.equal(other[6 + 3], dataset[6 + 3])  # in any process
 
 
-def test_resumable_sampler_skips_once():
+def test_resumable_sampler_keys_and_skip():
     order = torch.utils.data.DistributedSampler(range(8), num_replicas=1, rank=0, shuffle=True, seed=0)
-    sampler = train.ResumableSampler(order, skip=3)
+    sampler = train.ResumableSampler(order, period=8, skip=3)
     full = list(order)
     assert list(sampler) == full[3:] and list(sampler) == full  # the skip applies to the next epoch only
+    sampler.set_epoch(2)
+    order.set_epoch(2)
+    assert list(sampler) == [16 + index for index in order]  # keys name the visit
 
 
 def test_aim_on_a_folder_of_images(tmp_path, capsys):
