@@ -6,6 +6,8 @@ One training step = forward + backward under bf16 autocast + a fused AdamW step,
   timm_sdpa          MAE: facebookresearch/mae's forward on timm-style blocks with SDPA (benchmarks/official.py)
   ml_aim_dense_mask  AIM: ml-aim's PrefixCausalAttention (dense [B,1,N,N] bool mask + SDPA), Conv2d patches,
                      unfused loss
+  conv_blend         SimMIM: microsoft/SimMIM's ViT forward (Conv2d patches, mask token blended in, SDPA,
+                     unfused masked L1)
 Before timing, each baseline's loss is checked against ours on the same images, noise and prefixes.
 With --compile each provider is also timed under torch.compile (Inductor) as ``<provider>_compiled``: the
 step's forward and loss compiled, backward and AdamW as usual.
@@ -33,6 +35,7 @@ SHAPES = {
     "mae_vit_b": ("mae", "mae_vit_base_patch16", 256),
     "mae_vit_l": ("mae", "mae_vit_large_patch16", 256),
     "aim_600m": ("aim", "aim_600m", 64),
+    "simmim_vit_b": ("simmim", "simmim_vit_base_patch16", 256),
 }
 TARGETS = {"mae_vit_l": ("timm_sdpa", 1.3), "aim_600m": ("ml_aim_dense_mask", 1.4)}
 SUMMARY_FIELDS = ("shape", "provider", "images_per_s", "peak_gib", "speedup", "device", "torch", "commit")
@@ -68,6 +71,10 @@ def providers(family, model, imgs, device, compile_backend=None):
         noise = torch.rand(batch, model.patch_embed.num_patches, device=device, generator=gen)
         found = {"mimkernels": lambda imgs: model(imgs, 0.75, noise=noise)[0],
                  "timm_sdpa": lambda imgs: official.mae_forward(model, imgs, 0.75, noise)[0]}
+    elif family == "simmim":
+        mask = model.random_mask(batch, device, generator=gen)
+        found = {"mimkernels": lambda imgs: model(imgs, mask=mask)[0],
+                 "conv_blend": lambda imgs: official.simmim_forward(model, imgs, mask)[0]}
     else:
         prefix = model.sample_prefix_len(batch, device, generator=gen)
         found = {"mimkernels": lambda imgs: model(imgs, prefix)[0],
@@ -87,7 +94,7 @@ def run(shapes, dtype, quick, peaks, csv_path=None, *, device="cuda", configs=No
         batch_size = batch or shape_batch
         torch.manual_seed(0)
         with torch.device(device):
-            model = models.CONFIGS[family][config](norm_pix_loss=True)
+            model = models.CONFIGS[family][config](norm_pix_loss=family != "simmim")  # as each paper trains
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
         imgs = torch.randn(batch_size, 3, *model.patch_embed.img_size, device=device)
         candidates = providers(family, model, imgs, device, compile_backend)

@@ -82,6 +82,24 @@ def mae_forward(model, imgs, mask_ratio, noise):
     return forward_loss(imgs, pred, mask, model.patch_embed.patch_size, model.norm_pix_loss), pred, mask
 
 
+def simmim_forward(model, imgs, mask):
+    """microsoft/SimMIM's ViT forward on a mimkernels SimMIM's parameters: Conv2d patches, the mask token blended
+    in, SDPA blocks, the head, and the official masked L1 (pixel sum / (masked pixels + 1e-5) / C)."""
+    x = model.patch_embed.proj(imgs).flatten(2).transpose(1, 2)
+    w = mask.unsqueeze(-1).type_as(model.mask_token)
+    x = x * (1 - w) + model.mask_token * w
+    x = torch.cat([model.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + model.pos_embed
+    for block in model.blocks:
+        x = vit_block(block, x)
+    pred = model.decoder_pred(model.norm(x))[:, 1:]
+    patch = model.patch_embed.patch_size
+    target = imgs.reshape(imgs.shape[0], 3, imgs.shape[2] // patch, patch, imgs.shape[3] // patch, patch)
+    target = target.permute(0, 2, 4, 3, 5, 1).reshape(pred.shape)
+    pixel_mask = mask.unsqueeze(-1).expand_as(target)
+    loss = ((pred.float() - target).abs() * pixel_mask).sum() / (pixel_mask.sum() / 3 + 1e-5) / 3
+    return loss, pred
+
+
 def prefix_causal_attn_mask(causal_mask, prefix_len):
     """ml-aim's PrefixCausalAttention mask: the causal [1, N, N] buffer or'ed with the prefix columns."""
     tokens = causal_mask.shape[-1]

@@ -59,12 +59,13 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"imgs must be {self.img_size[0]}x{self.img_size[1]} for this model, got "
                              f"{imgs.shape[2]}x{imgs.shape[3]}")
 
-    def forward(self, imgs, *, pos_embed=None, ids_keep=None):
-        """``[B, L, E]``, or ``[B, K, E]`` for the patches ``ids_keep [B, K]``; ``pos_embed [1, L, E]`` is added
-        (before ``norm``) in the same pass."""
+    def forward(self, imgs, *, pos_embed=None, ids_keep=None, mask=None, mask_token=None):
+        """``[B, L, E]``, or ``[B, K, E]`` for the patches ``ids_keep [B, K]`` (MAE); with ``mask [B, L]`` and
+        ``mask_token`` (E values), masked patches are the token (SimMIM, BEiT). ``pos_embed [1, L, E]`` is added
+        after the token, before ``norm``, in the same pass."""
         self.check(imgs)
         tokens = mimkernels.patch_embed(imgs, self.proj.weight, self.proj.bias, pos_embed=pos_embed,
-                                        ids_keep=ids_keep)
+                                        ids_keep=ids_keep, mask=mask, mask_token=mask_token)
         return self.norm(tokens)
 
 

@@ -41,10 +41,15 @@ BUILTIN_PHOTOS = ("astronaut.png", "brick.png", "camera.png", "chelsea.png", "co
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, as both papers normalise
 HEADER_CHECK_LIMIT = 10_000  # folders up to this size have every file's header checked before training
 
-# per model: AdamW peak lr per `lr_batch` images (linear scaling), weight decay, betas, crop scale
+# per model: AdamW peak lr per `lr_batch` images (linear scaling), weight decay, betas, crop scale, mask ratio,
+# per-patch normalised targets. SimMIM's from microsoft/SimMIM's ViT-B pre-training config.
 DEFAULTS = {
-    "mae": dict(base_lr=1.5e-4, lr_batch=256, weight_decay=0.05, betas=(0.9, 0.95), crop_scale=(0.2, 1.0)),
-    "aim": dict(base_lr=1e-3, lr_batch=4096, weight_decay=0.05, betas=(0.9, 0.95), crop_scale=(0.4, 1.0)),
+    "mae": dict(base_lr=1.5e-4, lr_batch=256, weight_decay=0.05, betas=(0.9, 0.95), crop_scale=(0.2, 1.0),
+                mask_ratio=0.75, norm_pix_loss=True),
+    "aim": dict(base_lr=1e-3, lr_batch=4096, weight_decay=0.05, betas=(0.9, 0.95), crop_scale=(0.4, 1.0),
+                mask_ratio=None, norm_pix_loss=True),
+    "simmim": dict(base_lr=1e-4, lr_batch=512, weight_decay=0.05, betas=(0.9, 0.999), crop_scale=(0.67, 1.0),
+                   mask_ratio=0.6, norm_pix_loss=False),
 }
 
 
@@ -290,20 +295,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m mimkernels.train", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("model", choices=sorted(CONFIGS))
-    parser.add_argument("--config", help="model config, default the tiny one; mae: " + ", ".join(CONFIGS["mae"])
-                        + "; aim: " + ", ".join(CONFIGS["aim"]))
+    parser.add_argument("--config", help="model config, default the tiny one; " + "; ".join(
+        f"{family}: {', '.join(configs)}" for family, configs in CONFIGS.items()))
     parser.add_argument("--data", default="builtin", help="'builtin' (scikit-image's photos) or a folder of images")
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps in all (resumed runs included)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per process and step")
-    parser.add_argument("--lr", type=float, help="peak lr; default: MAE 1.5e-4 x batch/256, AIM 1e-3 x batch/4096 "
-                        "(global batch, linear scaling)")
+    parser.add_argument("--lr", type=float, help="peak lr; default: MAE 1.5e-4 x batch/256, AIM 1e-3 x batch/4096, "
+                        "SimMIM 1e-4 x batch/512 (global batch, linear scaling)")
     parser.add_argument("--min-lr", type=float, default=0.0)
     parser.add_argument("--warmup-steps", type=int, help="default 5%% of --steps")
     parser.add_argument("--weight-decay", type=float)
     parser.add_argument("--clip-grad", type=float, help="clip the gradient norm to this (default: no clipping)")
-    parser.add_argument("--mask-ratio", type=float, default=0.75, help="MAE only")
+    parser.add_argument("--mask-ratio", type=float, help="MAE (default 0.75) and SimMIM (0.6)")
+    parser.add_argument("--norm-pix-loss", dest="norm_pix_loss", action="store_true", default=None,
+                        help="predict per-patch normalised pixels (default for MAE and AIM)")
     parser.add_argument("--no-norm-pix-loss", dest="norm_pix_loss", action="store_false",
-                        help="predict raw pixels instead of per-patch normalised ones")
+                        help="predict the (ImageNet-normalised) pixels themselves (default for SimMIM)")
     parser.add_argument("--img-size", type=int, help="default: the config's")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                         help="auto: bf16 autocast on a GPU, fp32 on a CPU")
@@ -331,8 +338,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("steps", "batch_size", "log_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if not 0 <= args.mask_ratio < 1:
-        parser.error(f"--mask-ratio must lie in [0, 1), got {args.mask_ratio}")
+    for name in ("mask_ratio", "norm_pix_loss"):
+        if getattr(args, name) is None:
+            setattr(args, name, DEFAULTS[args.model][name])
+    if args.mask_ratio is not None and not (0 < args.mask_ratio < 1 if args.model == "simmim"
+                                            else 0 <= args.mask_ratio < 1):
+        parser.error(f"--mask-ratio must lie in {'(0' if args.model == 'simmim' else '[0'}, 1), got {args.mask_ratio}")
     if args.save_every < 0 or args.workers < 0 or (args.warmup_steps is not None and args.warmup_steps < 0):
         parser.error("--save-every, --workers and --warmup-steps must be >= 0")
     return args

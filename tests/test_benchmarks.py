@@ -100,6 +100,15 @@ def test_models_harness_runs_end_to_end(tmp_path):
     assert len(csv_path.read_text().splitlines()) == 1 + len(rows)
 
 
+def test_models_harness_times_simmim_against_the_official_forward():
+    """The SimMIM baseline (Conv2d + blended mask token + the official L1) agrees with ours, so it is timed."""
+    from benchmarks import bench_models
+
+    rows = bench_models.run(["simmim"], torch.float32, True, common.Peaks(1.0, 1.0), None, device="cpu",
+                            configs={"simmim": ("simmim", "simmim_vit_tiny_patch8", 2)})
+    assert {r.provider for r in rows} == {"mimkernels", "conv_blend"}
+
+
 def test_models_harness_times_compiled_providers(tmp_path):
     """--compile adds <provider>_compiled for each provider (aot_eager here: no C++ toolchain needed)."""
     from benchmarks import bench_models

@@ -124,6 +124,18 @@ def test_resumable_sampler_keys_and_skip():
     assert list(sampler) == [16 + index for index in order]  # keys name the visit
 
 
+def test_simmim_run_with_its_own_defaults(tmp_path, capsys):
+    args = train.parse_args(["simmim"])
+    assert (args.config, args.mask_ratio, args.norm_pix_loss) == ("simmim_vit_tiny_patch8", 0.6, False)
+    assert train.parse_args(["mae"]).mask_ratio == 0.75 and train.parse_args(["mae"]).norm_pix_loss
+    code, stdout, _ = run_cli(capsys, "simmim", "--steps", 2, "--out", tmp_path, *TINY)
+    assert code == 0 and "simmim simmim_vit_tiny_patch8: 2 steps" in stdout
+    with Image.open(tmp_path / "reconstruction.png") as png:  # original | masked | reconstruction
+        assert png.size == (3 * 256, 4 * 256)
+    with pytest.raises(SystemExit):
+        train.parse_args(["simmim", "--mask-ratio", "0"])
+
+
 def test_aim_on_a_folder_of_images(tmp_path, capsys):
     write_images(tmp_path / "photos")
     code, stdout, _ = run_cli(capsys, "aim", "--data", tmp_path / "photos", "--steps", 2, "--out", tmp_path / "aim",
