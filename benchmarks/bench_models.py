@@ -8,6 +8,8 @@ One training step = forward + backward under bf16 autocast + a fused AdamW step,
                      unfused loss
   conv_blend         SimMIM: microsoft/SimMIM's ViT forward (Conv2d patches, mask token blended in, SDPA,
                      unfused masked L1)
+  conv_index         BEiT: the official pre-training forward (Conv2d patches, mask token blended in, SDPA, the
+                     head on x[bool_masked_pos]; random tokenizer centres)
 Before timing, each baseline's loss is checked against ours on the same images, noise and prefixes.
 With --compile each provider is also timed under torch.compile (Inductor) as ``<provider>_compiled``: the
 step's forward and loss compiled, backward and AdamW as usual.
@@ -36,6 +38,7 @@ SHAPES = {
     "mae_vit_l": ("mae", "mae_vit_large_patch16", 256),
     "aim_600m": ("aim", "aim_600m", 64),
     "simmim_vit_b": ("simmim", "simmim_vit_base_patch16", 256),
+    "beit_vit_b": ("beit", "beit_vit_base_patch16", 256),
 }
 TARGETS = {"mae_vit_l": ("timm_sdpa", 1.3), "aim_600m": ("ml_aim_dense_mask", 1.4)}
 SUMMARY_FIELDS = ("shape", "provider", "images_per_s", "peak_gib", "speedup", "device", "torch", "commit")
@@ -62,6 +65,15 @@ def step_times(step, *, warmup: int, iters: int, device: str) -> tuple[float, fl
     return statistics.median(times), quantiles[1], quantiles[7]
 
 
+def model_kwargs(family: str, config: str) -> dict:
+    """Per-patch normalised targets where the paper trains so (MAE, AIM); BEiT gets a tokenizer with random
+    centres (its speed does not depend on what the codes mean)."""
+    if family != "beit":
+        return {"norm_pix_loss": family != "simmim"}
+    patch, vocab = (16, 8192) if "patch16" in config else (8, 64)
+    return {"tokenizer": models.KMeansTokenizer(patch, torch.randn(vocab, patch * patch * 3)), "vocab_size": vocab}
+
+
 def providers(family, model, imgs, device, compile_backend=None):
     """name -> loss function of the model; MAE noise and AIM prefixes are fixed so losses compare. With
     ``compile_backend`` (e.g. "inductor") each also as ``<name>_compiled``, compiled with that backend."""
@@ -71,6 +83,10 @@ def providers(family, model, imgs, device, compile_backend=None):
         noise = torch.rand(batch, model.patch_embed.num_patches, device=device, generator=gen)
         found = {"mimkernels": lambda imgs: model(imgs, 0.75, noise=noise)[0],
                  "timm_sdpa": lambda imgs: official.mae_forward(model, imgs, 0.75, noise)[0]}
+    elif family == "beit":
+        mask = model.random_mask(batch, generator=torch.Generator().manual_seed(0)).to(device)
+        found = {"mimkernels": lambda imgs: model(imgs, mask=mask)[0],
+                 "conv_index": lambda imgs: official.beit_forward(model, imgs, mask)[0]}
     elif family == "simmim":
         mask = model.random_mask(batch, device, generator=gen)
         found = {"mimkernels": lambda imgs: model(imgs, mask=mask)[0],
@@ -94,7 +110,7 @@ def run(shapes, dtype, quick, peaks, csv_path=None, *, device="cuda", configs=No
         batch_size = batch or shape_batch
         torch.manual_seed(0)
         with torch.device(device):
-            model = models.CONFIGS[family][config](norm_pix_loss=family != "simmim")  # as each paper trains
+            model = models.CONFIGS[family][config](**model_kwargs(family, config))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
         imgs = torch.randn(batch_size, 3, *model.patch_embed.img_size, device=device)
         candidates = providers(family, model, imgs, device, compile_backend)

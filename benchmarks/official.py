@@ -100,6 +100,20 @@ def simmim_forward(model, imgs, mask):
     return loss, pred
 
 
+def beit_forward(model, imgs, mask):
+    """BEiT's pre-training forward (unilm/beit's modeling_pretrain) on a mimkernels BEiT's parameters: Conv2d
+    patches, the mask token blended in, SDPA blocks, the head on the masked positions only (a host sync)."""
+    x = model.patch_embed.proj(imgs).flatten(2).transpose(1, 2)
+    w = mask.unsqueeze(-1).type_as(model.mask_token)
+    x = x * (1 - w) + model.mask_token * w
+    x = torch.cat([model.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + model.pos_embed
+    for block in model.blocks:
+        x = vit_block(block, x)
+    chosen = mask.bool()
+    logits = model.lm_head(model.norm(x)[:, 1:][chosen])
+    return F.cross_entropy(logits.float(), model.tokenizer(imgs)[chosen]), logits
+
+
 def prefix_causal_attn_mask(causal_mask, prefix_len):
     """ml-aim's PrefixCausalAttention mask: the causal [1, N, N] buffer or'ed with the prefix columns."""
     tokens = causal_mask.shape[-1]

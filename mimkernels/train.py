@@ -28,10 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
 import mimkernels
 
-from .models import AIM, CONFIGS
+from .models import AIM, CONFIGS, BEiT, KMeansTokenizer
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # photographs in scikit-image's skimage/data (the synthetic test patterns are left out)
@@ -50,7 +51,10 @@ DEFAULTS = {
                 mask_ratio=None, norm_pix_loss=True),
     "simmim": dict(base_lr=1e-4, lr_batch=512, weight_decay=0.05, betas=(0.9, 0.999), crop_scale=(0.67, 1.0),
                    mask_ratio=0.6, norm_pix_loss=False),
+    "beit": dict(base_lr=1.5e-3, lr_batch=2048, weight_decay=0.05, betas=(0.9, 0.999), crop_scale=(0.08, 1.0),
+                 mask_ratio=0.4, norm_pix_loss=False),
 }
+TOKENIZER_IMAGES = 64  # crops the BEiT CLI fits its k-means tokenizer on (keys 0..63 of the training data)
 
 
 class UsageError(Exception):
@@ -193,7 +197,19 @@ def reconstruction_image(model, imgs: torch.Tensor, mask_ratio: float) -> np.nda
     (the first quarter of the patches is the prefix and shown as is). uint8 [rows*H, panels*W, 3]."""
     patch = model.patch_embed.patch_size
     target = mimkernels.patchify(imgs.float(), patch)
+    grid_h, grid_w = model.patch_embed.grid_size
     with torch.no_grad():
+        if isinstance(model, BEiT):  # original | masked | masked patches tinted green (right code) or red
+            _, logits, masked = model(imgs, mask_ratio)
+            right = (logits.argmax(-1) == model.tokenizer(imgs)).float()
+            tint = torch.stack([1 - right, right, torch.zeros_like(right)], -1).repeat(1, 1, patch * patch)
+            tint = (tint - torch.tensor(MEAN, device=imgs.device).repeat(patch * patch)) \
+                / torch.tensor(STD, device=imgs.device).repeat(patch * patch)
+            masked = masked.unsqueeze(-1).expand_as(target)
+            panels = [imgs.float(), mimkernels.unpatchify(target * (1 - masked) - 10 * masked, patch, grid_h, grid_w),
+                      mimkernels.unpatchify(target * (1 - masked) + (0.5 * target + 0.5 * tint) * masked, patch,
+                                            grid_h, grid_w)]
+            return image_grid(panels, imgs.shape)
         if isinstance(model, AIM):
             prefix = model.num_patches // 4
             pred = model(imgs, prefix)[1].float()
@@ -203,14 +219,18 @@ def reconstruction_image(model, imgs: torch.Tensor, mask_ratio: float) -> np.nda
             pred = pred.float()
     if model.norm_pix_loss:  # predictions are in per-patch normalised pixels: use the target's statistics
         pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
-    grid_h, grid_w = model.patch_embed.grid_size
     shown = shown.unsqueeze(-1).expand_as(target)
     pasted = mimkernels.unpatchify(target * (1 - shown) + pred * shown, patch, grid_h, grid_w)
     panels = [imgs.float(), pasted]
     if not isinstance(model, AIM):  # removed patches drawn black
         panels.insert(1, mimkernels.unpatchify(target * (1 - shown) - 10 * shown, patch, grid_h, grid_w))
-    grid = torch.cat([torch.cat([denormalize(p)[i] for p in panels], dim=2) for i in range(imgs.shape[0])], dim=1)
-    scale = max(1, 256 // imgs.shape[-1])  # small demo images are shown enlarged
+    return image_grid(panels, imgs.shape)
+
+
+def image_grid(panels: list[torch.Tensor], shape) -> np.ndarray:
+    """Normalised image batches side by side, one row per image, as uint8 [rows*H, panels*W, 3]."""
+    grid = torch.cat([torch.cat([denormalize(p)[i] for p in panels], dim=2) for i in range(shape[0])], dim=1)
+    scale = max(1, 256 // shape[-1])  # small demo images are shown enlarged
     grid = grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
     return (grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
 
@@ -306,7 +326,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup-steps", type=int, help="default 5%% of --steps")
     parser.add_argument("--weight-decay", type=float)
     parser.add_argument("--clip-grad", type=float, help="clip the gradient norm to this (default: no clipping)")
-    parser.add_argument("--mask-ratio", type=float, help="MAE (default 0.75) and SimMIM (0.6)")
+    parser.add_argument("--mask-ratio", type=float, help="MAE (default 0.75), SimMIM (0.6), BEiT (0.4)")
+    parser.add_argument("--vocab-size", type=int, default=None, help="BEiT: visual tokens of the k-means "
+                        "tokenizer fitted at the start (default 64 for the tiny config, 8192 for ViT-B)")
     parser.add_argument("--norm-pix-loss", dest="norm_pix_loss", action="store_true", default=None,
                         help="predict per-patch normalised pixels (default for MAE and AIM)")
     parser.add_argument("--no-norm-pix-loss", dest="norm_pix_loss", action="store_false",
@@ -338,21 +360,42 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("steps", "batch_size", "log_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.vocab_size is None:
+        args.vocab_size = 8192 if args.config == "beit_vit_base_patch16" else 64
+    if args.vocab_size < 2:
+        parser.error("--vocab-size must be >= 2")
     for name in ("mask_ratio", "norm_pix_loss"):
         if getattr(args, name) is None:
             setattr(args, name, DEFAULTS[args.model][name])
-    if args.mask_ratio is not None and not (0 < args.mask_ratio < 1 if args.model == "simmim"
-                                            else 0 <= args.mask_ratio < 1):
-        parser.error(f"--mask-ratio must lie in {'(0' if args.model == 'simmim' else '[0'}, 1), got {args.mask_ratio}")
+    open_below = args.model in ("simmim", "beit")  # they must mask something
+    if args.mask_ratio is not None and not (0 < args.mask_ratio < 1 if open_below else 0 <= args.mask_ratio < 1):
+        parser.error(f"--mask-ratio must lie in {'(0' if open_below else '[0'}, 1), got {args.mask_ratio}")
     if args.save_every < 0 or args.workers < 0 or (args.warmup_steps is not None and args.warmup_steps < 0):
         parser.error("--save-every, --workers and --warmup-steps must be >= 0")
     return args
 
 
-def build_model(args) -> torch.nn.Module:
+def fit_tokenizer(args, files: list[Path], device) -> KMeansTokenizer:
+    """BEiT's visual tokens for the CLI: k-means (``--vocab-size`` centres) of the patches of the training data's
+    first TOKENIZER_IMAGES crops, the same on every rank. A stand-in: BEiT's own tokenizers need downloads."""
+    with torch.device("meta"):
+        probe = build_model(args)
+    dataset = CropDataset(files, probe.patch_embed.img_size[0], DEFAULTS["beit"]["crop_scale"],
+                          length=TOKENIZER_IMAGES, seed=args.seed)
+    imgs = torch.stack([dataset[key] for key in range(TOKENIZER_IMAGES)]).to(device)
+    generator = torch.Generator().manual_seed(args.seed)
+    try:
+        return KMeansTokenizer.fit(imgs, probe.patch_embed.patch_size, args.vocab_size, generator=generator)
+    except ValueError as error:
+        raise UsageError(f"--vocab-size: {error}") from None
+
+
+def build_model(args, tokenizer=None) -> torch.nn.Module:
     kwargs = {"norm_pix_loss": args.norm_pix_loss}
     if args.img_size:
         kwargs["img_size"] = args.img_size
+    if args.model == "beit":
+        kwargs.update(tokenizer=tokenizer or nn.Identity(), vocab_size=args.vocab_size)
     try:
         return CONFIGS[args.model][args.config](**kwargs)
     except ValueError as error:  # e.g. an --img-size the patch size does not divide
@@ -458,9 +501,10 @@ def train(args, rank: int = 0, world: int = 1, device: torch.device | None = Non
     files = builtin_photos() if args.data == "builtin" else image_files(args.data)
     if len(files) <= HEADER_CHECK_LIMIT:
         check_headers(files)
+    tokenizer = fit_tokenizer(args, files, device) if args.model == "beit" else None
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     with torch.device(device):  # initialised where it trains: no host copy of billions of parameters
-        model = build_model(args)
+        model = build_model(args, tokenizer)
     defaults = DEFAULTS[args.model]
     global_batch = args.batch_size * world
     peak_lr = args.lr if args.lr is not None else defaults["base_lr"] * global_batch / defaults["lr_batch"]

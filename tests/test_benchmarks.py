@@ -100,13 +100,16 @@ def test_models_harness_runs_end_to_end(tmp_path):
     assert len(csv_path.read_text().splitlines()) == 1 + len(rows)
 
 
-def test_models_harness_times_simmim_against_the_official_forward():
-    """The SimMIM baseline (Conv2d + blended mask token + the official L1) agrees with ours, so it is timed."""
+def test_models_harness_times_simmim_and_beit_against_the_official_forwards():
+    """The SimMIM and BEiT baselines (Conv2d, blended mask token, official losses) agree with ours: both timed."""
     from benchmarks import bench_models
 
-    rows = bench_models.run(["simmim"], torch.float32, True, common.Peaks(1.0, 1.0), None, device="cpu",
-                            configs={"simmim": ("simmim", "simmim_vit_tiny_patch8", 2)})
-    assert {r.provider for r in rows} == {"mimkernels", "conv_blend"}
+    rows = bench_models.run(["simmim", "beit"], torch.float32, True, common.Peaks(1.0, 1.0), None, device="cpu",
+                            configs={"simmim": ("simmim", "simmim_vit_tiny_patch8", 2),
+                                     "beit": ("beit", "beit_vit_tiny_patch8", 2)})
+    assert {(r.kernel, r.provider) for r in rows} == {
+        ("simmim_train_step", "mimkernels"), ("simmim_train_step", "conv_blend"),
+        ("beit_train_step", "mimkernels"), ("beit_train_step", "conv_index")}
 
 
 def test_models_harness_times_compiled_providers(tmp_path):

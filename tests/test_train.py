@@ -136,6 +136,19 @@ def test_simmim_run_with_its_own_defaults(tmp_path, capsys):
         train.parse_args(["simmim", "--mask-ratio", "0"])
 
 
+def test_beit_run_fits_its_tokenizer_and_draws_the_accuracy_map(tmp_path, capsys):
+    code, stdout, _ = run_cli(capsys, "beit", "--steps", 2, "--out", tmp_path, "--vocab-size", 32, *TINY)
+    assert code == 0 and "beit beit_vit_tiny_patch8: 2 steps" in stdout
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["model"]["tokenizer.centroids"].shape == (32, 8 * 8 * 3)  # resumes with the same vocabulary
+    assert state["model"]["lm_head.weight"].shape[0] == 32
+    with Image.open(tmp_path / "reconstruction.png") as png:  # original | masked | right / wrong codes
+        assert png.size == (3 * 256, 4 * 256)
+    code, _, stderr = run_cli(capsys, "beit", "--steps", 1, "--out", tmp_path / "big", "--vocab-size", 100000,
+                              *TINY)
+    assert code == 2 and "--vocab-size" in stderr and "cannot fit 100000 centres" in stderr
+
+
 def test_aim_on_a_folder_of_images(tmp_path, capsys):
     write_images(tmp_path / "photos")
     code, stdout, _ = run_cli(capsys, "aim", "--data", tmp_path / "photos", "--steps", 2, "--out", tmp_path / "aim",

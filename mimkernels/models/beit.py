@@ -1,0 +1,195 @@
+"""BEiT-style pre-training (Bao et al., ICLR'22): masked image modelling over visual tokens, on mimkernels' ops.
+
+A ViT encoder sees every patch, the masked ones replaced by a learnable mask token (inside the
+patch-embedding GEMM on the fused path); a linear head over the visual vocabulary predicts each masked
+patch's token, and the loss is the cross-entropy on masked positions only. Masks are BEiT's block-wise ones
+(``beit_block_mask``: blocks of at least 16 patches, aspect ratio 0.3 to 1/0.3, about 40% of the patches).
+
+The visual tokens come from a tokenizer passed in: any module mapping images ``[B, 3, H, W]`` to integer codes
+``[B, L]``, one per patch. BEiT's own tokenizers (DALL-E's dVAE, BEiT v2's VQ-KD) are the real thing and
+need downloaded weights; ``KMeansTokenizer`` is a small stand-in that needs none: k-means codes of
+per-patch-normalised pixels, fitted on whatever images it is given (the CLI fits it on the training data's
+first crops). Positions are fixed 2-D sin-cos embeddings (BEiT uses relative position biases, which our
+attention kernels do not take). The loss is computed over every position with the unmasked ones weighted 0
+(no host sync to count the masked patches, unlike the official ``x[bool_masked_pos]``).
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mimkernels
+
+from .vit import Block, PatchEmbed, check_head_dim, init_weights, sincos_pos_embed
+
+
+def beit_block_mask(batch: int, grid: int, count: int, *, min_block: int = 16, min_aspect: float = 0.3,
+                    generator=None) -> torch.Tensor:
+    """BEiT's block-wise masking: ``[batch, grid * grid]`` float, 1 = masked, about ``count`` patches per sample.
+
+    Rectangles of ``min_block`` to ``count - masked so far`` patches, aspect ratio log-uniform in
+    ``[min_aspect, 1 / min_aspect]``, are placed at random until ``count`` patches are masked or ten tries in a
+    row add nothing (BEiT's ``MaskingGenerator``; a sample can end a few patches short, never over).
+    """
+    if not isinstance(count, int) or isinstance(count, bool) or not 0 < count < grid * grid:
+        raise ValueError(f"count must be an int in (0, {grid * grid}), got {count!r}")
+    if not 0 < min_aspect <= 1:
+        raise ValueError(f"min_aspect must lie in (0, 1], got {min_aspect}")
+    log_aspect = (math.log(min_aspect), -math.log(min_aspect))
+
+    def uniform(low, high):
+        return low + (high - low) * torch.rand((), generator=generator).item()
+
+    masks = torch.zeros(batch, grid, grid)
+    for mask in masks:
+        masked = 0
+        while masked < count:
+            budget = count - masked
+            added = 0
+            for _ in range(10):
+                area = uniform(min_block, budget)  # as random.uniform: between the two, whichever is larger
+                aspect = math.exp(uniform(*log_aspect))
+                height, width = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+                if not (0 < height < grid and 0 < width < grid):
+                    continue
+                top = int(torch.randint(0, grid - height + 1, (), generator=generator))
+                left = int(torch.randint(0, grid - width + 1, (), generator=generator))
+                window = mask[top:top + height, left:left + width]
+                new = height * width - int(window.sum())
+                if 0 < new <= budget:
+                    window.fill_(1)
+                    added = new
+                    break
+            if added == 0:
+                break
+            masked += added
+    return masks.reshape(batch, grid * grid)
+
+
+class KMeansTokenizer(nn.Module):
+    """Images to visual tokens without downloads: the nearest of ``centroids`` (k-means centres of per-patch
+    normalised pixels, in MAE's patch order) for each patch. A stand-in for BEiT's dVAE / VQ-KD tokenizers."""
+
+    def __init__(self, patch_size: int, centroids: torch.Tensor):
+        super().__init__()
+        if centroids.dim() != 2 or centroids.shape[1] % (patch_size * patch_size):
+            raise ValueError(f"centroids must be [vocab, p * p * C] for patch size {patch_size}, got "
+                             f"{tuple(centroids.shape)}")
+        self.patch_size = patch_size
+        self.register_buffer("centroids", centroids.float())
+
+    @property
+    def vocab_size(self) -> int:
+        return self.centroids.shape[0]
+
+    @staticmethod
+    def _normalised_patches(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
+        patches = mimkernels.patchify(imgs.float(), patch_size)
+        mean, var = patches.mean(-1, keepdim=True), patches.var(-1, keepdim=True)
+        return (patches - mean) / (var + 1e-6).sqrt()
+
+    @torch.no_grad()
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        """``[B, L]`` int64 codes."""
+        patches = self._normalised_patches(imgs, self.patch_size)
+        distances = torch.cdist(patches, self.centroids.to(patches.device).expand(patches.shape[0], -1, -1))
+        return distances.argmin(-1)
+
+    @classmethod
+    @torch.no_grad()
+    def fit(cls, imgs: torch.Tensor, patch_size: int, vocab_size: int, *, iters: int = 10,
+            generator=None) -> KMeansTokenizer:
+        """k-means (Lloyd's, ``iters`` rounds, centres started at random patches) on the patches of ``imgs``."""
+        patches = cls._normalised_patches(imgs, patch_size).reshape(-1, imgs.shape[1] * patch_size * patch_size)
+        if patches.shape[0] < vocab_size:
+            raise ValueError(f"{patches.shape[0]} patches cannot fit {vocab_size} centres: give more images")
+        pick = torch.randperm(patches.shape[0], generator=generator)[:vocab_size]
+        centroids = patches[pick].clone()
+        for _ in range(iters):
+            codes = torch.cdist(patches, centroids).argmin(1)
+            sums = torch.zeros_like(centroids).index_add_(0, codes, patches)
+            counts = torch.bincount(codes, minlength=vocab_size).unsqueeze(1)
+            centroids = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)  # empty centres stay
+        return cls(patch_size, centroids)
+
+
+class BEiT(nn.Module):
+    """ViT encoder + linear head over the visual vocabulary; ``tokenizer`` gives the targets."""
+
+    def __init__(self, tokenizer: nn.Module, vocab_size: int, img_size=224, patch_size=16, in_chans=3,
+                 embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, norm_layer=nn.LayerNorm, mask_ratio=0.4,
+                 norm_pix_loss=False):
+        super().__init__()
+        check_head_dim("encoder", embed_dim, num_heads)
+        if norm_pix_loss:
+            raise ValueError("BEiT predicts visual tokens, not pixels: norm_pix_loss does not apply")
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        grid_h, grid_w = self.patch_embed.grid_size
+        if grid_h != grid_w:
+            raise ValueError(f"BEiT's masking needs a square patch grid, got {grid_h}x{grid_w}")
+        self.tokenizer, self.vocab_size, self.mask_ratio = tokenizer, vocab_size, mask_ratio
+        self.norm_pix_loss = False
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, grid_h, grid_w, cls_token=True), requires_grad=False)
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, norm_layer=norm_layer)
+                                    for _ in range(depth))
+        self.norm = norm_layer(embed_dim)
+        self.lm_head = nn.Linear(embed_dim, vocab_size)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.apply(init_weights)
+
+    def random_mask(self, batch: int, mask_ratio: float | None = None, generator=None) -> torch.Tensor:
+        """A BEiT block-wise mask ``[batch, L]`` (on the CPU) of about ``mask_ratio`` of the patches."""
+        grid = self.patch_embed.grid_size[0]
+        count = round((self.mask_ratio if mask_ratio is None else mask_ratio) * grid * grid)
+        return beit_block_mask(batch, grid, count, generator=generator)
+
+    def forward(self, imgs, mask_ratio=None, mask=None):
+        """``(loss, logits [B, L, vocab], mask [B, L])``: cross-entropy of the masked patches' tokens."""
+        self.patch_embed.check(imgs)
+        batch, num_patches = imgs.shape[0], self.patch_embed.num_patches
+        if mask is None:
+            mask = self.random_mask(batch, mask_ratio)
+        elif not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (batch, num_patches):
+            raise ValueError(f"mask must be a [{batch}, {num_patches}] tensor, got "
+                             f"{getattr(mask, 'shape', type(mask).__name__)}")
+        mask = mask.to(device=imgs.device, dtype=torch.float32)
+        targets = self.tokenizer(imgs)
+        if tuple(targets.shape) != (batch, num_patches) or targets.is_floating_point():
+            raise ValueError(f"the tokenizer must give integer codes [{batch}, {num_patches}], got "
+                             f"{targets.dtype} {tuple(targets.shape)}")
+        x = self.patch_embed(imgs, pos_embed=self.pos_embed[:, 1:], mask=mask, mask_token=self.mask_token)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(batch, -1, -1)
+        x = torch.cat([cls.to(x.dtype), x], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.norm(x)[:, 1:])
+        per_patch = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+        loss = (per_patch * mask.flatten()).sum() / mask.sum().clamp_min(1)
+        return loss, logits, mask
+
+
+_LN = partial(nn.LayerNorm, eps=1e-6)
+
+
+def beit_vit_base_patch16(tokenizer=None, vocab_size=8192, **kwargs) -> BEiT:
+    """ViT-B/16 at 224 px over a vocabulary of ``vocab_size`` (BEiT's is 8192); ``tokenizer`` is required."""
+    if tokenizer is None:
+        raise ValueError("beit_vit_base_patch16 needs a tokenizer (e.g. KMeansTokenizer.fit(...))")
+    return BEiT(tokenizer, vocab_size, patch_size=16, embed_dim=768, depth=12, num_heads=12, norm_layer=_LN,
+                **kwargs)
+
+
+def beit_vit_tiny_patch8(tokenizer=None, vocab_size=64, **kwargs) -> BEiT:
+    """A small BEiT for tests and CPU demos: 64 px images, 8 px patches, 4 blocks, a vocabulary of 64."""
+    kwargs = {"img_size": 64, **kwargs}
+    if tokenizer is None:
+        raise ValueError("beit_vit_tiny_patch8 needs a tokenizer (e.g. KMeansTokenizer.fit(...))")
+    return BEiT(tokenizer, vocab_size, patch_size=8, embed_dim=128, depth=4, num_heads=4, norm_layer=_LN,
+                **kwargs)

@@ -1,0 +1,114 @@
+"""BEiT-style pre-training: the block-wise masks, the k-means tokenizer, the model against an unfused reading."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mimkernels
+from mimkernels.models import BEiT, KMeansTokenizer, beit_block_mask, beit_vit_base_patch16, beit_vit_tiny_patch8
+
+
+def test_beit_block_mask_statistics_and_determinism():
+    mask = beit_block_mask(200, 14, 75, generator=torch.Generator().manual_seed(0))  # BEiT's ViT-B setting
+    counts = mask.sum(1)
+    assert mask.shape == (200, 196) and set(mask.unique().tolist()) == {0.0, 1.0}
+    assert counts.max() <= 75 and counts.float().mean() > 70  # never over, rarely a few short
+    assert mask.mean(0).min() > 0  # every position is masked now and then (corners least: blocks lie inside)
+    grid = mask.view(200, 14, 14)
+    neighbours = (grid[:, 1:] * grid[:, :-1]).sum() + (grid[:, :, 1:] * grid[:, :, :-1]).sum()
+    assert neighbours / mask.sum() > 1.2  # blocks, not scattered patches (random 40% would give about 0.8)
+    again = beit_block_mask(200, 14, 75, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(mask, again) and not torch.equal(mask[0], mask[1])
+
+
+@pytest.mark.parametrize("count, aspect, match", [(0, 0.3, "count must be"), (196, 0.3, "count must be"),
+                                                  (2.5, 0.3, "count must be"), (10, 0.0, "min_aspect")])
+def test_beit_block_mask_bad_arguments(count, aspect, match):
+    with pytest.raises(ValueError, match=match):
+        beit_block_mask(1, 14, count, min_aspect=aspect)
+
+
+def _tokenizer(vocab=16):
+    gen = torch.Generator().manual_seed(0)
+    return KMeansTokenizer.fit(torch.randn(8, 3, 64, 64, generator=gen), 8, vocab, iters=3, generator=gen)
+
+
+def test_kmeans_tokenizer_codes_are_the_nearest_centres():
+    tokenizer = _tokenizer()
+    assert tokenizer.vocab_size == 16 and tokenizer.centroids.shape == (16, 8 * 8 * 3)
+    imgs = torch.randn(2, 3, 64, 64)
+    codes = tokenizer(imgs)
+    assert codes.shape == (2, 64) and codes.dtype == torch.int64
+    patches = KMeansTokenizer._normalised_patches(imgs, 8)
+    distances = ((patches.unsqueeze(2) - tokenizer.centroids) ** 2).sum(-1)
+    assert torch.equal(codes, distances.argmin(-1))
+    assert torch.equal(_tokenizer().centroids, tokenizer.centroids)  # seeded: the same fit on every rank
+    with pytest.raises(ValueError, match="cannot fit 1000 centres"):
+        KMeansTokenizer.fit(torch.randn(1, 3, 64, 64), 8, 1000)
+    with pytest.raises(ValueError, match="centroids must be"):
+        KMeansTokenizer(8, torch.randn(4, 100))
+
+
+def _unfused_beit_loss(model, imgs, mask):
+    """BEiT's forward as the official code writes it: Conv2d patches, mask token blended in, the head on the
+    masked positions only (x[bool_masked_pos]), cross-entropy against the tokenizer's codes there."""
+    p = model.patch_embed.patch_size
+    x = F.conv2d(imgs, model.patch_embed.proj.weight, model.patch_embed.proj.bias, stride=p).flatten(2).transpose(1, 2)
+    w = mask.unsqueeze(-1)
+    x = x * (1 - w) + model.mask_token * w + model.pos_embed[:, 1:]
+    x = torch.cat([(model.cls_token + model.pos_embed[:, :1]).expand(x.shape[0], -1, -1), x], dim=1)
+    with mimkernels.use_backend("torch"):
+        for block in model.blocks:
+            x = block(x)
+    x = model.norm(x)[:, 1:]
+    chosen = mask.bool()
+    return F.cross_entropy(model.lm_head(x[chosen]), model.tokenizer(imgs)[chosen])
+
+
+def test_beit_loss_is_the_official_masked_cross_entropy():
+    torch.manual_seed(0)
+    model = beit_vit_tiny_patch8(_tokenizer(), vocab_size=16)
+    imgs = torch.randn(2, 3, 64, 64)
+    mask = model.random_mask(2, generator=torch.Generator().manual_seed(1))
+    with mimkernels.use_backend("torch"):
+        loss, logits, got_mask = model(imgs, mask=mask)
+    assert logits.shape == (2, 64, 16) and torch.equal(got_mask, mask)
+    torch.testing.assert_close(loss, _unfused_beit_loss(model, imgs, mask), rtol=1e-5, atol=1e-6)
+
+
+def test_fused_matches_torch_backend_forward_and_every_gradient(device):
+    torch.manual_seed(0)
+    model = beit_vit_tiny_patch8(_tokenizer(), vocab_size=16).to(device)
+    imgs = torch.randn(2, 3, 64, 64, device=device)
+    mask = model.random_mask(2, generator=torch.Generator().manual_seed(1))
+    results = []
+    for backend in ("torch", "triton"):
+        model.zero_grad(set_to_none=True)
+        with mimkernels.use_backend(backend):
+            loss, logits, _ = model(imgs, mask=mask)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (want_loss, want_grads), (loss, grads) = results
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == want_grads.keys() and "mask_token" in grads and "lm_head.weight" in grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], want_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_beit_checks_its_input():
+    model = beit_vit_tiny_patch8(_tokenizer(), vocab_size=16)
+    imgs = torch.randn(2, 3, 64, 64)
+    with mimkernels.use_backend("torch"):
+        loss, _, mask = model(imgs)
+        assert torch.isfinite(loss) and 20 <= mask.sum(1).min() and mask.sum(1).max() <= 26
+        with pytest.raises(ValueError, match=r"mask must be a \[2, 64\] tensor"):
+            model(imgs, mask=torch.zeros(2, 10))
+        broken = beit_vit_tiny_patch8(torch.nn.Identity(), vocab_size=16)
+        with pytest.raises(ValueError, match="the tokenizer must give integer codes"):
+            broken(imgs)
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        beit_vit_tiny_patch8()
+    with pytest.raises(ValueError, match="norm_pix_loss does not apply"):
+        beit_vit_tiny_patch8(_tokenizer(), norm_pix_loss=True)
+    with torch.device("meta"):
+        base = beit_vit_base_patch16(torch.nn.Identity())
+    assert isinstance(base, BEiT) and base.lm_head.out_features == 8192 and base.patch_embed.num_patches == 196
