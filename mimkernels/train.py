@@ -352,6 +352,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=0, help="data loader processes per rank")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--tensorboard", action="store_true", help="also write metrics.jsonl's scalars as "
+                        "TensorBoard events in --out (needs the tensorboard package)")
     args = parser.parse_args(argv)
     args.config = args.config or next(iter(CONFIGS[args.model]))
     if args.config not in CONFIGS[args.model]:
@@ -404,12 +406,20 @@ def build_model(args, tokenizer=None) -> torch.nn.Module:
 
 class MetricsLog:
     """``metrics.jsonl``: one JSON object per logging step (step, loss, lr, images/s, grad norm, peak memory,
-    seconds since this process started training). A resumed run keeps the lines up to its checkpoint's step."""
+    seconds since this process started training). A resumed run keeps the lines up to its checkpoint's step.
+    With ``tensorboard`` the same scalars also go to TensorBoard event files in the same folder."""
 
-    def __init__(self, path: Path, start: int, enabled: bool):
+    def __init__(self, path: Path, start: int, enabled: bool, tensorboard: bool = False):
         self.path, self.enabled, self.started = path, enabled, time.perf_counter()
+        self.board = None
         if not enabled:
             return
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.board = SummaryWriter(str(path.parent), purge_step=start + 1 if start else None)
         kept = []
         if start and path.is_file():
             kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
@@ -420,6 +430,14 @@ class MetricsLog:
             values["elapsed_s"] = round(time.perf_counter() - self.started, 3)
             with open(self.path, "a") as file:
                 file.write(json.dumps(values) + "\n")
+            if self.board is not None:
+                for name, value in values.items():
+                    if name != "step" and value is not None:
+                        self.board.add_scalar(f"train/{name}", value, values["step"])
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -526,7 +544,7 @@ def train(args, rank: int = 0, world: int = 1, device: torch.device | None = Non
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                                          num_workers=args.workers, pin_memory=device.type == "cuda",
                                          persistent_workers=args.workers > 0)
-    metrics = MetricsLog(out / "metrics.jsonl", start, enabled=rank == 0)
+    metrics = MetricsLog(out / "metrics.jsonl", start, enabled=rank == 0, tensorboard=args.tensorboard)
     wrapped = model
     if world > 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=None if device.index is None
@@ -580,6 +598,7 @@ def train(args, rank: int = 0, world: int = 1, device: torch.device | None = Non
                         plot_metrics(metrics.path, out / "loss.png")
             epoch += 1
     progress.close()
+    metrics.close()
     if world > 1 and not replicas_in_sync(model):
         raise RuntimeError("parameters differ across ranks after training")
     loss_plot = out / "loss.png"

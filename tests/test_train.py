@@ -1,4 +1,5 @@
 """The training CLI: runs, checkpoints, resume, data errors, and two-process DDP with gloo."""
+import importlib.util
 import math
 import os
 import subprocess
@@ -101,6 +102,14 @@ def test_progress_is_tqdm_and_quiet_silences_it(tmp_path, capsys):
     code, stdout, _ = run_cli(capsys, "aim", "--steps", 3, "--batch-size", 4, "--out", tmp_path, "--resume",
                               "--quiet")
     assert code == 0 and "3/3 [" not in stdout and "aim aim_tiny: 1 steps" in stdout
+
+
+def test_tensorboard_events_or_a_clear_message(tmp_path, capsys):
+    code, _, stderr = run_cli(capsys, "aim", "--steps", 2, "--out", tmp_path, "--tensorboard", *TINY)
+    if importlib.util.find_spec("tensorboard") is None:
+        assert code == 2 and "--tensorboard needs the tensorboard package" in stderr
+    else:
+        assert code == 0 and list(tmp_path.glob("events.out.tfevents.*"))
 
 
 def test_crops_depend_only_on_seed_and_key():
