@@ -3,6 +3,8 @@
 # (kernels, then model training steps). Every step has its own timeout; they add up to 11.5 minutes, more than one
 # device call's 10: give the call timeout_s=600 and expect the model benchmarks to be cut if every step runs long.
 # (The kernel resource report needs no GPU: python -m benchmarks.kernel_report.)
+# STEPS picks steps, in this order whatever is named: build tests sanitizer bench (default: all four). The
+# correctness half alone, about 5 minutes: STEPS="build tests sanitizer" benchmarks/gpu_check.sh
 # Writes under $OUT (default benchmarks/results/local); commit what it measured, raw, under benchmarks/results/.
 # Where the tree has no .git (the device copy), pass the commit: MIMKERNELS_COMMIT=<sha> benchmarks/gpu_check.sh
 # Uses the machine's own python3 (its torch and triton): nothing is installed, nothing is fetched.
@@ -14,16 +16,23 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 unset TRITON_INTERPRET
 status=0
+STEPS=" ${STEPS:-build tests sanitizer bench} "
+wants() { [[ "$STEPS" == *" $1 "* ]]; }
 
+if wants build; then
 echo "== build the extension (csrc/) in place"
 timeout 120 $PY setup.py build_ext --inplace > "$OUT/build.txt" 2>&1 || { status=1; tail -n 20 "$OUT/build.txt"; }
+fi
 
 source benchmarks/gpu_env.sh
 
+if wants tests; then
 echo "== GPU tests"
 timeout 150 $PY -m pytest -q -m gpu -p no:cacheprovider tests > "$OUT/pytest_gpu.txt" 2>&1 || status=1
 tail -n 15 "$OUT/pytest_gpu.txt"
+fi
 
+if wants sanitizer; then
 echo "== compute-sanitizer memcheck over every kernel (benchmarks/sanitizer_cases.py)"
 # no caching allocator: every tensor its own allocation, so an access past its end is outside any allocation
 if command -v compute-sanitizer > /dev/null; then
@@ -39,7 +48,9 @@ else
   verdict="compute-sanitizer not on PATH"
 fi
 echo "compute-sanitizer memcheck: $verdict" | tee -a "$OUT/sanitizer.txt"
+fi
 
+if wants bench; then
 echo "== quick benchmarks"
 # four shapes (AIM, long N, MAE encoder, D = 80): all nine and the tile sweep are benchmarks/gpu_attention.sh's job
 timeout 130 $PY -m benchmarks.bench_attention --quick --no-plot --shapes aim_600m n4096 mae_encoder vit_h_n257 \
@@ -52,4 +63,5 @@ tail -n 25 "$OUT/bench_attention.txt"
 tail -n 12 "$OUT/bench_tokens.txt"
 tail -n 15 "$OUT/bench_patch_embed.txt"
 tail -n 8 "$OUT/bench_models.txt"
+fi
 exit $status
