@@ -75,19 +75,7 @@ def run(shapes, dtype, quick, peaks, csv_path, device="cuda", compile_backend=No
                       "not timed")
                 continue
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
-
-            def step(fn=fn, optimizer=optimizer):
-                with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
-                    loss = fn()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-
-            if device == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            times = bench_models.step_times(step, warmup=1 if quick else 3, iters=3 if quick else 10, device=device)
-            peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+            times, peak_gib = bench_models.time_train_step(fn, optimizer, dtype, quick, device)
             shape = f"{name}:B{batch}"
             rows.append(common.result(f"{name}_train_step", provider, "train_step", shape, str(dtype)[6:], times,
                                       0, 0, peaks))

@@ -65,6 +65,23 @@ def step_times(step, *, warmup: int, iters: int, device: str) -> tuple[float, fl
     return statistics.median(times), quantiles[1], quantiles[7]
 
 
+def time_train_step(loss_fn, optimizer, dtype, quick: bool, device: str) -> tuple[tuple, float]:
+    """Step times (p50, p20, p80 ms) and peak memory (GiB; NaN off CUDA) of ``loss_fn()`` under autocast, its
+    backward and ``optimizer.step()``."""
+    def step():
+        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            loss = loss_fn()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    times = step_times(step, warmup=1 if quick else 3, iters=3 if quick else 10, device=device)
+    return times, torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+
+
 def model_kwargs(family: str, config: str) -> dict:
     """Per-patch normalised targets where the paper trains so (MAE, AIM); BEiT gets a tokenizer with random
     centres (its speed does not depend on what the codes mean)."""
@@ -121,18 +138,7 @@ def run(shapes, dtype, quick, peaks, csv_path=None, *, device="cuda", configs=No
                 print(f"  {name} {provider}: loss {losses[provider]:.4f} != ours {losses['mimkernels']:.4f}; not timed")
                 continue
 
-            def step(loss_fn=loss_fn, optimizer=optimizer):
-                with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
-                    loss = loss_fn()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-
-            if device == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            times = step_times(step, warmup=1 if quick else 3, iters=3 if quick else 10, device=device)
-            peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+            times, peak_gib = time_train_step(loss_fn, optimizer, dtype, quick, device)
             shape = f"{name}:{config}:B{batch_size}"
             rows.append(common.result(f"{family}_train_step", provider, "train_step", shape, str(dtype)[6:], times,
                                       0, 0, peaks))

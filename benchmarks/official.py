@@ -82,16 +82,22 @@ def mae_forward(model, imgs, mask_ratio, noise):
     return forward_loss(imgs, pred, mask, model.patch_embed.patch_size, model.norm_pix_loss), pred, mask
 
 
-def simmim_forward(model, imgs, mask):
-    """microsoft/SimMIM's ViT forward on a mimkernels SimMIM's parameters: Conv2d patches, the mask token blended
-    in, SDPA blocks, the head, and the official masked L1 (pixel sum / (masked pixels + 1e-5) / C)."""
+def mask_token_encoder(model, imgs, mask):
+    """SimMIM's and BEiT's encoder as their official code runs it: Conv2d patches, the mask token blended in
+    where ``mask`` is 1, cls token and positions, SDPA blocks, the final norm. ``[B, 1 + L, E]``."""
     x = model.patch_embed.proj(imgs).flatten(2).transpose(1, 2)
     w = mask.unsqueeze(-1).type_as(model.mask_token)
     x = x * (1 - w) + model.mask_token * w
     x = torch.cat([model.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + model.pos_embed
     for block in model.blocks:
         x = vit_block(block, x)
-    pred = model.decoder_pred(model.norm(x))[:, 1:]
+    return model.norm(x)
+
+
+def simmim_forward(model, imgs, mask):
+    """microsoft/SimMIM's ViT forward on a mimkernels SimMIM's parameters: the official encoder, the head, and
+    the official masked L1 (pixel sum / (masked pixels + 1e-5) / C)."""
+    pred = model.decoder_pred(mask_token_encoder(model, imgs, mask))[:, 1:]
     patch = model.patch_embed.patch_size
     target = imgs.reshape(imgs.shape[0], 3, imgs.shape[2] // patch, patch, imgs.shape[3] // patch, patch)
     target = target.permute(0, 2, 4, 3, 5, 1).reshape(pred.shape)
@@ -101,16 +107,10 @@ def simmim_forward(model, imgs, mask):
 
 
 def beit_forward(model, imgs, mask):
-    """BEiT's pre-training forward (unilm/beit's modeling_pretrain) on a mimkernels BEiT's parameters: Conv2d
-    patches, the mask token blended in, SDPA blocks, the head on the masked positions only (a host sync)."""
-    x = model.patch_embed.proj(imgs).flatten(2).transpose(1, 2)
-    w = mask.unsqueeze(-1).type_as(model.mask_token)
-    x = x * (1 - w) + model.mask_token * w
-    x = torch.cat([model.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + model.pos_embed
-    for block in model.blocks:
-        x = vit_block(block, x)
+    """BEiT's pre-training forward (unilm/beit's modeling_pretrain) on a mimkernels BEiT's parameters: the official
+    encoder, then the head on the masked positions only (a host sync)."""
     chosen = mask.bool()
-    logits = model.lm_head(model.norm(x)[:, 1:][chosen])
+    logits = model.lm_head(mask_token_encoder(model, imgs, mask)[:, 1:][chosen])
     return F.cross_entropy(logits.float(), model.tokenizer(imgs)[chosen]), logits
 
 

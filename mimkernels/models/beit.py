@@ -24,7 +24,7 @@ from torch import nn
 
 import mimkernels
 
-from .vit import Block, PatchEmbed, check_head_dim, init_weights, sincos_pos_embed
+from .vit import MaskTokenViT
 
 
 def beit_block_mask(batch: int, grid: int, count: int, *, min_block: int = 16, min_aspect: float = 0.3,
@@ -117,32 +117,22 @@ class KMeansTokenizer(nn.Module):
         return cls(patch_size, centroids)
 
 
-class BEiT(nn.Module):
+class BEiT(MaskTokenViT):
     """ViT encoder + linear head over the visual vocabulary; ``tokenizer`` gives the targets."""
 
     def __init__(self, tokenizer: nn.Module, vocab_size: int, img_size=224, patch_size=16, in_chans=3,
                  embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, norm_layer=nn.LayerNorm, mask_ratio=0.4,
                  norm_pix_loss=False):
-        super().__init__()
-        check_head_dim("encoder", embed_dim, num_heads)
         if norm_pix_loss:
             raise ValueError("BEiT predicts visual tokens, not pixels: norm_pix_loss does not apply")
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, norm_layer)
         grid_h, grid_w = self.patch_embed.grid_size
         if grid_h != grid_w:
             raise ValueError(f"BEiT's masking needs a square patch grid, got {grid_h}x{grid_w}")
         self.tokenizer, self.vocab_size, self.mask_ratio = tokenizer, vocab_size, mask_ratio
         self.norm_pix_loss = False
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, grid_h, grid_w, cls_token=True), requires_grad=False)
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, norm_layer=norm_layer)
-                                    for _ in range(depth))
-        self.norm = norm_layer(embed_dim)
         self.lm_head = nn.Linear(embed_dim, vocab_size)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
-        self.apply(init_weights)
+        self.init_weights()
 
     def random_mask(self, batch: int, mask_ratio: float | None = None, generator=None) -> torch.Tensor:
         """A BEiT block-wise mask ``[batch, L]`` (on the CPU) of about ``mask_ratio`` of the patches."""
@@ -154,22 +144,12 @@ class BEiT(nn.Module):
         """``(loss, logits [B, L, vocab], mask [B, L])``: cross-entropy of the masked patches' tokens."""
         self.patch_embed.check(imgs)
         batch, num_patches = imgs.shape[0], self.patch_embed.num_patches
-        if mask is None:
-            mask = self.random_mask(batch, mask_ratio)
-        elif not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (batch, num_patches):
-            raise ValueError(f"mask must be a [{batch}, {num_patches}] tensor, got "
-                             f"{getattr(mask, 'shape', type(mask).__name__)}")
-        mask = mask.to(device=imgs.device, dtype=torch.float32)
+        mask = self.checked_mask(imgs, self.random_mask(batch, mask_ratio) if mask is None else mask)
         targets = self.tokenizer(imgs)
         if tuple(targets.shape) != (batch, num_patches) or targets.is_floating_point():
             raise ValueError(f"the tokenizer must give integer codes [{batch}, {num_patches}], got "
                              f"{targets.dtype} {tuple(targets.shape)}")
-        x = self.patch_embed(imgs, pos_embed=self.pos_embed[:, 1:], mask=mask, mask_token=self.mask_token)
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(batch, -1, -1)
-        x = torch.cat([cls.to(x.dtype), x], dim=1)
-        for block in self.blocks:
-            x = block(x)
-        logits = self.lm_head(self.norm(x)[:, 1:])
+        logits = self.lm_head(self.forward_encoder(imgs, mask)[:, 1:])
         per_patch = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
         loss = (per_patch * mask.flatten()).sum() / mask.sum().clamp_min(1)
         return loss, logits, mask

@@ -27,7 +27,7 @@ from torch import nn
 
 import mimkernels
 
-from .vit import Block, PatchEmbed, check_head_dim, init_weights, sincos_pos_embed
+from .vit import MaskTokenViT
 
 
 def block_mask(batch: int, grid: int, block: int, ratio: float, *, generator=None, device=None) -> torch.Tensor:
@@ -49,58 +49,33 @@ def block_mask(batch: int, grid: int, block: int, ratio: float, *, generator=Non
     return masked.repeat_interleave(block, 1).repeat_interleave(block, 2).reshape(batch, grid * grid)
 
 
-class SimMIM(nn.Module):
+class SimMIM(MaskTokenViT):
     """ViT encoder + linear pixel head, pre-trained by masked-patch L1 regression."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
                  mlp_ratio=4.0, norm_layer=nn.LayerNorm, mask_patch_size=32, mask_ratio=0.6, norm_pix_loss=False):
-        super().__init__()
-        check_head_dim("encoder", embed_dim, num_heads)
         if mask_patch_size % patch_size:
             raise ValueError(f"mask_patch_size {mask_patch_size} is not a multiple of patch_size {patch_size}")
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, norm_layer)
         grid_h, grid_w = self.patch_embed.grid_size
         if grid_h != grid_w or grid_h % (mask_patch_size // patch_size):
             raise ValueError(f"a {grid_h}x{grid_w} patch grid is not square in mask patches of {mask_patch_size} px")
         self.mask_block, self.mask_ratio, self.norm_pix_loss = mask_patch_size // patch_size, mask_ratio, norm_pix_loss
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, grid_h, grid_w, cls_token=True), requires_grad=False)
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, norm_layer=norm_layer)
-                                    for _ in range(depth))
-        self.norm = norm_layer(embed_dim)
         self.decoder_pred = nn.Linear(embed_dim, patch_size**2 * in_chans)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
-        self.apply(init_weights)
+        self.init_weights()
 
-    def random_mask(self, batch: int, device=None, generator=None) -> torch.Tensor:
-        """A block-wise mask ``[batch, L]`` at this model's mask patch size and ratio."""
-        return block_mask(batch, self.patch_embed.grid_size[0], self.mask_block, self.mask_ratio,
-                          generator=generator, device=device)
-
-    def forward_encoder(self, imgs, mask):
-        """Tokens ``[B, 1 + L, E]``: the cls token, then every patch, the masked ones replaced by the mask token."""
-        batch = imgs.shape[0]
-        x = self.patch_embed(imgs, pos_embed=self.pos_embed[:, 1:], mask=mask, mask_token=self.mask_token)
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(batch, -1, -1)
-        x = torch.cat([cls.to(x.dtype), x], dim=1)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
+    def random_mask(self, batch: int, device=None, generator=None, mask_ratio=None) -> torch.Tensor:
+        """A block-wise mask ``[batch, L]`` at this model's mask patch size and ratio (or ``mask_ratio``)."""
+        return block_mask(batch, self.patch_embed.grid_size[0], self.mask_block,
+                          self.mask_ratio if mask_ratio is None else mask_ratio, generator=generator, device=device)
 
     def forward(self, imgs, mask_ratio=None, mask=None):
         """``(loss, pred [B, L, p * p * C], mask [B, L])``. ``mask`` (1 = masked) defaults to a fresh block-wise
         one; ``mask_ratio`` (default: the model's) sets its ratio."""
         self.patch_embed.check(imgs)
-        batch, num_patches = imgs.shape[0], self.patch_embed.num_patches
         if mask is None:
-            ratio = self.mask_ratio if mask_ratio is None else mask_ratio
-            mask = block_mask(batch, self.patch_embed.grid_size[0], self.mask_block, ratio, device=imgs.device)
-        elif not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (batch, num_patches):
-            raise ValueError(f"mask must be a [{batch}, {num_patches}] tensor, got "
-                             f"{getattr(mask, 'shape', type(mask).__name__)}")
-        mask = mask.to(device=imgs.device, dtype=torch.float32)
+            mask = self.random_mask(imgs.shape[0], imgs.device, mask_ratio=mask_ratio)
+        mask = self.checked_mask(imgs, mask)
         pred = self.decoder_pred(self.forward_encoder(imgs, mask)[:, 1:])
         loss = mimkernels.masked_patch_loss(pred, imgs, mask, norm_pix=self.norm_pix_loss, loss="l1")
         return loss, pred, mask

@@ -11,7 +11,8 @@ from torch import nn
 
 from ..nn import Attention, PatchEmbed, check_head_dim
 
-__all__ = ["Attention", "Block", "Mlp", "PatchEmbed", "check_head_dim", "init_weights", "sincos_pos_embed"]
+__all__ = ["Attention", "Block", "MaskTokenViT", "Mlp", "PatchEmbed", "check_head_dim", "init_weights",
+           "sincos_pos_embed"]
 
 
 def sincos_pos_embed(embed_dim: int, grid_h: int, grid_w: int, *, cls_token: bool = False) -> torch.Tensor:
@@ -78,3 +79,43 @@ def init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, PatchEmbed):  # like a Linear over the flattened patch, as MAE does
         nn.init.xavier_uniform_(module.proj.weight.view(module.proj.weight.shape[0], -1))
+
+
+class MaskTokenViT(nn.Module):
+    """The encoder SimMIM and BEiT share: every patch embedded, the masked ones replaced by a learnable mask token
+    (inside the patch-embedding GEMM, positions added in the same pass), a cls token, fixed sin-cos positions,
+    pre-norm blocks with full attention, a final norm. Subclasses add their head, then call ``init_weights``."""
+
+    def __init__(self, img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, norm_layer):
+        super().__init__()
+        check_head_dim("encoder", embed_dim, num_heads)
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        grid_h, grid_w = self.patch_embed.grid_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, grid_h, grid_w, cls_token=True), requires_grad=False)
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, norm_layer=norm_layer)
+                                    for _ in range(depth))
+        self.norm = norm_layer(embed_dim)
+
+    def init_weights(self) -> None:
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.apply(init_weights)
+
+    def checked_mask(self, imgs, mask) -> torch.Tensor:
+        """``mask`` as float32 on the images' device, after checking it is ``[B, L]``."""
+        batch, num_patches = imgs.shape[0], self.patch_embed.num_patches
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (batch, num_patches):
+            raise ValueError(f"mask must be a [{batch}, {num_patches}] tensor, got "
+                             f"{getattr(mask, 'shape', type(mask).__name__)}")
+        return mask.to(device=imgs.device, dtype=torch.float32)
+
+    def forward_encoder(self, imgs, mask):
+        """``[B, 1 + L, E]``: the cls token, then every patch, the masked ones (``mask`` 1) the mask token."""
+        x = self.patch_embed(imgs, pos_embed=self.pos_embed[:, 1:], mask=mask, mask_token=self.mask_token)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(imgs.shape[0], -1, -1)
+        x = torch.cat([cls.to(x.dtype), x], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
