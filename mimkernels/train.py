@@ -319,6 +319,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         f"{family}: {', '.join(configs)}" for family, configs in CONFIGS.items()))
     parser.add_argument("--data", default="builtin", help="'builtin' (scikit-image's photos) or a folder of images")
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps in all (resumed runs included)")
+    parser.add_argument("--stop-at", type=int, help="end this run at this step (with a checkpoint), the schedule "
+                        "still planned for --steps: continue later with --resume (e.g. under a job time limit)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per process and step")
     parser.add_argument("--lr", type=float, help="peak lr; default: MAE 1.5e-4 x batch/256, AIM 1e-3 x batch/4096, "
                         "SimMIM 1e-4 x batch/512 (global batch, linear scaling)")
@@ -362,6 +364,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("steps", "batch_size", "log_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
+        parser.error(f"--stop-at must lie in [1, --steps = {args.steps}], got {args.stop_at}")
     if args.vocab_size is None:
         args.vocab_size = 8192 if args.config == "beit_vit_base_patch16" else 64
     if args.vocab_size < 2:
@@ -506,7 +510,7 @@ def resume(args, model, optimizer, checkpoint_path: Path, device) -> int:
     if (state["model_name"], state["config"]) != (args.model, args.config):
         raise UsageError(f"--resume: {path} holds {state['model_name']} {state['config']}, "
                          f"not {args.model} {args.config}")
-    if state["step"] >= args.steps:
+    if state["step"] >= min(args.steps, args.stop_at or args.steps):
         raise UsageError(f"--resume: {path} is at step {state['step']} already; ask for more --steps")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -559,9 +563,10 @@ def train(args, rank: int = 0, world: int = 1, device: torch.device | None = Non
     viz, step, epoch = None, start, start // steps_per_epoch
     with mimkernels.use_backend(args.backend) if args.backend else contextlib.nullcontext():
         model.train()
-        while step < args.steps:
+        stop = args.stop_at or args.steps  # the schedule is planned for --steps either way
+        while step < stop:
             sampler.set_epoch(epoch)
-            for imgs in itertools.islice(loader, args.steps - step):
+            for imgs in itertools.islice(loader, stop - step):
                 torch.manual_seed(step_seed(args.seed, rank, step))  # masks and prefixes: a function of the step
                 imgs = imgs.to(device, non_blocking=True)
                 viz = imgs[:4].clone() if viz is None else viz
@@ -577,7 +582,7 @@ def train(args, rank: int = 0, world: int = 1, device: torch.device | None = Non
                           "training eagerly (--no-compile skips compiling)", file=sys.stderr)
                     wrapped = eager
                     loss = forward_backward(wrapped, imgs, args, optimizer, device, bf16)
-                logging = (step + 1) % args.log_every == 0 or step + 1 == args.steps
+                logging = (step + 1) % args.log_every == 0 or step + 1 == stop
                 grad_norm = None
                 if args.clip_grad:
                     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
@@ -588,11 +593,11 @@ def train(args, rank: int = 0, world: int = 1, device: torch.device | None = Non
                 step += 1
                 meter.add(loss)
                 if logging:
-                    mean_loss, images_per_s = meter.report(final=step == args.steps)
+                    mean_loss, images_per_s = meter.report(final=step == stop)
                     progress.update(step, mean_loss, images_per_s, lr)
                     metrics.write(step=step, loss=mean_loss, lr=lr, images_per_s=images_per_s,
                                   grad_norm=float(grad_norm), peak_memory_gib=peak_memory_gib(device))
-                if (args.save_every and step % args.save_every == 0) or step == args.steps:
+                if (args.save_every and step % args.save_every == 0) or step == stop:
                     save_checkpoint(model, optimizer, args, step, rank, checkpoint_path, viz)
                     if rank == 0:
                         plot_metrics(metrics.path, out / "loss.png")
@@ -602,7 +607,7 @@ def train(args, rank: int = 0, world: int = 1, device: torch.device | None = Non
     if world > 1 and not replicas_in_sync(model):
         raise RuntimeError("parameters differ across ranks after training")
     loss_plot = out / "loss.png"
-    return Summary(args.model, args.config, args.steps - start, meter.losses[0], meter.losses[-1],
+    return Summary(args.model, args.config, stop - start, meter.losses[0], meter.losses[-1],
                    float(np.median(meter.rates)), checkpoint_path if rank == 0 else None,
                    out / "reconstruction.png" if rank == 0 else None, metrics.path if rank == 0 else None,
                    loss_plot if rank == 0 and loss_plot.is_file() else None)

@@ -96,6 +96,14 @@ def test_metrics_log_and_loss_plot(tmp_path, capsys):
     assert f"loss curve      {tmp_path / 'loss.png'}" in stdout
 
 
+def test_stop_at_is_checked(capsys):
+    assert train.parse_args(["mae", "--steps", "5", "--stop-at", "5"]).stop_at == 5
+    for bad in ("0", "6"):
+        with pytest.raises(SystemExit):
+            train.parse_args(["mae", "--steps", "5", "--stop-at", bad])
+    assert "--stop-at must lie in [1, --steps = 5], got 6" in capsys.readouterr().err
+
+
 def test_progress_is_tqdm_and_quiet_silences_it(tmp_path, capsys):
     code, stdout, _ = run_cli(capsys, "aim", "--steps", 2, "--batch-size", 4, "--log-every", 1, "--out", tmp_path)
     assert code == 0 and "2/2 [" in stdout and "img/s, lr" in stdout  # tqdm's bar, our postfix
@@ -271,16 +279,29 @@ def test_weight_decay_skips_biases_norms_and_tokens():
     assert all(p.ndim > 1 for p in decay["params"]) and "pos_embed" not in {names[id(p)] for p in decay["params"]}
 
 
-def test_ddp_two_cpu_processes_keep_identical_parameters(tmp_path):
-    """torchrun with 2 processes on gloo: each rank trains on its own shard; the run ends by comparing
-    every parameter tensor across ranks (train.replicas_in_sync) and fails if any differs."""
+def _torchrun(tmp_path, out, *argv):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-               "-m", "mimkernels.train", "mae", "--steps", "3", "--out", str(tmp_path), *TINY]
+               "-m", "mimkernels.train", "mae", "--steps", "4", "--out", str(out), *TINY, *map(str, argv)]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "parameters identical on all 2 ranks" in result.stdout
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 3
+    return result.stdout
+
+
+def test_ddp_two_cpu_processes_keep_identical_parameters_and_resume_exactly(tmp_path):
+    """torchrun with 2 processes on gloo: each rank trains on its own shard; the run ends by comparing every
+    parameter tensor across ranks (train.replicas_in_sync) and fails if any differs. Rank 0 alone writes the
+    metrics; a run stopped at step 2 (--stop-at) and resumed logs what the uninterrupted run logs."""
+    stdout = _torchrun(tmp_path, tmp_path / "whole")
+    assert "parameters identical on all 2 ranks" in stdout
+    assert torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)["step"] == 4
+    _torchrun(tmp_path, tmp_path / "parts", "--stop-at", 2)
+    assert torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=False)["step"] == 2
+    _torchrun(tmp_path, tmp_path / "parts", "--resume")
+    whole, parts = (train.read_metrics(tmp_path / run / "metrics.jsonl") for run in ("whole", "parts"))
+    assert [row["step"] for row in whole] == [row["step"] for row in parts] == [1, 2, 3, 4]  # one writer
+    for key in ("loss", "lr", "grad_norm"):
+        assert [row[key] for row in parts] == [row[key] for row in whole], key
 
 
 @pytest.mark.gpu
