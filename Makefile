@@ -30,7 +30,7 @@ test: $(READY)
 	$(PY) -m pytest -q
 
 test-floor: $(FLOOR_READY)
-	bash tests/test_installed_wheel.sh $(FLOOR_VENV) -q
+	bash tests/test_installed_wheel.sh $(FLOOR_VENV)
 
 bench: $(READY)
 	$(PY) -m benchmarks
