@@ -16,8 +16,10 @@ attention kernels do not take). The loss is computed over every position with th
 from __future__ import annotations
 
 import math
+import random
 from functools import partial
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,34 +42,33 @@ def beit_block_mask(batch: int, grid: int, count: int, *, min_block: int = 16, m
     if not 0 < min_aspect <= 1:
         raise ValueError(f"min_aspect must lie in (0, 1], got {min_aspect}")
     log_aspect = (math.log(min_aspect), -math.log(min_aspect))
+    # Python's generator (seeded from torch's) and a NumPy mask: this loop makes thousands of scalar draws and
+    # window sums per batch: 171 ms -> 25 ms for 256 ViT-B masks on the 2-core test machine (tensor ops before)
+    rng = random.Random(int(torch.randint(0, 2**62, (), generator=generator)))
 
-    def uniform(low, high):
-        return low + (high - low) * torch.rand((), generator=generator).item()
-
-    masks = torch.zeros(batch, grid, grid)
+    masks = np.zeros((batch, grid, grid), dtype=np.float32)  # filled on the host, a window at a time
     for mask in masks:
         masked = 0
         while masked < count:
             budget = count - masked
             added = 0
             for _ in range(10):
-                area = uniform(min_block, budget)  # as random.uniform: between the two, whichever is larger
-                aspect = math.exp(uniform(*log_aspect))
+                area = rng.uniform(min_block, budget)  # between the two, whichever is larger (as BEiT's)
+                aspect = math.exp(rng.uniform(*log_aspect))
                 height, width = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
                 if not (0 < height < grid and 0 < width < grid):
                     continue
-                top = int(torch.randint(0, grid - height + 1, (), generator=generator))
-                left = int(torch.randint(0, grid - width + 1, (), generator=generator))
+                top, left = rng.randint(0, grid - height), rng.randint(0, grid - width)
                 window = mask[top:top + height, left:left + width]
                 new = height * width - int(window.sum())
                 if 0 < new <= budget:
-                    window.fill_(1)
+                    window[...] = 1
                     added = new
                     break
             if added == 0:
                 break
             masked += added
-    return masks.reshape(batch, grid * grid)
+    return torch.from_numpy(masks.reshape(batch, grid * grid))
 
 
 class KMeansTokenizer(nn.Module):
@@ -92,12 +93,18 @@ class KMeansTokenizer(nn.Module):
         mean, var = patches.mean(-1, keepdim=True), patches.var(-1, keepdim=True)
         return (patches - mean) / (var + 1e-6).sqrt()
 
+    @staticmethod
+    def _nearest(patches: torch.Tensor, centroids: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """Index of the nearest centre for each row of ``patches [N, P]``, in row chunks: the [rows, vocab]
+        distances of a whole ViT-B batch against 8192 centres would take gigabytes at once."""
+        return torch.cat([torch.cdist(rows, centroids).argmin(1) for rows in patches.split(chunk)])
+
     @torch.no_grad()
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         """``[B, L]`` int64 codes."""
         patches = self._normalised_patches(imgs, self.patch_size)
-        distances = torch.cdist(patches, self.centroids.to(patches.device).expand(patches.shape[0], -1, -1))
-        return distances.argmin(-1)
+        codes = self._nearest(patches.flatten(0, 1), self.centroids.to(patches.device))
+        return codes.view(patches.shape[:2])
 
     @classmethod
     @torch.no_grad()
@@ -110,7 +117,7 @@ class KMeansTokenizer(nn.Module):
         pick = torch.randperm(patches.shape[0], generator=generator)[:vocab_size]
         centroids = patches[pick].clone()
         for _ in range(iters):
-            codes = torch.cdist(patches, centroids).argmin(1)
+            codes = cls._nearest(patches, centroids)
             sums = torch.zeros_like(centroids).index_add_(0, codes, patches)
             counts = torch.bincount(codes, minlength=vocab_size).unsqueeze(1)
             centroids = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)  # empty centres stay
