@@ -1,11 +1,14 @@
 """``python -m mimkernels.train {mae,aim} --config NAME --data builtin|PATH --steps N``: pre-train MAE or AIM.
 
 One process, or many through ``torchrun --nproc-per-node K -m mimkernels.train ...`` (DistributedDataParallel:
-NCCL on GPUs, gloo on CPUs; a DistributedSampler splits the data; only rank 0 writes files). AdamW with
-linear warmup and cosine decay (both papers' schedule), bf16 autocast on a GPU. Writes ``checkpoint.pt``
-(atomically: a crash never leaves a half-written file) every ``--save-every`` steps and at the end, a
-reconstruction PNG and ``loss.png`` beside it, and ``metrics.jsonl`` at every logging step; ``--resume``
-continues from the checkpoint exactly as an uninterrupted run would (data order, crops, masks and optimizer).
+NCCL on GPUs, gloo on CPUs; a DistributedSampler splits the data; only rank 0 writes files), or with ``--fsdp``
+FSDP2 (parameters, gradients and optimizer state sharded over the ranks: models that do not fit one GPU;
+``mimkernels.parallel``). ``--activation-checkpointing`` recomputes each block's activations in the backward.
+AdamW with linear warmup and cosine decay (both papers' schedule), bf16 autocast on a GPU. Writes
+``checkpoint.pt`` (atomically: a crash never leaves a half-written file; under ``--fsdp`` the folder
+``checkpoint/``, each rank writing its shards) every ``--save-every`` steps and at the end, a reconstruction PNG
+and ``loss.png`` beside it, and ``metrics.jsonl`` at every logging step; ``--resume`` continues from the
+checkpoint exactly as an uninterrupted run would (data order, crops, masks and optimizer).
 
 ``--data builtin`` trains on the photos that ship inside scikit-image (offline); a folder PATH is searched
 recursively for images (flat folders and ImageNet's ``train/<class>/*.JPEG`` alike), read with Pillow. Either
@@ -22,6 +25,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +36,7 @@ from torch import nn
 
 import mimkernels
 
+from . import parallel
 from .models import AIM, CONFIGS, BEiT, KMeansTokenizer
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -344,6 +349,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "eager with a warning; off on a CPU. A backend named here never falls back")
     parser.add_argument("--no-compile", dest="compile", action="store_const", const=None,
                         help="run eagerly")
+    parser.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state over "
+                        "the ranks (FSDP2, one unit per block; under torchrun); checkpoints become sharded folders "
+                        "(OUT/checkpoint/) and --compile compiles each block")
+    parser.add_argument("--activation-checkpointing", action="store_true", help="recompute each block's "
+                        "activations in the backward instead of keeping them (about one more forward)")
     parser.add_argument("--backend", choices=mimkernels._backend.BACKENDS + tuple(mimkernels._backend.RENAMED),
                         help="mimkernels backend (default: MIMKERNELS_BACKEND or auto)")
     parser.add_argument("--out", default="runs/train", help="folder for checkpoint.pt and the PNGs")
@@ -376,6 +386,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     open_below = args.model in ("simmim", "beit")  # they must mask something
     if args.mask_ratio is not None and not (0 < args.mask_ratio < 1 if open_below else 0 <= args.mask_ratio < 1):
         parser.error(f"--mask-ratio must lie in {'(0' if open_below else '[0'}, 1), got {args.mask_ratio}")
+    if args.fsdp and "RANK" not in os.environ:
+        parser.error("--fsdp runs under torchrun (torchrun --nproc-per-node K -m mimkernels.train ... --fsdp)")
     if args.save_every < 0 or args.workers < 0 or (args.warmup_steps is not None and args.warmup_steps < 0):
         parser.error("--save-every, --workers and --warmup-steps must be >= 0")
     return args
@@ -502,19 +514,37 @@ class Meter:
 
 
 def resume(args, model, optimizer, checkpoint_path: Path, device) -> int:
-    """Load ``--resume``'s checkpoint into model and optimizer; returns its step."""
+    """Load ``--resume``'s checkpoint into model and optimizer; returns its step. Under ``--fsdp`` the checkpoint
+    is a sharded folder (every rank loads its shards), else one file."""
     path = checkpoint_path if args.resume == "auto" else Path(args.resume)
+    if args.fsdp:
+        if not path.is_dir():
+            raise UsageError(f"--resume: no sharded checkpoint folder at {path} (an --fsdp run resumes from the "
+                             "checkpoint/ folder that an --fsdp run wrote)")
+        try:
+            check_resumable(parallel.read_meta(path), path, args)
+        except FileNotFoundError as error:
+            raise UsageError(f"--resume: {error}") from None
+        return parallel.load_sharded(path, model, optimizer)["step"]
+    if path.is_dir():
+        raise UsageError(f"--resume: {path} is a sharded checkpoint of an --fsdp run: resume it with --fsdp, or "
+                         "convert it to one file with torch.distributed.checkpoint.format_utils.dcp_to_torch_save")
     if not path.is_file():
         raise UsageError(f"--resume: no checkpoint at {path}")
     state = torch.load(path, map_location=device, weights_only=False)
-    if (state["model_name"], state["config"]) != (args.model, args.config):
-        raise UsageError(f"--resume: {path} holds {state['model_name']} {state['config']}, "
-                         f"not {args.model} {args.config}")
-    if state["step"] >= min(args.steps, args.stop_at or args.steps):
-        raise UsageError(f"--resume: {path} is at step {state['step']} already; ask for more --steps")
+    check_resumable(state, path, args)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     return state["step"]
+
+
+def check_resumable(meta: dict, path: Path, args) -> None:
+    """Raises UsageError unless the checkpoint (its model, config and step) can continue this run."""
+    if (meta["model_name"], meta["config"]) != (args.model, args.config):
+        raise UsageError(f"--resume: {path} holds {meta['model_name']} {meta['config']}, "
+                         f"not {args.model} {args.config}")
+    if meta["step"] >= min(args.steps, args.stop_at or args.steps):
+        raise UsageError(f"--resume: {path} is at step {meta['step']} already; ask for more --steps")
 
 
 def train(args, rank: int = 0, world: int = 1, device: torch.device | None = None) -> Summary:
@@ -527,6 +557,15 @@ def train(args, rank: int = 0, world: int = 1, device: torch.device | None = Non
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     with torch.device(device):  # initialised where it trains: no host copy of billions of parameters
         model = build_model(args, tokenizer)
+    compile_backend = default_compile_backend(device) if args.compile == "auto" else args.compile
+    if args.activation_checkpointing:
+        parallel.checkpoint_activations(model)
+    if args.fsdp:  # blocks compiled one by one, FSDP's hooks around them (parallel.py says why)
+        # MAE's pred and SimMIM's mask are views (as in the official code); this loop changes no output in place
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        if compile_backend:
+            parallel.compile_blocks(model, compile_backend)
+        parallel.shard(model)  # before the optimizer: it must hold the sharded parameters
     defaults = DEFAULTS[args.model]
     global_batch = args.batch_size * world
     peak_lr = args.lr if args.lr is not None else defaults["base_lr"] * global_batch / defaults["lr_batch"]
@@ -534,7 +573,7 @@ def train(args, rank: int = 0, world: int = 1, device: torch.device | None = Non
     weight_decay = args.weight_decay if args.weight_decay is not None else defaults["weight_decay"]
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=peak_lr, betas=defaults["betas"])
     out = Path(args.out)
-    checkpoint_path = out / "checkpoint.pt"
+    checkpoint_path = out / ("checkpoint" if args.fsdp else "checkpoint.pt")
     start = resume(args, model, optimizer, checkpoint_path, device) if args.resume else 0
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -550,12 +589,11 @@ def train(args, rank: int = 0, world: int = 1, device: torch.device | None = Non
                                          persistent_workers=args.workers > 0)
     metrics = MetricsLog(out / "metrics.jsonl", start, enabled=rank == 0, tensorboard=args.tensorboard)
     wrapped = model
-    if world > 1:
+    if world > 1 and not args.fsdp:
         wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=None if device.index is None
                                                             else [device.index])
-    eager = wrapped
-    compile_backend = default_compile_backend(device) if args.compile == "auto" else args.compile
-    if compile_backend:
+    eager, compiled = wrapped, bool(compile_backend)
+    if compiled and not args.fsdp:
         wrapped = torch.compile(wrapped, fullgraph=True, backend=compile_backend)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     progress = Progress(f"{args.model} {args.config}", args.steps, start, enabled=rank == 0 and not args.quiet)
@@ -576,11 +614,13 @@ def train(args, rank: int = 0, world: int = 1, device: torch.device | None = Non
                 try:
                     loss = forward_backward(wrapped, imgs, args, optimizer, device, bf16)
                 except torch._dynamo.exc.TorchDynamoException as error:
-                    if wrapped is eager or args.compile != "auto" or step > start:
+                    if not compiled or args.compile != "auto" or step > start:
                         raise
                     print(f"warning: torch.compile failed ({type(error).__name__}: {str(error).splitlines()[0]}); "
                           "training eagerly (--no-compile skips compiling)", file=sys.stderr)
-                    wrapped = eager
+                    if args.fsdp:
+                        parallel.compile_blocks(model, None)
+                    wrapped, compiled = eager, False
                     loss = forward_backward(wrapped, imgs, args, optimizer, device, bf16)
                 logging = (step + 1) % args.log_every == 0 or step + 1 == stop
                 grad_norm = None
@@ -596,7 +636,7 @@ def train(args, rank: int = 0, world: int = 1, device: torch.device | None = Non
                     mean_loss, images_per_s = meter.report(final=step == stop)
                     progress.update(step, mean_loss, images_per_s, lr)
                     metrics.write(step=step, loss=mean_loss, lr=lr, images_per_s=images_per_s,
-                                  grad_norm=float(grad_norm), peak_memory_gib=peak_memory_gib(device))
+                                  grad_norm=full_float(grad_norm), peak_memory_gib=peak_memory_gib(device))
                 if (args.save_every and step % args.save_every == 0) or step == stop:
                     save_checkpoint(model, optimizer, args, step, rank, checkpoint_path, viz)
                     if rank == 0:
@@ -604,7 +644,7 @@ def train(args, rank: int = 0, world: int = 1, device: torch.device | None = Non
             epoch += 1
     progress.close()
     metrics.close()
-    if world > 1 and not replicas_in_sync(model):
+    if world > 1 and not args.fsdp and not replicas_in_sync(model):
         raise RuntimeError("parameters differ across ranks after training")
     loss_plot = out / "loss.png"
     return Summary(args.model, args.config, stop - start, meter.losses[0], meter.losses[-1],
@@ -628,16 +668,27 @@ def forward_backward(model, imgs, args, optimizer, device, bf16: bool) -> torch.
     return loss
 
 
+def full_float(value) -> float:
+    """A scalar tensor as a float; a DTensor's (FSDP's gradient norms) after reducing it over the ranks."""
+    return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
+
+
 def save_checkpoint(model, optimizer, args, step, rank, path: Path, viz) -> None:
-    """Rank 0 writes the checkpoint and the reconstruction PNG (the model is the same on every rank)."""
-    if rank != 0:
-        return
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-             "model_name": args.model, "config": args.config, "args": vars(args)}
-    save_atomically(lambda file: torch.save(state, file), path)
-    model.eval()
-    save_png(reconstruction_image(model, viz, args.mask_ratio), path.with_name("reconstruction.png"))
-    model.train()
+    """The checkpoint and the reconstruction PNG. Without FSDP rank 0 alone writes both (the model is the same on
+    every rank); with FSDP every rank writes its shards and runs the PNG's forward (its all-gathers need every
+    rank), and rank 0 writes the PNG."""
+    meta = {"step": step, "model_name": args.model, "config": args.config, "args": vars(args)}
+    if args.fsdp:
+        parallel.save_sharded(path, model, optimizer, meta)
+    elif rank == 0:
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **meta}
+        save_atomically(lambda file: torch.save(state, file), path)
+    if rank == 0 or args.fsdp:
+        model.eval()
+        pixels = reconstruction_image(model, viz, args.mask_ratio)
+        model.train()
+        if rank == 0:
+            save_png(pixels, path.with_name("reconstruction.png"))
 
 
 def main(argv=None) -> int:
@@ -649,7 +700,7 @@ def main(argv=None) -> int:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if world > 1:
+    if world > 1 or args.fsdp:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         summary = train(args, rank, world, device)
@@ -657,11 +708,13 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:
-        if world > 1 and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
     if rank == 0:
         print("\n".join(summary.lines()))
-        if world > 1:
+        if args.fsdp:
+            print(f"  parameters, gradients and optimizer state sharded over {world} rank{'s' * (world > 1)} (FSDP2)")
+        elif world > 1:
             print(f"  parameters identical on all {world} ranks")
     return 0
 

@@ -288,20 +288,72 @@ def _torchrun(tmp_path, out, *argv):
     return result.stdout
 
 
-def test_ddp_two_cpu_processes_keep_identical_parameters_and_resume_exactly(tmp_path):
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """A 4-step MAE run on 2 gloo ranks with DDP: (its folder, its stdout)."""
+    folder = tmp_path_factory.mktemp("ddp")
+    return folder / "whole", _torchrun(folder, folder / "whole")
+
+
+def test_ddp_two_cpu_processes_keep_identical_parameters_and_resume_exactly(tmp_path, ddp_run):
     """torchrun with 2 processes on gloo: each rank trains on its own shard; the run ends by comparing every
     parameter tensor across ranks (train.replicas_in_sync) and fails if any differs. Rank 0 alone writes the
     metrics; a run stopped at step 2 (--stop-at) and resumed logs what the uninterrupted run logs."""
-    stdout = _torchrun(tmp_path, tmp_path / "whole")
+    whole_folder, stdout = ddp_run
     assert "parameters identical on all 2 ranks" in stdout
-    assert torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)["step"] == 4
+    assert torch.load(whole_folder / "checkpoint.pt", weights_only=False)["step"] == 4
     _torchrun(tmp_path, tmp_path / "parts", "--stop-at", 2)
     assert torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=False)["step"] == 2
     _torchrun(tmp_path, tmp_path / "parts", "--resume")
-    whole, parts = (train.read_metrics(tmp_path / run / "metrics.jsonl") for run in ("whole", "parts"))
+    whole, parts = train.read_metrics(whole_folder / "metrics.jsonl"), train.read_metrics(tmp_path / "parts" /
+                                                                                          "metrics.jsonl")
     assert [row["step"] for row in whole] == [row["step"] for row in parts] == [1, 2, 3, 4]  # one writer
     for key in ("loss", "lr", "grad_norm"):
         assert [row[key] for row in parts] == [row[key] for row in whole], key
+
+
+def test_fsdp_two_cpu_processes_match_ddp_and_resume_exactly(tmp_path, ddp_run):
+    """--fsdp --activation-checkpointing on 2 gloo ranks trains what DDP on the same 2 ranks trains: each rank sees
+    the same images and masks and computes the same losses bit for bit; only the gradient reduction differs
+    (reduce-scatter instead of all-reduce), so the gradient norms agree to rounding. (A 1-process run draws other
+    masks: they are seeded per rank.) Each rank writes its shards; a run stopped at step 2 and resumed logs what
+    the uninterrupted one logs; the folder converts to one file that a plain model loads."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    stdout = _torchrun(tmp_path, tmp_path / "whole", "--fsdp", "--activation-checkpointing")
+    assert "sharded over 2 ranks (FSDP2)" in stdout
+    folder = tmp_path / "whole" / "checkpoint"
+    assert sorted(p.name for p in folder.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.json"]
+    ddp, fsdp = train.read_metrics(ddp_run[0] / "metrics.jsonl"), train.read_metrics(tmp_path / "whole" /
+                                                                                     "metrics.jsonl")
+    assert [row["loss"] for row in fsdp] == [row["loss"] for row in ddp]
+    assert [row["lr"] for row in fsdp] == [row["lr"] for row in ddp]
+    for a, b in zip(fsdp, ddp):
+        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-5), (a, b)
+
+    _torchrun(tmp_path, tmp_path / "parts", "--fsdp", "--stop-at", 2)
+    _torchrun(tmp_path, tmp_path / "parts", "--fsdp", "--resume")
+    parts = train.read_metrics(tmp_path / "parts" / "metrics.jsonl")
+    for key in ("loss", "lr", "grad_norm"):
+        assert [row[key] for row in parts] == [row[key] for row in fsdp], key
+
+    dcp_to_torch_save(folder, tmp_path / "one.pt")
+    state = torch.load(tmp_path / "one.pt", weights_only=False)
+    model = train.build_model(train.parse_args(["mae"]))
+    model.load_state_dict(state["model"])
+    whole = torch.load(ddp_run[0] / "checkpoint.pt", weights_only=False)["model"]
+    for name, value in model.state_dict().items():  # 4 steps of FSDP = 4 steps of DDP, to rounding
+        torch.testing.assert_close(value, whole[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fsdp_needs_torchrun_and_its_checkpoint_needs_fsdp(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(SystemExit):
+        train.parse_args(["mae", "--fsdp"])
+    assert "--fsdp runs under torchrun" in capsys.readouterr().err
+    (tmp_path / "checkpoint").mkdir()
+    code, _, err = run_cli(capsys, "mae", "--steps", 2, *TINY, "--out", tmp_path, "--resume", tmp_path / "checkpoint")
+    assert code == 2 and "is a sharded checkpoint of an --fsdp run" in err
 
 
 @pytest.mark.gpu

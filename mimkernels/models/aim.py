@@ -26,7 +26,7 @@ from torch import nn
 
 import mimkernels
 
-from .vit import Block, Mlp, PatchEmbed, check_head_dim, init_weights, sincos_pos_embed
+from .vit import Block, Mlp, PatchEmbed, check_head_dim, init_weights, recomputable, sincos_pos_embed
 
 _LN = partial(nn.LayerNorm, eps=1e-6)
 
@@ -34,11 +34,14 @@ _LN = partial(nn.LayerNorm, eps=1e-6)
 class MlpBlock(nn.Module):
     """One block of the AIM head: ``x + mlp(norm(x))``, per patch."""
 
+    checkpointed = False  # activation checkpointing (see ``recomputable``)
+
     def __init__(self, dim: int, mlp_ratio: float = 4.0):
         super().__init__()
         self.norm = _LN(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), bias=False)
 
+    @recomputable
     def forward(self, x):
         return x + self.mlp(self.norm(x))
 

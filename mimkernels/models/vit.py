@@ -8,11 +8,27 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..nn import Attention, PatchEmbed, check_head_dim
 
 __all__ = ["Attention", "Block", "MaskTokenViT", "Mlp", "PatchEmbed", "check_head_dim", "init_weights",
-           "sincos_pos_embed"]
+           "recomputable", "sincos_pos_embed"]
+
+
+def recomputable(forward):
+    """Decorates a block's ``forward``: when the block's ``checkpointed`` is True and autograd records, the
+    forward runs under non-reentrant activation checkpointing (its activations are recomputed in the backward
+    instead of kept: memory for about one more forward). ``mimkernels.parallel.checkpoint_activations`` sets it.
+    The block's own module hooks (FSDP's) stay outside the recomputed region."""
+
+    def run(self, *args, **kwargs):
+        if self.checkpointed and torch.is_grad_enabled():
+            return checkpoint(forward, self, *args, use_reentrant=False, **kwargs)
+        return forward(self, *args, **kwargs)
+
+    run.__doc__, run.__name__, run.__qualname__ = forward.__doc__, forward.__name__, forward.__qualname__
+    return run
 
 
 def sincos_pos_embed(embed_dim: int, grid_h: int, grid_w: int, *, cls_token: bool = False) -> torch.Tensor:
@@ -53,6 +69,8 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block (timm's ``Block`` without drop-path or layer scale)."""
 
+    checkpointed = False  # activation checkpointing (see ``recomputable``)
+
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, *, qkv_bias: bool = True,
                  bias: bool = True, norm_layer=nn.LayerNorm):
         super().__init__()
@@ -61,6 +79,7 @@ class Block(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), bias=bias)
 
+    @recomputable
     def forward(self, x, prefix_len=None):
         x = x + self.attn(self.norm1(x), prefix_len)
         return x + self.mlp(self.norm2(x))
