@@ -1,6 +1,6 @@
 """mimkernels: fused kernels for masked and autoregressive image pre-training (MAE, BEiT, SimMIM, AIM)."""
 from ._backend import available_backends, use_backend
-from .ops.attention import attention, prefix_causal_attention, prefix_causal_mask
+from .ops.attention import attention, prefix_causal_attention, prefix_causal_mask, qkv_attention
 from .ops.losses import masked_patch_loss
 from .ops.patch_embed import patch_embed, patchify, unpatchify
 from .ops.tokens import gather_tokens, masking_indices, random_masking, restore_tokens
@@ -17,6 +17,7 @@ __all__ = [
     "patchify",
     "prefix_causal_attention",
     "prefix_causal_mask",
+    "qkv_attention",
     "random_masking",
     "restore_tokens",
     "unpatchify",

@@ -69,6 +69,22 @@ class PatchEmbed(nn.Module):
         return self.norm(tokens)
 
 
+# Attention layers hand the packed projection to mimkernels.qkv_attention (its backward writes one packed gradient;
+# separate q, k, v views cost two copies of it). False: the separate-views path, for A/B timing (bench_models).
+PACKED_QKV = True
+
+
+def attend_qkv(qkv, q_norm, k_norm, *, causal=False, prefix_len=None, scale=None):
+    """Attention of a packed projection ``[B, N, 3, H, D]`` -> ``[B, N, H, D]``, with optional per-head norms of q
+    and k (``nn.Identity`` for none): :func:`mimkernels.qkv_attention` where nothing sits between the projection
+    and the attention, else :func:`mimkernels.attention` on normalised q, k views."""
+    if PACKED_QKV and isinstance(q_norm, nn.Identity) and isinstance(k_norm, nn.Identity):
+        return mimkernels.qkv_attention(qkv, causal=causal, prefix_len=prefix_len, scale=scale)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    out = mimkernels.attention(q_norm(q), k_norm(k), v, causal=causal, prefix_len=prefix_len, scale=scale)
+    return out.transpose(1, 2)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention on a packed qkv projection, timm's parameter layout.
 
@@ -95,7 +111,6 @@ class Attention(nn.Module):
         """``x [B, N, dim]``. Full attention by default; causal with ``causal=True``; prefix-causal (AIM: query i
         sees key j iff ``j <= i or j < prefix_len[b]``) with ``prefix_len``, an int or an integer tensor ``[B]``."""
         batch, tokens, dim = x.shape
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4)
-        q, k = self.q_norm(q), self.k_norm(k)
-        out = mimkernels.attention(q, k, v, causal=causal, prefix_len=prefix_len)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, tokens, dim)))
+        out = attend_qkv(self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)), self.q_norm, self.k_norm,
+                         causal=causal, prefix_len=prefix_len)
+        return self.proj_drop(self.proj(out.reshape(batch, tokens, dim)))

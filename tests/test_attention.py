@@ -32,6 +32,10 @@ def poisoned_outputs(monkeypatch):
         return allocate(like).fill_(float("nan"))
 
     monkeypatch.setattr(kernels, "_empty_bnhd", poisoned)
+    from mimkernels.ops import attention as ops
+
+    allocate_packed = ops._empty_packed
+    monkeypatch.setattr(ops, "_empty_packed", lambda qkv: allocate_packed(qkv).fill_(float("nan")))
 
 
 def make_qkv(shape, dtype, layout="contiguous", magnitude=1.0, seed=0):
@@ -492,6 +496,129 @@ def test_prefix_on_other_device():
         mimkernels.prefix_causal_attention(q, q.cpu(), q, 1)
 
 
+# --------------------------------------------------------------------------- packed qkv
+
+
+def packed_leaf(shape, dtype, layout="contiguous", seed=0):
+    """A packed qkv ``[B, N, 3, H, D]`` for q, k, v of ``shape`` [B, H, N, D]; ``layout="wide"``: a view of a wider
+    projection (rows further apart than 3 * H * D), ``"strided_d"``: a non-unit stride in the head dim."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, heads, seq_len, head_dim = shape
+    width = 3 * heads * head_dim
+    if layout == "contiguous":
+        qkv = torch.randn(batch, seq_len, width, generator=gen).to(DEVICE, dtype).unflatten(-1, (3, heads, head_dim))
+    elif layout == "wide":
+        qkv = torch.randn(batch, seq_len, width + 24, generator=gen).to(DEVICE, dtype)[..., 8:8 + width]
+        qkv = qkv.unflatten(-1, (3, heads, head_dim))
+    else:
+        qkv = torch.randn(batch, seq_len, 3, heads, 2 * head_dim, generator=gen).to(DEVICE, dtype)[..., ::2]
+    return qkv.detach().requires_grad_()
+
+
+def packed_outputs_and_grads(fn, qkv):
+    out = fn(qkv)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device, out.dtype)
+    return out, torch.autograd.grad(out, qkv, grad_out)[0]
+
+
+def on_views(qkv, **kwargs):
+    """attention() on q, k, v views of the packed projection, as [B, N, H, D]."""
+    return mimkernels.attention(*qkv.permute(2, 0, 3, 1, 4), **kwargs).transpose(1, 2)
+
+
+def mask_kwargs(mask, batch, seq_len):
+    return {"full": {}, "causal": {"causal": True}, "prefix": {"prefix_len": per_sample_prefix(batch, seq_len)}}[mask]
+
+
+def reference_on_views(qkv, causal=False, prefix_len=None):
+    """The PyTorch reference (any dtype, float64 too) on q, k, v views, as [B, N, H, D]."""
+    prefix = prefix_len if prefix_len is not None else 0 if causal else qkv.shape[1]
+    return reference.prefix_causal_attention(*qkv.permute(2, 0, 3, 1, 4), prefix).transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("shape, mask", [((1, 1, 1, 16), "prefix"), ((4, 2, 49, 64), "prefix"),
+                                         ((4, 1, 50, 40), "prefix"), ((4, 1, 197, 80), "prefix"),
+                                         ((4, 1, 257, 128), "prefix"), ((2, 2, 50, 64), "full"),
+                                         ((2, 1, 49, 40), "causal")], ids=str)
+def test_qkv_attention_within_budget_and_equal_to_attention_on_views(shape, mask, dtype):
+    """The packed op against the float64 reference (error budget as everywhere here), and bit for bit what
+    attention() gives on q, k, v views of the same projection: the same kernels, only dq, dk, dv are written into
+    one packed gradient (so no stack and no reshape copy follow)."""
+    kwargs = mask_kwargs(mask, shape[0], shape[2])
+    qkv = packed_leaf(shape, dtype)
+    with mimkernels.use_backend("triton"):
+        got = packed_outputs_and_grads(lambda t: mimkernels.qkv_attention(t, **kwargs), qkv)
+        views = packed_outputs_and_grads(lambda t: on_views(t, **kwargs), qkv)
+    torch_same_dtype = packed_outputs_and_grads(lambda t: reference_on_views(t, **kwargs), qkv)
+    qkv64 = qkv.detach().double().requires_grad_()
+    want = packed_outputs_and_grads(lambda t: reference_on_views(t, **kwargs), qkv64)
+    assert got[0].shape == (shape[0], shape[2], shape[1], shape[3]) and got[0].is_contiguous()
+    assert got[1].shape == qkv.shape and got[1].is_contiguous()
+    for name, g, v, t, w in zip(["out", "grad qkv"], got, views, torch_same_dtype, want):
+        assert torch.equal(g, v), f"{name}: differs from attention() on views"
+        kernel_err = (g.double() - w).abs().max().item()
+        torch_err = (t.double() - w).abs().max().item()
+        budget = 2 * torch_err + FLOOR[dtype] * max(1.0, w.abs().max().item())
+        assert kernel_err <= budget, f"{name}: error {kernel_err:.3e} > budget {budget:.3e} (torch {torch_err:.3e})"
+
+
+@pytest.mark.parametrize("layout", ["wide", "strided_d"])
+def test_qkv_attention_reads_strided_projections(layout):
+    shape = (2, 2, 33, 24)
+    prefix = per_sample_prefix(2, 33)
+    qkv = packed_leaf(shape, torch.float32, layout)
+    with mimkernels.use_backend("triton"):
+        got = packed_outputs_and_grads(lambda t: mimkernels.qkv_attention(t, prefix_len=prefix), qkv)
+    qkv64 = qkv.detach().double().requires_grad_()
+    want = packed_outputs_and_grads(lambda t: reference_on_views(t, prefix_len=prefix), qkv64)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5)
+
+
+def test_qkv_attention_checks_its_arguments():
+    qkv = torch.randn(2, 5, 3, 2, 16)
+    with pytest.raises(TypeError, match="qkv must be a torch.Tensor"):
+        mimkernels.qkv_attention(qkv.tolist())
+    with pytest.raises(ValueError, match=r"qkv must be 5-D \[batch, seq_len, 3, heads, head_dim\]"):
+        mimkernels.qkv_attention(qkv[:, :, 0])
+    with pytest.raises(ValueError, match="qkv must be 5-D"):
+        mimkernels.qkv_attention(qkv[:, :, :2])
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        mimkernels.qkv_attention(qkv, causal=1)
+    with pytest.raises(ValueError, match="head_dim"):
+        mimkernels.qkv_attention(torch.randn(2, 5, 3, 2, 12))
+    with pytest.raises(ValueError, match=r"prefix_len must have shape \[batch\]"):
+        mimkernels.qkv_attention(qkv, prefix_len=torch.tensor([1, 2, 3]))
+    with pytest.raises(TypeError, match="deterministic must be a bool"):
+        mimkernels.qkv_attention(qkv, deterministic=None)
+
+
+def test_qkv_attention_follows_autocast_with_one_cast():
+    qkv = torch.randn(2, 5, 3, 2, 16, device=DEVICE, requires_grad=True)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16), mimkernels.use_backend("torch"):
+        out = mimkernels.qkv_attention(qkv, causal=True)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 5, 2, 16)
+    out.float().sum().backward()
+    assert qkv.grad.dtype == torch.float32 and qkv.grad.shape == qkv.shape
+
+
+def test_qkv_attention_compiles_to_the_same_kernels():
+    qkv, prefix = packed_leaf((2, 2, 33, 16), torch.float32), torch.tensor([5, 40], device=DEVICE)
+
+    def loss_of(qkv, prefix):
+        return mimkernels.qkv_attention(qkv, prefix_len=prefix).square().sum()
+
+    with mimkernels.use_backend("triton"):
+        compiled = torch.compile(loss_of, fullgraph=True, backend="aot_eager")
+        got = compiled(qkv, prefix)
+        got_grad = torch.autograd.grad(got, qkv)[0]
+        want = loss_of(qkv, prefix)
+        want_grad = torch.autograd.grad(want, qkv)[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------- torch.compile
 
 
@@ -526,3 +653,7 @@ def test_custom_ops_pass_opcheck(prefix):
     out, lse = ops._forward_kernels(*args)
     torch.library.opcheck(ops._backward_kernels.custom_op,
                           (torch.randn_like(out), q, k, v, out, lse, tensor_prefix, int_prefix, 0.25, True))
+    qkv = torch.randn(2, 9, 3, 2, 16, device=DEVICE)
+    out, lse = ops._forward_kernels(*ops._unpacked(qkv), tensor_prefix, int_prefix, 0.25)
+    torch.library.opcheck(ops._packed_backward_kernels.custom_op,
+                          (torch.randn_like(out), qkv, out, lse, tensor_prefix, int_prefix, 0.25, True))

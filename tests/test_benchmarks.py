@@ -1,4 +1,5 @@
 """The arithmetic behind the benchmark tables (the timings themselves need a GPU)."""
+import pytest
 import torch
 
 import mimkernels
@@ -91,13 +92,65 @@ def test_models_harness_runs_end_to_end(tmp_path):
     configs = {"mae": ("mae", "mae_vit_tiny_patch8", 2), "aim": ("aim", "aim_tiny", 2)}
     csv_path = tmp_path / "models.csv"
     rows = bench_models.run(["mae", "aim"], torch.float32, True, common.Peaks(1.0, 1.0), str(csv_path),
-                            device="cpu", configs=configs)
-    assert {(r.kernel, r.provider) for r in rows} == {("mae_train_step", "mimkernels"), ("mae_train_step", "timm_sdpa"),
-                                                     ("aim_train_step", "mimkernels"),
-                                                     ("aim_train_step", "ml_aim_dense_mask")}
+                            device="cpu", configs=configs, profile=True)
+    assert {(r.kernel, r.provider) for r in rows} == {
+        ("mae_train_step", "mimkernels"), ("mae_train_step", "timm_sdpa"), ("mae_train_step", "mimkernels_views"),
+        ("aim_train_step", "mimkernels"), ("aim_train_step", "ml_aim_dense_mask"),
+        ("aim_train_step", "mimkernels_views")}
     summary = (tmp_path / "models_summary.csv").read_text().splitlines()
-    assert summary[0].startswith("shape,provider,images_per_s,peak_gib,speedup") and len(summary) == 5
+    assert summary[0].startswith("shape,provider,images_per_s,peak_gib,speedup,mfu") and len(summary) == 7
     assert len(csv_path.read_text().splitlines()) == 1 + len(rows)
+    flops = {r.kernel: r.tflops * r.ms_p50 * 1e9 for r in rows if r.provider == "mimkernels"}
+    assert flops["mae_train_step"] == pytest.approx(bench_models.model_flops("mae", "mae_vit_tiny_patch8", 2), rel=1e-3)
+    profile = (tmp_path / "train_step_profile.txt").read_text()
+    assert profile.count("## ") == len(rows) and "gemm" in profile
+
+
+def test_model_flops_are_the_published_counts():
+    """Per image, forward + backward: MAE ViT-L/16 at 75% masking about 125 GFLOP, AIM-600M about 1.7 TFLOP
+    (benchmarks/NOTES.md's hand count), and linear in the batch."""
+    from benchmarks import bench_models
+
+    assert bench_models.model_flops("mae", "mae_vit_large_patch16", 1) / 1e9 == pytest.approx(124.2, rel=0.01)
+    assert bench_models.model_flops("aim", "aim_600m", 2) / 1e9 == pytest.approx(2 * 1696.3, rel=0.01)
+
+
+@pytest.mark.parametrize("name, category", [
+    ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", "gemm"),
+    ("_prefix_causal_bwd_dkdv", "attn_ours"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x128", "attn_sdpa"),
+    ("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::direct_copy_kernel_",
+     "copy_index"),
+    ("void at::native::(anonymous namespace)::CatArrayBatchedCopy<at::native::(anonymous namespace)::OpaqueType<2u>",
+     "copy_index"),
+    ("void at::native::vectorized_elementwise_kernel<8, at::native::GeluBackwardCUDAKernelImpl(at::TensorIteratorBas",
+     "elementwise"),
+    ("void at::native::(anonymous namespace)::GammaBetaBackwardCUDAKernelTemplate<float, float, 32u", "layernorm"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::FusedOpti",
+     "optimizer"),
+    ("_restore_rows", "mim_ops_ours"),
+    ("triton_per_fused_native_layer_norm_0", "layernorm"),
+    ("triton_poi_fused_add_gelu_1", "inductor_fused"),
+])
+def test_kernel_categories(name, category):
+    from benchmarks import bench_models
+
+    assert bench_models.kernel_category(name) == category
+
+
+def test_target_lines_compare_each_pair():
+    from benchmarks import bench_models
+
+    def row(provider, images_per_s, peak):
+        return {"shape": "aim_600m:aim_600m:B64", "provider": provider, "images_per_s": images_per_s, "peak_gib": peak}
+
+    lines = bench_models.target_lines([row("mimkernels", 130.0, 40.0), row("ml_aim_dense_mask", 100.0, 41.0),
+                                       row("mimkernels_compiled", 100.0, 30.0),
+                                       row("ml_aim_dense_mask_compiled", 100.0, 29.0)])
+    assert lines == [
+        "target aim_600m: mimkernels 1.30x ml_aim_dense_mask (goal >= 1.25x: met), peak 40.00 vs 41.00 GiB (met)",
+        "target aim_600m: mimkernels_compiled 1.00x ml_aim_dense_mask_compiled (goal >= 1.05x: missed), "
+        "peak 30.00 vs 29.00 GiB (missed)"]
 
 
 def test_models_harness_times_simmim_and_beit_against_the_official_forwards():
@@ -109,7 +162,8 @@ def test_models_harness_times_simmim_and_beit_against_the_official_forwards():
                                      "beit": ("beit", "beit_vit_tiny_patch8", 2)})
     assert {(r.kernel, r.provider) for r in rows} == {
         ("simmim_train_step", "mimkernels"), ("simmim_train_step", "conv_blend"),
-        ("beit_train_step", "mimkernels"), ("beit_train_step", "conv_index")}
+        ("simmim_train_step", "mimkernels_views"),
+        ("beit_train_step", "mimkernels"), ("beit_train_step", "conv_index"), ("beit_train_step", "mimkernels_views")}
 
 
 def test_models_harness_times_compiled_providers(tmp_path):
@@ -118,7 +172,8 @@ def test_models_harness_times_compiled_providers(tmp_path):
 
     rows = bench_models.run(["mae"], torch.float32, True, common.Peaks(1.0, 1.0), None, device="cpu",
                             configs={"mae": ("mae", "mae_vit_tiny_patch8", 2)}, compile_backend="aot_eager")
-    assert {r.provider for r in rows} == {"mimkernels", "timm_sdpa", "mimkernels_compiled", "timm_sdpa_compiled"}
+    assert {r.provider for r in rows} == {"mimkernels", "timm_sdpa", "mimkernels_compiled", "timm_sdpa_compiled",
+                                          "mimkernels_views"}
 
 
 def test_integrations_harness_runs_end_to_end(tmp_path):

@@ -61,13 +61,15 @@ def test_patched_timm_vit_matches_the_original(variant, device, monkeypatch):
             return op(*args, **kwargs)
         return run
 
-    for name in ("attention", "patch_embed"):  # count that the kernels really run
+    for name in ("attention", "qkv_attention", "patch_embed"):  # count that the kernels really run
         monkeypatch.setattr(mimkernels, name, counted(name, getattr(mimkernels, name)))
     images = torch.randn(2, 3, 32, 32)
     patched = _assert_same_model_numbers(lambda: _vit(**variant), images, device)
     names = integrations.patched_modules(patched)
     assert names == ["patch_embed", "blocks.0.attn", "blocks.1.attn"]
-    assert calls == ["patch_embed", "attention", "attention"]
+    # the packed projection goes to qkv_attention whole, unless a q / k norm sits between
+    attention = "attention" if variant.get("qk_norm") else "qkv_attention"
+    assert calls == ["patch_embed", attention, attention]
 
 
 def test_dynamic_img_size_takes_other_sizes(device):

@@ -10,7 +10,7 @@ from timm.layers.trace_utils import _assert
 
 import mimkernels
 
-from ..nn import check_head_dim
+from ..nn import attend_qkv, check_head_dim
 
 
 class MimkernelsAttention(Attention):
@@ -24,10 +24,9 @@ class MimkernelsAttention(Attention):
         batch, tokens, _ = x.shape
         gate_proj = getattr(self, "gate", None)  # the optional parts differ across timm 1.0 releases
         gate = gate_proj(x).sigmoid() if gate_proj is not None else None
-        q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self.q_norm(q), self.k_norm(k)
-        out = mimkernels.attention(q, k, v, causal=bool(is_causal), scale=self.scale)
-        out = out.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
+        out = attend_qkv(qkv, self.q_norm, self.k_norm, causal=bool(is_causal), scale=self.scale)
+        out = out.reshape(batch, tokens, self.num_heads * self.head_dim)
         out = getattr(self, "norm", torch.nn.Identity())(out)
         if gate is not None:
             out = out * gate

@@ -121,6 +121,51 @@ class _TritonAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
+def _unpacked(qkv):
+    """q, k, v as [B, H, N, D] views of a packed [B, N, 3, H, D] tensor (no copy)."""
+    return tuple(t.transpose(1, 2) for t in qkv.unbind(2))
+
+
+def _empty_packed(qkv):
+    return qkv.new_empty(qkv.shape)
+
+
+@custom_op_when_compiling(
+    "attention_backward_packed",
+    "(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, Tensor? prefix, int prefix_int, float scale, "
+    "bool deterministic) -> Tensor",
+    lambda grad_out, qkv, *rest: _empty_packed(qkv))
+def _packed_backward_kernels(grad_out, qkv, out, lse, prefix, prefix_int, scale, deterministic):
+    """The gradient of a packed qkv, [B, N, 3, H, D]: the kernels write dq, dk and dv into it in place, so no stack
+    and no reshape copy joins three separate gradients afterwards."""
+    grad_qkv = _empty_packed(qkv)
+    if qkv.numel() == 0:
+        return grad_qkv.zero_()
+    q, k, v = _unpacked(qkv)
+    atomic = not deterministic and _kernels.atomic_dq_measured_faster(q)
+    _kernels.backward(unit_stride(grad_out), q, k, v, out, lse, prefix_int if prefix is None else prefix, scale,
+                      atomic_dq=atomic, grads=_unpacked(grad_qkv))
+    return grad_qkv
+
+
+class _TritonPackedAttention(torch.autograd.Function):
+    """Attention on a packed qkv ``[B, N, 3, H, D]``, output ``[B, N, H, D]``; the kernels as _TritonAttention's."""
+
+    @staticmethod
+    def forward(ctx, qkv, prefix, prefix_int, scale, deterministic):
+        out, lse = _forward_kernels(*_unpacked(qkv), prefix, prefix_int, scale)
+        ctx.prefix_int, ctx.scale, ctx.deterministic = prefix_int, scale, deterministic
+        ctx.save_for_backward(qkv, out, lse, *(() if prefix is None else (prefix,)))
+        return out.transpose(1, 2)  # stored [B, N, H, D]: this view is contiguous
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qkv, out, lse, *prefix = ctx.saved_tensors
+        grad_qkv = _packed_backward_kernels(grad_out.transpose(1, 2), qkv, out, lse, prefix[0] if prefix else None,
+                                            ctx.prefix_int, ctx.scale, ctx.deterministic)
+        return grad_qkv, None, None, None, None
+
+
 def _sdpa_measured_faster(q, prefix, deterministic) -> bool:
     """Full or causal attention with ``deterministic=False`` under the auto backend, in fp16 / bf16 on CUDA: SDPA's
     fused kernels (cuDNN, flash; their backward may use atomics) measured faster per call than ours on the H200
@@ -185,6 +230,37 @@ def attention(q, k, v, *, causal=False, prefix_len=None, scale=None, determinist
     else:
         prefix = _checked_prefix(prefix_len, q)
     return _attend(q, k, v, prefix, scale, deterministic, "attention")
+
+
+def qkv_attention(qkv, *, causal=False, prefix_len=None, scale=None, deterministic=True):
+    """:func:`attention` on one packed ``[B, N, 3, H, D]`` tensor: what a transformer's qkv projection gives,
+    ``qkv_proj(x).unflatten(-1, (3, H, D))``. Returns ``[B, N, H, D]``, so ``out.reshape(B, N, H * D)`` is free.
+
+    Same masks, arguments and numbers as ``attention(q, k, v)`` with ``q, k, v = qkv.permute(2, 0, 3, 1, 4)``,
+    with one difference in the backward: the Triton kernels write dq, dk and dv straight into one packed
+    gradient, where separate q, k, v views of the projection cost two copies of it (stacking the three gradients,
+    then undoing the permute).
+    """
+    if not isinstance(qkv, torch.Tensor):
+        raise TypeError(f"qkv must be a torch.Tensor, got {type(qkv).__name__}")
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"qkv must be 5-D [batch, seq_len, 3, heads, head_dim], got shape {tuple(qkv.shape)}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if torch.is_autocast_enabled(qkv.device.type):
+        qkv = qkv.to(torch.get_autocast_dtype(qkv.device.type))  # one cast of the packed tensor
+    q, k, v = _checked_qkv(*_unpacked(qkv))
+    prefix = (0 if causal else q.shape[2]) if prefix_len is None else _checked_prefix(prefix_len, q)
+    scale = _checked_scale(scale, q.shape[-1])
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    backend = _backend.select("attention", q.device, implemented=("triton",))
+    if backend == "triton" and not _sdpa_measured_faster(q, prefix, deterministic):
+        qkv = unit_stride(qkv)
+        if isinstance(prefix, torch.Tensor):
+            return _TritonPackedAttention.apply(qkv, prefix, 0, scale, deterministic)
+        return _TritonPackedAttention.apply(qkv, None, prefix, scale, deterministic)
+    return _attend(q, k, v, prefix, scale, deterministic, "attention").transpose(1, 2)
 
 
 def prefix_causal_mask(seq_len, prefix_len, *, device=None):

@@ -559,12 +559,15 @@ def backward_row_dot(grad_out, out):
     return delta
 
 
-def backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: TileConfig, dq_accumulator=None):
-    """dk, dv ([B, H, N, D] stored [B, N, H, D]); with ``dq_accumulator`` (fp32 [B, H, N, D], zeroed) the same
-    launch also adds dQ into it, atomically."""
+def backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: TileConfig, dq_accumulator=None,
+                  dk=None, dv=None):
+    """dk, dv ([B, H, N, D] stored [B, N, H, D], or written into the given ``dk``, ``dv``: any [B, H, N, D] views
+    with a unit last stride); with ``dq_accumulator`` (fp32 [B, H, N, D], zeroed) the same launch also adds dQ
+    into it, atomically."""
     batch, heads, seq_len, head_dim = q.shape
     prefix_ptr, prefix_int, prefix_is_tensor = _prefix_args(prefix, q)
-    dk, dv = _empty_bnhd(k), _empty_bnhd(v)
+    dk = _empty_bnhd(k) if dk is None else dk
+    dv = _empty_bnhd(v) if dv is None else dv
     atomic = dq_accumulator is not None
     dq_acc = dq_accumulator if atomic else dk  # never written without DQ_ATOMIC
     num_n_tiles = cdiv(seq_len, cfg.block_n)
@@ -578,15 +581,16 @@ def backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: Tile
     return dk, dv
 
 
-def backward_dq(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: TileConfig, out=None):
-    """dq ([B, H, N, D] stored [B, N, H, D]), one program per query tile: deterministic.
+def backward_dq(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: TileConfig, out=None, dq=None):
+    """dq ([B, H, N, D] stored [B, N, H, D], or written into the given ``dq``), one program per query tile:
+    deterministic.
 
     With ``out`` (the forward's output) the kernel computes delta itself and writes it into ``delta``
     (fp32 [B, H, N], uninitialised) for the dK/dV kernel: no row-dot pre-pass.
     """
     batch, heads, seq_len, head_dim = q.shape
     prefix_ptr, prefix_int, prefix_is_tensor = _prefix_args(prefix, q)
-    dq = _empty_bnhd(q)
+    dq = _empty_bnhd(q) if dq is None else dq
     delta_here = out is not None
     out = out if delta_here else grad_out  # never read without DELTA_HERE
     num_m_tiles = cdiv(seq_len, cfg.block_m)
@@ -600,20 +604,22 @@ def backward_dq(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: TileCo
     return dq
 
 
-def backward_atomic(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: TileConfig):
+def backward_atomic(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: TileConfig, grads=(None,) * 3):
     """dq, dk, dv from one launch (5 matmuls per tile pair instead of 7); dQ is summed with fp32 atomics, whose
     order varies from run to run, so dq is not bit-reproducible."""
     batch, heads, seq_len, head_dim = q.shape
+    dq, dk, dv = grads
     dq_acc = torch.zeros(batch, seq_len, heads, head_dim, dtype=torch.float32, device=q.device).transpose(1, 2)
-    dk, dv = backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale, cfg, dq_accumulator=dq_acc)
-    dq = _empty_bnhd(q)
+    dk, dv = backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale, cfg, dq_accumulator=dq_acc, dk=dk, dv=dv)
+    dq = _empty_bnhd(q) if dq is None else dq
     dq.copy_(dq_acc)
     return dq, dk, dv
 
 
 def backward(grad_out, q, k, v, out, lse, prefix, scale: float, configs: AttentionConfigs | None = None,
-             atomic_dq: bool = False):
-    """dq, dk, dv, each [B, H, N, D] stored [B, N, H, D].
+             atomic_dq: bool = False, grads=(None,) * 3):
+    """dq, dk, dv, each [B, H, N, D] stored [B, N, H, D], or written into ``grads`` = (dq, dk, dv) where given
+    ([B, H, N, D] views with a unit last stride, e.g. of one packed [B, N, 3, H, D] gradient).
 
     Default: a row-dot pre-pass, then dK/dV and dQ in two launches, no atomics, so bit-identical run after run;
     where ``configs.backward_dq_delta`` is set, the dQ kernel computes delta itself and runs first (no pre-pass).
@@ -621,16 +627,18 @@ def backward(grad_out, q, k, v, out, lse, prefix, scale: float, configs: Attenti
     ``backward_dkdv``).
     """
     cfgs = configs or configs_for_call(q)
+    dq, dk, dv = grads
     if cfgs.backward_dq_delta is not None and not atomic_dq:  # dQ first, computing delta for dK/dV: 3 launches
         delta = torch.empty_like(lse)
-        dq = backward_dq(grad_out, q, k, v, lse, delta, prefix, scale, cfgs.backward_dq_delta, out=out)
-        dk, dv = backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale, cfgs.backward_dkdv)
+        dq = backward_dq(grad_out, q, k, v, lse, delta, prefix, scale, cfgs.backward_dq_delta, out=out, dq=dq)
+        dk, dv = backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale, cfgs.backward_dkdv, dk=dk, dv=dv)
         return dq, dk, dv
     delta = backward_row_dot(grad_out, out)
     if atomic_dq:
-        return backward_atomic(grad_out, q, k, v, lse, delta, prefix, scale, cfgs.backward_atomic or cfgs.backward_dkdv)
-    dk, dv = backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale, cfgs.backward_dkdv)
-    dq = backward_dq(grad_out, q, k, v, lse, delta, prefix, scale, cfgs.backward_dq)
+        return backward_atomic(grad_out, q, k, v, lse, delta, prefix, scale, cfgs.backward_atomic or cfgs.backward_dkdv,
+                               grads)
+    dk, dv = backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale, cfgs.backward_dkdv, dk=dk, dv=dv)
+    dq = backward_dq(grad_out, q, k, v, lse, delta, prefix, scale, cfgs.backward_dq, dq=dq)
     return dq, dk, dv
 
 
