@@ -12,6 +12,8 @@ One training step = forward + backward under bf16 autocast + a fused AdamW step,
                      head on x[bool_masked_pos]; random tokenizer centres)
   mimkernels_views   ours with q, k, v views of the qkv projection instead of the packed qkv_attention (an A/B
                      of the two copies per attention layer that the packed op saves)
+  mimkernels_fused_norm  ours with each block's residual add and norm2 fused (mimkernels.add_layer_norm; off by
+                     default until this A/B measures it faster)
 Before timing, each baseline's loss is checked against ours on the same images, noise and prefixes.
 With --compile each provider (not the A/B one) is also timed under torch.compile (Inductor) as
 ``<provider>_compiled``: the step's forward and loss compiled, backward and AdamW as usual.
@@ -43,6 +45,7 @@ import torch
 from benchmarks import common, official
 from mimkernels import models
 from mimkernels import nn as mimkernels_nn
+from mimkernels.models import vit
 
 # name -> (model family, config, batch); AIM-600M at 256 images would not fit an 80 GB card with AdamW
 SHAPES = {
@@ -208,18 +211,21 @@ def providers(family, model, imgs, device, compile_backend=None):
                  "ml_aim_dense_mask": lambda imgs: official.aim_forward(model, imgs, prefix)[0]}
     if compile_backend:
         found |= {f"{name}_compiled": torch.compile(fn, backend=compile_backend) for name, fn in list(found.items())}
-    found["mimkernels_views"] = on_qkv_views(found["mimkernels"])
+    found["mimkernels_views"] = with_switch(found["mimkernels"], mimkernels_nn, "PACKED_QKV", False)
+    found["mimkernels_fused_norm"] = with_switch(found["mimkernels"], vit, "FUSED_ADD_NORM", True)
     return {name: (lambda fn=fn: fn(imgs)) for name, fn in found.items()}
 
 
-def on_qkv_views(loss_fn):
-    """``loss_fn`` with mimkernels.nn.PACKED_QKV off during its forward (the backward graph keeps the views)."""
+def with_switch(loss_fn, module, name: str, value: bool):
+    """``loss_fn`` with the module-level switch ``module.name`` set to ``value`` during its forward (the backward
+    runs the graph that forward recorded)."""
     def run(imgs):
-        mimkernels_nn.PACKED_QKV = False
+        before = getattr(module, name)
+        setattr(module, name, value)
         try:
             return loss_fn(imgs)
         finally:
-            mimkernels_nn.PACKED_QKV = True
+            setattr(module, name, before)
     return run
 
 

@@ -35,6 +35,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from mimkernels.timing import commit  # noqa: E402
 from mimkernels.triton import attention as kernels  # noqa: E402
 from mimkernels.triton import losses as loss_kernels  # noqa: E402
+from mimkernels.triton import norms as norm_kernels  # noqa: E402
 from mimkernels.triton import patch_embed as patch_kernels  # noqa: E402
 from mimkernels.triton import tokens as token_kernels  # noqa: E402
 
@@ -84,7 +85,7 @@ def _signature(fn, pointer_types: dict[str, str], constexprs: dict):
             signature[name] = "constexpr"
         elif name in pointer_types:
             signature[name] = pointer_types[name]
-        elif name in ("scale", "qk_scale"):
+        elif name in ("scale", "qk_scale", "eps"):
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
@@ -152,6 +153,14 @@ def other_launches(dtype: torch.dtype) -> list[Launch]:
         launches.append(Launch(fn, "pos", f"{tile['BLOCK_R']}x{tile['BLOCK_D']}", warps, stages,
                                {"X": ty, "IDS": "*i64", "POS": "*fp32", "TOKEN": ty, "OUT": ty},
                                {"HAS_POS": True, **tile}))
+    tile, warps, stages = norm_kernels.launch_config(2048)  # AIM's head width: the widest row
+    pointers = {"X": "*fp32", "BRANCH": ty, "WEIGHT": "*fp32", "BIAS": "*fp32", "TOTAL": "*fp32", "NORMED": ty,
+                "MEAN": "*fp32", "RSTD": "*fp32", "GRAD_NORMED": ty, "GRAD_TOTAL": "*fp32", "GRAD_X": "*fp32",
+                "WEIGHT_PARTS": "*fp32", "BIAS_PARTS": "*fp32"}  # the fp32 residual stream under autocast
+    switches = {"HAS_WEIGHT": True, "HAS_BIAS": True, "HAS_GRAD_TOTAL": True, **tile}
+    for fn in (norm_kernels._add_layer_norm_fwd, norm_kernels._add_layer_norm_bwd):
+        launches.append(Launch(fn, "affine", f"{tile['BLOCK']}", warps, stages, pointers,
+                               {name: value for name, value in switches.items() if name in fn.arg_names}))
     return launches
 
 

@@ -2,12 +2,14 @@
 from ._backend import available_backends, use_backend
 from .ops.attention import attention, prefix_causal_attention, prefix_causal_mask, qkv_attention
 from .ops.losses import masked_patch_loss
+from .ops.norms import add_layer_norm
 from .ops.patch_embed import patch_embed, patchify, unpatchify
 from .ops.tokens import gather_tokens, masking_indices, random_masking, restore_tokens
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "add_layer_norm",
     "attention",
     "available_backends",
     "gather_tokens",

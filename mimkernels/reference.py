@@ -150,3 +150,13 @@ def masked_patch_loss(pred, images, mask, *, norm_pix=True, loss="l2"):
     total = (per_patch * mask).sum()
     weight = mask.sum()
     return total / torch.where(weight > 0, weight, torch.ones_like(weight))
+
+
+def add_layer_norm(x, branch, weight, bias=None, *, eps=1e-5, out_dtype=None):
+    """A pre-norm transformer's residual step: ``total = x + branch`` (PyTorch's type promotion), then
+    ``LayerNorm(total)`` over the last dim, computed in fp32 (as autocast runs LayerNorm) and returned in
+    ``out_dtype`` (default total's dtype). Returns ``(total, normed)``."""
+    total = x + branch
+    normed = F.layer_norm(total.float(), total.shape[-1:], None if weight is None else weight.float(),
+                          None if bias is None else bias.float(), eps)
+    return total, normed.to(out_dtype or total.dtype)

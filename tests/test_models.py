@@ -323,3 +323,29 @@ def test_attention_layers_hand_their_packed_projection_over_whole(build, layers,
     assert torch.equal(loss, loss_views)
     for grad, grad_views in zip(grads, grads_views):
         assert torch.equal(grad, grad_views)
+
+
+@pytest.mark.parametrize("build", [mae_vit_tiny_patch8, aim_tiny])
+def test_blocks_with_the_fused_add_norm_train_the_same(build, monkeypatch):
+    """models.vit.FUSED_ADD_NORM (mimkernels.add_layer_norm in every Block) gives the loss and gradients of the
+    unfused blocks, to fp32 rounding (the norm's statistics are summed in another order)."""
+    from mimkernels.models import vit
+
+    def step(fused):
+        monkeypatch.setattr(vit, "FUSED_ADD_NORM", fused)
+        torch.manual_seed(0)
+        model = build()
+        calls = []
+        original = mimkernels.add_layer_norm
+        monkeypatch.setattr(mimkernels, "add_layer_norm", lambda *a, **k: calls.append(1) or original(*a, **k))
+        with mimkernels.use_backend("triton"):
+            torch.manual_seed(1)
+            loss = model(torch.randn(2, 3, 64, 64))[0]
+            loss.backward()
+        return loss, [p.grad for p in model.parameters() if p.requires_grad], len(calls)
+
+    (loss, grads, calls), (loss_fused, grads_fused, calls_fused) = step(False), step(True)
+    assert calls == 0 and calls_fused == sum(1 for m in build().modules() if isinstance(m, vit.Block))
+    torch.testing.assert_close(loss_fused, loss, rtol=1e-5, atol=1e-6)
+    for g, w in zip(grads_fused, grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)

@@ -10,7 +10,14 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+import mimkernels
+
 from ..nn import Attention, PatchEmbed, check_head_dim
+
+# True: each Block adds its attention branch to the residual stream and applies norm2 in one pass
+# (mimkernels.add_layer_norm). Off until a GPU measures it faster than the add plus LayerNorm it replaces
+# (bench_models' mimkernels_fused_norm provider is that A/B).
+FUSED_ADD_NORM = False
 
 __all__ = ["Attention", "Block", "MaskTokenViT", "Mlp", "PatchEmbed", "check_head_dim", "init_weights",
            "recomputable", "sincos_pos_embed"]
@@ -81,8 +88,13 @@ class Block(nn.Module):
 
     @recomputable
     def forward(self, x, prefix_len=None):
-        x = x + self.attn(self.norm1(x), prefix_len)
-        return x + self.mlp(self.norm2(x))
+        branch = self.attn(self.norm1(x), prefix_len)
+        if FUSED_ADD_NORM and isinstance(self.norm2, nn.LayerNorm) and len(self.norm2.normalized_shape) == 1:
+            x, normed = mimkernels.add_layer_norm(x, branch, self.norm2.weight, self.norm2.bias, eps=self.norm2.eps)
+        else:
+            x = x + branch
+            normed = self.norm2(x)
+        return x + self.mlp(normed)
 
 
 def init_weights(module: nn.Module) -> None:

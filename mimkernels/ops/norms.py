@@ -1,0 +1,84 @@
+"""The residual add of a pre-norm block fused with the LayerNorm after it: validation, backend choice, autograd."""
+from __future__ import annotations
+
+import torch
+
+from .. import _backend, reference
+from ._checks import is_real
+
+_kernels = None
+if _backend._HAS_TRITON:
+    from ..triton import norms as _kernels
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _promoted(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """``torch.result_type`` for two of _DTYPES (any mix is float32), in plain Python that Dynamo traces."""
+    return a if a == b else torch.float32
+
+
+class _AddLayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, branch, weight, bias, eps, normed_dtype):
+        total_dtype = _promoted(x.dtype, branch.dtype)
+        total, normed, mean, rstd = _kernels.forward(x, branch, weight, bias, eps, total_dtype, normed_dtype)
+        ctx.save_for_backward(total, weight, mean, rstd)
+        ctx.dtypes = x.dtype, branch.dtype, weight is not None, bias is not None
+        return total, normed
+
+    @staticmethod
+    def backward(ctx, grad_total, grad_normed):
+        total, weight, mean, rstd = ctx.saved_tensors
+        x_dtype, branch_dtype, has_weight, has_bias = ctx.dtypes
+        if grad_normed is None:  # only total was used: the add's gradient
+            grad_normed = torch.zeros_like(total)
+        grad, grad_weight, grad_bias = _kernels.backward(grad_normed, grad_total, total, weight, mean, rstd,
+                                                         total.dtype)
+        return (grad.to(x_dtype), grad.to(branch_dtype), grad_weight.to(weight.dtype) if has_weight else None,
+                grad_bias.to(weight.dtype if has_weight else total.dtype) if has_bias else None, None, None)
+
+
+def add_layer_norm(x, branch, weight=None, bias=None, *, eps=1e-5):
+    """``total = x + branch`` and ``LayerNorm(total)`` over the last dim in one pass: a pre-norm transformer block's
+    residual step (``x = x + attn(norm1(x)); y = norm2(x)``). Returns ``(total, normed)``.
+
+    Args:
+        x, branch: tensors of one shape and device (fp16, bf16, fp32; the residual stream and the branch output
+            may differ in dtype, as under autocast: total has their promoted dtype, as ``x + branch`` would).
+        weight, bias: the LayerNorm's affine parameters ``[width]`` (``norm.weight``, ``norm.bias``) or None.
+        eps: added to the variance, as ``nn.LayerNorm``'s ``eps``.
+
+    The norm is computed in fp32 (as autocast runs LayerNorm) and returned in total's dtype, or under autocast in
+    autocast's dtype: what the next Linear would cast it to, so no cast kernel follows. Equal to
+    ``total = x + branch; F.layer_norm(total.float(), ...).to(dtype)`` up to fp32 rounding (the reference:
+    ``mimkernels.reference.add_layer_norm``). Gradients flow to x, branch, weight and bias.
+    """
+    for name, t in (("x", x), ("branch", branch)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if branch.shape != x.shape or branch.device != x.device:
+        raise ValueError(f"branch {tuple(branch.shape)} on {branch.device} must match x {tuple(x.shape)} on "
+                         f"{x.device}")
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
+    width = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (width,) or not t.is_floating_point():
+            raise ValueError(f"{name} must be None or a float tensor of shape ({width},), got "
+                             f"{getattr(t, 'shape', type(t).__name__)}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if not is_real(eps) or not eps > 0:
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    autocast = torch.is_autocast_enabled(x.device.type)
+    normed_dtype = torch.get_autocast_dtype(x.device.type) if autocast else _promoted(x.dtype, branch.dtype)
+    backend = _backend.select("add_layer_norm", x.device, implemented=("triton",))
+    if backend == "torch":
+        with torch.autocast(x.device.type, enabled=False):
+            return reference.add_layer_norm(x, branch, weight, bias, eps=float(eps), out_dtype=normed_dtype)
+    return _AddLayerNorm.apply(x, branch, weight, bias, float(eps), normed_dtype)
