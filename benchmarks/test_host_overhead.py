@@ -109,3 +109,32 @@ def test_masked_patch_loss_fwd_bwd(benchmark):
     pred = torch.randn(2, 16, 768, requires_grad=True)
     mask = (torch.rand(2, 16) < 0.75).float()
     benchmark(_fwd_bwd(lambda: mimkernels.masked_patch_loss(pred, images, mask), [pred]))
+
+
+def test_qkv_attention_fwd_bwd(benchmark):
+    qkv = torch.randn(2, 50, 3, 4, 64, requires_grad=True)
+    prefix = torch.tensor([3, 40])
+    benchmark(_fwd_bwd(lambda: mimkernels.qkv_attention(qkv, prefix_len=prefix), [qkv]))
+
+
+def test_add_layer_norm_fwd_bwd(benchmark):
+    x, branch = torch.randn(2, 50, 64, requires_grad=True), torch.randn(2, 50, 64, requires_grad=True)
+    weight, bias = torch.ones(64, requires_grad=True), torch.zeros(64, requires_grad=True)
+
+    def forward():
+        total, normed = mimkernels.add_layer_norm(x, branch, weight, bias)
+        return total + normed
+
+    benchmark(_fwd_bwd(forward, [x, branch, weight, bias]))
+
+
+def test_add_then_layer_norm_reference(benchmark):
+    """The unfused ops it replaces (an add, then F.layer_norm), on the same tiny tensors."""
+    x, branch = torch.randn(2, 50, 64, requires_grad=True), torch.randn(2, 50, 64, requires_grad=True)
+    weight, bias = torch.ones(64, requires_grad=True), torch.zeros(64, requires_grad=True)
+
+    def forward():
+        total = x + branch
+        return total + F.layer_norm(total, (64,), weight, bias)
+
+    benchmark(_fwd_bwd(forward, [x, branch, weight, bias]))

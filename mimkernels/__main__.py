@@ -90,18 +90,39 @@ def check_patch_embed(batch, size, patch, embed, dtype, device) -> tuple[float, 
             max(_relative_error(g, w) for g, w in zip(grads, grads64)))
 
 
+def check_add_layer_norm(rows, width, dtype, device) -> tuple[float, float]:
+    """The residual add + LayerNorm (fp32 residual stream, ``dtype`` branch): worst relative error of the sum, the
+    normed rows and the gradients of x, branch, weight and bias."""
+    gen = torch.Generator(device=device).manual_seed(width)
+    x = torch.randn(rows, width, device=device, generator=gen).requires_grad_()
+    branch = torch.randn(rows, width, device=device, generator=gen).to(dtype).requires_grad_()
+    weight = (1 + torch.randn(width, device=device, generator=gen) / 2).requires_grad_()
+    bias = torch.randn(width, device=device, generator=gen).requires_grad_()
+    with mimkernels.use_backend("triton"):
+        total, normed = mimkernels.add_layer_norm(x, branch, weight, bias)
+    grad_total, grad_normed = torch.randn_like(total), torch.randn_like(normed)
+    grads = torch.autograd.grad((total, normed), (x, branch, weight, bias), (grad_total, grad_normed))
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, branch, weight, bias)]
+    total64, normed64 = reference.add_layer_norm(*leaves64)
+    grads64 = torch.autograd.grad((total64, normed64), leaves64, (grad_total.double(), grad_normed.double()))
+    return (max(_relative_error(total, total64), _relative_error(normed, normed64)),
+            max(_relative_error(g, w) for g, w in zip(grads, grads64)))
+
+
 def self_check(device: str) -> bool:
     if HAS_GPU:
         dtypes = (torch.bfloat16, torch.float16, torch.float32)
         attention_shapes = ((8, 12, 197, 64), (4, 16, 257, 80), (2, 12, 256, 128), (1, 2, 1025, 40))
         token_shapes = ((64, 196, 768), (8, 49, 40))
         embed_shapes = ((16, 224, 16, 768), (4, 224, 14, 1536))
+        norm_shapes = ((64 * 197, 768), (8 * 256, 1536), (5, 40))
     else:  # the interpreter is slow, and its bf16 tl.dot is broken (the token ops have no dot)
         dtypes = (torch.float16, torch.float32)
         attention_shapes = ((2, 2, 49, 64), (2, 1, 197, 80))
-        token_shapes, embed_shapes = ((2, 49, 40),), ((2, 32, 16, 40),)
+        token_shapes, embed_shapes, norm_shapes = ((2, 49, 40),), ((2, 32, 16, 40),), ((2 * 50, 64),)
     checks = [("prefix_causal_attention", check_attention, dtypes, attention_shapes),
-              ("patch_embed + loss", check_patch_embed, dtypes, embed_shapes)]
+              ("patch_embed + loss", check_patch_embed, dtypes, embed_shapes),
+              ("add_layer_norm", check_add_layer_norm, dtypes, norm_shapes)]
     for backend in (name for name in ("extension", "triton") if name in mimkernels.available_backends()):
         checks.append((f"mae tokens ({backend})", functools.partial(check_tokens, backend),
                        (torch.bfloat16, torch.float16, torch.float32), token_shapes))

@@ -61,6 +61,19 @@ def test_targets_report_met_and_missed():
     assert not any("aim_3b" in line for line in lines)  # nothing is reported for shapes not measured
 
 
+def test_norms_harness_runs_end_to_end(tmp_path):
+    from benchmarks import bench_norms
+
+    csv_path = tmp_path / "norms.csv"
+    rows = bench_norms.run(["aim_600m"], torch.float32, True, common.Peaks(1.0, 1.0), str(csv_path), device="cpu",
+                           scale=4096, compile_backend="aot_eager")
+    assert {(r.provider, r.mode) for r in rows} == {(p, m) for p in ("torch_unfused", "torch_compiled", "mimkernels",
+                                                                     "mimkernels_triton") for m in ("fwd", "fwd_bwd")}
+    assert len(csv_path.read_text().splitlines()) == 1 + len(rows)
+    fwd = next(r for r in rows if r.mode == "fwd")
+    assert fwd.gbps * fwd.ms_p50 * 1e6 == pytest.approx(4 * 1536 * 12, rel=1e-3)  # rows x width x 12 bytes
+
+
 def test_tokens_harness_runs_end_to_end(tmp_path):
     from benchmarks import bench_tokens
 
