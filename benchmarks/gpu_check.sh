@@ -3,8 +3,11 @@
 # (kernels, then model training steps). Every step has its own timeout; they add up to 11.5 minutes, more than one
 # device call's 10: give the call timeout_s=600 and expect the model benchmarks to be cut if every step runs long.
 # (The kernel resource report needs no GPU: python -m benchmarks.kernel_report.)
-# STEPS picks steps, in this order whatever is named: build tests sanitizer bench (default: all four). The
-# correctness half alone, about 5 minutes: STEPS="build tests sanitizer" benchmarks/gpu_check.sh
+# STEPS picks steps, in this order whatever is named: build tests sanitizer bench models (default: the first four).
+# The correctness half alone, about 5 minutes: STEPS="build tests sanitizer" benchmarks/gpu_check.sh
+# The training-step questions (issue 11), about 7 minutes: STEPS=models benchmarks/gpu_check.sh (the fused add +
+# LayerNorm alone, then MAE ViT-L and AIM-600M steps eager and compiled with MFU, the packed-qkv and fused-norm
+# A/B providers, and a per-category GPU profile of each step in train_step_profile.txt)
 # Writes under $OUT (default benchmarks/results/local); commit what it measured, raw, under benchmarks/results/.
 # Where the tree has no .git (the device copy), pass the commit: MIMKERNELS_COMMIT=<sha> benchmarks/gpu_check.sh
 # Uses the machine's own python3 (its torch and triton): nothing is installed, nothing is fetched.
@@ -63,5 +66,14 @@ tail -n 25 "$OUT/bench_attention.txt"
 tail -n 12 "$OUT/bench_tokens.txt"
 tail -n 15 "$OUT/bench_patch_embed.txt"
 tail -n 8 "$OUT/bench_models.txt"
+fi
+
+if wants models; then
+echo "== training steps: fused norm, then eager + compiled steps with a profile"
+timeout 60 $PY -m benchmarks.bench_norms --quick --out "$OUT" > "$OUT/bench_norms.txt" 2>&1 || status=1
+timeout 330 $PY -m benchmarks.bench_models --quick --compile --profile --shapes mae_vit_l aim_600m --out "$OUT" \
+  > "$OUT/bench_models.txt" 2>&1 || status=1
+tail -n 20 "$OUT/bench_norms.txt"
+tail -n 30 "$OUT/bench_models.txt"
 fi
 exit $status

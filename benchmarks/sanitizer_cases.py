@@ -32,7 +32,9 @@ def attention_cases(device):
         prefix = torch.randint(0, seq_len + 1, (batch,), device=device)
         _backward(mimkernels.prefix_causal_attention(q, k, v, prefix), (q, k, v))
         _backward(mimkernels.attention(q, k, v), (q, k, v))
-        yield f"attention {batch}x{heads}x{seq_len}x{head_dim} {str(dtype)[6:]}"
+        qkv = torch.randn(batch, seq_len, 3, heads, head_dim, device=device, dtype=dtype, requires_grad=True)
+        _backward(mimkernels.qkv_attention(qkv, prefix_len=prefix), (qkv,))
+        yield f"attention {batch}x{heads}x{seq_len}x{head_dim} {str(dtype)[6:]} (q, k, v and packed)"
 
 
 def token_cases(device):
@@ -71,11 +73,25 @@ def patch_embed_cases(device):
         yield f"patch_embed ({mode}) + masked loss"
 
 
+NORM_CASES = [(1, 40), (3 * 49, 1536), (300, 2048)]  # the last: more rows than backward programs
+
+
+def norm_cases(device):
+    for rows, width in NORM_CASES:
+        x = torch.randn(rows, width, device=device, requires_grad=True)
+        branch = torch.randn(rows, width, device=device, dtype=torch.bfloat16, requires_grad=True)
+        weight, bias = (torch.randn(width, device=device, requires_grad=True) for _ in range(2))
+        with mimkernels.use_backend("triton"):
+            total, normed = mimkernels.add_layer_norm(x, branch, weight, bias)
+        _backward(total.float().sum() + normed.float().square().sum(), (x, branch, weight, bias))
+        yield f"add_layer_norm {rows}x{width}"
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("sanitizer cases need a CUDA GPU")
         return 0
-    for cases in (attention_cases, token_cases, patch_embed_cases):
+    for cases in (attention_cases, token_cases, patch_embed_cases, norm_cases):
         for name in cases("cuda"):
             torch.cuda.synchronize()
             print("ran", name, flush=True)

@@ -216,8 +216,11 @@ def test_sanitizer_cases_run(device, monkeypatch):
     if device == "cpu":  # the interpreter is slow: the edge cases only, small
         monkeypatch.setattr(sanitizer_cases, "ATTENTION_CASES", [((2, 1, 19, 40), torch.float32),
                                                                  ((1, 1, 1, 16), torch.float16)])
+        monkeypatch.setattr(sanitizer_cases, "NORM_CASES", [(1, 40), (260, 24)])
     with mimkernels.use_backend("triton"):
         names = [name for cases in (sanitizer_cases.attention_cases, sanitizer_cases.token_cases,
-                                    sanitizer_cases.patch_embed_cases) for name in cases(device)]
+                                    sanitizer_cases.patch_embed_cases, sanitizer_cases.norm_cases)
+                 for name in cases(device)]
     token_backends = {"triton", "extension"} & set(mimkernels.available_backends())
-    assert len(names) == len(sanitizer_cases.ATTENTION_CASES) + 3 + len(token_backends)
+    expected = len(sanitizer_cases.ATTENTION_CASES) + 3 + len(token_backends) + len(sanitizer_cases.NORM_CASES)
+    assert len(names) == expected
