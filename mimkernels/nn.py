@@ -88,7 +88,8 @@ def attend_qkv(qkv, q_norm, k_norm, *, causal=False, prefix_len=None, scale=None
 class Attention(nn.Module):
     """Multi-head self-attention on a packed qkv projection, timm's parameter layout.
 
-    q, k and v are strided views of one GEMM's output, read in place by the attention kernel. ``qk_norm``
+    The qkv GEMM's output goes to :func:`mimkernels.qkv_attention` whole (read in place, its gradient written as
+    one packed tensor); with ``qk_norm``, q and k are normalised views of it instead. ``qk_norm``
     normalises q and k per head (``norm_layer`` over the head dim) as timm does. Attention-weight dropout has no
     kernel: ``attn_drop`` must be 0.
     """
