@@ -189,6 +189,21 @@ def test_the_cli_compiles_the_model(tmp_path, capsys):
     assert code == 0 and math.isfinite(float(stdout.split("-> ")[1].split(",")[0]))
 
 
+def test_activation_checkpointing_keeps_the_losses_compiled_or_not(tmp_path, capsys):
+    """--activation-checkpointing recomputes each block in the backward: the same logged losses and gradient norms
+    as a run without it, eagerly and with the whole forward compiled (aot_eager, checkpoints inside the graph)."""
+    runs = {}
+    for name, extra in (("plain", ()), ("checkpointed", ("--activation-checkpointing",)),
+                        ("compiled", ("--activation-checkpointing", "--compile", "aot_eager"))):
+        code, _, _ = run_cli(capsys, "aim", "--steps", 2, *TINY, "--out", tmp_path / name, *extra)
+        assert code == 0
+        runs[name] = train.read_metrics(tmp_path / name / "metrics.jsonl")
+    for name in ("checkpointed", "compiled"):
+        for key in ("loss", "grad_norm"):
+            for got, want in zip(runs[name], runs["plain"]):
+                assert got[key] == pytest.approx(want[key], rel=1e-5), (name, key)
+
+
 def test_compile_defaults_to_the_gpu_and_no_compile_turns_it_off():
     assert train.parse_args(["mae"]).compile == "auto" and train.parse_args(["mae", "--no-compile"]).compile is None
     assert train.parse_args(["mae", "--compile"]).compile == "inductor"
