@@ -13,7 +13,15 @@ import torch
 
 import mimkernels
 from benchmarks import official
-from mimkernels.models import AIM, CONFIGS, MAE, aim_tiny, mae_vit_base_patch16, mae_vit_tiny_patch8
+from mimkernels.models import (
+    AIM,
+    CONFIGS,
+    MAE,
+    aim_tiny,
+    mae_vit_base_patch16,
+    mae_vit_tiny_patch8,
+    simmim_vit_tiny_patch8,
+)
 from mimkernels.models.vit import sincos_pos_embed
 
 FUSED = "auto" if torch.cuda.is_available() else "triton"
@@ -349,3 +357,14 @@ def test_blocks_with_the_fused_add_norm_train_the_same(build, monkeypatch):
     torch.testing.assert_close(loss_fused, loss, rtol=1e-5, atol=1e-6)
     for g, w in zip(grads_fused, grads):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("build", [aim_tiny, simmim_vit_tiny_patch8])
+def test_models_compile_for_a_second_batch_size(build):
+    """The second batch size makes Dynamo trace the batch dimension as a symbol: drawing the prefixes (AIM) and
+    block masks (SimMIM) inside the forward must still trace, in one graph."""
+    torch._dynamo.reset()
+    model = build()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    for batch in (2, 3):
+        assert torch.isfinite(compiled(torch.randn(batch, 3, 64, 64))[0])

@@ -26,7 +26,7 @@ from torch import nn
 
 import mimkernels
 
-from .vit import Block, Mlp, PatchEmbed, check_head_dim, init_weights, recomputable, sincos_pos_embed
+from .vit import Block, Mlp, PatchEmbed, check_head_dim, generator_kwargs, init_weights, recomputable, sincos_pos_embed
 
 _LN = partial(nn.LayerNorm, eps=1e-6)
 
@@ -77,7 +77,7 @@ class AIM(nn.Module):
 
     def sample_prefix_len(self, batch: int, device=None, generator=None) -> torch.Tensor:
         """Prefix lengths ``[batch]`` (int64), uniform in ``{1, ..., L - 1}``."""
-        return torch.randint(1, self.num_patches, (batch,), device=device, generator=generator)
+        return torch.randint(1, self.num_patches, (batch,), device=device, **generator_kwargs(generator))
 
     def forward_features(self, imgs, prefix_len=None):
         """Trunk output ``[B, L, E]`` (after the final norm). ``prefix_len=None``: full bidirectional

@@ -27,7 +27,7 @@ from torch import nn
 
 import mimkernels
 
-from .vit import MaskTokenViT
+from .vit import MaskTokenViT, generator_kwargs
 
 
 def block_mask(batch: int, grid: int, block: int, ratio: float, *, generator=None, device=None) -> torch.Tensor:
@@ -44,7 +44,7 @@ def block_mask(batch: int, grid: int, block: int, ratio: float, *, generator=Non
     side = grid // block
     squares = side * side
     count = math.ceil(squares * ratio)
-    ranks = torch.rand(batch, squares, generator=generator, device=device).argsort(1).argsort(1)
+    ranks = torch.rand(batch, squares, device=device, **generator_kwargs(generator)).argsort(1).argsort(1)
     masked = (ranks < count).float().view(batch, side, side)
     return masked.repeat_interleave(block, 1).repeat_interleave(block, 2).reshape(batch, grid * grid)
 

@@ -19,8 +19,14 @@ from ..nn import Attention, PatchEmbed, check_head_dim
 # (bench_models' mimkernels_fused_norm provider is that A/B).
 FUSED_ADD_NORM = False
 
-__all__ = ["Attention", "Block", "MaskTokenViT", "Mlp", "PatchEmbed", "check_head_dim", "init_weights",
-           "recomputable", "sincos_pos_embed"]
+__all__ = ["Attention", "Block", "MaskTokenViT", "Mlp", "PatchEmbed", "check_head_dim", "generator_kwargs",
+           "init_weights", "recomputable", "sincos_pos_embed"]
+
+
+def generator_kwargs(generator) -> dict:
+    """``{"generator": generator}``, or nothing for None: an explicit ``generator=None`` makes ``torch.rand`` /
+    ``randint`` fail to trace under torch.compile once the batch size is symbolic (torch 2.11 and 2.14)."""
+    return {} if generator is None else {"generator": generator}
 
 
 def recomputable(forward):
