@@ -98,15 +98,19 @@ def step_times(step, *, warmup: int, iters: int, device: str) -> tuple[float, fl
     return statistics.median(times), quantiles[1], quantiles[7]
 
 
+def train_step(loss_fn, optimizer, dtype, device: str) -> None:
+    """``loss_fn()`` under autocast (off for fp32), its backward and ``optimizer.step()``."""
+    with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+        loss = loss_fn()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
 def time_train_step(loss_fn, optimizer, dtype, quick: bool, device: str) -> tuple[tuple, float]:
-    """Step times (p50, p20, p80 ms) and peak memory (GiB; NaN off CUDA) of ``loss_fn()`` under autocast, its
-    backward and ``optimizer.step()``."""
+    """Step times (p50, p20, p80 ms) and peak memory (GiB; NaN off CUDA) of ``train_step``."""
     def step():
-        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
-            loss = loss_fn()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(loss_fn, optimizer, dtype, device)
 
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -152,11 +156,7 @@ def profile_step(loss_fn, optimizer, dtype, device: str) -> tuple[dict, list]:
 
     activity = ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU
     with profile(activities=[activity]) as prof:
-        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
-            loss = loss_fn()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(loss_fn, optimizer, dtype, device)
         if device == "cuda":
             torch.cuda.synchronize()
     per_kernel = collections.Counter()

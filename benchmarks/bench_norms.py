@@ -82,8 +82,7 @@ def run(shapes, dtype, quick, peaks, csv_path=None, *, device="cuda", scale=1, c
                 times = common.time_ms(_step(fn, args, mode, grads, device), quick=quick, device=device)
                 rows_out.append(common.result("add_layer_norm", provider, mode, shape, "fp32+bf16", times, 0,
                                               min_bytes, peaks))
-                print(f"  {shape:28s} {provider:15s} {mode:8s} {times[0]:8.3f} ms  {rows_out[-1].gbps:7.0f} GB/s  "
-                      f"{rows_out[-1].roofline_pct:5.1f}% of copy", flush=True)
+                common.print_memory_row(rows_out[-1])
         if csv_path:
             common.write_csv(csv_path, rows_out, device)
     return rows_out

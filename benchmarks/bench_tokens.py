@@ -103,8 +103,7 @@ def run(shapes, dtype, quick, peaks, csv_path=None, *, device="cuda", batch=256)
                     times = common.time_ms(_step(fn, args, leaves, grad_out, mode), quick=quick, device=device)
                     rows.append(common.result("mae_tokens", provider, mode, shape, str(dtype)[6:], times, 0,
                                               min_bytes, peaks))
-                    print(f"  {shape:32s} {provider:18s} {mode:8s} {times[0]:8.3f} ms  {rows[-1].gbps:7.0f} GB/s  "
-                          f"{rows[-1].roofline_pct:5.1f}% of copy", flush=True)
+                    common.print_memory_row(rows[-1])
         if csv_path:
             common.write_csv(csv_path, rows, device)
     return rows

@@ -56,6 +56,12 @@ def result(kernel, provider, mode, shape, dtype, times, flops, min_bytes, peaks:
     return Result(kernel, provider, mode, shape, dtype, p50, p20, p80, tflops, gbps, roofline)
 
 
+def print_memory_row(row: Result) -> None:
+    """One timed row of a memory-bound benchmark: time, GB/s over its minimal bytes, % of the copy bandwidth."""
+    print(f"  {row.shape:32s} {row.provider:18s} {row.mode:8s} {row.ms_p50:8.3f} ms  {row.gbps:7.0f} GB/s  "
+          f"{row.roofline_pct:5.1f}% of copy", flush=True)
+
+
 def write_csv(path: str, rows: list[Result], device: str = "cuda") -> None:
     run = provenance(device)
     with open(path, "w", newline="") as f:

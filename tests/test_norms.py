@@ -181,3 +181,13 @@ def test_compiles_to_the_same_kernels():
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_each_parameter_gradient_comes_in_its_own_dtype():
+    x = torch.randn(2, 5, 16, device=DEVICE, requires_grad=True)
+    weight = torch.ones(16, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    bias = torch.zeros(16, device=DEVICE, requires_grad=True)
+    with mimkernels.use_backend("triton"):
+        total, normed = mimkernels.add_layer_norm(x, x.detach(), weight, bias)
+    (total.sum() + normed.float().square().sum()).backward()
+    assert weight.grad.dtype == torch.float16 and bias.grad.dtype == torch.float32

@@ -24,19 +24,20 @@ class _AddLayerNorm(torch.autograd.Function):
         total_dtype = _promoted(x.dtype, branch.dtype)
         total, normed, mean, rstd = _kernels.forward(x, branch, weight, bias, eps, total_dtype, normed_dtype)
         ctx.save_for_backward(total, weight, mean, rstd)
-        ctx.dtypes = x.dtype, branch.dtype, weight is not None, bias is not None
+        ctx.dtypes = (x.dtype, branch.dtype, None if weight is None else weight.dtype,
+                      None if bias is None else bias.dtype)
         return total, normed
 
     @staticmethod
     def backward(ctx, grad_total, grad_normed):
         total, weight, mean, rstd = ctx.saved_tensors
-        x_dtype, branch_dtype, has_weight, has_bias = ctx.dtypes
+        x_dtype, branch_dtype, weight_dtype, bias_dtype = ctx.dtypes
         if grad_normed is None:  # only total was used: the add's gradient
             grad_normed = torch.zeros_like(total)
         grad, grad_weight, grad_bias = _kernels.backward(grad_normed, grad_total, total, weight, mean, rstd,
                                                          total.dtype)
-        return (grad.to(x_dtype), grad.to(branch_dtype), grad_weight.to(weight.dtype) if has_weight else None,
-                grad_bias.to(weight.dtype if has_weight else total.dtype) if has_bias else None, None, None)
+        return (grad.to(x_dtype), grad.to(branch_dtype), grad_weight.to(weight_dtype) if weight_dtype else None,
+                grad_bias.to(bias_dtype) if bias_dtype else None, None, None)
 
 
 def add_layer_norm(x, branch, weight=None, bias=None, *, eps=1e-5):
