@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import importlib.util
 import itertools
 import json
@@ -704,11 +705,19 @@ def main(argv=None) -> int:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         summary = train(args, rank, world, device)
+        # A gloo worker thread that releases a finished collective's tensors while Python shuts down aborts the
+        # process ("terminate called without an active exception"). So every rank's work is done first (the
+        # barrier waits for all earlier collectives), and the group is torn down below while Python is alive.
+        if dist.is_initialized():
+            dist.barrier()
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:
         if dist.is_initialized():
+            # DDP's reference cycles would keep the group (and gloo's threads) alive past destroy_process_group
+            # until interpreter exit; collected first, they don't. (Under FSDP torch's DTensor caches keep it.)
+            gc.collect()
             dist.destroy_process_group()
     if rank == 0:
         print("\n".join(summary.lines()))
