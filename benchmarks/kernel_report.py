@@ -22,7 +22,7 @@ import io
 import os
 import re
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("kernel_report compiles real kernels: unset TRITON_INTERPRET")
@@ -91,7 +91,7 @@ def _signature(fn, pointer_types: dict[str, str], constexprs: dict):
             signature[name] = "i32"
     # real launches see 16-byte aligned pointers and token strides divisible by 16 (H * D * elements)
     aligned = [(i,) for i, name in enumerate(fn.arg_names)
-               if name in pointer_types or (name.startswith("stride_") and name.endswith("n"))]
+               if pointer_types.get(name, "").startswith("*") or (name.startswith("stride_") and name.endswith("n"))]
     return signature, {key: [["tt.divisibility", 16]] for key in aligned}
 
 
@@ -113,16 +113,25 @@ def attention_launches(head_dim: int, dtype: torch.dtype, cfgs=None, variant: st
         plan.append((kernels._prefix_causal_bwd_dq, cfgs.backward_dq_delta, {"DELTA_HERE": True}))
     launches = []
     for fn, cfg, extra in plan:
-        constexprs = {**shape, "PREFIX_IS_TENSOR": True, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, **extra}
+        constexprs = {**shape, "PREFIX_IS_TENSOR": True, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
+                      "USE_TMA": cfg.tma, **extra}
         suffix = " atomic" if extra.get("DQ_ATOMIC") else " +delta" if extra.get("DELTA_HERE") else ""
-        launches.append(Launch(fn, f"D={head_dim}{variant}{suffix}",
-                               f"{cfg.block_m}x{cfg.block_n}", cfg.num_warps, cfg.num_stages, pointers, constexprs))
+        suffix += " tma" if cfg.tma else ""
+        launches.append(Launch(fn, f"D={head_dim}{variant}{suffix}", f"{cfg.block_m}x{cfg.block_n}", cfg.num_warps,
+                               cfg.num_stages, _tma_operands(pointers, cfg, DTYPES[dtype], shape) if cfg.tma
+                               else pointers, constexprs))
     if not portable:
         return launches
     row_dot = {k: shape[k] for k in ("head_dim", "EVEN_D", "BLOCK_D")} | {"BLOCK_M": kernels.ROW_DOT_BLOCK}
     launches.append(Launch(kernels._bwd_row_dot, f"D={head_dim}", f"{kernels.ROW_DOT_BLOCK}", kernels.ROW_DOT_WARPS,
                            kernels.ROW_DOT_STAGES, pointers, row_dot))
     return launches
+
+
+def _tma_operands(pointers: dict, cfg, dtype_name: str, shape: dict) -> dict:
+    """The forward's Q, K, V, O as the [B, H, N, D] tensor descriptors a ``+tma`` config passes."""
+    rows = {"Q": cfg.block_m, "K": cfg.block_n, "V": cfg.block_n, "O": cfg.block_m}
+    return pointers | {name: f"tensordesc<{dtype_name}[1,1,{r},{shape['BLOCK_D']}]>" for name, r in rows.items()}
 
 
 def other_launches(dtype: torch.dtype) -> list[Launch]:
@@ -213,6 +222,25 @@ def report(head_dims=HEAD_DIMS, archs=ARCHS, dtypes=tuple(DTYPES)) -> list[Row]:
     return rows
 
 
+def tma_candidates_report(head_dims=(64, 80, 128)) -> list[Row]:
+    """The tuner's ``+tma`` forward candidates (attention_tuning.CANDIDATES), bf16 on sm_90, the only
+    architecture that runs them: that they compile, and their registers beside the pointer tiles'."""
+    from mimkernels.triton import attention_tuning
+
+    rows = []
+    for head_dim in head_dims:
+        portable = kernels.configs_for(head_dim, torch.bfloat16)
+        for text in attention_tuning.CANDIDATES["forward"]:
+            cfg = kernels.TileConfig.parse(text)
+            if not cfg.tma:
+                continue
+            launch = attention_launches(head_dim, torch.bfloat16, replace(portable, forward=cfg))[0]
+            rows.append(Row(launch.fn.__name__, "sm_90", "bf16", launch.variant, launch.tile, launch.num_warps,
+                            launch.num_stages, *compile_one(launch, 90)))
+            print(_format(rows[-1]), flush=True)
+    return rows
+
+
 def _format(row: Row) -> str:
     flag = "  SPILLS" if row.spills else ""
     return (f"{row.kernel:26s} {row.arch} {row.dtype} {row.variant:12s} tile {row.tile:10s} "
@@ -226,12 +254,19 @@ def main(argv=None) -> int:
     parser.add_argument("--csv", help="also write the rows to this CSV file")
     parser.add_argument("--measured", action="store_true",
                         help="report the measured table's configs instead (spills are listed, not failed)")
+    parser.add_argument("--tma", action="store_true",
+                        help="compile the tuner's TMA forward candidates for sm_90 instead (spills listed, not failed)")
     args = parser.parse_args(argv)
     source = commit()  # the code compiled is the code at the start
     if args.measured:
         rows = measured_report()
         print(f"{len(rows)} kernels of the measured table compiled with triton {triton.__version__}; "
               f"{sum(row.spills for row in rows)} spill (allowed: chosen by measured speed)")
+        return 0
+    if args.tma:
+        rows = tma_candidates_report()
+        print(f"{len(rows)} TMA forward candidates compiled for sm_90 with triton {triton.__version__}; "
+              f"{sum(row.spills for row in rows)} spill (allowed: the tuner measures them)")
         return 0
     rows = report(QUICK_HEAD_DIMS, (90,)) if args.quick else report()
     if args.csv:

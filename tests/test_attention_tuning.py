@@ -36,6 +36,17 @@ def problem():
 def test_tile_config_text_round_trip():
     cfg = TileConfig.parse("128x32x4x4")
     assert cfg == TileConfig(128, 32, 4, 4) and str(cfg) == "128x32x4x4"
+    tma = TileConfig.parse("128x64x8x3+tma")
+    assert tma == TileConfig(128, 64, 8, 3, tma=True) and str(tma) == "128x64x8x3+tma"
+    with pytest.raises(ValueError, match="flag 'fast'"):
+        TileConfig.parse("128x64x8x3+fast")
+
+
+def test_every_candidate_parses_and_only_the_forward_has_tma():
+    for kernel, texts in tuning.CANDIDATES.items():
+        configs = [TileConfig.parse(text) for text in texts]
+        assert len(set(configs)) == len(configs), kernel
+        assert kernel == "forward" or not any(cfg.tma for cfg in configs), kernel
 
 
 def test_sweep_checks_times_and_picks_the_fastest(problem):

@@ -11,13 +11,29 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_default_configs_do_not_spill():
+def kernel_report(*argv):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    run = subprocess.run([sys.executable, "-m", "benchmarks.kernel_report", "--quick"], cwd=ROOT,
+    run = subprocess.run([sys.executable, "-m", "benchmarks.kernel_report", *argv], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    return run
+
+
+def test_default_configs_do_not_spill():
+    run = kernel_report("--quick")
     assert "0 spill" in run.stdout
     assert run.stdout.count("_prefix_causal_fwd") == 9  # 3 head-dim classes x 3 dtypes were compiled
     for kernel in ("_patch_embed_fwd", "_patch_embed_weight_grad", "_masked_patch_loss_bwd", "_restore_rows"):
         assert run.stdout.count(kernel) == 3, kernel
+
+
+def test_tma_forward_candidates_compile_for_hopper():
+    """The tuner's TMA forward candidates, as the tensor-descriptor kernels a Hopper GPU would run (no GPU needed
+    to compile them): each must compile, or the sweep on the GPU would spend its time on failures."""
+    from mimkernels.triton import attention_tuning
+
+    run = kernel_report("--tma")
+    candidates = sum(text.endswith("+tma") for text in attention_tuning.CANDIDATES["forward"])
+    assert run.stdout.count(" tma ") == 3 * candidates, run.stdout[-4000:]  # head dims 64, 80, 128
+    assert f"{3 * candidates} TMA forward candidates compiled for sm_90" in run.stdout

@@ -64,6 +64,21 @@ def test_what_triton_specialises_on_changes_the_key(monkeypatch):
     assert len(kernel.jit_launches) == len(cases) and not kernel.direct_launches
 
 
+def test_tensor_descriptors_are_keyed_by_dtype_and_block_shape(monkeypatch):
+    """A TMA descriptor specialises on its dtype and block shape; its address, shape and strides are passed at
+    every launch (so a new tensor of the same kind reuses the compiled kernel)."""
+    monkeypatch.setattr(fast, "_ENABLED", True)
+    monkeypatch.setattr(fast, "_COMPILED", {})
+    kernel, constexprs = FakeKernel(), {"BLOCK": 32, "FLAG": True}
+    x, y = torch.zeros(4, 64), torch.zeros(8, 64)
+    cases = [fast.TensorDescriptor.from_tensor(x, [2, 64]), fast.TensorDescriptor.from_tensor(y, [2, 64]),
+             fast.TensorDescriptor.from_tensor(x, [4, 64]), fast.TensorDescriptor.from_tensor(x.half(), [2, 64])]
+    for desc in cases:
+        fast.launch(kernel, (1,), (desc,), (48, 0.5), constexprs, num_warps=4, num_stages=2)
+    assert len(kernel.jit_launches) == 3  # the second reused the first's kernel
+    assert kernel.direct_launches == [((1, 1, 1), (cases[1], 48, 0.5, 32, True))]
+
+
 def test_disabled_always_goes_through_triton(monkeypatch):
     monkeypatch.setattr(fast, "_ENABLED", False)
     kernel, x = FakeKernel(), torch.zeros(64)

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
+from .._backend import triton_interpreted
 from .launch import cdiv, launch, next_power_of_2
 
 LOG2_E = 1.4426950408889634
@@ -36,14 +38,21 @@ class TileConfig:
     block_n: int  # key rows per tile
     num_warps: int
     num_stages: int
+    # forward only: read Q, K, V and write O through TMA tensor descriptors (Hopper and newer, see tma_usable);
+    # elsewhere the same tiles run through pointers
+    tma: bool = False
 
     @classmethod
     def parse(cls, text: str) -> TileConfig:
-        """From ``"block_m x block_n x num_warps x num_stages"``, the form the tile tables use."""
-        return cls(*(int(part) for part in text.split("x")))
+        """From ``"block_m x block_n x num_warps x num_stages"``, with ``"+tma"`` appended for a TMA config: the
+        form the tile tables use."""
+        tiles, plus, flag = text.partition("+")
+        if plus and flag != "tma":
+            raise ValueError(f"unknown tile config flag {flag!r} in {text!r} (known: +tma)")
+        return cls(*(int(part) for part in tiles.split("x")), tma=bool(plus))
 
     def __str__(self) -> str:
-        return f"{self.block_m}x{self.block_n}x{self.num_warps}x{self.num_stages}"
+        return f"{self.block_m}x{self.block_n}x{self.num_warps}x{self.num_stages}" + "+tma" * self.tma
 
 
 @dataclass(frozen=True)
@@ -226,15 +235,28 @@ def _visible(rows_q, cols_k, prefix, seq_len):
 
 
 @triton.jit
+def _load_head_tile(desc, batch, head, row_start, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows [row_start, row_start + BLOCK_ROWS) of (batch, head) through a [B, H, N, D] tensor descriptor: TMA
+    fills rows past N and columns past D with zeros, so no mask is needed."""
+    return desc.load([batch, head, row_start, 0]).reshape(BLOCK_ROWS, BLOCK_D)
+
+
+@triton.jit
 def _fwd_key_tiles(
-    acc, row_sum, row_max, q, k_base, v_base, stride_kn, stride_vn,
+    acc, row_sum, row_max, q, k_src, v_src, stride_kn, stride_vn, batch, head,
     offs_m, offs_d, n_lo, n_hi, prefix, seq_len, head_dim, qk_scale,
-    BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
+    """``k_src``, ``v_src``: this head's first rows (pointers), or with USE_TMA the tensor descriptors."""
     for n_start in range(n_lo, n_hi, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_base, offs_n, stride_kn, offs_d, seq_len, head_dim, MASKED, EVEN_D)
-        v = _load_tile(v_base, offs_n, stride_vn, offs_d, seq_len, head_dim, MASKED, EVEN_D)
+        if USE_TMA:
+            k = _load_head_tile(k_src, batch, head, n_start, BLOCK_N, BLOCK_D)
+            v = _load_head_tile(v_src, batch, head, n_start, BLOCK_N, BLOCK_D)
+        else:
+            k = _load_tile(k_src, offs_n, stride_kn, offs_d, seq_len, head_dim, MASKED, EVEN_D)
+            v = _load_tile(v_src, offs_n, stride_vn, offs_d, seq_len, head_dim, MASKED, EVEN_D)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
             scores = tl.where(_visible(offs_m[:, None], offs_n[None, :], prefix, seq_len), scores, float("-inf"))
@@ -258,8 +280,10 @@ def _prefix_causal_fwd(
     num_heads, seq_len, qk_scale, num_m_tiles,
     PREFIX_IS_TENSOR: tl.constexpr, head_dim: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
+    """O and the base-2 LSE of one query tile. Q, K, V, O are pointers, or with USE_TMA [B, H, N, D] tensor
+    descriptors (blocks [1, 1, BLOCK_M or BLOCK_N, BLOCK_D]; their strides then come with them)."""
     pid = tl.program_id(0)
     bh = pid // num_m_tiles
     m_start = (num_m_tiles - 1 - pid % num_m_tiles) * BLOCK_M  # the longest rows first
@@ -269,24 +293,33 @@ def _prefix_causal_fwd(
 
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q_base = _head_rows(Q, batch, head, stride_qb, stride_qh)
-    k_base = _head_rows(K, batch, head, stride_kb, stride_kh)
-    v_base = _head_rows(V, batch, head, stride_vb, stride_vh)
-    q = _load_tile(q_base, offs_m, stride_qn, offs_d, seq_len, head_dim, True, EVEN_D)
+    if USE_TMA:
+        k_src, v_src = K, V
+        q = _load_head_tile(Q, batch, head, m_start, BLOCK_M, BLOCK_D)
+    else:
+        k_src = _head_rows(K, batch, head, stride_kb, stride_kh)
+        v_src = _head_rows(V, batch, head, stride_vb, stride_vh)
+        q = _load_tile(_head_rows(Q, batch, head, stride_qb, stride_qh), offs_m, stride_qn, offs_d, seq_len,
+                       head_dim, True, EVEN_D)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     full_end, visible_end = _key_range(m_start, prefix, seq_len, BLOCK_M, BLOCK_N)
     acc, row_sum, row_max = _fwd_key_tiles(
-        acc, row_sum, row_max, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-        0, full_end, prefix, seq_len, head_dim, qk_scale, BLOCK_N, EVEN_D, False, DOT_PRECISION)
+        acc, row_sum, row_max, q, k_src, v_src, stride_kn, stride_vn, batch, head, offs_m, offs_d,
+        0, full_end, prefix, seq_len, head_dim, qk_scale, BLOCK_N, BLOCK_D, EVEN_D, False, DOT_PRECISION, USE_TMA)
     acc, row_sum, row_max = _fwd_key_tiles(
-        acc, row_sum, row_max, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-        full_end, visible_end, prefix, seq_len, head_dim, qk_scale, BLOCK_N, EVEN_D, True, DOT_PRECISION)
+        acc, row_sum, row_max, q, k_src, v_src, stride_kn, stride_vn, batch, head, offs_m, offs_d,
+        full_end, visible_end, prefix, seq_len, head_dim, qk_scale, BLOCK_N, BLOCK_D, EVEN_D, True, DOT_PRECISION,
+        USE_TMA)
 
-    o_base = _head_rows(O, batch, head, stride_ob, stride_oh)
-    _store_tile(o_base, offs_m, stride_on, offs_d, seq_len, head_dim, (acc / row_sum[:, None]).to(O.dtype.element_ty))
+    out = acc / row_sum[:, None]
+    if USE_TMA:  # TMA drops the rows past N and the columns past D
+        O.store([batch, head, m_start, 0], out.to(O.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
+    else:
+        _store_tile(_head_rows(O, batch, head, stride_ob, stride_oh), offs_m, stride_on, offs_d, seq_len, head_dim,
+                    out.to(O.dtype.element_ty))
     tl.store(LSE + bh.to(tl.int64) * seq_len + offs_m, row_max + tl.log2(row_sum), mask=offs_m < seq_len)
 
 
@@ -530,7 +563,8 @@ def forward(q, k, v, prefix, scale: float, configs: AttentionConfigs | None = No
     """Output ([B, H, N, D], stored [B, N, H, D]) and base-2 log-sum-exp ([B, H, N], fp32).
 
     ``prefix`` is a Python int already clamped to [0, N], or an integer tensor [B] (clamped in the kernel).
-    ``configs`` default to :func:`configs_for_call`'s.
+    ``configs`` default to :func:`configs_for_call`'s. A ``+tma`` forward config reads and writes through tensor
+    descriptors where :func:`tma_usable` allows, else runs the same tiles through pointers.
     """
     batch, heads, seq_len, head_dim = q.shape
     cfg = (configs or configs_for_call(q)).forward
@@ -538,12 +572,31 @@ def forward(q, k, v, prefix, scale: float, configs: AttentionConfigs | None = No
     lse = torch.empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
     num_m_tiles = cdiv(seq_len, cfg.block_m)
     prefix_ptr, prefix_int, prefix_is_tensor = _prefix_args(prefix, q)
-    launch(_prefix_causal_fwd, (batch * heads * num_m_tiles,), (q, k, v, out, lse, prefix_ptr), (
+    shapes = shape_args(head_dim, q.dtype)
+    use_tma = cfg.tma and tma_usable(q, k, v, out)
+    operands = (q, k, v, out)
+    if use_tma:
+        rows = (cfg.block_m, cfg.block_n, cfg.block_n, cfg.block_m)
+        operands = tuple(TensorDescriptor.from_tensor(t, [1, 1, r, shapes["BLOCK_D"]]) for t, r in zip(operands, rows))
+    launch(_prefix_causal_fwd, (batch * heads * num_m_tiles,), (*operands, lse, prefix_ptr), (
         prefix_int, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         heads, seq_len, scale * LOG2_E, num_m_tiles,
-    ), dict(PREFIX_IS_TENSOR=prefix_is_tensor, **shape_args(head_dim, q.dtype), BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    ), dict(PREFIX_IS_TENSOR=prefix_is_tensor, **shapes, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            USE_TMA=use_tma), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse
+
+
+def tma_usable(*tensors: torch.Tensor) -> bool:
+    """Whether these [B, H, N, D] tensors can be read through TMA tensor descriptors: a Hopper or newer GPU (or the
+    interpreter, for the tests), non-empty, 16-byte aligned addresses and strides."""
+    device = tensors[0].device
+    if device.type == "cuda":
+        if _arch(device) < 90:
+            return False
+    elif not triton_interpreted():
+        return False
+    return all(t.numel() > 0 and t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and all(s * t.element_size() % 16 == 0
+                                                                   for s in t.stride()[:-1]) for t in tensors)
 
 
 def backward_row_dot(grad_out, out):

@@ -17,6 +17,7 @@ import os
 
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .._backend import triton_interpreted
 
@@ -44,20 +45,33 @@ def fast_launch_enabled() -> bool:
 _ENABLED = fast_launch_enabled()
 
 
+def _specialisation(t) -> tuple:
+    """What Triton specialises a tensor or tensor-descriptor argument on (besides values that do not change)."""
+    if isinstance(t, TensorDescriptor):
+        return "descriptor", t.base.dtype, tuple(t.block_shape), t.padding, getattr(t, "round_f32_to_tf32", False)
+    return t.dtype, t.data_ptr() & 15
+
+
+def _device_of(t) -> int:
+    return (t.base if isinstance(t, TensorDescriptor) else t).get_device()
+
+
 def launch(kernel, grid: tuple, tensors: tuple, scalars: tuple, constexprs: dict, *, num_warps: int,
            num_stages: int) -> None:
     """``kernel[grid](*tensors, *scalars, **constexprs, num_warps=..., num_stages=...)``, with the host work done
     once per key.
 
-    The kernel's parameters are, in order: ``tensors``, then ``scalars`` (ints, floats), then ``constexprs``.
+    The kernel's parameters are, in order: ``tensors`` (or TMA tensor descriptors), then ``scalars`` (ints,
+    floats), then ``constexprs``.
     """
     if not _ENABLED or torch.compiler.is_compiling():
         kernel[grid](*tensors, *scalars, **constexprs, num_warps=num_warps, num_stages=num_stages)
         return
-    # Tensors by dtype and 16-byte alignment (what Triton specialises on; their addresses change every call), the
-    # scalars by value: equal values specialise equally, whatever Triton's rules for ints and floats are.
-    key = (id(kernel), tensors[0].get_device(), num_warps, num_stages, *constexprs.values(), *scalars,
-           *[(t.dtype, t.data_ptr() & 15) for t in tensors])
+    # Tensors by dtype and 16-byte alignment (what Triton specialises on; their addresses change every call), TMA
+    # descriptors by dtype and block shape, the scalars by value: equal values specialise equally, whatever
+    # Triton's rules for ints and floats are.
+    key = (id(kernel), _device_of(tensors[0]), num_warps, num_stages, *constexprs.values(), *scalars,
+           *map(_specialisation, tensors))
     cached = _COMPILED.get(key)
     if cached is None:
         if len(_COMPILED) > _MAX_KEYS:  # e.g. a float argument that changes every call: stay bounded
