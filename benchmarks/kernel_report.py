@@ -118,7 +118,7 @@ def attention_launches(head_dim: int, dtype: torch.dtype, cfgs=None, variant: st
         suffix = " atomic" if extra.get("DQ_ATOMIC") else " +delta" if extra.get("DELTA_HERE") else ""
         suffix += " tma" if cfg.tma else ""
         launches.append(Launch(fn, f"D={head_dim}{variant}{suffix}", f"{cfg.block_m}x{cfg.block_n}", cfg.num_warps,
-                               cfg.num_stages, _tma_operands(pointers, cfg, DTYPES[dtype], shape) if cfg.tma
+                               cfg.num_stages, _tma_operands(pointers, fn, cfg, DTYPES[dtype], shape) if cfg.tma
                                else pointers, constexprs))
     if not portable:
         return launches
@@ -128,9 +128,16 @@ def attention_launches(head_dim: int, dtype: torch.dtype, cfgs=None, variant: st
     return launches
 
 
-def _tma_operands(pointers: dict, cfg, dtype_name: str, shape: dict) -> dict:
-    """The forward's Q, K, V, O as the [B, H, N, D] tensor descriptors a ``+tma`` config passes."""
-    rows = {"Q": cfg.block_m, "K": cfg.block_n, "V": cfg.block_n, "O": cfg.block_m}
+# the operands each attention kernel takes as [B, H, N, D] tensor descriptors under a +tma config: query-tiled
+# ones (block_m rows) and key-tiled ones (block_n rows)
+TMA_OPERANDS = {"_prefix_causal_fwd": ("Q O", "K V"), "_prefix_causal_bwd_dkdv": ("Q DO", "K V DK DV"),
+                "_prefix_causal_bwd_dq": ("Q DO DQ", "K V")}
+
+
+def _tma_operands(pointers: dict, fn, cfg, dtype_name: str, shape: dict) -> dict:
+    """``pointers`` with the kernel's TMA operands as the tensor descriptors a ``+tma`` config passes."""
+    query_tiled, key_tiled = TMA_OPERANDS[fn.__name__]
+    rows = {name: cfg.block_m for name in query_tiled.split()} | {name: cfg.block_n for name in key_tiled.split()}
     return pointers | {name: f"tensordesc<{dtype_name}[1,1,{r},{shape['BLOCK_D']}]>" for name, r in rows.items()}
 
 
@@ -223,21 +230,24 @@ def report(head_dims=HEAD_DIMS, archs=ARCHS, dtypes=tuple(DTYPES)) -> list[Row]:
 
 
 def tma_candidates_report(head_dims=(64, 80, 128)) -> list[Row]:
-    """The tuner's ``+tma`` forward candidates (attention_tuning.CANDIDATES), bf16 on sm_90, the only
-    architecture that runs them: that they compile, and their registers beside the pointer tiles'."""
+    """The tuner's ``+tma`` candidates (attention_tuning.CANDIDATES), bf16 on sm_90, the only architecture that
+    runs them: that they compile, and their registers beside the pointer tiles'."""
     from mimkernels.triton import attention_tuning
 
+    # where attention_launches puts each kernel (the delta-computing dQ comes last)
+    slots = {"forward": 0, "backward_dkdv": 1, "backward_dq": 2, "backward_dq_delta": -1}
     rows = []
     for head_dim in head_dims:
         portable = kernels.configs_for(head_dim, torch.bfloat16)
-        for text in attention_tuning.CANDIDATES["forward"]:
-            cfg = kernels.TileConfig.parse(text)
-            if not cfg.tma:
-                continue
-            launch = attention_launches(head_dim, torch.bfloat16, replace(portable, forward=cfg))[0]
-            rows.append(Row(launch.fn.__name__, "sm_90", "bf16", launch.variant, launch.tile, launch.num_warps,
-                            launch.num_stages, *compile_one(launch, 90)))
-            print(_format(rows[-1]), flush=True)
+        for kernel, slot in slots.items():
+            for text in attention_tuning.CANDIDATES[kernel]:
+                cfg = kernels.TileConfig.parse(text)
+                if not cfg.tma:
+                    continue
+                launch = attention_launches(head_dim, torch.bfloat16, replace(portable, **{kernel: cfg}))[slot]
+                rows.append(Row(launch.fn.__name__, "sm_90", "bf16", launch.variant, launch.tile, launch.num_warps,
+                                launch.num_stages, *compile_one(launch, 90)))
+                print(_format(rows[-1]), flush=True)
     return rows
 
 
@@ -250,12 +260,13 @@ def _format(row: Row) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one head dim per tile class, sm_90 only")
+    parser.add_argument("--quick", action="store_true",
+                        help="one head dim per tile class, sm_90 only (with --tma: D = 128 only)")
     parser.add_argument("--csv", help="also write the rows to this CSV file")
     parser.add_argument("--measured", action="store_true",
                         help="report the measured table's configs instead (spills are listed, not failed)")
     parser.add_argument("--tma", action="store_true",
-                        help="compile the tuner's TMA forward candidates for sm_90 instead (spills listed, not failed)")
+                        help="compile the tuner's TMA candidates for sm_90 instead (spills listed, not failed)")
     args = parser.parse_args(argv)
     source = commit()  # the code compiled is the code at the start
     if args.measured:
@@ -264,8 +275,8 @@ def main(argv=None) -> int:
               f"{sum(row.spills for row in rows)} spill (allowed: chosen by measured speed)")
         return 0
     if args.tma:
-        rows = tma_candidates_report()
-        print(f"{len(rows)} TMA forward candidates compiled for sm_90 with triton {triton.__version__}; "
+        rows = tma_candidates_report((128,) if args.quick else (64, 80, 128))
+        print(f"{len(rows)} TMA candidates compiled for sm_90 with triton {triton.__version__}; "
               f"{sum(row.spills for row in rows)} spill (allowed: the tuner measures them)")
         return 0
     rows = report(QUICK_HEAD_DIMS, (90,)) if args.quick else report()

@@ -228,37 +228,53 @@ SMALL_TILES = {
 }
 
 
-def with_tma_forward(configs: AttentionConfigs) -> AttentionConfigs:
-    return dataclasses.replace(configs, forward=dataclasses.replace(configs.forward, tma=True))
+def with_tma(configs: AttentionConfigs) -> AttentionConfigs:
+    """The same tiles, every kernel through TMA tensor descriptors (``+tma``)."""
+    return AttentionConfigs(*(None if cfg is None else dataclasses.replace(cfg, tma=True)
+                              for cfg in (getattr(configs, field.name) for field in dataclasses.fields(configs))))
 
 
-@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
-@pytest.mark.parametrize("shape, layout, tiles", [
-    ((1, 1, 1, 16), "contiguous", "square16"), ((4, 1, 49, 64), "packed_qkv", "tall"),
-    ((2, 3, 50, 40), "bnhd", "wide"), ((4, 1, 97, 80), "contiguous", "tall"),
-], ids=str)
-def test_tma_forward(shape, layout, tiles, dtype):
-    """The forward through TMA tensor descriptors (a ``+tma`` config; the interpreter runs it like Hopper): rows
-    past N and columns past D come from TMA's zero fill, not masks. Within budget, and bit-equal to the same tiles
-    through pointers."""
+def with_optional_kernels(configs: AttentionConfigs) -> AttentionConfigs:
+    """Also the delta-computing dQ kernel (its backward_dq tile) in place of the row-dot pre-pass."""
+    return dataclasses.replace(configs, backward_dq_delta=configs.backward_dq)
+
+
+TMA_CASES = [(shape, layout, tiles, dtype, "default")
+             for shape, layout, tiles in [((1, 1, 1, 16), "contiguous", "square16"),
+                                          ((4, 1, 49, 64), "packed_qkv", "tall"), ((2, 3, 50, 40), "bnhd", "wide"),
+                                          ((4, 1, 97, 80), "contiguous", "tall")]
+             for dtype in CPU_DTYPES]
+TMA_CASES += [((4, 1, 50, 24), "packed_qkv", "wide", torch.float32, variant) for variant in ("delta_in_dq", "atomic")]
+
+
+@pytest.mark.parametrize("shape, layout, tiles, dtype, variant", TMA_CASES, ids=str)
+def test_tma_kernels(shape, layout, tiles, dtype, variant):
+    """Every kernel through TMA tensor descriptors (``+tma`` configs; the interpreter runs them like Hopper): rows
+    past N and columns past D come from TMA's zero fill, not masks. Within budget of the float64 reference, and
+    outputs and gradients bit-equal to the same tiles through pointers (the atomic dQ: within fp32 rounding)."""
     prefix = per_sample_prefix(shape[0], shape[2], seed=shape[2])
-    configs = with_tma_forward(SMALL_TILES[tiles])
-    q, k, v, _ = make_qkv(shape, dtype, layout)
+    pointers = SMALL_TILES[tiles] if variant != "delta_in_dq" else with_optional_kernels(SMALL_TILES[tiles])
+    deterministic = variant != "atomic"
+    q, k, v, leaves = make_qkv(shape, dtype, layout)
     assert kernels.tma_usable(q, k, v)  # else this would test the pointer path twice
-    assert_within_budget(triton_op(prefix, configs), reference_op(prefix), shape, dtype, layout=layout)
-    with torch.no_grad():
-        got = kernels.forward(q, k, v, prefix, 0.3, configs)
-        want = kernels.forward(q, k, v, prefix, 0.3, SMALL_TILES[tiles])
-    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert_within_budget(triton_op(prefix, with_tma(pointers), deterministic=deterministic), reference_op(prefix),
+                         shape, dtype, layout=layout)
+    got = outputs_and_grads(triton_op(prefix, with_tma(pointers), 0.3, deterministic), q, k, v, leaves)
+    want = outputs_and_grads(triton_op(prefix, pointers, 0.3, deterministic), q, k, v, leaves)
+    for g, w in zip(got, want):
+        if deterministic:
+            assert torch.equal(g, w)
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
-def test_tma_forward_falls_back_to_pointers_where_descriptors_cannot_read():
+def test_tma_configs_fall_back_to_pointers_where_descriptors_cannot_read():
     """fp16 rows of 36 elements are 72 bytes apart: not 16-byte aligned, so no descriptor; the same tiles run
     through pointers, still right."""
     shape, prefix = (2, 1, 30, 36), torch.tensor([3, 30], device=DEVICE)
     q, k, v, _ = make_qkv(shape, torch.float16)
     assert not kernels.tma_usable(q, k, v)
-    assert_within_budget(triton_op(prefix, with_tma_forward(SMALL_TILES["tall"])), reference_op(prefix), shape,
+    assert_within_budget(triton_op(prefix, with_tma(SMALL_TILES["tall"])), reference_op(prefix), shape,
                          torch.float16)
 
 

@@ -38,7 +38,7 @@ class TileConfig:
     block_n: int  # key rows per tile
     num_warps: int
     num_stages: int
-    # forward only: read Q, K, V and write O through TMA tensor descriptors (Hopper and newer, see tma_usable);
+    # read and write the [B, H, N, D] operands through TMA tensor descriptors (Hopper and newer, see tma_usable);
     # elsewhere the same tiles run through pointers
     tma: bool = False
 
@@ -350,19 +350,24 @@ def _bwd_row_dot(
 
 @triton.jit
 def _dkdv_query_tiles(
-    dk, dv, k, v, q_base, do_base, dq_base, lse_row, delta_row, stride_qn, stride_don, stride_dqn,
+    dk, dv, k, v, q_src, do_src, dq_base, lse_row, delta_row, stride_qn, stride_don, stride_dqn, batch, head,
     offs_n, offs_d, m_lo, m_hi, prefix, seq_len, head_dim, qk_scale, scale,
-    BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DQ_ATOMIC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Accumulate dK, dV of one key tile over query tiles [m_lo, m_hi); works on transposed scores [keys, queries].
 
-    With DQ_ATOMIC, also add this key tile's share of dQ (scaled) to the fp32 rows at ``dq_base`` atomically.
+    ``q_src``, ``do_src``: this head's first rows, or with USE_TMA the tensor descriptors. With DQ_ATOMIC, also add
+    this key tile's share of dQ (scaled) to the fp32 rows at ``dq_base`` atomically.
     """
     for m_start in range(m_lo, m_hi, BLOCK_M):
         offs_m = m_start + tl.arange(0, BLOCK_M)
-        q = _load_tile(q_base, offs_m, stride_qn, offs_d, seq_len, head_dim, MASKED, EVEN_D)
-        do = _load_tile(do_base, offs_m, stride_don, offs_d, seq_len, head_dim, MASKED, EVEN_D)
+        if USE_TMA:
+            q = _load_head_tile(q_src, batch, head, m_start, BLOCK_M, BLOCK_D)
+            do = _load_head_tile(do_src, batch, head, m_start, BLOCK_M, BLOCK_D)
+        else:
+            q = _load_tile(q_src, offs_m, stride_qn, offs_d, seq_len, head_dim, MASKED, EVEN_D)
+            do = _load_tile(do_src, offs_m, stride_don, offs_d, seq_len, head_dim, MASKED, EVEN_D)
         if MASKED:
             lse = tl.load(lse_row + offs_m, mask=offs_m < seq_len, other=0.0)
             delta = tl.load(delta_row + offs_m, mask=offs_m < seq_len, other=0.0)
@@ -399,9 +404,10 @@ def _prefix_causal_bwd_dkdv(
     num_heads, seq_len, scale, qk_scale, num_n_tiles,
     PREFIX_IS_TENSOR: tl.constexpr, head_dim: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    """dK, dV of one key tile; with DQ_ATOMIC also dQ (fp32, atomically, so not bit-reproducible), in one launch."""
+    """dK, dV of one key tile; with DQ_ATOMIC also dQ (fp32, atomically, so not bit-reproducible), in one launch.
+    With USE_TMA, Q, K, V, DO, DK, DV are [B, H, N, D] tensor descriptors (DQ_ACC stays a pointer)."""
     pid = tl.program_id(0)
     bh = pid // num_n_tiles
     n_start = (pid % num_n_tiles) * BLOCK_N  # key tile 0 is seen by the most queries: it goes first
@@ -411,12 +417,17 @@ def _prefix_causal_bwd_dkdv(
 
     offs_n = n_start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_tile(_head_rows(K, batch, head, stride_kb, stride_kh),
-                   offs_n, stride_kn, offs_d, seq_len, head_dim, True, EVEN_D)
-    v = _load_tile(_head_rows(V, batch, head, stride_vb, stride_vh),
-                   offs_n, stride_vn, offs_d, seq_len, head_dim, True, EVEN_D)
-    q_base = _head_rows(Q, batch, head, stride_qb, stride_qh)
-    do_base = _head_rows(DO, batch, head, stride_dob, stride_doh)
+    if USE_TMA:
+        k = _load_head_tile(K, batch, head, n_start, BLOCK_N, BLOCK_D)
+        v = _load_head_tile(V, batch, head, n_start, BLOCK_N, BLOCK_D)
+        q_src, do_src = Q, DO
+    else:
+        k = _load_tile(_head_rows(K, batch, head, stride_kb, stride_kh),
+                       offs_n, stride_kn, offs_d, seq_len, head_dim, True, EVEN_D)
+        v = _load_tile(_head_rows(V, batch, head, stride_vb, stride_vh),
+                       offs_n, stride_vn, offs_d, seq_len, head_dim, True, EVEN_D)
+        q_src = _head_rows(Q, batch, head, stride_qb, stride_qh)
+        do_src = _head_rows(DO, batch, head, stride_dob, stride_doh)
     dq_base = _head_rows(DQ_ACC, batch, head, stride_dqb, stride_dqh)
     lse_row = LSE + bh.to(tl.int64) * seq_len
     delta_row = DELTA + bh.to(tl.int64) * seq_len
@@ -434,34 +445,43 @@ def _prefix_causal_bwd_dkdv(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dk, dv = _dkdv_query_tiles(
-        dk, dv, k, v, q_base, do_base, dq_base, lse_row, delta_row, stride_qn, stride_don, stride_dqn, offs_n,
-        offs_d, m_lo, diag_end, prefix, seq_len, head_dim, qk_scale, scale, BLOCK_M, EVEN_D, True, DOT_PRECISION,
-        DQ_ATOMIC)
+        dk, dv, k, v, q_src, do_src, dq_base, lse_row, delta_row, stride_qn, stride_don, stride_dqn, batch, head,
+        offs_n, offs_d, m_lo, diag_end, prefix, seq_len, head_dim, qk_scale, scale, BLOCK_M, BLOCK_D, EVEN_D, True,
+        DOT_PRECISION, DQ_ATOMIC, USE_TMA)
     dk, dv = _dkdv_query_tiles(
-        dk, dv, k, v, q_base, do_base, dq_base, lse_row, delta_row, stride_qn, stride_don, stride_dqn, offs_n,
-        offs_d, diag_end, m_floor, prefix, seq_len, head_dim, qk_scale, scale, BLOCK_M, EVEN_D, False, DOT_PRECISION,
-        DQ_ATOMIC)
+        dk, dv, k, v, q_src, do_src, dq_base, lse_row, delta_row, stride_qn, stride_don, stride_dqn, batch, head,
+        offs_n, offs_d, diag_end, m_floor, prefix, seq_len, head_dim, qk_scale, scale, BLOCK_M, BLOCK_D, EVEN_D,
+        False, DOT_PRECISION, DQ_ATOMIC, USE_TMA)
     dk, dv = _dkdv_query_tiles(
-        dk, dv, k, v, q_base, do_base, dq_base, lse_row, delta_row, stride_qn, stride_don, stride_dqn, offs_n,
-        offs_d, tl.maximum(diag_end, m_floor), seq_len, prefix, seq_len, head_dim, qk_scale, scale, BLOCK_M, EVEN_D,
-        True, DOT_PRECISION, DQ_ATOMIC)
+        dk, dv, k, v, q_src, do_src, dq_base, lse_row, delta_row, stride_qn, stride_don, stride_dqn, batch, head,
+        offs_n, offs_d, tl.maximum(diag_end, m_floor), seq_len, prefix, seq_len, head_dim, qk_scale, scale, BLOCK_M,
+        BLOCK_D, EVEN_D, True, DOT_PRECISION, DQ_ATOMIC, USE_TMA)
 
-    _store_tile(_head_rows(DK, batch, head, stride_dkb, stride_dkh), offs_n, stride_dkn, offs_d,
-                seq_len, head_dim, (dk * scale).to(DK.dtype.element_ty))
-    _store_tile(_head_rows(DV, batch, head, stride_dvb, stride_dvh), offs_n, stride_dvn, offs_d,
-                seq_len, head_dim, dv.to(DV.dtype.element_ty))
+    if USE_TMA:  # TMA drops the rows past N and the columns past D
+        DK.store([batch, head, n_start, 0], (dk * scale).to(DK.dtype).reshape(1, 1, BLOCK_N, BLOCK_D))
+        DV.store([batch, head, n_start, 0], dv.to(DV.dtype).reshape(1, 1, BLOCK_N, BLOCK_D))
+    else:
+        _store_tile(_head_rows(DK, batch, head, stride_dkb, stride_dkh), offs_n, stride_dkn, offs_d,
+                    seq_len, head_dim, (dk * scale).to(DK.dtype.element_ty))
+        _store_tile(_head_rows(DV, batch, head, stride_dvb, stride_dvh), offs_n, stride_dvn, offs_d,
+                    seq_len, head_dim, dv.to(DV.dtype.element_ty))
 
 
 @triton.jit
 def _dq_key_tiles(
-    dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
+    dq, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, batch, head,
     offs_m, offs_d, n_lo, n_hi, prefix, seq_len, head_dim, qk_scale,
-    BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     for n_start in range(n_lo, n_hi, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_base, offs_n, stride_kn, offs_d, seq_len, head_dim, MASKED, EVEN_D)
-        v = _load_tile(v_base, offs_n, stride_vn, offs_d, seq_len, head_dim, MASKED, EVEN_D)
+        if USE_TMA:
+            k = _load_head_tile(k_src, batch, head, n_start, BLOCK_N, BLOCK_D)
+            v = _load_head_tile(v_src, batch, head, n_start, BLOCK_N, BLOCK_D)
+        else:
+            k = _load_tile(k_src, offs_n, stride_kn, offs_d, seq_len, head_dim, MASKED, EVEN_D)
+            v = _load_tile(v_src, offs_n, stride_vn, offs_d, seq_len, head_dim, MASKED, EVEN_D)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
             scores = tl.where(_visible(offs_m[:, None], offs_n[None, :], prefix, seq_len), scores, float("-inf"))
@@ -484,10 +504,11 @@ def _prefix_causal_bwd_dq(
     num_heads, seq_len, scale, qk_scale, num_m_tiles,
     PREFIX_IS_TENSOR: tl.constexpr, head_dim: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DELTA_HERE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DELTA_HERE: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """dQ of one query tile. With DELTA_HERE it also computes and stores this tile's delta rows (rowsum(dO * O)),
-    which the dK/dV kernel launched after it reads: the row-dot pre-pass folded into this kernel."""
+    which the dK/dV kernel launched after it reads: the row-dot pre-pass folded into this kernel. With USE_TMA,
+    Q, K, V, DO, DQ are [B, H, N, D] tensor descriptors (O stays a pointer)."""
     pid = tl.program_id(0)
     bh = pid // num_m_tiles
     m_start = (num_m_tiles - 1 - pid % num_m_tiles) * BLOCK_M  # the longest rows first
@@ -497,10 +518,17 @@ def _prefix_causal_bwd_dq(
 
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(_head_rows(Q, batch, head, stride_qb, stride_qh),
-                   offs_m, stride_qn, offs_d, seq_len, head_dim, True, EVEN_D)
-    do = _load_tile(_head_rows(DO, batch, head, stride_dob, stride_doh),
-                    offs_m, stride_don, offs_d, seq_len, head_dim, True, EVEN_D)
+    if USE_TMA:
+        q = _load_head_tile(Q, batch, head, m_start, BLOCK_M, BLOCK_D)
+        do = _load_head_tile(DO, batch, head, m_start, BLOCK_M, BLOCK_D)
+        k_src, v_src = K, V
+    else:
+        q = _load_tile(_head_rows(Q, batch, head, stride_qb, stride_qh),
+                       offs_m, stride_qn, offs_d, seq_len, head_dim, True, EVEN_D)
+        do = _load_tile(_head_rows(DO, batch, head, stride_dob, stride_doh),
+                        offs_m, stride_don, offs_d, seq_len, head_dim, True, EVEN_D)
+        k_src = _head_rows(K, batch, head, stride_kb, stride_kh)
+        v_src = _head_rows(V, batch, head, stride_vb, stride_vh)
     lse = tl.load(LSE + bh.to(tl.int64) * seq_len + offs_m, mask=offs_m < seq_len, other=0.0)
     if DELTA_HERE:
         o = _load_tile(_head_rows(O, batch, head, stride_ob, stride_oh),
@@ -509,18 +537,20 @@ def _prefix_causal_bwd_dq(
         tl.store(DELTA + bh.to(tl.int64) * seq_len + offs_m, delta, mask=offs_m < seq_len)
     else:
         delta = tl.load(DELTA + bh.to(tl.int64) * seq_len + offs_m, mask=offs_m < seq_len, other=0.0)
-    k_base = _head_rows(K, batch, head, stride_kb, stride_kh)
-    v_base = _head_rows(V, batch, head, stride_vb, stride_vh)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     full_end, visible_end = _key_range(m_start, prefix, seq_len, BLOCK_M, BLOCK_N)
-    dq = _dq_key_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-                       0, full_end, prefix, seq_len, head_dim, qk_scale, BLOCK_N, EVEN_D, False, DOT_PRECISION)
-    dq = _dq_key_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-                       full_end, visible_end, prefix, seq_len, head_dim, qk_scale, BLOCK_N, EVEN_D, True,
-                       DOT_PRECISION)
-    _store_tile(_head_rows(DQ, batch, head, stride_dqb, stride_dqh), offs_m, stride_dqn, offs_d,
-                seq_len, head_dim, (dq * scale).to(DQ.dtype.element_ty))
+    dq = _dq_key_tiles(dq, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, batch, head, offs_m, offs_d,
+                       0, full_end, prefix, seq_len, head_dim, qk_scale, BLOCK_N, BLOCK_D, EVEN_D, False,
+                       DOT_PRECISION, USE_TMA)
+    dq = _dq_key_tiles(dq, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, batch, head, offs_m, offs_d,
+                       full_end, visible_end, prefix, seq_len, head_dim, qk_scale, BLOCK_N, BLOCK_D, EVEN_D, True,
+                       DOT_PRECISION, USE_TMA)
+    if USE_TMA:  # TMA drops the rows past N and the columns past D
+        DQ.store([batch, head, m_start, 0], (dq * scale).to(DQ.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
+    else:
+        _store_tile(_head_rows(DQ, batch, head, stride_dqb, stride_dqh), offs_m, stride_dqn, offs_d,
+                    seq_len, head_dim, (dq * scale).to(DQ.dtype.element_ty))
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -564,7 +594,8 @@ def forward(q, k, v, prefix, scale: float, configs: AttentionConfigs | None = No
 
     ``prefix`` is a Python int already clamped to [0, N], or an integer tensor [B] (clamped in the kernel).
     ``configs`` default to :func:`configs_for_call`'s. A ``+tma`` forward config reads and writes through tensor
-    descriptors where :func:`tma_usable` allows, else runs the same tiles through pointers.
+    descriptors where :func:`tma_usable` allows, else runs the same tiles through pointers (so do the backward
+    kernels' ``+tma`` configs).
     """
     batch, heads, seq_len, head_dim = q.shape
     cfg = (configs or configs_for_call(q)).forward
@@ -573,17 +604,24 @@ def forward(q, k, v, prefix, scale: float, configs: AttentionConfigs | None = No
     num_m_tiles = cdiv(seq_len, cfg.block_m)
     prefix_ptr, prefix_int, prefix_is_tensor = _prefix_args(prefix, q)
     shapes = shape_args(head_dim, q.dtype)
-    use_tma = cfg.tma and tma_usable(q, k, v, out)
-    operands = (q, k, v, out)
-    if use_tma:
-        rows = (cfg.block_m, cfg.block_n, cfg.block_n, cfg.block_m)
-        operands = tuple(TensorDescriptor.from_tensor(t, [1, 1, r, shapes["BLOCK_D"]]) for t, r in zip(operands, rows))
+    operands, use_tma = _operands(cfg, shapes, (q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n),
+                                  (out, cfg.block_m))
     launch(_prefix_causal_fwd, (batch * heads * num_m_tiles,), (*operands, lse, prefix_ptr), (
         prefix_int, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         heads, seq_len, scale * LOG2_E, num_m_tiles,
     ), dict(PREFIX_IS_TENSOR=prefix_is_tensor, **shapes, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             USE_TMA=use_tma), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse
+
+
+def _operands(cfg: TileConfig, shapes: dict, *tensors_and_rows) -> tuple[tuple, bool]:
+    """The kernel's [B, H, N, D] operands, given as (tensor, rows per tile) pairs: the tensors themselves, or TMA
+    descriptors over them (blocks [1, 1, rows, BLOCK_D]) for a ``+tma`` config that :func:`tma_usable` allows;
+    and whether they are descriptors."""
+    tensors = tuple(t for t, _ in tensors_and_rows)
+    if not (cfg.tma and tma_usable(*tensors)):
+        return tensors, False
+    return tuple(TensorDescriptor.from_tensor(t, [1, 1, rows, shapes["BLOCK_D"]]) for t, rows in tensors_and_rows), True
 
 
 def tma_usable(*tensors: torch.Tensor) -> bool:
@@ -624,13 +662,17 @@ def backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: Tile
     atomic = dq_accumulator is not None
     dq_acc = dq_accumulator if atomic else dk  # never written without DQ_ATOMIC
     num_n_tiles = cdiv(seq_len, cfg.block_n)
+    shapes = shape_args(head_dim, q.dtype)
+    (q_, k_, v_, do_, dk_, dv_), use_tma = _operands(cfg, shapes, (q, cfg.block_m), (k, cfg.block_n),
+                                                     (v, cfg.block_n), (grad_out, cfg.block_m), (dk, cfg.block_n),
+                                                     (dv, cfg.block_n))
     launch(_prefix_causal_bwd_dkdv, (batch * heads * num_n_tiles,), (
-        q, k, v, grad_out, lse, delta, dk, dv, dq_acc, prefix_ptr,
+        q_, k_, v_, do_, lse, delta, dk_, dv_, dq_acc, prefix_ptr,
     ), (
         prefix_int, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
         *_strides(dq_acc), heads, seq_len, scale, scale * LOG2_E, num_n_tiles,
-    ), dict(PREFIX_IS_TENSOR=prefix_is_tensor, **shape_args(head_dim, q.dtype), BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n, DQ_ATOMIC=atomic), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    ), dict(PREFIX_IS_TENSOR=prefix_is_tensor, **shapes, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            DQ_ATOMIC=atomic, USE_TMA=use_tma), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dk, dv
 
 
@@ -647,13 +689,16 @@ def backward_dq(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: TileCo
     delta_here = out is not None
     out = out if delta_here else grad_out  # never read without DELTA_HERE
     num_m_tiles = cdiv(seq_len, cfg.block_m)
+    shapes = shape_args(head_dim, q.dtype)
+    (q_, k_, v_, do_, dq_), use_tma = _operands(cfg, shapes, (q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n),
+                                                (grad_out, cfg.block_m), (dq, cfg.block_m))
     launch(_prefix_causal_bwd_dq, (batch * heads * num_m_tiles,), (
-        q, k, v, out, grad_out, lse, delta, dq, prefix_ptr,
+        q_, k_, v_, out, do_, lse, delta, dq_, prefix_ptr,
     ), (
         prefix_int, *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(grad_out), *_strides(dq),
         heads, seq_len, scale, scale * LOG2_E, num_m_tiles,
-    ), dict(PREFIX_IS_TENSOR=prefix_is_tensor, **shape_args(head_dim, q.dtype), BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n, DELTA_HERE=delta_here), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    ), dict(PREFIX_IS_TENSOR=prefix_is_tensor, **shapes, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            DELTA_HERE=delta_here, USE_TMA=use_tma), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dq
 
 

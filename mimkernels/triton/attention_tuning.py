@@ -35,11 +35,15 @@ CANDIDATES = {
 for _kernel, _extra in (("forward", ("64x64x8x3", "64x128x8x3")), ("backward_dkdv", ("64x64x8x2", "64x64x8x3")),
                         ("backward_dq", ("64x32x8x3", "64x64x8x3"))):
     CANDIDATES[_kernel] += _extra
-# The forward through TMA tensor descriptors (Hopper; elsewhere these run as the pointer tiles they name): on sm_90
-# they compile to about half the registers of the same pointer tiles, without the 64x64x4x3 D = 128 spill
-# (benchmarks/kernel_report.py), in more shared memory (deeper TMA pipelining). Only a GPU says whether faster.
-CANDIDATES["forward"] += ("64x64x4x3+tma", "64x64x4x4+tma", "128x64x8x3+tma", "128x32x4x4+tma", "128x128x8x2+tma",
-                          "64x128x4x3+tma")
+# The kernels through TMA tensor descriptors (Hopper; elsewhere these run as the pointer tiles they name): on sm_90
+# they compile to fewer registers than the same pointer tiles, without the spills of the measured D = 128 winners
+# (benchmarks/kernel_report.py --tma), in more shared memory (deeper TMA pipelining). Only a GPU says if faster.
+for _kernel, _extra in (
+        ("forward", ("64x64x4x3", "64x64x4x4", "128x64x8x3", "128x32x4x4", "128x128x8x2", "64x128x4x3")),
+        ("backward_dkdv", ("64x64x4x2", "64x64x4x3", "32x64x4x3", "64x128x8x3", "64x128x8x2", "32x128x8x3")),
+        ("backward_dq", ("64x32x4x3", "64x64x4x3", "128x64x8x3", "128x32x4x3")),
+        ("backward_dq_delta", ("64x32x4x3", "64x64x4x3", "128x64x8x3"))):
+    CANDIDATES[_kernel] += tuple(f"{text}+tma" for text in _extra)
 KERNELS = tuple(CANDIDATES)
 TOLERANCE = {2: 2e-2, 4: 1e-4}  # relative error vs the float32 reference above which a trial is wrong
 
