@@ -35,5 +35,5 @@ def test_tma_candidates_compile_for_hopper():
 
     run = kernel_report("--tma", "--quick")  # D = 128
     candidates = sum(text.endswith("+tma") for texts in attention_tuning.CANDIDATES.values() for text in texts)
-    assert run.stdout.count(" tma ") == candidates, run.stdout[-4000:]
+    assert run.stdout.count(" tma ") == candidates, run.stdout[-4000:]  # each after its pointer twin
     assert f"{candidates} TMA candidates compiled for sm_90" in run.stdout
