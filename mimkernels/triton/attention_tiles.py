@@ -5,8 +5,9 @@ refresh or extend it; never edit a figure by hand. Looked up by ``attention.conf
 
 Key: (compute capability as 90, operand bytes, padded head dim, longest N of the sequence class).
 Value: tiles of the forward, dK/dV, dQ, atomic-dQ backward and delta-computing dQ kernels, each
-"block_m x block_n x warps x stages"; the last two are None where they did not beat the default backward
-(and may be absent in entries measured before they existed).
+"block_m x block_n x warps x stages" ("+tma" appended where it reads through TMA descriptors); the last two
+are None where they did not beat the default backward (and may be absent in entries measured before they
+existed).
 A shape whose key is missing uses the nearest measured sequence class of its key, else the portable configs.
 """
 
