@@ -37,6 +37,32 @@ def attention_cases(device):
         yield f"attention {batch}x{heads}x{seq_len}x{head_dim} {str(dtype)[6:]} (q, k, v and packed)"
 
 
+def tma_attention_cases(device):
+    """The kernels through TMA descriptors (``+tma`` configs, which the tuner may put in the table) on the same
+    ragged shapes: boxes that pass N and D, packed views. Only where descriptors are usable (sm_90 and newer)."""
+    from dataclasses import replace
+
+    from mimkernels.triton import attention as kernels
+
+    for (batch, heads, seq_len, head_dim), dtype in ATTENTION_CASES[:3]:
+        qkv = torch.randn(batch, seq_len, 3, heads, head_dim, device=device, dtype=dtype)
+        q, k, v = qkv.unbind(2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if not kernels.tma_usable(q, k, v):
+            yield f"tma attention {batch}x{heads}x{seq_len}x{head_dim}: not run (no TMA on this GPU)"
+            continue
+        base = kernels.configs_for(head_dim, dtype)
+        tma = kernels.AttentionConfigs(*(replace(cfg, tma=True) for cfg in (base.forward, base.backward_dkdv,
+                                                                             base.backward_dq)))
+        prefix = torch.randint(0, seq_len + 1, (batch,), device=device)
+        out, lse = kernels.forward(q, k, v, prefix, head_dim ** -0.5, tma)
+        grad_out = torch.randn_like(out)
+        for configs in (tma, replace(tma, backward_dq_delta=tma.backward_dq)):
+            kernels.backward(grad_out, q, k, v, out, lse, prefix, head_dim ** -0.5, configs)
+        kernels.backward(grad_out, q, k, v, out, lse, prefix, head_dim ** -0.5, tma, atomic_dq=True)
+        yield f"tma attention {batch}x{heads}x{seq_len}x{head_dim} {str(dtype)[6:]} (forward, three backwards)"
+
+
 def token_cases(device):
     for backend in (name for name in ("triton", "extension") if name in mimkernels.available_backends()):
         with mimkernels.use_backend(backend):
@@ -87,11 +113,14 @@ def norm_cases(device):
         yield f"add_layer_norm {rows}x{width}"
 
 
+CASES = (attention_cases, tma_attention_cases, token_cases, patch_embed_cases, norm_cases)
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("sanitizer cases need a CUDA GPU")
         return 0
-    for cases in (attention_cases, token_cases, patch_embed_cases, norm_cases):
+    for cases in CASES:
         for name in cases("cuda"):
             torch.cuda.synchronize()
             print("ran", name, flush=True)
