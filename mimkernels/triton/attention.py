@@ -235,10 +235,27 @@ def _visible(rows_q, cols_k, prefix, seq_len):
 
 
 @triton.jit
-def _load_head_tile(desc, batch, head, row_start, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Rows [row_start, row_start + BLOCK_ROWS) of (batch, head) through a [B, H, N, D] tensor descriptor: TMA
-    fills rows past N and columns past D with zeros, so no mask is needed."""
-    return desc.load([batch, head, row_start, 0]).reshape(BLOCK_ROWS, BLOCK_D)
+def _head_source(X, batch, head, stride_b, stride_h, USE_TMA: tl.constexpr):
+    """Where :func:`_read_rows` reads (batch, head) of X from: the [B, H, N, D] tensor descriptor X itself with
+    USE_TMA, else the head's first row."""
+    if USE_TMA:
+        source = X
+    else:
+        source = _head_rows(X, batch, head, stride_b, stride_h)
+    return source
+
+
+@triton.jit
+def _read_rows(source, batch, head, row_start, stride_row, cols, n_rows, head_dim, CHECK_ROWS: tl.constexpr,
+               EVEN_D: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr):
+    """Rows [row_start, row_start + BLOCK_ROWS) of one head, from a :func:`_head_source`. Through a descriptor,
+    TMA fills rows past N and columns past D with zeros, so no mask is needed."""
+    if USE_TMA:
+        tile = source.load([batch, head, row_start, 0]).reshape(BLOCK_ROWS, BLOCK_D)
+    else:
+        tile = _load_tile(source, row_start + tl.arange(0, BLOCK_ROWS), stride_row, cols, n_rows, head_dim,
+                          CHECK_ROWS, EVEN_D)
+    return tile
 
 
 @triton.jit
@@ -248,15 +265,13 @@ def _fwd_key_tiles(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    """``k_src``, ``v_src``: this head's first rows (pointers), or with USE_TMA the tensor descriptors."""
+    """``k_src``, ``v_src``: :func:`_head_source` of K and V."""
     for n_start in range(n_lo, n_hi, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
-        if USE_TMA:
-            k = _load_head_tile(k_src, batch, head, n_start, BLOCK_N, BLOCK_D)
-            v = _load_head_tile(v_src, batch, head, n_start, BLOCK_N, BLOCK_D)
-        else:
-            k = _load_tile(k_src, offs_n, stride_kn, offs_d, seq_len, head_dim, MASKED, EVEN_D)
-            v = _load_tile(v_src, offs_n, stride_vn, offs_d, seq_len, head_dim, MASKED, EVEN_D)
+        k = _read_rows(k_src, batch, head, n_start, stride_kn, offs_d, seq_len, head_dim, MASKED, EVEN_D, BLOCK_N,
+                       BLOCK_D, USE_TMA)
+        v = _read_rows(v_src, batch, head, n_start, stride_vn, offs_d, seq_len, head_dim, MASKED, EVEN_D, BLOCK_N,
+                       BLOCK_D, USE_TMA)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
             scores = tl.where(_visible(offs_m[:, None], offs_n[None, :], prefix, seq_len), scores, float("-inf"))
@@ -293,14 +308,10 @@ def _prefix_causal_fwd(
 
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    if USE_TMA:
-        k_src, v_src = K, V
-        q = _load_head_tile(Q, batch, head, m_start, BLOCK_M, BLOCK_D)
-    else:
-        k_src = _head_rows(K, batch, head, stride_kb, stride_kh)
-        v_src = _head_rows(V, batch, head, stride_vb, stride_vh)
-        q = _load_tile(_head_rows(Q, batch, head, stride_qb, stride_qh), offs_m, stride_qn, offs_d, seq_len,
-                       head_dim, True, EVEN_D)
+    k_src = _head_source(K, batch, head, stride_kb, stride_kh, USE_TMA)
+    v_src = _head_source(V, batch, head, stride_vb, stride_vh, USE_TMA)
+    q = _read_rows(_head_source(Q, batch, head, stride_qb, stride_qh, USE_TMA), batch, head, m_start, stride_qn,
+                   offs_d, seq_len, head_dim, True, EVEN_D, BLOCK_M, BLOCK_D, USE_TMA)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -357,17 +368,15 @@ def _dkdv_query_tiles(
 ):
     """Accumulate dK, dV of one key tile over query tiles [m_lo, m_hi); works on transposed scores [keys, queries].
 
-    ``q_src``, ``do_src``: this head's first rows, or with USE_TMA the tensor descriptors. With DQ_ATOMIC, also add
-    this key tile's share of dQ (scaled) to the fp32 rows at ``dq_base`` atomically.
+    ``q_src``, ``do_src``: :func:`_head_source` of Q and dO. With DQ_ATOMIC, also add this key tile's share of dQ
+    (scaled) to the fp32 rows at ``dq_base`` atomically.
     """
     for m_start in range(m_lo, m_hi, BLOCK_M):
         offs_m = m_start + tl.arange(0, BLOCK_M)
-        if USE_TMA:
-            q = _load_head_tile(q_src, batch, head, m_start, BLOCK_M, BLOCK_D)
-            do = _load_head_tile(do_src, batch, head, m_start, BLOCK_M, BLOCK_D)
-        else:
-            q = _load_tile(q_src, offs_m, stride_qn, offs_d, seq_len, head_dim, MASKED, EVEN_D)
-            do = _load_tile(do_src, offs_m, stride_don, offs_d, seq_len, head_dim, MASKED, EVEN_D)
+        q = _read_rows(q_src, batch, head, m_start, stride_qn, offs_d, seq_len, head_dim, MASKED, EVEN_D, BLOCK_M,
+                       BLOCK_D, USE_TMA)
+        do = _read_rows(do_src, batch, head, m_start, stride_don, offs_d, seq_len, head_dim, MASKED, EVEN_D,
+                        BLOCK_M, BLOCK_D, USE_TMA)
         if MASKED:
             lse = tl.load(lse_row + offs_m, mask=offs_m < seq_len, other=0.0)
             delta = tl.load(delta_row + offs_m, mask=offs_m < seq_len, other=0.0)
@@ -417,17 +426,12 @@ def _prefix_causal_bwd_dkdv(
 
     offs_n = n_start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    if USE_TMA:
-        k = _load_head_tile(K, batch, head, n_start, BLOCK_N, BLOCK_D)
-        v = _load_head_tile(V, batch, head, n_start, BLOCK_N, BLOCK_D)
-        q_src, do_src = Q, DO
-    else:
-        k = _load_tile(_head_rows(K, batch, head, stride_kb, stride_kh),
-                       offs_n, stride_kn, offs_d, seq_len, head_dim, True, EVEN_D)
-        v = _load_tile(_head_rows(V, batch, head, stride_vb, stride_vh),
-                       offs_n, stride_vn, offs_d, seq_len, head_dim, True, EVEN_D)
-        q_src = _head_rows(Q, batch, head, stride_qb, stride_qh)
-        do_src = _head_rows(DO, batch, head, stride_dob, stride_doh)
+    k = _read_rows(_head_source(K, batch, head, stride_kb, stride_kh, USE_TMA), batch, head, n_start, stride_kn,
+                   offs_d, seq_len, head_dim, True, EVEN_D, BLOCK_N, BLOCK_D, USE_TMA)
+    v = _read_rows(_head_source(V, batch, head, stride_vb, stride_vh, USE_TMA), batch, head, n_start, stride_vn,
+                   offs_d, seq_len, head_dim, True, EVEN_D, BLOCK_N, BLOCK_D, USE_TMA)
+    q_src = _head_source(Q, batch, head, stride_qb, stride_qh, USE_TMA)
+    do_src = _head_source(DO, batch, head, stride_dob, stride_doh, USE_TMA)
     dq_base = _head_rows(DQ_ACC, batch, head, stride_dqb, stride_dqh)
     lse_row = LSE + bh.to(tl.int64) * seq_len
     delta_row = DELTA + bh.to(tl.int64) * seq_len
@@ -476,12 +480,10 @@ def _dq_key_tiles(
 ):
     for n_start in range(n_lo, n_hi, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
-        if USE_TMA:
-            k = _load_head_tile(k_src, batch, head, n_start, BLOCK_N, BLOCK_D)
-            v = _load_head_tile(v_src, batch, head, n_start, BLOCK_N, BLOCK_D)
-        else:
-            k = _load_tile(k_src, offs_n, stride_kn, offs_d, seq_len, head_dim, MASKED, EVEN_D)
-            v = _load_tile(v_src, offs_n, stride_vn, offs_d, seq_len, head_dim, MASKED, EVEN_D)
+        k = _read_rows(k_src, batch, head, n_start, stride_kn, offs_d, seq_len, head_dim, MASKED, EVEN_D, BLOCK_N,
+                       BLOCK_D, USE_TMA)
+        v = _read_rows(v_src, batch, head, n_start, stride_vn, offs_d, seq_len, head_dim, MASKED, EVEN_D, BLOCK_N,
+                       BLOCK_D, USE_TMA)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
             scores = tl.where(_visible(offs_m[:, None], offs_n[None, :], prefix, seq_len), scores, float("-inf"))
@@ -518,17 +520,12 @@ def _prefix_causal_bwd_dq(
 
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    if USE_TMA:
-        q = _load_head_tile(Q, batch, head, m_start, BLOCK_M, BLOCK_D)
-        do = _load_head_tile(DO, batch, head, m_start, BLOCK_M, BLOCK_D)
-        k_src, v_src = K, V
-    else:
-        q = _load_tile(_head_rows(Q, batch, head, stride_qb, stride_qh),
-                       offs_m, stride_qn, offs_d, seq_len, head_dim, True, EVEN_D)
-        do = _load_tile(_head_rows(DO, batch, head, stride_dob, stride_doh),
-                        offs_m, stride_don, offs_d, seq_len, head_dim, True, EVEN_D)
-        k_src = _head_rows(K, batch, head, stride_kb, stride_kh)
-        v_src = _head_rows(V, batch, head, stride_vb, stride_vh)
+    q = _read_rows(_head_source(Q, batch, head, stride_qb, stride_qh, USE_TMA), batch, head, m_start, stride_qn,
+                   offs_d, seq_len, head_dim, True, EVEN_D, BLOCK_M, BLOCK_D, USE_TMA)
+    do = _read_rows(_head_source(DO, batch, head, stride_dob, stride_doh, USE_TMA), batch, head, m_start,
+                    stride_don, offs_d, seq_len, head_dim, True, EVEN_D, BLOCK_M, BLOCK_D, USE_TMA)
+    k_src = _head_source(K, batch, head, stride_kb, stride_kh, USE_TMA)
+    v_src = _head_source(V, batch, head, stride_vb, stride_vh, USE_TMA)
     lse = tl.load(LSE + bh.to(tl.int64) * seq_len + offs_m, mask=offs_m < seq_len, other=0.0)
     if DELTA_HERE:
         o = _load_tile(_head_rows(O, batch, head, stride_ob, stride_oh),
