@@ -324,9 +324,13 @@ def test_patched_models_match_on_gpu_in_bf16(name):
         results.append((loss.float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}))
     (loss, grads), (want_loss, want_grads) = results[1], results[0]
     torch.testing.assert_close(loss, want_loss, rtol=2e-2, atol=1e-3)
+    # Gradients that are zero in exact arithmetic come out as rounding noise (~1e-8 per element) on both sides, with
+    # no direction to compare: the key projection's bias (softmax ignores a shift shared by a row's scores).
+    noise_floor = 1e-4 * torch.stack([g.norm() for g in want_grads.values()]).norm()
     for key in want_grads:  # bf16 end to end: compare each gradient's direction and size, not element-wise
         got, want = grads[key].flatten(), want_grads[key].flatten()
-        if want.norm() < 1e-8:
+        if want.norm() <= noise_floor:
+            assert got.norm() <= noise_floor, key
             continue
         assert torch.nn.functional.cosine_similarity(got, want, dim=0) > 0.95, key
         assert abs(got.norm() / want.norm() - 1) < 0.1, key

@@ -23,23 +23,24 @@ def run(backend, fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-def assert_close_to_float64(got, want, dtype, what):
+def assert_close_to_float64(got, want, dtype, what, tolerance=None):
     scale = max(1.0, want.abs().max().item())
     err = (got.double() - want).abs().max().item()
-    assert err <= TOLERANCE[dtype] * scale, f"{what}: error {err:.3e}"
+    assert err <= (tolerance or TOLERANCE[dtype]) * scale, f"{what}: error {err:.3e}"
 
 
-def check_grads(out, inputs, reference_fn, dtype):
-    """Gradients of ``out`` w.r.t. ``inputs`` against ``reference_fn`` run on float64 twins."""
+def check_grads(out, inputs, reference_fn, dtype, tolerance=None):
+    """Gradients of ``out`` w.r.t. ``inputs`` against ``reference_fn`` run on float64 twins; ``tolerance``
+    (relative to the largest value) replaces the dtype's where a gradient sums thousands of rows."""
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out.device, out.dtype)
     got = torch.autograd.grad(out, inputs, grad_out)
     twins = [t.detach().double().requires_grad_() for t in inputs]
     want_out = reference_fn(*twins)
     want = torch.autograd.grad(want_out, twins, grad_out.double())
-    assert_close_to_float64(out, want_out, dtype, "output")
+    assert_close_to_float64(out, want_out, dtype, "output", tolerance)
     for i, (g, w) in enumerate(zip(got, want)):
         assert g.shape == w.shape and g.dtype == inputs[i].dtype
-        assert_close_to_float64(g, w, dtype, f"grad {i}")
+        assert_close_to_float64(g, w, dtype, f"grad {i}", tolerance)
 
 
 # --------------------------------------------------------------------------- random_masking

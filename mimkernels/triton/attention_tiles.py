@@ -11,33 +11,37 @@ existed).
 A shape whose key is missing uses the nearest measured sequence class of its key, else the portable configs.
 """
 
-MEASURED = {(90, 2, 32, 384): ('128x32x4x4', '32x64x4x3', '64x32x4x3', None),
- (90, 2, 64, 128): ('64x64x4x4', '32x64x4x3', '64x64x4x3', None),
- (90, 2, 64, 384): ('128x32x4x4', '32x64x4x3', '64x32x4x3', None),
- (90, 2, 128, 384): ('64x64x4x3', '64x64x4x2', '64x32x4x3', None),
- (90, 2, 128, 1536): ('64x64x4x3', '64x64x4x2', '128x64x8x3', None),
- (90, 2, 128, 2147483648): ('64x64x4x3', '64x128x8x3', '128x64x8x3', None)}
+MEASURED = {(90, 2, 32, 384): ('128x32x4x4', '32x64x4x3+tma', '64x32x4x3', None, '64x32x4x3'),
+ (90, 2, 64, 128): ('64x64x4x3', '32x64x4x3', '64x32x4x3', None, '64x32x4x3'),
+ (90, 2, 64, 384): ('128x32x4x4+tma', '32x64x4x3', '64x32x4x3+tma', None, '64x32x4x3'),
+ (90, 2, 128, 384): ('128x32x4x4+tma', '64x64x4x2+tma', '128x32x4x3+tma', None, '64x32x4x3'),
+ (90, 2, 128, 1536): ('64x64x4x3+tma', '64x64x4x2+tma', '128x32x4x3+tma', None, '64x32x4x3'),
+ (90, 2, 128, 2147483648): ('64x64x4x3+tma', '64x128x8x3+tma', '128x64x8x3', None, None)}
 
-PROVENANCE = {(90, 2, 32, 384): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit a7ff355, date not recorded; rebuilt from '
-                   'tune_attention.csv; mae_decoder B256 H16 N197 D32 full: forward 128x32x4x4 0.1612 ms, '
-                   'backward_dkdv 32x64x4x3 0.3341 ms, backward_dq 64x32x4x3 0.1592 ms, backward_atomic 32x128x4x3 '
-                   '0.5262 ms',
- (90, 2, 64, 128): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit a7ff355, date not recorded; rebuilt from '
-                   'tune_attention.csv; mae_encoder B256 H16 N50 D64 full: forward 64x64x4x4 0.0519 ms, '
-                   'backward_dkdv 32x64x4x3 0.0812 ms, backward_dq 64x64x4x3 0.0553 ms, backward_atomic 64x64x4x3 '
-                   '0.1579 ms',
- (90, 2, 64, 384): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit a7ff355, date not recorded; rebuilt from '
-                   'tune_attention.csv; vit_b B256 H12 N197 D64 full: forward 128x32x4x4 0.1858 ms, backward_dkdv '
-                   '32x64x4x3 0.3785 ms, backward_dq 64x32x4x3 0.1824 ms, backward_atomic 32x128x4x3 0.6775 ms',
- (90, 2, 128, 384): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit a7ff355, date not recorded; rebuilt from '
-                    'tune_attention.csv; aim_600m B64 H12 N256 D128 random: forward 64x64x4x3 0.0971 ms, '
-                    'backward_dkdv 64x64x4x2 0.1706 ms, backward_dq 64x32x4x3 0.1111 ms, backward_atomic 64x128x8x3 '
-                    '0.3217 ms',
- (90, 2, 128, 1536): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit a7ff355, date not recorded; rebuilt from '
-                     'tune_attention.csv; n1024 B16 H16 N1024 D128 random: forward 64x64x4x3 0.2481 ms, '
-                     'backward_dkdv 64x64x4x2 0.5319 ms, backward_dq 128x64x8x3 0.3041 ms, backward_atomic '
-                     '64x128x8x3 0.8913 ms',
- (90, 2, 128, 2147483648): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit a7ff355, date not recorded; '
-                           'rebuilt from tune_attention.csv; n4096 B4 H16 N4096 D128 random: forward 64x64x4x3 '
-                           '0.7779 ms, backward_dkdv 64x128x8x3 1.6797 ms, backward_dq 128x64x8x3 0.8754 ms, '
-                           'backward_atomic 64x128x8x3 2.8006 ms'}
+PROVENANCE = {(90, 2, 32, 384): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit 2974055, 2026-11-27; rebuilt from '
+                   'tune_attention.csv; mae_decoder B256 H16 N197 D32 full: forward 128x32x4x4 0.1631 ms, '
+                   'backward_dkdv 32x64x4x3+tma 0.3342 ms, backward_dq 64x32x4x3 0.1606 ms, backward_atomic '
+                   '32x128x4x3 0.5306 ms, backward_row_dot 16x0x4x3 0.0446 ms, backward_dq_delta 64x32x4x3 0.1734 ms',
+ (90, 2, 64, 128): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit 2974055, 2026-11-27; rebuilt from '
+                   'tune_attention.csv; mae_encoder B256 H16 N50 D64 full: forward 64x64x4x3 0.0442 ms, '
+                   'backward_dkdv 32x64x4x3 0.0825 ms, backward_dq 64x32x4x3 0.0485 ms, backward_atomic 64x64x4x3 '
+                   '0.1586 ms, backward_row_dot 16x0x4x3 0.0213 ms, backward_dq_delta 64x32x4x3 0.0556 ms',
+ (90, 2, 64, 384): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit 2974055, 2026-11-27; rebuilt from '
+                   'tune_attention.csv; vit_b B256 H12 N197 D64 full: forward 128x32x4x4+tma 0.1784 ms, '
+                   'backward_dkdv 32x64x4x3 0.3792 ms, backward_dq 64x32x4x3+tma 0.1805 ms, backward_atomic '
+                   '32x128x4x3 0.6814 ms, backward_row_dot 16x0x4x3 0.0467 ms, backward_dq_delta 64x32x4x3 0.1992 ms',
+ (90, 2, 128, 384): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit 2974055, 2026-11-27; rebuilt from '
+                    'tune_attention.csv; aim_600m B64 H12 N256 D128 random: forward 128x32x4x4+tma 0.0894 ms, '
+                    'backward_dkdv 64x64x4x2+tma 0.1666 ms, backward_dq 128x32x4x3+tma 0.1083 ms, backward_atomic '
+                    '64x128x8x3 0.3260 ms, backward_row_dot 16x0x4x3 0.0338 ms, backward_dq_delta 64x32x4x3 0.1274 '
+                    'ms',
+ (90, 2, 128, 1536): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit 2974055, 2026-11-27; rebuilt from '
+                     'tune_attention.csv; n1024 B16 H16 N1024 D128 random: forward 64x64x4x3+tma 0.2265 ms, '
+                     'backward_dkdv 64x64x4x2+tma 0.5194 ms, backward_dq 128x32x4x3+tma 0.2983 ms, backward_atomic '
+                     '64x128x8x3 0.8962 ms, backward_row_dot 16x0x4x3 0.0415 ms, backward_dq_delta 64x32x4x3 0.3234 '
+                     'ms',
+ (90, 2, 128, 2147483648): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit 2974055, 2026-11-27; rebuilt from '
+                           'tune_attention.csv; n4096 B4 H16 N4096 D128 random: forward 64x64x4x3+tma 0.7200 ms, '
+                           'backward_dkdv 64x128x8x3+tma 1.6773 ms, backward_dq 128x64x8x3 0.8661 ms, '
+                           'backward_atomic 64x128x8x3 2.8041 ms, backward_row_dot 16x0x4x3 0.0416 ms, '
+                           'backward_dq_delta 128x64x8x3 0.9100 ms'}
