@@ -278,6 +278,28 @@ def test_tma_configs_fall_back_to_pointers_where_descriptors_cannot_read():
                          torch.float16)
 
 
+def test_tma_usable_checks_address_strides_and_size():
+    base = torch.randn(2, 9, 3, 64, device=DEVICE, dtype=torch.float16)
+    assert kernels.tma_usable(base.transpose(1, 2), base.transpose(1, 2))
+    narrow = torch.randn(2, 9, 3, 36, device=DEVICE, dtype=torch.float16)
+    assert not kernels.tma_usable(base.transpose(1, 2), narrow.transpose(1, 2))  # 72-byte rows
+    assert not kernels.tma_usable(base.view(-1)[4:4 + 2 * 9 * 3 * 32].view(2, 9, 3, 32))  # address 8 bytes off
+    assert not kernels.tma_usable(base.transpose(1, 3))  # head dim not contiguous
+    assert not kernels.tma_usable(base[:0])  # nothing to describe
+
+
+def test_descriptors_are_the_ones_from_tensor_builds():
+    """Descriptors are built from their fields (from_tensor's checks are tma_usable's): same fields, same tensor."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    t = torch.randn(2, 9, 3, 64, device=DEVICE).transpose(1, 2)
+    ours, theirs = kernels._descriptor(t, [1, 1, 16, 64]), TensorDescriptor.from_tensor(t, [1, 1, 16, 64])
+    assert kernels._DESCRIPTOR_FAST  # Triton 3.6 and 3.8 (CI's two stacks) take the direct path
+    assert type(ours) is TensorDescriptor and ours.base is t
+    assert {k: v for k, v in vars(ours).items() if k != "base"} == {k: v for k, v in vars(theirs).items()
+                                                                   if k != "base"}
+
+
 @pytest.mark.parametrize("tiles", SMALL_TILES, ids=str)
 @pytest.mark.parametrize("seq_len", [50, 97])
 def test_many_tiles(tiles, seq_len):

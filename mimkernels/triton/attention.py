@@ -16,6 +16,7 @@ the head dim is padded inside the tile, never in memory.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -618,20 +619,43 @@ def _operands(cfg: TileConfig, shapes: dict, *tensors_and_rows) -> tuple[tuple, 
     tensors = tuple(t for t, _ in tensors_and_rows)
     if not (cfg.tma and tma_usable(*tensors)):
         return tensors, False
-    return tuple(TensorDescriptor.from_tensor(t, [1, 1, rows, shapes["BLOCK_D"]]) for t, rows in tensors_and_rows), True
+    return tuple(_descriptor(t, [1, 1, rows, shapes["BLOCK_D"]]) for t, rows in tensors_and_rows), True
 
 
 def tma_usable(*tensors: torch.Tensor) -> bool:
     """Whether these [B, H, N, D] tensors can be read through TMA tensor descriptors: a Hopper or newer GPU (or the
-    interpreter, for the tests), non-empty, 16-byte aligned addresses and strides."""
+    interpreter, for the tests), non-empty, 16-byte aligned addresses and strides, a unit last stride."""
     device = tensors[0].device
     if device.type == "cuda":
         if _arch(device) < 90:
             return False
     elif not triton_interpreted():
         return False
-    return all(t.numel() > 0 and t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and all(s * t.element_size() % 16 == 0
-                                                                   for s in t.stride()[:-1]) for t in tensors)
+    for t in tensors:
+        *outer, last = t.stride()
+        elements_per_16_bytes = 16 // t.element_size()
+        if last != 1 or t.data_ptr() & 15 or t.numel() == 0 or any(s % elements_per_16_bytes for s in outer):
+            return False
+    return True
+
+
+# TensorDescriptor checks its arguments on construction (about 3 us on the test machine; up to 15 per fwd+bwd).
+# tma_usable has made those checks and the block shapes are the tile table's powers of 2, so descriptors are
+# built from their fields directly where the class is the plain dataclass this was written against (Triton 3.6-3.8:
+# these four fields without defaults, the rest with); otherwise through from_tensor.
+_DESCRIPTOR_FIELDS = dataclasses.fields(TensorDescriptor) if dataclasses.is_dataclass(TensorDescriptor) else ()
+_DESCRIPTOR_DEFAULTS = {f.name: f.default for f in _DESCRIPTOR_FIELDS if f.default is not dataclasses.MISSING}
+_DESCRIPTOR_FAST = {f.name for f in _DESCRIPTOR_FIELDS if f.name not in _DESCRIPTOR_DEFAULTS} == {
+    "base", "shape", "strides", "block_shape"} and "__post_init__" in vars(TensorDescriptor)
+
+
+def _descriptor(t: torch.Tensor, block_shape: list) -> TensorDescriptor:
+    """``TensorDescriptor.from_tensor(t, block_shape)`` for a tensor that :func:`tma_usable` accepted."""
+    if not _DESCRIPTOR_FAST:
+        return TensorDescriptor.from_tensor(t, block_shape)
+    desc = object.__new__(TensorDescriptor)
+    desc.__dict__.update(_DESCRIPTOR_DEFAULTS, base=t, shape=t.shape, strides=t.stride(), block_shape=block_shape)
+    return desc
 
 
 def backward_row_dot(grad_out, out):
