@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Attention on a lent GPU in one call (about 8 minutes): tune the tile table, profile and benchmark against the
-# baselines with the new table, then the attention GPU tests. Raw outputs under $OUT (default
-# benchmarks/results/local; 8 files, the device tool's limit). Commit them under benchmarks/results/<device>/ and
-# the table with `python -m benchmarks.tune_attention --from-csv <them>/tune_attention.csv --write-table`.
+# baselines with the new table, then the attention GPU tests. STEPS picks steps, in this order whatever is named:
+# tune profile bench tests (default: all; without tune the committed table runs, e.g. when the kernels have not
+# changed since its sweep). Raw outputs under $OUT (default benchmarks/results/local; at most 8 files, the device
+# tool's limit). Commit them under benchmarks/results/<device>/ and the table with
+# `python -m benchmarks.tune_attention --from-csv <them>/tune_attention.csv --write-table`.
 # Where the tree has no .git (the device copy), pass the commit: MIMKERNELS_COMMIT=<sha> benchmarks/gpu_attention.sh
 # Uses the machine's own python3 (its torch and triton): nothing is installed, nothing is fetched.
 set -uo pipefail
@@ -14,25 +16,35 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 status=0
+STEPS=" ${STEPS:-tune profile bench tests} "
+wants() { [[ "$STEPS" == *" $1 "* ]]; }
 source benchmarks/gpu_env.sh
 
-echo "== tune the attention tile table (budget ${TUNE_S} s)"
-timeout $((TUNE_S + 90)) $PY -m benchmarks.tune_attention --budget-s "$TUNE_S" --out "$OUT" --write-table \
-  > "$OUT/tune_attention.txt" 2>&1 || status=1
-tail -n 12 "$OUT/tune_attention.txt"  # the table it wrote can be rebuilt from tune_attention.csv (--from-csv)
+if wants tune; then
+  echo "== tune the attention tile table (budget ${TUNE_S} s)"
+  timeout $((TUNE_S + 90)) $PY -m benchmarks.tune_attention --budget-s "$TUNE_S" --out "$OUT" --write-table \
+    > "$OUT/tune_attention.txt" 2>&1 || status=1
+  tail -n 12 "$OUT/tune_attention.txt"  # the table it wrote can be rebuilt from tune_attention.csv (--from-csv)
+fi
 
-echo "== GPU time per kernel and host time per call, with the new table"
-timeout ${PROFILE_S:-45} $PY -m benchmarks.profile_attention --shapes aim_600m mae_encoder \
-  --providers mimkernels sdpa_dense_mask sdpa > "$OUT/profile_attention.txt" 2>&1 || status=1
-grep "==" "$OUT/profile_attention.txt"
+if wants profile; then
+  echo "== GPU time per kernel and host time per call, with the table"
+  timeout ${PROFILE_S:-45} $PY -m benchmarks.profile_attention --shapes aim_600m mae_encoder \
+    --providers mimkernels sdpa_dense_mask sdpa > "$OUT/profile_attention.txt" 2>&1 || status=1
+  grep "==" "$OUT/profile_attention.txt"
+fi
 
-echo "== benchmark with the new table"
-timeout ${BENCH_S:-210} $PY -m benchmarks.bench_attention --quick --no-plot --out "$OUT" > "$OUT/bench_attention.txt" 2>&1 \
-  || status=1
-grep -E "^(==|[a-z_0-9]+ +(fwd|bwd|fwd_bwd|peak)|memory)" "$OUT/bench_attention.txt" | tail -n 60
+if wants bench; then
+  echo "== benchmark with the table (fwd_bwd per call, fwd_bwd_graph as GPU time)"
+  timeout ${BENCH_S:-210} $PY -m benchmarks.bench_attention --quick --no-plot --out "$OUT" \
+    > "$OUT/bench_attention.txt" 2>&1 || status=1
+  grep -E "^(==|[a-z_0-9]+ +(fwd|bwd|fwd_bwd|peak)|memory)" "$OUT/bench_attention.txt" | tail -n 90
+fi
 
-echo "== attention GPU tests"
-timeout ${TEST_S:-120} $PY -m pytest -q -p no:cacheprovider tests/test_attention_gpu.py tests/test_compile.py > "$OUT/pytest_attention_gpu.txt" 2>&1 \
-  || status=1
-tail -n 8 "$OUT/pytest_attention_gpu.txt"
+if wants tests; then
+  echo "== attention GPU tests"
+  timeout ${TEST_S:-150} $PY -m pytest -q -p no:cacheprovider tests/test_attention_gpu.py tests/test_compile.py \
+    > "$OUT/pytest_attention_gpu.txt" 2>&1 || status=1
+  tail -n 8 "$OUT/pytest_attention_gpu.txt"
+fi
 exit $status
