@@ -1,6 +1,17 @@
 """Attention checks that need a GPU: bf16, compiled kernels at real sizes, torch.compile, CUDA graphs."""
+import dataclasses
+
 import pytest
 import torch
+from test_attention import (
+    assert_within_budget,
+    make_qkv,
+    per_sample_prefix,
+    reference_op,
+    triton_op,
+    with_optional_kernels,
+    with_tma,
+)
 
 import mimkernels
 from mimkernels import reference
@@ -42,6 +53,30 @@ def test_atomic_backward_matches_reference(shape, monkeypatch):
     prefix = torch.randint(0, shape[2] + 2, (shape[0],), device="cuda")
     errors = _relative_errors(shape, torch.bfloat16, prefix, deterministic=False)
     assert max(errors) <= 2e-2, errors
+
+
+TMA_SHAPES = [(3, 4, 1, 64), (2, 3, 49, 40), (4, 2, 50, 64), (2, 16, 257, 80), (2, 12, 256, 128), (1, 2, 1025, 96)]
+
+
+@pytest.mark.parametrize("variant", ["default", "delta_in_dq", "atomic"])
+@pytest.mark.parametrize("layout", ["contiguous", "packed_qkv"])
+@pytest.mark.parametrize("shape", TMA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_tma_kernels_compiled_for_hopper(shape, layout, variant):
+    """Every kernel through TMA tensor descriptors, compiled (the interpreter tests check them against the pointer
+    path bit for bit), bf16, with the tiles this GPU's table picks for the shape and each backward variant: within
+    the float64 budget of tests/test_attention.py."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA tensor descriptors need sm_90 or newer")
+    q, k, v, _ = make_qkv(shape, torch.bfloat16, layout)
+    assert kernels.tma_usable(q, k, v)
+    configs = kernels.configs_for_call(q)
+    if variant == "delta_in_dq":
+        configs = with_optional_kernels(configs)
+    elif variant == "default":
+        configs = dataclasses.replace(configs, backward_dq_delta=None)
+    prefix = per_sample_prefix(shape[0], shape[2], seed=shape[2])
+    assert_within_budget(triton_op(prefix, with_tma(configs), deterministic=variant != "atomic"), reference_op(prefix),
+                         shape, torch.bfloat16, layout=layout)
 
 
 @pytest.mark.parametrize("causal", [False, True])
