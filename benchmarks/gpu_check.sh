@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-shot check on a lent GPU: extension build, environment, GPU tests, compute-sanitizer memcheck, quick benchmarks
-# (kernels, then model training steps). Every step has its own timeout; they add up to 12.3 minutes, more than one
+# (kernels, then model training steps). Every step has its own timeout; they add up to 13 minutes, more than one
 # device call's 10: give the call timeout_s=600 and expect the model benchmarks to be cut if every step runs long.
 # (The kernel resource report needs no GPU: python -m benchmarks.kernel_report.)
 # STEPS picks steps, in this order whatever is named: build tests sanitizer bench models (default: the first four).
@@ -31,7 +31,7 @@ source benchmarks/gpu_env.sh
 
 if wants tests; then
 echo "== GPU tests"
-timeout 200 $PY -m pytest -q -m gpu -p no:cacheprovider tests > "$OUT/pytest_gpu.txt" 2>&1 || status=1
+timeout 240 $PY -m pytest -q -m gpu -p no:cacheprovider tests > "$OUT/pytest_gpu.txt" 2>&1 || status=1
 tail -n 15 "$OUT/pytest_gpu.txt"
 fi
 
