@@ -42,8 +42,10 @@ def profile(shape: str, provider: str, steps: int = 20) -> list[str]:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    lines = [f"== {shape} {provider}: host {host_ms:.3f} ms/call to enqueue, wall {wall_ms:.3f} ms/call"]
     events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
+    gpu_ms = sum(event.device_time_total for event in events) / steps / 1e3  # every kernel, memset and copy
+    lines = [f"== {shape} {provider}: host {host_ms:.3f} ms/call to enqueue, wall {wall_ms:.3f} ms/call, "
+             f"GPU {gpu_ms:.3f} ms/call"]
     for event in events[:8]:
         total = event.device_time_total
         if total:
