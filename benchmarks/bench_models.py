@@ -12,8 +12,9 @@ One training step = forward + backward under bf16 autocast + a fused AdamW step,
                      head on x[bool_masked_pos]; random tokenizer centres)
   mimkernels_views   ours with q, k, v views of the qkv projection instead of the packed qkv_attention (an A/B
                      of the two copies per attention layer that the packed op saves)
-  mimkernels_fused_norm  ours with each block's residual add and norm2 fused (mimkernels.add_layer_norm; off by
-                     default until this A/B measures it faster)
+  mimkernels_fused_norm  ours with every residual add fused with the LayerNorm after it, across blocks too
+                     (mimkernels.add_layer_norm, models.vit.FUSED_ADD_NORM; off by default until this A/B measures
+                     it faster)
 Before timing, each baseline's loss is checked against ours on the same images, noise and prefixes.
 With --compile each provider (not the A/B one) is also timed under torch.compile (Inductor) as
 ``<provider>_compiled``: the step's forward and loss compiled, backward and AdamW as usual.
@@ -55,6 +56,8 @@ SHAPES = {
     "simmim_vit_b": ("simmim", "simmim_vit_base_patch16", 256),
     "beit_vit_b": ("beit", "beit_vit_base_patch16", 256),
 }
+# model family -> the provider that runs its official code path (see ``providers``)
+BASELINES = {"mae": "timm_sdpa", "aim": "ml_aim_dense_mask", "simmim": "conv_blend", "beit": "conv_index"}
 # (shape, ours, baseline, speedup goal)
 TARGETS = (("mae_vit_l", "mimkernels", "timm_sdpa", 1.3),
            ("mae_vit_l", "mimkernels_compiled", "timm_sdpa_compiled", 1.1),

@@ -79,6 +79,27 @@ def test_norms_harness_runs_end_to_end(tmp_path):
     assert fwd.gbps * fwd.ms_p50 * 1e6 == pytest.approx(4 * 1536 * 12, rel=1e-3)  # rows x width x 12 bytes
 
 
+def test_step_traffic_counts_what_the_fused_norms_remove():
+    """One MAE step's ops on the CPU: with FUSED_ADD_NORM only each stack's first norm1 is an aten LayerNorm (forward
+    and backward), and the adds and casts that the fused kernel absorbs move fewer bytes."""
+    from benchmarks import step_traffic
+    from mimkernels import models
+
+    counts = step_traffic.step_traffic("mae", "mae_vit_tiny_patch8", 2, ("mimkernels", "mimkernels_fused_norm",
+                                                                         "timm_sdpa"))
+    plain, fused, official = counts["mimkernels"], counts["mimkernels_fused_norm"], counts["timm_sdpa"]
+    model = models.mae_vit_tiny_patch8()
+    norms = (2 * len(model.blocks) + 1) + (2 * len(model.decoder_blocks) + 1)
+    assert plain.ops["layernorm"] == official.ops["layernorm"] == 2 * norms  # forward and backward of each
+    assert fused.ops["layernorm"] == 2 * 2
+    assert fused.bytes["elementwise"] < 0.6 * plain.bytes["elementwise"]
+    assert fused.bytes["copy_index"] < plain.bytes["copy_index"]
+    assert plain.bytes["ours"] > 0 and official.bytes["ours"] == 0 < official.bytes["attn_sdpa"]
+    assert plain.bytes["gemm"] == fused.bytes["gemm"] == official.bytes["gemm"]
+    text = step_traffic.report("mae tiny", counts)
+    assert "not GEMM, not ours" in text and "timm_sdpa" in text
+
+
 def test_tokens_harness_runs_end_to_end(tmp_path):
     from benchmarks import bench_tokens
 

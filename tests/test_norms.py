@@ -26,6 +26,13 @@ def poisoned_outputs(monkeypatch):
         return total.fill_(float("nan")), normed.fill_(float("nan")), mean.fill_(float("nan")), rstd
 
     monkeypatch.setattr(norms, "_forward_fake", poisoned)
+    allocate_grads = norms._backward_fake
+
+    def poisoned_grads(*args):
+        grad, grad_branch, *parts = allocate_grads(*args)
+        return grad.fill_(float("nan")), grad_branch.fill_(float("nan")), *parts
+
+    monkeypatch.setattr(norms, "_backward_fake", poisoned_grads)
 
 
 def make_inputs(shape, x_dtype, branch_dtype, affine=True, layout="contiguous", seed=0):
@@ -161,8 +168,31 @@ def test_custom_ops_pass_opcheck():
     args = (x, branch, weight, torch.randn(24), 1e-5, torch.float32, torch.float16)
     torch.library.opcheck(norms.forward.custom_op, args)
     total, normed, mean, rstd = norms.forward(*args)
-    torch.library.opcheck(norms.backward.custom_op, (torch.randn_like(normed), torch.randn_like(total), total, weight,
-                                                     mean, rstd, torch.float32))
+    grad_args = (torch.randn_like(normed), torch.randn_like(total), total, weight, mean, rstd, torch.float32)
+    torch.library.opcheck(norms.backward.custom_op, grad_args)
+    torch.library.opcheck(norms.backward.custom_op, (*grad_args, torch.bfloat16))
+
+
+def test_branch_gradient_comes_from_the_kernel_in_its_dtype():
+    """An fp32 stream with a 16-bit branch: the kernel writes the branch's gradient in fp16 itself (rounded once from
+    the fp32 gradient, as a cast after it would round), so no cast runs after it."""
+    from mimkernels.triton import norms
+
+    x, branch, weight, bias = make_inputs((2, 7, 48), torch.float32, torch.float16)
+    dtypes_asked = []
+    backward = norms.backward
+
+    def recording(*args):
+        dtypes_asked.append(args[7:])
+        return backward(*args)
+
+    with mimkernels.use_backend("triton"), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(norms, "backward", recording)
+        outputs = outputs_and_grads(lambda *t: mimkernels.add_layer_norm(*t), (x, branch, weight, bias))
+    grad_x, grad_branch = outputs[2:4]
+    assert dtypes_asked == [(torch.float16,)]
+    assert grad_x.dtype == torch.float32 and grad_branch.dtype == torch.float16
+    torch.testing.assert_close(grad_branch, grad_x.to(torch.float16), rtol=0, atol=0)
 
 
 def test_compiles_to_the_same_kernels():

@@ -122,6 +122,25 @@ def test_compiled_blocks_under_fsdp_match_eager(one_rank_group):
     assert all(block._compiled_call_impl is None for block in parallel.transformer_blocks(compiled))
 
 
+def test_norms_fused_across_blocks_under_fsdp_checkpointing_and_compile(one_rank_group, monkeypatch):
+    """With FUSED_ADD_NORM, blocks pass their MLP branch to the next block un-added (keyword arguments through
+    FSDP's hooks, the recomputed region and each compiled block): the same loss and gradients as the plain model."""
+    from mimkernels.models import vit
+
+    monkeypatch.setattr(vit, "FUSED_ADD_NORM", True)
+    plain, wrapped = twins("aim")
+    parallel.compile_blocks(wrapped, "aot_eager")
+    parallel.checkpoint_activations(wrapped)
+    parallel.shard(wrapped)
+    imgs = torch.randn(2, 3, 64, 64)
+    loss, grads = loss_and_grads(plain, imgs)
+    loss_wrapped, grads_wrapped = loss_and_grads(wrapped, imgs)
+    torch.testing.assert_close(loss_wrapped, loss, rtol=1e-6, atol=0)
+    assert grads_wrapped.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads_wrapped[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 def sharded_and_trained(family, steps=2):
     torch.manual_seed(0)
     model = parallel.shard(MODELS[family]())

@@ -26,7 +26,18 @@ from torch import nn
 
 import mimkernels
 
-from .vit import Block, Mlp, PatchEmbed, check_head_dim, generator_kwargs, init_weights, recomputable, sincos_pos_embed
+from .vit import (
+    Block,
+    Mlp,
+    PatchEmbed,
+    block_input_norm,
+    check_head_dim,
+    generator_kwargs,
+    init_weights,
+    recomputable,
+    run_blocks,
+    sincos_pos_embed,
+)
 
 _LN = partial(nn.LayerNorm, eps=1e-6)
 
@@ -42,8 +53,11 @@ class MlpBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), bias=False)
 
     @recomputable
-    def forward(self, x):
-        return x + self.mlp(self.norm(x))
+    def forward(self, x, *, pending=None, defer_mlp=False):
+        """``pending`` and ``defer_mlp`` as :class:`Block`'s (for :func:`run_blocks`)."""
+        x, normed = block_input_norm(x, pending, self.norm)
+        branch = self.mlp(normed)
+        return (x, branch) if defer_mlp else x + branch
 
 
 class AIM(nn.Module):
@@ -83,17 +97,14 @@ class AIM(nn.Module):
         """Trunk output ``[B, L, E]`` (after the final norm). ``prefix_len=None``: full bidirectional
         attention (downstream use); else prefix-causal attention with that prefix (int or ``[B]`` tensor)."""
         x = self.patch_norm(self.patch_embed(imgs)) + self.pos_embed
-        for block in self.blocks:
-            x = block(x, prefix_len)
-        return self.norm(x)
+        return run_blocks(self.blocks, x, self.norm, prefix_len)
 
     def forward_head(self, features):
         """Per-patch pixel predictions ``[B, rows, p * p * C]`` from trunk features ``[B, rows, E]`` of the
         first ``rows`` positions."""
-        x = self.head_embed(features) + self.head_pos_embed[:, : features.shape[1]]
-        for block in self.head_blocks:
-            x = block(x)
-        return self.head_pred(self.head_norm(x))
+        positions = self.head_pos_embed[:, : features.shape[1]]
+        return self.head_pred(run_blocks(self.head_blocks, self.head_embed(features), self.head_norm,
+                                         pending=positions))
 
     def forward(self, imgs, prefix_len=None):
         """``(loss, pred)``: pred ``[B, L, p * p * C]`` holds at row l the prediction of patch l (made at

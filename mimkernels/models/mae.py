@@ -19,7 +19,7 @@ from torch import nn
 
 import mimkernels
 
-from .vit import Block, PatchEmbed, check_head_dim, init_weights, sincos_pos_embed
+from .vit import Block, PatchEmbed, check_head_dim, init_weights, run_blocks, sincos_pos_embed
 
 
 class MAE(nn.Module):
@@ -80,9 +80,7 @@ class MAE(nn.Module):
         x = self.patch_embed(imgs, pos_embed=self.pos_embed[:, 1:], ids_keep=ids_keep)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(batch, -1, -1)
         x = torch.cat([cls, x], dim=1)  # promotes to fp32 under autocast, as in the official code
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x), mask, ids_restore
+        return run_blocks(self.blocks, x, self.norm), mask, ids_restore
 
     def forward_decoder(self, x, ids_restore):
         """Patch predictions ``[B, L, p * p * C]`` from the encoder's output."""
@@ -91,9 +89,7 @@ class MAE(nn.Module):
         x = x.to(torch.promote_types(x.dtype, self.mask_token.dtype))
         x = mimkernels.restore_tokens(x, ids_restore, self.mask_token, pos_embed=self.decoder_pos_embed,
                                       num_prefix_tokens=1)
-        for block in self.decoder_blocks:
-            x = block(x)
-        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+        return self.decoder_pred(run_blocks(self.decoder_blocks, x, self.decoder_norm))[:, 1:]
 
     def forward_loss(self, imgs, pred, mask):
         return mimkernels.masked_patch_loss(pred, imgs, mask, norm_pix=self.norm_pix_loss)

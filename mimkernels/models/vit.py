@@ -14,13 +14,14 @@ import mimkernels
 
 from ..nn import Attention, PatchEmbed, check_head_dim
 
-# True: each Block adds its attention branch to the residual stream and applies norm2 in one pass
-# (mimkernels.add_layer_norm). Off until a GPU measures it faster than the add plus LayerNorm it replaces
-# (bench_models' mimkernels_fused_norm provider is that A/B).
+# True: every residual add is fused with the LayerNorm that follows it (mimkernels.add_layer_norm): in a block, the
+# attention branch's add with norm2; across blocks (``run_blocks``), the MLP branch's add with the next block's
+# norm1, or with the final norm after the last block. Off until a GPU measures it faster than the adds plus
+# LayerNorms it replaces (bench_models' mimkernels_fused_norm provider is that A/B).
 FUSED_ADD_NORM = False
 
 __all__ = ["Attention", "Block", "MaskTokenViT", "Mlp", "PatchEmbed", "check_head_dim", "generator_kwargs",
-           "init_weights", "recomputable", "sincos_pos_embed"]
+           "add_norm", "block_input_norm", "init_weights", "recomputable", "run_blocks", "sincos_pos_embed"]
 
 
 def generator_kwargs(generator) -> dict:
@@ -68,6 +69,38 @@ def sincos_pos_embed(embed_dim: int, grid_h: int, grid_w: int, *, cls_token: boo
     return table.float().unsqueeze(0)
 
 
+def add_norm(x, branch, norm):
+    """``(x + branch, norm(x + branch))``: one pass of :func:`mimkernels.add_layer_norm` with FUSED_ADD_NORM, a
+    LayerNorm over the last dim and a branch of x's shape, else the add (broadcasting) and then the norm."""
+    if (FUSED_ADD_NORM and isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
+            and branch.shape == x.shape):
+        return mimkernels.add_layer_norm(x, branch, norm.weight, norm.bias, eps=norm.eps)
+    x = x + branch
+    return x, norm(x)
+
+
+def run_blocks(blocks, x, norm, *args, pending=None):
+    """``norm(blocks[-1](... blocks[0](x + pending, *args) ..., *args))``: a stack of pre-norm blocks and the norm
+    after it; ``pending`` (e.g. a positional embedding) is added to the input first, broadcasting.
+
+    With FUSED_ADD_NORM each block hands its last branch (the MLP's output) to the next one un-added
+    (``defer_mlp=True``), which adds it in the same pass as its first norm (``pending=``); the final norm adds the
+    last one. Every residual add then shares a pass with a LayerNorm; only the first block's norm1 runs alone.
+    Blocks are called as modules, so hooks (FSDP's) and activation checkpointing see each block as before; a block
+    always returns a new tensor (FSDP warns about outputs that are views of inputs): a block of only an MLP branch
+    needs an initial ``pending`` for that, or it hands its input back.
+    """
+    if not FUSED_ADD_NORM or not len(blocks):
+        if pending is not None:
+            x = x + pending
+        for block in blocks:
+            x = block(x, *args)
+        return norm(x)
+    for block in blocks:
+        x, pending = block(x, *args, pending=pending, defer_mlp=True)
+    return add_norm(x, pending, norm)[1]
+
+
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, bias: bool = True):
         super().__init__()
@@ -77,6 +110,11 @@ class Mlp(nn.Module):
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
+
+
+def block_input_norm(x, pending, norm):
+    """A block's input ``x + pending`` (``pending`` None: x) and its first norm of it; one pass with FUSED_ADD_NORM."""
+    return (x, norm(x)) if pending is None else add_norm(x, pending, norm)
 
 
 class Block(nn.Module):
@@ -93,14 +131,14 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), bias=bias)
 
     @recomputable
-    def forward(self, x, prefix_len=None):
-        branch = self.attn(self.norm1(x), prefix_len)
-        if FUSED_ADD_NORM and isinstance(self.norm2, nn.LayerNorm) and len(self.norm2.normalized_shape) == 1:
-            x, normed = mimkernels.add_layer_norm(x, branch, self.norm2.weight, self.norm2.bias, eps=self.norm2.eps)
-        else:
-            x = x + branch
-            normed = self.norm2(x)
-        return x + self.mlp(normed)
+    def forward(self, x, prefix_len=None, *, pending=None, defer_mlp=False):
+        """``x [B, N, dim]`` -> ``[B, N, dim]``; ``prefix_len`` as :class:`Attention`'s. For :func:`run_blocks`:
+        ``pending`` is a branch not yet added (the block's input is ``x + pending``), and ``defer_mlp=True``
+        returns ``(x, mlp_branch)`` instead of their sum."""
+        x, normed = block_input_norm(x, pending, self.norm1)
+        x, normed = add_norm(x, self.attn(normed, prefix_len), self.norm2)
+        branch = self.mlp(normed)
+        return (x, branch) if defer_mlp else x + branch
 
 
 def init_weights(module: nn.Module) -> None:
@@ -153,6 +191,4 @@ class MaskTokenViT(nn.Module):
         x = self.patch_embed(imgs, pos_embed=self.pos_embed[:, 1:], mask=mask, mask_token=self.mask_token)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(imgs.shape[0], -1, -1)
         x = torch.cat([cls.to(x.dtype), x], dim=1)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
+        return run_blocks(self.blocks, x, self.norm)

@@ -34,10 +34,18 @@ class _AddLayerNorm(torch.autograd.Function):
         x_dtype, branch_dtype, weight_dtype, bias_dtype = ctx.dtypes
         if grad_normed is None:  # only total was used: the add's gradient
             grad_normed = torch.zeros_like(total)
-        grad, grad_weight, grad_bias = _kernels.backward(grad_normed, grad_total, total, weight, mean, rstd,
-                                                         total.dtype)
-        return (grad.to(x_dtype), grad.to(branch_dtype), grad_weight.to(weight_dtype) if weight_dtype else None,
-                grad_bias.to(bias_dtype) if bias_dtype else None, None, None)
+        # The gradient comes in total's (promoted) dtype; where x's dtype differs, or else the branch's (an fp32
+        # stream with a 16-bit branch under autocast), the kernel also writes it in that dtype in the same pass.
+        # The casts below are no-ops then (both differ only for mixed 16-bit inputs: one cast remains).
+        other = x_dtype if x_dtype != total.dtype else branch_dtype
+        grad, grad_other, grad_weight, grad_bias = _kernels.backward(
+            grad_normed, grad_total, total, weight, mean, rstd, total.dtype, other if other != total.dtype else None)
+        if other == total.dtype:
+            grad_other = grad
+        grad_x, grad_branch = (grad_other, grad) if x_dtype != total.dtype else (grad, grad_other)
+        grad_weight = grad_weight.to(weight_dtype) if weight_dtype else None
+        grad_bias = grad_bias.to(bias_dtype) if bias_dtype else None
+        return grad_x.to(x_dtype), grad_branch.to(branch_dtype), grad_weight, grad_bias, None, None
 
 
 def add_layer_norm(x, branch, weight=None, bias=None, *, eps=1e-5):

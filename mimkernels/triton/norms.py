@@ -47,10 +47,10 @@ def _add_layer_norm_fwd(X, BRANCH, WEIGHT, BIAS, TOTAL, NORMED, MEAN, RSTD, stri
 
 
 @triton.jit
-def _add_layer_norm_bwd(GRAD_NORMED, GRAD_TOTAL, TOTAL, WEIGHT, MEAN, RSTD, GRAD_X, WEIGHT_PARTS, BIAS_PARTS,
-                        stride_grad_normed, stride_grad_total, stride_total, stride_grad_x, rows, width,
-                        rows_per_program, HAS_GRAD_TOTAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                        BLOCK: tl.constexpr):
+def _add_layer_norm_bwd(GRAD_NORMED, GRAD_TOTAL, TOTAL, WEIGHT, MEAN, RSTD, GRAD_X, GRAD_BRANCH, WEIGHT_PARTS,
+                        BIAS_PARTS, stride_grad_normed, stride_grad_total, stride_total, stride_grad_x,
+                        stride_grad_branch, rows, width, rows_per_program, HAS_GRAD_TOTAL: tl.constexpr,
+                        HAS_WEIGHT: tl.constexpr, HAS_GRAD_BRANCH: tl.constexpr, BLOCK: tl.constexpr):
     program = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     valid = cols < width
@@ -74,6 +74,8 @@ def _add_layer_norm_bwd(GRAD_NORMED, GRAD_TOTAL, TOTAL, WEIGHT, MEAN, RSTD, GRAD
         if HAS_GRAD_TOTAL:
             grad_x += tl.load(GRAD_TOTAL + row * stride_grad_total + cols, mask=live, other=0.0).to(tl.float32)
         tl.store(GRAD_X + row * stride_grad_x + cols, grad_x.to(GRAD_X.dtype.element_ty), mask=live)
+        if HAS_GRAD_BRANCH:  # the same gradient in the branch's dtype: no cast pass after the kernel
+            tl.store(GRAD_BRANCH + row * stride_grad_branch + cols, grad_x.to(GRAD_BRANCH.dtype.element_ty), mask=live)
         weight_grad += grad_normed * x_hat
         bias_grad += grad_normed
     tl.store(WEIGHT_PARTS + program * width + cols, weight_grad, mask=valid)
@@ -122,25 +124,29 @@ def forward(x, branch, weight, bias, eps: float, total_dtype, normed_dtype):
     return total, normed, mean, rstd
 
 
-def _backward_fake(grad_normed, grad_total, total, weight, mean, rstd, grad_dtype):
+def _backward_fake(grad_normed, grad_total, total, weight, mean, rstd, grad_dtype, branch_grad_dtype=None):
     width = total.shape[-1]
     parts = total.new_empty(width, dtype=torch.float32)
-    return total.new_empty(total.shape, dtype=grad_dtype), parts, torch.empty_like(parts)
+    grad_branch = total.new_empty(total.shape if branch_grad_dtype else (0,), dtype=branch_grad_dtype or grad_dtype)
+    return total.new_empty(total.shape, dtype=grad_dtype), grad_branch, parts, torch.empty_like(parts)
 
 
 @custom_op_when_compiling(
     "add_layer_norm_backward",
     "(Tensor grad_normed, Tensor? grad_total, Tensor total, Tensor? weight, Tensor mean, Tensor rstd, "
-    "ScalarType grad_dtype) -> (Tensor, Tensor, Tensor)",
+    "ScalarType grad_dtype, ScalarType? branch_grad_dtype=None) -> (Tensor, Tensor, Tensor, Tensor)",
     _backward_fake)
-def backward(grad_normed, grad_total, total, weight, mean, rstd, grad_dtype):
-    """(d total, d weight, d bias): d total in ``grad_dtype`` shaped like total (the gradient of x and of branch),
-    the weight and bias gradients fp32 [width] (zero without a weight / bias to use them)."""
+def backward(grad_normed, grad_total, total, weight, mean, rstd, grad_dtype, branch_grad_dtype=None):
+    """(d total, d branch, d weight, d bias): d total in ``grad_dtype`` shaped like total (the gradient of x, and of
+    the branch where ``branch_grad_dtype`` is None); with ``branch_grad_dtype``, d branch is the same gradient
+    rounded to that dtype in the same pass (under autocast: the 16-bit branch of an fp32 residual stream), else an
+    empty placeholder. The weight and bias gradients fp32 [width] (zero without a weight / bias to use them)."""
     width, rows = total.shape[-1], mean.numel()
-    grad_x = total.new_empty(total.shape, dtype=grad_dtype)
+    grad_x, grad_branch, _, _ = _backward_fake(grad_normed, grad_total, total, weight, mean, rstd, grad_dtype,
+                                               branch_grad_dtype)
     if rows == 0:
         zeros = total.new_zeros(width, dtype=torch.float32)
-        return grad_x, zeros, zeros.clone()
+        return grad_x, grad_branch, zeros, zeros.clone()
     programs = min(rows, BACKWARD_PROGRAMS)
     rows_per_program = cdiv(rows, programs)
     programs = cdiv(rows, rows_per_program)
@@ -149,11 +155,12 @@ def backward(grad_normed, grad_total, total, weight, mean, rstd, grad_dtype):
     grad_normed2, total2 = _rows(grad_normed), _rows(total)
     grad_total2 = total2 if grad_total is None else _rows(grad_total)
     grad_x2 = grad_x.view(rows, width)
+    grad_branch2 = grad_branch.view(rows, width) if branch_grad_dtype else grad_x2  # never written without it
     tile, num_warps, num_stages = launch_config(width)
     launch(_add_layer_norm_bwd, (programs,), (grad_normed2, grad_total2, total2, total2 if weight is None else weight,
-                                              mean, rstd, grad_x2, weight_parts, bias_parts), (
-        grad_normed2.stride(0), grad_total2.stride(0), total2.stride(0), grad_x2.stride(0), rows, width,
-        rows_per_program,
-    ), dict(HAS_GRAD_TOTAL=grad_total is not None, HAS_WEIGHT=weight is not None, **tile), num_warps=num_warps,
-        num_stages=num_stages)
-    return grad_x, weight_parts.sum(0), bias_parts.sum(0)
+                                              mean, rstd, grad_x2, grad_branch2, weight_parts, bias_parts), (
+        grad_normed2.stride(0), grad_total2.stride(0), total2.stride(0), grad_x2.stride(0), grad_branch2.stride(0),
+        rows, width, rows_per_program,
+    ), dict(HAS_GRAD_TOTAL=grad_total is not None, HAS_WEIGHT=weight is not None,
+            HAS_GRAD_BRANCH=branch_grad_dtype is not None, **tile), num_warps=num_warps, num_stages=num_stages)
+    return grad_x, grad_branch, weight_parts.sum(0), bias_parts.sum(0)
