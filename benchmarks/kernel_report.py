@@ -172,8 +172,8 @@ def other_launches(dtype: torch.dtype) -> list[Launch]:
     tile, warps, stages = norm_kernels.launch_config(2048)  # AIM's head width: the widest row
     pointers = {"X": "*fp32", "BRANCH": ty, "WEIGHT": "*fp32", "BIAS": "*fp32", "TOTAL": "*fp32", "NORMED": ty,
                 "MEAN": "*fp32", "RSTD": "*fp32", "GRAD_NORMED": ty, "GRAD_TOTAL": "*fp32", "GRAD_X": "*fp32",
-                "WEIGHT_PARTS": "*fp32", "BIAS_PARTS": "*fp32"}  # the fp32 residual stream under autocast
-    switches = {"HAS_WEIGHT": True, "HAS_BIAS": True, "HAS_GRAD_TOTAL": True, **tile}
+                "GRAD_BRANCH": ty, "WEIGHT_PARTS": "*fp32", "BIAS_PARTS": "*fp32"}  # fp32 stream under autocast
+    switches = {"HAS_WEIGHT": True, "HAS_BIAS": True, "HAS_GRAD_TOTAL": True, "HAS_GRAD_BRANCH": True, **tile}
     for fn in (norm_kernels._add_layer_norm_fwd, norm_kernels._add_layer_norm_bwd):
         launches.append(Launch(fn, "affine", f"{tile['BLOCK']}", warps, stages, pointers,
                                {name: value for name, value in switches.items() if name in fn.arg_names}))
