@@ -4,7 +4,7 @@ A model of what a GPU step moves, not a timing: one forward + backward under bf1
 every PyTorch op that is not a view counts the bytes of its tensor inputs and outputs (what a kernel that reads
 each input once and writes each output once moves). mimkernels' Triton kernels do not run: their launches are
 replaced by no-ops (their results do not change which ops run) and each counts the bytes of the tensors it is
-handed, as ``ours``. Allocations count nothing. GEMM bytes are listed but are not where the providers differ.
+handed, as ``ours``. Allocations and views count nothing. GEMM bytes are listed but are not where the providers differ.
 
 Why: the H200 profile of the MAE ViT-L and AIM-600M steps (../shared/gpu-results/2026-11-27-h200/) spent 30-35% of
 the step in elementwise ops, copies and casts, LayerNorm and reductions, the part a fusion can remove; this counts
@@ -24,13 +24,14 @@ import sys
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 import mimkernels
 from benchmarks import bench_models
-from mimkernels import _backend, models
+from mimkernels import _backend, models, timing
 
-_ALLOCATIONS = {"empty", "new_empty", "empty_like", "empty_strided", "new_empty_strided"}
+# ops that move no data: allocations, and views whose schema does not say so
+_FREE = {"empty", "new_empty", "empty_like", "empty_strided", "new_empty_strided", "_unsafe_view", "_reshape_alias"}
 DEFAULT_PROVIDERS = ("mimkernels", "mimkernels_fused_norm")
 
 
@@ -51,12 +52,28 @@ class TrafficCount(TorchDispatchMode):
         self.ops[category] += 1
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
+        category = "gemm" if name.startswith("convolution") else bench_models.kernel_category(f"aten::{name}")
+        kwargs = kwargs or {}
+        out = _shaped_zeros(func, args, kwargs) if category in _NOT_COMPUTED else func(*args, **kwargs)
         is_view = any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
-        if not is_view and name not in _ALLOCATIONS:
-            self.add(bench_models.kernel_category(f"aten::{name}"), _bytes((args, kwargs, out)))
+        if not is_view and name not in _FREE:
+            self.add(category, _bytes((args, kwargs, out)))
         return out
+
+
+# The CPU's bf16 GEMMs (and convolutions, attention) would take most of the time and their values change no op that
+# runs after them: their outputs are zeros of the shape, dtype and strides their meta kernels give.
+_NOT_COMPUTED = ("gemm", "attn_sdpa")
+
+
+def _shaped_zeros(func, args, kwargs):
+    def to_meta(value):
+        return value.to("meta") if isinstance(value, torch.Tensor) else value
+
+    meta = func(*tree_map(to_meta, args), **tree_map(to_meta, kwargs))
+    return tree_map(lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).zero_()
+                    if isinstance(t, torch.Tensor) else t, meta)
 
 
 @contextlib.contextmanager
@@ -122,6 +139,7 @@ def main(argv=None) -> int:
     parser.add_argument("--providers", nargs="+", default=None,
                         help="default: ours, ours with FUSED_ADD_NORM, and the shape's official baseline")
     args = parser.parse_args(argv)
+    print("# " + ", ".join(f"{k} {v}" for k, v in timing.provenance("cpu").items()), flush=True)
     for shape in args.shapes:
         family, config, _ = bench_models.SHAPES[shape]
         providers = args.providers or (*DEFAULT_PROVIDERS, bench_models.BASELINES[family])

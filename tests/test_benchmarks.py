@@ -95,7 +95,7 @@ def test_step_traffic_counts_what_the_fused_norms_remove():
     assert fused.bytes["elementwise"] < 0.6 * plain.bytes["elementwise"]
     assert fused.bytes["copy_index"] < plain.bytes["copy_index"]
     assert plain.bytes["ours"] > 0 and official.bytes["ours"] == 0 < official.bytes["attn_sdpa"]
-    assert plain.bytes["gemm"] == fused.bytes["gemm"] == official.bytes["gemm"]
+    assert plain.bytes["gemm"] == fused.bytes["gemm"] < official.bytes["gemm"]  # + its Conv2d patch embedding
     text = step_traffic.report("mae tiny", counts)
     assert "not GEMM, not ours" in text and "timm_sdpa" in text
 
