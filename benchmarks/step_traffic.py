@@ -33,6 +33,9 @@ from mimkernels import _backend, models, timing
 # ops that move no data: allocations, and views whose schema does not say so
 _FREE = {"empty", "new_empty", "empty_like", "empty_strided", "new_empty_strided", "_unsafe_view", "_reshape_alias"}
 DEFAULT_PROVIDERS = ("mimkernels", "mimkernels_fused_norm")
+# The CPU's bf16 GEMMs (and convolutions, attention) would take most of the time and their values change no op that
+# runs after them: their outputs are zeros of the shape, dtype and strides their meta kernels give.
+_NOT_COMPUTED = ("gemm", "attn_sdpa")
 
 
 def _bytes(values) -> int:
@@ -61,10 +64,6 @@ class TrafficCount(TorchDispatchMode):
             self.add(category, _bytes((args, kwargs, out)))
         return out
 
-
-# The CPU's bf16 GEMMs (and convolutions, attention) would take most of the time and their values change no op that
-# runs after them: their outputs are zeros of the shape, dtype and strides their meta kernels give.
-_NOT_COMPUTED = ("gemm", "attn_sdpa")
 
 
 def _shaped_zeros(func, args, kwargs):

@@ -43,6 +43,17 @@ def twins(family):
     return plain, other
 
 
+def assert_trains_like(plain, other):
+    """One step on the same images: ``other`` gives ``plain``'s loss and gradients, parameter by parameter."""
+    imgs = torch.randn(2, 3, 64, 64)
+    loss, grads = loss_and_grads(plain, imgs)
+    loss_other, grads_other = loss_and_grads(other, imgs)
+    torch.testing.assert_close(loss_other, loss, rtol=1e-6, atol=0)
+    assert grads_other.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads_other[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_transformer_blocks_are_every_trunk_decoder_and_head_block():
     mae, aim = models.mae_vit_tiny_patch8(), models.aim_tiny()
     assert len(parallel.transformer_blocks(mae)) == len(mae.blocks) + len(mae.decoder_blocks)
@@ -91,13 +102,7 @@ def test_sharded_model_matches_the_plain_one(one_rank_group, family):
     parallel.shard(sharded)
     assert list(sharded.state_dict()) == names  # module tree and checkpoint keys unchanged
     assert all(type(p).__name__ == "DTensor" for p in sharded.parameters())
-    imgs = torch.randn(2, 3, 64, 64)
-    loss, grads = loss_and_grads(plain, imgs)
-    loss_sharded, grads_sharded = loss_and_grads(sharded, imgs)
-    torch.testing.assert_close(loss_sharded, loss, rtol=1e-6, atol=0)
-    assert grads_sharded.keys() == grads.keys()
-    for name in grads:
-        torch.testing.assert_close(grads_sharded[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert_trains_like(plain, sharded)
 
 
 def test_compiled_blocks_under_fsdp_match_eager(one_rank_group):
@@ -111,13 +116,8 @@ def test_compiled_blocks_under_fsdp_match_eager(one_rank_group):
     assert parallel.compile_blocks(compiled, counting_backend) == len(parallel.transformer_blocks(compiled))
     parallel.checkpoint_activations(compiled)
     parallel.shard(compiled)
-    imgs = torch.randn(2, 3, 64, 64)
-    loss, grads = loss_and_grads(plain, imgs)
-    loss_compiled, grads_compiled = loss_and_grads(compiled, imgs)
+    assert_trains_like(plain, compiled)
     assert 1 <= len(graphs) <= 4  # trunk and head blocks: one graph per block shape, not one per block
-    torch.testing.assert_close(loss_compiled, loss, rtol=1e-6, atol=0)
-    for name in grads:
-        torch.testing.assert_close(grads_compiled[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
     parallel.compile_blocks(compiled, None)
     assert all(block._compiled_call_impl is None for block in parallel.transformer_blocks(compiled))
 
@@ -132,13 +132,7 @@ def test_norms_fused_across_blocks_under_fsdp_checkpointing_and_compile(one_rank
     parallel.compile_blocks(wrapped, "aot_eager")
     parallel.checkpoint_activations(wrapped)
     parallel.shard(wrapped)
-    imgs = torch.randn(2, 3, 64, 64)
-    loss, grads = loss_and_grads(plain, imgs)
-    loss_wrapped, grads_wrapped = loss_and_grads(wrapped, imgs)
-    torch.testing.assert_close(loss_wrapped, loss, rtol=1e-6, atol=0)
-    assert grads_wrapped.keys() == grads.keys()
-    for name in grads:
-        torch.testing.assert_close(grads_wrapped[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert_trains_like(plain, wrapped)
 
 
 def sharded_and_trained(family, steps=2):
