@@ -11,16 +11,16 @@ FLOOR_READY := $(FLOOR_VENV)/.ready
 
 $(READY): requirements-dev.txt pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-dev.txt
-	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	$(PY) -m pip install --quiet --no-cache-dir --upgrade pip
+	$(PY) -m pip install --quiet --no-cache-dir -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-cache-dir --no-build-isolation --no-deps -e .
 	touch $(READY)
 
 # the oldest supported torch / Triton (requirements-floor.txt), used through an installed wheel
 $(FLOOR_READY): requirements-floor.txt
 	test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_VENV)
-	$(FLOOR_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(FLOOR_VENV)/bin/python -m pip install --quiet -r requirements-floor.txt
+	$(FLOOR_VENV)/bin/python -m pip install --quiet --no-cache-dir --upgrade pip
+	$(FLOOR_VENV)/bin/python -m pip install --quiet --no-cache-dir -r requirements-floor.txt
 	touch $(FLOOR_READY)
 
 demo: $(READY)
