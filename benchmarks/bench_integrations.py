@@ -4,6 +4,8 @@ One training step = forward + loss + backward under bf16 autocast + a fused Adam
 from one seed, timed in this process:
   unpatched    the model as its library builds it (timm's SDPA attention, HF's default attention)
   mimkernels   the same model after mimkernels.integrations.apply(model)
+  mimkernels_fused_norm  ... apply(model, add_norm=True): each block's add after attention fused with its norm
+               (off by default until this A/B and bench_models' measure it faster)
 With --compile each is also timed under torch.compile (Inductor) as ``<provider>_compiled``. Before timing,
 the two losses are checked against each other on the same images (and the same noise for ViTMAE).
 
@@ -56,7 +58,8 @@ def run(shapes, dtype, quick, peaks, csv_path, device="cuda", compile_backend=No
     for name in shapes:
         batch = 2 if tiny else SHAPES[name]
         models = {"unpatched": build(name, tiny).to(device),
-                  "mimkernels": mimkernels.integrations.apply(build(name, tiny).to(device))}
+                  "mimkernels": mimkernels.integrations.apply(build(name, tiny).to(device), add_norm=False),
+                  "mimkernels_fused_norm": mimkernels.integrations.apply(build(name, tiny).to(device), add_norm=True)}
         size = 32 if tiny else 224
         images = torch.randn(batch, 3, size, size, device=device)
         labels = torch.randint(0, 1000, (batch,), device=device)

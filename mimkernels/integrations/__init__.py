@@ -6,9 +6,10 @@ and ``unapply`` swaps the classes back. A submodule whose configuration our kern
 original code, with one warning saying why; nothing is ever computed differently from the original beyond
 rounding.
 
-Supported models: timm's ``VisionTransformer`` (its ``Attention`` and ``PatchEmbed`` modules), Hugging Face
-transformers' ``ViTMAEForPreTraining`` and ``ViTMAEModel`` (masking and unshuffling, kept-patch embedding,
-attention, the reconstruction loss), and mimkernels' own models (already on the kernels: returned unchanged).
+Supported models: timm's ``VisionTransformer`` (its ``Attention`` and ``PatchEmbed`` modules, and with
+``add_norm`` its ``Block``), Hugging Face transformers' ``ViTMAEForPreTraining`` and ``ViTMAEModel`` (masking and
+unshuffling, kept-patch embedding, attention, the reconstruction loss, with ``add_norm`` each layer's residual add
+and LayerNorm), and mimkernels' own models (already on the kernels: returned unchanged).
 ``register_hf_attention()`` makes ``attn_implementation="mimkernels"`` available to any transformers model.
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ def _is_hf_vit_mae(model) -> bool:
 
 
 def apply(model: torch.nn.Module, *, attention: bool = True, patch_embed: bool = True, masking: bool = True,
-          loss: bool = True) -> torch.nn.Module:
+          loss: bool = True, add_norm: bool | None = None) -> torch.nn.Module:
     """Patch ``model`` in place to run on mimkernels' kernels, and return it.
 
     Args:
@@ -53,13 +54,18 @@ def apply(model: torch.nn.Module, *, attention: bool = True, patch_embed: bool =
         masking: ViTMAE: random masking and the decoder's unshuffle by mimkernels' token ops (the same masks
             and ids for the same noise, and the same random draws without).
         loss: ViTMAE: the reconstruction loss by :func:`mimkernels.masked_patch_loss`.
+        add_norm: each block's residual add after attention in one pass with the LayerNorm after it
+            (:func:`mimkernels.add_layer_norm`; timm's ``Block``, ViTMAE's layers). None: what mimkernels' own
+            models do, ``mimkernels.models.vit.FUSED_ADD_NORM`` (off until a GPU measures the fusion faster).
         ``interpolate_pos_encoding=True`` calls of ViTMAE run the original code.
 
     Raises:
         TypeError: ``model`` is not one of the supported classes (listed in the message).
     """
-    from ..models import AIM, MAE
+    from ..models import AIM, MAE, vit
 
+    if add_norm is None:
+        add_norm = vit.FUSED_ADD_NORM
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, (MAE, AIM)):
@@ -67,12 +73,13 @@ def apply(model: torch.nn.Module, *, attention: bool = True, patch_embed: bool =
     if _is_timm_vit(model):
         from . import _timm
 
-        _timm.patch(model, attention=attention, patch_embed=patch_embed)
+        _timm.patch(model, attention=attention, patch_embed=patch_embed, add_norm=add_norm)
         return model
     if _is_hf_vit_mae(model):
         from . import _hf
 
-        _hf.patch(model, attention=attention, patch_embed=patch_embed, masking=masking, loss=loss)
+        _hf.patch(model, attention=attention, patch_embed=patch_embed, masking=masking, loss=loss,
+                  add_norm=add_norm)
         return model
     raise TypeError(f"mimkernels.integrations.apply supports {', '.join(SUPPORTED)}; got "
                     f"{type(model).__module__}.{type(model).__qualname__}")

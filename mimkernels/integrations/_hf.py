@@ -2,6 +2,7 @@
 transformers attention implementation (``attn_implementation="mimkernels"``)."""
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import torch
@@ -9,6 +10,7 @@ from transformers.models.vit_mae import modeling_vit_mae as vit_mae
 
 import mimkernels
 
+from ..models import vit
 from ..nn import check_head_dim
 
 
@@ -109,10 +111,37 @@ class MimkernelsViTMAEForPreTraining(vit_mae.ViTMAEForPreTraining):
                                                   hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
 
+class MimkernelsViTMAELayer(vit_mae.ViTMAELayer):
+    """The residual add after attention in one pass with ``layernorm_after`` (:func:`mimkernels.add_layer_norm`);
+    the add after the MLP stays (fusing it with the next layer's ``layernorm_before`` would change what a layer
+    returns)."""
+
+    _mimkernels_patch = True
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        branch, _ = self.attention(self.layernorm_before(hidden_states), attention_mask, **kwargs)
+        hidden_states, normed = vit.add_norm(hidden_states, self.dropout(branch), self.layernorm_after, fuse=True)
+        return self.dropout(self.mlp(normed)) + hidden_states
+
+
+def _layer_unsupported(layer: vit_mae.ViTMAELayer) -> str | None:
+    """Why MimkernelsViTMAELayer cannot stand in for ``layer``, or None. It reproduces transformers 5's layer;
+    under autocast the fused norm comes out in the autocast dtype, which is what the MLP's first Linear (fc1)
+    casts the LayerNorm's fp32 output to."""
+    forward = tuple(inspect.signature(vit_mae.ViTMAELayer.forward).parameters)
+    mlp = getattr(layer, "mlp", None)
+    if forward != ("self", "hidden_states", "attention_mask", "kwargs") or type(mlp) is not vit_mae.ViTMAEMLP:
+        return "this transformers release's ViTMAELayer is not one mimkernels reproduces"
+    if type(layer.layernorm_after) is not torch.nn.LayerNorm or type(mlp.fc1) is not torch.nn.Linear:
+        return "its layernorm_after is not a LayerNorm followed by a Linear"
+    return None
+
+
 SUPPORTED = (vit_mae.ViTMAEForPreTraining, vit_mae.ViTMAEModel)
 
 
-def patch(model: torch.nn.Module, *, attention: bool, patch_embed: bool, masking: bool, loss: bool) -> None:
+def patch(model: torch.nn.Module, *, attention: bool, patch_embed: bool, masking: bool, loss: bool,
+          add_norm: bool) -> None:
     config = model.config
     try:
         check_head_dim("attention", config.hidden_size, config.num_attention_heads)
@@ -128,8 +157,15 @@ def patch(model: torch.nn.Module, *, attention: bool, patch_embed: bool, masking
             warnings.warn("mimkernels.integrations: patch embedding keeps its original code: patches are not "
                           "square", stacklevel=3)
         patch_embed = False
-    for module in model.modules():
-        if attention and type(module) is vit_mae.ViTMAEAttention:
+    layers_unsupported = {}
+    for name, module in model.named_modules():
+        if add_norm and type(module) is vit_mae.ViTMAELayer:
+            reason = _layer_unsupported(module)
+            if reason is None:
+                module.__class__ = MimkernelsViTMAELayer
+            else:
+                layers_unsupported.setdefault(reason, []).append(name)
+        elif attention and type(module) is vit_mae.ViTMAEAttention:
             module.__class__ = MimkernelsViTMAEAttention
         elif (masking or patch_embed) and type(module) is vit_mae.ViTMAEEmbeddings:
             module.__class__ = MimkernelsViTMAEEmbeddings
@@ -141,6 +177,9 @@ def patch(model: torch.nn.Module, *, attention: bool, patch_embed: bool, masking
             module.__class__ = MimkernelsViTMAEDecoder
     if loss and type(model) is vit_mae.ViTMAEForPreTraining:
         model.__class__ = MimkernelsViTMAEForPreTraining
+    for reason, names in layers_unsupported.items():
+        warnings.warn(f"mimkernels.integrations: {len(names)} layer(s) keep their residual add and LayerNorm apart "
+                      f"because {reason} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})", stacklevel=3)
 
 
 def register_attention() -> str:

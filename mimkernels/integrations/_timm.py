@@ -1,15 +1,18 @@
 """timm's ViT modules on mimkernels' kernels (see mimkernels.integrations)."""
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import torch
-from timm.layers import Attention, PatchEmbed
+from timm.layers import Attention, GluMlp, LayerNorm, Mlp, PatchEmbed, SwiGLU
 from timm.layers.format import Format
 from timm.layers.trace_utils import _assert
+from timm.models.vision_transformer import Block
 
 import mimkernels
 
+from ..models import vit
 from ..nn import attend_qkv, check_head_dim
 
 
@@ -60,6 +63,43 @@ class MimkernelsPatchEmbed(PatchEmbed):
         return self.norm(tokens)
 
 
+class MimkernelsBlock(Block):
+    """``timm...vision_transformer.Block`` whose residual add after attention shares one pass with ``norm2``
+    (:func:`mimkernels.add_layer_norm`); same parameters. The add after the MLP stays as it is: fusing it with the
+    next block's ``norm1`` would change what a block returns."""
+
+    _mimkernels_patch = True
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
+        causal = {"is_causal": True} if is_causal else {}  # timm releases whose Attention has no is_causal
+        branch = self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, **causal)))
+        x, normed = vit.add_norm(x, branch, self.norm2, fuse=True)
+        return x + self.drop_path2(self.ls2(self.mlp(normed)))
+
+
+# Block.forward signatures that MimkernelsBlock.forward reproduces (timm 1.0 releases)
+_BLOCK_FORWARDS = (("self", "x", "attn_mask"), ("self", "x", "attn_mask", "is_causal"))
+_MLP_INPUT_LAYERS = ("fc1", "fc1_g", "fc1_x")  # what each of timm's Mlp / GluMlp / SwiGLU applies to its input
+
+
+def _block_unsupported(module: Block) -> str | None:
+    if tuple(inspect.signature(Block.forward).parameters) not in _BLOCK_FORWARDS:
+        return "this timm release's Block.forward is not one mimkernels reproduces"
+    norm = module.norm2
+    if type(norm) not in (torch.nn.LayerNorm, LayerNorm) or getattr(norm, "_fast_norm", False):
+        return "its norm2 is not a plain LayerNorm (timm's LayerNormFp32 and fast norm compute otherwise)"
+    if len(norm.normalized_shape) != 1:
+        return "its norm2 normalises more than the last dimension"
+    # Under autocast the fused norm comes out in the autocast dtype, which is what the MLP's first Linear casts
+    # the LayerNorm's fp32 output to: the same numbers only where a Linear comes first.
+    mlp = module.mlp
+    inputs = [getattr(mlp, name) for name in _MLP_INPUT_LAYERS if hasattr(mlp, name)]
+    if type(mlp) not in (Mlp, GluMlp, SwiGLU) or not inputs or \
+            not all(type(layer) is torch.nn.Linear for layer in inputs):
+        return f"its MLP ({type(mlp).__name__}) does not start with a Linear"
+    return None
+
+
 def _attention_unsupported(module: Attention) -> str | None:
     try:
         check_head_dim("attention", module.num_heads * module.head_dim, module.num_heads)
@@ -80,8 +120,10 @@ def _patch_embed_unsupported(module: PatchEmbed) -> str | None:
     return None
 
 
-def patch(model: torch.nn.Module, *, attention: bool, patch_embed: bool) -> None:
+def patch(model: torch.nn.Module, *, attention: bool, patch_embed: bool, add_norm: bool) -> None:
     plan = []
+    if add_norm:
+        plan.append((Block, MimkernelsBlock, _block_unsupported))
     if attention:
         plan.append((Attention, MimkernelsAttention, _attention_unsupported))
     if patch_embed:

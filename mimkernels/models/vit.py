@@ -69,11 +69,13 @@ def sincos_pos_embed(embed_dim: int, grid_h: int, grid_w: int, *, cls_token: boo
     return table.float().unsqueeze(0)
 
 
-def add_norm(x, branch, norm):
-    """``(x + branch, norm(x + branch))``: one pass of :func:`mimkernels.add_layer_norm` with FUSED_ADD_NORM, a
-    LayerNorm over the last dim and a branch of x's shape, else the add (broadcasting) and then the norm."""
-    if (FUSED_ADD_NORM and isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
-            and branch.shape == x.shape):
+def add_norm(x, branch, norm, *, fuse=None):
+    """``(x + branch, norm(x + branch))``: one pass of :func:`mimkernels.add_layer_norm` when ``fuse`` (None:
+    FUSED_ADD_NORM), ``norm`` a LayerNorm over the last dim and the branch of x's shape; else the add (broadcasting)
+    and then the norm. ``norm`` must compute what ``nn.LayerNorm.forward`` does (a subclass may, as timm's does
+    without its "fast norm"; the caller vouches for that)."""
+    if ((FUSED_ADD_NORM if fuse is None else fuse) and isinstance(norm, nn.LayerNorm)
+            and len(norm.normalized_shape) == 1 and branch.shape == x.shape):
         return mimkernels.add_layer_norm(x, branch, norm.weight, norm.bias, eps=norm.eps)
     x = x + branch
     return x, norm(x)
