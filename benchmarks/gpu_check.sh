@@ -3,7 +3,8 @@
 # (kernels, then model training steps). Every step has its own timeout; they add up to 13 minutes, more than one
 # device call's 10: give the call timeout_s=600 and expect the model benchmarks to be cut if every step runs long.
 # (The kernel resource report needs no GPU: python -m benchmarks.kernel_report.)
-# STEPS picks steps, in this order whatever is named: build tests sanitizer bench models (default: the first four).
+# STEPS picks steps, in this order whatever is named: build tests sanitizer bench models integrations (default: the
+# first four).
 # The correctness half alone, about 5 minutes: STEPS="build tests sanitizer" benchmarks/gpu_check.sh
 # The training-step questions (issue 11), about 7 minutes: STEPS=models benchmarks/gpu_check.sh (the fused add +
 # LayerNorm alone, then MAE ViT-L and AIM-600M steps eager and compiled with MFU, the packed-qkv and fused-norm
@@ -75,5 +76,12 @@ timeout 330 $PY -m benchmarks.bench_models --quick --compile --profile --shapes 
   > "$OUT/bench_models.txt" 2>&1 || status=1
 tail -n 20 "$OUT/bench_norms.txt"
 tail -n 30 "$OUT/bench_models.txt"
+fi
+
+if wants integrations; then
+echo "== timm / Hugging Face training steps, patched and not, eager and compiled"
+timeout 300 $PY -m benchmarks.bench_integrations --quick --compile --out "$OUT" > "$OUT/bench_integrations.txt" 2>&1 \
+  || status=1
+tail -n 16 "$OUT/bench_integrations.txt"
 fi
 exit $status

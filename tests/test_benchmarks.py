@@ -1,4 +1,7 @@
 """The arithmetic behind the benchmark tables (the timings themselves need a GPU)."""
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -253,3 +256,35 @@ def test_sanitizer_cases_run(device, monkeypatch):
     assert len(names) == expected
     if device == "cpu":  # the interpreter reads descriptors like Hopper: the TMA cases really ran
         assert sum(name.startswith("tma attention") and "not run" not in name for name in names) == tma_cases
+
+
+@pytest.mark.skipif(shutil.which("pgrep") is None or shutil.which("tar") is None, reason="needs pgrep and tar")
+def test_gpu_session_runs_steps_in_order_within_its_budget(tmp_path):
+    """benchmarks/gpu_session.sh with a stand-in python that only sleeps: the first step runs whole, the second is
+    cut at what the budget has left (its processes too, however deep), the third is skipped, an unknown step fails
+    the run; each step comes back as one archive."""
+    import pathlib
+    import subprocess
+    import tarfile
+
+    pause = f"3.{os.getpid()}"  # seconds: a command line no other process has
+    python = tmp_path / "python"
+    python.write_text(f"#!/usr/bin/env bash\nsleep {pause}\necho stand-in python \"$@\"\n")
+    python.chmod(0o755)
+    out = tmp_path / "out"
+    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_session.sh"
+    env = {**os.environ, "PYTHON": str(python), "OUT": str(out), "BUDGET_S": "9", "MIN_STEP_S": "2",
+           "STEPS": "sanitizer models attention no_such_step", "MIMKERNELS_COMMIT": "abc123"}
+    env.pop("TRITON_INTERPRET", None)
+    run = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    log = (out / "session.txt").read_text()
+    assert run.returncode != 0, run.stdout
+    assert "commit abc123" in log
+    assert "== sanitizer: exit 0 after" in log  # gpu_env's python call, then no compute-sanitizer here
+    assert "== models: exit 124 (cut at its time)" in log  # gpu_env 3 s + bench_norms 3 s > what was left
+    assert "== attention: skipped" in log and "== no_such_step: unknown step" in log
+    assert sorted(p.name for p in out.iterdir()) == ["models.tar.gz", "sanitizer.tar.gz", "session.txt"]
+    with tarfile.open(out / "models.tar.gz") as archive:
+        assert "models/console.txt" in archive.getnames() and "models/env.txt" in archive.getnames()
+    left = subprocess.run(["pgrep", "-f", f"sleep {pause}|{python}"], capture_output=True, text=True).stdout.split()
+    assert left == [], "the cut step's processes outlived it"

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# A lent GPU's whole session in one command: the prepared checks, most important first, inside a time budget.
+#
+#   BUDGET_S=560 STEPS="attention tests sanitizer models" MIMKERNELS_COMMIT=<sha> bash benchmarks/gpu_session.sh
+#
+# A session has 15 minutes of device time, machine start included, and one call at most 10; the checks below
+# take about 19 minutes together. So each step gets what it needs or what the budget has left, whichever is less,
+# and a step that would get under MIN_STEP_S (default 60) is skipped, not half run: a second call can take it
+# (STEPS=<the skipped ones> BUDGET_S=<what is left>). Steps, run in the order STEPS names them:
+#   attention     issue 9: per-kernel GPU time and host time, then bench_attention (gpu_attention.sh "profile bench"), ~4.5 min
+#   tests         issue 10: the extension built, every `gpu` test (gpu_check.sh "build tests"), ~6 min
+#   sanitizer     issue 10: compute-sanitizer memcheck over every kernel (gpu_check.sh), ~1.5 min
+#   models        issue 11: bench_norms, bench_models eager + compiled with a profile (gpu_check.sh), ~6.5 min
+#   integrations  issue 12: bench_integrations eager + compiled (gpu_check.sh), ~5 min
+#   tune          issue 9, only after a kernel change: the tile sweep (gpu_attention.sh "tune"), ~5 min
+# The device tool brings back at most 8 files: each step writes into its own folder, which is then packed into
+# $OUT/<step>.tar.gz (after the step, so a call cut short still returns the steps before it); session.txt says
+# what ran, for how long, and with which exit code. Unpack with `tar -xzf` under benchmarks/results/<device>/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/local}
+BUDGET_S=${BUDGET_S:-560}
+MIN_STEP_S=${MIN_STEP_S:-60}
+STEPS=${STEPS:-attention tests sanitizer models}
+mkdir -p "$OUT"
+log="$OUT/session.txt"
+start=$SECONDS
+status=0
+echo "gpu_session: steps '$STEPS', budget ${BUDGET_S} s, commit ${MIMKERNELS_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}" \
+  | tee "$log"
+
+needs() {  # step -> seconds it takes when nothing is cut (the inner scripts' own timeouts, added up)
+  case $1 in
+    attention) echo 270 ;; tests) echo 370 ;; sanitizer) echo 100 ;; models) echo 400 ;; integrations) echo 310 ;;
+    tune) echo 300 ;; *) echo 0 ;;
+  esac
+}
+
+run_step() {  # step, seconds it may take: runs it with OUT=$OUT/<step>
+  local dir="$OUT/$1"
+  case $1 in
+    attention) OUT=$dir STEPS="profile bench" bash benchmarks/gpu_attention.sh ;;
+    tune) OUT=$dir STEPS="tune" TUNE_S=$(($2 - 90)) bash benchmarks/gpu_attention.sh ;;
+    tests) OUT=$dir STEPS="build tests" bash benchmarks/gpu_check.sh ;;
+    sanitizer | models | integrations) OUT=$dir STEPS="$1" bash benchmarks/gpu_check.sh ;;
+  esac
+}
+
+kill_tree() {  # pid: it and every descendant (the inner scripts' own `timeout`s start process groups of their own,
+  local child  # so neither `timeout` nor a group kill from here reaches their benchmarks)
+  for child in $(pgrep -P "$1"); do kill_tree "$child"; done
+  kill -TERM "$1" 2> /dev/null
+}
+
+for step in $STEPS; do
+  need=$(needs "$step")
+  if [ "$need" = 0 ]; then
+    echo "== $step: unknown step (attention tests sanitizer models integrations tune)" | tee -a "$log"
+    status=2
+    continue
+  fi
+  left=$((BUDGET_S - (SECONDS - start)))
+  give=$((need < left ? need : left))
+  if [ "$give" -lt "$MIN_STEP_S" ]; then
+    echo "== $step: skipped, ${left} s of the budget left (it needs ${need} s)" | tee -a "$log"
+    continue
+  fi
+  echo "== $step: up to ${give} s" | tee -a "$log"
+  began=$SECONDS
+  mkdir -p "$OUT/$step"
+  run_step "$step" "$give" > "$OUT/$step/console.txt" 2>&1 &
+  pid=$!
+  while kill -0 "$pid" 2> /dev/null && [ $((SECONDS - began)) -lt "$give" ]; do sleep 1; done
+  if kill -0 "$pid" 2> /dev/null; then
+    kill_tree "$pid"
+    wait "$pid"
+    code=124
+  else
+    wait "$pid"
+    code=$?
+  fi
+  tail -n 40 "$OUT/$step/console.txt"
+  [ "$code" = 0 ] || status=1
+  tar -czf "$OUT/$step.tar.gz" -C "$OUT" "$step" && rm -rf "${OUT:?}/$step"
+  echo "== $step: exit $code$([ "$code" = 124 ] && echo ' (cut at its time)') after $((SECONDS - began)) s" \
+    | tee -a "$log"
+done
+echo "gpu_session: $((SECONDS - start)) s in all" | tee -a "$log"
+exit $status
