@@ -47,9 +47,11 @@ run_step() {  # step, seconds it may take: runs it with OUT=$OUT/<step>
 }
 
 kill_tree() {  # pid: it and every descendant (the inner scripts' own `timeout`s start process groups of their own,
-  local child  # so neither `timeout` nor a group kill from here reaches their benchmarks)
+  local child  # so neither `timeout` nor a group kill from here reaches their benchmarks). Top down, each stopped
+  kill -STOP "$1" 2> /dev/null  # first: a script whose child just died cannot start its next command meanwhile
   for child in $(pgrep -P "$1"); do kill_tree "$child"; done
   kill -TERM "$1" 2> /dev/null
+  kill -CONT "$1" 2> /dev/null
 }
 
 for step in $STEPS; do

@@ -5,6 +5,7 @@ imports mimkernels' kernels. Tests marked ``gpu`` are skipped without a GPU, nev
 """
 import os
 import sys
+import zlib
 
 import pytest
 import torch
@@ -31,3 +32,10 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device():
     return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def seeded_per_test(request):
+    """Each test starts from a seed of its own name: its unseeded random inputs are the same whichever tests ran
+    before it or alone (an order-dependent input once failed a tolerance in CI only)."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
