@@ -106,6 +106,25 @@ def test_timm_blocks_fuse_the_add_after_attention_with_norm2(variant, device, mo
     assert type(patched.blocks[0]) is timm.models.vision_transformer.Block
 
 
+def test_timm_blocks_fused_under_autocast_train_as_the_unfused(device, monkeypatch):
+    """fp16 autocast (bf16 on a GPU: the interpreter's bf16 dots are wrong): the fused norm hands the MLP its input
+    in the autocast dtype, as the Linear's own cast would; loss and gradients as without the fusion, to rounding."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    calls = _count_calls(monkeypatch, "add_layer_norm")
+    images = torch.randn(2, 3, 32, 32, device=device)
+    results = []
+    for add_norm in (False, True):
+        model = integrations.apply(_vit(), add_norm=add_norm).to(device)
+        with mimkernels.use_backend("triton"), torch.autocast(device, dtype=dtype):
+            loss = model(images).float().square().mean()
+        loss.backward()
+        results.append((loss, {name: p.grad for name, p in model.named_parameters()}))
+    assert len(calls) == 2
+    (loss, grads), (want_loss, want_grads) = results[1], results[0]
+    torch.testing.assert_close(loss, want_loss, rtol=2e-3, atol=2e-4)
+    _assert_grads_close(grads, want_grads, rtol=2e-2, atol=2e-3)
+
+
 def test_add_norm_follows_the_models_switch_by_default(monkeypatch):
     from mimkernels.models import vit
 
