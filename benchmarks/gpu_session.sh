@@ -46,10 +46,14 @@ run_step() {  # step, seconds it may take: runs it with OUT=$OUT/<step>
   esac
 }
 
+children_of() {  # pid -> its child pids (procps' pgrep, or the kernel's list where the machine has no procps)
+  if command -v pgrep > /dev/null; then pgrep -P "$1"; else cat /proc/"$1"/task/*/children 2> /dev/null; fi
+}
+
 kill_tree() {  # pid: it and every descendant (the inner scripts' own `timeout`s start process groups of their own,
   local child  # so neither `timeout` nor a group kill from here reaches their benchmarks). Top down, each stopped
   kill -STOP "$1" 2> /dev/null  # first: a script whose child just died cannot start its next command meanwhile
-  for child in $(pgrep -P "$1"); do kill_tree "$child"; done
+  for child in $(children_of "$1"); do kill_tree "$child"; done
   kill -TERM "$1" 2> /dev/null
   kill -CONT "$1" 2> /dev/null
 }
@@ -83,7 +87,7 @@ for step in $STEPS; do
   fi
   tail -n 40 "$OUT/$step/console.txt"
   [ "$code" = 0 ] || status=1
-  tar -czf "$OUT/$step.tar.gz" -C "$OUT" "$step" && rm -rf "${OUT:?}/$step"
+  tar -czf "$OUT/$step.tar.gz" -C "$OUT" "$step" && rm -rf "${OUT:?}/$step"  # without tar the folder stays
   echo "== $step: exit $code$([ "$code" = 124 ] && echo ' (cut at its time)') after $((SECONDS - began)) s" \
     | tee -a "$log"
 done
