@@ -10,7 +10,7 @@ Why: the H200 profile of the MAE ViT-L and AIM-600M steps (../shared/gpu-results
 the step in elementwise ops, copies and casts, LayerNorm and reductions, the part a fusion can remove; this counts
 that part for each provider on any machine, so a change is checked before a GPU times it.
 
-    python -m benchmarks.step_traffic [--shapes mae_vit_b aim_600m] [--batch 16] [--providers mimkernels ...]
+    python -m benchmarks.step_traffic [--shapes mae_vit_b aim_600m] [--batch 16] [--providers ...] [--by-op 12]
 
 CPU autocast's op lists differ from CUDA's in a few ops (not in Linear, LayerNorm, GELU, the adds); the CPU's
 attention and its gradient are one SDPA op each, as cuDNN's are on the GPU.
@@ -49,10 +49,14 @@ class TrafficCount(TorchDispatchMode):
         super().__init__()
         self.bytes = collections.Counter()
         self.ops = collections.Counter()
+        self.op_bytes = collections.Counter()  # (category, op or kernel name) -> bytes
+        self.op_calls = collections.Counter()
 
-    def add(self, category: str, nbytes: int) -> None:
+    def add(self, category: str, nbytes: int, op: str = "") -> None:
         self.bytes[category] += nbytes
         self.ops[category] += 1
+        self.op_bytes[category, op] += nbytes
+        self.op_calls[category, op] += 1
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
@@ -61,7 +65,7 @@ class TrafficCount(TorchDispatchMode):
         out = _shaped_zeros(func, args, kwargs) if category in _NOT_COMPUTED else func(*args, **kwargs)
         is_view = any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
         if not is_view and name not in _FREE:
-            self.add(category, _bytes((args, kwargs, out)))
+            self.add(category, _bytes((args, kwargs, out)), name)
         return out
 
 
@@ -82,7 +86,8 @@ def kernels_counted_not_run(count: TrafficCount):
     from mimkernels.triton import attention, losses, norms, patch_embed, tokens
 
     def counted(kernel, grid, tensors, *rest, **options):
-        count.add("ours", _bytes([getattr(t, "base", t) for t in tensors]))
+        name = getattr(getattr(kernel, "fn", kernel), "__name__", "kernel")
+        count.add("ours", _bytes([getattr(t, "base", t) for t in tensors]), name)
 
     modules = (attention, losses, norms, patch_embed, tokens)
     launches = [module.launch for module in modules]
@@ -131,19 +136,35 @@ def report(title: str, counts: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def report_by_op(title: str, counts: dict, top: int) -> str:
+    """The ``top`` ops (and our kernels) moving the most bytes outside the GEMMs, per provider."""
+    lines = [f"## {title}: the {top} ops moving the most MB outside the GEMMs (calls)"]
+    for provider, count in counts.items():
+        lines.append(f"   {provider}")
+        largest = [(key, b) for key, b in count.op_bytes.most_common() if key[0] not in _NOT_COMPUTED][:top]
+        lines += [f"     {category:12s} {op:36s} {b / 1e6:12.1f} ({count.op_calls[category, op]:4d})"
+                  for (category, op), b in largest]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", nargs="+", default=["mae_vit_b", "aim_600m"], choices=sorted(bench_models.SHAPES))
     parser.add_argument("--batch", type=int, default=8, help="images per step (the bytes scale with it)")
     parser.add_argument("--providers", nargs="+", default=None,
                         help="default: ours, ours with FUSED_ADD_NORM, and the shape's official baseline")
+    parser.add_argument("--by-op", type=int, default=0, metavar="N",
+                        help="also list each provider's N ops or kernels moving the most bytes outside the GEMMs")
     args = parser.parse_args(argv)
     print("# " + ", ".join(f"{k} {v}" for k, v in timing.provenance("cpu").items()), flush=True)
     for shape in args.shapes:
         family, config, _ = bench_models.SHAPES[shape]
         providers = args.providers or (*DEFAULT_PROVIDERS, bench_models.BASELINES[family])
-        print(report(f"{shape} ({config}, batch {args.batch}, bf16 autocast)",
-                     step_traffic(family, config, args.batch, providers)), flush=True)
+        title = f"{shape} ({config}, batch {args.batch}, bf16 autocast)"
+        counts = step_traffic(family, config, args.batch, providers)
+        print(report(title, counts), flush=True)
+        if args.by_op:
+            print(report_by_op(title, counts, args.by_op), flush=True)
     return 0
 
 

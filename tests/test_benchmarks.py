@@ -101,6 +101,10 @@ def test_step_traffic_counts_what_the_fused_norms_remove():
     assert plain.bytes["gemm"] == fused.bytes["gemm"] < official.bytes["gemm"]  # + its Conv2d patch embedding
     text = step_traffic.report("mae tiny", counts)
     assert "not GEMM, not ours" in text and "timm_sdpa" in text
+    assert sum(fused.op_bytes.values()) == sum(fused.bytes.values())
+    assert fused.op_calls["layernorm", "native_layer_norm"] == 2 and fused.op_calls["ours", "_add_layer_norm_fwd"] > 0
+    by_op = step_traffic.report_by_op("mae tiny", counts, 3)
+    assert by_op.count("\n") == 1 + 3 * (1 + 3) and "mm " not in by_op  # GEMMs left out
 
 
 def test_tokens_harness_runs_end_to_end(tmp_path):
