@@ -14,12 +14,23 @@ and LayerNorm), and mimkernels' own models (already on the kernels: returned unc
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 __all__ = ["apply", "patched_modules", "register_hf_attention", "unapply"]
 
 SUPPORTED = ("timm.models.vision_transformer.VisionTransformer", "transformers.ViTMAEForPreTraining",
              "transformers.ViTMAEModel", "mimkernels.models.MAE", "mimkernels.models.AIM")
+
+
+def warn_kept(skipped: dict) -> None:
+    """One warning per reason: ``skipped`` maps a reason to the names of the modules that keep their original code
+    for it (called from a library's ``patch``, itself called from :func:`apply`: the warning points at apply's
+    caller)."""
+    for reason, names in skipped.items():
+        warnings.warn(f"mimkernels.integrations: {len(names)} module(s) keep their original code because {reason} "
+                      f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})", stacklevel=4)
 
 
 def _is_timm_vit(model) -> bool:

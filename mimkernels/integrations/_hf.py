@@ -12,6 +12,7 @@ import mimkernels
 
 from ..models import vit
 from ..nn import check_head_dim
+from . import warn_kept
 
 
 class MimkernelsViTMAEEmbeddings(vit_mae.ViTMAEEmbeddings):
@@ -177,9 +178,7 @@ def patch(model: torch.nn.Module, *, attention: bool, patch_embed: bool, masking
             module.__class__ = MimkernelsViTMAEDecoder
     if loss and type(model) is vit_mae.ViTMAEForPreTraining:
         model.__class__ = MimkernelsViTMAEForPreTraining
-    for reason, names in layers_unsupported.items():
-        warnings.warn(f"mimkernels.integrations: {len(names)} layer(s) keep their residual add and LayerNorm apart "
-                      f"because {reason} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})", stacklevel=3)
+    warn_kept(layers_unsupported)
 
 
 def register_attention() -> str:

@@ -14,6 +14,7 @@ import mimkernels
 
 from ..models import vit
 from ..nn import attend_qkv, check_head_dim
+from . import warn_kept
 
 
 class MimkernelsAttention(Attention):
@@ -140,9 +141,7 @@ def patch(model: torch.nn.Module, *, attention: bool, patch_embed: bool, add_nor
             module.__class__ = patched
             if isinstance(module, Attention) and module.attn_drop.p > 0:
                 dropout.append(name)
-    for reason, names in skipped.items():
-        warnings.warn(f"mimkernels.integrations: {len(names)} module(s) keep their original code because {reason} "
-                      f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})", stacklevel=3)
+    warn_kept(skipped)
     if dropout:
         warnings.warn(f"mimkernels.integrations: {len(dropout)} attention module(s) have attention dropout "
                       f"(attn_drop > 0), which has no kernel: they run the original code while training",
