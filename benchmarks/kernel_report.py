@@ -35,6 +35,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from mimkernels.timing import commit  # noqa: E402
 from mimkernels.triton import attention as kernels  # noqa: E402
 from mimkernels.triton import losses as loss_kernels  # noqa: E402
+from mimkernels.triton import mlp as mlp_kernels  # noqa: E402
 from mimkernels.triton import norms as norm_kernels  # noqa: E402
 from mimkernels.triton import patch_embed as patch_kernels  # noqa: E402
 from mimkernels.triton import tokens as token_kernels  # noqa: E402
@@ -75,9 +76,10 @@ class Launch:
     num_stages: int
     pointers: dict
     constexprs: dict
+    divisible: tuple = ()  # int arguments that real launches see divisible by 16 (Triton specialises on it)
 
 
-def _signature(fn, pointer_types: dict[str, str], constexprs: dict):
+def _signature(fn, pointer_types: dict[str, str], constexprs: dict, divisible: tuple = ()):
     """Types of every argument: pointers as given, floats for the scales, ints (i32) for the rest."""
     signature = {}
     for name in fn.arg_names:
@@ -91,7 +93,8 @@ def _signature(fn, pointer_types: dict[str, str], constexprs: dict):
             signature[name] = "i32"
     # real launches see 16-byte aligned pointers and token strides divisible by 16 (H * D * elements)
     aligned = [(i,) for i, name in enumerate(fn.arg_names)
-               if pointer_types.get(name, "").startswith("*") or (name.startswith("stride_") and name.endswith("n"))]
+               if pointer_types.get(name, "").startswith("*") or (name.startswith("stride_") and name.endswith("n"))
+               or name in divisible]
     return signature, {key: [["tt.divisibility", 16]] for key in aligned}
 
 
@@ -177,6 +180,15 @@ def other_launches(dtype: torch.dtype) -> list[Launch]:
     for fn in (norm_kernels._add_layer_norm_fwd, norm_kernels._add_layer_norm_bwd):
         launches.append(Launch(fn, "affine", f"{tile['BLOCK']}", warps, stages, pointers,
                                {name: value for name, value in switches.items() if name in fn.arg_names}))
+    m, n, k, group, warps, stages = mlp_kernels.CONFIGS[dtype.itemsize]
+    tile = {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": group, "EVEN_K": False, "DOT_PRECISION": precision}
+    for fn in (mlp_kernels._linear_gelu_fwd, mlp_kernels._matmul_gelu_grad):
+        launches.append(Launch(fn, "bias", f"{m}x{n}x{k}", warps, stages,
+                               {name: ty for name in ("X", "W", "BIAS", "H", "G", "GRAD", "GRAD_H")},
+                               {"HAS_BIAS": True, **tile},
+                               # model widths (multiples of 16): row strides and sizes
+                               tuple(name for name in fn.arg_names if name.startswith("stride_"))
+                               + ("cols", "depth")))
     return launches
 
 
@@ -188,7 +200,7 @@ def compile_one(launch: Launch, arch: int) -> tuple[int, int, int, int, int]:
     """registers, shared bytes, stack bytes, spill store bytes, spill load bytes of one compiled kernel."""
     constexprs = {k: v for k, v in launch.constexprs.items() if k in launch.fn.arg_names}
     pointers = {k: v for k, v in launch.pointers.items() if k in launch.fn.arg_names}
-    signature, attrs = _signature(launch.fn, pointers, constexprs)
+    signature, attrs = _signature(launch.fn, pointers, constexprs, launch.divisible)
     src = ASTSource(launch.fn, signature, constexprs=constexprs, attrs=attrs)
     log = io.StringIO()
     # a cached cubin would skip ptxas and its log, so compile afresh with the log printed

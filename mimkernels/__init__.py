@@ -2,6 +2,7 @@
 from ._backend import available_backends, use_backend
 from .ops.attention import attention, prefix_causal_attention, prefix_causal_mask, qkv_attention
 from .ops.losses import masked_patch_loss
+from .ops.mlp import gelu_mlp
 from .ops.norms import add_layer_norm
 from .ops.patch_embed import patch_embed, patchify, unpatchify
 from .ops.tokens import gather_tokens, masking_indices, random_masking, restore_tokens
@@ -13,6 +14,7 @@ __all__ = [
     "attention",
     "available_backends",
     "gather_tokens",
+    "gelu_mlp",
     "masked_patch_loss",
     "masking_indices",
     "patch_embed",

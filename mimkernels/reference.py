@@ -160,3 +160,8 @@ def add_layer_norm(x, branch, weight, bias=None, *, eps=1e-5, out_dtype=None):
     normed = F.layer_norm(total.float(), total.shape[-1:], None if weight is None else weight.float(),
                           None if bias is None else bias.float(), eps)
     return total, normed.to(out_dtype or total.dtype)
+
+
+def gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+    """A transformer's MLP with exact (erf) GELU: ``fc2(gelu(fc1(x)))``, the Linear layers as ``F.linear``."""
+    return F.linear(F.gelu(F.linear(x, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)

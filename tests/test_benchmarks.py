@@ -297,3 +297,22 @@ def test_gpu_session_runs_steps_in_order_within_its_budget(tmp_path):
             break
         time.sleep(0.1)
     assert not left, f"the cut step's processes outlived it: {left.split()}"
+
+
+def test_mlp_harness_runs_end_to_end(tmp_path):
+    from benchmarks import bench_mlp
+    from mimkernels.triton import mlp as mlp_kernels
+
+    csv_path = tmp_path / "mlp.csv"
+    shipped = mlp_kernels.CONFIGS[2]
+    rows = bench_mlp.run(["aim_600m"], torch.float16, True, common.Peaks(1.0, 1.0), str(csv_path), device="cpu",
+                         scale=64, compile_backend="aot_eager", sweep=True)
+    assert mlp_kernels.CONFIGS[2] == shipped  # the sweep puts the shipped tile back
+    plain = {(p, m) for p in ("torch_unfused", "torch_compiled", "mimkernels", "mimkernels_triton")
+             for m in ("fwd", "fwd_bwd")}
+    swept = {(f"mimkernels_triton@{bench_mlp.tile_name(c)}", "fwd_bwd") for c in mlp_kernels.CANDIDATES}
+    assert {(r.provider, r.mode) for r in rows} == plain | swept
+    assert len(csv_path.read_text().splitlines()) == 1 + len(rows)
+    fwd = next(r for r in rows if r.mode == "fwd")
+    rows_, width, hidden = 16384 // 64, 1536 // 64, 6144 // 64
+    assert fwd.tflops * fwd.ms_p50 * 1e9 == pytest.approx(2 * 2 * rows_ * width * hidden, rel=1e-3)

@@ -125,7 +125,7 @@ def test_fused_norms_train_as_the_unfused_blocks_on_gpu(name, compile_backend, m
 
 
 def _opcheck_cases():
-    from mimkernels.triton import losses, patch_embed, tokens
+    from mimkernels.triton import losses, mlp, patch_embed, tokens
 
     x, pos = torch.randn(2, 7, 16), torch.randn(1, 7, 16)
     ids_keep = torch.tensor([[3, 0], [5, 2]])
@@ -141,12 +141,15 @@ def _opcheck_cases():
         "masked_patch_loss": (losses.masked_patch_loss, (pred, images, mask, 8, True, False)),
         "masked_patch_loss_backward": (losses.masked_patch_loss_backward,
                                        (pred, images, mask, torch.tensor([0.25]), 8, True, False)),
+        "linear_gelu": (mlp.linear_gelu, (torch.randn(5, 16), torch.randn(24, 16), torch.randn(24))),
+        "matmul_gelu_grad": (mlp.matmul_gelu_grad, (torch.randn(5, 16), torch.randn(16, 24), torch.randn(5, 24))),
     }
 
 
 @cpu_only
 @pytest.mark.parametrize("name", ["gather_rows", "restore_rows", "patch_embed", "patch_embed_weight_grad",
-                                  "masked_patch_loss", "masked_patch_loss_backward"])
+                                  "masked_patch_loss", "masked_patch_loss_backward", "linear_gelu",
+                                  "matmul_gelu_grad"])
 def test_kernel_custom_ops_pass_opcheck(name):
     """Schema, fake kernel (shapes, dtypes, strides) and dispatch of each launcher torch.compile sees."""
     launcher, args = _opcheck_cases()[name]

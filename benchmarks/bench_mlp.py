@@ -1,0 +1,132 @@
+"""A transformer MLP ``fc2(gelu(fc1(x)))``, GELU inside the GEMMs (mimkernels.gelu_mlp) against PyTorch (GPU).
+
+The autocast situation of a training step: fp32 parameters and input rows, bf16 compute. Providers, all on the
+same tensors in this process:
+  torch_unfused      ``F.linear``, ``F.gelu``, ``F.linear`` under autocast (cuBLAS GEMMs, a GELU pass each way)
+  torch_compiled     the same under torch.compile (Inductor; its GEMMs stay cuBLAS by default)
+  mimkernels         gelu_mlp under autocast, auto backend
+  mimkernels_triton  the same on the Triton kernels by name
+  mimkernels_triton@<tile>  with ``--sweep``: each of ``mimkernels.triton.mlp.CANDIDATES`` (fwd_bwd only), the
+                     winner being what ``CONFIGS[2]`` should hold on this GPU
+fwd and fwd_bwd (gradients of x and all four parameters). TFLOP/s count the six GEMMs (2 x rows x width x hidden
+each); GB/s count x, the output and the bf16 weights once (the GEMMs make this compute-bound).
+
+    python -m benchmarks.bench_mlp [--quick] [--sweep] [--out DIR]
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import mimkernels
+from benchmarks import common
+from mimkernels.triton import mlp as mlp_kernels
+
+# name -> (rows = batch x tokens, width, hidden, bias): MAE ViT-L encoder (B256, 50 tokens), AIM-600M trunk (B64,
+# 256 tokens; no bias), ViT-B (B256, 197 tokens)
+SHAPES = {"mae_vit_l": (256 * 50, 1024, 4096, True), "aim_600m": (64 * 256, 1536, 6144, False),
+          "vit_b": (256 * 197, 768, 3072, True)}
+MODES = ("fwd", "fwd_bwd")
+
+
+def unfused(x, w1, b1, w2, b2):
+    return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+
+
+def fused(*args):
+    return mimkernels.gelu_mlp(*args)
+
+
+def fused_triton(*args):
+    with mimkernels.use_backend("triton"):
+        return fused(*args)
+
+
+def with_config(config):
+    """fused_triton with the 2-byte tile ``config`` (a CANDIDATES entry) in place of the shipped one."""
+    def run(*args):
+        shipped = mlp_kernels.CONFIGS[2]
+        mlp_kernels.CONFIGS[2] = config
+        try:
+            return fused_triton(*args)
+        finally:
+            mlp_kernels.CONFIGS[2] = shipped
+    return run
+
+
+def tile_name(config) -> str:
+    m, n, k, group, warps, stages = config
+    return f"{m}x{n}x{k}g{group}w{warps}s{stages}"
+
+
+def providers(compile_backend="inductor"):
+    return {"torch_unfused": unfused, "torch_compiled": torch.compile(unfused, backend=compile_backend),
+            "mimkernels": fused, "mimkernels_triton": fused_triton}
+
+
+def _step(fn, args, mode, grad, device, dtype):
+    def forward():
+        with torch.autocast(device, dtype=dtype):
+            return fn(*args)
+    if mode == "fwd":
+        return forward
+    inputs = [t for t in args if t is not None]
+    return lambda: torch.autograd.grad(forward(), inputs, grad)
+
+
+def run(shapes, dtype, quick, peaks, csv_path=None, *, device="cuda", scale=1, compile_backend="inductor",
+        sweep=False):
+    """``dtype`` is autocast's (bf16; the CPU tests use fp16, which the interpreter multiplies right), ``scale``
+    divides the rows and the widths, ``compile_backend`` compiles torch_compiled (CPU tests:
+    aot_eager), ``sweep`` adds a fwd_bwd row per tile candidate."""
+    rows_out = []
+    for name in shapes:
+        rows, width, hidden, bias = SHAPES[name]
+        rows, width, hidden = (max(16, n // scale) for n in (rows, width, hidden))
+        gen = torch.Generator(device=device).manual_seed(0)
+
+        def param(*shape, fan_in):
+            return (torch.randn(*shape, device=device, generator=gen) / fan_in ** 0.5).requires_grad_()
+
+        x = torch.randn(rows, width, device=device, generator=gen).requires_grad_()
+        args = (x, param(hidden, width, fan_in=width), param(hidden, fan_in=1) if bias else None,
+                param(width, hidden, fan_in=hidden), param(width, fan_in=1) if bias else None)
+        grad = torch.randn(rows, width, device=device, generator=gen).to(dtype)
+        expected = _step(unfused, args, "fwd", None, device, dtype)().float()
+        shape = f"{name}:R{rows}xD{width}xH{hidden}"
+        timed = providers(compile_backend)
+        if sweep:
+            timed.update({f"mimkernels_triton@{tile_name(c)}": with_config(c) for c in mlp_kernels.CANDIDATES})
+        for provider, fn in timed.items():
+            got = _step(fn, args, "fwd", None, device, dtype)().float()  # a wrong answer is not timed
+            torch.testing.assert_close(got, expected, rtol=3e-2, atol=3e-2 * expected.abs().max().item())
+            for mode in MODES:
+                if "@" in provider and mode == "fwd":
+                    continue
+                gemms = 2 if mode == "fwd" else 6
+                flops = gemms * 2 * rows * width * hidden
+                min_bytes = 2 * (2 * rows * width + 2 * width * hidden) * (1 if mode == "fwd" else 2)
+                times = common.time_ms(_step(fn, args, mode, grad, device, dtype), quick=quick, device=device)
+                rows_out.append(common.result("gelu_mlp", provider, mode, shape, "fp32+" + str(dtype).removeprefix("torch."), times, flops,
+                                              min_bytes, peaks))
+                row = rows_out[-1]
+                print(f"  {shape:32s} {provider:40s} {mode:8s} {row.ms_p50:8.3f} ms  {row.tflops:6.0f} TFLOP/s  "
+                      f"{row.roofline_pct:5.1f}% of peak", flush=True)
+        if csv_path:
+            common.write_csv(csv_path, rows_out, device)
+    return rows_out
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    sweep = "--sweep" in argv
+    if sweep:
+        argv.remove("--sweep")
+    return common.family_main(argv, "Transformer MLP benchmark (GELU inside the GEMMs)", SHAPES, run, "mlp.csv",
+                              run_kwargs={"sweep": sweep})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The MLP's GELU inside its two GEMMs, in Triton: ``fc2(gelu(fc1(x)))`` without a GELU pass of its own.
+
+Unfused, the hidden activation costs two extra passes per step: forward, the GEMM writes ``h`` and GELU reads it
+back to write ``g = gelu(h)``; backward, the fc2 input-gradient GEMM writes ``dg``, and GELU's backward reads
+``dg`` and ``h`` to write ``dh``: 10 bytes per hidden element in 16 bits, four times the model width per token.
+Here the fc1 GEMM writes ``h`` and ``g`` from its accumulator (``_linear_gelu_fwd``), and the fc2 input-gradient
+GEMM multiplies its accumulator by ``gelu'(h)`` and writes ``dh`` (``_matmul_gelu_grad``): 4 bytes. The other
+four GEMMs (fc2's forward and weight gradient, fc1's weight and input gradients) stay cuBLAS calls.
+
+GELU is the exact one (``erf``), as ``nn.GELU()`` and MAE / AIM use; cuBLASLt's GELU epilogue is the tanh
+approximation, which is why these two GEMMs are Triton. ``h`` is rounded to its storage dtype before GELU reads
+it, as the unfused ops do, so both paths compute GELU of the same numbers.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._custom_ops import custom_op_when_compiling
+from .launch import cdiv, launch
+
+# (block rows, block cols, block k, row-tile group, warps, stages), by operand width in bytes. 2-byte: a
+# Hopper-sized tile chosen before any GPU measured it (benchmarks/bench_mlp.py --sweep times CANDIDATES);
+# fp32 multiplies on the FMA units (``ieee``), in small tiles. No config spills (benchmarks/kernel_report.py).
+CONFIGS = {2: (128, 128, 32, 8, 8, 4), 4: (64, 32, 32, 8, 4, 1)}
+CANDIDATES = (
+    (128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 4, 4), (128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3),
+    (128, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4), (128, 128, 32, 8, 4, 4),
+)
+
+_SQRT_HALF = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
+
+
+@triton.jit
+def _tile(program, rows, cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """The (row tile, col tile) of a program, GROUP_M row tiles at a time down each column of tiles, so the
+    programs running together share their operand tiles in L2."""
+    row_tiles = tl.cdiv(rows, BLOCK_M)
+    col_tiles = tl.cdiv(cols, BLOCK_N)
+    per_group = GROUP_M * col_tiles
+    first_row = (program // per_group) * GROUP_M
+    group_rows = tl.minimum(row_tiles - first_row, GROUP_M)
+    return first_row + (program % per_group) % group_rows, (program % per_group) // group_rows
+
+
+@triton.jit
+def _gemm(A, B, stride_am, stride_bk, stride_bn, offs_m, offs_n, depth, BLOCK_M: tl.constexpr,
+          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """fp32 ``A[offs_m, :] @ B[:, offs_n]`` over ``depth``; A has unit stride along k, B is read through its
+    strides (fc1's weight ``[n, k]`` with unit k stride, fc2's ``[k, n]`` with unit n stride). Row and column
+    offsets must lie inside A and B (the callers wrap them); only k is masked, and only when it has a tail."""
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = A + offs_m.to(tl.int64)[:, None] * stride_am + ks[None, :]
+    b_ptrs = B + ks[:, None].to(tl.int64) * stride_bk + offs_n.to(tl.int64)[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k_start in range(0, depth, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=ks[None, :] < depth - k_start, other=0.0)
+            b = tl.load(b_ptrs, mask=ks[:, None] < depth - k_start, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
+@triton.jit
+def _linear_gelu_fwd(X, W, BIAS, H, G, stride_xm, stride_wn, stride_hm, stride_gm, rows, cols, depth,
+                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``h = x @ W^T (+ bias)`` and ``g = gelu(h)``, both stored; x ``[rows, depth]``, W ``[cols, depth]``."""
+    tile_m, tile_n = _tile(tl.program_id(0), rows, cols, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Past the edges the loads wrap onto valid rows / cols (no masks in the k loop); those results are not stored.
+    acc = _gemm(X, W, stride_xm, 1, stride_wn, offs_m % rows, offs_n % cols, depth, BLOCK_M, BLOCK_N, BLOCK_K,
+                EVEN_K, DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_n % cols).to(tl.float32)[None, :]
+    h = acc.to(H.dtype.element_ty)
+    rounded = h.to(tl.float32)
+    g = 0.5 * rounded * (1.0 + tl.erf(rounded * _SQRT_HALF))
+    inside = (offs_m < rows)[:, None] & (offs_n < cols)[None, :]
+    row_offsets = offs_m.to(tl.int64)[:, None]
+    tl.store(H + row_offsets * stride_hm + offs_n[None, :], h, mask=inside)
+    tl.store(G + row_offsets * stride_gm + offs_n[None, :], g.to(G.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _matmul_gelu_grad(GRAD, W, H, GRAD_H, stride_gradm, stride_wk, stride_hm, stride_grad_hm, rows, cols, depth,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                      EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``dh = (dy @ W) * gelu'(h)``; dy ``[rows, depth]``, W (fc2's weight) ``[depth, cols]``, h ``[rows, cols]``."""
+    tile_m, tile_n = _tile(tl.program_id(0), rows, cols, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = _gemm(GRAD, W, stride_gradm, stride_wk, 1, offs_m % rows, offs_n % cols, depth, BLOCK_M, BLOCK_N, BLOCK_K,
+                EVEN_K, DOT_PRECISION)
+    inside = (offs_m < rows)[:, None] & (offs_n < cols)[None, :]
+    row_offsets = offs_m.to(tl.int64)[:, None]
+    h = tl.load(H + row_offsets * stride_hm + offs_n[None, :], mask=inside, other=0.0).to(tl.float32)
+    # d gelu / dh = Phi(h) + h * phi(h)
+    slope = 0.5 * (1.0 + tl.erf(h * _SQRT_HALF)) + h * tl.exp(-0.5 * h * h) * _INV_SQRT_2PI
+    tl.store(GRAD_H + row_offsets * stride_grad_hm + offs_n[None, :], (acc * slope).to(GRAD_H.dtype.element_ty),
+             mask=inside)
+
+
+def _precision(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _launch_gemm(kernel, tensors, strides, rows, cols, depth, constexprs, dtype):
+    block_m, block_n, block_k, group_m, warps, stages = CONFIGS[dtype.itemsize]
+    launch(kernel, (cdiv(rows, block_m) * cdiv(cols, block_n),), tensors, (*strides, rows, cols, depth),
+           dict(constexprs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+                EVEN_K=depth % block_k == 0, DOT_PRECISION=_precision(dtype)),
+           num_warps=warps, num_stages=stages)
+
+
+def _hidden_fake(x, weight, bias):
+    shape = (x.shape[0], weight.shape[0])
+    return x.new_empty(shape), x.new_empty(shape)
+
+
+@custom_op_when_compiling("triton_linear_gelu", "(Tensor x, Tensor weight, Tensor? bias) -> (Tensor, Tensor)",
+                          _hidden_fake)
+def linear_gelu(x, weight, bias):
+    """``(h, gelu(h))`` with ``h = x @ weight^T (+ bias)``: x ``[rows, depth]`` and weight ``[cols, depth]`` of one
+    dtype, both with unit stride along depth; two contiguous ``[rows, cols]`` tensors in that dtype."""
+    rows, depth = x.shape
+    cols = weight.shape[0]
+    hidden, activated = x.new_empty(rows, cols), x.new_empty(rows, cols)
+    if hidden.numel():
+        _launch_gemm(_linear_gelu_fwd, (x, weight, weight if bias is None else bias, hidden, activated),
+                     (x.stride(0), weight.stride(0), hidden.stride(0), activated.stride(0)), rows, cols, depth,
+                     dict(HAS_BIAS=bias is not None), x.dtype)
+    return hidden, activated
+
+
+@custom_op_when_compiling("triton_matmul_gelu_grad", "(Tensor grad, Tensor weight, Tensor hidden) -> Tensor",
+                          lambda grad, weight, hidden: torch.empty_like(hidden))
+def matmul_gelu_grad(grad, weight, hidden):
+    """``(grad @ weight) * gelu'(hidden)``: grad ``[rows, depth]`` (the MLP output's gradient), weight ``[depth,
+    cols]`` (fc2's), hidden ``[rows, cols]`` (fc1's output), one dtype, unit stride along the last dim."""
+    rows, depth = grad.shape
+    cols = weight.shape[1]
+    grad_hidden = torch.empty_like(hidden)
+    if grad_hidden.numel():
+        _launch_gemm(_matmul_gelu_grad, (grad, weight, hidden, grad_hidden),
+                     (grad.stride(0), weight.stride(0), hidden.stride(0), grad_hidden.stride(0)), rows, cols, depth,
+                     {}, grad.dtype)
+    return grad_hidden

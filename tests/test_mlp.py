@@ -1,0 +1,162 @@
+"""gelu_mlp (the MLP with GELU inside its two GEMMs) against the float64 reference, forward and every gradient.
+
+Error budget as in the other op tests: at most twice PyTorch's own error in the same dtype (F.linear, F.gelu,
+F.linear) plus a small floor, against float64.
+"""
+import pytest
+import torch
+from conftest import DEVICE
+
+import mimkernels
+from mimkernels import reference
+
+FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+CPU_DTYPES = [torch.float32, torch.float16]
+NAMES = ["out", "grad x", "grad fc1_weight", "grad fc1_bias", "grad fc2_weight", "grad fc2_bias"]
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every tensor the kernels write starts as NaN, so an element they fail to write fails the test."""
+    real_empty_like, real_new_empty = torch.empty_like, torch.Tensor.new_empty  # what the launchers allocate with
+
+    def new_empty(t, *shape, **kwargs):
+        made = real_new_empty(t, *shape, **kwargs)
+        return made.fill_(float("nan")) if made.is_floating_point() else made
+
+    monkeypatch.setattr(torch, "empty_like", lambda t: real_empty_like(t).fill_(float("nan")))
+    monkeypatch.setattr(torch.Tensor, "new_empty", new_empty)
+
+
+def make_inputs(lead, width, hidden, out, dtype, bias=True, layout="contiguous", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def param(*shape, fan_in=1):
+        return (torch.randn(*shape, generator=gen) / fan_in ** 0.5).to(DEVICE, dtype).requires_grad_()
+
+    if layout == "contiguous":
+        x = torch.randn(*lead, width, generator=gen)
+    else:  # rows inside a wider buffer and the leading dims swapped: no unit row stride, no contiguity
+        x = torch.randn(*reversed(lead), width + 8, generator=gen)[..., 3:3 + width].transpose(0, -2)
+    x = x.to(DEVICE, dtype).requires_grad_()
+    return (x, param(hidden, width, fan_in=width), param(hidden) if bias else None,
+            param(out, hidden, fan_in=hidden), param(out) if bias else None)
+
+
+def outputs_and_grads(fn, leaves, seed=1):
+    out = fn(*leaves)
+    gen = torch.Generator().manual_seed(seed)
+    grad = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
+    live = [leaf for leaf in leaves if leaf is not None]
+    return [out, *torch.autograd.grad(out, live, grad)]
+
+
+def assert_within_budget(lead, width, hidden, out, dtype, bias=True, layout="contiguous"):
+    leaves = make_inputs(lead, width, hidden, out, dtype, bias, layout)
+    with mimkernels.use_backend("triton"):
+        got = outputs_and_grads(mimkernels.gelu_mlp, leaves)
+    same_dtype = outputs_and_grads(reference.gelu_mlp, leaves)
+    want = outputs_and_grads(reference.gelu_mlp, [None if t is None else t.detach().double().requires_grad_()
+                                                  for t in leaves])
+    names = [name for name in NAMES if bias or "bias" not in name]
+    assert len(got) == len(names)
+    for name, g, t, w in zip(names, got, same_dtype, want):
+        assert g.shape == t.shape and g.dtype == t.dtype, name
+        assert torch.isfinite(g).all(), f"{name}: non-finite values"
+        err, torch_err = (g.double() - w).abs().max().item(), (t.double() - w).abs().max().item()
+        budget = 2 * torch_err + FLOOR[dtype] * max(1.0, w.abs().max().item())
+        assert err <= budget, f"{name}: error {err:.3e} > budget {budget:.3e} (torch {torch_err:.3e})"
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("tokens, width", [(1, 40), (49, 64), (50, 80), (197, 40), (257, 128)])
+def test_within_budget(tokens, width, dtype):
+    """Token counts of ViTs (1 for an edge), widths that are and are not multiples of the k tile."""
+    assert_within_budget((2, tokens), width, 4 * width, width, dtype)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_without_biases(dtype):
+    """AIM's MLP has no bias."""
+    assert_within_budget((3, 17), 48, 160, 48, dtype, bias=False)
+
+
+def test_odd_sizes_everywhere():
+    """No size a multiple of any tile: rows, width (k of fc1), hidden (n of fc1, k of the gradient GEMM), out."""
+    assert_within_budget((1, 131), 37, 135, 29, torch.float32)
+
+
+def test_strided_input():
+    assert_within_budget((3, 7), 48, 96, 48, torch.float32, layout="strided")
+
+
+def test_one_leading_dimension_and_many_rows():
+    """More row tiles than one group of GROUP_M (the grouped tile order), x 2-D."""
+    from mimkernels.triton import mlp
+
+    block_m, _, _, group_m, _, _ = mlp.CONFIGS[4]
+    assert_within_budget((block_m * group_m + 70,), 24, 40, 16, torch.float32)
+
+
+def test_autocast_computes_in_its_dtype_and_grads_reach_the_fp32_parameters():
+    """fp32 parameters and input under autocast (a training step): the GEMMs run in autocast's dtype, as F.linear's
+    would, and every gradient comes back in its leaf's dtype, within the 16-bit budget of the unfused path."""
+    leaves = make_inputs((2, 13), 32, 128, 32, torch.float32)
+    with torch.autocast(DEVICE, dtype=torch.float16), mimkernels.use_backend("triton"):
+        got = outputs_and_grads(mimkernels.gelu_mlp, leaves)
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        unfused = outputs_and_grads(reference.gelu_mlp, leaves)
+    want = outputs_and_grads(reference.gelu_mlp, [t.detach().double().requires_grad_() for t in leaves])
+    assert got[0].dtype == unfused[0].dtype == torch.float16
+    for name, g, t, w in zip(NAMES, got, unfused, want):
+        assert g.dtype == t.dtype, name
+        err, torch_err = (g.double() - w).abs().max().item(), (t.double() - w).abs().max().item()
+        assert err <= 2 * torch_err + FLOOR[torch.float16] * max(1.0, w.abs().max().item()), name
+
+
+def test_backends_agree_and_torch_backend_is_the_reference():
+    leaves = make_inputs((2, 5), 16, 64, 8, torch.float32)
+    with mimkernels.use_backend("torch"):
+        got = outputs_and_grads(mimkernels.gelu_mlp, leaves)
+    want = outputs_and_grads(reference.gelu_mlp, leaves)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_only_some_inputs_need_gradients():
+    x, w1, b1, w2, b2 = make_inputs((4, 3), 16, 32, 16, torch.float32)
+    frozen = [t.detach() for t in (w1, b1)]
+    with mimkernels.use_backend("triton"):
+        out = mimkernels.gelu_mlp(x, *frozen, w2, b2)
+    got = torch.autograd.grad(out.square().sum(), (x, w2, b2))
+    want = torch.autograd.grad(reference.gelu_mlp(x, *frozen, w2, b2).square().sum(), (x, w2, b2))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_empty_input():
+    x, w1, b1, w2, b2 = make_inputs((0, 4), 16, 32, 8, torch.float32)
+    with mimkernels.use_backend("triton"):
+        out = mimkernels.gelu_mlp(x, w1, b1, w2, b2)
+    assert out.shape == (0, 4, 8)
+    grads = torch.autograd.grad(out.sum(), (x, w1, b1, w2, b2))
+    assert grads[0].shape == x.shape and all(g.abs().sum() == 0 for g in grads)
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(x=[1.0]), TypeError, "x must be a torch.Tensor"),
+    (dict(x=torch.ones(2, 16, dtype=torch.int32)), TypeError, "x must be float16"),
+    (dict(fc1_weight=torch.ones(32)), ValueError, "fc1_weight must be a 2-D"),
+    (dict(fc1_weight=torch.ones(32, 15)), ValueError, "fc1_weight .* expects 15 input features"),
+    (dict(fc2_weight=torch.ones(8, 31)), ValueError, "fc2_weight .* fc1 gives 32"),
+    (dict(fc1_bias=torch.ones(31)), ValueError, "fc1_bias must be None or a tensor of shape \\(32,\\)"),
+    (dict(fc2_bias=torch.ones(1, 8)), ValueError, "fc2_bias must be None or a tensor of shape \\(8,\\)"),
+    (dict(fc2_weight=torch.ones(8, 32, dtype=torch.float64)), TypeError, "fc2_weight is torch.float64"),
+    (dict(fc1_weight=torch.ones(32, 16, device="meta")), ValueError, "fc1_weight is on meta"),
+])
+def test_bad_arguments_name_themselves(change, error, match):
+    args = dict(x=torch.ones(2, 16), fc1_weight=torch.ones(32, 16), fc1_bias=torch.ones(32),
+                fc2_weight=torch.ones(8, 32), fc2_bias=torch.ones(8))
+    args.update(change)
+    with pytest.raises(error, match=match):
+        mimkernels.gelu_mlp(*args.values())
