@@ -87,7 +87,7 @@ def run(shapes, dtype, quick, peaks, csv_path=None, *, device="cuda", scale=1, c
         rows, width, hidden = (max(16, n // scale) for n in (rows, width, hidden))
         gen = torch.Generator(device=device).manual_seed(0)
 
-        def param(*shape, fan_in):
+        def param(*shape, fan_in, gen=gen):
             return (torch.randn(*shape, device=device, generator=gen) / fan_in ** 0.5).requires_grad_()
 
         x = torch.randn(rows, width, device=device, generator=gen).requires_grad_()
@@ -96,6 +96,7 @@ def run(shapes, dtype, quick, peaks, csv_path=None, *, device="cuda", scale=1, c
         grad = torch.randn(rows, width, device=device, generator=gen).to(dtype)
         expected = _step(unfused, args, "fwd", None, device, dtype)().float()
         shape = f"{name}:R{rows}xD{width}xH{hidden}"
+        label = "fp32+" + str(dtype).removeprefix("torch.")
         timed = providers(compile_backend)
         if sweep:
             timed.update({f"mimkernels_triton@{tile_name(c)}": with_config(c) for c in mlp_kernels.CANDIDATES})
@@ -109,7 +110,7 @@ def run(shapes, dtype, quick, peaks, csv_path=None, *, device="cuda", scale=1, c
                 flops = gemms * 2 * rows * width * hidden
                 min_bytes = 2 * (2 * rows * width + 2 * width * hidden) * (1 if mode == "fwd" else 2)
                 times = common.time_ms(_step(fn, args, mode, grad, device, dtype), quick=quick, device=device)
-                rows_out.append(common.result("gelu_mlp", provider, mode, shape, "fp32+" + str(dtype).removeprefix("torch."), times, flops,
+                rows_out.append(common.result("gelu_mlp", provider, mode, shape, label, times, flops,
                                               min_bytes, peaks))
                 row = rows_out[-1]
                 print(f"  {shape:32s} {provider:40s} {mode:8s} {row.ms_p50:8.3f} ms  {row.tflops:6.0f} TFLOP/s  "
