@@ -15,6 +15,8 @@ One training step = forward + backward under bf16 autocast + a fused AdamW step,
   mimkernels_fused_norm  ours with every residual add fused with the LayerNorm after it, across blocks too
                      (mimkernels.add_layer_norm, models.vit.FUSED_ADD_NORM; off by default until this A/B measures
                      it faster)
+  mimkernels_fused_mlp  ours with every MLP's GELU inside its GEMMs (mimkernels.gelu_mlp, models.vit.FUSED_GELU_MLP;
+                     off by default until this A/B measures it faster)
 Before timing, each baseline's loss is checked against ours on the same images, noise and prefixes.
 With --compile each provider (not the A/B one) is also timed under torch.compile (Inductor) as
 ``<provider>_compiled``: the step's forward and loss compiled, backward and AdamW as usual.
@@ -216,6 +218,7 @@ def providers(family, model, imgs, device, compile_backend=None):
         found |= {f"{name}_compiled": torch.compile(fn, backend=compile_backend) for name, fn in list(found.items())}
     found["mimkernels_views"] = with_switch(found["mimkernels"], mimkernels_nn, "PACKED_QKV", False)
     found["mimkernels_fused_norm"] = with_switch(found["mimkernels"], vit, "FUSED_ADD_NORM", True)
+    found["mimkernels_fused_mlp"] = with_switch(found["mimkernels"], vit, "FUSED_GELU_MLP", True)
     return {name: (lambda fn=fn: fn(imgs)) for name, fn in found.items()}
 
 

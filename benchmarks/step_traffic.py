@@ -33,6 +33,8 @@ from mimkernels import _backend, models, timing
 # ops that move no data: allocations, and views whose schema does not say so
 _FREE = {"empty", "new_empty", "empty_like", "empty_strided", "new_empty_strided", "_unsafe_view", "_reshape_alias"}
 DEFAULT_PROVIDERS = ("mimkernels", "mimkernels_fused_norm")
+# our kernels that are GEMMs (with an epilogue): counted as ``gemm``, beside cuBLAS's
+_OUR_GEMMS = ("_linear_gelu_fwd", "_matmul_gelu_grad")
 # The CPU's bf16 GEMMs (and convolutions, attention) would take most of the time and their values change no op that
 # runs after them: their outputs are zeros of the shape, dtype and strides their meta kernels give.
 _NOT_COMPUTED = ("gemm", "attn_sdpa")
@@ -81,15 +83,15 @@ def _shaped_zeros(func, args, kwargs):
 
 @contextlib.contextmanager
 def kernels_counted_not_run(count: TrafficCount):
-    """mimkernels' Triton launches become no-ops that count their tensors' bytes as ``ours``, and the Triton
-    backend is usable on CPU tensors without the interpreter (nothing is launched)."""
-    from mimkernels.triton import attention, losses, norms, patch_embed, tokens
+    """mimkernels' Triton launches become no-ops that count their tensors' bytes as ``ours`` (our GEMMs as
+    ``gemm``), and the Triton backend is usable on CPU tensors without the interpreter (nothing is launched)."""
+    from mimkernels.triton import attention, losses, mlp, norms, patch_embed, tokens
 
     def counted(kernel, grid, tensors, *rest, **options):
         name = getattr(getattr(kernel, "fn", kernel), "__name__", "kernel")
-        count.add("ours", _bytes([getattr(t, "base", t) for t in tensors]), name)
+        count.add("gemm" if name in _OUR_GEMMS else "ours", _bytes([getattr(t, "base", t) for t in tensors]), name)
 
-    modules = (attention, losses, norms, patch_embed, tokens)
+    modules = (attention, losses, mlp, norms, patch_embed, tokens)
     launches = [module.launch for module in modules]
     why_not = _backend._why_not
     try:

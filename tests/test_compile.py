@@ -45,6 +45,18 @@ def _compiled_matches_eager(name, device, backend, rtol, atol):
 
 @cpu_only
 @pytest.mark.parametrize("name", ["mae", "aim"])
+def test_fused_switches_compile_fullgraph(name, monkeypatch):
+    """Every fused path on (the add + LayerNorm across blocks, the MLP's GELU inside its GEMMs): the step traces with
+    no graph break and matches eager."""
+    from mimkernels.models import vit
+
+    monkeypatch.setattr(vit, "FUSED_ADD_NORM", True)
+    monkeypatch.setattr(vit, "FUSED_GELU_MLP", True)
+    _compiled_matches_eager(name, "cpu", "aot_eager", rtol=1e-4, atol=1e-5)
+
+
+@cpu_only
+@pytest.mark.parametrize("name", ["mae", "aim"])
 def test_training_step_compiles_fullgraph_and_matches_eager(name):
     """aot_eager: the same kernels and the same ATen ops in the same order, so equal to rounding."""
     _compiled_matches_eager(name, "cpu", "aot_eager", rtol=1e-5, atol=1e-6)
@@ -97,16 +109,18 @@ def test_whole_training_step_captures_in_a_cuda_graph(name):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("switch", ["FUSED_ADD_NORM", "FUSED_GELU_MLP"])
 @pytest.mark.parametrize("compile_backend", [None, "inductor"], ids=["eager", "inductor"])
 @pytest.mark.parametrize("name", ["mae", "aim"])
-def test_fused_norms_train_as_the_unfused_blocks_on_gpu(name, compile_backend, monkeypatch):
-    """models.vit.FUSED_ADD_NORM under bf16 autocast on the GPU (compiled kernels; the bf16 branch gradients written
-    by the add + LayerNorm kernel), eager and under Inductor: the loss and every gradient of the unfused eager model,
-    within bf16 rounding (each gradient's error norm at most 3% of its norm)."""
+def test_fused_switches_train_as_the_unfused_model_on_gpu(name, compile_backend, switch, monkeypatch):
+    """models.vit.FUSED_ADD_NORM (the bf16 branch gradients written by the add + LayerNorm kernel) or FUSED_GELU_MLP
+    (the bf16 GEMMs with the GELU epilogues) under bf16 autocast on the GPU, eager and under Inductor: the loss and
+    every gradient of the unfused eager model, within bf16 rounding (each gradient's error norm at most 3% of its
+    norm)."""
     from mimkernels.models import vit
 
     def loss_and_grads(fused, backend):
-        monkeypatch.setattr(vit, "FUSED_ADD_NORM", fused)
+        monkeypatch.setattr(vit, switch, fused)
         model, step, imgs = _model_and_step(name, "cuda")
         if backend:
             torch._dynamo.reset()

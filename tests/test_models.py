@@ -334,6 +334,36 @@ def test_attention_layers_hand_their_packed_projection_over_whole(build, layers,
 
 
 @pytest.mark.parametrize("autocast", [None, torch.float16], ids=["fp32", "autocast_fp16"])
+@pytest.mark.parametrize("build", [mae_vit_tiny_patch8, aim_tiny])
+def test_mlps_with_gelu_inside_the_gemms_train_the_same(build, autocast, monkeypatch):
+    """models.vit.FUSED_GELU_MLP gives the loss and gradients of the unfused MLPs, to rounding: every Mlp (the
+    blocks' and AIM's head blocks', with and without biases) is one gelu_mlp call."""
+    from mimkernels.models import vit
+
+    def step(fused):
+        monkeypatch.setattr(vit, "FUSED_GELU_MLP", fused)
+        torch.manual_seed(0)
+        model = build(img_size=32)
+        calls = []
+        original = mimkernels.gelu_mlp
+        monkeypatch.setattr(mimkernels, "gelu_mlp", lambda *a: calls.append(1) or original(*a))
+        with mimkernels.use_backend("triton"), torch.autocast("cpu", dtype=autocast or torch.float32,
+                                                              enabled=autocast is not None):
+            torch.manual_seed(1)
+            loss = model(torch.randn(2, 3, 32, 32))[0]
+        loss.backward()
+        return loss, [p.grad for p in model.parameters() if p.grad is not None], len(calls)
+
+    (loss, grads, calls), (loss_fused, grads_fused, calls_fused) = step(False), step(True)
+    assert calls == 0 and calls_fused == sum(isinstance(m, vit.Mlp) for m in build().modules()) > 2
+    assert len(grads_fused) == len(grads)
+    rtol, atol = (1e-4, 1e-5) if autocast is None else (2e-2, 2e-3)
+    torch.testing.assert_close(loss_fused, loss, rtol=rtol / 10, atol=atol / 10)
+    for g, w in zip(grads_fused, grads):
+        torch.testing.assert_close(g, w, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("autocast", [None, torch.float16], ids=["fp32", "autocast_fp16"])
 @pytest.mark.parametrize("build", [mae_vit_tiny_patch8, aim_tiny, simmim_vit_tiny_patch8])
 def test_blocks_with_the_fused_add_norm_train_the_same(build, autocast, monkeypatch):
     """models.vit.FUSED_ADD_NORM gives the loss and gradients of the unfused blocks, to rounding (the norm's

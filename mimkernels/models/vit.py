@@ -19,6 +19,10 @@ from ..nn import Attention, PatchEmbed, check_head_dim
 # norm1, or with the final norm after the last block. Off until a GPU measures it faster than the adds plus
 # LayerNorms it replaces (bench_models' mimkernels_fused_norm provider is that A/B).
 FUSED_ADD_NORM = False
+# True: each Mlp runs as mimkernels.gelu_mlp (GELU inside its two GEMMs, Triton GEMMs for fc1's forward and fc2's
+# input gradient, cuBLAS for the other four). Off until a GPU measures it faster than cuBLAS plus the GELU passes
+# (bench_mlp; bench_models' mimkernels_fused_mlp provider is the step's A/B).
+FUSED_GELU_MLP = False
 
 __all__ = ["Attention", "Block", "MaskTokenViT", "Mlp", "PatchEmbed", "check_head_dim", "generator_kwargs",
            "add_norm", "block_input_norm", "init_weights", "recomputable", "run_blocks", "sincos_pos_embed"]
@@ -111,6 +115,8 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x):
+        if FUSED_GELU_MLP:
+            return mimkernels.gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
         return self.fc2(self.act(self.fc1(x)))
 
 

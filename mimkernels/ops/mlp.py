@@ -37,11 +37,11 @@ class _GeluMlp(torch.autograd.Function):
             if needs[1]:
                 grad_w1 = grad_hidden.t() @ rows
             if needs[2]:
-                grad_b1 = grad_hidden.sum(0, dtype=torch.float32).to(grad_hidden.dtype)
+                grad_b1 = grad_hidden.sum(0)  # accumulated in fp32 inside, as Linear's backward
         if needs[3]:
             grad_w2 = grad.t() @ activated
         if needs[4]:
-            grad_b2 = grad.sum(0, dtype=torch.float32).to(grad.dtype)
+            grad_b2 = grad.sum(0)
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
 
 
