@@ -4,10 +4,18 @@ import sys
 
 import torch
 
-from benchmarks import bench_attention, bench_integrations, bench_models, bench_norms, bench_patch_embed, bench_tokens
+from benchmarks import (
+    bench_attention,
+    bench_integrations,
+    bench_mlp,
+    bench_models,
+    bench_norms,
+    bench_patch_embed,
+    bench_tokens,
+)
 
 FAMILIES = {"attention": bench_attention, "tokens": bench_tokens, "patch_embed": bench_patch_embed,
-            "norms": bench_norms, "models": bench_models, "integrations": bench_integrations}
+            "norms": bench_norms, "mlp": bench_mlp, "models": bench_models, "integrations": bench_integrations}
 
 
 def main() -> int:

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # One-shot check on a lent GPU: extension build, environment, GPU tests, compute-sanitizer memcheck, quick benchmarks
-# (kernels, then model training steps). Every step has its own timeout; they add up to 13 minutes, more than one
-# device call's 10: give the call timeout_s=600 and expect the model benchmarks to be cut if every step runs long.
+# (kernels, then model training steps). Every step has its own timeout; the default four add up to 13 minutes, more
+# than one device call's 10: give the call timeout_s=600 and expect the model benchmarks to be cut if every step runs long.
 # (The kernel resource report needs no GPU: python -m benchmarks.kernel_report.)
 # STEPS picks steps, in this order whatever is named: build tests sanitizer bench models integrations (default: the
 # first four).
 # The correctness half alone, about 5 minutes: STEPS="build tests sanitizer" benchmarks/gpu_check.sh
-# The training-step questions (issue 11), about 7 minutes: STEPS=models benchmarks/gpu_check.sh (the fused add +
-# LayerNorm alone, then MAE ViT-L and AIM-600M steps eager and compiled with MFU, the packed-qkv and fused-norm
-# A/B providers, and a per-category GPU profile of each step in train_step_profile.txt)
+# The training-step questions (issue 11), about 8.5 minutes: STEPS=models benchmarks/gpu_check.sh (the fused add +
+# LayerNorm alone, the MLP with GELU inside its GEMMs alone with a sweep of its tiles, then MAE ViT-L and AIM-600M
+# steps eager and compiled with MFU, the packed-qkv, fused-norm and fused-MLP A/B providers, and a per-category GPU
+# profile of each step in train_step_profile.txt)
 # Writes under $OUT (default benchmarks/results/local); commit what it measured, raw, under benchmarks/results/.
 # Where the tree has no .git (the device copy), pass the commit: MIMKERNELS_COMMIT=<sha> benchmarks/gpu_check.sh
 # Uses the machine's own python3 (its torch and triton): nothing is installed, nothing is fetched.
@@ -70,11 +71,13 @@ tail -n 8 "$OUT/bench_models.txt"
 fi
 
 if wants models; then
-echo "== training steps: fused norm, then eager + compiled steps with a profile"
+echo "== training steps: fused norm, fused MLP (with its tile sweep), then eager + compiled steps with a profile"
 timeout 60 $PY -m benchmarks.bench_norms --quick --out "$OUT" > "$OUT/bench_norms.txt" 2>&1 || status=1
+timeout 120 $PY -m benchmarks.bench_mlp --quick --sweep --out "$OUT" > "$OUT/bench_mlp.txt" 2>&1 || status=1
 timeout 330 $PY -m benchmarks.bench_models --quick --compile --profile --shapes mae_vit_l aim_600m --out "$OUT" \
   > "$OUT/bench_models.txt" 2>&1 || status=1
 tail -n 20 "$OUT/bench_norms.txt"
+tail -n 20 "$OUT/bench_mlp.txt"
 tail -n 30 "$OUT/bench_models.txt"
 fi
 

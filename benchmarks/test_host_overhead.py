@@ -138,3 +138,21 @@ def test_add_then_layer_norm_reference(benchmark):
         return total + F.layer_norm(total, (64,), weight, bias)
 
     benchmark(_fwd_bwd(forward, [x, branch, weight, bias]))
+
+
+def _mlp_leaves(rows=100, width=64, hidden=256):
+    return [torch.randn(rows, width, requires_grad=True), torch.randn(hidden, width, requires_grad=True),
+            torch.randn(hidden, requires_grad=True), torch.randn(width, hidden, requires_grad=True),
+            torch.randn(width, requires_grad=True)]
+
+
+def test_gelu_mlp_fwd_bwd(benchmark):
+    """Includes the four GEMMs that stay PyTorch's (fc2 forward, three in the backward), computed on the CPU."""
+    leaves = _mlp_leaves()
+    benchmark(_fwd_bwd(lambda: mimkernels.gelu_mlp(*leaves), leaves))
+
+
+def test_linear_gelu_linear_reference(benchmark):
+    """The unfused MLP on the same tensors: all six GEMMs and GELU computed on the CPU."""
+    leaves = _mlp_leaves()
+    benchmark(_fwd_bwd(lambda: mimkernels.reference.gelu_mlp(*leaves), leaves))

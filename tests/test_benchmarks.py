@@ -141,11 +141,12 @@ def test_models_harness_runs_end_to_end(tmp_path):
                             device="cpu", configs=configs, profile=True)
     assert {(r.kernel, r.provider) for r in rows} == {
         ("mae_train_step", "mimkernels"), ("mae_train_step", "timm_sdpa"), ("mae_train_step", "mimkernels_views"),
-        ("mae_train_step", "mimkernels_fused_norm"), ("aim_train_step", "mimkernels"),
-        ("aim_train_step", "ml_aim_dense_mask"), ("aim_train_step", "mimkernels_views"),
-        ("aim_train_step", "mimkernels_fused_norm")}
+        ("mae_train_step", "mimkernels_fused_norm"), ("mae_train_step", "mimkernels_fused_mlp"),
+        ("aim_train_step", "mimkernels"), ("aim_train_step", "ml_aim_dense_mask"),
+        ("aim_train_step", "mimkernels_views"), ("aim_train_step", "mimkernels_fused_norm"),
+        ("aim_train_step", "mimkernels_fused_mlp")}
     summary = (tmp_path / "models_summary.csv").read_text().splitlines()
-    assert summary[0].startswith("shape,provider,images_per_s,peak_gib,speedup,mfu") and len(summary) == 9
+    assert summary[0].startswith("shape,provider,images_per_s,peak_gib,speedup,mfu") and len(summary) == 11
     assert len(csv_path.read_text().splitlines()) == 1 + len(rows)
     flops = {r.kernel: r.tflops * r.ms_p50 * 1e9 for r in rows if r.provider == "mimkernels"}
     assert flops["mae_train_step"] == pytest.approx(bench_models.model_flops("mae", "mae_vit_tiny_patch8", 2), rel=1e-3)
@@ -210,8 +211,9 @@ def test_models_harness_times_simmim_and_beit_against_the_official_forwards():
     assert {(r.kernel, r.provider) for r in rows} == {
         ("simmim_train_step", "mimkernels"), ("simmim_train_step", "conv_blend"),
         ("simmim_train_step", "mimkernels_views"), ("simmim_train_step", "mimkernels_fused_norm"),
-        ("beit_train_step", "mimkernels"), ("beit_train_step", "conv_index"), ("beit_train_step", "mimkernels_views"),
-        ("beit_train_step", "mimkernels_fused_norm")}
+        ("simmim_train_step", "mimkernels_fused_mlp"), ("beit_train_step", "mimkernels"),
+        ("beit_train_step", "conv_index"), ("beit_train_step", "mimkernels_views"),
+        ("beit_train_step", "mimkernels_fused_norm"), ("beit_train_step", "mimkernels_fused_mlp")}
 
 
 def test_models_harness_times_compiled_providers(tmp_path):
@@ -221,7 +223,7 @@ def test_models_harness_times_compiled_providers(tmp_path):
     rows = bench_models.run(["mae"], torch.float32, True, common.Peaks(1.0, 1.0), None, device="cpu",
                             configs={"mae": ("mae", "mae_vit_tiny_patch8", 2)}, compile_backend="aot_eager")
     assert {r.provider for r in rows} == {"mimkernels", "timm_sdpa", "mimkernels_compiled", "timm_sdpa_compiled",
-                                          "mimkernels_views", "mimkernels_fused_norm"}
+                                          "mimkernels_views", "mimkernels_fused_norm", "mimkernels_fused_mlp"}
 
 
 def test_integrations_harness_runs_end_to_end(tmp_path):
