@@ -113,7 +113,25 @@ def norm_cases(device):
         yield f"add_layer_norm {rows}x{width}"
 
 
-CASES = (attention_cases, tma_attention_cases, token_cases, patch_embed_cases, norm_cases)
+# (rows, width, hidden, biases): every size ragged against the 2-byte tiles, or none (the mask-free k loop), fp32
+MLP_CASES = [(1, 40, 72, True, torch.bfloat16), (131, 96, 200, False, torch.bfloat16),
+             (260, 128, 512, True, torch.float16), (37, 24, 40, True, torch.float32)]
+
+
+def mlp_cases(device):
+    for rows, width, hidden, bias, dtype in MLP_CASES:
+        def param(*shape, dtype=dtype):
+            return torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
+
+        leaves = [param(rows, width), param(hidden, width), param(hidden) if bias else None, param(width, hidden),
+                  param(width) if bias else None]
+        with mimkernels.use_backend("triton"):
+            out = mimkernels.gelu_mlp(*leaves)
+        _backward(out, [leaf for leaf in leaves if leaf is not None])
+        yield f"gelu_mlp {rows}x{width}x{hidden} {str(dtype)[6:]}"
+
+
+CASES = (attention_cases, tma_attention_cases, token_cases, patch_embed_cases, norm_cases, mlp_cases)
 
 
 def main() -> int:

@@ -253,12 +253,14 @@ def test_sanitizer_cases_run(device, monkeypatch):
         monkeypatch.setattr(sanitizer_cases, "ATTENTION_CASES", [((2, 1, 19, 40), torch.float32),
                                                                  ((1, 1, 1, 16), torch.float16)])
         monkeypatch.setattr(sanitizer_cases, "NORM_CASES", [(1, 40), (260, 24)])
+        monkeypatch.setattr(sanitizer_cases, "MLP_CASES", [(1, 40, 72, True, torch.float16),
+                                                           (37, 24, 40, False, torch.float32)])
     with mimkernels.use_backend("triton"):
         names = [name for cases in sanitizer_cases.CASES for name in cases(device)]
     token_backends = {"triton", "extension"} & set(mimkernels.available_backends())
     tma_cases = min(3, len(sanitizer_cases.ATTENTION_CASES))
     expected = (len(sanitizer_cases.ATTENTION_CASES) + tma_cases + 3 + len(token_backends)
-                + len(sanitizer_cases.NORM_CASES))
+                + len(sanitizer_cases.NORM_CASES) + len(sanitizer_cases.MLP_CASES))
     assert len(names) == expected
     if device == "cpu":  # the interpreter reads descriptors like Hopper: the TMA cases really ran
         assert sum(name.startswith("tma attention") and "not run" not in name for name in names) == tma_cases
