@@ -109,6 +109,25 @@ def check_add_layer_norm(rows, width, dtype, device) -> tuple[float, float]:
             max(_relative_error(g, w) for g, w in zip(grads, grads64)))
 
 
+def check_gelu_mlp(rows, width, hidden, dtype, device) -> tuple[float, float]:
+    """The MLP with GELU inside its GEMMs: worst relative error of the output and the five gradients."""
+    gen = torch.Generator(device=device).manual_seed(hidden)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, device=device, generator=gen) * scale).to(dtype).requires_grad_()
+
+    leaves = [randn(rows, width), randn(hidden, width, scale=width ** -0.5), randn(hidden),
+              randn(width, hidden, scale=hidden ** -0.5), randn(width)]
+    with mimkernels.use_backend("triton"):
+        out = mimkernels.gelu_mlp(*leaves)
+    grad_out = torch.randn(out.shape, device=device, generator=gen).to(dtype)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    out64 = reference.gelu_mlp(*leaves64)
+    grads64 = torch.autograd.grad(out64, leaves64, grad_out.double())
+    return _relative_error(out, out64), max(_relative_error(g, w) for g, w in zip(grads, grads64))
+
+
 def self_check(device: str) -> bool:
     if HAS_GPU:
         dtypes = (torch.bfloat16, torch.float16, torch.float32)
@@ -116,13 +135,16 @@ def self_check(device: str) -> bool:
         token_shapes = ((64, 196, 768), (8, 49, 40))
         embed_shapes = ((16, 224, 16, 768), (4, 224, 14, 1536))
         norm_shapes = ((64 * 197, 768), (8 * 256, 1536), (5, 40))
+        mlp_shapes = ((8 * 197, 768, 3072), (4 * 256, 1536, 6144), (5, 40, 100))
     else:  # the interpreter is slow, and its bf16 tl.dot is broken (the token ops have no dot)
         dtypes = (torch.float16, torch.float32)
         attention_shapes = ((2, 2, 49, 64), (2, 1, 197, 80))
         token_shapes, embed_shapes, norm_shapes = ((2, 49, 40),), ((2, 32, 16, 40),), ((2 * 50, 64),)
+        mlp_shapes = ((2 * 50, 64, 256),)
     checks = [("prefix_causal_attention", check_attention, dtypes, attention_shapes),
               ("patch_embed + loss", check_patch_embed, dtypes, embed_shapes),
-              ("add_layer_norm", check_add_layer_norm, dtypes, norm_shapes)]
+              ("add_layer_norm", check_add_layer_norm, dtypes, norm_shapes),
+              ("gelu_mlp", check_gelu_mlp, dtypes, mlp_shapes)]
     for backend in (name for name in ("extension", "triton") if name in mimkernels.available_backends()):
         checks.append((f"mae tokens ({backend})", functools.partial(check_tokens, backend),
                        (torch.bfloat16, torch.float16, torch.float32), token_shapes))
