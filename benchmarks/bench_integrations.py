@@ -6,6 +6,7 @@ from one seed, timed in this process:
   mimkernels   the same model after mimkernels.integrations.apply(model)
   mimkernels_fused_norm  ... apply(model, add_norm=True): each block's add after attention fused with its norm
                (off by default until this A/B and bench_models' measure it faster)
+  mimkernels_fused_mlp   ... apply(model, gelu_mlp=True): each MLP's GELU inside its two GEMMs (likewise off)
 With --compile each is also timed under torch.compile (Inductor) as ``<provider>_compiled``. Before timing,
 the two losses are checked against each other on the same images (and the same noise for ViTMAE).
 
@@ -58,8 +59,12 @@ def run(shapes, dtype, quick, peaks, csv_path, device="cuda", compile_backend=No
     for name in shapes:
         batch = 2 if tiny else SHAPES[name]
         models = {"unpatched": build(name, tiny).to(device),
-                  "mimkernels": mimkernels.integrations.apply(build(name, tiny).to(device), add_norm=False),
-                  "mimkernels_fused_norm": mimkernels.integrations.apply(build(name, tiny).to(device), add_norm=True)}
+                  "mimkernels": mimkernels.integrations.apply(build(name, tiny).to(device), add_norm=False,
+                                                              gelu_mlp=False),
+                  "mimkernels_fused_norm": mimkernels.integrations.apply(build(name, tiny).to(device), add_norm=True,
+                                                                         gelu_mlp=False),
+                  "mimkernels_fused_mlp": mimkernels.integrations.apply(build(name, tiny).to(device), add_norm=False,
+                                                                        gelu_mlp=True)}
         size = 32 if tiny else 224
         images = torch.randn(batch, 3, size, size, device=device)
         labels = torch.randint(0, 1000, (batch,), device=device)

@@ -83,7 +83,7 @@ fi
 
 if wants integrations; then
 echo "== timm / Hugging Face training steps, patched and not, eager and compiled"
-timeout 300 $PY -m benchmarks.bench_integrations --quick --compile --out "$OUT" > "$OUT/bench_integrations.txt" 2>&1 \
+timeout 380 $PY -m benchmarks.bench_integrations --quick --compile --out "$OUT" > "$OUT/bench_integrations.txt" 2>&1 \
   || status=1
 tail -n 16 "$OUT/bench_integrations.txt"
 fi

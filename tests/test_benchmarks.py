@@ -233,12 +233,12 @@ def test_integrations_harness_runs_end_to_end(tmp_path):
     csv_path = tmp_path / "integrations.csv"
     rows = bench_integrations.run(["timm_vit_b16", "hf_vit_mae_base"], torch.float32, True, common.Peaks(1.0, 1.0),
                                   str(csv_path), device="cpu", compile_backend="aot_eager", tiny=True)
-    providers = {"unpatched", "mimkernels", "mimkernels_fused_norm"}
+    providers = {"unpatched", "mimkernels", "mimkernels_fused_norm", "mimkernels_fused_mlp"}
     providers |= {f"{provider}_compiled" for provider in providers}
     assert {(r.kernel, r.provider) for r in rows} == {(f"{name}_train_step", provider) for provider in providers
                                                      for name in ("timm_vit_b16", "hf_vit_mae_base")}
     summary = (tmp_path / "integrations_summary.csv").read_text().splitlines()
-    assert summary[0].startswith("shape,provider,images_per_s,peak_gib,speedup") and len(summary) == 1 + 12
+    assert summary[0].startswith("shape,provider,images_per_s,peak_gib,speedup") and len(summary) == 1 + 16
     lines = bench_integrations.target_lines([{"shape": "m:B2", "provider": "mimkernels", "speedup": 0.9},
                                              {"shape": "m:B2", "provider": "mimkernels_compiled", "speedup": 1.2}])
     assert lines == ["target m:B2 mimkernels: 0.90x the unpatched model (missed)",

@@ -156,6 +156,58 @@ def test_blocks_whose_norm_or_mlp_differs_keep_the_original_code(device, monkeyp
             torch.testing.assert_close(block.to(device)(x), want.to(device)(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("variant, add_norm", [
+    ({}, False),
+    ({"init_values": 0.1, "class_token": False, "reg_tokens": 2, "global_pool": "avg", "qkv_bias": False}, False),
+    ({}, True),  # the fused norm hands the MLP its input
+])
+def test_timm_mlps_run_gelu_inside_the_gemms(variant, add_norm, device, monkeypatch):
+    """gelu_mlp=True: each Mlp is one mimkernels.gelu_mlp call, with the original's outputs and gradients."""
+    calls = _count_calls(monkeypatch, "gelu_mlp")
+    images = torch.randn(2, 3, 32, 32)
+    patched = _assert_same_model_numbers(lambda: _vit(**variant), images, device, add_norm=add_norm, gelu_mlp=True)
+    assert {"blocks.0.mlp", "blocks.1.mlp"} <= set(integrations.patched_modules(patched))
+    assert len(calls) == 2
+    integrations.unapply(patched)
+    assert type(patched.blocks[0].mlp) is timm.layers.Mlp
+
+
+def test_gelu_mlp_follows_the_models_switch_by_default(monkeypatch):
+    from mimkernels.models import vit
+
+    assert "blocks.0.mlp" not in integrations.patched_modules(integrations.apply(_vit()))  # off until measured
+    monkeypatch.setattr(vit, "FUSED_GELU_MLP", True)
+    assert "blocks.0.mlp" in integrations.patched_modules(integrations.apply(_vit()))
+    assert "blocks.0.mlp" not in integrations.patched_modules(integrations.apply(_vit(), gelu_mlp=False))
+
+
+def test_mlps_that_are_not_exact_gelu_linears_keep_the_original_code(device, monkeypatch):
+    """The tanh GELU, 1x1 convolutions, a norm between the layers: those MLPs keep their code, one warning per
+    reason; an MLP with dropout is patched but runs the original code while training (one warning)."""
+    model = _vit(depth=5)
+    model.blocks[0].mlp = timm.layers.Mlp(64, 256, act_layer=timm.layers.GELUTanh)
+    model.blocks[1].mlp = timm.layers.Mlp(64, 256, use_conv=True)
+    model.blocks[2].mlp = timm.layers.Mlp(64, 256, norm_layer=torch.nn.LayerNorm)
+    model.blocks[3].mlp = timm.layers.Mlp(64, 256, drop=0.1)
+    with pytest.warns(UserWarning) as caught:
+        integrations.apply(model, gelu_mlp=True, attention=False, patch_embed=False)
+    messages = sorted(str(warning.message) for warning in caught)
+    assert len(messages) == 4, messages
+    assert "1 MLP(s) have dropout" in messages[0]
+    assert "because it normalises between its layers (blocks.2.mlp)" in messages[1]
+    assert "because its activation (GELUTanh) is not the exact GELU (blocks.0.mlp)" in messages[2]
+    assert "because its layers are not Linear (use_conv) (blocks.1.mlp)" in messages[3]
+    assert integrations.patched_modules(model) == ["blocks.3.mlp", "blocks.4.mlp"]
+    calls = _count_calls(monkeypatch, "gelu_mlp")
+    x = torch.randn(2, 5, 64, device=device)
+    mlp = model.blocks[3].mlp.to(device)
+    with mimkernels.use_backend("triton"):
+        mlp.train()(x)
+        assert not calls  # dropout while training: the original code
+        mlp.eval()(x)
+        assert len(calls) == 1
+
+
 def test_dynamic_img_size_takes_other_sizes(device):
     images = torch.randn(2, 3, 48, 40)  # not the model's 32 x 32
     _assert_same_model_numbers(lambda: _vit(dynamic_img_size=True), images, device)
@@ -225,12 +277,12 @@ def test_only_supported_models():
         assert integrations.apply(ours) is ours
 
 
-@pytest.mark.parametrize("add_norm", [False, True])
-def test_patched_model_compiles_fullgraph(add_norm, device):
+@pytest.mark.parametrize("fused", [{}, {"add_norm": True, "gelu_mlp": True}], ids=["plain", "fused"])
+def test_patched_model_compiles_fullgraph(fused, device):
     if device != "cpu":
         pytest.skip("the CPU variant (aot_eager); tests/test_compile.py covers Inductor on a GPU")
     images = torch.randn(2, 3, 32, 32)
-    patched = integrations.apply(_vit(), add_norm=add_norm)
+    patched = integrations.apply(_vit(), **fused)
     with mimkernels.use_backend("triton"):
         eager = patched(images)
         compiled = torch.compile(patched, fullgraph=True, backend="aot_eager")(images)
@@ -360,6 +412,30 @@ def test_vit_mae_layers_fuse_the_add_after_attention_with_the_norm(device, monke
     assert integrations._hf._layer_unsupported(layer) == "its layernorm_after is not a LayerNorm followed by a Linear"
 
 
+def test_vit_mae_mlps_run_gelu_inside_the_gemms(device, monkeypatch):
+    """gelu_mlp=True: each ViTMAEMLP (encoder and decoder) is one gelu_mlp call; loss and gradients as the original's.
+    An approximate GELU keeps the original code, with a warning."""
+    calls = _count_calls(monkeypatch, "gelu_mlp")
+    images, noise = torch.randn(2, 3, 32, 32, device=device), torch.rand(2, 16, device=device)
+    original = _vit_mae().to(device)
+    patched = integrations.apply(_vit_mae().to(device), add_norm=True, gelu_mlp=True)
+    assert {"vit.layers.0.mlp", "vit.layers.1.mlp", "decoder.decoder_layers.0.mlp"} <= set(
+        integrations.patched_modules(patched))
+    with mimkernels.use_backend("triton"):
+        got = patched(images, noise=noise)
+        got.loss.backward()
+    want = original(images, noise=noise)
+    want.loss.backward()
+    assert len(calls) == 3
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
+    _assert_grads_close({name: p.grad for name, p in patched.named_parameters() if p.grad is not None},
+                        {name: p.grad for name, p in original.named_parameters() if p.grad is not None})
+    with pytest.warns(UserWarning, match=r"3 module\(s\) keep .* \(NewGELUActivation\) is not the exact GELU"):
+        tanh = integrations.apply(_vit_mae(hidden_act="gelu_new"), gelu_mlp=True)
+    assert not [name for name in integrations.patched_modules(tanh) if name.endswith("mlp")]
+
+
 def test_patched_vit_mae_draws_the_same_masks_without_noise():
     images = torch.randn(2, 3, 32, 32)
     original, patched = _vit_mae(), integrations.apply(_vit_mae())
@@ -415,9 +491,9 @@ def test_mimkernels_as_a_transformers_attention_implementation(device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("add_norm", [False, True])
+@pytest.mark.parametrize("fused", [{}, {"add_norm": True}, {"gelu_mlp": True}], ids=["plain", "add_norm", "gelu_mlp"])
 @pytest.mark.parametrize("name", ["timm_vit_b16", "hf_vit_mae_base"])
-def test_patched_models_match_on_gpu_in_bf16(name, add_norm):
+def test_patched_models_match_on_gpu_in_bf16(name, fused):
     """The benchmark's models at full size: patched and unpatched losses and gradients agree under bf16 autocast."""
     from benchmarks import bench_integrations
 
@@ -427,7 +503,7 @@ def test_patched_models_match_on_gpu_in_bf16(name, add_norm):
     for patch in (False, True):
         model = bench_integrations.build(name).cuda()
         if patch:
-            integrations.apply(model, add_norm=add_norm)
+            integrations.apply(model, **fused)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = bench_integrations.loss_fn(name, model, images, labels, noise)()
         loss.backward()

@@ -6,10 +6,11 @@ and ``unapply`` swaps the classes back. A submodule whose configuration our kern
 original code, with one warning saying why; nothing is ever computed differently from the original beyond
 rounding.
 
-Supported models: timm's ``VisionTransformer`` (its ``Attention`` and ``PatchEmbed`` modules, and with
-``add_norm`` its ``Block``), Hugging Face transformers' ``ViTMAEForPreTraining`` and ``ViTMAEModel`` (masking and
-unshuffling, kept-patch embedding, attention, the reconstruction loss, with ``add_norm`` each layer's residual add
-and LayerNorm), and mimkernels' own models (already on the kernels: returned unchanged).
+Supported models: timm's ``VisionTransformer`` (its ``Attention`` and ``PatchEmbed`` modules, with ``add_norm``
+its ``Block``, with ``gelu_mlp`` its ``Mlp``), Hugging Face transformers' ``ViTMAEForPreTraining`` and
+``ViTMAEModel`` (masking and unshuffling, kept-patch embedding, attention, the reconstruction loss, with
+``add_norm`` each layer's residual add and LayerNorm, with ``gelu_mlp`` each layer's MLP), and mimkernels' own
+models (already on the kernels: returned unchanged).
 ``register_hf_attention()`` makes ``attn_implementation="mimkernels"`` available to any transformers model.
 """
 from __future__ import annotations
@@ -50,7 +51,7 @@ def _is_hf_vit_mae(model) -> bool:
 
 
 def apply(model: torch.nn.Module, *, attention: bool = True, patch_embed: bool = True, masking: bool = True,
-          loss: bool = True, add_norm: bool | None = None) -> torch.nn.Module:
+          loss: bool = True, add_norm: bool | None = None, gelu_mlp: bool | None = None) -> torch.nn.Module:
     """Patch ``model`` in place to run on mimkernels' kernels, and return it.
 
     Args:
@@ -68,6 +69,9 @@ def apply(model: torch.nn.Module, *, attention: bool = True, patch_embed: bool =
         add_norm: each block's residual add after attention in one pass with the LayerNorm after it
             (:func:`mimkernels.add_layer_norm`; timm's ``Block``, ViTMAE's layers). None: what mimkernels' own
             models do, ``mimkernels.models.vit.FUSED_ADD_NORM`` (off until a GPU measures the fusion faster).
+        gelu_mlp: each MLP of exact GELU (fc1, GELU, fc2) by :func:`mimkernels.gelu_mlp`, GELU inside the GEMMs
+            (timm's ``Mlp``, ViTMAE's ``ViTMAEMLP``; with dropout while training, the original code). None:
+            ``mimkernels.models.vit.FUSED_GELU_MLP`` (off until a GPU measures it faster).
         ``interpolate_pos_encoding=True`` calls of ViTMAE run the original code.
 
     Raises:
@@ -77,6 +81,8 @@ def apply(model: torch.nn.Module, *, attention: bool = True, patch_embed: bool =
 
     if add_norm is None:
         add_norm = vit.FUSED_ADD_NORM
+    if gelu_mlp is None:
+        gelu_mlp = vit.FUSED_GELU_MLP
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, (MAE, AIM)):
@@ -84,13 +90,13 @@ def apply(model: torch.nn.Module, *, attention: bool = True, patch_embed: bool =
     if _is_timm_vit(model):
         from . import _timm
 
-        _timm.patch(model, attention=attention, patch_embed=patch_embed, add_norm=add_norm)
+        _timm.patch(model, attention=attention, patch_embed=patch_embed, add_norm=add_norm, gelu_mlp=gelu_mlp)
         return model
     if _is_hf_vit_mae(model):
         from . import _hf
 
         _hf.patch(model, attention=attention, patch_embed=patch_embed, masking=masking, loss=loss,
-                  add_norm=add_norm)
+                  add_norm=add_norm, gelu_mlp=gelu_mlp)
         return model
     raise TypeError(f"mimkernels.integrations.apply supports {', '.join(SUPPORTED)}; got "
                     f"{type(model).__module__}.{type(model).__qualname__}")

@@ -125,6 +125,29 @@ class MimkernelsViTMAELayer(vit_mae.ViTMAELayer):
         return self.dropout(self.mlp(normed)) + hidden_states
 
 
+class MimkernelsViTMAEMLP(vit_mae.ViTMAEMLP):
+    """fc1 -> GELU -> fc2 by :func:`mimkernels.gelu_mlp` (GELU inside the GEMMs); same parameters."""
+
+    _mimkernels_patch = True
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return mimkernels.gelu_mlp(hidden_states, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+
+
+def _mlp_unsupported(mlp: vit_mae.ViTMAEMLP) -> str | None:
+    """Why MimkernelsViTMAEMLP cannot stand in for ``mlp``, or None. ``hidden_act`` "gelu" and "gelu_python" are
+    both the exact GELU (``GELUActivation``); the tanh and other approximations are not."""
+    from transformers.activations import GELUActivation
+
+    if tuple(inspect.signature(vit_mae.ViTMAEMLP.forward).parameters) != ("self", "hidden_states"):
+        return "this transformers release's ViTMAEMLP is not one mimkernels reproduces"
+    if type(mlp.activation_fn) is not GELUActivation:
+        return f"its activation ({type(mlp.activation_fn).__name__}) is not the exact GELU"
+    if type(mlp.fc1) is not torch.nn.Linear or type(mlp.fc2) is not torch.nn.Linear:
+        return "its layers are not Linear"
+    return None
+
+
 def _layer_unsupported(layer: vit_mae.ViTMAELayer) -> str | None:
     """Why MimkernelsViTMAELayer cannot stand in for ``layer``, or None. It reproduces transformers 5's layer;
     under autocast the fused norm comes out in the autocast dtype, which is what the MLP's first Linear (fc1)
@@ -142,7 +165,7 @@ SUPPORTED = (vit_mae.ViTMAEForPreTraining, vit_mae.ViTMAEModel)
 
 
 def patch(model: torch.nn.Module, *, attention: bool, patch_embed: bool, masking: bool, loss: bool,
-          add_norm: bool) -> None:
+          add_norm: bool, gelu_mlp: bool) -> None:
     config = model.config
     try:
         check_head_dim("attention", config.hidden_size, config.num_attention_heads)
@@ -158,14 +181,20 @@ def patch(model: torch.nn.Module, *, attention: bool, patch_embed: bool, masking
             warnings.warn("mimkernels.integrations: patch embedding keeps its original code: patches are not "
                           "square", stacklevel=3)
         patch_embed = False
-    layers_unsupported = {}
+    kept = {}  # reason -> names of the modules that keep their code for it
     for name, module in model.named_modules():
         if add_norm and type(module) is vit_mae.ViTMAELayer:
             reason = _layer_unsupported(module)
             if reason is None:
                 module.__class__ = MimkernelsViTMAELayer
             else:
-                layers_unsupported.setdefault(reason, []).append(name)
+                kept.setdefault(reason, []).append(name)
+        elif gelu_mlp and type(module) is vit_mae.ViTMAEMLP:
+            reason = _mlp_unsupported(module)
+            if reason is None:
+                module.__class__ = MimkernelsViTMAEMLP
+            else:
+                kept.setdefault(reason, []).append(name)
         elif attention and type(module) is vit_mae.ViTMAEAttention:
             module.__class__ = MimkernelsViTMAEAttention
         elif (masking or patch_embed) and type(module) is vit_mae.ViTMAEEmbeddings:
@@ -178,7 +207,7 @@ def patch(model: torch.nn.Module, *, attention: bool, patch_embed: bool, masking
             module.__class__ = MimkernelsViTMAEDecoder
     if loss and type(model) is vit_mae.ViTMAEForPreTraining:
         model.__class__ = MimkernelsViTMAEForPreTraining
-    warn_kept(layers_unsupported)
+    warn_kept(kept)
 
 
 def register_attention() -> str:

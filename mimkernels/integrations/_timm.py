@@ -78,6 +78,18 @@ class MimkernelsBlock(Block):
         return x + self.drop_path2(self.ls2(self.mlp(normed)))
 
 
+class MimkernelsMlp(Mlp):
+    """``timm.layers.Mlp`` whose fc1 -> GELU -> fc2 runs :func:`mimkernels.gelu_mlp` (GELU inside the GEMMs); same
+    parameters. With dropout while training it runs the original code (no kernel draws dropout masks)."""
+
+    _mimkernels_patch = True
+
+    def forward(self, x: torch.Tensor):
+        if self.training and (self.drop1.p > 0 or self.drop2.p > 0):
+            return super().forward(x)
+        return mimkernels.gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+
+
 # Block.forward signatures that MimkernelsBlock.forward reproduces (timm 1.0 releases)
 _BLOCK_FORWARDS = (("self", "x", "attn_mask"), ("self", "x", "attn_mask", "is_causal"))
 _MLP_INPUT_LAYERS = ("fc1", "fc1_g", "fc1_x")  # what each of timm's Mlp / GluMlp / SwiGLU applies to its input
@@ -101,6 +113,21 @@ def _block_unsupported(module: Block) -> str | None:
     return None
 
 
+def _mlp_unsupported(module: Mlp) -> str | None:
+    if tuple(inspect.signature(Mlp.forward).parameters) != ("self", "x"):
+        return "this timm release's Mlp.forward is not one mimkernels reproduces"
+    act = module.act
+    if type(act) is not torch.nn.GELU or act.approximate != "none":
+        return f"its activation ({type(act).__name__}) is not the exact GELU"
+    if type(module.fc1) is not torch.nn.Linear or type(module.fc2) is not torch.nn.Linear:
+        return "its layers are not Linear (use_conv)"
+    if type(module.norm) is not torch.nn.Identity:
+        return "it normalises between its layers"
+    if not all(isinstance(drop, torch.nn.Dropout) for drop in (module.drop1, module.drop2)):
+        return "its dropout is not nn.Dropout"
+    return None
+
+
 def _attention_unsupported(module: Attention) -> str | None:
     try:
         check_head_dim("attention", module.num_heads * module.head_dim, module.num_heads)
@@ -121,15 +148,17 @@ def _patch_embed_unsupported(module: PatchEmbed) -> str | None:
     return None
 
 
-def patch(model: torch.nn.Module, *, attention: bool, patch_embed: bool, add_norm: bool) -> None:
+def patch(model: torch.nn.Module, *, attention: bool, patch_embed: bool, add_norm: bool, gelu_mlp: bool) -> None:
     plan = []
     if add_norm:
         plan.append((Block, MimkernelsBlock, _block_unsupported))
+    if gelu_mlp:
+        plan.append((Mlp, MimkernelsMlp, _mlp_unsupported))
     if attention:
         plan.append((Attention, MimkernelsAttention, _attention_unsupported))
     if patch_embed:
         plan.append((PatchEmbed, MimkernelsPatchEmbed, _patch_embed_unsupported))
-    skipped, dropout = {}, []
+    skipped, dropout, mlp_dropout = {}, [], []
     for name, module in model.named_modules():
         for original, patched, unsupported in plan:
             if type(module) is not original:  # subclasses may change forward: leave them alone
@@ -141,7 +170,12 @@ def patch(model: torch.nn.Module, *, attention: bool, patch_embed: bool, add_nor
             module.__class__ = patched
             if isinstance(module, Attention) and module.attn_drop.p > 0:
                 dropout.append(name)
+            if isinstance(module, Mlp) and (module.drop1.p > 0 or module.drop2.p > 0):
+                mlp_dropout.append(name)
     warn_kept(skipped)
+    if mlp_dropout:
+        warnings.warn(f"mimkernels.integrations: {len(mlp_dropout)} MLP(s) have dropout (proj_drop > 0), which has "
+                      f"no kernel: they run the original code while training", stacklevel=3)
     if dropout:
         warnings.warn(f"mimkernels.integrations: {len(dropout)} attention module(s) have attention dropout "
                       f"(attn_drop > 0), which has no kernel: they run the original code while training",
