@@ -125,13 +125,22 @@ def test_timm_blocks_fused_under_autocast_train_as_the_unfused(device, monkeypat
     _assert_grads_close(grads, want_grads, rtol=2e-2, atol=2e-3)
 
 
-def test_add_norm_follows_the_models_switch_by_default(monkeypatch):
+@pytest.mark.parametrize("switch, option, module", [("FUSED_ADD_NORM", "add_norm", "blocks.0"),
+                                                    ("FUSED_GELU_MLP", "gelu_mlp", "blocks.0.mlp")])
+def test_fusions_follow_the_models_switches_by_default(switch, option, module, monkeypatch):
     from mimkernels.models import vit
 
-    assert "blocks.0" not in integrations.patched_modules(integrations.apply(_vit()))  # off until a GPU measures it
-    monkeypatch.setattr(vit, "FUSED_ADD_NORM", True)
-    assert "blocks.0" in integrations.patched_modules(integrations.apply(_vit()))
-    assert "blocks.0" not in integrations.patched_modules(integrations.apply(_vit(), add_norm=False))
+    assert module not in integrations.patched_modules(integrations.apply(_vit()))  # off until a GPU measures it
+    monkeypatch.setattr(vit, switch, True)
+    assert module in integrations.patched_modules(integrations.apply(_vit()))
+    assert module not in integrations.patched_modules(integrations.apply(_vit(), **{option: False}))
+
+
+def _apply_warnings(model, **options) -> list[str]:
+    """The warnings of ``apply(model, **options)`` with attention and patch embedding left alone, sorted."""
+    with pytest.warns(UserWarning) as caught:
+        integrations.apply(model, attention=False, patch_embed=False, **options)
+    return sorted(str(warning.message) for warning in caught)
 
 
 def test_blocks_whose_norm_or_mlp_differs_keep_the_original_code(device, monkeypatch):
@@ -141,9 +150,7 @@ def test_blocks_whose_norm_or_mlp_differs_keep_the_original_code(device, monkeyp
     model.blocks[0].norm2 = timm.layers.LayerNormFp32(64)
     model.blocks[1].norm2._fast_norm = True
     model.blocks[2].mlp = timm.layers.Mlp(64, 128, use_conv=True)  # 1x1 convolutions (a [B, N, C] input fails)
-    with pytest.warns(UserWarning) as caught:
-        integrations.apply(model, add_norm=True, attention=False, patch_embed=False)
-    messages = sorted(str(warning.message) for warning in caught)
+    messages = _apply_warnings(model, add_norm=True)
     assert len(messages) == 2, messages
     assert "does not start with a Linear (blocks.2)" in messages[0]
     assert "2 module(s) keep their original code because its norm2 is not a plain LayerNorm" in messages[1]
@@ -172,15 +179,6 @@ def test_timm_mlps_run_gelu_inside_the_gemms(variant, add_norm, device, monkeypa
     assert type(patched.blocks[0].mlp) is timm.layers.Mlp
 
 
-def test_gelu_mlp_follows_the_models_switch_by_default(monkeypatch):
-    from mimkernels.models import vit
-
-    assert "blocks.0.mlp" not in integrations.patched_modules(integrations.apply(_vit()))  # off until measured
-    monkeypatch.setattr(vit, "FUSED_GELU_MLP", True)
-    assert "blocks.0.mlp" in integrations.patched_modules(integrations.apply(_vit()))
-    assert "blocks.0.mlp" not in integrations.patched_modules(integrations.apply(_vit(), gelu_mlp=False))
-
-
 def test_mlps_that_are_not_exact_gelu_linears_keep_the_original_code(device, monkeypatch):
     """The tanh GELU, 1x1 convolutions, a norm between the layers: those MLPs keep their code, one warning per
     reason; an MLP with dropout is patched but runs the original code while training (one warning)."""
@@ -189,9 +187,7 @@ def test_mlps_that_are_not_exact_gelu_linears_keep_the_original_code(device, mon
     model.blocks[1].mlp = timm.layers.Mlp(64, 256, use_conv=True)
     model.blocks[2].mlp = timm.layers.Mlp(64, 256, norm_layer=torch.nn.LayerNorm)
     model.blocks[3].mlp = timm.layers.Mlp(64, 256, drop=0.1)
-    with pytest.warns(UserWarning) as caught:
-        integrations.apply(model, gelu_mlp=True, attention=False, patch_embed=False)
-    messages = sorted(str(warning.message) for warning in caught)
+    messages = _apply_warnings(model, gelu_mlp=True)
     assert len(messages) == 4, messages
     assert "1 MLP(s) have dropout" in messages[0]
     assert "because it normalises between its layers (blocks.2.mlp)" in messages[1]
@@ -387,6 +383,19 @@ def test_patched_vit_mae_matches_the_original(norm_pix_loss, device):
     _assert_grads_close(grads, want_grads)
 
 
+def _assert_same_vit_mae_step(patched, original, images, noise):
+    """One forward + backward of each on the same images and noise: loss, logits and every gradient agree."""
+    with mimkernels.use_backend("triton"):
+        got = patched(images, noise=noise)
+        got.loss.backward()
+    want = original(images, noise=noise)
+    want.loss.backward()
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
+    _assert_grads_close({name: p.grad for name, p in patched.named_parameters() if p.grad is not None},
+                        {name: p.grad for name, p in original.named_parameters() if p.grad is not None})
+
+
 def test_vit_mae_layers_fuse_the_add_after_attention_with_the_norm(device, monkeypatch):
     """add_norm=True: each ViTMAELayer (encoder and decoder) adds the attention branch in one pass with
     layernorm_after; the loss and every gradient as the original's."""
@@ -397,16 +406,8 @@ def test_vit_mae_layers_fuse_the_add_after_attention_with_the_norm(device, monke
     assert [name for name in integrations.patched_modules(patched) if "layers" in name] == [
         "vit.layers.0", "vit.layers.0.attention", "vit.layers.1", "vit.layers.1.attention",
         "decoder.decoder_layers.0", "decoder.decoder_layers.0.attention"]
-    with mimkernels.use_backend("triton"):
-        got = patched(images, noise=noise)
-        got.loss.backward()
-    want = original(images, noise=noise)
-    want.loss.backward()
+    _assert_same_vit_mae_step(patched, original, images, noise)
     assert len(calls) == 3
-    torch.testing.assert_close(got.loss, want.loss, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
-    _assert_grads_close({name: p.grad for name, p in patched.named_parameters() if p.grad is not None},
-                        {name: p.grad for name, p in original.named_parameters() if p.grad is not None})
     layer = patched.vit.layers[0]
     layer.mlp.fc1 = torch.nn.Identity()  # what a layer must look like to be fused is checked at apply()
     assert integrations._hf._layer_unsupported(layer) == "its layernorm_after is not a LayerNorm followed by a Linear"
@@ -421,16 +422,8 @@ def test_vit_mae_mlps_run_gelu_inside_the_gemms(device, monkeypatch):
     patched = integrations.apply(_vit_mae().to(device), add_norm=True, gelu_mlp=True)
     assert {"vit.layers.0.mlp", "vit.layers.1.mlp", "decoder.decoder_layers.0.mlp"} <= set(
         integrations.patched_modules(patched))
-    with mimkernels.use_backend("triton"):
-        got = patched(images, noise=noise)
-        got.loss.backward()
-    want = original(images, noise=noise)
-    want.loss.backward()
+    _assert_same_vit_mae_step(patched, original, images, noise)
     assert len(calls) == 3
-    torch.testing.assert_close(got.loss, want.loss, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
-    _assert_grads_close({name: p.grad for name, p in patched.named_parameters() if p.grad is not None},
-                        {name: p.grad for name, p in original.named_parameters() if p.grad is not None})
     with pytest.warns(UserWarning, match=r"3 module\(s\) keep .* \(NewGELUActivation\) is not the exact GELU"):
         tanh = integrations.apply(_vit_mae(hidden_act="gelu_new"), gelu_mlp=True)
     assert not [name for name in integrations.patched_modules(tanh) if name.endswith("mlp")]

@@ -333,20 +333,18 @@ def test_attention_layers_hand_their_packed_projection_over_whole(build, layers,
         assert torch.equal(grad, grad_views)
 
 
-@pytest.mark.parametrize("autocast", [None, torch.float16], ids=["fp32", "autocast_fp16"])
-@pytest.mark.parametrize("build", [mae_vit_tiny_patch8, aim_tiny])
-def test_mlps_with_gelu_inside_the_gemms_train_the_same(build, autocast, monkeypatch):
-    """models.vit.FUSED_GELU_MLP gives the loss and gradients of the unfused MLPs, to rounding: every Mlp (the
-    blocks' and AIM's head blocks', with and without biases) is one gelu_mlp call."""
+def _train_both_ways(build, switch, op, autocast, monkeypatch):
+    """The loss, gradients and number of ``mimkernels.<op>`` calls of one training step of ``build(img_size=32)``
+    with ``models.vit.<switch>`` off, then on; asserts the two agree to rounding (fp32, or 16-bit autocast)."""
     from mimkernels.models import vit
 
     def step(fused):
-        monkeypatch.setattr(vit, "FUSED_GELU_MLP", fused)
+        monkeypatch.setattr(vit, switch, fused)
         torch.manual_seed(0)
-        model = build(img_size=32)
+        model = build(img_size=32)  # 16 patches: the interpreter's attention is most of this test's time
         calls = []
-        original = mimkernels.gelu_mlp
-        monkeypatch.setattr(mimkernels, "gelu_mlp", lambda *a: calls.append(1) or original(*a))
+        original = getattr(mimkernels, op)
+        monkeypatch.setattr(mimkernels, op, lambda *a, **k: calls.append(1) or original(*a, **k))
         with mimkernels.use_backend("triton"), torch.autocast("cpu", dtype=autocast or torch.float32,
                                                               enabled=autocast is not None):
             torch.manual_seed(1)
@@ -355,12 +353,24 @@ def test_mlps_with_gelu_inside_the_gemms_train_the_same(build, autocast, monkeyp
         return loss, [p.grad for p in model.parameters() if p.grad is not None], len(calls)
 
     (loss, grads, calls), (loss_fused, grads_fused, calls_fused) = step(False), step(True)
-    assert calls == 0 and calls_fused == sum(isinstance(m, vit.Mlp) for m in build().modules()) > 2
+    assert calls == 0
     assert len(grads_fused) == len(grads)
     rtol, atol = (1e-4, 1e-5) if autocast is None else (2e-2, 2e-3)
     torch.testing.assert_close(loss_fused, loss, rtol=rtol / 10, atol=atol / 10)
     for g, w in zip(grads_fused, grads):
         torch.testing.assert_close(g, w, rtol=rtol, atol=atol)
+    return calls_fused
+
+
+@pytest.mark.parametrize("autocast", [None, torch.float16], ids=["fp32", "autocast_fp16"])
+@pytest.mark.parametrize("build", [mae_vit_tiny_patch8, aim_tiny])
+def test_mlps_with_gelu_inside_the_gemms_train_the_same(build, autocast, monkeypatch):
+    """models.vit.FUSED_GELU_MLP gives the loss and gradients of the unfused MLPs, to rounding: every Mlp (the
+    blocks' and AIM's head blocks', with and without biases) is one gelu_mlp call."""
+    from mimkernels.models import vit
+
+    calls = _train_both_ways(build, "FUSED_GELU_MLP", "gelu_mlp", autocast, monkeypatch)
+    assert calls == sum(isinstance(m, vit.Mlp) for m in build().modules()) > 2
 
 
 @pytest.mark.parametrize("autocast", [None, torch.float16], ids=["fp32", "autocast_fp16"])
@@ -372,29 +382,8 @@ def test_blocks_with_the_fused_add_norm_train_the_same(build, autocast, monkeypa
     final norm) and a stack of k AIM head blocks k. Under autocast the 16-bit branch gradients come from the kernel."""
     from mimkernels.models import aim, vit
 
-    def step(fused):
-        monkeypatch.setattr(vit, "FUSED_ADD_NORM", fused)
-        torch.manual_seed(0)
-        model = build(img_size=32)  # 16 patches: the interpreter's attention is most of this test's time
-        calls = []
-        original = mimkernels.add_layer_norm
-        monkeypatch.setattr(mimkernels, "add_layer_norm", lambda *a, **k: calls.append(1) or original(*a, **k))
-        with mimkernels.use_backend("triton"), torch.autocast("cpu", dtype=autocast or torch.float32,
-                                                              enabled=autocast is not None):
-            torch.manual_seed(1)
-            loss = model(torch.randn(2, 3, 32, 32))[0]
-        loss.backward()
-        return loss, [p.grad for p in model.parameters() if p.grad is not None], len(calls)
-
-    (loss, grads, calls), (loss_fused, grads_fused, calls_fused) = step(False), step(True)
-    modules = list(build().modules())
-    assert calls == 0
-    assert calls_fused == sum(2 if isinstance(m, vit.Block) else isinstance(m, aim.MlpBlock) for m in modules)
-    assert len(grads_fused) == len(grads)
-    rtol, atol = (1e-4, 1e-5) if autocast is None else (2e-2, 2e-3)
-    torch.testing.assert_close(loss_fused, loss, rtol=rtol / 10, atol=atol / 10)
-    for g, w in zip(grads_fused, grads):
-        torch.testing.assert_close(g, w, rtol=rtol, atol=atol)
+    calls = _train_both_ways(build, "FUSED_ADD_NORM", "add_layer_norm", autocast, monkeypatch)
+    assert calls == sum(2 if isinstance(m, vit.Block) else isinstance(m, aim.MlpBlock) for m in build().modules())
 
 
 @pytest.mark.parametrize("build", [aim_tiny, simmim_vit_tiny_patch8])

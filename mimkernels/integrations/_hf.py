@@ -181,18 +181,18 @@ def patch(model: torch.nn.Module, *, attention: bool, patch_embed: bool, masking
             warnings.warn("mimkernels.integrations: patch embedding keeps its original code: patches are not "
                           "square", stacklevel=3)
         patch_embed = False
+    checked = {}  # the swaps that depend on how a module is configured: original -> (patched, why not)
+    if add_norm:
+        checked[vit_mae.ViTMAELayer] = MimkernelsViTMAELayer, _layer_unsupported
+    if gelu_mlp:
+        checked[vit_mae.ViTMAEMLP] = MimkernelsViTMAEMLP, _mlp_unsupported
     kept = {}  # reason -> names of the modules that keep their code for it
     for name, module in model.named_modules():
-        if add_norm and type(module) is vit_mae.ViTMAELayer:
-            reason = _layer_unsupported(module)
+        if type(module) in checked:
+            patched, unsupported = checked[type(module)]
+            reason = unsupported(module)
             if reason is None:
-                module.__class__ = MimkernelsViTMAELayer
-            else:
-                kept.setdefault(reason, []).append(name)
-        elif gelu_mlp and type(module) is vit_mae.ViTMAEMLP:
-            reason = _mlp_unsupported(module)
-            if reason is None:
-                module.__class__ = MimkernelsViTMAEMLP
+                module.__class__ = patched
             else:
                 kept.setdefault(reason, []).append(name)
         elif attention and type(module) is vit_mae.ViTMAEAttention:
