@@ -134,6 +134,8 @@ with mimkernels.use_backend("triton"):
     torch.autograd.grad(mimkernels.qkv_attention(qkv, prefix_len=torch.tensor([3, 9])).sum(), qkv)
     total, normed = mimkernels.add_layer_norm(x, x.detach(), torch.ones(16), torch.zeros(16))
     torch.autograd.grad(total.sum() + normed.sum(), x)
+    w1, w2 = torch.randn(32, 16, requires_grad=True), torch.randn(16, 32, requires_grad=True)
+    torch.autograd.grad(mimkernels.gelu_mlp(x, w1, torch.zeros(32), w2, None).sum(), (x, w1, w2))
 names = sorted({kernel.__name__ for kernel in launch._LAUNCHED})
 print(" ".join(names))
 """
@@ -143,6 +145,7 @@ print(" ".join(names))
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split() == sorted([
-        "_add_layer_norm_bwd", "_add_layer_norm_fwd", "_bwd_row_dot", "_gather_rows", "_masked_patch_loss_bwd",
-        "_masked_patch_loss_fwd", "_patch_embed_fwd", "_patch_embed_weight_grad", "_prefix_causal_bwd_dkdv",
-        "_prefix_causal_bwd_dq", "_prefix_causal_fwd", "_restore_rows"])
+        "_add_layer_norm_bwd", "_add_layer_norm_fwd", "_bwd_row_dot", "_gather_rows", "_linear_gelu_fwd",
+        "_masked_patch_loss_bwd", "_masked_patch_loss_fwd", "_matmul_gelu_grad", "_patch_embed_fwd",
+        "_patch_embed_weight_grad", "_prefix_causal_bwd_dkdv", "_prefix_causal_bwd_dq", "_prefix_causal_fwd",
+        "_restore_rows"])
