@@ -39,3 +39,11 @@ def seeded_per_test(request):
     """Each test starts from a seed of its own name: its unseeded random inputs are the same whichever tests ran
     before it or alone (an order-dependent input once failed a tolerance in CI only)."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(autouse=True)
+def fresh_compile_caches():
+    """Each test compiles from empty Dynamo caches: compiled code is cached per code object (timm's and our modules'
+    forwards), every new model instance adds an entry, and past 8 (torch's recompile_limit) a fullgraph compile
+    fails, so compile tests passed alone and failed in the full suite once enough earlier tests had compiled."""
+    torch._dynamo.reset()
