@@ -20,13 +20,15 @@ import triton.language as tl
 from .._custom_ops import custom_op_when_compiling
 from .launch import cdiv, launch
 
-# (block rows, block cols, block k, row-tile group, warps, stages), by operand width in bytes. 2-byte: a
-# Hopper-sized tile chosen before any GPU measured it (benchmarks/bench_mlp.py --sweep times CANDIDATES);
-# fp32 multiplies on the FMA units (``ieee``), in small tiles. No config spills (benchmarks/kernel_report.py).
-CONFIGS = {2: (128, 128, 32, 8, 8, 4), 4: (64, 32, 32, 8, 4, 1)}
+# (block rows, block cols, block k, row-tile group, warps, stages), by operand width in bytes. 2-byte: chosen before
+# any GPU measured it, as the largest tile that compiles without spills for sm_80 and sm_90 under Triton 3.6 and 3.8
+# (128x128x32 with 8 warps spills 4 B in the gradient GEMM for fp16 on sm_80 under 3.6); `python -m
+# benchmarks.bench_mlp --sweep` times CANDIDATES on a GPU, spilling or not. fp32 multiplies on the FMA units
+# (``ieee``), in small tiles. benchmarks/kernel_report.py checks the spills.
+CONFIGS = {2: (64, 128, 32, 8, 4, 4), 4: (64, 32, 32, 8, 4, 1)}
 CANDIDATES = (
-    (128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 4, 4), (128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3),
-    (128, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4), (128, 128, 32, 8, 4, 4),
+    (64, 128, 32, 8, 4, 4), (128, 128, 32, 8, 8, 4), (128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 4, 4),
+    (128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3), (128, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4),
 )
 
 _SQRT_HALF = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
