@@ -21,7 +21,7 @@ from .._custom_ops import custom_op_when_compiling
 from .launch import cdiv, launch
 
 # (block rows, block cols, block k, row-tile group, warps, stages), by operand width in bytes. 2-byte: chosen before
-# any GPU measured it, as the largest tile that compiles without spills for sm_80 and sm_90 under Triton 3.6 and 3.8
+# any GPU measured it, a tile that compiles without spills for sm_80 and sm_90 under Triton 3.6 and 3.8
 # (128x128x32 with 8 warps spills 4 B in the gradient GEMM for fp16 on sm_80 under 3.6); `python -m
 # benchmarks.bench_mlp --sweep` times CANDIDATES on a GPU, spilling or not. fp32 multiplies on the FMA units
 # (``ieee``), in small tiles. benchmarks/kernel_report.py checks the spills.
