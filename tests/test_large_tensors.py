@@ -87,6 +87,25 @@ def check_patch_embed_and_loss_tail(batch, size, patch, embed, device, dtype):
     assert not grad[: batch - TAIL].any()
 
 
+def check_gelu_mlp_tail(rows, width, hidden, device, dtype):
+    """Hidden activations past 2^31 elements (h, gelu(h) and dh are [rows, hidden]): the last rows' output and
+    input gradient equal those of the op run on those rows alone."""
+    x = _randn(rows, width, device=device, dtype=dtype, grad=True)
+    fc1 = _randn(hidden, width, device=device, dtype=dtype) / width ** 0.5
+    fc2 = _randn(width, hidden, device=device, dtype=dtype) / hidden ** 0.5
+    bias = _randn(hidden, device=device, dtype=dtype)
+    with mimkernels.use_backend("triton"):
+        out = mimkernels.gelu_mlp(x, fc1, bias, fc2, None)
+        grad_out = _randn(*out.shape, device=device, dtype=dtype)
+        (grad,) = torch.autograd.grad(out, x, grad_out)
+        tail = slice(rows - TAIL, rows)
+        x_small = x[tail].detach().clone().requires_grad_()
+        out_small = mimkernels.gelu_mlp(x_small, fc1, bias, fc2, None)
+        (grad_small,) = torch.autograd.grad(out_small, x_small, grad_out[tail])
+    _close(out[tail], out_small, dtype)
+    _close(grad[tail], grad_small, dtype)
+
+
 # ----------------------------------------------------------------------------- tiny, on the CPU (interpreter)
 
 
@@ -96,6 +115,7 @@ def test_checks_hold_on_tiny_shapes(device):
     with mimkernels.use_backend("triton"):
         check_attention_tail(5, 2, 19, 16, device, torch.float32)
         check_patch_embed_and_loss_tail(5, 16, 8, 16, device, torch.float32)
+        check_gelu_mlp_tail(70, 16, 40, device, torch.float32)
     for backend in ("triton", "extension"):
         if backend in mimkernels.available_backends():
             check_tokens_tail(5, 12, 16, device, torch.float32, backend)
@@ -129,3 +149,11 @@ def test_patch_embed_and_loss_past_2_31_elements():
     assert batch * 3 * size * size > BIG and batch * (size // patch) ** 2 * embed > BIG
     _needs_free_gpu_memory(30)
     check_patch_embed_and_loss_tail(batch, size, patch, embed, "cuda", torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gelu_mlp_past_2_31_elements():
+    rows, width, hidden = (BIG >> 12) + 1024, 1024, 4096  # h, gelu(h), dh: [rows, 4096] bf16, 2^31 + 4M elements
+    assert rows * hidden > BIG
+    _needs_free_gpu_memory(28)
+    check_gelu_mlp_tail(rows, width, hidden, "cuda", torch.bfloat16)
