@@ -320,3 +320,19 @@ def test_mlp_harness_runs_end_to_end(tmp_path):
     fwd = next(r for r in rows if r.mode == "fwd")
     rows_, width, hidden = 16384 // 64, 1536 // 64, 6144 // 64
     assert fwd.tflops * fwd.ms_p50 * 1e9 == pytest.approx(2 * 2 * rows_ * width * hidden, rel=1e-3)
+
+
+def test_mlp_sweep_reports_a_candidate_that_fails_and_goes_on(monkeypatch, capsys):
+    """A tile that cannot run (here a block size Triton rejects; on a GPU, one that needs more shared memory than
+    the GPU has) is reported and skipped; the other providers are timed."""
+    from benchmarks import bench_mlp
+    from mimkernels.triton import mlp as mlp_kernels
+
+    good, bad = (32, 32, 32, 8, 4, 1), (48, 32, 32, 8, 4, 1)
+    monkeypatch.setattr(mlp_kernels, "CANDIDATES", (bad, good))
+    rows = bench_mlp.run(["mae_vit_l"], torch.float16, True, common.Peaks(1.0, 1.0), None, device="cpu",
+                         scale=128, compile_backend="aot_eager", sweep=True)
+    swept = {r.provider for r in rows if "@" in r.provider}
+    assert swept == {f"mimkernels_triton@{bench_mlp.tile_name(good)}"}
+    failed = [line for line in capsys.readouterr().out.splitlines() if " failed: " in line]
+    assert len(failed) == 1 and f"mimkernels_triton@{bench_mlp.tile_name(bad)}" in failed[0]
