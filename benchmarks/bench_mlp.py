@@ -104,7 +104,7 @@ def run(shapes, dtype, quick, peaks, csv_path=None, *, device="cuda", scale=1, c
             try:
                 rows_out += _time_provider(provider, fn, args, grad, expected, shape, label, (rows, width, hidden),
                                            quick, peaks, device, dtype)
-            except Exception as error:  # noqa: BLE001 - a sweep candidate may not fit this GPU (shared memory)
+            except Exception as error:  # a sweep candidate may not fit this GPU (shared memory)
                 if "@" not in provider:
                     raise
                 print(f"  {shape:32s} {provider:40s} failed: {type(error).__name__}: {str(error)[:160]}", flush=True)

@@ -336,3 +336,18 @@ def test_mlp_sweep_reports_a_candidate_that_fails_and_goes_on(monkeypatch, capsy
     assert swept == {f"mimkernels_triton@{bench_mlp.tile_name(good)}"}
     failed = [line for line in capsys.readouterr().out.splitlines() if " failed: " in line]
     assert len(failed) == 1 and f"mimkernels_triton@{bench_mlp.tile_name(bad)}" in failed[0]
+
+
+def test_models_harness_reports_a_failing_provider_and_times_the_rest(monkeypatch, capsys):
+    """An A/B provider whose new kernel fails (here gelu_mlp raising) is reported as FAILED and not timed; ours and
+    the baseline still are."""
+    from benchmarks import bench_models
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel today")
+
+    monkeypatch.setattr(mimkernels, "gelu_mlp", broken)
+    rows = bench_models.run(["mae"], torch.float32, True, common.Peaks(1.0, 1.0), None, device="cpu",
+                            configs={"mae": ("mae", "mae_vit_tiny_patch8", 2)})
+    assert {r.provider for r in rows} == {"mimkernels", "timm_sdpa", "mimkernels_views", "mimkernels_fused_norm"}
+    assert "mae mimkernels_fused_mlp: FAILED, not timed: RuntimeError: no kernel today" in capsys.readouterr().out
