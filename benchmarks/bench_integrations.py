@@ -76,14 +76,23 @@ def run(shapes, dtype, quick, peaks, csv_path, device="cuda", compile_backend=No
                 compiled = torch.compile(model, backend=compile_backend)
                 candidates[provider + "_compiled"] = (model, loss_fn(name, compiled, images, labels, noise))
         with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
-            losses = {provider: fn().float().item() for provider, (_, fn) in candidates.items()}
+            losses = {provider: bench_models.guarded(provider, "unpatched", bench_models.scalar_loss, fn)
+                      for provider, (_, fn) in candidates.items()}
         for provider, (model, fn) in candidates.items():
+            if isinstance(losses[provider], str):
+                print(f"  {name} {provider}: FAILED, not timed: {losses[provider]}", flush=True)
+                continue
             if abs(losses[provider] - losses["unpatched"]) > 2e-2 * abs(losses["unpatched"]) + 1e-3:
                 print(f"  {name} {provider}: loss {losses[provider]:.4f} != unpatched {losses['unpatched']:.4f}; "
                       "not timed")
                 continue
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
-            times, peak_gib = bench_models.time_train_step(fn, optimizer, dtype, quick, device)
+            timed = bench_models.guarded(provider, "unpatched", bench_models.time_train_step, fn, optimizer, dtype,
+                                         quick, device)
+            if isinstance(timed, str):
+                print(f"  {name} {provider}: FAILED while timed: {timed}", flush=True)
+                continue
+            times, peak_gib = timed
             shape = f"{name}:B{batch}"
             rows.append(common.result(f"{name}_train_step", provider, "train_step", shape, str(dtype)[6:], times,
                                       0, 0, peaks))

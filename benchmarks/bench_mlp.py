@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import mimkernels
-from benchmarks import common
+from benchmarks import bench_models, common
 from mimkernels.triton import mlp as mlp_kernels
 
 # name -> (rows = batch x tokens, width, hidden, bias): MAE ViT-L encoder (B256, 50 tokens), AIM-600M trunk (B64,
@@ -101,13 +101,14 @@ def run(shapes, dtype, quick, peaks, csv_path=None, *, device="cuda", scale=1, c
         if sweep:
             timed.update({f"mimkernels_triton@{tile_name(c)}": with_config(c) for c in mlp_kernels.CANDIDATES})
         for provider, fn in timed.items():
-            try:
-                rows_out += _time_provider(provider, fn, args, grad, expected, shape, label, (rows, width, hidden),
-                                           quick, peaks, device, dtype)
-            except Exception as error:  # a sweep candidate may not fit this GPU (shared memory)
-                if "@" not in provider:
-                    raise
-                print(f"  {shape:32s} {provider:40s} failed: {type(error).__name__}: {str(error)[:160]}", flush=True)
+            # a sweep candidate may not fit this GPU (shared memory): reported, the others timed
+            outcome = bench_models.guarded(provider, None if "@" in provider else provider, _time_provider, provider,
+                                           fn, args, grad, expected, shape, label, (rows, width, hidden), quick,
+                                           peaks, device, dtype)
+            if isinstance(outcome, str):
+                print(f"  {shape:32s} {provider:40s} failed: {outcome}", flush=True)
+                continue
+            rows_out += outcome
         if csv_path:
             common.write_csv(csv_path, rows_out, device)
     return rows_out

@@ -235,13 +235,17 @@ def with_switch(loss_fn, module, name: str, value: bool):
     return run
 
 
-def loss_or_failure(provider: str, loss_fn):
-    """The provider's loss as a float, or for any provider but ours a line saying why it failed: one A/B provider
-    (a new kernel, a compile) failing must not cost a GPU session the other providers' numbers."""
+def scalar_loss(loss_fn) -> float:
+    return loss_fn().float().item()
+
+
+def guarded(provider: str, required: str | None, call, *args):
+    """``call(*args)``, or for any provider but ``required`` a line saying why it raised: one A/B provider (a new
+    kernel, a compile) failing must not cost a GPU session the other providers' numbers."""
     try:
-        return loss_fn().float().item()
+        return call(*args)
     except Exception as error:
-        if provider == "mimkernels":
+        if provider == required:
             raise
         return f"{type(error).__name__}: {str(error)[:300]}"
 
@@ -261,10 +265,9 @@ def run(shapes, dtype, quick, peaks, csv_path=None, *, device="cuda", configs=No
         imgs = torch.randn(batch_size, 3, *model.patch_embed.img_size, device=device)
         candidates = providers(family, model, imgs, device, compile_backend)
         flops = model_flops(family, config, batch_size)
-        losses = {}
-        for provider, loss_fn in candidates.items():
-            with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
-                losses[provider] = loss_or_failure(provider, loss_fn)
+        with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            losses = {provider: guarded(provider, "mimkernels", scalar_loss, loss_fn)
+                      for provider, loss_fn in candidates.items()}
         for provider, loss_fn in candidates.items():
             if isinstance(losses[provider], str):
                 print(f"  {name} {provider}: FAILED, not timed: {losses[provider]}", flush=True)
@@ -272,15 +275,12 @@ def run(shapes, dtype, quick, peaks, csv_path=None, *, device="cuda", configs=No
             if abs(losses[provider] - losses["mimkernels"]) > 2e-2 * abs(losses["mimkernels"]) + 1e-3:
                 print(f"  {name} {provider}: loss {losses[provider]:.4f} != ours {losses['mimkernels']:.4f}; not timed")
                 continue
-            try:
-                times, peak_gib = time_train_step(loss_fn, optimizer, dtype, quick, device)
-            except Exception as error:  # see loss_or_failure
-                if provider == "mimkernels":
-                    raise
-                print(f"  {name} {provider}: FAILED while timed: {type(error).__name__}: {str(error)[:300]}",
-                      flush=True)
+            timed = guarded(provider, "mimkernels", time_train_step, loss_fn, optimizer, dtype, quick, device)
+            if isinstance(timed, str):
+                print(f"  {name} {provider}: FAILED while timed: {timed}", flush=True)
                 optimizer.zero_grad(set_to_none=True)
                 continue
+            times, peak_gib = timed
             shape = f"{name}:{config}:B{batch_size}"
             rows.append(common.result(f"{family}_train_step", provider, "train_step", shape, str(dtype)[6:], times,
                                       flops, 0, peaks))
