@@ -121,7 +121,8 @@ def attention_launches(head_dim: int, dtype: torch.dtype, cfgs=None, variant: st
         suffix = " atomic" if extra.get("DQ_ATOMIC") else " +delta" if extra.get("DELTA_HERE") else ""
         suffix += " tma" if cfg.tma else ""
         launches.append(Launch(fn, f"D={head_dim}{variant}{suffix}", f"{cfg.block_m}x{cfg.block_n}", cfg.num_warps,
-                               cfg.num_stages, _tma_operands(pointers, fn, cfg, DTYPES[dtype], shape) if cfg.tma
+                               cfg.num_stages, _tma_operands(pointers, fn, cfg, DTYPES[dtype], shape,
+                                                             extra.get("DQ_ATOMIC", False)) if cfg.tma
                                else pointers, constexprs))
     if not portable:
         return launches
@@ -137,11 +138,15 @@ TMA_OPERANDS = {"_prefix_causal_fwd": ("Q O", "K V"), "_prefix_causal_bwd_dkdv":
                 "_prefix_causal_bwd_dq": ("Q DO DQ", "K V")}
 
 
-def _tma_operands(pointers: dict, fn, cfg, dtype_name: str, shape: dict) -> dict:
-    """``pointers`` with the kernel's TMA operands as the tensor descriptors a ``+tma`` config passes."""
+def _tma_operands(pointers: dict, fn, cfg, dtype_name: str, shape: dict, dq_atomic: bool = False) -> dict:
+    """``pointers`` with the kernel's TMA operands as the tensor descriptors a ``+tma`` config passes (the atomic
+    dK/dV kernel's fp32 dQ accumulator too)."""
     query_tiled, key_tiled = TMA_OPERANDS[fn.__name__]
     rows = {name: cfg.block_m for name in query_tiled.split()} | {name: cfg.block_n for name in key_tiled.split()}
-    return pointers | {name: f"tensordesc<{dtype_name}[1,1,{r},{shape['BLOCK_D']}]>" for name, r in rows.items()}
+    descriptors = {name: f"tensordesc<{dtype_name}[1,1,{r},{shape['BLOCK_D']}]>" for name, r in rows.items()}
+    if dq_atomic:
+        descriptors["DQ_ACC"] = f"tensordesc<fp32[1,1,{cfg.block_m},{shape['BLOCK_D']}]>"
+    return pointers | descriptors
 
 
 def other_launches(dtype: torch.dtype) -> list[Launch]:
@@ -247,8 +252,8 @@ def tma_candidates_report(head_dims=(64, 80, 128)) -> list[Row]:
     pointer tiles'."""
     from mimkernels.triton import attention_tuning
 
-    # where attention_launches puts each kernel (the delta-computing dQ comes last)
-    slots = {"forward": 0, "backward_dkdv": 1, "backward_dq": 2, "backward_dq_delta": -1}
+    # where attention_launches puts each kernel (the atomic dK/dV or the delta-computing dQ last: one is set here)
+    slots = {"forward": 0, "backward_dkdv": 1, "backward_dq": 2, "backward_atomic": -1, "backward_dq_delta": -1}
     rows = []
     for head_dim in head_dims:
         portable = kernels.configs_for(head_dim, torch.bfloat16)

@@ -20,6 +20,34 @@ if not HAS_GPU:
 DEVICE = "cuda" if HAS_GPU else "cpu"
 
 
+def _interpret_tma_reduce_adds():
+    """Triton's interpreter (3.6-3.8) has no TMA reduce-add (``descriptor.atomic_add``, Hopper's
+    ``cp.reduce.async.bulk.tensor``), which the atomic dK/dV kernel uses through descriptors. Its meaning is an atomic
+    add of the block's elements that lie inside the tensor, the others dropped: that is what this adds to the
+    interpreter, so the kernel code around it (offsets, block shape, dtype) runs in the CPU tests. A Triton whose
+    interpreter has its own is left alone. On a GPU the compiled instruction runs and the GPU tests check it."""
+    import triton.language as tl
+    from triton._C.libtriton import ir
+    from triton.runtime import interpreter
+
+    if hasattr(interpreter.InterpreterBuilder, "create_descriptor_reduce"):
+        return
+
+    def create_descriptor_reduce(self, kind, desc, value, indices):
+        if kind != ir.DESCRIPTOR_REDUCE_KIND.ADD:
+            raise NotImplementedError(f"the tests' interpreter shim only adds: {kind}")
+        pointers, inside = desc.materialize_pointers(indices)
+        op = ir.ATOMIC_OP.FADD if value.dtype.scalar.is_floating() else ir.ATOMIC_OP.ADD
+        return self.create_atomic_rmw(op, pointers, value, interpreter.TensorHandle(inside, tl.int1),
+                                      ir.MEM_SEMANTIC.RELAXED, ir.MEM_SYNC_SCOPE.GPU)
+
+    interpreter.InterpreterBuilder.create_descriptor_reduce = create_descriptor_reduce
+
+
+if not HAS_GPU:
+    _interpret_tma_reduce_adds()
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_GPU:
         return

@@ -245,6 +245,10 @@ TMA_CASES = [(shape, layout, tiles, dtype, "default")
                                           ((4, 1, 97, 80), "contiguous", "tall")]
              for dtype in CPU_DTYPES]
 TMA_CASES += [((4, 1, 50, 24), "packed_qkv", "wide", torch.float32, variant) for variant in ("delta_in_dq", "atomic")]
+# the atomic dQ through descriptors is one TMA reduce-add per tile pair: rows past N (one row, one tile, tiles
+# past a 97-token head) and columns past D dropped, per-sample prefixes, 16-bit operands
+TMA_CASES += [((1, 1, 1, 16), "contiguous", "square16", torch.float32, "atomic"),
+              ((2, 3, 97, 40), "bnhd", "tall", torch.float16, "atomic")]
 
 
 @pytest.mark.parametrize("shape, layout, tiles, dtype, variant", TMA_CASES, ids=str)

@@ -362,15 +362,16 @@ def _bwd_row_dot(
 
 @triton.jit
 def _dkdv_query_tiles(
-    dk, dv, k, v, q_src, do_src, dq_base, lse_row, delta_row, stride_qn, stride_don, stride_dqn, batch, head,
+    dk, dv, k, v, q_src, do_src, dq_dst, lse_row, delta_row, stride_qn, stride_don, stride_dqn, batch, head,
     offs_n, offs_d, m_lo, m_hi, prefix, seq_len, head_dim, qk_scale, scale,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Accumulate dK, dV of one key tile over query tiles [m_lo, m_hi); works on transposed scores [keys, queries].
 
-    ``q_src``, ``do_src``: :func:`_head_source` of Q and dO. With DQ_ATOMIC, also add this key tile's share of dQ
-    (scaled) to the fp32 rows at ``dq_base`` atomically.
+    ``q_src``, ``do_src``, ``dq_dst``: :func:`_head_source` of Q, dO and the fp32 dQ accumulator. With DQ_ATOMIC,
+    also add this key tile's share of dQ (scaled) to the accumulator atomically: through a descriptor one TMA
+    bulk reduce-add per tile (Hopper's ``cp.reduce.async.bulk``), else an atomic add per element.
     """
     for m_start in range(m_lo, m_hi, BLOCK_M):
         offs_m = m_start + tl.arange(0, BLOCK_M)
@@ -396,8 +397,12 @@ def _dkdv_query_tiles(
         dk += tl.dot(dscores_t, q, input_precision=DOT_PRECISION)
         if DQ_ATOMIC:
             dq = tl.dot(tl.trans(dscores_t), k, input_precision=DOT_PRECISION) * scale
-            dq_ptrs = dq_base + offs_m[:, None] * stride_dqn + offs_d[None, :]
-            tl.atomic_add(dq_ptrs, dq, mask=(offs_m[:, None] < seq_len) & (offs_d[None, :] < head_dim), sem="relaxed")
+            if USE_TMA:  # TMA drops the rows past N and the columns past D
+                dq_dst.atomic_add([batch, head, m_start, 0], dq.reshape(1, 1, BLOCK_M, BLOCK_D))
+            else:
+                dq_ptrs = dq_dst + offs_m[:, None] * stride_dqn + offs_d[None, :]
+                tl.atomic_add(dq_ptrs, dq, mask=(offs_m[:, None] < seq_len) & (offs_d[None, :] < head_dim),
+                              sem="relaxed")
     return dk, dv
 
 
@@ -417,7 +422,7 @@ def _prefix_causal_bwd_dkdv(
     DOT_PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """dK, dV of one key tile; with DQ_ATOMIC also dQ (fp32, atomically, so not bit-reproducible), in one launch.
-    With USE_TMA, Q, K, V, DO, DK, DV are [B, H, N, D] tensor descriptors (DQ_ACC stays a pointer)."""
+    With USE_TMA, Q, K, V, DO, DK, DV are [B, H, N, D] tensor descriptors, and so is DQ_ACC with DQ_ATOMIC."""
     pid = tl.program_id(0)
     bh = pid // num_n_tiles
     n_start = (pid % num_n_tiles) * BLOCK_N  # key tile 0 is seen by the most queries: it goes first
@@ -433,7 +438,7 @@ def _prefix_causal_bwd_dkdv(
                    offs_d, seq_len, head_dim, True, EVEN_D, BLOCK_N, BLOCK_D, USE_TMA)
     q_src = _head_source(Q, batch, head, stride_qb, stride_qh, USE_TMA)
     do_src = _head_source(DO, batch, head, stride_dob, stride_doh, USE_TMA)
-    dq_base = _head_rows(DQ_ACC, batch, head, stride_dqb, stride_dqh)
+    dq_dst = _head_source(DQ_ACC, batch, head, stride_dqb, stride_dqh, USE_TMA)
     lse_row = LSE + bh.to(tl.int64) * seq_len
     delta_row = DELTA + bh.to(tl.int64) * seq_len
 
@@ -450,15 +455,15 @@ def _prefix_causal_bwd_dkdv(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dk, dv = _dkdv_query_tiles(
-        dk, dv, k, v, q_src, do_src, dq_base, lse_row, delta_row, stride_qn, stride_don, stride_dqn, batch, head,
+        dk, dv, k, v, q_src, do_src, dq_dst, lse_row, delta_row, stride_qn, stride_don, stride_dqn, batch, head,
         offs_n, offs_d, m_lo, diag_end, prefix, seq_len, head_dim, qk_scale, scale, BLOCK_M, BLOCK_D, EVEN_D, True,
         DOT_PRECISION, DQ_ATOMIC, USE_TMA)
     dk, dv = _dkdv_query_tiles(
-        dk, dv, k, v, q_src, do_src, dq_base, lse_row, delta_row, stride_qn, stride_don, stride_dqn, batch, head,
+        dk, dv, k, v, q_src, do_src, dq_dst, lse_row, delta_row, stride_qn, stride_don, stride_dqn, batch, head,
         offs_n, offs_d, diag_end, m_floor, prefix, seq_len, head_dim, qk_scale, scale, BLOCK_M, BLOCK_D, EVEN_D,
         False, DOT_PRECISION, DQ_ATOMIC, USE_TMA)
     dk, dv = _dkdv_query_tiles(
-        dk, dv, k, v, q_src, do_src, dq_base, lse_row, delta_row, stride_qn, stride_don, stride_dqn, batch, head,
+        dk, dv, k, v, q_src, do_src, dq_dst, lse_row, delta_row, stride_qn, stride_don, stride_dqn, batch, head,
         offs_n, offs_d, tl.maximum(diag_end, m_floor), seq_len, prefix, seq_len, head_dim, qk_scale, scale, BLOCK_M,
         BLOCK_D, EVEN_D, True, DOT_PRECISION, DQ_ATOMIC, USE_TMA)
 
@@ -684,11 +689,13 @@ def backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: Tile
     dq_acc = dq_accumulator if atomic else dk  # never written without DQ_ATOMIC
     num_n_tiles = cdiv(seq_len, cfg.block_n)
     shapes = shape_args(head_dim, q.dtype)
-    (q_, k_, v_, do_, dk_, dv_), use_tma = _operands(cfg, shapes, (q, cfg.block_m), (k, cfg.block_n),
-                                                     (v, cfg.block_n), (grad_out, cfg.block_m), (dk, cfg.block_n),
-                                                     (dv, cfg.block_n))
+    operands = [(q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n), (grad_out, cfg.block_m), (dk, cfg.block_n),
+                (dv, cfg.block_n)]
+    if atomic:  # through TMA, dQ is added a tile at a time (bulk reduce-add)
+        operands.append((dq_acc, cfg.block_m))
+    (q_, k_, v_, do_, dk_, dv_, *dq_acc_), use_tma = _operands(cfg, shapes, *operands)
     launch(_prefix_causal_bwd_dkdv, (batch * heads * num_n_tiles,), (
-        q_, k_, v_, do_, lse, delta, dk_, dv_, dq_acc, prefix_ptr,
+        q_, k_, v_, do_, lse, delta, dk_, dv_, *(dq_acc_ or (dq_acc,)), prefix_ptr,
     ), (
         prefix_int, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
         *_strides(dq_acc), heads, seq_len, scale, scale * LOG2_E, num_n_tiles,

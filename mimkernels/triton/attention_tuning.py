@@ -42,7 +42,9 @@ for _kernel, _extra in (
         ("forward", ("64x64x4x3", "64x64x4x4", "128x64x8x3", "128x32x4x4", "128x128x8x2", "64x128x4x3")),
         ("backward_dkdv", ("64x64x4x2", "64x64x4x3", "32x64x4x3", "64x128x8x3", "64x128x8x2", "32x128x8x3")),
         ("backward_dq", ("64x32x4x3", "64x64x4x3", "128x64x8x3", "128x32x4x3")),
-        ("backward_dq_delta", ("64x32x4x3", "64x64x4x3", "128x64x8x3"))):
+        ("backward_dq_delta", ("64x32x4x3", "64x64x4x3", "128x64x8x3")),
+        # dQ added by TMA bulk reduce-adds, one per tile pair, instead of an fp32 atomic per element (2026-12-01)
+        ("backward_atomic", ("64x64x4x2", "64x64x4x3", "64x128x8x3", "32x128x8x3", "32x64x4x3"))):
     CANDIDATES[_kernel] += tuple(f"{text}+tma" for text in _extra)
 KERNELS = tuple(CANDIDATES)
 TOLERANCE = {2: 2e-2, 4: 1e-4}  # relative error vs the float32 reference above which a trial is wrong
