@@ -57,8 +57,7 @@ def with_config(config):
 
 
 def tile_name(config) -> str:
-    m, n, k, group, warps, stages = config
-    return f"{m}x{n}x{k}g{group}w{warps}s{stages}"
+    return str(mlp_kernels.GemmTile(*config))
 
 
 def providers(compile_backend="inductor"):

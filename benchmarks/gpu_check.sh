@@ -73,7 +73,7 @@ fi
 if wants models; then
 echo "== training steps: fused norm, fused MLP (with its tile sweep), then eager + compiled steps with a profile"
 timeout 60 $PY -m benchmarks.bench_norms --quick --out "$OUT" > "$OUT/bench_norms.txt" 2>&1 || status=1
-timeout 120 $PY -m benchmarks.bench_mlp --quick --sweep --out "$OUT" > "$OUT/bench_mlp.txt" 2>&1 || status=1
+timeout 150 $PY -m benchmarks.bench_mlp --quick --sweep --out "$OUT" > "$OUT/bench_mlp.txt" 2>&1 || status=1
 timeout 330 $PY -m benchmarks.bench_models --quick --compile --profile --shapes mae_vit_l aim_600m --out "$OUT" \
   > "$OUT/bench_models.txt" 2>&1 || status=1
 tail -n 20 "$OUT/bench_norms.txt"

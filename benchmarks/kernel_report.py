@@ -185,12 +185,29 @@ def other_launches(dtype: torch.dtype) -> list[Launch]:
     for fn in (norm_kernels._add_layer_norm_fwd, norm_kernels._add_layer_norm_bwd):
         launches.append(Launch(fn, "affine", f"{tile['BLOCK']}", warps, stages, pointers,
                                {name: value for name, value in switches.items() if name in fn.arg_names}))
-    m, n, k, group, warps, stages = mlp_kernels.CONFIGS[dtype.itemsize]
-    tile = {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": group, "EVEN_K": False, "DOT_PRECISION": precision}
+    return launches + mlp_launches(dtype, mlp_kernels.CONFIGS[dtype.itemsize])
+
+
+# the 2-D block of each MLP GEMM operand read or written through a descriptor under a tma tile, per kernel
+MLP_BLOCKS = {"_linear_gelu_fwd": {"X": "mk", "W": "nk", "H": "mn", "G": "mn"},
+              "_matmul_gelu_grad": {"GRAD": "mk", "W": "kn", "H": "mn", "GRAD_H": "mn"}}
+
+
+def mlp_launches(dtype: torch.dtype, tile) -> list[Launch]:
+    """The MLP's two GEMM kernels with a ``GemmTile`` (its operands as tensor descriptors where ``tile.tma``)."""
+    ty = "*" + DTYPES[dtype]
+    precision = kernels.shape_args(64, dtype)["DOT_PRECISION"]
+    constexprs = {"HAS_BIAS": True, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k,
+                  "GROUP_M": tile.group_m, "EVEN_K": False, "DOT_PRECISION": precision, "USE_TMA": tile.tma}
+    size = {"m": tile.block_m, "n": tile.block_n, "k": tile.block_k}
+    launches = []
     for fn in (mlp_kernels._linear_gelu_fwd, mlp_kernels._matmul_gelu_grad):
-        launches.append(Launch(fn, "bias", f"{m}x{n}x{k}", warps, stages,
-                               {name: ty for name in ("X", "W", "BIAS", "H", "G", "GRAD", "GRAD_H")},
-                               {"HAS_BIAS": True, **tile},
+        pointers = {name: ty for name in ("X", "W", "BIAS", "H", "G", "GRAD", "GRAD_H")}
+        if tile.tma:
+            pointers |= {name: f"tensordesc<{DTYPES[dtype]}[{size[block[0]]},{size[block[1]]}]>"
+                         for name, block in MLP_BLOCKS[fn.__name__].items()}
+        launches.append(Launch(fn, "bias tma" if tile.tma else "bias", f"{tile.block_m}x{tile.block_n}x{tile.block_k}",
+                               tile.warps, tile.stages, pointers, constexprs,
                                # model widths (multiples of 16): row strides and sizes
                                tuple(name for name in fn.arg_names if name.startswith("stride_"))
                                + ("cols", "depth")))
@@ -247,9 +264,9 @@ def report(head_dims=HEAD_DIMS, archs=ARCHS, dtypes=tuple(DTYPES)) -> list[Row]:
 
 
 def tma_candidates_report(head_dims=(64, 80, 128)) -> list[Row]:
-    """The tuner's ``+tma`` candidates (attention_tuning.CANDIDATES), bf16 on sm_90, the only architecture that
-    runs them, each after the same tile through pointers: that they compile, and their registers beside the
-    pointer tiles'."""
+    """The tuner's ``+tma`` candidates (attention_tuning.CANDIDATES) and the MLP GEMMs' tma tiles
+    (mlp.CANDIDATES), bf16 on sm_90, the only architecture that runs them, each after the same tile through
+    pointers: that they compile, and their registers beside the pointer tiles'."""
     from mimkernels.triton import attention_tuning
 
     # where attention_launches puts each kernel (the atomic dK/dV or the delta-computing dQ last: one is set here)
@@ -267,6 +284,13 @@ def tma_candidates_report(head_dims=(64, 80, 128)) -> list[Row]:
                     rows.append(Row(launch.fn.__name__, "sm_90", "bf16", launch.variant, launch.tile,
                                     launch.num_warps, launch.num_stages, *compile_one(launch, 90)))
                     print(_format(rows[-1]), flush=True)
+    for tile in mlp_kernels.CANDIDATES:  # the MLP GEMMs' tma tiles (bench_mlp --sweep), after their pointer twins
+        if not tile.tma:
+            continue
+        for launch in mlp_launches(torch.bfloat16, tile._replace(tma=False)) + mlp_launches(torch.bfloat16, tile):
+            rows.append(Row(launch.fn.__name__, "sm_90", "bf16", launch.variant, launch.tile, launch.num_warps,
+                            launch.num_stages, *compile_one(launch, 90)))
+            print(_format(rows[-1]), flush=True)
     return rows
 
 
@@ -285,7 +309,7 @@ def main(argv=None) -> int:
     parser.add_argument("--measured", action="store_true",
                         help="report the measured table's configs instead (spills are listed, not failed)")
     parser.add_argument("--tma", action="store_true",
-                        help="compile the tuner's TMA candidates for sm_90 instead (spills listed, not failed)")
+                        help="compile the TMA candidates (attention tuner, MLP sweep) for sm_90 instead (spills listed, not failed)")
     args = parser.parse_args(argv)
     source = commit()  # the code compiled is the code at the start
     if args.measured:

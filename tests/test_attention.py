@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import mimkernels
 from mimkernels import reference
 from mimkernels.triton import attention as kernels
+from mimkernels.triton import launch
 from mimkernels.triton.attention import AttentionConfigs, TileConfig
 
 FLOOR = {torch.float32: 1e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
@@ -297,8 +298,8 @@ def test_descriptors_are_the_ones_from_tensor_builds():
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     t = torch.randn(2, 9, 3, 64, device=DEVICE).transpose(1, 2)
-    ours, theirs = kernels._descriptor(t, [1, 1, 16, 64]), TensorDescriptor.from_tensor(t, [1, 1, 16, 64])
-    assert kernels._DESCRIPTOR_FAST  # Triton 3.6 and 3.8 (CI's two stacks) take the direct path
+    ours, theirs = launch.tensor_descriptor(t, [1, 1, 16, 64]), TensorDescriptor.from_tensor(t, [1, 1, 16, 64])
+    assert launch._DESCRIPTOR_FAST  # Triton 3.6 and 3.8 (CI's two stacks) take the direct path
     assert type(ours) is TensorDescriptor and ours.base is t
     assert {k: v for k, v in vars(ours).items() if k != "base"} == {k: v for k, v in vars(theirs).items()
                                                                    if k != "base"}

@@ -94,8 +94,51 @@ def test_one_leading_dimension_and_many_rows():
     """More row tiles than one group of GROUP_M (the grouped tile order), x 2-D."""
     from mimkernels.triton import mlp
 
-    block_m, _, _, group_m, _, _ = mlp.CONFIGS[4]
-    assert_within_budget((block_m * group_m + 70,), 24, 40, 16, torch.float32)
+    tile = mlp.CONFIGS[4]
+    assert_within_budget((tile.block_m * tile.group_m + 70,), 24, 40, 16, torch.float32)
+
+
+SMALL_TILE = (16, 32, 16, 2, 4, 1)  # interpreter-sized; a group of 2 row tiles
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("lead, width, hidden, out", [((2, 25), 40, 72, 24), ((1,), 16, 32, 8), ((3, 7), 64, 96, 40)],
+                         ids=str)
+def test_tma_tiles_match_the_pointer_tiles(monkeypatch, lead, width, hidden, out, bias):
+    """A ``tma`` tile (the 2-byte sweep's Hopper candidates; the interpreter runs descriptors like Hopper): x, the
+    weights, h, gelu(h) and dh through 2-D tensor descriptors, whose zero fill past the rows, cols and depth
+    replaces the wrapped offsets and k masks. Within budget, and bit-equal to the same tile through pointers."""
+    from mimkernels.triton import launch, mlp
+
+    tma_tile = mlp.GemmTile(*SMALL_TILE, tma=True)
+    monkeypatch.setattr(mlp, "CONFIGS", {**mlp.CONFIGS, 2: tma_tile})
+    leaves = make_inputs(lead, width, hidden, out, torch.float16, bias)
+    assert launch.tma_usable(*(t for t in leaves if t is not None))  # else this tests the pointer path twice
+    assert_within_budget(lead, width, hidden, out, torch.float16, bias)
+    with mimkernels.use_backend("triton"):
+        got = outputs_and_grads(mimkernels.gelu_mlp, leaves)
+        monkeypatch.setattr(mlp, "CONFIGS", {**mlp.CONFIGS, 2: tma_tile._replace(tma=False)})
+        want = outputs_and_grads(mimkernels.gelu_mlp, leaves)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+def test_tma_tile_falls_back_to_pointers_where_descriptors_cannot_read(monkeypatch):
+    """A width of 36 fp16 values is a 72-byte row stride, which TMA cannot describe: the same tile runs through
+    pointers, within budget."""
+    from mimkernels.triton import launch, mlp
+
+    monkeypatch.setattr(mlp, "CONFIGS", {**mlp.CONFIGS, 2: mlp.GemmTile(*SMALL_TILE, tma=True)})
+    assert not launch.tma_usable(make_inputs((2, 5), 36, 64, 24, torch.float16)[0])
+    assert_within_budget((2, 5), 36, 64, 24, torch.float16)
+
+
+def test_tile_names_say_what_they_are():
+    from mimkernels.triton import mlp
+
+    assert str(mlp.GemmTile(64, 128, 32, 8, 4, 4)) == "64x128x32g8w4s4"
+    assert str(mlp.GemmTile(128, 256, 64, 8, 8, 3, tma=True)) == "128x256x64g8w8s3+tma"
+    assert any(tile.tma for tile in mlp.CANDIDATES) and not any(tile.tma for tile in mlp.CONFIGS.values())
 
 
 def test_autocast_computes_in_its_dtype_and_grads_reach_the_fp32_parameters():

@@ -16,17 +16,14 @@ the head dim is padded inside the tile, never in memory.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .._backend import triton_interpreted
-from .launch import cdiv, launch, next_power_of_2
+from .launch import cdiv, compute_capability, launch, next_power_of_2, tensor_descriptor, tma_usable
 
 LOG2_E = 1.4426950408889634
 ROW_DOT_BLOCK = 16  # query rows per program of the backward's row-dot pre-pass
@@ -120,15 +117,8 @@ def measured_configs(key: tuple[int, int, int, int], table: dict | None = None) 
                             *(TileConfig.parse(text) if text else None for text in optional))
 
 
-_ARCH = {}  # torch device -> compute capability as one int (90), or 0 off CUDA
 _RUNTIME_TUNED = {}  # table key -> AttentionConfigs found by MIMKERNELS_AUTOTUNE=1 in this process
-
-
-def _arch(device: torch.device) -> int:
-    if device not in _ARCH:
-        major, minor = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
-        _ARCH[device] = 10 * major + minor
-    return _ARCH[device]
+_arch = compute_capability  # a name of its own here: the tests give the table lookups another GPU
 
 
 _CALL_CONFIGS = {}  # (device, dtype, head dim, N) -> AttentionConfigs: one dict lookup per call after the first
@@ -624,43 +614,7 @@ def _operands(cfg: TileConfig, shapes: dict, *tensors_and_rows) -> tuple[tuple, 
     tensors = tuple(t for t, _ in tensors_and_rows)
     if not (cfg.tma and tma_usable(*tensors)):
         return tensors, False
-    return tuple(_descriptor(t, [1, 1, rows, shapes["BLOCK_D"]]) for t, rows in tensors_and_rows), True
-
-
-def tma_usable(*tensors: torch.Tensor) -> bool:
-    """Whether these [B, H, N, D] tensors can be read through TMA tensor descriptors: a Hopper or newer GPU (or the
-    interpreter, for the tests), non-empty, 16-byte aligned addresses and strides, a unit last stride."""
-    device = tensors[0].device
-    if device.type == "cuda":
-        if _arch(device) < 90:
-            return False
-    elif not triton_interpreted():
-        return False
-    for t in tensors:
-        *outer, last = t.stride()
-        elements_per_16_bytes = 16 // t.element_size()
-        if last != 1 or t.data_ptr() & 15 or t.numel() == 0 or any(s % elements_per_16_bytes for s in outer):
-            return False
-    return True
-
-
-# TensorDescriptor checks its arguments on construction (about 3 us on the test machine; up to 15 per fwd+bwd).
-# tma_usable has made those checks and the block shapes are the tile table's powers of 2, so descriptors are
-# built from their fields directly where the class is the plain dataclass this was written against (Triton 3.6-3.8:
-# these four fields without defaults, the rest with); otherwise through from_tensor.
-_DESCRIPTOR_FIELDS = dataclasses.fields(TensorDescriptor) if dataclasses.is_dataclass(TensorDescriptor) else ()
-_DESCRIPTOR_DEFAULTS = {f.name: f.default for f in _DESCRIPTOR_FIELDS if f.default is not dataclasses.MISSING}
-_DESCRIPTOR_FAST = {f.name for f in _DESCRIPTOR_FIELDS if f.name not in _DESCRIPTOR_DEFAULTS} == {
-    "base", "shape", "strides", "block_shape"} and "__post_init__" in vars(TensorDescriptor)
-
-
-def _descriptor(t: torch.Tensor, block_shape: list) -> TensorDescriptor:
-    """``TensorDescriptor.from_tensor(t, block_shape)`` for a tensor that :func:`tma_usable` accepted."""
-    if not _DESCRIPTOR_FAST:
-        return TensorDescriptor.from_tensor(t, block_shape)
-    desc = object.__new__(TensorDescriptor)
-    desc.__dict__.update(_DESCRIPTOR_DEFAULTS, base=t, shape=t.shape, strides=t.stride(), block_shape=block_shape)
-    return desc
+    return tuple(tensor_descriptor(t, [1, 1, rows, shapes["BLOCK_D"]]) for t, rows in tensors_and_rows), True
 
 
 def backward_row_dot(grad_out, out):

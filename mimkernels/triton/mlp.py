@@ -13,23 +13,45 @@ it, as the unfused ops do, so both paths compute GELU of the same numbers.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from .._custom_ops import custom_op_when_compiling
-from .launch import cdiv, launch
+from .launch import cdiv, launch, tensor_descriptor, tma_usable
 
-# (block rows, block cols, block k, row-tile group, warps, stages), by operand width in bytes. 2-byte: chosen before
-# any GPU measured it, a tile that compiles without spills for sm_80 and sm_90 under Triton 3.6 and 3.8
-# (128x128x32 with 8 warps spills 4 B in the gradient GEMM for fp16 on sm_80 under 3.6); `python -m
-# benchmarks.bench_mlp --sweep` times CANDIDATES on a GPU, spilling or not. fp32 multiplies on the FMA units
-# (``ieee``), in small tiles. benchmarks/kernel_report.py checks the spills.
-CONFIGS = {2: (64, 128, 32, 8, 4, 4), 4: (64, 32, 32, 8, 4, 1)}
-CANDIDATES = (
+
+class GemmTile(NamedTuple):
+    block_m: int  # output rows per program
+    block_n: int  # output columns per program
+    block_k: int  # depth per loop step
+    group_m: int  # row tiles per group (the programs running together share operand tiles in L2)
+    warps: int
+    stages: int
+    # operands and results through TMA tensor descriptors (Hopper and newer, where tma_usable allows; elsewhere the
+    # same tile through pointers)
+    tma: bool = False
+
+    def __str__(self) -> str:
+        return (f"{self.block_m}x{self.block_n}x{self.block_k}g{self.group_m}w{self.warps}s{self.stages}"
+                + "+tma" * self.tma)
+
+
+# By operand width in bytes. 2-byte: chosen before any GPU measured it, a tile that compiles without spills for
+# sm_80 and sm_90 under Triton 3.6 and 3.8 (128x128x32 with 8 warps spills 4 B in the gradient GEMM for fp16 on
+# sm_80 under 3.6); `python -m benchmarks.bench_mlp --sweep` times CANDIDATES on a GPU, spilling or not. fp32
+# multiplies on the FMA units (``ieee``), in small tiles. benchmarks/kernel_report.py checks the spills.
+CONFIGS = {2: GemmTile(64, 128, 32, 8, 4, 4), 4: GemmTile(64, 32, 32, 8, 4, 1)}
+CANDIDATES = tuple(GemmTile(*tile) for tile in (
     (64, 128, 32, 8, 4, 4), (128, 128, 32, 8, 8, 4), (128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 4, 4),
     (128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3), (128, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4),
-)
+    # Hopper: TMA loads feed the tensor cores without per-thread address arithmetic (fewer registers: the larger
+    # tiles compile without spills); the attention kernels' TMA tiles measured 1-10% faster on the H200
+    (64, 128, 64, 8, 4, 4, True), (128, 128, 64, 8, 8, 3, True), (128, 128, 64, 8, 4, 4, True),
+    (128, 256, 64, 8, 8, 3, True),
+))
 
 _SQRT_HALF = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
@@ -71,56 +93,102 @@ def _gemm(A, B, stride_am, stride_bk, stride_bn, offs_m, offs_n, depth, BLOCK_M:
 
 
 @triton.jit
+def _gemm_tma(A, B, m_start, n_start, depth, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              B_IS_N_BY_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """fp32 ``A[m_start:, :] @ B[:, n_start:]`` (one [BLOCK_M, BLOCK_N] tile) over ``depth``, both read through
+    2-D tensor descriptors: A ``[rows, depth]``, B ``[cols, depth]`` (fc1's weight, transposed here) where
+    B_IS_N_BY_K, else ``[depth, cols]`` (fc2's). TMA fills rows, cols and depth past the edges with zeros."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k_start in range(0, depth, BLOCK_K):
+        a = A.load([m_start, k_start])
+        if B_IS_N_BY_K:
+            b = tl.trans(B.load([n_start, k_start]))
+        else:
+            b = B.load([k_start, n_start])
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _linear_gelu_fwd(X, W, BIAS, H, G, stride_xm, stride_wn, stride_hm, stride_gm, rows, cols, depth,
                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``h = x @ W^T (+ bias)`` and ``g = gelu(h)``, both stored; x ``[rows, depth]``, W ``[cols, depth]``."""
+                     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     USE_TMA: tl.constexpr):
+    """``h = x @ W^T (+ bias)`` and ``g = gelu(h)``, both stored; x ``[rows, depth]``, W ``[cols, depth]``. With
+    USE_TMA, X, W, H and G are 2-D tensor descriptors (their strides then come with them)."""
     tile_m, tile_n = _tile(tl.program_id(0), rows, cols, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Past the edges the loads wrap onto valid rows / cols (no masks in the k loop); those results are not stored.
-    acc = _gemm(X, W, stride_xm, 1, stride_wn, offs_m % rows, offs_n % cols, depth, BLOCK_M, BLOCK_N, BLOCK_K,
-                EVEN_K, DOT_PRECISION)
+    if USE_TMA:
+        acc = _gemm_tma(X, W, tile_m * BLOCK_M, tile_n * BLOCK_N, depth, BLOCK_M, BLOCK_N, BLOCK_K, True,
+                        DOT_PRECISION)
+        out_dtype = H.dtype
+    else:
+        # Past the edges the loads wrap onto valid rows / cols (no masks in the k loop); those results are not stored.
+        acc = _gemm(X, W, stride_xm, 1, stride_wn, offs_m % rows, offs_n % cols, depth, BLOCK_M, BLOCK_N, BLOCK_K,
+                    EVEN_K, DOT_PRECISION)
+        out_dtype = H.dtype.element_ty
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n % cols).to(tl.float32)[None, :]
-    h = acc.to(H.dtype.element_ty)
+    h = acc.to(out_dtype)
     rounded = h.to(tl.float32)
-    g = 0.5 * rounded * (1.0 + tl.erf(rounded * _SQRT_HALF))
-    inside = (offs_m < rows)[:, None] & (offs_n < cols)[None, :]
-    row_offsets = offs_m.to(tl.int64)[:, None]
-    tl.store(H + row_offsets * stride_hm + offs_n[None, :], h, mask=inside)
-    tl.store(G + row_offsets * stride_gm + offs_n[None, :], g.to(G.dtype.element_ty), mask=inside)
+    g = (0.5 * rounded * (1.0 + tl.erf(rounded * _SQRT_HALF))).to(out_dtype)
+    if USE_TMA:  # TMA drops the rows and cols past the edges
+        H.store([tile_m * BLOCK_M, tile_n * BLOCK_N], h)
+        G.store([tile_m * BLOCK_M, tile_n * BLOCK_N], g)
+    else:
+        inside = (offs_m < rows)[:, None] & (offs_n < cols)[None, :]
+        row_offsets = offs_m.to(tl.int64)[:, None]
+        tl.store(H + row_offsets * stride_hm + offs_n[None, :], h, mask=inside)
+        tl.store(G + row_offsets * stride_gm + offs_n[None, :], g, mask=inside)
 
 
 @triton.jit
 def _matmul_gelu_grad(GRAD, W, H, GRAD_H, stride_gradm, stride_wk, stride_hm, stride_grad_hm, rows, cols, depth,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                      EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``dh = (dy @ W) * gelu'(h)``; dy ``[rows, depth]``, W (fc2's weight) ``[depth, cols]``, h ``[rows, cols]``."""
+                      EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+    """``dh = (dy @ W) * gelu'(h)``; dy ``[rows, depth]``, W (fc2's weight) ``[depth, cols]``, h ``[rows, cols]``.
+    With USE_TMA, all four are 2-D tensor descriptors."""
     tile_m, tile_n = _tile(tl.program_id(0), rows, cols, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = _gemm(GRAD, W, stride_gradm, stride_wk, 1, offs_m % rows, offs_n % cols, depth, BLOCK_M, BLOCK_N, BLOCK_K,
-                EVEN_K, DOT_PRECISION)
-    inside = (offs_m < rows)[:, None] & (offs_n < cols)[None, :]
-    row_offsets = offs_m.to(tl.int64)[:, None]
-    h = tl.load(H + row_offsets * stride_hm + offs_n[None, :], mask=inside, other=0.0).to(tl.float32)
+    if USE_TMA:
+        acc = _gemm_tma(GRAD, W, tile_m * BLOCK_M, tile_n * BLOCK_N, depth, BLOCK_M, BLOCK_N, BLOCK_K, False,
+                        DOT_PRECISION)
+        h = H.load([tile_m * BLOCK_M, tile_n * BLOCK_N]).to(tl.float32)
+    else:
+        acc = _gemm(GRAD, W, stride_gradm, stride_wk, 1, offs_m % rows, offs_n % cols, depth, BLOCK_M, BLOCK_N,
+                    BLOCK_K, EVEN_K, DOT_PRECISION)
+        inside = (offs_m < rows)[:, None] & (offs_n < cols)[None, :]
+        h = tl.load(H + offs_m.to(tl.int64)[:, None] * stride_hm + offs_n[None, :], mask=inside,
+                    other=0.0).to(tl.float32)
     # d gelu / dh = Phi(h) + h * phi(h)
     slope = 0.5 * (1.0 + tl.erf(h * _SQRT_HALF)) + h * tl.exp(-0.5 * h * h) * _INV_SQRT_2PI
-    tl.store(GRAD_H + row_offsets * stride_grad_hm + offs_n[None, :], (acc * slope).to(GRAD_H.dtype.element_ty),
-             mask=inside)
+    if USE_TMA:
+        GRAD_H.store([tile_m * BLOCK_M, tile_n * BLOCK_N], (acc * slope).to(GRAD_H.dtype))
+    else:
+        tl.store(GRAD_H + offs_m.to(tl.int64)[:, None] * stride_grad_hm + offs_n[None, :],
+                 (acc * slope).to(GRAD_H.dtype.element_ty), mask=inside)
 
 
 def _precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _launch_gemm(kernel, tensors, strides, rows, cols, depth, constexprs, dtype):
-    block_m, block_n, block_k, group_m, warps, stages = CONFIGS[dtype.itemsize]
-    launch(kernel, (cdiv(rows, block_m) * cdiv(cols, block_n),), tensors, (*strides, rows, cols, depth),
-           dict(constexprs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
-                EVEN_K=depth % block_k == 0, DOT_PRECISION=_precision(dtype)),
-           num_warps=warps, num_stages=stages)
+def _launch_gemm(kernel, tensors, blocks, strides, rows, cols, depth, constexprs, dtype):
+    """``blocks``: per tensor, the [rows, cols] block it is read or written in through a descriptor under a
+    ``tma`` tile (in tile units: "mk", "nk", "kn" or "mn"), or None for a tensor that stays a pointer."""
+    tile = GemmTile(*CONFIGS[dtype.itemsize])
+    described = [t for t, block in zip(tensors, blocks) if block]
+    use_tma = tile.tma and tma_usable(*described)
+    if use_tma:
+        size = {"m": tile.block_m, "n": tile.block_n, "k": tile.block_k}
+        tensors = tuple(tensor_descriptor(t, [size[block[0]], size[block[1]]]) if block else t
+                        for t, block in zip(tensors, blocks))
+    launch(kernel, (cdiv(rows, tile.block_m) * cdiv(cols, tile.block_n),), tensors, (*strides, rows, cols, depth),
+           dict(constexprs, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m,
+                EVEN_K=depth % tile.block_k == 0, DOT_PRECISION=_precision(dtype), USE_TMA=use_tma),
+           num_warps=tile.warps, num_stages=tile.stages)
 
 
 def _hidden_fake(x, weight, bias):
@@ -138,6 +206,7 @@ def linear_gelu(x, weight, bias):
     hidden, activated = x.new_empty(rows, cols), x.new_empty(rows, cols)
     if hidden.numel():
         _launch_gemm(_linear_gelu_fwd, (x, weight, weight if bias is None else bias, hidden, activated),
+                     ("mk", "nk", None, "mn", "mn"),
                      (x.stride(0), weight.stride(0), hidden.stride(0), activated.stride(0)), rows, cols, depth,
                      dict(HAS_BIAS=bias is not None), x.dtype)
     return hidden, activated
@@ -152,7 +221,7 @@ def matmul_gelu_grad(grad, weight, hidden):
     cols = weight.shape[1]
     grad_hidden = torch.empty_like(hidden)
     if grad_hidden.numel():
-        _launch_gemm(_matmul_gelu_grad, (grad, weight, hidden, grad_hidden),
+        _launch_gemm(_matmul_gelu_grad, (grad, weight, hidden, grad_hidden), ("mk", "kn", "mn", "mn"),
                      (grad.stride(0), weight.stride(0), hidden.stride(0), grad_hidden.stride(0)), rows, cols, depth,
                      {}, grad.dtype)
     return grad_hidden
