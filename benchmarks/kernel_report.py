@@ -309,7 +309,8 @@ def main(argv=None) -> int:
     parser.add_argument("--measured", action="store_true",
                         help="report the measured table's configs instead (spills are listed, not failed)")
     parser.add_argument("--tma", action="store_true",
-                        help="compile the TMA candidates (attention tuner, MLP sweep) for sm_90 instead (spills listed, not failed)")
+                        help="compile the TMA candidates (attention tuner, MLP sweep) for sm_90 instead (spills "
+                        "listed, not failed)")
     args = parser.parse_args(argv)
     source = commit()  # the code compiled is the code at the start
     if args.measured:

@@ -118,8 +118,8 @@ MLP_CASES = [(1, 40, 72, True, torch.bfloat16), (131, 96, 200, False, torch.bflo
              (260, 128, 512, True, torch.float16), (37, 24, 40, True, torch.float32)]
 
 
-def mlp_cases(device):
-    for rows, width, hidden, bias, dtype in MLP_CASES:
+def mlp_cases(device, cases=None):
+    for rows, width, hidden, bias, dtype in MLP_CASES if cases is None else cases:
         def param(*shape, dtype=dtype):
             return torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
 
@@ -131,7 +131,26 @@ def mlp_cases(device):
         yield f"gelu_mlp {rows}x{width}x{hidden} {str(dtype)[6:]}"
 
 
-CASES = (attention_cases, tma_attention_cases, token_cases, patch_embed_cases, norm_cases, mlp_cases)
+def tma_mlp_cases(device):
+    """The MLP's GEMMs through TMA descriptors (bench_mlp's sweep may pick a ``tma`` tile), smallest and largest
+    candidate, on the 16-bit cases."""
+    from mimkernels.triton import launch, mlp
+
+    if not launch.tma_usable(torch.empty(8, 8, device=device, dtype=torch.bfloat16)):
+        yield "tma gelu_mlp: not run (no TMA on this GPU)"
+        return
+    tiles = [tile for tile in mlp.CANDIDATES if tile.tma]
+    sixteen_bit = [case for case in MLP_CASES if case[-1] != torch.float32]
+    shipped = mlp.CONFIGS[2]
+    for tile in (tiles[0], tiles[-1]):
+        mlp.CONFIGS[2] = tile
+        try:
+            yield from (f"{name} {tile}" for name in mlp_cases(device, sixteen_bit))
+        finally:
+            mlp.CONFIGS[2] = shipped
+
+
+CASES = (attention_cases, tma_attention_cases, token_cases, patch_embed_cases, norm_cases, mlp_cases, tma_mlp_cases)
 
 
 def main() -> int:

@@ -259,11 +259,15 @@ def test_sanitizer_cases_run(device, monkeypatch):
         names = [name for cases in sanitizer_cases.CASES for name in cases(device)]
     token_backends = {"triton", "extension"} & set(mimkernels.available_backends())
     tma_cases = min(3, len(sanitizer_cases.ATTENTION_CASES))
+    tma_mlp_cases = 2 * sum(case[-1] != torch.float32 for case in sanitizer_cases.MLP_CASES)  # two tiles each
     expected = (len(sanitizer_cases.ATTENTION_CASES) + tma_cases + 3 + len(token_backends)
                 + len(sanitizer_cases.NORM_CASES) + len(sanitizer_cases.MLP_CASES))
-    assert len(names) == expected
     if device == "cpu":  # the interpreter reads descriptors like Hopper: the TMA cases really ran
         assert sum(name.startswith("tma attention") and "not run" not in name for name in names) == tma_cases
+        assert sum(name.endswith("+tma") for name in names) == tma_mlp_cases
+    tma_mlp_ran = sum(name.endswith("+tma") for name in names)
+    assert tma_mlp_ran in (tma_mlp_cases, 0)  # 0: a GPU without TMA, which says so in one line
+    assert len(names) == expected + (tma_mlp_ran or 1)
 
 
 @pytest.mark.skipif(shutil.which("pgrep") is None or shutil.which("tar") is None, reason="needs pgrep and tar")

@@ -133,6 +133,22 @@ def test_tma_tile_falls_back_to_pointers_where_descriptors_cannot_read(monkeypat
     assert_within_budget((2, 5), 36, 64, 24, torch.float16)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("tma_tile", range(4), ids=lambda i: f"tma_candidate{i}")
+def test_tma_tiles_compiled_for_hopper(monkeypatch, tma_tile):
+    """Each ``tma`` candidate of the sweep, compiled for the GPU at hand, in bf16 at a ViT-B-like shape whose rows
+    (1028) fit no tile: within budget of float64 (bench_mlp only times them)."""
+    from mimkernels.triton import launch, mlp
+
+    if launch.compute_capability(torch.device(DEVICE)) < 90:
+        pytest.skip("TMA descriptors need Hopper or newer")
+    tiles = [tile for tile in mlp.CANDIDATES if tile.tma]
+    assert len(tiles) == 4  # the parametrisation above
+    monkeypatch.setattr(mlp, "CONFIGS", {**mlp.CONFIGS, 2: tiles[tma_tile]})
+    assert_within_budget((4, 257), 768, 3072, 768, torch.bfloat16)
+    assert_within_budget((1028,), 384, 1536, 384, torch.bfloat16, bias=False)
+
+
 def test_tile_names_say_what_they_are():
     from mimkernels.triton import mlp
 
