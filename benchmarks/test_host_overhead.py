@@ -71,6 +71,44 @@ def test_prefix_causal_attention_fwd_bwd(benchmark, launch_path):
     benchmark(_fwd_bwd(lambda: mimkernels.prefix_causal_attention(q, k, v, prefix), [q, k, v]))
 
 
+class _NothingToDo(torch.autograd.Function):
+    """The floor of any autograd.Function op: outputs allocated, nothing computed, nothing checked."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        return torch.empty_like(q)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.empty_like(grad), torch.empty_like(grad), torch.empty_like(grad)
+
+
+def test_empty_autograd_function_fwd_bwd(benchmark):
+    """What an op in Python pays before doing anything: the autograd.Function and the engine (the part of
+    prefix_causal_attention's fwd+bwd that is not ours)."""
+    q, k, v = _qkv()
+    benchmark(_fwd_bwd(lambda: _NothingToDo.apply(q, k, v), [q, k, v]))
+
+
+def test_attention_forward_launcher(benchmark):
+    """The forward's launcher alone (allocation, tile lookup, launch arguments, the fast launch path)."""
+    from mimkernels.triton import attention as kernels
+
+    q, k, v = (t.detach() for t in _qkv())
+    benchmark(kernels.forward, q, k, v, torch.tensor([3, 40]), 0.125)
+
+
+def test_attention_backward_launchers(benchmark):
+    """The backward's launchers alone (its 2-3 launches by the tile table; here the CPU's portable configs: the
+    row-dot pre-pass, dK/dV, dQ)."""
+    from mimkernels.triton import attention as kernels
+
+    q, k, v = (t.detach() for t in _qkv())
+    prefix = torch.tensor([3, 40])
+    out, lse = kernels.forward(q, k, v, prefix, 0.125)
+    benchmark(kernels.backward, torch.ones_like(out), q, k, v, out, lse, prefix, 0.125)
+
+
 def test_full_attention_fwd_bwd(benchmark):
     q, k, v = _qkv()
     benchmark(_fwd_bwd(lambda: mimkernels.attention(q, k, v), [q, k, v]))
