@@ -108,9 +108,23 @@ def run(shapes, dtype, quick, peaks, csv_path=None, *, device="cuda", scale=1, c
                 print(f"  {shape:32s} {provider:40s} failed: {outcome}", flush=True)
                 continue
             rows_out += outcome
+        if sweep:
+            print(best_tile_line(name, shape, rows_out), flush=True)
         if csv_path:
             common.write_csv(csv_path, rows_out, device)
     return rows_out
+
+
+def best_tile_line(name: str, shape: str, rows: list) -> str:
+    """``  best tile <name>: <tile> <ms> ms (<x>x the shipped tile's time)``, from this shape's swept fwd_bwd rows
+    (gpu_check.sh hands the AIM-600M winner to bench_models --mlp-tile)."""
+    swept = [r for r in rows if r.shape == shape and r.mode == "fwd_bwd" and "@" in r.provider]
+    shipped = [r for r in rows if r.shape == shape and r.mode == "fwd_bwd" and r.provider == "mimkernels_triton"]
+    if not swept:
+        return f"  best tile {name}: none (every candidate failed)"
+    best = min(swept, key=lambda r: r.ms_p50)
+    versus = f" ({shipped[0].ms_p50 / best.ms_p50:.2f}x the shipped tile's speed)" if shipped else ""
+    return f"  best tile {name}: {best.provider.split('@')[1]} {best.ms_p50:.3f} ms{versus}"
 
 
 def _time_provider(provider, fn, args, grad, expected, shape, label, sizes, quick, peaks, device, dtype):

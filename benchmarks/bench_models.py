@@ -328,6 +328,21 @@ def write_summary(path, summary, device) -> None:
             writer.writerow({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in row.items()} | provenance)
 
 
+def take_mlp_tile(argv: list) -> None:
+    """``--mlp-tile T`` (e.g. bench_mlp --sweep's best, ``128x128x64g8w8s3+tma``): removed from ``argv``, and T put
+    in gelu_mlp's 2-byte slot for this process, so the fused-MLP provider runs that tile."""
+    if "--mlp-tile" not in argv:
+        return
+    from mimkernels.triton import mlp as mlp_kernels
+
+    at = argv.index("--mlp-tile")
+    if at + 1 >= len(argv):
+        raise SystemExit("--mlp-tile needs a tile, e.g. --mlp-tile 128x128x64g8w8s3+tma")
+    mlp_kernels.CONFIGS[2] = mlp_kernels.GemmTile.parse(argv.pop(at + 1))
+    argv.pop(at)
+    print(f"gelu_mlp 2-byte tile for this run: {mlp_kernels.CONFIGS[2]}")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     run_kwargs = {}
@@ -337,8 +352,10 @@ def main(argv=None) -> int:
     if "--profile" in argv:
         argv.remove("--profile")
         run_kwargs["profile"] = True
+    take_mlp_tile(argv)
     return common.family_main(argv, "MAE / AIM training-step benchmark (--compile: also under torch.compile; "
-                              "--profile: GPU time by kernel category)", SHAPES, run, "models.csv",
+                              "--profile: GPU time by kernel category; --mlp-tile T: gelu_mlp's tile)", SHAPES, run,
+                              "models.csv",
                               run_kwargs=run_kwargs)
 
 

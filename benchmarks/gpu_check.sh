@@ -74,8 +74,10 @@ if wants models; then
 echo "== training steps: fused norm, fused MLP (with its tile sweep), then eager + compiled steps with a profile"
 timeout 60 $PY -m benchmarks.bench_norms --quick --out "$OUT" > "$OUT/bench_norms.txt" 2>&1 || status=1
 timeout 150 $PY -m benchmarks.bench_mlp --quick --sweep --out "$OUT" > "$OUT/bench_mlp.txt" 2>&1 || status=1
+# the fused-MLP provider runs the sweep's best tile at AIM-600M's MLP shape (the shipped one if the sweep found none)
+mlp_tile=$(sed -n 's/^  best tile aim_600m: \([0-9][^ ]*\) .*/\1/p' "$OUT/bench_mlp.txt" | head -n 1)
 timeout 330 $PY -m benchmarks.bench_models --quick --compile --profile --shapes mae_vit_l aim_600m --out "$OUT" \
-  > "$OUT/bench_models.txt" 2>&1 || status=1
+  ${mlp_tile:+--mlp-tile "$mlp_tile"} > "$OUT/bench_models.txt" 2>&1 || status=1
 tail -n 20 "$OUT/bench_norms.txt"
 tail -n 20 "$OUT/bench_mlp.txt"
 tail -n 30 "$OUT/bench_models.txt"

@@ -338,8 +338,28 @@ def test_mlp_sweep_reports_a_candidate_that_fails_and_goes_on(monkeypatch, capsy
                          scale=128, compile_backend="aot_eager", sweep=True)
     swept = {r.provider for r in rows if "@" in r.provider}
     assert swept == {f"mimkernels_triton@{bench_mlp.tile_name(good)}"}
-    failed = [line for line in capsys.readouterr().out.splitlines() if " failed: " in line]
+    out = capsys.readouterr().out
+    failed = [line for line in out.splitlines() if " failed: " in line]
     assert len(failed) == 1 and f"mimkernels_triton@{bench_mlp.tile_name(bad)}" in failed[0]
+    # the line gpu_check.sh reads the winner from (for bench_models --mlp-tile)
+    assert f"  best tile mae_vit_l: {bench_mlp.tile_name(good)} " in out
+
+
+def test_models_takes_the_mlp_tile_to_run(monkeypatch):
+    """bench_models --mlp-tile puts the sweep's winner in gelu_mlp's 2-byte slot for the run; a name that is no
+    tile stops it before any timing."""
+    from benchmarks import bench_models
+    from mimkernels.triton import mlp as mlp_kernels
+
+    monkeypatch.setitem(mlp_kernels.CONFIGS, 2, mlp_kernels.CONFIGS[2])  # restored after the test
+    argv = ["--quick", "--mlp-tile", "128x128x64g8w8s3+tma", "--shapes", "aim_600m"]
+    bench_models.take_mlp_tile(argv)
+    assert argv == ["--quick", "--shapes", "aim_600m"]
+    assert mlp_kernels.CONFIGS[2] == mlp_kernels.GemmTile(128, 128, 64, 8, 8, 3, tma=True)
+    with pytest.raises(ValueError, match="not a GEMM tile"):
+        bench_models.take_mlp_tile(["--mlp-tile", "fastest"])
+    with pytest.raises(SystemExit, match="needs a tile"):
+        bench_models.take_mlp_tile(["--mlp-tile"])
 
 
 def test_models_harness_reports_a_failing_provider_and_times_the_rest(monkeypatch, capsys):

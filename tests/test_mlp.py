@@ -155,6 +155,10 @@ def test_tile_names_say_what_they_are():
     assert str(mlp.GemmTile(64, 128, 32, 8, 4, 4)) == "64x128x32g8w4s4"
     assert str(mlp.GemmTile(128, 256, 64, 8, 8, 3, tma=True)) == "128x256x64g8w8s3+tma"
     assert any(tile.tma for tile in mlp.CANDIDATES) and not any(tile.tma for tile in mlp.CONFIGS.values())
+    for tile in (*mlp.CANDIDATES, *mlp.CONFIGS.values()):  # names read back (bench_models --mlp-tile)
+        assert mlp.GemmTile.parse(str(tile)) == tile
+    with pytest.raises(ValueError, match="not a GEMM tile: '128x128x64'"):
+        mlp.GemmTile.parse("128x128x64")
 
 
 def test_autocast_computes_in_its_dtype_and_grads_reach_the_fp32_parameters():

@@ -13,6 +13,7 @@ it, as the unfused ops do, so both paths compute GELU of the same numbers.
 """
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 import torch
@@ -37,6 +38,14 @@ class GemmTile(NamedTuple):
     def __str__(self) -> str:
         return (f"{self.block_m}x{self.block_n}x{self.block_k}g{self.group_m}w{self.warps}s{self.stages}"
                 + "+tma" * self.tma)
+
+    @classmethod
+    def parse(cls, text: str) -> GemmTile:
+        """The tile :meth:`__str__` names, e.g. ``"128x128x64g8w8s3+tma"`` (what ``bench_mlp --sweep`` prints)."""
+        found = re.fullmatch(r"(\d+)x(\d+)x(\d+)g(\d+)w(\d+)s(\d+)(\+tma)?", text.strip())
+        if not found:
+            raise ValueError(f"not a GEMM tile: {text!r} (expected e.g. '128x128x64g8w8s3' or '64x128x64g8w4s4+tma')")
+        return cls(*map(int, found.groups()[:6]), tma=found.group(7) is not None)
 
 
 # By operand width in bytes. 2-byte: chosen before any GPU measured it, a tile that compiles without spills for
