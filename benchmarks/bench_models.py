@@ -25,13 +25,15 @@ Each row also gives MFU: the model's FLOPs per step (forward + backward of the o
 ``torch.utils.flop_counter`` on the meta device; the same count for every provider of a shape) over the step
 time and the matmul peak measured in the same run. ``--profile`` writes ``train_step_profile.txt`` beside the
 CSV: one step of each provider under the profiler, GPU time by kernel category (GEMM, attention, copies, ...)
-and the slowest kernels.
+and the slowest kernels. ``--mlp-tile T`` runs gelu_mlp (the fused-MLP provider) with the 2-byte tile T, e.g.
+``bench_mlp --sweep``'s best.
 
 Targets (issue 11): MAE ViT-L step >= 1.3x timm_sdpa eager and >= 1.1x it compiled (ours compiled), AIM-600M
 >= 1.25x ml_aim_dense_mask eager and >= 1.05x compiled; peak memory no higher than the baseline's in each
 pair. They are printed as met / missed, never asserted.
 
-    python -m benchmarks.bench_models [--quick] [--compile] [--profile] [--shapes mae_vit_l ...] [--out DIR]
+    python -m benchmarks.bench_models [--quick] [--compile] [--profile] [--mlp-tile T] [--shapes mae_vit_l ...]
+        [--out DIR]
 """
 from __future__ import annotations
 
