@@ -119,23 +119,38 @@ def _gemm_tma(A, B, m_start, n_start, depth, BLOCK_M: tl.constexpr, BLOCK_N: tl.
 
 
 @triton.jit
+def _program_product(A, B, stride_am, stride_bk, stride_bn, rows, cols, depth, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, B_IS_N_BY_K: tl.constexpr, USE_TMA: tl.constexpr):
+    """This program's output tile of ``A @ B``: (fp32 accumulator, first row, first col, row and col offsets).
+    Through descriptors with USE_TMA (zero fill past the edges), else through pointers whose rows and cols wrap
+    onto valid ones past the edges (no masks in the k loop; those results are never stored)."""
+    tile_m, tile_n = _tile(tl.program_id(0), rows, cols, BLOCK_M, BLOCK_N, GROUP_M)
+    m_start = tile_m * BLOCK_M
+    n_start = tile_n * BLOCK_N
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    if USE_TMA:
+        acc = _gemm_tma(A, B, m_start, n_start, depth, BLOCK_M, BLOCK_N, BLOCK_K, B_IS_N_BY_K, DOT_PRECISION)
+    else:
+        acc = _gemm(A, B, stride_am, stride_bk, stride_bn, offs_m % rows, offs_n % cols, depth, BLOCK_M, BLOCK_N,
+                    BLOCK_K, EVEN_K, DOT_PRECISION)
+    return acc, m_start, n_start, offs_m, offs_n
+
+
+@triton.jit
 def _linear_gelu_fwd(X, W, BIAS, H, G, stride_xm, stride_wn, stride_hm, stride_gm, rows, cols, depth,
                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
                      USE_TMA: tl.constexpr):
     """``h = x @ W^T (+ bias)`` and ``g = gelu(h)``, both stored; x ``[rows, depth]``, W ``[cols, depth]``. With
     USE_TMA, X, W, H and G are 2-D tensor descriptors (their strides then come with them)."""
-    tile_m, tile_n = _tile(tl.program_id(0), rows, cols, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc, m_start, n_start, offs_m, offs_n = _program_product(
+        X, W, stride_xm, 1, stride_wn, rows, cols, depth, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, DOT_PRECISION,
+        True, USE_TMA)
     if USE_TMA:
-        acc = _gemm_tma(X, W, tile_m * BLOCK_M, tile_n * BLOCK_N, depth, BLOCK_M, BLOCK_N, BLOCK_K, True,
-                        DOT_PRECISION)
         out_dtype = H.dtype
     else:
-        # Past the edges the loads wrap onto valid rows / cols (no masks in the k loop); those results are not stored.
-        acc = _gemm(X, W, stride_xm, 1, stride_wn, offs_m % rows, offs_n % cols, depth, BLOCK_M, BLOCK_N, BLOCK_K,
-                    EVEN_K, DOT_PRECISION)
         out_dtype = H.dtype.element_ty
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n % cols).to(tl.float32)[None, :]
@@ -143,8 +158,8 @@ def _linear_gelu_fwd(X, W, BIAS, H, G, stride_xm, stride_wn, stride_hm, stride_g
     rounded = h.to(tl.float32)
     g = (0.5 * rounded * (1.0 + tl.erf(rounded * _SQRT_HALF))).to(out_dtype)
     if USE_TMA:  # TMA drops the rows and cols past the edges
-        H.store([tile_m * BLOCK_M, tile_n * BLOCK_N], h)
-        G.store([tile_m * BLOCK_M, tile_n * BLOCK_N], g)
+        H.store([m_start, n_start], h)
+        G.store([m_start, n_start], g)
     else:
         inside = (offs_m < rows)[:, None] & (offs_n < cols)[None, :]
         row_offsets = offs_m.to(tl.int64)[:, None]
@@ -158,23 +173,19 @@ def _matmul_gelu_grad(GRAD, W, H, GRAD_H, stride_gradm, stride_wk, stride_hm, st
                       EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """``dh = (dy @ W) * gelu'(h)``; dy ``[rows, depth]``, W (fc2's weight) ``[depth, cols]``, h ``[rows, cols]``.
     With USE_TMA, all four are 2-D tensor descriptors."""
-    tile_m, tile_n = _tile(tl.program_id(0), rows, cols, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc, m_start, n_start, offs_m, offs_n = _program_product(
+        GRAD, W, stride_gradm, stride_wk, 1, rows, cols, depth, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K,
+        DOT_PRECISION, False, USE_TMA)
     if USE_TMA:
-        acc = _gemm_tma(GRAD, W, tile_m * BLOCK_M, tile_n * BLOCK_N, depth, BLOCK_M, BLOCK_N, BLOCK_K, False,
-                        DOT_PRECISION)
-        h = H.load([tile_m * BLOCK_M, tile_n * BLOCK_N]).to(tl.float32)
+        h = H.load([m_start, n_start]).to(tl.float32)
     else:
-        acc = _gemm(GRAD, W, stride_gradm, stride_wk, 1, offs_m % rows, offs_n % cols, depth, BLOCK_M, BLOCK_N,
-                    BLOCK_K, EVEN_K, DOT_PRECISION)
         inside = (offs_m < rows)[:, None] & (offs_n < cols)[None, :]
         h = tl.load(H + offs_m.to(tl.int64)[:, None] * stride_hm + offs_n[None, :], mask=inside,
                     other=0.0).to(tl.float32)
     # d gelu / dh = Phi(h) + h * phi(h)
     slope = 0.5 * (1.0 + tl.erf(h * _SQRT_HALF)) + h * tl.exp(-0.5 * h * h) * _INV_SQRT_2PI
     if USE_TMA:
-        GRAD_H.store([tile_m * BLOCK_M, tile_n * BLOCK_N], (acc * slope).to(GRAD_H.dtype))
+        GRAD_H.store([m_start, n_start], (acc * slope).to(GRAD_H.dtype))
     else:
         tl.store(GRAD_H + offs_m.to(tl.int64)[:, None] * stride_grad_hm + offs_n[None, :],
                  (acc * slope).to(GRAD_H.dtype.element_ty), mask=inside)
@@ -188,8 +199,7 @@ def _launch_gemm(kernel, tensors, blocks, strides, rows, cols, depth, constexprs
     """``blocks``: per tensor, the [rows, cols] block it is read or written in through a descriptor under a
     ``tma`` tile (in tile units: "mk", "nk", "kn" or "mn"), or None for a tensor that stays a pointer."""
     tile = GemmTile(*CONFIGS[dtype.itemsize])
-    described = [t for t, block in zip(tensors, blocks) if block]
-    use_tma = tile.tma and tma_usable(*described)
+    use_tma = tile.tma and tma_usable(*(t for t, block in zip(tensors, blocks) if block))
     if use_tma:
         size = {"m": tile.block_m, "n": tile.block_n, "k": tile.block_k}
         tensors = tuple(tensor_descriptor(t, [size[block[0]], size[block[1]]]) if block else t
