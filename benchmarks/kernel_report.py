@@ -100,7 +100,8 @@ def _signature(fn, pointer_types: dict[str, str], constexprs: dict, divisible: t
 
 def attention_launches(head_dim: int, dtype: torch.dtype, cfgs=None, variant: str = "") -> list[Launch]:
     """The attention kernels as mimkernels.triton.attention launches them for this head dim and dtype: with the
-    portable configs (``configs_for``) unless ``cfgs`` are given; the atomic-dQ backward only with ``cfgs``."""
+    portable configs (``configs_for``) unless ``cfgs`` are given; the atomic-dQ, delta-computing dQ and per-head
+    backwards only with ``cfgs``, where they are set."""
     ty = "*" + DTYPES[dtype]
     portable = cfgs is None
     cfgs = cfgs or kernels.configs_for(head_dim, dtype)
@@ -114,11 +115,14 @@ def attention_launches(head_dim: int, dtype: torch.dtype, cfgs=None, variant: st
         plan.append((kernels._prefix_causal_bwd_dkdv, cfgs.backward_atomic, {"DQ_ATOMIC": True}))
     if not portable and cfgs.backward_dq_delta is not None:
         plan.append((kernels._prefix_causal_bwd_dq, cfgs.backward_dq_delta, {"DELTA_HERE": True}))
+    if not portable and cfgs.backward_per_head is not None:
+        plan.append((kernels._prefix_causal_bwd_per_head, cfgs.backward_per_head, {}))
     launches = []
     for fn, cfg, extra in plan:
         constexprs = {**shape, "PREFIX_IS_TENSOR": True, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
                       "USE_TMA": cfg.tma, **extra}
-        suffix = " atomic" if extra.get("DQ_ATOMIC") else " +delta" if extra.get("DELTA_HERE") else ""
+        suffix = (" atomic" if extra.get("DQ_ATOMIC") else " +delta" if extra.get("DELTA_HERE")
+                  else " per-head" if fn is kernels._prefix_causal_bwd_per_head else "")
         suffix += " tma" if cfg.tma else ""
         launches.append(Launch(fn, f"D={head_dim}{variant}{suffix}", f"{cfg.block_m}x{cfg.block_n}", cfg.num_warps,
                                cfg.num_stages, _tma_operands(pointers, fn, cfg, DTYPES[dtype], shape,
@@ -135,7 +139,7 @@ def attention_launches(head_dim: int, dtype: torch.dtype, cfgs=None, variant: st
 # the operands each attention kernel takes as [B, H, N, D] tensor descriptors under a +tma config: query-tiled
 # ones (block_m rows) and key-tiled ones (block_n rows)
 TMA_OPERANDS = {"_prefix_causal_fwd": ("Q O", "K V"), "_prefix_causal_bwd_dkdv": ("Q DO", "K V DK DV"),
-                "_prefix_causal_bwd_dq": ("Q DO DQ", "K V")}
+                "_prefix_causal_bwd_dq": ("Q DO DQ", "K V"), "_prefix_causal_bwd_per_head": ("Q DO", "K V DK DV")}
 
 
 def _tma_operands(pointers: dict, fn, cfg, dtype_name: str, shape: dict, dq_atomic: bool = False) -> dict:
@@ -269,8 +273,9 @@ def tma_candidates_report(head_dims=(64, 80, 128)) -> list[Row]:
     pointers: that they compile, and their registers beside the pointer tiles'."""
     from mimkernels.triton import attention_tuning
 
-    # where attention_launches puts each kernel (the atomic dK/dV or the delta-computing dQ last: one is set here)
-    slots = {"forward": 0, "backward_dkdv": 1, "backward_dq": 2, "backward_atomic": -1, "backward_dq_delta": -1}
+    # where attention_launches puts each kernel (an optional backward last: one at most is set here)
+    slots = {"forward": 0, "backward_dkdv": 1, "backward_dq": 2, "backward_atomic": -1, "backward_dq_delta": -1,
+             "backward_per_head": -1}
     rows = []
     for head_dim in head_dims:
         portable = kernels.configs_for(head_dim, torch.bfloat16)

@@ -34,7 +34,21 @@ def attention_cases(device):
         _backward(mimkernels.attention(q, k, v), (q, k, v))
         qkv = torch.randn(batch, seq_len, 3, heads, head_dim, device=device, dtype=dtype, requires_grad=True)
         _backward(mimkernels.qkv_attention(qkv, prefix_len=prefix), (qkv,))
-        yield f"attention {batch}x{heads}x{seq_len}x{head_dim} {str(dtype)[6:]} (q, k, v and packed)"
+        _per_head_backward(q, k, v, prefix)
+        yield f"attention {batch}x{heads}x{seq_len}x{head_dim} {str(dtype)[6:]} (q, k, v, packed, per-head backward)"
+
+
+def _per_head_backward(q, k, v, prefix):
+    """The one-program-per-head backward (the table may pick it), with the dK/dV kernel's tile."""
+    from dataclasses import replace
+
+    from mimkernels.triton import attention as kernels
+
+    q, k, v = (t.detach() for t in (q, k, v))
+    configs = kernels.configs_for_call(q)
+    configs = replace(configs, backward_per_head=configs.backward_dkdv)
+    out, lse = kernels.forward(q, k, v, prefix, q.shape[-1] ** -0.5, configs)
+    kernels.backward(torch.randn_like(out), q, k, v, out, lse, prefix, q.shape[-1] ** -0.5, configs)
 
 
 def tma_attention_cases(device):
@@ -57,10 +71,11 @@ def tma_attention_cases(device):
         prefix = torch.randint(0, seq_len + 1, (batch,), device=device)
         out, lse = kernels.forward(q, k, v, prefix, head_dim ** -0.5, tma)
         grad_out = torch.randn_like(out)
-        for configs in (tma, replace(tma, backward_dq_delta=tma.backward_dq)):
+        for configs in (tma, replace(tma, backward_dq_delta=tma.backward_dq),
+                        replace(tma, backward_per_head=tma.backward_dkdv)):
             kernels.backward(grad_out, q, k, v, out, lse, prefix, head_dim ** -0.5, configs)
         kernels.backward(grad_out, q, k, v, out, lse, prefix, head_dim ** -0.5, tma, atomic_dq=True)
-        yield f"tma attention {batch}x{heads}x{seq_len}x{head_dim} {str(dtype)[6:]} (forward, three backwards)"
+        yield f"tma attention {batch}x{heads}x{seq_len}x{head_dim} {str(dtype)[6:]} (forward, four backwards)"
 
 
 def token_cases(device):

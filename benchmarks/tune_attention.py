@@ -10,7 +10,8 @@ shape's key (GPU architecture, operand width, padded head dim, sequence class) i
 ``mimkernels/triton/attention_tiles.py``; entries of other keys are kept. The compiles come first, in parallel
 worker processes that fill Triton's on-disk cache, so the budget goes to timing. Every trial is written to
 ``tune_attention.csv`` under --out, raw; ``--from-csv`` rebuilds the table from such a file.
-The atomic-dQ backward gets a table tile only where it beat the two-launch backward.
+The atomic-dQ backward, the delta-computing dQ kernel and the one-program-per-head backward get a table tile only
+where they beat the other backwards (``attention_tuning.configs_from``).
 """
 from __future__ import annotations
 
@@ -88,7 +89,8 @@ def table_entry(name: str, key: tuple, trials: list, source: str) -> tuple[str, 
     if configs is None:
         return line, None, ""
     value = (str(configs.forward), str(configs.backward_dkdv), str(configs.backward_dq),
-             *(str(cfg) if cfg else None for cfg in (configs.backward_atomic, configs.backward_dq_delta)))
+             *(str(cfg) if cfg else None for cfg in (configs.backward_atomic, configs.backward_dq_delta,
+                                                     configs.backward_per_head)))
     return line, value, f"{source}; {line}"
 
 

@@ -240,12 +240,19 @@ def with_optional_kernels(configs: AttentionConfigs) -> AttentionConfigs:
     return dataclasses.replace(configs, backward_dq_delta=configs.backward_dq)
 
 
+def with_per_head_backward(configs: AttentionConfigs) -> AttentionConfigs:
+    """The backward in one program per (batch, head) (its backward_dkdv tile)."""
+    return dataclasses.replace(configs, backward_per_head=configs.backward_dkdv)
+
+
 TMA_CASES = [(shape, layout, tiles, dtype, "default")
              for shape, layout, tiles in [((1, 1, 1, 16), "contiguous", "square16"),
                                           ((4, 1, 49, 64), "packed_qkv", "tall"), ((2, 3, 50, 40), "bnhd", "wide"),
                                           ((4, 1, 97, 80), "contiguous", "tall")]
              for dtype in CPU_DTYPES]
-TMA_CASES += [((4, 1, 50, 24), "packed_qkv", "wide", torch.float32, variant) for variant in ("delta_in_dq", "atomic")]
+TMA_CASES += [((4, 1, 50, 24), "packed_qkv", "wide", torch.float32, variant)
+              for variant in ("delta_in_dq", "atomic", "per_head")]
+TMA_CASES += [((2, 3, 97, 40), "bnhd", "tall", torch.float16, "per_head")]
 # the atomic dQ through descriptors is one TMA reduce-add per tile pair: rows past N (one row, one tile, tiles
 # past a 97-token head) and columns past D dropped, per-sample prefixes, 16-bit operands
 TMA_CASES += [((1, 1, 1, 16), "contiguous", "square16", torch.float32, "atomic"),
@@ -258,7 +265,8 @@ def test_tma_kernels(shape, layout, tiles, dtype, variant):
     past N and columns past D come from TMA's zero fill, not masks. Within budget of the float64 reference, and
     outputs and gradients bit-equal to the same tiles through pointers (the atomic dQ: within fp32 rounding)."""
     prefix = per_sample_prefix(shape[0], shape[2], seed=shape[2])
-    pointers = SMALL_TILES[tiles] if variant != "delta_in_dq" else with_optional_kernels(SMALL_TILES[tiles])
+    pointers = {"delta_in_dq": with_optional_kernels, "per_head": with_per_head_backward}.get(
+        variant, lambda configs: configs)(SMALL_TILES[tiles])
     deterministic = variant != "atomic"
     q, k, v, leaves = make_qkv(shape, dtype, layout)
     assert kernels.tma_usable(q, k, v)  # else this would test the pointer path twice
@@ -346,6 +354,31 @@ def test_delta_computed_in_the_dq_kernel(tiles, seq_len):
     prefix = per_sample_prefix(4, seq_len, seed=seq_len)
     assert_within_budget(triton_op(prefix, configs, 0.25), reference_op(prefix, 0.25), (4, 1, seq_len, 24),
                          torch.float32, layout="bnhd", seed=seq_len)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 1, 1, 16), (4, 1, 49, 64), (4, 1, 50, 40), (4, 1, 197, 80)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_per_head_backward(shape, dtype):
+    """The backward in one program per (batch, head), dQ summed in key-tile order: same budget as the two-launch
+    one, and the same bits on a second run."""
+    prefix = per_sample_prefix(shape[0], shape[2], seed=shape[2])
+    configs = with_per_head_backward(kernels.configs_for(shape[-1], dtype))
+    assert_within_budget(triton_op(prefix, configs), reference_op(prefix), shape, dtype)
+    q, k, v, leaves = make_qkv(shape, dtype, seed=5)
+    first, second = (outputs_and_grads(triton_op(prefix, configs), q, k, v, leaves) for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("tiles", SMALL_TILES, ids=str)
+@pytest.mark.parametrize("seq_len", [1, 50, 97])
+def test_per_head_backward_many_tiles(tiles, seq_len):
+    """Diagonal, prefix-edge and sequence-end tiles: a query tile with one key tile (its first writer is also its
+    last), with several, tiles past N; the gradient written into one packed qkv gradient."""
+    prefix = per_sample_prefix(4, seq_len, seed=seq_len)
+    assert_within_budget(triton_op(prefix, with_per_head_backward(SMALL_TILES[tiles]), 0.25),
+                         reference_op(prefix, 0.25), (4, 2, seq_len, 24), torch.float32, layout="packed_qkv",
+                         seed=seq_len)
 
 
 @pytest.mark.parametrize("tiles", SMALL_TILES, ids=str)

@@ -40,7 +40,8 @@ def tile_work(monkeypatch):
 
     monkeypatch.setattr(builder, "create_dot", counted_dot)
     monkeypatch.setattr(builder, "create_select", counted_select)
-    for name in ("_prefix_causal_fwd", "_prefix_causal_bwd_dkdv", "_prefix_causal_bwd_dq", "_bwd_row_dot"):
+    for name in ("_prefix_causal_fwd", "_prefix_causal_bwd_dkdv", "_prefix_causal_bwd_dq", "_bwd_row_dot",
+                 "_prefix_causal_bwd_per_head"):
         kernel = getattr(kernels, name)
 
         def run(*args, _run=kernel.run, _name=name, **kwargs):
@@ -127,3 +128,19 @@ def test_delta_in_the_dq_kernel_skips_the_pre_pass(tile_work):
     visited, _ = expected_tiles(seq_len, prefixes, heads, 32, 16, False)
     assert tile_work["_prefix_causal_bwd_dq"]["dot"] == 3 * visited
     assert not tile_work["_bwd_row_dot"]
+
+
+@pytest.mark.parametrize("seq_len, prefixes", [(50, [0, 50]), (97, [1, 48, 96])])
+def test_per_head_backward_visits_the_same_tiles(tile_work, seq_len, prefixes):
+    """One launch, five matmuls per visited (query tile, key tile) pair, the same pairs masked as in the dK/dV kernel;
+    no other backward kernel runs."""
+    heads, base = 2, _configs((16, 16), (16, 32), (32, 16))
+    configs = AttentionConfigs(base.forward, base.backward_dkdv, base.backward_dq, None, None, base.backward_dkdv)
+    q, k, v = (torch.randn(len(prefixes), heads, seq_len, 16, device=DEVICE) for _ in range(3))
+    prefix = torch.tensor(prefixes, device=DEVICE)
+    out, lse = kernels.forward(q, k, v, prefix, 0.25, configs)
+    kernels.backward(torch.randn_like(out), q, k, v, out, lse, prefix, 0.25, configs)
+    visited, masked = expected_tiles(seq_len, prefixes, heads, 16, 32, True)
+    assert tile_work["_prefix_causal_bwd_per_head"]["dot"] == 5 * visited
+    assert tile_work["_prefix_causal_bwd_per_head"]["masked"] == masked
+    assert not (tile_work["_prefix_causal_bwd_dkdv"] or tile_work["_prefix_causal_bwd_dq"] or tile_work["_bwd_row_dot"])

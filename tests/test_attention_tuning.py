@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(HAS_GPU, reason="runs the sweep through the Trit
 
 TINY = {"forward": ("16x16x4x1", "32x16x4x1"), "backward_dkdv": ("16x32x4x1", "16x16x4x1"),
         "backward_dq": ("16x16x4x1",), "backward_atomic": ("16x16x4x1",), "backward_row_dot": ("16x0x4x3",),
-        "backward_dq_delta": ("32x16x4x1",)}
+        "backward_dq_delta": ("32x16x4x1",), "backward_per_head": ("16x32x4x1",)}
 
 
 def fake_timer(fn):
@@ -54,6 +54,10 @@ def test_sweep_checks_times_and_picks_the_fastest(problem):
     assert all(t.ms is not None and t.error < 1e-5 for t in trials), trials
     best = tuning.fastest(trials)
     assert best["forward"].config == "32x16x4x1" and best["backward_dkdv"].config == "16x16x4x1"
+    # the one-program-per-head backward, timed last, is the fastest backward here: it alone of the optional ones
+    assert tuning.configs_from(best) == AttentionConfigs(*(TileConfig.parse(c) for c in (
+        "32x16x4x1", "16x16x4x1", "16x16x4x1")), None, None, TileConfig.parse("16x32x4x1"))
+    del best["backward_per_head"]
     assert tuning.configs_from(best) == AttentionConfigs(*(TileConfig.parse(c) for c in (
         "32x16x4x1", "16x16x4x1", "16x16x4x1", "16x16x4x1", "32x16x4x1")))
 
@@ -74,6 +78,18 @@ def test_the_optional_backward_kernels_are_chosen_only_if_faster():
     faster = tuning.configs_from({**best, **row_dot,
                                     "backward_dq_delta": trial("backward_dq_delta", "64x32x4x3", 0.12)})
     assert slower.backward_dq_delta is None and faster.backward_dq_delta == TileConfig(64, 32, 4, 3)
+    # the per-head backward (delta included) against the fastest other deterministic one: here dK/dV + dq_delta
+    delta = {**best, **row_dot, "backward_dq_delta": trial("backward_dq_delta", "64x32x4x3", 0.12)}
+    slower = tuning.configs_from({**delta, "backward_per_head": trial("backward_per_head", "32x128x8x3", 0.33)})
+    faster = tuning.configs_from({**delta, "backward_per_head": trial("backward_per_head", "32x128x8x3", 0.31)})
+    assert slower.backward_per_head is None and slower.backward_dq_delta == TileConfig(64, 32, 4, 3)
+    assert faster.backward_per_head == TileConfig(32, 128, 8, 3) and faster.backward_dq_delta is None
+    # the atomic backward must beat the fastest deterministic one, pre-pass included
+    atomic = {**delta, "backward_per_head": trial("backward_per_head", "32x128x8x3", 0.25)}
+    assert tuning.configs_from({**atomic, "backward_atomic": trial("backward_atomic", "64x128x8x3", 0.23)}
+                               ).backward_atomic is None
+    assert tuning.configs_from({**atomic, "backward_atomic": trial("backward_atomic", "64x128x8x3", 0.21)}
+                               ).backward_atomic == TileConfig(64, 128, 8, 3)
 
 
 def test_a_wrong_result_is_never_timed(problem):
@@ -112,6 +128,9 @@ def test_measured_lookup_takes_the_nearest_sequence_class():
     five = {(90, 2, 64, 384): ("128x32x4x4", "32x64x4x3", "64x32x4x3", None, "64x32x4x3")}
     configs = kernels.measured_configs((90, 2, 64, 384), five)
     assert configs.backward_atomic is None and configs.backward_dq_delta == TileConfig(64, 32, 4, 3)
+    six = {(90, 2, 64, 384): ("128x32x4x4", "32x64x4x3", "64x32x4x3", None, None, "32x128x8x3+tma")}
+    configs = kernels.measured_configs((90, 2, 64, 384), six)
+    assert configs.backward_dq_delta is None and configs.backward_per_head == TileConfig(32, 128, 8, 3, tma=True)
 
 
 def test_cpu_calls_use_the_portable_configs():
@@ -124,7 +143,7 @@ def test_every_shipped_entry_parses():
 
     for key, tiles in attention_tiles.MEASURED.items():
         assert len(key) == 4 and key[3] in kernels.SEQ_CLASSES
-        assert kernels.measured_configs(key) is not None and len(tiles) in (4, 5)
+        assert kernels.measured_configs(key) is not None and len(tiles) in (4, 5, 6)
 
 
 def test_table_file_round_trip():
@@ -144,10 +163,12 @@ def test_table_rebuilt_from_a_raw_csv(tmp_path):
         f"aim_600m,\"(90, 2, 128, 384)\",{kernel},{config},{ms},1e-3,{note},{meta}" for kernel, config, ms, note in [
             ("forward", "64x64x4x3", "0.10", ""), ("forward", "128x32x4x4", "", "wrong: relative error 1"),
             ("backward_dkdv", "64x64x4x2", "0.17", ""), ("backward_dkdv", "32x64x4x3", "0.20", ""),
-            ("backward_dq", "64x32x4x3", "0.11", ""), ("backward_atomic", "64x128x8x3", "0.32", "")]]) + "\n")
+            ("backward_dq", "64x32x4x3", "0.11", ""), ("backward_atomic", "64x128x8x3", "0.32", ""),
+            ("backward_per_head", "32x128x8x3", "0.27", "")]]) + "\n")
     [(key, line, value, source)] = tune_attention.entries_from_csv(str(path))
     assert key == (90, 2, 128, 384)
-    assert value == ("64x64x4x3", "64x64x4x2", "64x32x4x3", None, None)  # atomic 0.32 ms > 0.17 + 0.11
+    # atomic 0.32 ms > per-head 0.27 < dK/dV + dQ 0.17 + 0.11
+    assert value == ("64x64x4x3", "64x64x4x2", "64x32x4x3", None, None, "32x128x8x3")
     assert "NVIDIA H200" in source and "abc1234" in source and "aim_600m" in line
 
 

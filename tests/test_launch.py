@@ -136,6 +136,11 @@ with mimkernels.use_backend("triton"):
     torch.autograd.grad(total.sum() + normed.sum(), x)
     w1, w2 = torch.randn(32, 16, requires_grad=True), torch.randn(16, 32, requires_grad=True)
     torch.autograd.grad(mimkernels.gelu_mlp(x, w1, torch.zeros(32), w2, None).sum(), (x, w1, w2))
+from mimkernels.triton import attention as kernels  # the per-head backward: used only where the table picks it
+q = q.detach()
+out, lse = kernels.forward(q, q, q, 3, 0.25)
+tile = kernels.configs_for(16, q.dtype).backward_dkdv
+kernels.backward_per_head(out, q, q, q, out, lse, torch.tensor([3, 9]), 0.25, tile)
 names = sorted({kernel.__name__ for kernel in launch._LAUNCHED})
 print(" ".join(names))
 """
@@ -147,5 +152,6 @@ print(" ".join(names))
     assert run.stdout.split() == sorted([
         "_add_layer_norm_bwd", "_add_layer_norm_fwd", "_bwd_row_dot", "_gather_rows", "_linear_gelu_fwd",
         "_masked_patch_loss_bwd", "_masked_patch_loss_fwd", "_matmul_gelu_grad", "_patch_embed_fwd",
-        "_patch_embed_weight_grad", "_prefix_causal_bwd_dkdv", "_prefix_causal_bwd_dq", "_prefix_causal_fwd",
+        "_patch_embed_weight_grad", "_prefix_causal_bwd_dkdv", "_prefix_causal_bwd_dq", "_prefix_causal_bwd_per_head",
+        "_prefix_causal_fwd",
         "_restore_rows"])

@@ -63,6 +63,9 @@ class AttentionConfigs:
     backward_atomic: TileConfig | None = None
     # the dQ kernel computing delta itself (no row-dot pre-pass); given only where that measured faster
     backward_dq_delta: TileConfig | None = None
+    # the whole backward in one program per (batch, head), deterministic (backward_per_head); given only where it
+    # measured faster than the other deterministic backwards
+    backward_per_head: TileConfig | None = None
 
 
 # (block_m, block_n, num_warps, num_stages) of the forward, dK/dV and dQ kernels, by operand width and padded
@@ -352,16 +355,20 @@ def _bwd_row_dot(
 
 @triton.jit
 def _dkdv_query_tiles(
-    dk, dv, k, v, q_src, do_src, dq_dst, lse_row, delta_row, stride_qn, stride_don, stride_dqn, batch, head,
-    offs_n, offs_d, m_lo, m_hi, prefix, seq_len, head_dim, qk_scale, scale,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr, USE_TMA: tl.constexpr,
+    dk, dv, k, v, q_src, do_src, dq_dst, dq_out, lse_row, delta_row, stride_qn, stride_don, stride_dqn,
+    stride_dq_out_n, batch, head, n_start, offs_n, offs_d, m_lo, m_hi, prefix, seq_len, head_dim, qk_scale, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr, DQ_IN_ORDER: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    """Accumulate dK, dV of one key tile over query tiles [m_lo, m_hi); works on transposed scores [keys, queries].
+    """Accumulate dK, dV of the key tile at ``n_start`` over query tiles [m_lo, m_hi); works on transposed scores
+    [keys, queries].
 
     ``q_src``, ``do_src``, ``dq_dst``: :func:`_head_source` of Q, dO and the fp32 dQ accumulator. With DQ_ATOMIC,
     also add this key tile's share of dQ (scaled) to the accumulator atomically: through a descriptor one TMA
-    bulk reduce-add per tile (Hopper's ``cp.reduce.async.bulk``), else an atomic add per element.
+    bulk reduce-add per tile (Hopper's ``cp.reduce.async.bulk``), else an atomic add per element. With DQ_IN_ORDER
+    (one program runs the key tiles of its head one after another, in order), add it with a plain read and write
+    of the accumulator's rows (``dq_dst``: pointers), whose first writer is key tile 0 and whose last writer
+    stores the finished, scaled dQ rows into ``dq_out`` instead: deterministic, no atomics, no zeroing, no cast.
     """
     for m_start in range(m_lo, m_hi, BLOCK_M):
         offs_m = m_start + tl.arange(0, BLOCK_M)
@@ -393,7 +400,82 @@ def _dkdv_query_tiles(
                 dq_ptrs = dq_dst + offs_m[:, None] * stride_dqn + offs_d[None, :]
                 tl.atomic_add(dq_ptrs, dq, mask=(offs_m[:, None] < seq_len) & (offs_d[None, :] < head_dim),
                               sem="relaxed")
+        if DQ_IN_ORDER:
+            dq = tl.dot(tl.trans(dscores_t), k, input_precision=DOT_PRECISION)
+            inside = (offs_m[:, None] < seq_len) & (offs_d[None, :] < head_dim)
+            dq_ptrs = dq_dst + offs_m[:, None] * stride_dqn + offs_d[None, :]
+            if n_start > 0:  # the key tiles before this one have added theirs (every query sees key tile 0)
+                dq += tl.load(dq_ptrs, mask=inside, other=0.0, cache_modifier=".cg")
+            if n_start + BLOCK_N >= tl.minimum(seq_len, tl.maximum(prefix, m_start + BLOCK_M)):
+                # no later key tile is visible to this query tile: its dQ is complete
+                tl.store(dq_out + offs_m[:, None] * stride_dq_out_n + offs_d[None, :],
+                         (dq * scale).to(dq_out.dtype.element_ty), mask=inside)
+            else:
+                tl.store(dq_ptrs, dq, mask=inside, cache_modifier=".cg")
     return dk, dv
+
+
+@triton.jit
+def _dkdv_key_tile(
+    Q, K, V, DO, DK, DV, dq_dst, dq_out, lse_row, delta_row,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_dqn, stride_dq_out_n,
+    batch, head, n_start, prefix, seq_len, scale, qk_scale,
+    head_dim: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr, DQ_IN_ORDER: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):
+    """dK, dV of the key tile at ``n_start`` over every query tile that sees it (and its dQ shares, see
+    :func:`_dkdv_query_tiles`), stored."""
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _read_rows(_head_source(K, batch, head, stride_kb, stride_kh, USE_TMA), batch, head, n_start, stride_kn,
+                   offs_d, seq_len, head_dim, True, EVEN_D, BLOCK_N, BLOCK_D, USE_TMA)
+    v = _read_rows(_head_source(V, batch, head, stride_vb, stride_vh, USE_TMA), batch, head, n_start, stride_vn,
+                   offs_d, seq_len, head_dim, True, EVEN_D, BLOCK_N, BLOCK_D, USE_TMA)
+    q_src = _head_source(Q, batch, head, stride_qb, stride_qh, USE_TMA)
+    do_src = _head_source(DO, batch, head, stride_dob, stride_doh, USE_TMA)
+
+    # Queries that see this key tile: all of them if it starts inside the prefix, else those at or after it.
+    # Query tile [m, m + BLOCK_M) sees every key of the tile iff the tile lies in the prefix, or
+    # m >= n_start + BLOCK_N - 1; tiles before that are on the diagonal and are masked, and so is the
+    # last query tile when it runs past the sequence.
+    in_prefix = n_start + BLOCK_N <= prefix
+    m_lo = tl.where(n_start < prefix, 0, (n_start // BLOCK_M) * BLOCK_M)
+    full_from = tl.where(in_prefix, 0, tl.cdiv(n_start + BLOCK_N - 1, BLOCK_M) * BLOCK_M)
+    m_floor = (seq_len // BLOCK_M) * BLOCK_M
+    diag_end = tl.maximum(tl.minimum(full_from, m_floor), m_lo)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # the diagonal tiles (masked), the full ones, the tile past the sequence end (masked)
+    dk, dv = _dkdv_query_tiles(
+        dk, dv, k, v, q_src, do_src, dq_dst, dq_out, lse_row, delta_row, stride_qn, stride_don, stride_dqn,
+        stride_dq_out_n, batch, head, n_start, offs_n, offs_d, m_lo, diag_end, prefix, seq_len, head_dim, qk_scale,
+        scale, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, True, DOT_PRECISION, DQ_ATOMIC, DQ_IN_ORDER, USE_TMA)
+    dk, dv = _dkdv_query_tiles(
+        dk, dv, k, v, q_src, do_src, dq_dst, dq_out, lse_row, delta_row, stride_qn, stride_don, stride_dqn,
+        stride_dq_out_n, batch, head, n_start, offs_n, offs_d, diag_end, m_floor, prefix, seq_len, head_dim,
+        qk_scale, scale, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, False, DOT_PRECISION, DQ_ATOMIC, DQ_IN_ORDER, USE_TMA)
+    dk, dv = _dkdv_query_tiles(
+        dk, dv, k, v, q_src, do_src, dq_dst, dq_out, lse_row, delta_row, stride_qn, stride_don, stride_dqn,
+        stride_dq_out_n, batch, head, n_start, offs_n, offs_d, tl.maximum(diag_end, m_floor), seq_len, prefix,
+        seq_len, head_dim, qk_scale, scale, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, True, DOT_PRECISION, DQ_ATOMIC,
+        DQ_IN_ORDER, USE_TMA)
+
+    if USE_TMA:  # TMA drops the rows past N and the columns past D
+        DK.store([batch, head, n_start, 0], (dk * scale).to(DK.dtype).reshape(1, 1, BLOCK_N, BLOCK_D))
+        DV.store([batch, head, n_start, 0], dv.to(DV.dtype).reshape(1, 1, BLOCK_N, BLOCK_D))
+    else:
+        _store_tile(_head_rows(DK, batch, head, stride_dkb, stride_dkh), offs_n, stride_dkn, offs_d,
+                    seq_len, head_dim, (dk * scale).to(DK.dtype.element_ty))
+        _store_tile(_head_rows(DV, batch, head, stride_dvb, stride_dvh), offs_n, stride_dvn, offs_d,
+                    seq_len, head_dim, dv.to(DV.dtype.element_ty))
 
 
 @triton.jit
@@ -419,52 +501,64 @@ def _prefix_causal_bwd_dkdv(
     batch = bh // num_heads
     head = bh % num_heads
     prefix = _prefix_of(PREFIX, prefix_int, batch, seq_len, PREFIX_IS_TENSOR)
+    _dkdv_key_tile(
+        Q, K, V, DO, DK, DV, _head_source(DQ_ACC, batch, head, stride_dqb, stride_dqh, USE_TMA), DQ_ACC,
+        LSE + bh.to(tl.int64) * seq_len, DELTA + bh.to(tl.int64) * seq_len,
+        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+        stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+        stride_dqn, stride_dqn, batch, head, n_start, prefix, seq_len, scale, qk_scale,
+        head_dim, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, DQ_ATOMIC, False, USE_TMA)
 
-    offs_n = n_start + tl.arange(0, BLOCK_N)
+
+@triton.jit
+def _prefix_causal_bwd_per_head(
+    Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV, DQ_ACC, PREFIX, prefix_int,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    stride_dob, stride_doh, stride_don,
+    stride_dqb, stride_dqh, stride_dqn,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    num_heads, seq_len, scale, qk_scale,
+    PREFIX_IS_TENSOR: tl.constexpr, head_dim: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    """The whole backward of one (batch, head) in one program: delta of every row, then its key tiles in order,
+    each adding its dQ share to an fp32 accumulator (DQ_ACC, [B * H, N, D] contiguous, uninitialised) that only
+    this program touches, so the sums run in the same order every time with 5 matmuls per tile pair instead of
+    the two-launch backward's 7. With USE_TMA, Q, K, V, DO, DK, DV are [B, H, N, D] tensor descriptors (O, DQ and
+    the accumulator stay pointers)."""
+    bh = tl.program_id(0)
+    batch = bh // num_heads
+    head = bh % num_heads
+    prefix = _prefix_of(PREFIX, prefix_int, batch, seq_len, PREFIX_IS_TENSOR)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _read_rows(_head_source(K, batch, head, stride_kb, stride_kh, USE_TMA), batch, head, n_start, stride_kn,
-                   offs_d, seq_len, head_dim, True, EVEN_D, BLOCK_N, BLOCK_D, USE_TMA)
-    v = _read_rows(_head_source(V, batch, head, stride_vb, stride_vh, USE_TMA), batch, head, n_start, stride_vn,
-                   offs_d, seq_len, head_dim, True, EVEN_D, BLOCK_N, BLOCK_D, USE_TMA)
-    q_src = _head_source(Q, batch, head, stride_qb, stride_qh, USE_TMA)
-    do_src = _head_source(DO, batch, head, stride_dob, stride_doh, USE_TMA)
-    dq_dst = _head_source(DQ_ACC, batch, head, stride_dqb, stride_dqh, USE_TMA)
     lse_row = LSE + bh.to(tl.int64) * seq_len
     delta_row = DELTA + bh.to(tl.int64) * seq_len
 
-    # Queries that see this key tile: all of them if it starts inside the prefix, else those at or after it.
-    # Query tile [m, m + BLOCK_M) sees every key of the tile iff the tile lies in the prefix, or
-    # m >= n_start + BLOCK_N - 1; tiles before that are on the diagonal and are masked, and so is the
-    # last query tile when it runs past the sequence.
-    in_prefix = n_start + BLOCK_N <= prefix
-    m_lo = tl.where(n_start < prefix, 0, (n_start // BLOCK_M) * BLOCK_M)
-    full_from = tl.where(in_prefix, 0, tl.cdiv(n_start + BLOCK_N - 1, BLOCK_M) * BLOCK_M)
-    m_floor = (seq_len // BLOCK_M) * BLOCK_M
-    diag_end = tl.maximum(tl.minimum(full_from, m_floor), m_lo)
+    do_src = _head_source(DO, batch, head, stride_dob, stride_doh, USE_TMA)
+    o_rows = _head_rows(O, batch, head, stride_ob, stride_oh)
+    for m_start in range(0, seq_len, BLOCK_M):  # delta_i = sum_d dO[i, d] * O[i, d]
+        offs_m = m_start + tl.arange(0, BLOCK_M)
+        o = _load_tile(o_rows, offs_m, stride_on, offs_d, seq_len, head_dim, True, EVEN_D)
+        do = _read_rows(do_src, batch, head, m_start, stride_don, offs_d, seq_len, head_dim, True, EVEN_D, BLOCK_M,
+                        BLOCK_D, USE_TMA)
+        tl.store(delta_row + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < seq_len)
+    tl.debug_barrier()  # every thread's delta rows stored before any thread reads them
 
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dk, dv = _dkdv_query_tiles(
-        dk, dv, k, v, q_src, do_src, dq_dst, lse_row, delta_row, stride_qn, stride_don, stride_dqn, batch, head,
-        offs_n, offs_d, m_lo, diag_end, prefix, seq_len, head_dim, qk_scale, scale, BLOCK_M, BLOCK_D, EVEN_D, True,
-        DOT_PRECISION, DQ_ATOMIC, USE_TMA)
-    dk, dv = _dkdv_query_tiles(
-        dk, dv, k, v, q_src, do_src, dq_dst, lse_row, delta_row, stride_qn, stride_don, stride_dqn, batch, head,
-        offs_n, offs_d, diag_end, m_floor, prefix, seq_len, head_dim, qk_scale, scale, BLOCK_M, BLOCK_D, EVEN_D,
-        False, DOT_PRECISION, DQ_ATOMIC, USE_TMA)
-    dk, dv = _dkdv_query_tiles(
-        dk, dv, k, v, q_src, do_src, dq_dst, lse_row, delta_row, stride_qn, stride_don, stride_dqn, batch, head,
-        offs_n, offs_d, tl.maximum(diag_end, m_floor), seq_len, prefix, seq_len, head_dim, qk_scale, scale, BLOCK_M,
-        BLOCK_D, EVEN_D, True, DOT_PRECISION, DQ_ATOMIC, USE_TMA)
-
-    if USE_TMA:  # TMA drops the rows past N and the columns past D
-        DK.store([batch, head, n_start, 0], (dk * scale).to(DK.dtype).reshape(1, 1, BLOCK_N, BLOCK_D))
-        DV.store([batch, head, n_start, 0], dv.to(DV.dtype).reshape(1, 1, BLOCK_N, BLOCK_D))
-    else:
-        _store_tile(_head_rows(DK, batch, head, stride_dkb, stride_dkh), offs_n, stride_dkn, offs_d,
-                    seq_len, head_dim, (dk * scale).to(DK.dtype.element_ty))
-        _store_tile(_head_rows(DV, batch, head, stride_dvb, stride_dvh), offs_n, stride_dvn, offs_d,
-                    seq_len, head_dim, dv.to(DV.dtype.element_ty))
+    dq_acc = DQ_ACC + bh.to(tl.int64) * seq_len * head_dim
+    dq_out = _head_rows(DQ, batch, head, stride_dqb, stride_dqh)
+    for n_start in range(0, seq_len, BLOCK_N):
+        _dkdv_key_tile(
+            Q, K, V, DO, DK, DV, dq_acc, dq_out, lse_row, delta_row,
+            stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+            stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
+            stride_dvn, head_dim, stride_dqn, batch, head, n_start, prefix, seq_len, scale, qk_scale,
+            head_dim, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, False, True, USE_TMA)
+        tl.debug_barrier()  # this key tile's dQ rows written before the next one reads them
 
 
 @triton.jit
@@ -696,19 +790,45 @@ def backward_atomic(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: Ti
     return dq, dk, dv
 
 
+def backward_per_head(grad_out, q, k, v, out, lse, prefix, scale: float, cfg: TileConfig, grads=(None,) * 3):
+    """dq, dk, dv from one launch, one program per (batch, head): delta, then dK/dV per key tile in order with
+    each tile's dQ share added to an fp32 buffer in that order (5 matmuls per tile pair, bit-identical run after
+    run). Its parallelism is B * H programs, so it suits short sequences and large batches."""
+    batch, heads, seq_len, head_dim = q.shape
+    prefix_ptr, prefix_int, prefix_is_tensor = _prefix_args(prefix, q)
+    dq, dk, dv = (_empty_bnhd(t) if g is None else g for t, g in zip((q, k, v), grads))
+    delta = torch.empty_like(lse)
+    dq_acc = torch.empty(batch * heads, seq_len, head_dim, dtype=torch.float32, device=q.device)
+    shapes = shape_args(head_dim, q.dtype)
+    (q_, k_, v_, do_, dk_, dv_), use_tma = _operands(cfg, shapes, (q, cfg.block_m), (k, cfg.block_n),
+                                                     (v, cfg.block_n), (grad_out, cfg.block_m), (dk, cfg.block_n),
+                                                     (dv, cfg.block_n))
+    launch(_prefix_causal_bwd_per_head, (batch * heads,), (
+        q_, k_, v_, out, do_, lse, delta, dq, dk_, dv_, dq_acc, prefix_ptr,
+    ), (
+        prefix_int, *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(grad_out), *_strides(dq),
+        *_strides(dk), *_strides(dv), heads, seq_len, scale, scale * LOG2_E,
+    ), dict(PREFIX_IS_TENSOR=prefix_is_tensor, **shapes, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=use_tma),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return dq, dk, dv
+
+
 def backward(grad_out, q, k, v, out, lse, prefix, scale: float, configs: AttentionConfigs | None = None,
              atomic_dq: bool = False, grads=(None,) * 3):
     """dq, dk, dv, each [B, H, N, D] stored [B, N, H, D], or written into ``grads`` = (dq, dk, dv) where given
     ([B, H, N, D] views with a unit last stride, e.g. of one packed [B, N, 3, H, D] gradient).
 
     Default: a row-dot pre-pass, then dK/dV and dQ in two launches, no atomics, so bit-identical run after run;
-    where ``configs.backward_dq_delta`` is set, the dQ kernel computes delta itself and runs first (no pre-pass).
-    ``atomic_dq=True``: one launch that adds dQ with fp32 atomics (tile ``configs.backward_atomic``, else
-    ``backward_dkdv``).
+    where ``configs.backward_dq_delta`` is set, the dQ kernel computes delta itself and runs first (no pre-pass);
+    where ``configs.backward_per_head`` is set, one launch does it all (:func:`backward_per_head`), as
+    reproducible. ``atomic_dq=True``: one launch that adds dQ with fp32 atomics (tile ``configs.backward_atomic``,
+    else ``backward_dkdv``).
     """
     cfgs = configs or configs_for_call(q)
     dq, dk, dv = grads
-    if cfgs.backward_dq_delta is not None and not atomic_dq:  # dQ first, computing delta for dK/dV: 3 launches
+    if cfgs.backward_per_head is not None and not atomic_dq:
+        return backward_per_head(grad_out, q, k, v, out, lse, prefix, scale, cfgs.backward_per_head, grads)
+    if cfgs.backward_dq_delta is not None and not atomic_dq:  # dQ first, computing delta for dK/dV: 2 launches
         delta = torch.empty_like(lse)
         dq = backward_dq(grad_out, q, k, v, lse, delta, prefix, scale, cfgs.backward_dq_delta, out=out, dq=dq)
         dk, dv = backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale, cfgs.backward_dkdv, dk=dk, dv=dv)

@@ -46,6 +46,11 @@ for _kernel, _extra in (
         # dQ added by TMA bulk reduce-adds, one per tile pair, instead of an fp32 atomic per element (2026-12-01)
         ("backward_atomic", ("64x64x4x2", "64x64x4x3", "64x128x8x3", "32x128x8x3", "32x64x4x3"))):
     CANDIDATES[_kernel] += tuple(f"{text}+tma" for text in _extra)
+# The whole deterministic backward in one program per (batch, head) (2026-12-01, not yet measured): dK/dV tiles,
+# since its inner loop is the dK/dV kernel's plus one matmul and one fp32 read-modify-write of dQ per tile pair.
+# Wide key tiles (block_n 128) mean fewer dQ writers per query tile, hence less fp32 traffic.
+CANDIDATES["backward_per_head"] = ("32x128x8x3", "64x128x8x3", "64x64x4x3", "32x64x4x3", "64x128x8x3+tma",
+                                   "32x128x8x3+tma", "64x64x4x3+tma", "32x64x4x3+tma")
 KERNELS = tuple(CANDIDATES)
 TOLERANCE = {2: 2e-2, 4: 1e-4}  # relative error vs the float32 reference above which a trial is wrong
 
@@ -117,6 +122,9 @@ def _runner(problem: Problem, kernel: str, cfg: TileConfig, out, lse, delta):
         scratch = torch.empty_like(delta)
         args = (p.grad_out, p.q, p.k, p.v, lse, scratch, p.prefix, p.scale, cfg)
         return lambda: {"dq": kernels.backward_dq(*args, out=out)}
+    if kernel == "backward_per_head":
+        return lambda: dict(zip(("dq", "dk", "dv"), kernels.backward_per_head(p.grad_out, p.q, p.k, p.v, out, lse,
+                                                                              p.prefix, p.scale, cfg)))
     raise ValueError(f"unknown kernel {kernel!r}; expected one of {', '.join(KERNELS)}")
 
 
@@ -166,19 +174,31 @@ def fastest(trials: list[Trial]) -> dict[str, Trial]:
 
 
 def configs_from(best: dict[str, Trial]) -> AttentionConfigs | None:
-    """AttentionConfigs of the winners; None unless the forward, dK/dV and dQ kernels all have one. The atomic-dQ
-    backward gets a tile only if it beat dK/dV + dQ (it includes its fp32 buffer's zeroing and cast), the
-    delta-computing dQ kernel only if it beat dQ + the row-dot pre-pass."""
+    """AttentionConfigs of the winners; None unless the forward, dK/dV and dQ kernels all have one.
+
+    The deterministic backward is the fastest of: row-dot pre-pass + dK/dV + dQ, dK/dV + the delta-computing dQ
+    kernel (``backward_dq_delta`` set), the one-launch ``backward_per_head`` (set; it computes delta itself). The
+    atomic-dQ backward gets a tile only if it (with the pre-pass, its fp32 buffer's zeroing and cast) beat that.
+    """
     if not all(name in best for name in ("forward", "backward_dkdv", "backward_dq")):
         return None
-    atomic, dq_delta, row_dot = (best.get(name) for name in ("backward_atomic", "backward_dq_delta",
-                                                              "backward_row_dot"))
-    two_launch_ms = best["backward_dkdv"].ms + best["backward_dq"].ms
-    delta_wins = dq_delta and row_dot and dq_delta.ms < best["backward_dq"].ms + row_dot.ms
-    return AttentionConfigs(*(TileConfig.parse(best[name].config) for name in ("forward", "backward_dkdv",
-                                                                              "backward_dq")),
-                            TileConfig.parse(atomic.config) if atomic and atomic.ms < two_launch_ms else None,
-                            TileConfig.parse(dq_delta.config) if delta_wins else None)
+    ms = {name: trial.ms for name, trial in best.items()}
+    row_dot = ms.get("backward_row_dot", 0.0)  # not timed: a pre-pass that costs nothing, the other paths' worst case
+    paths = {"two_launch": row_dot + ms["backward_dkdv"] + ms["backward_dq"]}
+    if "backward_dq_delta" in ms:
+        paths["backward_dq_delta"] = ms["backward_dkdv"] + ms["backward_dq_delta"]
+    if "backward_per_head" in ms:
+        paths["backward_per_head"] = ms["backward_per_head"]
+    deterministic = min(paths, key=paths.get)
+    atomic = "backward_atomic" in ms and row_dot + ms["backward_atomic"] < paths[deterministic]
+
+    def tile(name, chosen):
+        return TileConfig.parse(best[name].config) if chosen else None
+
+    return AttentionConfigs(*(tile(name, True) for name in ("forward", "backward_dkdv", "backward_dq")),
+                            tile("backward_atomic", atomic), tile("backward_dq_delta", deterministic ==
+                                                                   "backward_dq_delta"),
+                            tile("backward_per_head", deterministic == "backward_per_head"))
 
 
 def tune_call_shape(q: torch.Tensor) -> AttentionConfigs | None:
