@@ -6,6 +6,7 @@ visible pair, and masked iff it also holds an invisible pair or runs past the se
 that loads a tile nobody sees, or masks a tile that needs no mask, or skips a visible tile, fails here.
 """
 import collections
+import dataclasses
 
 import pytest
 import torch
@@ -102,18 +103,24 @@ def test_tiles_visited_and_masked(tile_work, configs, seq_len, prefixes):
     assert not tile_work["_bwd_row_dot"]
 
 
+@pytest.mark.parametrize("variant, kernel", [("atomic", "_prefix_causal_bwd_dkdv"),
+                                             ("per_head", "_prefix_causal_bwd_per_head")])
 @pytest.mark.parametrize("seq_len, prefixes", [(50, [0, 50]), (97, [1, 48, 96])])
-def test_atomic_backward_visits_the_same_tiles(tile_work, seq_len, prefixes):
-    """One launch, five matmuls per visited (query tile, key tile) pair; the dQ kernel does not run."""
+def test_one_launch_backwards_visit_the_same_tiles(tile_work, seq_len, prefixes, variant, kernel):
+    """The atomic-dQ and the per-head backward: one launch, five matmuls per visited (query tile, key tile) pair,
+    the same pairs masked as in the dK/dV kernel; no other dK/dV or dQ kernel runs."""
     heads, configs = 2, _configs((16, 16), (16, 32), (32, 16))
+    if variant == "per_head":
+        configs = dataclasses.replace(configs, backward_per_head=configs.backward_dkdv)
     q, k, v = (torch.randn(len(prefixes), heads, seq_len, 16, device=DEVICE) for _ in range(3))
     prefix = torch.tensor(prefixes, device=DEVICE)
     out, lse = kernels.forward(q, k, v, prefix, 0.25, configs)
-    kernels.backward(torch.randn_like(out), q, k, v, out, lse, prefix, 0.25, configs, atomic_dq=True)
+    kernels.backward(torch.randn_like(out), q, k, v, out, lse, prefix, 0.25, configs, atomic_dq=variant == "atomic")
     visited, masked = expected_tiles(seq_len, prefixes, heads, 16, 32, True)
-    assert tile_work["_prefix_causal_bwd_dkdv"]["dot"] == 5 * visited
-    assert tile_work["_prefix_causal_bwd_dkdv"]["masked"] == masked
-    assert not tile_work["_prefix_causal_bwd_dq"]
+    assert tile_work[kernel]["dot"] == 5 * visited
+    assert tile_work[kernel]["masked"] == masked
+    others = {"_prefix_causal_bwd_dkdv", "_prefix_causal_bwd_dq", "_prefix_causal_bwd_per_head"} - {kernel}
+    assert not any(tile_work[name] for name in others)
 
 
 def test_delta_in_the_dq_kernel_skips_the_pre_pass(tile_work):
@@ -129,18 +136,3 @@ def test_delta_in_the_dq_kernel_skips_the_pre_pass(tile_work):
     assert tile_work["_prefix_causal_bwd_dq"]["dot"] == 3 * visited
     assert not tile_work["_bwd_row_dot"]
 
-
-@pytest.mark.parametrize("seq_len, prefixes", [(50, [0, 50]), (97, [1, 48, 96])])
-def test_per_head_backward_visits_the_same_tiles(tile_work, seq_len, prefixes):
-    """One launch, five matmuls per visited (query tile, key tile) pair, the same pairs masked as in the dK/dV kernel;
-    no other backward kernel runs."""
-    heads, base = 2, _configs((16, 16), (16, 32), (32, 16))
-    configs = AttentionConfigs(base.forward, base.backward_dkdv, base.backward_dq, None, None, base.backward_dkdv)
-    q, k, v = (torch.randn(len(prefixes), heads, seq_len, 16, device=DEVICE) for _ in range(3))
-    prefix = torch.tensor(prefixes, device=DEVICE)
-    out, lse = kernels.forward(q, k, v, prefix, 0.25, configs)
-    kernels.backward(torch.randn_like(out), q, k, v, out, lse, prefix, 0.25, configs)
-    visited, masked = expected_tiles(seq_len, prefixes, heads, 16, 32, True)
-    assert tile_work["_prefix_causal_bwd_per_head"]["dot"] == 5 * visited
-    assert tile_work["_prefix_causal_bwd_per_head"]["masked"] == masked
-    assert not (tile_work["_prefix_causal_bwd_dkdv"] or tile_work["_prefix_causal_bwd_dq"] or tile_work["_bwd_row_dot"])
