@@ -104,15 +104,21 @@ def test_attention_forward_launcher(benchmark):
     benchmark(kernels.forward, q, k, v, torch.tensor([3, 40]), 0.125)
 
 
-def test_attention_backward_launchers(benchmark):
-    """The backward's launchers alone (its 2-3 launches by the tile table; here the CPU's portable configs: the
-    row-dot pre-pass, dK/dV, dQ)."""
+@pytest.mark.parametrize("variant", ["three_launches", "per_head"])
+def test_attention_backward_launchers(benchmark, variant):
+    """The backward's launchers alone: the CPU's portable configs (row-dot pre-pass, dK/dV, dQ: three launches), or
+    the one-launch per-head backward (where the tile table picks it)."""
+    from dataclasses import replace
+
     from mimkernels.triton import attention as kernels
 
     q, k, v = (t.detach() for t in _qkv())
     prefix = torch.tensor([3, 40])
+    configs = kernels.configs_for(q.shape[-1], q.dtype)
+    if variant == "per_head":
+        configs = replace(configs, backward_per_head=configs.backward_dkdv)
     out, lse = kernels.forward(q, k, v, prefix, 0.125)
-    benchmark(kernels.backward, torch.ones_like(out), q, k, v, out, lse, prefix, 0.125)
+    benchmark(kernels.backward, torch.ones_like(out), q, k, v, out, lse, prefix, 0.125, configs)
 
 
 def test_full_attention_fwd_bwd(benchmark):
