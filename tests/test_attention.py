@@ -673,6 +673,28 @@ def test_qkv_attention_within_budget_and_equal_to_attention_on_views(shape, mask
         assert kernel_err <= budget, f"{name}: error {kernel_err:.3e} > budget {budget:.3e} (torch {torch_err:.3e})"
 
 
+@pytest.mark.parametrize("mask", ["prefix", "full", "causal"])
+def test_qkv_attention_with_the_per_head_backward(mask, monkeypatch):
+    """Where the table picks the per-head backward, the packed op's backward writes dq, dk, dv into the packed
+    gradient through it: within budget, and the same gradient as the two-launch backward gives up to fp32 rounding
+    (the sums run in another order)."""
+    shape = (3, 2, 45, 24)
+    kwargs = mask_kwargs(mask, shape[0], shape[2])
+    qkv = packed_leaf(shape, torch.float32)
+    with mimkernels.use_backend("triton"):
+        two_launch = packed_outputs_and_grads(lambda t: mimkernels.qkv_attention(t, **kwargs), qkv)
+        looked_up, per_head, calls = kernels.configs_for_call, kernels.backward_per_head, []
+        monkeypatch.setattr(kernels, "configs_for_call", lambda q: with_per_head_backward(looked_up(q)))
+        monkeypatch.setattr(kernels, "backward_per_head", lambda *args: calls.append(1) or per_head(*args))
+        got = packed_outputs_and_grads(lambda t: mimkernels.qkv_attention(t, **kwargs), qkv)
+    assert calls == [1]
+    qkv64 = qkv.detach().double().requires_grad_()
+    want = packed_outputs_and_grads(lambda t: reference_on_views(t, **kwargs), qkv64)
+    assert torch.equal(got[0], two_launch[0])
+    torch.testing.assert_close(got[1], two_launch[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1].double(), want[1], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("layout", ["wide", "strided_d"])
 def test_qkv_attention_reads_strided_projections(layout):
     shape = (2, 2, 33, 24)
