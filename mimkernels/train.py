@@ -3,7 +3,9 @@
 One process, or many through ``torchrun --nproc-per-node K -m mimkernels.train ...`` (DistributedDataParallel:
 NCCL on GPUs, gloo on CPUs; a DistributedSampler splits the data; only rank 0 writes files), or with ``--fsdp``
 FSDP2 (parameters, gradients and optimizer state sharded over the ranks: models that do not fit one GPU;
-``mimkernels.parallel``). ``--activation-checkpointing`` recomputes each block's activations in the backward.
+``mimkernels.parallel``). ``--activation-checkpointing`` recomputes each block's activations in the backward;
+``--accumulate K`` sums the gradients of K micro-batches of ``--batch-size`` per optimizer step (MAE's
+``accum_iter``): a larger batch than memory holds.
 AdamW with linear warmup and cosine decay (both papers' schedule), bf16 autocast on a GPU. Writes
 ``checkpoint.pt`` (atomically: a crash never leaves a half-written file; under ``--fsdp`` the folder
 ``checkpoint/``, each rank writing its shards) every ``--save-every`` steps and at the end, a reconstruction PNG
@@ -327,7 +329,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps in all (resumed runs included)")
     parser.add_argument("--stop-at", type=int, help="end this run at this step (with a checkpoint), the schedule "
                         "still planned for --steps: continue later with --resume (e.g. under a job time limit)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per process and step")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per process and forward pass")
+    parser.add_argument("--accumulate", type=int, default=1, metavar="K",
+                        help="micro-batches of --batch-size per optimizer step, their gradients summed (each loss "
+                        "divided by K, as MAE's accum_iter): K times the batch in the memory of one; the global "
+                        "batch is batch-size x K x ranks")
     parser.add_argument("--lr", type=float, help="peak lr; default: MAE 1.5e-4 x batch/256, AIM 1e-3 x batch/4096, "
                         "SimMIM 1e-4 x batch/512 (global batch, linear scaling)")
     parser.add_argument("--min-lr", type=float, default=0.0)
@@ -372,7 +378,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.config not in CONFIGS[args.model]:
         parser.error(f"--config {args.config} is not a {args.model} config; choose from "
                      f"{', '.join(CONFIGS[args.model])}")
-    for name in ("steps", "batch_size", "log_every"):
+    for name in ("steps", "batch_size", "log_every", "accumulate"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
@@ -568,7 +574,7 @@ def train(args, rank: int = 0, world: int = 1, device: torch.device | None = Non
             parallel.compile_blocks(model, compile_backend)
         parallel.shard(model)  # before the optimizer: it must hold the sharded parameters
     defaults = DEFAULTS[args.model]
-    global_batch = args.batch_size * world
+    global_batch = args.batch_size * args.accumulate * world
     peak_lr = args.lr if args.lr is not None else defaults["base_lr"] * global_batch / defaults["lr_batch"]
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 20)
     weight_decay = args.weight_decay if args.weight_decay is not None else defaults["weight_decay"]
@@ -586,8 +592,9 @@ def train(args, rank: int = 0, world: int = 1, device: torch.device | None = Non
                           length=max(len(files), 8 * global_batch), seed=args.seed)
     order = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
                                                 seed=args.seed, drop_last=True)
-    steps_per_epoch = len(order) // args.batch_size
-    sampler = ResumableSampler(order, len(dataset), skip=start % steps_per_epoch * args.batch_size)  # exact resume
+    per_step = args.batch_size * args.accumulate  # samples per rank and optimizer step
+    steps_per_epoch = len(order) // per_step
+    sampler = ResumableSampler(order, len(dataset), skip=start % steps_per_epoch * per_step)  # exact resume
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                                          num_workers=args.workers, pin_memory=device.type == "cuda",
                                          persistent_workers=args.workers > 0)
@@ -597,6 +604,7 @@ def train(args, rank: int = 0, world: int = 1, device: torch.device | None = Non
         wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=None if device.index is None
                                                             else [device.index])
     eager, compiled = wrapped, bool(compile_backend)
+    no_sync = gradient_sync_off(wrapped, args.fsdp)
     if compiled and not args.fsdp:
         wrapped = torch.compile(wrapped, fullgraph=True, backend=compile_backend)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
@@ -608,15 +616,18 @@ def train(args, rank: int = 0, world: int = 1, device: torch.device | None = Non
         stop = args.stop_at or args.steps  # the schedule is planned for --steps either way
         while step < stop:
             sampler.set_epoch(epoch)
-            for imgs in itertools.islice(loader, stop - step):
-                torch.manual_seed(step_seed(args.seed, rank, step))  # masks and prefixes: a function of the step
-                imgs = imgs.to(device, non_blocking=True)
-                viz = imgs[:4].clone() if viz is None else viz
+            # K micro-batches per step; an epoch's last few that make no whole step are left out
+            for micro_batches in itertools.islice(zip(*[iter(loader)] * args.accumulate), stop - step):
+                # masks and prefixes: a function of the step (the micro-batches draw one after another, so K
+                # micro-batches of B draw what one batch of K * B would)
+                torch.manual_seed(step_seed(args.seed, rank, step))
+                micro_batches = [imgs.to(device, non_blocking=True) for imgs in micro_batches]
+                viz = micro_batches[0][:4].clone() if viz is None else viz
                 lr = lr_at(step, args.steps, warmup, peak_lr, args.min_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 try:
-                    loss = forward_backward(wrapped, imgs, args, optimizer, device, bf16)
+                    loss = forward_backward(wrapped, micro_batches, args, optimizer, device, bf16, no_sync)
                 except torch._dynamo.exc.TorchDynamoException as error:
                     if not compiled or args.compile != "auto" or step > start:
                         raise
@@ -625,7 +636,7 @@ def train(args, rank: int = 0, world: int = 1, device: torch.device | None = Non
                     if args.fsdp:
                         parallel.compile_blocks(model, None)
                     wrapped, compiled = eager, False
-                    loss = forward_backward(wrapped, imgs, args, optimizer, device, bf16)
+                    loss = forward_backward(wrapped, micro_batches, args, optimizer, device, bf16, no_sync)
                 logging = (step + 1) % args.log_every == 0 or step + 1 == stop
                 grad_norm = None
                 if args.clip_grad:
@@ -663,13 +674,39 @@ def default_compile_backend(device: torch.device) -> str | None:
     return "inductor" if device.type == "cuda" else None
 
 
-def forward_backward(model, imgs, args, optimizer, device, bf16: bool) -> torch.Tensor:
-    """The loss of one batch, with its gradients in the parameters (cleared first); returns the loss."""
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        loss = (model(imgs) if args.model == "aim" else model(imgs, args.mask_ratio))[0]
+def forward_backward(model, micro_batches, args, optimizer, device, bf16: bool,
+                     no_sync=contextlib.nullcontext) -> torch.Tensor:
+    """The mean loss of one step's micro-batches, with the gradient of that mean in the parameters (cleared first).
+    ``no_sync()``: a context in which a backward leaves the ranks' gradients unreduced (all but the last
+    micro-batch's: the reduction runs once per step, over the summed gradients)."""
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    return loss
+    total = 0.0
+    for index, imgs in enumerate(micro_batches):
+        with no_sync() if index < len(micro_batches) - 1 else contextlib.nullcontext():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = (model(imgs) if args.model == "aim" else model(imgs, args.mask_ratio))[0]
+            (loss / len(micro_batches) if len(micro_batches) > 1 else loss).backward()
+        total = total + loss.detach()
+    return total / len(micro_batches)
+
+
+def gradient_sync_off(model, fsdp: bool):
+    """A context factory under which backwards accumulate gradients without reducing them over the ranks: DDP's
+    ``no_sync``, FSDP2's ``set_requires_gradient_sync(False)`` (every unit), or nothing on one process."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.no_sync
+    if not fsdp:
+        return contextlib.nullcontext
+
+    @contextlib.contextmanager
+    def unsynced():
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+
+    return unsynced
 
 
 def full_float(value) -> float:

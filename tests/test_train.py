@@ -56,12 +56,12 @@ class Interrupted(Exception):
     """Stands for a run killed right after a checkpoint."""
 
 
-@pytest.mark.parametrize("model, workers", [("mae", 0), ("aim", 0), ("aim", 2)])
-def test_resume_continues_exactly(tmp_path, capsys, monkeypatch, model, workers):
+@pytest.mark.parametrize("model, workers, accumulate", [("mae", 0, 1), ("aim", 0, 1), ("aim", 2, 1), ("aim", 0, 3)])
+def test_resume_continues_exactly(tmp_path, capsys, monkeypatch, model, workers, accumulate):
     """A run stopped at step 3 of 7 and resumed logs the same losses, learning rates and gradient norms as an
     uninterrupted one: the data order and position, the crops (in loader workers too), the masks / prefixes and
-    AdamW all continue."""
-    argv = [model, "--steps", 7, "--save-every", 3, "--workers", workers, *TINY]
+    AdamW all continue (with micro-batches too)."""
+    argv = [model, "--steps", 7, "--save-every", 3, "--workers", workers, *TINY, "--accumulate", accumulate]
     assert run_cli(capsys, *argv, "--out", tmp_path / "whole")[0] == 0
 
     save = train.save_checkpoint
@@ -81,6 +81,29 @@ def test_resume_continues_exactly(tmp_path, capsys, monkeypatch, model, workers)
     assert [row["step"] for row in parts] == [row["step"] for row in whole] == list(range(1, 8))
     for key in ("loss", "lr", "grad_norm"):
         assert [row[key] for row in parts] == [row[key] for row in whole], key
+
+
+def test_accumulated_micro_batches_train_as_one_batch(tmp_path, capsys):
+    """--batch-size 4 --accumulate 2 against --batch-size 8: the same images, masks (drawn in turn from the CPU's
+    generator), global batch and lr, so MAE logs the same losses and gradient norms to rounding and ends at the same
+    weights."""
+    common = ["mae", "--steps", 3, "--log-every", 1, "--quiet"]
+    assert run_cli(capsys, *common, "--batch-size", 8, "--out", tmp_path / "one")[0] == 0
+    assert run_cli(capsys, *common, "--batch-size", 4, "--accumulate", 2, "--out", tmp_path / "two")[0] == 0
+    one, two = (train.read_metrics(tmp_path / run / "metrics.jsonl") for run in ("one", "two"))
+    assert [row["lr"] for row in one] == [row["lr"] for row in two]
+    for a, b in zip(one, two, strict=True):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5) and math.isclose(a["grad_norm"], b["grad_norm"],
+                                                                                  rel_tol=1e-4), (a, b)
+    weights = [torch.load(tmp_path / run / "checkpoint.pt", weights_only=False)["model"] for run in ("one", "two")]
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_accumulate_is_checked(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["mae", "--accumulate", "0"])
+    assert "--accumulate must be >= 1" in capsys.readouterr().err
 
 
 def test_metrics_log_and_loss_plot(tmp_path, capsys):
@@ -377,6 +400,23 @@ def test_fsdp_two_cpu_processes_match_ddp_and_resume_exactly(tmp_path, ddp_run):
     whole = torch.load(ddp_run[0] / "checkpoint.pt", weights_only=False)["model"]
     for name, value in model.state_dict().items():  # 4 steps of FSDP = 4 steps of DDP, to rounding
         torch.testing.assert_close(value, whole[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_accumulated_micro_batches_on_two_ranks(tmp_path, ddp_run, sharding):
+    """--batch-size 2 --accumulate 2 on 2 gloo ranks trains what the DDP run with --batch-size 4 trains (the
+    gradients reduced once per step, after the second micro-batch): the same losses and gradient norms to
+    rounding, the same weights; DDP's ranks end in sync."""
+    extra = ["--fsdp"] if sharding == "fsdp" else []
+    stdout = _torchrun(tmp_path, tmp_path / "accumulated", "--batch-size", 2, "--accumulate", 2, *extra)
+    if sharding == "ddp":
+        assert "parameters identical on all 2 ranks" in stdout
+    whole, accumulated = (train.read_metrics(folder / "metrics.jsonl") for folder in (ddp_run[0],
+                                                                                       tmp_path / "accumulated"))
+    assert [row["lr"] for row in accumulated] == [row["lr"] for row in whole]
+    for a, b in zip(accumulated, whole, strict=True):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5) and math.isclose(a["grad_norm"], b["grad_norm"],
+                                                                                  rel_tol=1e-4), (a, b)
 
 
 def test_fsdp_needs_torchrun_and_its_checkpoint_needs_fsdp(tmp_path, capsys, monkeypatch):
