@@ -685,7 +685,7 @@ def forward_backward(model, micro_batches, args, optimizer, device, bf16: bool,
         with no_sync() if index < len(micro_batches) - 1 else contextlib.nullcontext():
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = (model(imgs) if args.model == "aim" else model(imgs, args.mask_ratio))[0]
-            (loss / len(micro_batches) if len(micro_batches) > 1 else loss).backward()
+            (loss / len(micro_batches)).backward()  # exact for one micro-batch: x / 1 == x
         total = total + loss.detach()
     return total / len(micro_batches)
 
