@@ -346,6 +346,35 @@ def test_nondeterministic_public_op(mode):
                          torch.float32)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_deterministic_algorithms_override_deterministic_false(packed, monkeypatch):
+    """Under torch.use_deterministic_algorithms(True), deterministic=False takes the deterministic backward (as
+    PyTorch's ops do where they have one), even where the table says the atomic one is faster."""
+    monkeypatch.setattr(kernels, "atomic_dq_measured_faster", lambda q: True)
+    real_backward, atomic_asked = kernels.backward, []
+
+    def recording_backward(*args, atomic_dq=False, **kwargs):
+        atomic_asked.append(atomic_dq)
+        return real_backward(*args, atomic_dq=atomic_dq, **kwargs)
+
+    monkeypatch.setattr(kernels, "backward", recording_backward)
+    qkv = torch.randn(2, 9, 3, 2, 16, device=DEVICE, requires_grad=True)
+    prefix = torch.tensor([2, 5], device=DEVICE)
+    for deterministic_algorithms in (False, True):
+        torch.use_deterministic_algorithms(deterministic_algorithms)
+        try:
+            with mimkernels.use_backend("triton"):
+                if packed:
+                    out = mimkernels.qkv_attention(qkv, prefix_len=prefix, deterministic=False)
+                else:
+                    out = mimkernels.attention(*(t.transpose(1, 2) for t in qkv.unbind(2)), prefix_len=prefix,
+                                               deterministic=False)
+                out.sum().backward()
+        finally:
+            torch.use_deterministic_algorithms(False)
+    assert atomic_asked == [True, False]
+
+
 @pytest.mark.parametrize("tiles", SMALL_TILES, ids=str)
 @pytest.mark.parametrize("seq_len", [1, 50, 97])
 def test_delta_computed_in_the_dq_kernel(tiles, seq_len):

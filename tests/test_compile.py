@@ -62,6 +62,29 @@ def test_training_step_compiles_fullgraph_and_matches_eager(name):
     _compiled_matches_eager(name, "cpu", "aot_eager", rtol=1e-5, atol=1e-6)
 
 
+@cpu_only
+@pytest.mark.parametrize("op", ["attention", "add_layer_norm"])
+def test_one_tensor_passed_twice_compiles(op):
+    """``attention(x, x, x)``, ``add_layer_norm(x, x)``: Dynamo refuses an autograd.Function given one tensor twice,
+    so the ops hand it views (ops/_autograd.py: distinct); the gradient reaches x from every use."""
+    x = torch.randn(2, 2, 9, 16, requires_grad=True)
+
+    def loss(x):
+        if op == "attention":
+            return mimkernels.attention(x, x, x, causal=True).square().sum()
+        total, normed = mimkernels.add_layer_norm(x, x)
+        return (total * normed).sum()
+
+    with mimkernels.use_backend("triton"):
+        eager = loss(x), torch.autograd.grad(loss(x), x)[0]
+        compiled_loss = torch.compile(loss, fullgraph=True, backend="aot_eager")
+        compiled = compiled_loss(x), torch.autograd.grad(compiled_loss(x), x)[0]
+    with mimkernels.use_backend("torch"):
+        want = torch.autograd.grad(loss(x), x)[0]
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(eager[1], want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["mae", "aim"])
 def test_training_step_compiles_with_inductor_on_gpu(name):

@@ -25,6 +25,14 @@ def is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` computes in on ``device``, or None where it is off. Meta tensors (shape
+    inference, FLOP counting) have no autocast state, and torch raises when asked for one: None there."""
+    if device.type == "meta" or not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
 def unit_stride(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself if its last dimension is contiguous (what the kernels read in place), else a contiguous copy."""
     return t if t.stride(-1) == 1 else t.contiguous()

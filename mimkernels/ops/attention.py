@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from .. import _backend, reference
 from .._custom_ops import custom_op_when_compiling
-from ._checks import is_int, is_real, unit_stride
+from ._autograd import distinct, first_derivative_only
+from ._checks import autocast_dtype, is_int, is_real, unit_stride
 
 # Imported here, not on first use, so torch.compile never traces the module's first import.
 _kernels = None
@@ -25,8 +26,8 @@ def _checked_qkv(q, k, v):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D [batch, heads, seq_len, head_dim], got shape {tuple(t.shape)}")
-    if torch.is_autocast_enabled(q.device.type):
-        dtype = torch.get_autocast_dtype(q.device.type)
+    dtype = autocast_dtype(q.device)
+    if dtype is not None:
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     for name, t in (("k", k), ("v", v)):
         if t.device != q.device:
@@ -114,6 +115,7 @@ class _TritonAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_derivative_only("attention")
     def backward(ctx, grad_out):
         q, k, v, out, lse, *prefix = ctx.saved_tensors
         dq, dk, dv = _backward_kernels(grad_out, q, k, v, out, lse, prefix[0] if prefix else None, ctx.prefix_int,
@@ -159,11 +161,20 @@ class _TritonPackedAttention(torch.autograd.Function):
         return out.transpose(1, 2)  # stored [B, N, H, D]: this view is contiguous
 
     @staticmethod
+    @first_derivative_only("qkv_attention")
     def backward(ctx, grad_out):
         qkv, out, lse, *prefix = ctx.saved_tensors
         grad_qkv = _packed_backward_kernels(grad_out.transpose(1, 2), qkv, out, lse, prefix[0] if prefix else None,
                                             ctx.prefix_int, ctx.scale, ctx.deterministic)
         return grad_qkv, None, None, None, None
+
+
+def _checked_deterministic(deterministic) -> bool:
+    """The caller's choice, made True by ``torch.use_deterministic_algorithms(True)``: PyTorch's own ops pick their
+    deterministic implementation where they have one, and so does this."""
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    return deterministic or torch.are_deterministic_algorithms_enabled()
 
 
 def _sdpa_measured_faster(q, prefix, deterministic) -> bool:
@@ -177,13 +188,12 @@ def _sdpa_measured_faster(q, prefix, deterministic) -> bool:
 
 def _attend(q, k, v, prefix, scale, deterministic, op):
     scale = _checked_scale(scale, q.shape[-1])
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    deterministic = _checked_deterministic(deterministic)
     backend = _backend.select(op, q.device, implemented=("triton",))
     if backend == "triton" and _sdpa_measured_faster(q, prefix, deterministic):
         return F.scaled_dot_product_attention(q, k, v, is_causal=prefix == 0, scale=scale)
     if backend == "triton":
-        q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
+        q, k, v = distinct(unit_stride(q), unit_stride(k), unit_stride(v))
         if isinstance(prefix, torch.Tensor):
             return _TritonAttention.apply(q, k, v, prefix, 0, scale, deterministic)
         return _TritonAttention.apply(q, k, v, None, prefix, scale, deterministic)
@@ -204,7 +214,8 @@ def prefix_causal_attention(q, k, v, prefix_len, *, scale=None, deterministic=Tr
         deterministic: True (default): bit-identical gradients run after run (our kernels; dK/dV and dQ in two
             launches, no atomics). False: the fastest measured path, whose summation order may vary: the
             atomic-dQ backward where the tile table measured it faster, and for full or causal attention
-            (``attention()`` without a prefix) on CUDA in fp16/bf16, PyTorch's SDPA.
+            (``attention()`` without a prefix) on CUDA in fp16/bf16, PyTorch's SDPA. Under
+            ``torch.use_deterministic_algorithms(True)`` it is always True.
 
     Returns:
         ``[B, H, N, D]``, equal to ``F.scaled_dot_product_attention(q, k, v,
@@ -247,13 +258,13 @@ def qkv_attention(qkv, *, causal=False, prefix_len=None, scale=None, determinist
         raise ValueError(f"qkv must be 5-D [batch, seq_len, 3, heads, head_dim], got shape {tuple(qkv.shape)}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if torch.is_autocast_enabled(qkv.device.type):
-        qkv = qkv.to(torch.get_autocast_dtype(qkv.device.type))  # one cast of the packed tensor
+    dtype = autocast_dtype(qkv.device)
+    if dtype is not None:
+        qkv = qkv.to(dtype)  # one cast of the packed tensor
     q, k, v = _checked_qkv(*_unpacked(qkv))
     prefix = (0 if causal else q.shape[2]) if prefix_len is None else _checked_prefix(prefix_len, q)
     scale = _checked_scale(scale, q.shape[-1])
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    deterministic = _checked_deterministic(deterministic)
     backend = _backend.select("attention", q.device, implemented=("triton",))
     if backend == "triton" and not _sdpa_measured_faster(q, prefix, deterministic):
         qkv = unit_stride(qkv)

@@ -6,6 +6,7 @@ import math
 import torch
 
 from .. import _backend, reference
+from ._autograd import first_derivative_only
 from ._checks import check_images, unit_stride
 
 _kernels = None
@@ -24,6 +25,7 @@ class _MaskedPatchLoss(torch.autograd.Function):
         return patch_loss.sum() / denominator
 
     @staticmethod
+    @first_derivative_only("masked_patch_loss")
     def backward(ctx, grad_loss):
         pred, images, mask, denominator = ctx.saved_tensors
         scale = (grad_loss.float() / denominator).reshape(1)

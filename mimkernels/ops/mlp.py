@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend, reference
-from ._checks import unit_stride
+from ._autograd import first_derivative_only
+from ._checks import autocast_dtype, unit_stride
 
 _kernels = None
 if _backend._HAS_TRITON:
@@ -25,6 +26,7 @@ class _GeluMlp(torch.autograd.Function):
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
+    @first_derivative_only("gelu_mlp")
     def backward(ctx, grad_out):
         rows, fc1_weight, fc2_weight, hidden, activated = ctx.saved_tensors
         grad = unit_stride(grad_out.reshape(-1, grad_out.shape[-1]))
@@ -72,7 +74,7 @@ def _check_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
             continue
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-        if not torch.is_autocast_enabled(x.device.type) and t.dtype != x.dtype:
+        if autocast_dtype(x.device) is None and t.dtype != x.dtype:
             raise TypeError(f"{name} is {t.dtype} but x is {x.dtype}; outside autocast all must share one dtype "
                             "(as F.linear)")
 
@@ -98,8 +100,8 @@ def gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
     if backend == "torch":
         return reference.gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     tensors = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
+    dtype = autocast_dtype(x.device)
+    if dtype is not None:
         tensors = tuple(None if t is None else t.to(dtype) for t in tensors)
     x, fc1_weight, fc1_bias, fc2_weight, fc2_bias = tensors
     return _GeluMlp.apply(x, fc1_weight, None if fc1_bias is None else fc1_bias.contiguous(), fc2_weight, fc2_bias)

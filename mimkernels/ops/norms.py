@@ -1,10 +1,13 @@
 """The residual add of a pre-norm block fused with the LayerNorm after it: validation, backend choice, autograd."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .. import _backend, reference
-from ._checks import is_real
+from ._autograd import distinct, first_derivative_only
+from ._checks import autocast_dtype, is_real
 
 _kernels = None
 if _backend._HAS_TRITON:
@@ -29,6 +32,7 @@ class _AddLayerNorm(torch.autograd.Function):
         return total, normed
 
     @staticmethod
+    @first_derivative_only("add_layer_norm")
     def backward(ctx, grad_total, grad_normed):
         total, weight, mean, rstd = ctx.saved_tensors
         x_dtype, branch_dtype, weight_dtype, bias_dtype = ctx.dtypes
@@ -84,10 +88,10 @@ def add_layer_norm(x, branch, weight=None, bias=None, *, eps=1e-5):
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     if not is_real(eps) or not eps > 0:
         raise ValueError(f"eps must be a positive number, got {eps!r}")
-    autocast = torch.is_autocast_enabled(x.device.type)
-    normed_dtype = torch.get_autocast_dtype(x.device.type) if autocast else _promoted(x.dtype, branch.dtype)
+    autocast = autocast_dtype(x.device)
+    normed_dtype = _promoted(x.dtype, branch.dtype) if autocast is None else autocast
     backend = _backend.select("add_layer_norm", x.device, implemented=("triton",))
     if backend == "torch":
-        with torch.autocast(x.device.type, enabled=False):
+        with contextlib.nullcontext() if autocast is None else torch.autocast(x.device.type, enabled=False):
             return reference.add_layer_norm(x, branch, weight, bias, eps=float(eps), out_dtype=normed_dtype)
-    return _AddLayerNorm.apply(x, branch, weight, bias, float(eps), normed_dtype)
+    return _AddLayerNorm.apply(*distinct(x, branch, weight, bias), float(eps), normed_dtype)

@@ -5,7 +5,8 @@ import torch
 
 from .. import _backend, reference
 from . import tokens
-from ._checks import check_distinct_indices, check_images, check_index_tensor, is_int
+from ._autograd import first_derivative_only
+from ._checks import autocast_dtype, check_distinct_indices, check_images, check_index_tensor, is_int
 
 _kernels = None
 if _backend._HAS_TRITON:
@@ -53,6 +54,7 @@ class _PatchEmbed(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_derivative_only("patch_embed")
     def backward(ctx, grad_out):
         images, weight, ids_keep, mask = ctx.saved_tensors
         grad = grad_out.contiguous()
@@ -146,8 +148,9 @@ def patch_embed(images, weight, bias=None, *, pos_embed=None, ids_keep=None, mas
     accumulation. Differentiable in images, weight, bias, pos_embed and mask_token.
     """
     ids_keep = _checked_patch_embed_args(images, weight, bias, pos_embed, ids_keep, mask, mask_token)
-    if torch.is_autocast_enabled(images.device.type):
-        weight = weight.to(torch.get_autocast_dtype(images.device.type))
+    dtype = autocast_dtype(images.device)
+    if dtype is not None:
+        weight = weight.to(dtype)
     backend = _backend.select("patch_embed", images.device, implemented=("triton",))
     if backend == "torch":
         return reference.patch_embed(images, weight, bias, pos_embed=pos_embed, ids_keep=ids_keep, mask=mask,

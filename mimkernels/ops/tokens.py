@@ -18,6 +18,7 @@ import torch
 
 from .. import _backend, reference
 from ..reference import Masking
+from ._autograd import first_derivative_only
 from ._checks import check_distinct_indices, check_index_tensor, is_int, is_real, unit_stride
 
 # Both kernel modules offer gather_rows(x, ids, pos, P) and restore_rows(x, ids, token, pos, P).
@@ -104,6 +105,7 @@ class _GatherRows(torch.autograd.Function):
         return _KERNELS[backend].gather_rows(x, ids, pos, num_prefix)
 
     @staticmethod
+    @first_derivative_only("gather_tokens")
     def backward(ctx, grad_out):
         ids, inverse = ctx.saved_tensors
         grad_x = place_rows(grad_out, ids, ctx.num_src - ctx.num_prefix, ctx.backend, num_prefix=ctx.num_prefix,
@@ -126,6 +128,7 @@ class _RestoreRows(torch.autograd.Function):
         return _KERNELS[backend].restore_rows(x_kept, ids_restore, mask_token.reshape(-1), pos, num_prefix)
 
     @staticmethod
+    @first_derivative_only("restore_tokens")
     def backward(ctx, grad_out):
         (ids_restore,) = ctx.saved_tensors
         grad_out = grad_out.contiguous()
