@@ -3,7 +3,8 @@
 Embedding providers: conv2d (timm PatchEmbed: Conv2d on cuDNN, flatten, transpose, + pos_embed; + gather
 of the kept patches for MAE; + mask-token blend for SimMIM) and mimkernels (one GEMM reading the image
 in place; MAE computes only the kept quarter). Loss providers: official_mae (facebookresearch/mae
-forward_loss) and mimkernels (one fused kernel). bf16, fwd and fwd_bwd, all in this process.
+forward_loss), mimkernels (one fused kernel, one program per patch) and mimkernels_grouped (the same kernels,
+GROUPED_PATCHES patches per program: selectable, not yet measured). bf16, fwd and fwd_bwd, all in this process.
 
     python -m benchmarks.bench_patch_embed [--quick] [--out DIR]
 """
@@ -39,9 +40,31 @@ def _embedders(images, weight, bias, pos, extra):
             ("mimkernels", lambda: mimkernels.patch_embed(images, weight, bias, pos_embed=pos, **extra)))
 
 
+# Patches per program of the loss kernels in the A/B provider (mimkernels.triton.losses.PATCHES_PER_PROGRAM;
+# the default, 1, is the "mimkernels" row)
+GROUPED_PATCHES = 8
+
+
 def _losses(images, pred, mask, patch):
-    return (("official_mae", lambda: official.forward_loss(images, pred, mask, patch)),
-            ("mimkernels", lambda: mimkernels.masked_patch_loss(pred, images, mask)))
+    """(provider, fn, patches per program of our loss kernels or None)."""
+    return (("official_mae", lambda: official.forward_loss(images, pred, mask, patch), None),
+            ("mimkernels", lambda: mimkernels.masked_patch_loss(pred, images, mask), None),
+            ("mimkernels_grouped", lambda: mimkernels.masked_patch_loss(pred, images, mask), GROUPED_PATCHES))
+
+
+def _with_patches_per_program(step, group):
+    """``step`` with the loss kernels launched ``group`` patches per program, its backward included."""
+    if group is None:
+        return step
+    from mimkernels.triton import losses as loss_kernels
+
+    def grouped():
+        default, loss_kernels.PATCHES_PER_PROGRAM = loss_kernels.PATCHES_PER_PROGRAM, group
+        try:
+            return step()
+        finally:
+            loss_kernels.PATCHES_PER_PROGRAM = default
+    return grouped
 
 
 def _step(fn, leaves, mode):
@@ -92,9 +115,10 @@ def run(shapes, dtype, quick, peaks, csv_path=None, *, device="cuda", batch=256,
         loss_mask = (torch.rand(batch, patches, device=device, generator=gen) < 0.75).float()
         shape = f"loss:{name}:B{batch}x{size}px:p{patch}"
         loss_bytes = (images.numel() + pred.numel()) * images.element_size()
-        for provider, fn in _losses(images, pred, loss_mask, patch):
+        for provider, fn, group in _losses(images, pred, loss_mask, patch):
             for mode in MODES:
-                times = common.time_ms(_step(fn, [pred], mode), quick=quick, device=device)
+                times = common.time_ms(_with_patches_per_program(_step(fn, [pred], mode), group), quick=quick,
+                                       device=device)
                 rows.append(common.result("masked_patch_loss", provider, mode, shape, str(dtype)[6:], times, 0,
                                           loss_bytes * (2 if mode == "fwd_bwd" else 1), peaks))
                 print(f"  {shape:40s} {provider:12s} {mode:8s} {times[0]:8.3f} ms  {rows[-1].gbps:7.0f} GB/s",

@@ -170,12 +170,13 @@ def other_launches(dtype: torch.dtype) -> list[Launch]:
         patch_kernels._patch_embed_weight_grad, "ids", f"{e}x{k}x{r}", warps, stages,
         {"IMG": ty, "GRAD": ty, "IDS": "*i64", "GRAD_W": "*fp32"},
         {"HAS_IDS": True, "BLOCK_E": e, "BLOCK_K": k, "BLOCK_R": r, "DOT_PRECISION": precision}))
-    tile, warps, stages = loss_kernels.launch_config(3 * 16 * 16)  # ViT-B/16 patches: 768 values
-    for fn in (loss_kernels._masked_patch_loss_fwd, loss_kernels._masked_patch_loss_bwd):
-        launches.append(Launch(fn, "norm_pix", f"{tile['BLOCK']}", warps, stages,
-                               {"IMG": "*fp32", "PRED": ty, "MASK": "*fp32", "PATCH_LOSS": "*fp32", "SCALE": "*fp32",
-                                "GRAD_PRED": ty},
-                               {"NORM_PIX": True, "L1": False, **tile}))
+    for group in (1, 8):  # the default one patch per program, and a group (selectable, not yet measured)
+        tile, warps, stages = loss_kernels.launch_config(16, 3, group)  # ViT-B/16 patches: 768 values
+        for fn in (loss_kernels._masked_patch_loss_fwd, loss_kernels._masked_patch_loss_bwd):
+            launches.append(Launch(fn, "norm_pix", f"{group}x{tile['BLOCK']}", warps, stages,
+                                   {"IMG": "*fp32", "PRED": ty, "MASK": "*fp32", "PATCH_LOSS": "*fp32",
+                                    "SCALE": "*fp32", "GRAD_PRED": ty},
+                                   {"NORM_PIX": True, "L1": False, **tile}))
     tile, warps, stages = token_kernels.launch_config(1024)  # wide tokens: the largest width block
     for fn in (token_kernels._gather_rows, token_kernels._restore_rows):
         launches.append(Launch(fn, "pos", f"{tile['BLOCK_R']}x{tile['BLOCK_D']}", warps, stages,

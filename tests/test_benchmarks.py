@@ -128,6 +128,8 @@ def test_patch_embed_harness_runs_end_to_end(tmp_path):
                                  device="cpu", batch=2, size=32)
     assert {r.kernel for r in rows} == {"patch_embed", "masked_patch_loss"}
     assert {r.shape.split(":")[0] for r in rows} == {"full", "mae", "simmim", "loss"}
+    assert {r.provider for r in rows if r.kernel == "masked_patch_loss"} == {"official_mae", "mimkernels",
+                                                                              "mimkernels_grouped"}
     assert len(csv_path.read_text().splitlines()) == 1 + len(rows)
     assert len(common.speedups(rows)) > 1
 

@@ -57,6 +57,39 @@ def test_loss_and_gradient(backend, dtype, shape, norm_pix, loss, mask_kind):
     assert (grad.double() - grad64).abs().max().item() <= TOLERANCE[dtype] * grad64.abs().max().item() + 1e-12
 
 
+@pytest.mark.parametrize("group", [2, 8])
+@pytest.mark.parametrize("shape", [(2, 3, 28, 42, 14), (3, 2, 12, 8, 4)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("norm_pix, loss", [(True, "l2"), (False, "l1")])
+def test_patch_groups_per_program(group, shape, norm_pix, loss, monkeypatch):
+    """Several patches per program (selectable, losses.PATCHES_PER_PROGRAM): the same loss and gradient as one per
+    program, within the float64 budget; 12 and 18 patches leave the last group part empty."""
+    from mimkernels.triton import losses
+
+    *image_shape, patch = shape
+    images, pred, mask = inputs(*image_shape, patch, torch.float16, "mae", seed=group)
+    runs = []
+    for per_program in (1, group):
+        monkeypatch.setattr(losses, "PATCHES_PER_PROGRAM", per_program)
+        with mimkernels.use_backend("triton"):
+            got = mimkernels.masked_patch_loss(pred, images, mask, norm_pix=norm_pix, loss=loss)
+        runs.append((got, *torch.autograd.grad(got, pred)))
+    pred64 = pred.detach().double().requires_grad_()
+    want = reference.masked_patch_loss(pred64, images.double(), mask.double(), norm_pix=norm_pix, loss=loss)
+    (grad64,) = torch.autograd.grad(want, pred64)
+    (one_loss, one_grad), (got, grad) = runs
+    assert abs(got.item() - want.item()) <= TOLERANCE[torch.float16] * max(1.0, abs(want.item()))
+    assert (grad.double() - grad64).abs().max().item() <= TOLERANCE[torch.float16] * grad64.abs().max().item()
+    torch.testing.assert_close(got, one_loss, rtol=1e-5, atol=0)  # the same sums, up to their order on a GPU
+    torch.testing.assert_close(grad, one_grad, rtol=1e-3, atol=1e-6)
+
+
+def test_patch_groups_must_be_powers_of_two():
+    from mimkernels.triton import losses
+
+    with pytest.raises(ValueError, match="power of 2, got 3"):
+        losses.launch_config(16, 3, 3)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_zero_mask_gives_zero(backend):
     images, pred, mask = inputs(2, 3, 32, 32, 16, torch.float32, "zeros")
