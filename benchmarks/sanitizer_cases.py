@@ -111,7 +111,19 @@ def patch_embed_cases(device):
         pred = torch.randn(3, 6, 3 * 16 * 16, device=device, dtype=torch.bfloat16, requires_grad=True)
         mask = (torch.rand(3, 6, device=device) < 0.75).float()
         _backward(mimkernels.masked_patch_loss(pred, images, mask), (pred,))
-        yield f"patch_embed ({mode}) + masked loss"
+        _grouped_loss(pred, images, mask)
+        yield f"patch_embed ({mode}) + masked loss (one patch and 8 patches per program)"
+
+
+def _grouped_loss(pred, images, mask):
+    """The loss kernels 8 patches per program (selectable): 18 patches leave the last group part empty."""
+    from mimkernels.triton import losses
+
+    default, losses.PATCHES_PER_PROGRAM = losses.PATCHES_PER_PROGRAM, 8
+    try:
+        _backward(mimkernels.masked_patch_loss(pred, images, mask), (pred,))
+    finally:
+        losses.PATCHES_PER_PROGRAM = default
 
 
 NORM_CASES = [(1, 40), (3 * 49, 1536), (300, 2048)]  # the last: more rows than backward programs
