@@ -399,6 +399,24 @@ def test_per_head_backward(shape, dtype):
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+@pytest.mark.parametrize("seq_len", [16, 17])
+def test_per_head_backward_buffer_only_past_one_key_tile(seq_len, monkeypatch):
+    """The fp32 dQ buffer (B * H * N * D values) is allocated only where a head has more than one key tile; with one,
+    dQ is stored finished and a one-element stand-in is passed."""
+    real_launch, buffers = kernels.launch, []
+
+    def recording_launch(kernel, grid, tensors, *args, **kwargs):
+        if kernel is kernels._prefix_causal_bwd_per_head:
+            buffers.append(tensors[10].numel())
+        return real_launch(kernel, grid, tensors, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "launch", recording_launch)
+    configs = with_per_head_backward(SMALL_TILES["square16"])
+    prefix = per_sample_prefix(2, seq_len, seed=seq_len)
+    assert_within_budget(triton_op(prefix, configs), reference_op(prefix), (2, 2, seq_len, 16), torch.float32)
+    assert set(buffers) == {1 if seq_len <= 16 else 2 * 2 * seq_len * 16}
+
+
 @pytest.mark.parametrize("tiles", SMALL_TILES, ids=str)
 @pytest.mark.parametrize("seq_len", [1, 50, 97])
 def test_per_head_backward_many_tiles(tiles, seq_len):

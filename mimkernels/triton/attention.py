@@ -798,7 +798,10 @@ def backward_per_head(grad_out, q, k, v, out, lse, prefix, scale: float, cfg: Ti
     prefix_ptr, prefix_int, prefix_is_tensor = _prefix_args(prefix, q)
     dq, dk, dv = (_empty_bnhd(t) if g is None else g for t, g in zip((q, k, v), grads))
     delta = torch.empty_like(lse)
-    dq_acc = torch.empty(batch * heads, seq_len, head_dim, dtype=torch.float32, device=q.device)
+    if seq_len > cfg.block_n:
+        dq_acc = torch.empty(batch * heads, seq_len, head_dim, dtype=torch.float32, device=q.device)
+    else:  # one key tile (e.g. the MAE encoder) stores dQ finished: the buffer is never touched, so no B*H*N*D*4 bytes
+        dq_acc = torch.empty(1, dtype=torch.float32, device=q.device)
     shapes = shape_args(head_dim, q.dtype)
     (q_, k_, v_, do_, dk_, dv_), use_tma = _operands(cfg, shapes, (q, cfg.block_m), (k, cfg.block_n),
                                                      (v, cfg.block_n), (grad_out, cfg.block_m), (dk, cfg.block_n),
