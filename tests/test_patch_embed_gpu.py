@@ -48,10 +48,16 @@ def test_patch_embed_on_gpu(dtype, patch, embed, size, mode):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("norm_pix, loss", [(True, "l2"), (False, "l1")])
-def test_masked_loss_on_gpu(dtype, norm_pix, loss):
+@pytest.mark.parametrize("patch", [16, 14])
+@pytest.mark.parametrize("per_program", [1, 8])  # patches per program of the loss kernels (selectable)
+def test_masked_loss_on_gpu(dtype, norm_pix, loss, patch, per_program, monkeypatch):
+    from mimkernels.triton import losses
+
+    monkeypatch.setattr(losses, "PATCHES_PER_PROGRAM", per_program)
+    patches = (224 // patch) ** 2
     images = torch.randn(16, 3, 224, 224, device="cuda")
-    pred = torch.randn(16, 196, 768, device="cuda", dtype=dtype, requires_grad=True)
-    mask = (torch.rand(16, 196, device="cuda") < 0.75).float()
+    pred = torch.randn(16, patches, 3 * patch * patch, device="cuda", dtype=dtype, requires_grad=True)
+    mask = (torch.rand(16, patches, device="cuda") < 0.75).float()
     got = mimkernels.masked_patch_loss(pred, images, mask, norm_pix=norm_pix, loss=loss)
     (grad,) = torch.autograd.grad(got, pred)
     pred64 = pred.detach().double().requires_grad_()
