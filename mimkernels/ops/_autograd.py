@@ -60,14 +60,13 @@ def first_derivative_only(op: str):
 def distinct(*tensors):
     """The tensors, each one that was passed before replaced by a view of itself. torch.compile cannot trace an
     ``autograd.Function`` that receives one tensor twice ("duplicate tensor input", e.g. ``attention(x, x, x)``);
-    a view costs nothing and its gradient reaches the tensor as before."""
-    if len({id(t) for t in tensors}) == len(tensors):
-        return tensors
-    seen = set()
+    a view costs nothing and its gradient reaches the tensor as before. (``is``, not ``id()``: torch 2.11's Dynamo
+    cannot trace ``id()`` of an intermediate tensor.)"""
     out = []
     for t in tensors:
-        if t is not None and id(t) in seen:
-            t = t.view_as(t)
-        seen.add(id(t))
+        for earlier in out:
+            if t is not None and t is earlier:
+                t = t.view_as(t)
+                break
         out.append(t)
     return out
