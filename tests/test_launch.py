@@ -1,9 +1,11 @@
 """The fast launch path's bookkeeping (the Triton launch itself is exercised by every GPU test)."""
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from mimkernels.triton import launch as fast
@@ -85,6 +87,51 @@ def test_disabled_always_goes_through_triton(monkeypatch):
     for _ in range(3):
         fast.launch(kernel, (1,), (x,), (48, 0.5), {"BLOCK": 32, "FLAG": True}, num_warps=4, num_stages=2)
     assert len(kernel.jit_launches) == 3 and not kernel.direct_launches
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_launches_on_the_tensors_gpu_whichever_is_current(monkeypatch, enabled):
+    """Triton launches on the current GPU; tensors on another one must switch to theirs for the launch and back
+    after it. A stand-in for two GPUs (the test machines have at most one; test_attention_gpu runs it for real
+    where there are two): the tensors report GPU 1, GPU 0 is current, and the fake kernel records which GPU is
+    current when it runs."""
+    current = [0]
+
+    @contextlib.contextmanager
+    def switch_to(index):
+        before, current[0] = current[0], index
+        try:
+            yield
+        finally:
+            current[0] = before
+
+    monkeypatch.setattr(fast, "_ENABLED", enabled)
+    monkeypatch.setattr(fast, "_COMPILED", {})
+    monkeypatch.setattr(fast, "_device_of", lambda t: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", switch_to)
+    seen = []
+
+    class RecordingKernel(FakeKernel):
+        def __getitem__(self, grid):
+            seen.append(current[0])
+            return super().__getitem__(grid)
+
+    class RecordingCompiled(FakeCompiled):
+        def __getitem__(self, grid):
+            seen.append(current[0])
+            return super().__getitem__(grid)
+
+    monkeypatch.setattr(sys.modules[__name__], "FakeCompiled", RecordingCompiled)
+    kernel, x = RecordingKernel(), torch.zeros(64)
+    for _ in range(2):
+        fast.launch(kernel, (1,), (x,), (48, 0.5), {"BLOCK": 32, "FLAG": True}, num_warps=4, num_stages=2)
+        assert current[0] == 0
+    assert seen == [1, 1] and len(kernel.jit_launches) + len(kernel.direct_launches) == 2
+    current[0] = 1  # the tensors' GPU is current: nothing to switch
+    monkeypatch.setattr(torch.cuda, "device", None)
+    fast.launch(kernel, (1,), (x,), (48, 0.5), {"BLOCK": 32, "FLAG": True}, num_warps=4, num_stages=2)
+    assert seen == [1, 1, 1]
 
 
 def test_enabled_only_for_read_triton_versions(monkeypatch):

@@ -63,16 +63,24 @@ def launch(kernel, grid: tuple, tensors: tuple, scalars: tuple, constexprs: dict
     once per key.
 
     The kernel's parameters are, in order: ``tensors`` (or TMA tensor descriptors), then ``scalars`` (ints,
-    floats), then ``constexprs``.
+    floats), then ``constexprs``. It runs on the GPU of ``tensors[0]`` (on its current stream), whichever GPU is
+    current.
     """
+    device = _device_of(tensors[0])
+    if device >= 0 and device != torch.cuda.current_device():
+        # Triton launches on the current GPU (its stream; the module loaded there), not on the tensors' one: on
+        # another GPU the kernel would run unordered with the ops that wrote its inputs, or fault. PyTorch's own ops
+        # switch to their tensors' GPU, so here too.
+        with torch.cuda.device(device):
+            launch(kernel, grid, tensors, scalars, constexprs, num_warps=num_warps, num_stages=num_stages)
+        return
     if not _ENABLED or torch.compiler.is_compiling():
         kernel[grid](*tensors, *scalars, **constexprs, num_warps=num_warps, num_stages=num_stages)
         return
     # Tensors by dtype and 16-byte alignment (what Triton specialises on; their addresses change every call), TMA
     # descriptors by dtype and block shape, the scalars by value: equal values specialise equally, whatever
     # Triton's rules for ints and floats are.
-    key = (id(kernel), _device_of(tensors[0]), num_warps, num_stages, *constexprs.values(), *scalars,
-           *map(_specialisation, tensors))
+    key = (id(kernel), device, num_warps, num_stages, *constexprs.values(), *scalars, *map(_specialisation, tensors))
     cached = _COMPILED.get(key)
     if cached is None:
         if len(_COMPILED) > _MAX_KEYS:  # e.g. a float argument that changes every call: stay bounded
