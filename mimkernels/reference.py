@@ -138,9 +138,13 @@ def masked_patch_loss(pred, images, mask, *, norm_pix=True, loss="l2"):
     """Official MAE ``forward_loss``: per-patch mean error against the (normalised) patchified images,
     averaged over the patches where mask is 1 (weighted by mask). ``loss="l1"``: SimMIM's masked L1.
 
-    A mask of all zeros gives 0 (the official code divides 0 by 0).
+    A mask of all zeros gives 0 (the official code divides 0 by 0). Patches of weight 0 are not read: a NaN or inf
+    in their predictions or pixels changes neither the loss nor any gradient (the official code's ``0 * nan``
+    would make both NaN); the kernels never load them.
     """
     target = patchify(images, math.isqrt(pred.shape[-1] // images.shape[1]))  # pred rows hold p * p * C values
+    scored = (mask != 0)[..., None]  # where(), not a product: 0 * nan would reach the loss and the gradient
+    pred, target = torch.where(scored, pred, 0), torch.where(scored, target, 0)
     if norm_pix:
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)

@@ -100,6 +100,34 @@ def test_all_zero_mask_gives_zero(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_unscored_patches_are_not_read(backend, bad):
+    """A patch of weight 0 adds nothing, whatever its values: the loss and the gradient equal those with the
+    patch's prediction and pixels zeroed (finite, where the official code's 0 * nan would be NaN), on both
+    backends; a non-finite value in a scored patch still gives a non-finite loss."""
+    images, pred, mask = inputs(2, 3, 32, 48, 16, torch.float32, "mae")
+    unscored = (mask == 0).nonzero()[0].tolist()  # (sample, patch); rows of 16 x 16 x 3 values
+    row, col = divmod(unscored[1], 3)
+    results = []
+    for poison in (bad, 0.0):
+        p, im = pred.detach().clone(), images.clone()
+        p[unscored[0], unscored[1], ::7] = poison
+        im[unscored[0], :, 16 * row + 3, 16 * col: 16 * col + 16] = poison
+        p.requires_grad_()
+        with mimkernels.use_backend(backend):
+            loss = mimkernels.masked_patch_loss(p, im, mask)
+        loss.backward()
+        results.append((loss.detach(), p.grad))
+    assert torch.isfinite(results[0][0]) and torch.isfinite(results[0][1]).all()
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+    scored = (mask != 0).nonzero()[0].tolist()
+    p = pred.detach().clone()
+    p[scored[0], scored[1], 5] = bad
+    with mimkernels.use_backend(backend):
+        assert not torch.isfinite(mimkernels.masked_patch_loss(p, images, mask))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_bool_mask_and_strided_pred(backend):
     images, pred, mask = inputs(2, 3, 32, 32, 16, torch.float32, "mae")
     wide = torch.randn(2, 4, 2 * 768, device=DEVICE)

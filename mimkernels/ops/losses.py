@@ -46,7 +46,8 @@ def masked_patch_loss(pred, images, mask, *, norm_pix=True, loss="l2"):
 
     Returns:
         fp32 scalar, differentiable in pred. A mask of all zeros gives 0 and a zero gradient (the
-        official code would divide 0 by 0).
+        official code would divide 0 by 0). Patches of weight 0 are never read: non-finite predictions or pixels
+        there leave the loss and the gradient finite (the official code's ``0 * nan`` is NaN).
     """
     if not isinstance(pred, torch.Tensor) or pred.dim() != 3 or not pred.is_floating_point():
         raise ValueError(f"pred must be a 3-D float tensor [batch, patches, p * p * C], got "
