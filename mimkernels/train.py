@@ -397,6 +397,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--fsdp runs under torchrun (torchrun --nproc-per-node K -m mimkernels.train ... --fsdp)")
     if args.save_every < 0 or args.workers < 0 or (args.warmup_steps is not None and args.warmup_steps < 0):
         parser.error("--save-every, --workers and --warmup-steps must be >= 0")
+    for name in ("lr", "min_lr", "weight_decay"):  # finite: nan < 0 is False
+        value = getattr(args, name)
+        if value is not None and not 0 <= value < math.inf:
+            parser.error(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    if args.clip_grad is not None and not 0 < args.clip_grad < math.inf:
+        parser.error(f"--clip-grad must be a finite number > 0, got {args.clip_grad}")
     return args
 
 

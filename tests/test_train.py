@@ -286,6 +286,13 @@ def test_bad_arguments_exit_with_usage(capsys):
         with pytest.raises(SystemExit) as exit_info:
             train.parse_args(argv)
         assert exit_info.value.code == 2
+    # optimizer settings are refused by name before a model is built (AdamW's own error came after it, as a
+    # traceback, and a NaN learning rate passed it)
+    for flag, value in (("--lr", "-1"), ("--lr", "nan"), ("--min-lr", "-1e-6"), ("--weight-decay", "inf"),
+                        ("--clip-grad", "0"), ("--clip-grad", "nan")):
+        with pytest.raises(SystemExit) as exit_info:
+            train.parse_args(["mae", flag, value])
+        assert exit_info.value.code == 2 and f"{flag} must be a finite number" in capsys.readouterr().err
 
 
 def test_atomic_save_keeps_the_old_file_on_failure(tmp_path):
