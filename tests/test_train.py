@@ -291,7 +291,7 @@ def test_bad_arguments_exit_with_usage(capsys):
     for flag, value in (("--lr", "-1"), ("--lr", "nan"), ("--min-lr", "-1e-6"), ("--weight-decay", "inf"),
                         ("--clip-grad", "0"), ("--clip-grad", "nan")):
         with pytest.raises(SystemExit) as exit_info:
-            train.parse_args(["mae", flag, value])
+            train.parse_args(["mae", f"{flag}={value}"])
         assert exit_info.value.code == 2 and f"{flag} must be a finite number" in capsys.readouterr().err
 
 
