@@ -56,3 +56,23 @@ def test_index_check_flag(monkeypatch):
     x = torch.randn(2, 8, 64, device="cuda")
     with pytest.raises(IndexError):
         mimkernels.gather_tokens(x, torch.tensor([[0, 8], [1, 2]], device="cuda"))
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_batch_past_the_grid_limit_of_65535(backend):
+    """More samples than a CUDA grid's second or third axis takes (65535): the Triton kernels put the batch on the
+    first axis, the extension folds it into one. The last samples must equal the same samples run alone."""
+    batch, patches, dim = 70_000, 8, 16
+    x = torch.randn(batch, 1 + patches, dim, device="cuda")
+    pos = torch.randn(1, 1 + patches, dim, device="cuda")
+    noise = torch.rand(batch, patches, device="cuda")
+    token = torch.randn(1, 1, dim, device="cuda")
+    tail = slice(batch - 3, batch)
+    with mimkernels.use_backend(backend):
+        kept = mimkernels.random_masking(x, 0.5, noise=noise, num_prefix_tokens=1, pos_embed=pos)
+        restored = mimkernels.restore_tokens(kept.x_kept, kept.ids_restore, token, pos_embed=pos,
+                                             num_prefix_tokens=1)
+        kept_tail = mimkernels.random_masking(x[tail], 0.5, noise=noise[tail], num_prefix_tokens=1, pos_embed=pos)
+        restored_tail = mimkernels.restore_tokens(kept_tail.x_kept, kept_tail.ids_restore, token, pos_embed=pos,
+                                                  num_prefix_tokens=1)
+    assert torch.equal(kept.x_kept[tail], kept_tail.x_kept) and torch.equal(restored[tail], restored_tail)

@@ -26,8 +26,8 @@ MAX_BLOCK_D = 1024  # wider rows are copied in chunks
 @triton.jit
 def _program_rows(IDS, stride_ib, num_prefix, num_ids, BLOCK_R: tl.constexpr):
     """This program's sample and output rows, which of them exist and are prefix rows, and their ids."""
-    batch = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    batch = tl.program_id(0).to(tl.int64)  # on axis 0, which takes 2^31 - 1 programs (axis 1: 65535)
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     is_row = rows < num_prefix + num_ids
     is_prefix = rows < num_prefix
     ids = tl.load(IDS + batch * stride_ib + (rows - num_prefix), mask=is_row & ~is_prefix, other=0).to(tl.int64)
@@ -94,7 +94,7 @@ def _launch(kernel, x, ids, pos, num_prefix, pointers, sizes):
         return out
     pos_arg = pos if pos is not None else x  # never read without HAS_POS
     tile, num_warps, num_stages = launch_config(dim)
-    launch(kernel, (cdiv(out.shape[1], tile["BLOCK_R"]), batch), (x, ids, *pointers, pos_arg, out), (
+    launch(kernel, (batch, cdiv(out.shape[1], tile["BLOCK_R"])), (x, ids, *pointers, pos_arg, out), (
         x.stride(0), x.stride(1), ids.stride(0), pos_arg.stride(-2), out.stride(0), out.stride(1),
         num_prefix, *sizes, dim,
     ), dict(HAS_POS=pos is not None, **tile), num_warps=num_warps, num_stages=num_stages)
