@@ -5,11 +5,12 @@ functions evaluated in float64, and the ``torch`` backend runs them as they are.
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from .ops._checks import patch_side
 
 
 def prefix_causal_mask(seq_len: int, prefix_len, *, device=None) -> torch.Tensor:
@@ -142,7 +143,7 @@ def masked_patch_loss(pred, images, mask, *, norm_pix=True, loss="l2"):
     in their predictions or pixels changes neither the loss nor any gradient (the official code's ``0 * nan``
     would make both NaN); the kernels never load them.
     """
-    target = patchify(images, math.isqrt(pred.shape[-1] // images.shape[1]))  # pred rows hold p * p * C values
+    target = patchify(images, patch_side(pred.shape[-1], images.shape[1]))  # pred rows hold p * p * C values
     scored = (mask != 0)[..., None]  # where(), not a product: 0 * nan would reach the loss and the gradient
     pred, target = torch.where(scored, pred, 0), torch.where(scored, target, 0)
     if norm_pix:

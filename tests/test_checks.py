@@ -10,6 +10,7 @@ from mimkernels.ops._checks import (
     check_index_tensor,
     is_int,
     is_real,
+    patch_side,
     unit_stride,
 )
 
@@ -17,6 +18,16 @@ from mimkernels.ops._checks import (
 def test_ints_and_reals_but_never_bools():
     assert is_int(3) and is_int(np.int64(3)) and not is_int(True) and not is_int(3.0) and not is_int("3")
     assert is_real(3) and is_real(0.5) and is_real(np.float32(0.5)) and not is_real(False) and not is_real("0.5")
+
+
+def test_patch_side_of_square_patches_or_zero():
+    for side in (1, 2, 7, 14, 16, 32, 56, 1000):
+        for channels in (1, 3, 4):
+            assert patch_side(side * side * channels, channels) == side
+            assert patch_side(side * side * channels + channels, channels) == 0  # not a square
+            if channels > 1:
+                assert patch_side(side * side * channels + 1, channels) == 0  # not a multiple of the channels
+    assert patch_side(768, 3) == 16 and patch_side(588, 3) == 14 and patch_side(767, 3) == 0
 
 
 def test_unit_stride_copies_only_when_the_last_dimension_is_strided():

@@ -33,11 +33,11 @@ def _model_and_step(name, device):
     return model, lambda imgs: model(imgs, prefix)[0], imgs
 
 
-def _compiled_matches_eager(name, device, backend, rtol, atol):
+def _compiled_matches_eager(name, device, backend, rtol, atol, dynamic=None):
     model, step, imgs = _model_and_step(name, device)
     with mimkernels.use_backend("triton"):
         eager = _loss_and_grads(model, step, imgs)
-        compiled = _loss_and_grads(model, torch.compile(step, fullgraph=True, backend=backend), imgs)
+        compiled = _loss_and_grads(model, torch.compile(step, fullgraph=True, backend=backend, dynamic=dynamic), imgs)
     assert len(compiled) == len(eager) > 10
     for got, want in zip(compiled, eager):
         torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
@@ -60,6 +60,58 @@ def test_fused_switches_compile_fullgraph(name, monkeypatch):
 def test_training_step_compiles_fullgraph_and_matches_eager(name):
     """aot_eager: the same kernels and the same ATen ops in the same order, so equal to rounding."""
     _compiled_matches_eager(name, "cpu", "aot_eager", rtol=1e-5, atol=1e-6)
+
+
+def _every_op(x, qkv, images, weight, bias, pred, mask, noise, fc1, fc2, prefix):
+    """A loss through every public op (their checks run on the sizes torch.compile hands them)."""
+    batch, _, width = x.shape
+    masking = mimkernels.random_masking(x, 0.5, noise=noise, num_prefix_tokens=1)
+    restored = mimkernels.restore_tokens(masking.x_kept, masking.ids_restore, bias[:width].view(1, 1, -1),
+                                         num_prefix_tokens=1)
+    gathered = mimkernels.gather_tokens(x[:, 1:], masking.ids_keep)
+    total, normed = mimkernels.add_layer_norm(restored, x, bias[:width], bias[:width])
+    hidden = mimkernels.gelu_mlp(normed, fc1, None, fc2, bias[:width])
+    q, k, v = qkv.unbind(2)
+    heads = (mimkernels.qkv_attention(qkv, causal=True, prefix_len=prefix), mimkernels.attention(q, k, v),
+             mimkernels.prefix_causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), prefix))
+    tokens = mimkernels.patch_embed(images, weight, bias, ids_keep=masking.ids_keep)
+    loss = mimkernels.masked_patch_loss(pred, images, mask)
+    return (loss + gathered.square().mean() + total.mean() + hidden.square().mean() + tokens.square().mean()
+            + sum(h.square().mean() for h in heads))
+
+
+def _every_op_inputs(batch, seq_len, side):
+    gen = torch.Generator().manual_seed(batch * seq_len + side)
+    patches = (side // 8) ** 2
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=gen).requires_grad_()
+
+    images = torch.randn(batch, 3, side, side, generator=gen)
+    mask = (torch.rand(batch, patches, generator=gen) < 0.5).float()
+    noise = torch.rand(batch, patches, generator=gen)
+    prefix = torch.randint(0, seq_len, (batch,), generator=gen)
+    return (leaf(batch, 1 + patches, 16), leaf(batch, seq_len, 3, 2, 16), images, leaf(24, 3, 8, 8), leaf(24),
+            leaf(batch, patches, 192), mask, noise, leaf(32, 16), leaf(16, 32), prefix)
+
+
+@cpu_only
+@pytest.mark.parametrize("dynamic", [True, None], ids=["dynamic", "automatic"])
+def test_every_op_compiles_with_symbolic_sizes(dynamic):
+    """``torch.compile(dynamic=True)`` makes every size symbolic (head dim, channels, patch rows too), the default
+    makes those symbolic that changed between calls (batch, tokens, image size here): the ops' checks must trace
+    them (``x in range(...)`` and ``math.isqrt`` of a symbolic size did not), and the graphs match eager."""
+    compiled = torch.compile(_every_op, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    with mimkernels.use_backend("triton"):
+        for sizes in ((2, 9, 16), (3, 17, 24)):
+            inputs = _every_op_inputs(*sizes)
+            leaves = [t for t in inputs if t.requires_grad]
+            want = _every_op(*inputs)
+            want_grads = torch.autograd.grad(want, leaves)
+            got = compiled(*inputs)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            for g, w in zip(torch.autograd.grad(got, leaves), want_grads):
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
 @cpu_only

@@ -16,7 +16,6 @@ _kernels = None
 if _backend._HAS_TRITON:
     from ..triton import attention as _kernels
 
-_HEAD_DIMS = range(16, 257, 8)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -40,7 +39,8 @@ def _checked_qkv(q, k, v):
             raise ValueError(f"{name} has shape {tuple(t.shape)} but q has {tuple(q.shape)}; they must match")
     if q.dtype not in _DTYPES:
         raise TypeError(f"q, k, v must be float16, bfloat16 or float32, got {q.dtype}")
-    if q.shape[-1] not in _HEAD_DIMS:
+    head_dim = q.shape[-1]
+    if head_dim % 8 or not 16 <= head_dim <= 256:  # arithmetic, not `in range`: Dynamo traces it on symbolic sizes
         raise ValueError(f"head_dim (q.shape[-1]) must be a multiple of 8 from 16 to 256, got {q.shape[-1]}")
     return q, k, v
 

@@ -1,13 +1,11 @@
 """Masked pixel reconstruction loss (MAE, SimMIM): validation, backend choice, autograd."""
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .. import _backend, reference
 from ._autograd import first_derivative_only
-from ._checks import check_images, unit_stride
+from ._checks import check_images, patch_side, unit_stride
 
 _kernels = None
 if _backend._HAS_TRITON:
@@ -57,8 +55,8 @@ def masked_patch_loss(pred, images, mask, *, norm_pix=True, loss="l2"):
                          f"{getattr(images, 'shape', type(images).__name__)}")
     batch, num_patches, patch_numel = pred.shape
     channels = images.shape[1]
-    patch_size = math.isqrt(patch_numel // channels) if patch_numel % channels == 0 else 0
-    if patch_size < 1 or patch_size * patch_size * channels != patch_numel:
+    patch_size = patch_side(patch_numel, channels)
+    if patch_size < 1:
         raise ValueError(f"pred rows hold {patch_numel} values, not p * p * C for C = {channels} channels")
     check_images(images, patch_size)
     if images.shape[0] != batch or images.device != pred.device:
