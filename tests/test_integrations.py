@@ -441,6 +441,25 @@ def test_patched_vit_mae_draws_the_same_masks_without_noise():
     torch.testing.assert_close(got.loss, want.loss, rtol=1e-4, atol=1e-6)
 
 
+def test_patched_vit_mae_saves_the_checkpoint_of_the_original(tmp_path):
+    """save_pretrained writes what the unpatched model writes (config.architectures names transformers' class, not
+    ours), and the checkpoint loads into an unpatched model with the same weights."""
+    import json
+
+    original, patched = _vit_mae(), _vit_mae()
+    integrations.apply(patched)
+    original.save_pretrained(tmp_path / "original")
+    patched.save_pretrained(tmp_path / "patched")
+    assert type(patched).__name__ == "MimkernelsViTMAEForPreTraining"  # back after saving
+    configs = [json.loads((tmp_path / name / "config.json").read_text()) for name in ("original", "patched")]
+    assert configs[0] == configs[1] and configs[1]["architectures"] == ["ViTMAEForPreTraining"]
+    transformers = pytest.importorskip("transformers")
+    loaded = transformers.AutoModelForPreTraining.from_pretrained(tmp_path / "patched")
+    assert type(loaded) is transformers.ViTMAEForPreTraining
+    for (name, want), got in zip(patched.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(got, want), name
+
+
 def test_patched_vit_mae_model_state_dict_and_fallbacks():
     model = _vit_mae("ViTMAEModel")
     state = {key: value.clone() for key, value in model.state_dict().items()}

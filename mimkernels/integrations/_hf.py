@@ -111,6 +111,15 @@ class MimkernelsViTMAEForPreTraining(vit_mae.ViTMAEForPreTraining):
                                                   ids_restore=outputs.ids_restore,
                                                   hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
+    def save_pretrained(self, *args, **kwargs):
+        """The checkpoint an unpatched model writes: transformers records the model's class name in
+        ``config.architectures``, which must name a class transformers has (``push_to_hub`` saves through here)."""
+        self.__class__ = vit_mae.ViTMAEForPreTraining
+        try:
+            return self.save_pretrained(*args, **kwargs)
+        finally:
+            self.__class__ = MimkernelsViTMAEForPreTraining
+
 
 class MimkernelsViTMAELayer(vit_mae.ViTMAELayer):
     """The residual add after attention in one pass with ``layernorm_after`` (:func:`mimkernels.add_layer_norm`);
