@@ -56,7 +56,8 @@ class Interrupted(Exception):
     """Stands for a run killed right after a checkpoint."""
 
 
-@pytest.mark.parametrize("model, workers, accumulate", [("mae", 0, 1), ("aim", 0, 1), ("aim", 2, 1), ("aim", 0, 3)])
+# AIM without workers and micro-batches is in the other two AIM cases' paths (kept out: CI's time limit)
+@pytest.mark.parametrize("model, workers, accumulate", [("mae", 0, 1), ("aim", 2, 1), ("aim", 0, 3)])
 def test_resume_continues_exactly(tmp_path, capsys, monkeypatch, model, workers, accumulate):
     """A run stopped at step 3 of 7 and resumed logs the same losses, learning rates and gradient norms as an
     uninterrupted one: the data order and position, the crops (in loader workers too), the masks / prefixes and
