@@ -4,6 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 READY := $(VENV)/.ready
 
+# pytest-xdist workers: the suite is CPU-bound (Triton's interpreter); on 2 cores about 40 minutes in one process, 22 in two
+TEST_WORKERS ?= 2
+# worksteal: an idle worker takes tests queued on the busy one, so one long test does not hold the run's end
+XDIST := -n $(TEST_WORKERS) --dist worksteal
+
 FLOOR_VENV := .venv-floor
 FLOOR_READY := $(FLOOR_VENV)/.ready
 
@@ -27,10 +32,10 @@ demo: $(READY)
 	$(PY) -m mimkernels
 
 test: $(READY)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST)
 
 test-floor: $(FLOOR_READY)
-	bash tests/test_installed_wheel.sh $(FLOOR_VENV)
+	bash tests/test_installed_wheel.sh $(FLOOR_VENV) $(XDIST)
 
 bench: $(READY)
 	$(PY) -m benchmarks
