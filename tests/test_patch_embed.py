@@ -70,6 +70,9 @@ def test_autocast_runs_in_autocast_dtype():
 @pytest.mark.parametrize("change, error, match", [
     ({"weight": torch.randn(8, 3, 16)}, ValueError, "weight must be"),
     ({"weight": torch.randn(8, 3, 16, 8)}, ValueError, "weight must be"),
+    # the kernels have tiles for these three: every backend takes the same (float64 was a KeyError on Triton)
+    ({"weight": torch.randn(8, 3, 16, 16, dtype=torch.float64)}, TypeError, "weight must be float16, bfloat16 or"),
+    ({"weight": torch.ones(8, 3, 16, 16, dtype=torch.int32)}, TypeError, "weight must be float16, bfloat16 or"),
     ({"images": torch.randn(1, 3, 30, 32)}, ValueError, "not divisible by the patch size 16"),
     ({"images": torch.randn(1, 1, 32, 32)}, ValueError, "1 channels, weight expects 3"),
     ({"bias": torch.randn(9)}, ValueError, "bias must have shape"),

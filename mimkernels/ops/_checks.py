@@ -14,6 +14,10 @@ import torch
 # compiled code has no environment. Unchecked out-of-range ids never read or write outside the tensors.
 CHECK_CUDA_INDICES = os.environ.get("MIMKERNELS_CHECK_INDICES", "0") == "1"
 
+# The dtypes the compute kernels (attention, MLP, norms, patch embedding) have tiles for; the ops take these on every
+# backend, so what a model accepts does not change with the machine it runs on.
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
 
 def is_int(value) -> bool:
     """A Python or NumPy integer, not a bool (``True`` would otherwise pass as 1)."""

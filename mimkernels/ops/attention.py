@@ -9,14 +9,13 @@ import torch.nn.functional as F
 from .. import _backend, reference
 from .._custom_ops import custom_op_when_compiling
 from ._autograd import distinct, first_derivative_only
-from ._checks import autocast_dtype, is_int, is_real, unit_stride
+from ._checks import KERNEL_DTYPES, autocast_dtype, is_int, is_real, unit_stride
 
 # Imported here, not on first use, so torch.compile never traces the module's first import.
 _kernels = None
 if _backend._HAS_TRITON:
     from ..triton import attention as _kernels
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _checked_qkv(q, k, v):
@@ -37,7 +36,7 @@ def _checked_qkv(q, k, v):
             raise ValueError(f"query and key lengths differ: q has {q.shape[2]} tokens, {name} has {t.shape[2]}")
         if tuple(t.shape) != tuple(q.shape):
             raise ValueError(f"{name} has shape {tuple(t.shape)} but q has {tuple(q.shape)}; they must match")
-    if q.dtype not in _DTYPES:
+    if q.dtype not in KERNEL_DTYPES:
         raise TypeError(f"q, k, v must be float16, bfloat16 or float32, got {q.dtype}")
     head_dim = q.shape[-1]
     if head_dim % 8 or not 16 <= head_dim <= 256:  # arithmetic, not `in range`: Dynamo traces it on symbolic sizes

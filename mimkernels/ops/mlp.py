@@ -6,13 +6,12 @@ import torch.nn.functional as F
 
 from .. import _backend, reference
 from ._autograd import first_derivative_only
-from ._checks import autocast_dtype, unit_stride
+from ._checks import KERNEL_DTYPES, autocast_dtype, unit_stride
 
 _kernels = None
 if _backend._HAS_TRITON:
     from ..triton import mlp as _kernels
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class _GeluMlp(torch.autograd.Function):
@@ -50,7 +49,7 @@ class _GeluMlp(torch.autograd.Function):
 def _check_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _DTYPES:
+    if x.dtype not in KERNEL_DTYPES:
         raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (the features)")

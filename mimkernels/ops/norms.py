@@ -7,17 +7,15 @@ import torch
 
 from .. import _backend, reference
 from ._autograd import distinct, first_derivative_only
-from ._checks import autocast_dtype, is_real
+from ._checks import KERNEL_DTYPES, autocast_dtype, is_real
 
 _kernels = None
 if _backend._HAS_TRITON:
     from ..triton import norms as _kernels
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
 
 def _promoted(a: torch.dtype, b: torch.dtype) -> torch.dtype:
-    """``torch.result_type`` for two of _DTYPES (any mix is float32), in plain Python that Dynamo traces."""
+    """``torch.result_type`` for two of KERNEL_DTYPES (any mix is float32), in plain Python that Dynamo traces."""
     return a if a == b else torch.float32
 
 
@@ -70,7 +68,7 @@ def add_layer_norm(x, branch, weight=None, bias=None, *, eps=1e-5):
     for name, t in (("x", x), ("branch", branch)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _DTYPES:
+        if t.dtype not in KERNEL_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
     if branch.shape != x.shape or branch.device != x.device:
         raise ValueError(f"branch {tuple(branch.shape)} on {branch.device} must match x {tuple(x.shape)} on "

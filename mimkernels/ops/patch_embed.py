@@ -6,7 +6,7 @@ import torch
 from .. import _backend, reference
 from . import tokens
 from ._autograd import first_derivative_only
-from ._checks import autocast_dtype, check_distinct_indices, check_images, check_index_tensor, is_int
+from ._checks import KERNEL_DTYPES, autocast_dtype, check_distinct_indices, check_images, check_index_tensor, is_int
 
 _kernels = None
 if _backend._HAS_TRITON:
@@ -102,8 +102,8 @@ def _checked_patch_embed_args(images, weight, bias, pos_embed, ids_keep, mask, m
     embed, channels = weight.shape[:2]
     if images.shape[1] != channels:
         raise ValueError(f"images have {images.shape[1]} channels, weight expects {channels}")
-    if not weight.is_floating_point():
-        raise TypeError(f"weight must be floating point, got {weight.dtype}")
+    if weight.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"weight must be float16, bfloat16 or float32, got {weight.dtype}")
     num_patches = (images.shape[2] // patch_size) * (images.shape[3] // patch_size)
     if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (embed,)):
         raise ValueError(f"bias must have shape ({embed},), got {getattr(bias, 'shape', bias)!r}")
@@ -138,7 +138,8 @@ def patch_embed(images, weight, bias=None, *, pos_embed=None, ids_keep=None, mas
 
     Args:
         images: ``[B, C, H, W]``, H and W multiples of p (non-square is fine).
-        weight: ``[E, C, p, p]`` (Conv2d layout: timm / MAE checkpoints load unchanged); bias ``[E]``.
+        weight: ``[E, C, p, p]`` (Conv2d layout: timm / MAE checkpoints load unchanged), float16, bfloat16 or
+            float32 on every backend; bias ``[E]``.
         pos_embed: ``[1, L, E]`` for the L patches (pass ``pos_embed[:, 1:]`` when it holds a cls row).
         ids_keep: ``[B, K]`` (MAE): compute only these patches; returns ``[B, K, E]``.
         mask, mask_token: ``[B, L]`` (bool or 0/1) and E values (BEiT, SimMIM): masked patches are replaced
