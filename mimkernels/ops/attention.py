@@ -17,7 +17,6 @@ if _backend._HAS_TRITON:
     from ..triton import attention as _kernels
 
 
-
 def _checked_qkv(q, k, v):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):

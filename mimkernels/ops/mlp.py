@@ -13,7 +13,6 @@ if _backend._HAS_TRITON:
     from ..triton import mlp as _kernels
 
 
-
 class _GeluMlp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
