@@ -3,7 +3,7 @@
 CPU ops always; CUDA ops too when this torch is a CUDA build and a CUDA toolkit (nvcc) is found. Without
 a visible GPU the CUDA code is compiled for sm_80 and sm_90 (TORCH_CUDA_ARCH_LIST overrides). The CUDA
 headers that torch's headers need and the toolkit may lack (cusparse.h, ...) come from the pip ``nvidia``
-wheels torch depends on. MIMKERNELS_BUILD_EXT=0 skips the extension: the package works without it.
+wheels torch depends on, searched after the toolkit's own (those match its nvcc). MIMKERNELS_BUILD_EXT=0 skips the extension: the package works without it.
 """
 import glob
 import importlib.util
@@ -39,8 +39,11 @@ def _extension():
     if with_cuda:
         if not torch.cuda.is_available():
             os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        # the toolkit's own headers first: they match its nvcc (CCCL refuses to compile with the runtime headers
+        # of another CUDA release, e.g. torch 2.15's 13.2 wheels beside a 13.0 nvcc); the wheels fill its gaps
+        include_dirs = [os.path.join(cpp_extension.CUDA_HOME, "include")] + _nvidia_wheel_includes()
         extension = cpp_extension.CUDAExtension(
-            "mimkernels._C", cpp_sources + cuda_sources, include_dirs=_nvidia_wheel_includes(),
+            "mimkernels._C", cpp_sources + cuda_sources, include_dirs=include_dirs,
             extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
     else:
         extension = cpp_extension.CppExtension("mimkernels._C", cpp_sources, extra_compile_args={"cxx": ["-O3"]})
