@@ -21,7 +21,7 @@ DEVICE = "cuda" if HAS_GPU else "cpu"
 
 
 def _interpret_tma_reduce_adds():
-    """Triton's interpreter (3.6-3.8) has no TMA reduce-add (``descriptor.atomic_add``, Hopper's
+    """Triton's interpreter (3.6-3.9) has no TMA reduce-add (``descriptor.atomic_add``, Hopper's
     ``cp.reduce.async.bulk.tensor``), which the atomic dK/dV kernel uses through descriptors. Its meaning is an atomic
     add of the block's elements that lie inside the tensor, the others dropped: that is what this adds to the
     interpreter, so the kernel code around it (offsets, block shape, dtype) runs in the CPU tests. A Triton whose
@@ -37,9 +37,10 @@ def _interpret_tma_reduce_adds():
         if kind != ir.DESCRIPTOR_REDUCE_KIND.ADD:
             raise NotImplementedError(f"the tests' interpreter shim only adds: {kind}")
         pointers, inside = desc.materialize_pointers(indices)
+        if not isinstance(inside, interpreter.TensorHandle):  # Triton 3.9 hands over a TensorHandle, 3.6-3.8 an array
+            inside = interpreter.TensorHandle(inside, tl.int1)
         op = ir.ATOMIC_OP.FADD if value.dtype.scalar.is_floating() else ir.ATOMIC_OP.ADD
-        return self.create_atomic_rmw(op, pointers, value, interpreter.TensorHandle(inside, tl.int1),
-                                      ir.MEM_SEMANTIC.RELAXED, ir.MEM_SYNC_SCOPE.GPU)
+        return self.create_atomic_rmw(op, pointers, value, inside, ir.MEM_SEMANTIC.RELAXED, ir.MEM_SYNC_SCOPE.GPU)
 
     interpreter.InterpreterBuilder.create_descriptor_reduce = create_descriptor_reduce
 

@@ -139,7 +139,11 @@ def test_enabled_only_for_read_triton_versions(monkeypatch):
     monkeypatch.setattr(fast, "triton_interpreted", lambda: False)
     monkeypatch.setattr(fast.triton, "__version__", "3.6.0")
     assert fast.fast_launch_enabled()
+    monkeypatch.setattr(fast.triton, "__version__", "3.9.0")
+    assert fast.fast_launch_enabled()
     monkeypatch.setattr(fast.triton, "__version__", "3.2.0")
+    assert not fast.fast_launch_enabled()
+    monkeypatch.setattr(fast.triton, "__version__", "3.10.0")  # not read yet
     assert not fast.fast_launch_enabled()
     monkeypatch.setattr(fast.triton, "__version__", "3.6.0")
     monkeypatch.setenv("MIMKERNELS_FAST_LAUNCH", "0")
