@@ -39,6 +39,7 @@ from mimkernels.triton import mlp as mlp_kernels  # noqa: E402
 from mimkernels.triton import norms as norm_kernels  # noqa: E402
 from mimkernels.triton import patch_embed as patch_kernels  # noqa: E402
 from mimkernels.triton import tokens as token_kernels  # noqa: E402
+from mimkernels.triton.launch import LAUNCH_OPTIONS  # noqa: E402
 
 ARCHS = (80, 90)
 HEAD_DIMS = (16, 32, 40, 64, 80, 128, 256)  # every tile class, with padded (40, 80) and exact head dims
@@ -235,7 +236,8 @@ def compile_one(launch: Launch, arch: int) -> tuple[int, int, int, int, int]:
         triton.knobs.compilation.always_compile = True
         triton.knobs.nvidia.dump_ptxas_log = True
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
+                                  options={"num_warps": launch.num_warps, "num_stages": launch.num_stages,
+                                           **LAUNCH_OPTIONS})
     stack, spill_stores, spill_loads, regs = map(int, _PTXAS_LOG.search(log.getvalue()).groups())
     return regs, compiled.metadata.shared, stack, spill_stores, spill_loads
 

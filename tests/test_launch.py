@@ -44,7 +44,8 @@ def test_same_key_launches_the_compiled_kernel_directly(monkeypatch):
     for tensor, grid in ((x, (4,)), (y, (8,)), (x, (2,))):
         fast.launch(kernel, grid, (tensor,), (48, 0.5), constexprs, num_warps=4, num_stages=2)
     assert len(kernel.jit_launches) == 1
-    assert kernel.jit_launches[0][2] == {"BLOCK": 32, "FLAG": True, "num_warps": 4, "num_stages": 2}
+    assert kernel.jit_launches[0][2] == {"BLOCK": 32, "FLAG": True, "num_warps": 4, "num_stages": 2,
+                                         "enable_fp_fusion": True}
     assert kernel.direct_launches == [((8, 1, 1), (y, 48, 0.5, 32, True)), ((2, 1, 1), (x, 48, 0.5, 32, True))]
 
 

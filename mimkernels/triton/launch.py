@@ -25,6 +25,9 @@ from .._backend import triton_interpreted
 # CompiledKernel[grid](*all args in signature order) as in these versions (3.9 read against 3.8: the same
 # CompiledKernel.__getitem__ and the same kernel.run call at the end of JITFunction.run)
 _TRUSTED = ("3.6.", "3.7.", "3.8.", "3.9.")
+# FMA contraction on, as every kernel was measured and error-budgeted: Triton 3.9 warns that its default turns it off
+# in 3.10 (TRITON_DEFAULT_FP_FUSION); TRITON_FORCE_DISABLE_FP_FUSION=1 still turns it off
+LAUNCH_OPTIONS = {"enable_fp_fusion": True}
 _COMPILED = {}  # key -> (CompiledKernel, the constexpr values in signature order)
 _MAX_KEYS = 4096
 _LAUNCHED = set()  # kernels that reached the fast path once (tests check that every launcher lines up)
@@ -61,8 +64,8 @@ def _device_of(t) -> int:
 
 def launch(kernel, grid: tuple, tensors: tuple, scalars: tuple, constexprs: dict, *, num_warps: int,
            num_stages: int) -> None:
-    """``kernel[grid](*tensors, *scalars, **constexprs, num_warps=..., num_stages=...)``, with the host work done
-    once per key.
+    """``kernel[grid](*tensors, *scalars, **constexprs, num_warps=..., num_stages=..., **LAUNCH_OPTIONS)``, with the
+    host work done once per key.
 
     The kernel's parameters are, in order: ``tensors`` (or TMA tensor descriptors), then ``scalars`` (ints,
     floats), then ``constexprs``. It runs on the GPU of ``tensors[0]`` (on its current stream), whichever GPU is
@@ -76,8 +79,11 @@ def launch(kernel, grid: tuple, tensors: tuple, scalars: tuple, constexprs: dict
         with torch.cuda.device(device):
             launch(kernel, grid, tensors, scalars, constexprs, num_warps=num_warps, num_stages=num_stages)
         return
-    if not _ENABLED or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # traced by Dynamo, which takes only its own launch options
         kernel[grid](*tensors, *scalars, **constexprs, num_warps=num_warps, num_stages=num_stages)
+        return
+    if not _ENABLED:
+        kernel[grid](*tensors, *scalars, **constexprs, num_warps=num_warps, num_stages=num_stages, **LAUNCH_OPTIONS)
         return
     # Tensors by dtype and 16-byte alignment (what Triton specialises on; their addresses change every call), TMA
     # descriptors by dtype and block shape, the scalars by value: equal values specialise equally, whatever
@@ -87,7 +93,8 @@ def launch(kernel, grid: tuple, tensors: tuple, scalars: tuple, constexprs: dict
     if cached is None:
         if len(_COMPILED) > _MAX_KEYS:  # e.g. a float argument that changes every call: stay bounded
             _COMPILED.clear()
-        compiled = kernel[grid](*tensors, *scalars, **constexprs, num_warps=num_warps, num_stages=num_stages)
+        compiled = kernel[grid](*tensors, *scalars, **constexprs, num_warps=num_warps, num_stages=num_stages,
+                                **LAUNCH_OPTIONS)
         tail = kernel.arg_names[len(tensors) + len(scalars):]
         if sorted(tail) == sorted(constexprs):  # else: keep launching through Triton
             _COMPILED[key] = compiled, tuple(constexprs[name] for name in tail)
