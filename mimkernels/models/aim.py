@@ -87,6 +87,7 @@ class AIM(nn.Module):
 
     @property
     def num_patches(self) -> int:
+        """Patches per image, the sequence length the trunk sees."""
         return self.patch_embed.num_patches
 
     def sample_prefix_len(self, batch: int, device=None, generator=None) -> torch.Tensor:
@@ -132,18 +133,22 @@ def _aim(embed_dim, num_heads, depth, **kwargs) -> AIM:
 
 
 def aim_600m(**kwargs) -> AIM:
+    """AIM-600M: a ViT trunk 1536 wide, 24 blocks, 12 heads, patch 14 at 224 px."""
     return _aim(1536, 12, 24, **kwargs)
 
 
 def aim_1b(**kwargs) -> AIM:
+    """AIM-1B: a ViT trunk 2048 wide, 24 blocks, 16 heads, patch 14 at 224 px."""
     return _aim(2048, 16, 24, **kwargs)
 
 
 def aim_3b(**kwargs) -> AIM:
+    """AIM-3B: a ViT trunk 3072 wide, 24 blocks, 24 heads, patch 14 at 224 px."""
     return _aim(3072, 24, 24, **kwargs)
 
 
 def aim_7b(**kwargs) -> AIM:
+    """AIM-7B: a ViT trunk 4096 wide, 32 blocks, 32 heads, patch 14 at 224 px."""
     return _aim(4096, 32, 32, **kwargs)
 
 

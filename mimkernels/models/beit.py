@@ -85,6 +85,7 @@ class KMeansTokenizer(nn.Module):
 
     @property
     def vocab_size(self) -> int:
+        """The number of visual tokens (centroids) the tokenizer assigns."""
         return self.centroids.shape[0]
 
     @staticmethod

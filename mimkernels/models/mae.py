@@ -52,15 +52,18 @@ class MAE(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
+        """The official initialisation: tokens N(0, 0.02), linears Xavier-uniform, norms ones / zeros."""
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
         self.apply(init_weights)
 
     # -- the official helper methods
     def patchify(self, imgs):
+        """Official method: images ``[B, C, H, W]`` to patch rows ``[B, L, p * p * C]``."""
         return mimkernels.patchify(imgs, self.patch_embed.patch_size)
 
     def unpatchify(self, x):
+        """Official method: patch rows ``[B, L, p * p * C]`` back to images ``[B, C, H, W]``."""
         grid_h, grid_w = self.patch_embed.grid_size
         return mimkernels.unpatchify(x, self.patch_embed.patch_size, grid_h, grid_w)
 
@@ -92,6 +95,7 @@ class MAE(nn.Module):
         return self.decoder_pred(run_blocks(self.decoder_blocks, x, self.decoder_norm))[:, 1:]
 
     def forward_loss(self, imgs, pred, mask):
+        """Mean squared error over the removed patches (``mask == 1``), per-patch normalised with norm_pix_loss."""
         return mimkernels.masked_patch_loss(pred, imgs, mask, norm_pix=self.norm_pix_loss)
 
     def forward(self, imgs, mask_ratio=0.75, noise=None):
@@ -105,16 +109,19 @@ _LN = partial(nn.LayerNorm, eps=1e-6)
 
 
 def mae_vit_base_patch16(**kwargs) -> MAE:
+    """The official MAE with a ViT-B/16 encoder (86M), 8-block 512-wide decoder."""
     return MAE(patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512, decoder_depth=8,
                decoder_num_heads=16, mlp_ratio=4, norm_layer=_LN, **kwargs)
 
 
 def mae_vit_large_patch16(**kwargs) -> MAE:
+    """The official MAE with a ViT-L/16 encoder (304M), 8-block 512-wide decoder."""
     return MAE(patch_size=16, embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=512, decoder_depth=8,
                decoder_num_heads=16, mlp_ratio=4, norm_layer=_LN, **kwargs)
 
 
 def mae_vit_huge_patch14(**kwargs) -> MAE:
+    """The official MAE with a ViT-H/14 encoder (632M), 8-block 512-wide decoder."""
     return MAE(patch_size=14, embed_dim=1280, depth=32, num_heads=16, decoder_embed_dim=512, decoder_depth=8,
                decoder_num_heads=16, mlp_ratio=4, norm_layer=_LN, **kwargs)
 
