@@ -9,6 +9,10 @@ TEST_WORKERS ?= 2
 # worksteal: an idle worker takes tests queued on the busy one, so one long test does not hold the run's end
 XDIST := -n $(TEST_WORKERS) --dist worksteal
 
+# the requirements files' pins decide, not a machine-wide pip constraint: an image that caches an older torch may
+# cap it below our pin, and pip would then refuse to install the pinned stack
+PINS_ONLY := PIP_CONSTRAINT=/dev/null
+
 FLOOR_VENV := .venv-floor
 FLOOR_READY := $(FLOOR_VENV)/.ready
 
@@ -17,7 +21,7 @@ FLOOR_READY := $(FLOOR_VENV)/.ready
 $(READY): requirements-dev.txt pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --no-cache-dir --upgrade pip
-	$(PY) -m pip install --quiet --no-cache-dir -r requirements-dev.txt
+	$(PINS_ONLY) $(PY) -m pip install --quiet --no-cache-dir -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-cache-dir --no-build-isolation --no-deps -e .
 	touch $(READY)
 
@@ -25,7 +29,7 @@ $(READY): requirements-dev.txt pyproject.toml setup.py $(wildcard csrc/*)
 $(FLOOR_READY): requirements-floor.txt
 	test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_VENV)
 	$(FLOOR_VENV)/bin/python -m pip install --quiet --no-cache-dir --upgrade pip
-	$(FLOOR_VENV)/bin/python -m pip install --quiet --no-cache-dir -r requirements-floor.txt
+	$(PINS_ONLY) $(FLOOR_VENV)/bin/python -m pip install --quiet --no-cache-dir -r requirements-floor.txt
 	touch $(FLOOR_READY)
 
 demo: $(READY)
