@@ -7,6 +7,10 @@ from torch import nn
 
 from mimkernels import models, parallel
 
+# torch 2.15's FSDP2 warns when a sharded module returns a view: an in-place op on it would skip the all-gather.
+# The models return tensors of their own, so that a user's FSDP run has no such warning to weigh.
+pytestmark = pytest.mark.filterwarnings("error:FSDP2-wrapped module.*returned a view:UserWarning")
+
 
 def tokenizer():
     return models.KMeansTokenizer(8, torch.randn(16, 8 * 8 * 3, generator=torch.Generator().manual_seed(3)))
