@@ -92,9 +92,11 @@ class MAE(nn.Module):
         x = x.to(torch.promote_types(x.dtype, self.mask_token.dtype))
         x = mimkernels.restore_tokens(x, ids_restore, self.mask_token, pos_embed=self.decoder_pos_embed,
                                       num_prefix_tokens=1)
-        # the cls token dropped before the projection, not after (the official order): no row of work spent on it,
-        # and pred is a tensor of its own, not a view (FSDP2 warns of views among a module's outputs)
-        return self.decoder_pred(run_blocks(self.decoder_blocks, x, self.decoder_norm)[:, 1:])
+        pred = self.decoder_pred(run_blocks(self.decoder_blocks, x, self.decoder_norm))
+        # a tensor of its own, not a view: torch 2.15's FSDP2 warns of views among a module's outputs (an in-place op
+        # on one would skip the all-gather). One copy of pred; projecting only the patch rows would skip it but split
+        # the projection's bias add from its GEMM (aten's linear on a strided input), which rounds differently
+        return pred[:, 1:].contiguous()
 
     def forward_loss(self, imgs, pred, mask):
         """Mean squared error over the removed patches (``mask == 1``), per-patch normalised with norm_pix_loss."""
