@@ -332,7 +332,7 @@ from mimkernels import train
 code = train.main(sys.argv[1:])
 names = [open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task")]
 # one write(2) of under PIPE_BUF bytes: the two ranks share the stderr pipe, and print's pieces interleaved once
-os.write(2, f"gloo threads after main: {sorted(name for name in names if 'gloo' in name)}\n".encode())
+os.write(2, f"gloo threads after main: {sorted(name for name in names if 'gloo' in name)}\\n".encode())
 sys.exit(code)
 """
 
