@@ -254,6 +254,25 @@ def _read_rows(source, batch, head, row_start, stride_row, cols, n_rows, head_di
 
 
 @triton.jit
+def _key_tile_scores(
+    q, k_src, v_src, stride_kn, stride_vn, batch, head, offs_m, offs_d, n_start, prefix, seq_len, head_dim,
+    qk_scale, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    """The key tile at ``n_start`` as a query tile's loop over keys sees it (forward and dQ): its K and V rows
+    (``k_src``, ``v_src``: :func:`_head_source`) and the base-2 scores ``q @ k^T * qk_scale``, -inf where masked."""
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    k = _read_rows(k_src, batch, head, n_start, stride_kn, offs_d, seq_len, head_dim, MASKED, EVEN_D, BLOCK_N,
+                   BLOCK_D, USE_TMA)
+    v = _read_rows(v_src, batch, head, n_start, stride_vn, offs_d, seq_len, head_dim, MASKED, EVEN_D, BLOCK_N,
+                   BLOCK_D, USE_TMA)
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:
+        scores = tl.where(_visible(offs_m[:, None], offs_n[None, :], prefix, seq_len), scores, float("-inf"))
+    return k, v, scores
+
+
+@triton.jit
 def _fwd_key_tiles(
     acc, row_sum, row_max, q, k_src, v_src, stride_kn, stride_vn, batch, head,
     offs_m, offs_d, n_lo, n_hi, prefix, seq_len, head_dim, qk_scale,
@@ -262,14 +281,9 @@ def _fwd_key_tiles(
 ):
     """``k_src``, ``v_src``: :func:`_head_source` of K and V."""
     for n_start in range(n_lo, n_hi, BLOCK_N):
-        offs_n = n_start + tl.arange(0, BLOCK_N)
-        k = _read_rows(k_src, batch, head, n_start, stride_kn, offs_d, seq_len, head_dim, MASKED, EVEN_D, BLOCK_N,
-                       BLOCK_D, USE_TMA)
-        v = _read_rows(v_src, batch, head, n_start, stride_vn, offs_d, seq_len, head_dim, MASKED, EVEN_D, BLOCK_N,
-                       BLOCK_D, USE_TMA)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if MASKED:
-            scores = tl.where(_visible(offs_m[:, None], offs_n[None, :], prefix, seq_len), scores, float("-inf"))
+        k, v, scores = _key_tile_scores(q, k_src, v_src, stride_kn, stride_vn, batch, head, offs_m, offs_d, n_start,
+                                        prefix, seq_len, head_dim, qk_scale, BLOCK_N, BLOCK_D, EVEN_D, MASKED,
+                                        DOT_PRECISION, USE_TMA)
         new_max = tl.maximum(row_max, tl.max(scores, 1))
         # every row sees key 0 in the first tile, so new_max is finite from then on
         correction = tl.exp2(row_max - new_max)
@@ -570,14 +584,9 @@ def _dq_key_tiles(
     DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     for n_start in range(n_lo, n_hi, BLOCK_N):
-        offs_n = n_start + tl.arange(0, BLOCK_N)
-        k = _read_rows(k_src, batch, head, n_start, stride_kn, offs_d, seq_len, head_dim, MASKED, EVEN_D, BLOCK_N,
-                       BLOCK_D, USE_TMA)
-        v = _read_rows(v_src, batch, head, n_start, stride_vn, offs_d, seq_len, head_dim, MASKED, EVEN_D, BLOCK_N,
-                       BLOCK_D, USE_TMA)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if MASKED:
-            scores = tl.where(_visible(offs_m[:, None], offs_n[None, :], prefix, seq_len), scores, float("-inf"))
+        k, v, scores = _key_tile_scores(q, k_src, v_src, stride_kn, stride_vn, batch, head, offs_m, offs_d, n_start,
+                                        prefix, seq_len, head_dim, qk_scale, BLOCK_N, BLOCK_D, EVEN_D, MASKED,
+                                        DOT_PRECISION, USE_TMA)
         probs = tl.exp2(scores - lse[:, None])
         dprobs = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         dscores = probs * (dprobs - delta[:, None])
