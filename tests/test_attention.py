@@ -836,3 +836,23 @@ def test_custom_ops_pass_opcheck(prefix):
     out, lse = ops._forward_kernels(*ops._unpacked(qkv), tensor_prefix, int_prefix, 0.25)
     torch.library.opcheck(ops._packed_backward_kernels.custom_op,
                           (torch.randn_like(out), qkv, out, lse, tensor_prefix, int_prefix, 0.25, True))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's NumPy, on NaN
+@pytest.mark.parametrize("seq_len", [9, 49])
+@pytest.mark.parametrize("mask", ["full", "causal", "prefix"])
+def test_a_nan_in_one_query_makes_its_row_nan_and_leaves_the_others(mask, seq_len):
+    """A NaN in a query gives NaN in that row, never a silent 0 (which SDPA without a mask gives on the CPU up to 15
+    tokens: ``reference.attention``'s docstring), and every other row exactly as without it (rows are
+    independent)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, seq_len, 64, device=DEVICE) for _ in range(3))
+    kwargs = {"full": {}, "causal": {"causal": True}, "prefix": {"prefix_len": torch.tensor([3, 7], device=DEVICE)}}
+    with mimkernels.use_backend("triton"):
+        clean = mimkernels.attention(q, k, v, **kwargs[mask])
+        q[1, 0, 5, 5] = float("nan")
+        out = mimkernels.attention(q, k, v, **kwargs[mask])
+    assert out[1, 0, 5].isnan().all()
+    others = torch.ones(out.shape[:3], dtype=torch.bool, device=DEVICE)
+    others[1, 0, 5] = False
+    assert torch.equal(out[others], clean[others])
