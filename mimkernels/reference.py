@@ -41,10 +41,10 @@ def attention(q, k, v, *, causal=False, prefix_len=None, scale=None):
     """Full (``causal=False``), causal, or prefix-causal (``prefix_len`` given) attention.
 
     On the CPU, SDPA without a mask returns zeros, not NaN, for a query row that holds a NaN when the sequence has
-    at most 15 tokens (full and ``is_causal`` attention, fp32 and fp64; NaN from 16 on; pytorch/pytorch#141128; seen
-    on torch 2.11 and 2.15), and so does the ``torch`` backend's full attention, which calls this. With a mask (the
-    prefix-causal path, which the ``torch`` backend also takes for causal attention) that row is NaN, as it is from
-    the Triton kernels at every length. A NaN in K or V gives NaN everywhere.
+    at most 15 tokens (full and ``is_causal`` attention, in each of fp16, bf16, fp32 and fp64; NaN from 16 tokens on;
+    pytorch/pytorch#141128; seen on torch 2.11 and 2.15), and so does the ``torch`` backend's full attention, which
+    calls this. With a mask (the prefix-causal path, which the ``torch`` backend also takes for causal attention)
+    that row is NaN, as it is from the Triton kernels at every length. A NaN in K or V gives NaN everywhere.
     """
     if prefix_len is not None:
         return prefix_causal_attention(q, k, v, prefix_len, scale=scale)
