@@ -146,9 +146,10 @@ def masked_patch_loss(pred, images, mask, *, norm_pix=True, loss="l2"):
     """Official MAE ``forward_loss``: per-patch mean error against the (normalised) patchified images,
     averaged over the patches where mask is 1 (weighted by mask). ``loss="l1"``: SimMIM's masked L1.
 
-    A mask of all zeros gives 0 (the official code divides 0 by 0). Patches of weight 0 are not read: a NaN or inf
-    in their predictions or pixels changes neither the loss nor any gradient (the official code's ``0 * nan``
-    would make both NaN); the kernels never load them.
+    The total is divided by the sum of the weights, whatever their sign, as the official code does; where they sum
+    to 0 it is divided by 1 instead, so a mask of all zeros gives 0 (the official code divides 0 by 0). Patches of
+    weight 0 are not read: a NaN or inf in their predictions or pixels changes neither the loss nor any gradient
+    (the official code's ``0 * nan`` would make both NaN); the kernels never load them.
     """
     target = patchify(images, patch_side(pred.shape[-1], images.shape[1]))  # pred rows hold p * p * C values
     scored = (mask != 0)[..., None]  # where(), not a product: 0 * nan would reach the loss and the gradient
@@ -161,7 +162,7 @@ def masked_patch_loss(pred, images, mask, *, norm_pix=True, loss="l2"):
     per_patch = error.mean(dim=-1)
     total = (per_patch * mask).sum()
     weight = mask.sum()
-    return total / torch.where(weight > 0, weight, torch.ones_like(weight))
+    return total / torch.where(weight != 0, weight, torch.ones_like(weight))
 
 
 def add_layer_norm(x, branch, weight, bias=None, *, eps=1e-5, out_dtype=None):

@@ -100,6 +100,24 @@ def test_all_zero_mask_gives_zero(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sign", ["negative", "mixed"])
+def test_weights_of_any_sign_divide_by_their_sum(backend, sign):
+    """The official code divides by mask.sum() whatever its sign: so do we (a negative sum once fell to the
+    all-zero mask's denominator of 1, a silently different loss)."""
+    images, pred, mask = inputs(2, 3, 32, 32, 16, torch.float32, "weights")
+    mask = -mask if sign == "negative" else mask - 0.4  # mixed: some weights below 0, the sum still positive
+    assert mask.sum().item() != 0 and (mask < 0).any()
+    with mimkernels.use_backend(backend):
+        got = mimkernels.masked_patch_loss(pred, images, mask)
+    (grad,) = torch.autograd.grad(got, pred)
+    pred64 = pred.detach().double().requires_grad_()
+    want = official_forward_loss(images.double(), pred64, mask.double(), 16)
+    (grad64,) = torch.autograd.grad(want, pred64)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), grad64, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_unscored_patches_are_not_read(backend, bad):
     """A patch of weight 0 adds nothing, whatever its values: the loss and the gradient equal those with the

@@ -17,7 +17,7 @@ class _MaskedPatchLoss(torch.autograd.Function):
     def forward(ctx, pred, images, mask, patch_size, norm_pix, l1):
         patch_loss = _kernels.masked_patch_loss(pred, images, mask, patch_size, norm_pix, l1)
         weight = mask.sum()
-        denominator = torch.where(weight > 0, weight, torch.ones_like(weight))  # an all-zero mask gives 0
+        denominator = torch.where(weight != 0, weight, torch.ones_like(weight))  # an all-zero mask gives 0
         ctx.save_for_backward(pred, images, mask, denominator)
         ctx.args = patch_size, norm_pix, l1
         return patch_loss.sum() / denominator
@@ -43,9 +43,10 @@ def masked_patch_loss(pred, images, mask, *, norm_pix=True, loss="l2"):
         loss: ``"l2"`` (MAE) or ``"l1"`` (SimMIM's masked L1, without its 1e-5 in the denominator).
 
     Returns:
-        fp32 scalar, differentiable in pred. A mask of all zeros gives 0 and a zero gradient (the
-        official code would divide 0 by 0). Patches of weight 0 are never read: non-finite predictions or pixels
-        there leave the loss and the gradient finite (the official code's ``0 * nan`` is NaN).
+        fp32 scalar, differentiable in pred: the weighted sum divided by the sum of the weights, whatever their
+        sign (as the official code). Weights summing to 0 divide by 1: a mask of all zeros gives 0 and a zero
+        gradient (the official code would divide 0 by 0). Patches of weight 0 are never read: non-finite
+        predictions or pixels there leave the loss and the gradient finite (the official code's ``0 * nan`` is NaN).
     """
     if not isinstance(pred, torch.Tensor) or pred.dim() != 3 or not pred.is_floating_point():
         raise ValueError(f"pred must be a 3-D float tensor [batch, patches, p * p * C], got "
