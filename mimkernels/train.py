@@ -1,4 +1,4 @@
-"""``python -m mimkernels.train {mae,aim} --config NAME --data builtin|PATH --steps N``: pre-train MAE or AIM.
+"""``python -m mimkernels.train {mae,aim,simmim,beit} --config NAME --data builtin|PATH --steps N``: pre-train.
 
 One process, or many through ``torchrun --nproc-per-node K -m mimkernels.train ...`` (DistributedDataParallel:
 NCCL on GPUs, gloo on CPUs; a DistributedSampler splits the data; only rank 0 writes files), or with ``--fsdp``
@@ -319,9 +319,19 @@ def replicas_in_sync(model) -> bool:
     return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to an option's help unless the help already says its default, or there is none."""
+
+    def _get_help_string(self, action):
+        unsaid = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" in (action.help or "") or unsaid:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m mimkernels.train", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=_HelpWithDefaults)
     parser.add_argument("model", choices=sorted(CONFIGS))
     parser.add_argument("--config", help="model config, default the tiny one; " + "; ".join(
         f"{family}: {', '.join(configs)}" for family, configs in CONFIGS.items()))
@@ -334,11 +344,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="micro-batches of --batch-size per optimizer step, their gradients summed (each loss "
                         "divided by K, as MAE's accum_iter): K times the batch in the memory of one; the global "
                         "batch is batch-size x K x ranks")
-    parser.add_argument("--lr", type=float, help="peak lr; default: MAE 1.5e-4 x batch/256, AIM 1e-3 x batch/4096, "
-                        "SimMIM 1e-4 x batch/512 (global batch, linear scaling)")
-    parser.add_argument("--min-lr", type=float, default=0.0)
+    parser.add_argument("--lr", type=float, help="peak lr; default (global batch, linear scaling): " + ", ".join(
+        f"{family} {d['base_lr']:g} x batch/{d['lr_batch']}" for family, d in DEFAULTS.items()))
+    parser.add_argument("--min-lr", type=float, default=0.0, help="lr at the end of the cosine decay")
     parser.add_argument("--warmup-steps", type=int, help="default 5%% of --steps")
-    parser.add_argument("--weight-decay", type=float)
+    decays = sorted({d["weight_decay"] for d in DEFAULTS.values()})
+    parser.add_argument("--weight-decay", type=float, help="AdamW's, on weights (not biases, norms, tokens); default: "
+                        + (f"{decays[0]:g}" if len(decays) == 1 else ", ".join(
+                            f"{family} {d['weight_decay']:g}" for family, d in DEFAULTS.items())))
     parser.add_argument("--clip-grad", type=float, help="clip the gradient norm to this (default: no clipping)")
     parser.add_argument("--mask-ratio", type=float, help="MAE (default 0.75), SimMIM (0.6), BEiT (0.4)")
     parser.add_argument("--vocab-size", type=int, default=None, help="BEiT: visual tokens of the k-means "
@@ -367,9 +380,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     parser.add_argument("--resume", nargs="?", const="auto", help="continue from a checkpoint (default "
                         "OUT/checkpoint.pt)")
-    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--log-every", type=int, default=10,
+                        help="steps between logged metrics (metrics.jsonl, the progress bar)")
     parser.add_argument("--workers", type=int, default=0, help="data loader processes per rank")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the model, the data order and the masks")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--tensorboard", action="store_true", help="also write metrics.jsonl's scalars as "
                         "TensorBoard events in --out (needs the tensorboard package)")

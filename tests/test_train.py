@@ -296,6 +296,20 @@ def test_bad_arguments_exit_with_usage(capsys):
         assert exit_info.value.code == 2 and f"{flag} must be a finite number" in capsys.readouterr().err
 
 
+def test_help_gives_every_option_and_its_default_once(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal width
+    assert "(default: None)" not in out and "(default: False)" not in out
+    assert "(default: no clipping) (default" not in out  # a default the help states is not appended again
+    for option in ("--min-lr", "--weight-decay", "--log-every", "--seed"):  # each once had no help at all
+        assert f"{option} {option[2:].upper().replace('-', '_')} " in out
+    assert "(default: 0)" in out  # --save-every, --workers and --seed: a default of 0 is shown, not taken for False
+    for family, defaults in train.DEFAULTS.items():  # the lr default of every model, from the table the CLI uses
+        assert f"{family} {defaults['base_lr']:g} x batch/{defaults['lr_batch']}" in out
+
+
 def test_atomic_save_keeps_the_old_file_on_failure(tmp_path):
     path = tmp_path / "checkpoint.pt"
     train.save_atomically(lambda f: f.write(b"old"), path)
