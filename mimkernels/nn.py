@@ -111,6 +111,9 @@ class Attention(nn.Module):
     def forward(self, x, prefix_len=None, *, causal: bool = False):
         """``x [B, N, dim]``. Full attention by default; causal with ``causal=True``; prefix-causal (AIM: query i
         sees key j iff ``j <= i or j < prefix_len[b]``) with ``prefix_len``, an int or an integer tensor ``[B]``."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.qkv.in_features:
+            raise ValueError(f"x must be a tensor [batch, tokens, {self.qkv.in_features}], got "
+                             f"{getattr(x, 'shape', type(x).__name__)}")
         batch, tokens, dim = x.shape
         out = attend_qkv(self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)), self.q_norm, self.k_norm,
                          causal=causal, prefix_len=prefix_len)

@@ -321,6 +321,10 @@ def test_nn_modules_check_their_arguments():
         mnn.Attention(64, num_heads=4, attn_drop=0.1)
     with pytest.raises(ValueError, match="multiple of 8 in"):
         mnn.Attention(60, num_heads=5)
+    attention = mnn.Attention(64, num_heads=4)
+    for x in (torch.randn(7, 64), torch.randn(1, 7, 32)):  # were an unpacking error and a GEMM shape error
+        with pytest.raises(ValueError, match=r"x must be a tensor \[batch, tokens, 64\]"):
+            attention(x)
     with pytest.raises(ValueError, match="not a multiple of patch_size"):
         mnn.PatchEmbed(30, 8, 3, 16)
     embed = mnn.PatchEmbed(32, 8, 3, 16)
@@ -329,6 +333,8 @@ def test_nn_modules_check_their_arguments():
     with pytest.raises(ValueError, match=r"\[batch, 3, height, width\]"):
         embed(torch.randn(1, 1, 32, 32))
     assert mnn.PatchEmbed(None, 8, 3, 16)(torch.randn(1, 3, 40, 24)).shape == (1, 15, 16)
+    with pytest.raises(ValueError, match="a height x width of 41x24 is not divisible by the patch size 8"):
+        mnn.PatchEmbed(None, 8, 3, 16)(torch.randn(1, 3, 41, 24))
 
 
 def test_nn_patch_embed_loads_timm_weights_and_matches(device):

@@ -62,7 +62,8 @@ def check_images(images, patch_size: int, name: str = "images") -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {images.dtype}")
     height, width = images.shape[-2:]
     if height % patch_size or width % patch_size:
-        raise ValueError(f"{name} of size {height}x{width} is not divisible by the patch size {patch_size}")
+        raise ValueError(f"{name}: a height x width of {height}x{width} is not divisible by the patch size "
+                         f"{patch_size}")
 
 
 def check_index_tensor(name: str, ids, batch: int, device: torch.device, length: int | None = None) -> torch.Tensor:
