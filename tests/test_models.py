@@ -222,6 +222,21 @@ def test_aim_loss_counts_only_non_prefix_patches():
     assert torch.allclose(loss, want, rtol=1e-5) and torch.equal(pred[:, 0], torch.zeros_like(pred[:, 0]))
 
 
+def test_aim_loss_never_scores_patch_zero():
+    """Patch 0 has no prediction (row 0 of pred is zero): with a prefix of 0 (pure causal attention) the loss is
+    the mean over patches 1 to L - 1, not one that also scores patch 0 against the zero row."""
+    model = small_aim()
+    imgs = torch.randn(2, 3, 32, 32)
+    target = mimkernels.patchify(imgs, 8)
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    for prefix in (0, torch.tensor([0, 0]), torch.tensor([0, 3])):
+        loss, pred = model(imgs, prefix)
+        per_patch = ((pred - target) ** 2).mean(-1)
+        first = torch.tensor([1, 1]) if isinstance(prefix, int) else prefix.clamp_min(1)
+        want = sum(per_patch[b, first[b]:].sum() for b in range(2)) / sum(16 - first[b] for b in range(2))
+        assert torch.allclose(loss, want, rtol=1e-5), prefix
+
+
 def test_aim_prefix_lengths_cover_one_to_l_minus_one():
     model = small_aim()
     drawn = model.sample_prefix_len(4000, generator=torch.Generator().manual_seed(0))

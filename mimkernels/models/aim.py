@@ -5,7 +5,8 @@ attention (patches ``j < S`` visible to every query, the rest causally), and a p
 predicts from position ``i`` the pixels of patch ``i + 1``, normalised per patch. The prefix length S is
 drawn per sample, uniformly in ``{1, ..., L - 1}``: at least one prefix patch (a bidirectional context
 for the first prediction, which is what lets the trunk switch to full attention downstream) and at
-least one predicted patch. The loss counts only the non-prefix patches ``S .. L - 1``; the prediction of
+least one predicted patch. The loss counts only the non-prefix patches ``S .. L - 1`` (a prefix of 0 given by
+the caller, pure causal attention: ``1 .. L - 1``, patch 0 having no prediction); the prediction of
 patch S comes from position S - 1, which sees patches 0 .. S - 1 only, so no prediction sees its target.
 
 Trunk as apple/ml-aim ships it (``aim-v1``): Conv2d patch projection followed by a LayerNorm, fixed 2-D
@@ -110,7 +111,9 @@ class AIM(nn.Module):
     def forward(self, imgs, prefix_len=None):
         """``(loss, pred)``: pred ``[B, L, p * p * C]`` holds at row l the prediction of patch l (made at
         position l - 1; row 0 is zero, patch 0 is never predicted), in normalised pixels when
-        ``norm_pix_loss``. ``prefix_len``: int or ``[B]`` integer tensor, drawn per sample when None."""
+        ``norm_pix_loss``; the loss averages over the patches past the prefix (and past patch 0: with a prefix of
+        0, pure causal attention, patches 1 to L - 1). ``prefix_len``: int or ``[B]`` integer tensor, drawn per
+        sample when None."""
         self.patch_embed.check(imgs)
         batch, num_patches = imgs.shape[0], self.num_patches
         if prefix_len is None:
@@ -122,7 +125,8 @@ class AIM(nn.Module):
         pred = F.pad(self.forward_head(features[:, :-1]), (0, 0, 1, 0))
         positions = torch.arange(num_patches, device=imgs.device)
         prefix = prefix_len.reshape(-1, 1) if isinstance(prefix_len, torch.Tensor) else prefix_len
-        mask = (positions >= prefix).float().expand(batch, num_patches)
+        # the loss scores the patches after the prefix; patch 0 has no prediction, so not it either (prefix 0)
+        mask = ((positions >= prefix) & (positions > 0)).float().expand(batch, num_patches)
         loss = mimkernels.masked_patch_loss(pred, imgs, mask, norm_pix=self.norm_pix_loss)
         return loss, pred
 
