@@ -160,9 +160,14 @@ def masked_patch_loss(pred, images, mask, *, norm_pix=True, loss="l2"):
         target = (target - mean) / (var + 1.0e-6) ** 0.5
     error = (pred - target).abs() if loss == "l1" else (pred - target) ** 2
     per_patch = error.mean(dim=-1)
-    total = (per_patch * mask).sum()
+    return (per_patch * mask).sum() / mask_denominator(mask)
+
+
+def mask_denominator(mask):
+    """What a masked mean divides by: the sum of the mask's weights, whatever its sign (as the official MAE code),
+    or 1 where they sum to 0 (an all-zero mask then gives 0, not 0 / 0)."""
     weight = mask.sum()
-    return total / torch.where(weight != 0, weight, torch.ones_like(weight))
+    return torch.where(weight != 0, weight, torch.ones_like(weight))
 
 
 def add_layer_norm(x, branch, weight, bias=None, *, eps=1e-5, out_dtype=None):

@@ -26,6 +26,7 @@ from torch import nn
 
 import mimkernels
 
+from ..reference import mask_denominator
 from .vit import MaskTokenViT
 
 
@@ -159,7 +160,7 @@ class BEiT(MaskTokenViT):
                              f"{targets.dtype} {tuple(targets.shape)}")
         logits = self.lm_head(self.forward_encoder(imgs, mask)[:, 1:])
         per_patch = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-        loss = (per_patch * mask.flatten()).sum() / mask.sum().clamp_min(1)
+        loss = (per_patch * mask.flatten()).sum() / mask_denominator(mask)
         return loss, logits, mask
 
 

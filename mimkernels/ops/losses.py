@@ -16,8 +16,7 @@ class _MaskedPatchLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pred, images, mask, patch_size, norm_pix, l1):
         patch_loss = _kernels.masked_patch_loss(pred, images, mask, patch_size, norm_pix, l1)
-        weight = mask.sum()
-        denominator = torch.where(weight != 0, weight, torch.ones_like(weight))  # an all-zero mask gives 0
+        denominator = reference.mask_denominator(mask)
         ctx.save_for_backward(pred, images, mask, denominator)
         ctx.args = patch_size, norm_pix, l1
         return patch_loss.sum() / denominator
