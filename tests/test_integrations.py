@@ -267,10 +267,17 @@ def test_only_supported_models():
         integrations.apply(torch.nn.Linear(4, 4))
     with pytest.raises(TypeError, match="torch.nn.Module"):
         integrations.apply("vit_base_patch16_224")
-    ours = mimkernels.models.mae_vit_tiny_patch8()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert integrations.apply(ours) is ours
+    models = mimkernels.models
+    for ours in (models.mae_vit_tiny_patch8(), models.aim_tiny(), models.simmim_vit_tiny_patch8(),
+                 models.beit_vit_tiny_patch8(torch.nn.Identity())):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert integrations.apply(ours) is ours  # SimMIM and BEiT were refused as unsupported
+    wrapped = torch.compile(_vit(), backend="eager")
+    with pytest.raises(TypeError, match="torch.compile wrapper .* apply to the model before wrapping it"):
+        integrations.apply(wrapped)
+    with pytest.raises(TypeError, match="DataParallel wrapper"):
+        integrations.apply(torch.nn.DataParallel(_vit()))
 
 
 @pytest.mark.parametrize("fused", [{}, {"add_norm": True, "gelu_mlp": True}], ids=["plain", "fused"])

@@ -22,7 +22,9 @@ import torch
 __all__ = ["apply", "patched_modules", "register_hf_attention", "unapply"]
 
 SUPPORTED = ("timm.models.vision_transformer.VisionTransformer", "transformers.ViTMAEForPreTraining",
-             "transformers.ViTMAEModel", "mimkernels.models.MAE", "mimkernels.models.AIM")
+             "transformers.ViTMAEModel", "mimkernels.models.MAE", "mimkernels.models.AIM", "mimkernels.models.SimMIM",
+             "mimkernels.models.BEiT")
+WRAPPERS = {"_orig_mod": "torch.compile", "module": "DistributedDataParallel / DataParallel"}  # attribute -> wrapper
 
 
 def warn_kept(skipped: dict) -> None:
@@ -75,9 +77,10 @@ def apply(model: torch.nn.Module, *, attention: bool = True, patch_embed: bool =
         ``interpolate_pos_encoding=True`` calls of ViTMAE run the original code.
 
     Raises:
-        TypeError: ``model`` is not one of the supported classes (listed in the message).
+        TypeError: ``model`` is not one of the supported classes (listed in the message), or wraps one (the
+            wrapper of ``torch.compile`` or DDP: apply to the model before wrapping it).
     """
-    from ..models import AIM, MAE, vit
+    from ..models import AIM, MAE, BEiT, SimMIM, vit
 
     if add_norm is None:
         add_norm = vit.FUSED_ADD_NORM
@@ -85,7 +88,7 @@ def apply(model: torch.nn.Module, *, attention: bool = True, patch_embed: bool =
         gelu_mlp = vit.FUSED_GELU_MLP
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(model, (MAE, AIM)):
+    if isinstance(model, (MAE, AIM, SimMIM, BEiT)):
         return model
     if _is_timm_vit(model):
         from . import _timm
@@ -98,6 +101,11 @@ def apply(model: torch.nn.Module, *, attention: bool = True, patch_embed: bool =
         _hf.patch(model, attention=attention, patch_embed=patch_embed, masking=masking, loss=loss,
                   add_norm=add_norm, gelu_mlp=gelu_mlp)
         return model
+    for attribute, wrapper in WRAPPERS.items():
+        inner = getattr(model, attribute, None)
+        if isinstance(inner, torch.nn.Module):  # patching under a compiled graph or a DDP reducer would go unseen
+            raise TypeError(f"mimkernels.integrations.apply got a {wrapper} wrapper ({type(model).__qualname__}) of a "
+                            f"{type(inner).__qualname__}: apply to the model before wrapping it")
     raise TypeError(f"mimkernels.integrations.apply supports {', '.join(SUPPORTED)}; got "
                     f"{type(model).__module__}.{type(model).__qualname__}")
 
