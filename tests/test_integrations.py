@@ -512,6 +512,43 @@ def test_mimkernels_as_a_transformers_attention_implementation(device):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_mimkernels_attention_implementation_in_a_causal_lm(kv_heads, device):
+    """A tiny Llama with attn_implementation="mimkernels" gives sdpa's logits: plain causal calls on our kernels;
+    a padded batch (the mask: without a mask function of ours, transformers passed none and the padding was
+    attended to), grouped kv heads and generation's kv cache (they raised) through transformers' sdpa code."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    name = integrations.register_hf_attention()
+    config = dict(vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=kv_heads, max_position_embeddings=64)
+    models = []
+    for implementation in ("sdpa", name):
+        torch.manual_seed(0)
+        models.append(LlamaForCausalLM(LlamaConfig(**config, attn_implementation=implementation)).to(device).eval())
+    want_model, model = models
+    tokens = torch.randint(0, 50, (2, 9), device=device)
+    padding = torch.tensor([[0, 0] + [1] * 7, [1] * 9], device=device)  # left padding in the first sample
+    calls = []
+    original_attention = mimkernels.attention
+    try:
+        mimkernels.attention = lambda *args, **kwargs: calls.append(kwargs) or original_attention(*args, **kwargs)
+        with mimkernels.use_backend("triton"), torch.no_grad():
+            plain = model(tokens).logits
+            padded = model(tokens, attention_mask=padding).logits
+            generated = model.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=3,
+                                       do_sample=False)
+    finally:
+        mimkernels.attention = original_attention
+    with torch.no_grad():
+        torch.testing.assert_close(plain, want_model(tokens).logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(padded, want_model(tokens, attention_mask=padding).logits, rtol=1e-4, atol=1e-5)
+        assert torch.equal(generated, want_model.generate(tokens, attention_mask=torch.ones_like(tokens),
+                                                          max_new_tokens=3, do_sample=False))
+    # our kernels ran, causal, for every layer of the plain call and of generation's prompt (without grouped heads)
+    assert calls == ([{"causal": True, "scale": 0.25}] * 4 if kv_heads == 4 else [])
+
+
 # ----------------------------------------------------------------------------- on a GPU, bf16, ViT-B sizes
 
 

@@ -113,8 +113,9 @@ def apply(model: torch.nn.Module, *, attention: bool = True, patch_embed: bool =
 def register_hf_attention() -> str:
     """Register mimkernels as a transformers attention implementation and return its name, ``"mimkernels"``:
     ``from_pretrained(..., attn_implementation="mimkernels")`` or ``model.set_attn_implementation("mimkernels")``
-    then runs full and causal attention on mimkernels' kernels (masked calls, dropout and head dims the
-    kernels lack fall back to transformers' sdpa implementation)."""
+    then runs full and causal self-attention on mimkernels' kernels, with the masks transformers builds for sdpa;
+    calls with a mask, dropout, grouped kv heads, a kv cache, a position bias, softcap or sinks, or a dtype or head
+    dim the kernels lack run transformers' sdpa implementation."""
     from . import _hf
 
     return _hf.register_attention()

@@ -67,14 +67,31 @@ class MimkernelsViTMAEDecoder(vit_mae.ViTMAEDecoder):
         return vit_mae.ViTMAEDecoderOutput(logits=logits[:, 1:, :])
 
 
-def _attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """An AttentionInterface function: [B, H, N, D] in, ([B, N, H, D], None) out."""
-    if attention_mask is not None or dropout > 0 or query.shape[-1] % 8 or not 16 <= query.shape[-1] <= 256:
+# keyword arguments of transformers' attention functions that change the scores or where keys come from
+_SDPA_ONLY_KWARGS = ("position_bias", "softcap", "sliding_window", "s_aux", "cache")
+
+
+def _kernel_runs(query, key, value, attention_mask, dropout, kwargs) -> bool:
+    """Whether a call is self-attention our kernels run as is: no mask, no dropout, the same heads and length for q,
+    k and v (no grouped kv heads, no kv cache longer than the queries), a dtype and head dim the kernels take."""
+    return (attention_mask is None and not dropout and query.shape == key.shape == value.shape
+            and query.dtype == key.dtype == value.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and query.shape[-1] % 8 == 0 and 16 <= query.shape[-1] <= 256
+            and all(kwargs.get(name) is None for name in _SDPA_ONLY_KWARGS))
+
+
+def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                       **kwargs):
+    """An AttentionInterface function: [B, H, N, D] in, ([B, N, H, D], None) out. Causal as transformers' sdpa
+    function decides it (``is_causal``, else the module's, else True); calls the kernels do not run as is go to
+    that function."""
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if not isinstance(causal, bool) or not _kernel_runs(query, key, value, attention_mask, dropout, kwargs):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
-    out = mimkernels.attention(query, key, value, causal=bool(getattr(module, "is_causal", False)), scale=scaling)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    out = mimkernels.attention(query, key, value, causal=causal, scale=scaling)
     return out.transpose(1, 2), None
 
 
@@ -223,6 +240,10 @@ def register_attention() -> str:
     """Register ``"mimkernels"`` as a transformers attention implementation (full and causal attention; the
     sdpa implementation for masks, dropout, and head dims the kernels lack). Returns the name."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register("mimkernels", _attention_forward)
+    # the masks sdpa gets (None where is_causal or nothing stands for them): without a mask function of its own, an
+    # implementation gets no mask at all, and a padded batch would attend to its padding
+    AttentionMaskInterface.register("mimkernels", sdpa_mask)
     return "mimkernels"
