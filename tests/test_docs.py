@@ -1,6 +1,8 @@
 """Every public function, class and method of the package has a docstring (the brief: docs for every public
 function). Public: listed in a module's ``__all__``; for classes, their own methods not starting with ``_``."""
 import inspect
+import subprocess
+import sys
 
 import pytest
 
@@ -36,6 +38,18 @@ def test_public_api_is_listed():
     assert {"attention", "prefix_causal_attention", "random_masking", "restore_tokens", "patch_embed",
             "masked_patch_loss"} <= set(mimkernels.__all__)
     assert len(list(_public_objects())) > 40  # the walk itself finds the API (it would pass vacuously if empty)
+
+
+def test_submodules_load_on_first_use():
+    """``import mimkernels`` then ``mimkernels.models...`` works without importing the submodule first (it was an
+    AttributeError); a fresh interpreter, since this one has imported them all."""
+    code = ("import sys, mimkernels\n"
+            "assert 'mimkernels.models' not in sys.modules and 'mimkernels.integrations' not in sys.modules\n"
+            "assert all(getattr(mimkernels, name).__name__ == 'mimkernels.' + name for name in mimkernels.SUBMODULES)\n"
+            "try:\n    mimkernels.no_such_thing\nexcept AttributeError as error:\n    print(error)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "module 'mimkernels' has no attribute 'no_such_thing'" in result.stdout
 
 
 @pytest.mark.parametrize("name,obj", list(_public_objects()), ids=lambda v: v if isinstance(v, str) else "")
