@@ -348,10 +348,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         f"{family} {d['base_lr']:g} x batch/{d['lr_batch']}" for family, d in DEFAULTS.items()))
     parser.add_argument("--min-lr", type=float, default=0.0, help="lr at the end of the cosine decay")
     parser.add_argument("--warmup-steps", type=int, help="default 5%% of --steps")
-    decays = sorted({d["weight_decay"] for d in DEFAULTS.values()})
     parser.add_argument("--weight-decay", type=float, help="AdamW's, on weights (not biases, norms, tokens); default: "
-                        + (f"{decays[0]:g}" if len(decays) == 1 else ", ".join(
-                            f"{family} {d['weight_decay']:g}" for family, d in DEFAULTS.items())))
+                        + ", ".join(f"{family} {d['weight_decay']:g}" for family, d in DEFAULTS.items()))
     parser.add_argument("--clip-grad", type=float, help="clip the gradient norm to this (default: no clipping)")
     parser.add_argument("--mask-ratio", type=float, help="MAE (default 0.75), SimMIM (0.6), BEiT (0.4)")
     parser.add_argument("--vocab-size", type=int, default=None, help="BEiT: visual tokens of the k-means "

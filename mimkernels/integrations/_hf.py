@@ -237,8 +237,8 @@ def patch(model: torch.nn.Module, *, attention: bool, patch_embed: bool, masking
 
 
 def register_attention() -> str:
-    """Register ``"mimkernels"`` as a transformers attention implementation (full and causal attention; the
-    sdpa implementation for masks, dropout, and head dims the kernels lack). Returns the name."""
+    """Register ``"mimkernels"`` as a transformers attention implementation, with sdpa's mask function (see
+    :func:`_attention_forward` for what runs on our kernels). Returns the name."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
