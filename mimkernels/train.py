@@ -10,7 +10,8 @@ AdamW with linear warmup and cosine decay (both papers' schedule), bf16 autocast
 ``checkpoint.pt`` (atomically: a crash never leaves a half-written file; under ``--fsdp`` the folder
 ``checkpoint/``, each rank writing its shards) every ``--save-every`` steps and at the end, a reconstruction PNG
 and ``loss.png`` beside it, and ``metrics.jsonl`` at every logging step; ``--resume`` continues from the
-checkpoint exactly as an uninterrupted run would (data order, crops, masks and optimizer).
+checkpoint exactly as an uninterrupted run would (data order, crops, masks and optimizer), and warns where this
+run's settings differ from the checkpoint's.
 
 ``--data builtin`` trains on the photos that ship inside scikit-image (offline); a folder PATH is searched
 recursively for images (flat folders and ImageNet's ``train/<class>/*.JPEG`` alike), read with Pillow. Either
@@ -415,6 +416,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
     if args.clip_grad is not None and not 0 < args.clip_grad < math.inf:
         parser.error(f"--clip-grad must be a finite number > 0, got {args.clip_grad}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):  # found before a model is built, not after
+        parser.error(f"--out {args.out} is a file; give a folder (it is created if missing)")
     return args
 
 
@@ -461,10 +464,8 @@ class MetricsLog:
             except ImportError:
                 raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
             self.board = SummaryWriter(str(path.parent), purge_step=start + 1 if start else None)
-        kept = []
-        if start and path.is_file():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
-        path.write_text("".join(line + "\n" for line in kept))
+        kept = [row for row in read_metrics(path) if row["step"] <= start] if start and path.is_file() else []
+        path.write_text("".join(json.dumps(row) + "\n" for row in kept))
 
     def write(self, **values) -> None:
         if self.enabled:
@@ -482,7 +483,17 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+    """The rows of ``metrics.jsonl``, skipping lines that are not a JSON row with a step: a run killed while
+    appending one leaves a partial last line, which must not stop its ``--resume`` (nor the loss plot)."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
 
 
 def peak_memory_gib(device: torch.device) -> float | None:
@@ -538,9 +549,9 @@ class Meter:
         return loss, rate
 
 
-def resume(args, model, optimizer, checkpoint_path: Path, device) -> int:
-    """Load ``--resume``'s checkpoint into model and optimizer; returns its step. Under ``--fsdp`` the checkpoint
-    is a sharded folder (every rank loads its shards), else one file."""
+def resume(args, model, optimizer, checkpoint_path: Path, device) -> dict:
+    """Load ``--resume``'s checkpoint into model and optimizer; returns what it was saved with (``step``, ``args``,
+    ...). Under ``--fsdp`` the checkpoint is a sharded folder (every rank loads its shards), else one file."""
     path = checkpoint_path if args.resume == "auto" else Path(args.resume)
     if args.fsdp:
         if not path.is_dir():
@@ -550,7 +561,7 @@ def resume(args, model, optimizer, checkpoint_path: Path, device) -> int:
             check_resumable(parallel.read_meta(path), path, args)
         except FileNotFoundError as error:
             raise UsageError(f"--resume: {error}") from None
-        return parallel.load_sharded(path, model, optimizer)["step"]
+        return parallel.load_sharded(path, model, optimizer)
     if path.is_dir():
         raise UsageError(f"--resume: {path} is a sharded checkpoint of an --fsdp run: resume it with --fsdp, or "
                          "convert it to one file with torch.distributed.checkpoint.format_utils.dcp_to_torch_save")
@@ -560,7 +571,7 @@ def resume(args, model, optimizer, checkpoint_path: Path, device) -> int:
     check_resumable(state, path, args)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    return state["step"]
+    return {name: value for name, value in state.items() if name not in ("model", "optimizer")}
 
 
 def check_resumable(meta: dict, path: Path, args) -> None:
@@ -570,6 +581,29 @@ def check_resumable(meta: dict, path: Path, args) -> None:
                          f"not {args.model} {args.config}")
     if meta["step"] >= min(args.steps, args.stop_at or args.steps):
         raise UsageError(f"--resume: {path} is at step {meta['step']} already; ask for more --steps")
+
+
+# the options that change what a run computes (--steps too, but more steps is how a run is extended)
+RUN_DEFINING_OPTIONS = ("data", "img_size", "batch_size", "accumulate", "seed", "lr", "min_lr", "warmup_steps",
+                        "weight_decay", "clip_grad", "mask_ratio", "norm_pix_loss", "vocab_size", "precision")
+
+
+def changed_settings(meta: dict, args, world: int) -> list[str]:
+    """This run's options that differ from those its checkpoint was trained with, as ``--name new (checkpoint:
+    old)``: a resumed run continues as the uninterrupted one would only where there are none."""
+    saved = meta.get("args", {})
+    changed = [f"--{name.replace('_', '-')} {getattr(args, name)} (checkpoint: {saved[name]})"
+               for name in RUN_DEFINING_OPTIONS if name in saved and not same_setting(name, getattr(args, name),
+                                                                                     saved[name])]
+    if meta.get("world", world) != world:  # checkpoints before 2026-12-02 did not record it
+        changed.append(f"{world} rank{'s' * (world > 1)} (checkpoint: {meta['world']})")
+    return changed
+
+
+def same_setting(name: str, value, saved) -> bool:
+    if name == "data" and "builtin" not in (value, saved):  # one folder, however it was written
+        return os.path.abspath(value) == os.path.abspath(saved)
+    return value == saved
 
 
 def train(args, rank: int = 0, world: int = 1, device: torch.device | None = None) -> Summary:
@@ -602,7 +636,12 @@ def train(args, rank: int = 0, world: int = 1, device: torch.device | None = Non
                                   fused=device.type == "cuda" and not args.fsdp or None)
     out = Path(args.out)
     checkpoint_path = out / ("checkpoint" if args.fsdp else "checkpoint.pt")
-    start = resume(args, model, optimizer, checkpoint_path, device) if args.resume else 0
+    meta = resume(args, model, optimizer, checkpoint_path, device) if args.resume else {"step": 0}
+    start = meta["step"]
+    changed = changed_settings(meta, args, world)
+    if changed and rank == 0:
+        print("warning: --resume: this run differs from the checkpoint's in " + ", ".join(changed)
+              + "; it continues from the checkpoint, but not as the run that wrote it would have", file=sys.stderr)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
 
@@ -671,7 +710,7 @@ def train(args, rank: int = 0, world: int = 1, device: torch.device | None = Non
                     metrics.write(step=step, loss=mean_loss, lr=lr, images_per_s=images_per_s,
                                   grad_norm=full_float(grad_norm), peak_memory_gib=peak_memory_gib(device))
                 if (args.save_every and step % args.save_every == 0) or step == stop:
-                    save_checkpoint(model, optimizer, args, step, rank, checkpoint_path, viz)
+                    save_checkpoint(model, optimizer, args, step, rank, world, checkpoint_path, viz)
                     if rank == 0:
                         plot_metrics(metrics.path, out / "loss.png")
             epoch += 1
@@ -732,11 +771,11 @@ def full_float(value) -> float:
     return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
 
 
-def save_checkpoint(model, optimizer, args, step, rank, path: Path, viz) -> None:
+def save_checkpoint(model, optimizer, args, step, rank, world, path: Path, viz) -> None:
     """The checkpoint and the reconstruction PNG. Without FSDP rank 0 alone writes both (the model is the same on
     every rank); with FSDP every rank writes its shards and runs the PNG's forward (its all-gathers need every
     rank), and rank 0 writes the PNG."""
-    meta = {"step": step, "model_name": args.model, "config": args.config, "args": vars(args)}
+    meta = {"step": step, "model_name": args.model, "config": args.config, "args": vars(args), "world": world}
     if args.fsdp:
         parallel.save_sharded(path, model, optimizer, meta)
     elif rank == 0:

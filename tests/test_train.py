@@ -120,6 +120,31 @@ def test_metrics_log_and_loss_plot(tmp_path, capsys):
     assert f"loss curve      {tmp_path / 'loss.png'}" in stdout
 
 
+def test_resume_survives_a_partial_metrics_line_and_names_changed_settings(tmp_path, capsys):
+    assert run_cli(capsys, "mae", "--steps", 2, "--out", tmp_path, *TINY)[0] == 0
+    with open(tmp_path / "metrics.jsonl", "a") as file:  # a run killed while appending a row
+        file.write('{"step": 3, "loss": 0.')
+    code, _, stderr = run_cli(capsys, "mae", "--steps", 3, "--out", tmp_path, "--resume", *TINY)
+    assert code == 0 and "warning" not in stderr  # a JSONDecodeError traceback before
+    assert [row["step"] for row in train.read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+    # a resumed run with other settings goes on, but says which differ (it was silent)
+    code, _, stderr = run_cli(capsys, "mae", "--steps", 4, "--out", tmp_path, "--resume", "--no-norm-pix-loss",
+                              "--batch-size", 4, "--log-every", 2, "--quiet")
+    assert code == 0 and "warning: --resume: this run differs from the checkpoint's in" in stderr
+    assert "--norm-pix-loss False (checkpoint: True)" in stderr and "--log-every" not in stderr
+    assert "--batch-size" not in stderr  # TINY's 4 again
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["world"] == 1
+
+
+def test_changed_settings_compares_what_defines_a_run(tmp_path):
+    args = train.parse_args(["aim", "--data", str(tmp_path), "--batch-size", "8"])
+    meta = {"args": vars(train.parse_args(["aim", "--data", str(tmp_path / "x" / ".."), "--batch-size", "8",
+                                           "--steps", "500", "--log-every", "3"]))}
+    assert train.changed_settings(meta, args, world=1) == []  # the same folder; more steps, other logging
+    meta["args"]["seed"], meta["world"] = 3, 2
+    assert train.changed_settings(meta, args, world=1) == ["--seed 0 (checkpoint: 3)", "1 rank (checkpoint: 2)"]
+
+
 def test_stop_at_is_checked(capsys):
     assert train.parse_args(["mae", "--steps", "5", "--stop-at", "5"]).stop_at == 5
     for bad in ("0", "6"):
@@ -282,8 +307,10 @@ def test_resume_refuses_another_model(tmp_path, capsys):
     assert code == 2 and "holds aim aim_tiny" in stderr
 
 
-def test_bad_arguments_exit_with_usage(capsys):
-    for argv in (["mae", "--config", "aim_tiny"], ["aim", "--steps", "0"], ["vit"], ["mae", "--mask-ratio", "1"]):
+def test_bad_arguments_exit_with_usage(tmp_path, capsys):
+    (tmp_path / "a_file").touch()
+    for argv in (["mae", "--config", "aim_tiny"], ["aim", "--steps", "0"], ["vit"], ["mae", "--mask-ratio", "1"],
+                 ["mae", "--out", str(tmp_path / "a_file")]):
         with pytest.raises(SystemExit) as exit_info:
             train.parse_args(argv)
         assert exit_info.value.code == 2
