@@ -482,6 +482,8 @@ def test_patched_vit_mae_model_state_dict_and_fallbacks():
     images = torch.randn(2, 3, 32, 32)
     with pytest.raises(ValueError, match=r"doesn't match model \(32\*32\)"):
         model(torch.randn(2, 3, 48, 48))
+    with pytest.raises(ValueError, match=r"noise must have shape \(2, 16\)"):  # an error about pos_embed before
+        model(images, noise=torch.rand(2, 5))
     with mimkernels.use_backend("triton"):
         bigger = model(torch.randn(1, 3, 48, 48), interpolate_pos_encoding=True)  # the original code path
         assert bigger.last_hidden_state.shape == (1, 1 + 9, 64)

@@ -170,6 +170,9 @@ def test_mae_rejects_bad_images():
         model(torch.randn(3, 32, 32))
     with pytest.raises(ValueError, match="mask_ratio"):
         model(torch.randn(1, 3, 32, 32), mask_ratio=1.0)
+    # noise ranks the model's patches: named by its shape (an error about pos_embed's shape before)
+    with pytest.raises(ValueError, match=r"noise must have shape \(2, 16\)"):
+        model(torch.randn(2, 3, 32, 32), noise=torch.rand(2, 5))
     with pytest.raises(ValueError, match="head dim"):
         small_mae(embed_dim=36, num_heads=3)
 
@@ -261,6 +264,9 @@ def test_aim_rejects_bad_input():
         model(torch.randn(1, 3, 32, 32), 2.5)
     with pytest.raises(ValueError, match="prefix_len must be >= 0"):
         model(torch.randn(1, 3, 32, 32), -1)
+    for everything in (model.num_patches, model.num_patches + 3):  # nothing left to score: a loss of 0 before
+        with pytest.raises(ValueError, match=f"prefix_len must be below the {model.num_patches} patches"):
+            model(torch.randn(1, 3, 32, 32), everything)
     with pytest.raises(ValueError, match="at least 2 patches"):
         small_aim(img_size=8)
 

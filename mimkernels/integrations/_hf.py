@@ -12,6 +12,7 @@ import mimkernels
 
 from ..models import vit
 from ..nn import check_head_dim
+from ..ops.tokens import checked_noise
 from . import warn_kept
 
 
@@ -34,8 +35,8 @@ class MimkernelsViTMAEEmbeddings(vit_mae.ViTMAEEmbeddings):
             raise ValueError(f"Input image size ({height}*{width}) doesn't match model "
                              f"({self.image_size[0]}*{self.image_size[1]}).")
         num_patches = self.patch_embeddings.num_patches
-        if noise is None:  # the draw the original makes, so that seeded runs mask the same patches
-            noise = torch.rand(batch, num_patches, device=pixel_values.device)
+        # without noise: the draw the original makes, so that seeded runs mask the same patches
+        noise = checked_noise(noise, batch, num_patches, pixel_values.device)
         positions = self.position_embeddings
         if self._mimkernels_patch_embed:
             mask, ids_restore, ids_keep = mimkernels.masking_indices(noise, self.config.mask_ratio)

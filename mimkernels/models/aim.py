@@ -112,8 +112,8 @@ class AIM(nn.Module):
         """``(loss, pred)``: pred ``[B, L, p * p * C]`` holds at row l the prediction of patch l (made at
         position l - 1; row 0 is zero, patch 0 is never predicted), in normalised pixels when
         ``norm_pix_loss``; the loss averages over the patches past the prefix (and past patch 0: with a prefix of
-        0, pure causal attention, patches 1 to L - 1). ``prefix_len``: int or ``[B]`` integer tensor, drawn per
-        sample when None."""
+        0, pure causal attention, patches 1 to L - 1). ``prefix_len``: int below L or ``[B]`` integer tensor, drawn
+        per sample in [1, L) when None; a tensor's sample with a prefix of L or more has no patch scored."""
         self.patch_embed.check(imgs)
         batch, num_patches = imgs.shape[0], self.num_patches
         if prefix_len is None:
@@ -121,6 +121,10 @@ class AIM(nn.Module):
         elif isinstance(prefix_len, bool) or not isinstance(prefix_len, (numbers.Integral, torch.Tensor)):
             raise TypeError(f"prefix_len must be None, an int or an integer tensor [batch], got "
                             f"{type(prefix_len).__name__}")
+        elif not isinstance(prefix_len, torch.Tensor) and prefix_len >= num_patches:
+            # (a tensor's entries are not read on the host: that would wait for the GPU)
+            raise ValueError(f"prefix_len must be below the {num_patches} patches: the loss scores the patches after "
+                             f"the prefix, and a prefix of {prefix_len} leaves none; got {prefix_len}")
         features = self.forward_features(imgs, prefix_len)
         pred = F.pad(self.forward_head(features[:, :-1]), (0, 0, 1, 0))
         positions = torch.arange(num_patches, device=imgs.device)

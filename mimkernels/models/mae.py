@@ -19,6 +19,7 @@ from torch import nn
 
 import mimkernels
 
+from ..ops.tokens import checked_noise
 from .vit import Block, PatchEmbed, check_head_dim, init_weights, run_blocks, sincos_pos_embed
 
 
@@ -77,8 +78,7 @@ class MAE(nn.Module):
         """``(latent [B, 1 + K, E], mask [B, L], ids_restore [B, L])``; ``noise [B, L]`` as in random_masking."""
         self.patch_embed.check(imgs)
         batch, num_patches = imgs.shape[0], self.patch_embed.num_patches
-        if noise is None:
-            noise = torch.rand(batch, num_patches, device=imgs.device)
+        noise = checked_noise(noise, batch, num_patches, imgs.device)
         mask, ids_restore, ids_keep = mimkernels.masking_indices(noise, mask_ratio)
         x = self.patch_embed(imgs, pos_embed=self.pos_embed[:, 1:], ids_keep=ids_keep)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(batch, -1, -1)

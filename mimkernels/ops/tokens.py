@@ -174,7 +174,7 @@ def random_masking(x, mask_ratio, *, noise=None, num_prefix_tokens=0, pos_embed=
     pos_embed = _check_embedding("pos_embed", pos_embed, x.shape[1], x.shape[2], x)
     batch, num_patches = x.shape[0], x.shape[1] - num_prefix
     num_kept = _kept_count(mask_ratio, num_patches)
-    noise = _checked_noise(noise, batch, num_patches, x.device)
+    noise = checked_noise(noise, batch, num_patches, x.device)
     backend = _backend_for("random_masking", x)
     if backend is None:
         return reference.random_masking(x, mask_ratio, noise=noise, num_prefix_tokens=num_prefix,
@@ -212,7 +212,9 @@ def _kept_count(mask_ratio, num_patches):
     return num_kept
 
 
-def _checked_noise(noise, batch, num_patches, device):
+def checked_noise(noise, batch, num_patches, device):
+    """``noise`` after checking it is a floating-point ``[batch, num_patches]`` tensor on ``device``; a fresh
+    ``torch.rand`` draw (the official code's) when None. For the models, whose noise must match their patch count."""
     if noise is None:
         return torch.rand(batch, num_patches, device=device)
     if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
