@@ -443,9 +443,16 @@ def build_model(args, tokenizer=None) -> torch.nn.Module:
     if args.model == "beit":
         kwargs.update(tokenizer=tokenizer or nn.Identity(), vocab_size=args.vocab_size)
     try:
-        return CONFIGS[args.model][args.config](**kwargs)
+        model = CONFIGS[args.model][args.config](**kwargs)
     except ValueError as error:  # e.g. an --img-size the patch size does not divide
         raise UsageError(f"{args.config}: {error}") from None
+    if args.model == "beit":  # whether the ratio masks a whole number of this grid's patches, before training
+        try:
+            with torch.device("cpu"):  # a host draw, also when the model is built on the meta device
+                model.random_mask(1, args.mask_ratio, generator=torch.Generator())  # global RNG untouched
+        except ValueError as error:
+            raise UsageError(f"--mask-ratio {args.mask_ratio}: {error}") from None
+    return model
 
 
 class MetricsLog:

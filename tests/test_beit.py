@@ -46,6 +46,8 @@ def test_kmeans_tokenizer_codes_are_the_nearest_centres():
         KMeansTokenizer.fit(torch.randn(1, 3, 64, 64), 8, 1000)
     with pytest.raises(ValueError, match="centroids must be"):
         KMeansTokenizer(8, torch.randn(4, 100))
+    with pytest.raises(ValueError, match=r"imgs must be \[batch, 3, height, width\]"):  # a cdist error before
+        tokenizer(torch.randn(2, 1, 64, 64))
 
 
 def _unfused_beit_loss(model, imgs, mask):
@@ -109,6 +111,12 @@ def test_beit_checks_its_input():
         beit_vit_tiny_patch8()
     with pytest.raises(ValueError, match="norm_pix_loss does not apply"):
         beit_vit_tiny_patch8(_tokenizer(), norm_pix_loss=True)
+    # codes past the head: an IndexError in cross_entropy on the CPU before, a device assert on a GPU
+    with pytest.raises(ValueError, match="assigns 16 visual tokens, more than vocab_size = 8"):
+        beit_vit_tiny_patch8(_tokenizer(), vocab_size=8)
+    for ratio in (0.0, 0.001, 1.0, float("nan"), True):  # named as the ratio (an error about a count before)
+        with pytest.raises(ValueError, match="mask_ratio must mask some but not all of the 64 patches"):
+            model(imgs, mask_ratio=ratio)
     with torch.device("meta"):
         base = beit_vit_base_patch16(torch.nn.Identity())
     assert isinstance(base, BEiT) and base.lm_head.out_features == 8192 and base.patch_embed.num_patches == 196

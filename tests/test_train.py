@@ -213,6 +213,10 @@ def test_beit_run_fits_its_tokenizer_and_draws_the_accuracy_map(tmp_path, capsys
     code, _, stderr = run_cli(capsys, "beit", "--steps", 1, "--out", tmp_path / "big", "--vocab-size", 100000,
                               *TINY)
     assert code == 2 and "--vocab-size" in stderr and "cannot fit 100000 centres" in stderr
+    # a ratio that masks no whole patch of the grid: a traceback after the tokenizer's fit before
+    code, _, stderr = run_cli(capsys, "beit", "--steps", 1, "--out", tmp_path / "few", "--mask-ratio", 0.001, *TINY)
+    assert code == 2 and "--mask-ratio 0.001: mask_ratio must mask some but not all" in stderr
+    assert "Traceback" not in stderr
 
 
 def test_aim_on_a_folder_of_images(tmp_path, capsys):

@@ -16,6 +16,7 @@ attention kernels do not take). The loss is computed over every position with th
 from __future__ import annotations
 
 import math
+import numbers
 import random
 from functools import partial
 
@@ -104,6 +105,10 @@ class KMeansTokenizer(nn.Module):
     @torch.no_grad()
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         """``[B, L]`` int64 codes."""
+        channels = self.centroids.shape[1] // self.patch_size**2
+        if not isinstance(imgs, torch.Tensor) or imgs.dim() != 4 or imgs.shape[1] != channels:
+            raise ValueError(f"imgs must be [batch, {channels}, height, width] (the tokenizer was fitted on "
+                             f"{channels}-channel images), got {tuple(getattr(imgs, 'shape', ()))}")
         patches = self._normalised_patches(imgs, self.patch_size)
         codes = self._nearest(patches.flatten(0, 1), self.centroids.to(patches.device))
         return codes.view(patches.shape[:2])
@@ -138,6 +143,9 @@ class BEiT(MaskTokenViT):
         grid_h, grid_w = self.patch_embed.grid_size
         if grid_h != grid_w:
             raise ValueError(f"BEiT's masking needs a square patch grid, got {grid_h}x{grid_w}")
+        codes = getattr(tokenizer, "vocab_size", None)  # KMeansTokenizer's; other tokenizers may not say
+        if isinstance(codes, int) and codes > vocab_size:  # a code past the head: cross_entropy's device assert
+            raise ValueError(f"the tokenizer assigns {codes} visual tokens, more than vocab_size = {vocab_size}")
         self.tokenizer, self.vocab_size, self.mask_ratio = tokenizer, vocab_size, mask_ratio
         self.norm_pix_loss = False
         self.lm_head = nn.Linear(embed_dim, vocab_size)
@@ -146,11 +154,18 @@ class BEiT(MaskTokenViT):
     def random_mask(self, batch: int, mask_ratio: float | None = None, generator=None) -> torch.Tensor:
         """A BEiT block-wise mask ``[batch, L]`` (on the CPU) of about ``mask_ratio`` of the patches."""
         grid = self.patch_embed.grid_size[0]
-        count = round((self.mask_ratio if mask_ratio is None else mask_ratio) * grid * grid)
+        ratio = self.mask_ratio if mask_ratio is None else mask_ratio
+        in_range = isinstance(ratio, numbers.Real) and not isinstance(ratio, bool) and 0 < ratio < 1  # NaN too
+        count = round(ratio * grid * grid) if in_range else 0
+        if not 0 < count < grid * grid:
+            raise ValueError(f"mask_ratio must mask some but not all of the {grid * grid} patches (a ratio in "
+                             f"(0, 1)), got {ratio!r}")
         return beit_block_mask(batch, grid, count, generator=generator)
 
     def forward(self, imgs, mask_ratio=None, mask=None):
-        """``(loss, logits [B, L, vocab], mask [B, L])``: cross-entropy of the masked patches' tokens."""
+        """``(loss, logits [B, L, vocab], mask [B, L])``: cross-entropy of the masked patches' tokens. The
+        tokenizer's codes must lie in ``[0, vocab_size)`` (checked where it says its ``vocab_size``: reading the
+        codes back on the host each step would stall the GPU)."""
         self.patch_embed.check(imgs)
         batch, num_patches = imgs.shape[0], self.patch_embed.num_patches
         mask = self.checked_mask(imgs, self.random_mask(batch, mask_ratio) if mask is None else mask)
