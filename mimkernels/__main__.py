@@ -269,9 +269,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="runs/demo", help="folder for the demo checkpoints and PNGs")
     parser.add_argument("--no-train", action="store_true", help="only the kernel self-check (and GPU timings)")
     args = parser.parse_args(argv)
+    if args.steps < 1:  # refused before the self-check, not by the training CLI after it
+        parser.error(f"--steps must be >= 1, got {args.steps}")
     if not HAS_GPU and not _backend.triton_interpreted():
         # the kernels were defined when mimkernels was imported: start again with the interpreter on
-        os.execve(sys.executable, [sys.executable, "-m", "mimkernels", *sys.argv[1:]],
+        os.execve(sys.executable, [sys.executable, "-m", "mimkernels", *(sys.argv[1:] if argv is None else argv)],
                   {**os.environ, "TRITON_INTERPRET": "1"})
     device = "cuda" if HAS_GPU else "cpu"
     where = torch.cuda.get_device_name() if HAS_GPU else "CPU (Triton interpreter)"

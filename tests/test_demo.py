@@ -64,3 +64,29 @@ def test_commit_is_this_checkout_or_the_environment(monkeypatch, tmp_path):
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     monkeypatch.chdir(tmp_path)
     assert timing.commit() == here
+
+
+def test_demo_refuses_bad_steps_before_the_self_check(capsys):
+    from mimkernels.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:  # the training CLI refused it, after the whole self-check
+        main(["--steps", "0", "--no-train"])
+    assert exit_info.value.code == 2 and "--steps must be >= 1" in capsys.readouterr().err
+
+
+def test_demo_restarts_under_the_interpreter_with_the_arguments_it_was_given(monkeypatch):
+    import mimkernels.__main__ as demo
+
+    class Restarted(Exception):
+        pass
+
+    def execve(path, argv, env):
+        raise Restarted(argv, env)
+
+    monkeypatch.setattr(demo, "HAS_GPU", False)
+    monkeypatch.setattr(demo._backend, "triton_interpreted", lambda: False)
+    monkeypatch.setattr(demo.os, "execve", execve)
+    with pytest.raises(Restarted) as restart:  # main(argv) restarted with the caller's sys.argv before
+        demo.main(["--no-train", "--steps", "5"])
+    argv, env = restart.value.args
+    assert argv[1:] == ["-m", "mimkernels", "--no-train", "--steps", "5"] and env["TRITON_INTERPRET"] == "1"
