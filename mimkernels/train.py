@@ -96,13 +96,27 @@ def image_files(path: str) -> list[Path]:
 
 
 def open_rgb(path: Path):
+    """The image as 8-bit RGB. 16-bit greyscale (PNG, TIFF) is scaled to 8 bits: Pillow's own conversion clips it
+    (a 16-bit gradient came out 99.6% white)."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
+            check_pixel_range(image, path)
+            if image.mode.startswith("I;16") or image.mode == "I":  # "I": a 16-bit PNG in older Pillows
+                pixels = (np.asarray(image, dtype=np.float32) / 257).round().clip(0, 255)
+                image = Image.fromarray(pixels.astype(np.uint8))
             return image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise UsageError(f"cannot read image {path}: {error}") from None
+
+
+def check_pixel_range(image, path: Path) -> None:
+    """Raises UsageError for 32-bit integer or floating-point pixels, whose value range no header states (a PNG's
+    "I" is 16-bit: older Pillows open 16-bit PNGs so)."""
+    if image.mode == "F" or image.mode == "I" and image.format != "PNG":
+        raise UsageError(f"image {path} has {'32-bit integer' if image.mode == 'I' else 'floating-point'} pixels, "
+                         "whose range is unknown: convert it to 8- or 16-bit")
 
 
 def check_headers(files: list[Path]) -> None:
@@ -111,6 +125,7 @@ def check_headers(files: list[Path]) -> None:
     for path in files:
         try:
             with Image.open(path) as image:
+                check_pixel_range(image, path)
                 image.verify()
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             raise UsageError(f"cannot read image {path}: {error}") from None

@@ -219,6 +219,15 @@ def test_beit_run_fits_its_tokenizer_and_draws_the_accuracy_map(tmp_path, capsys
     assert "Traceback" not in stderr
 
 
+def test_16_bit_greyscale_is_scaled_to_8_bits(tmp_path):
+    gradient = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(gradient).save(tmp_path / "g16.png")
+    pixels = np.asarray(train.open_rgb(tmp_path / "g16.png"))
+    assert pixels.shape == (64, 64, 3) and pixels.dtype == np.uint8
+    # Pillow's convert("RGB") clips 16-bit values at 255: 99.6% of this gradient came out white
+    np.testing.assert_array_equal(pixels[..., 0], np.round(gradient / 257).astype(np.uint8))
+
+
 def test_aim_on_a_folder_of_images(tmp_path, capsys):
     write_images(tmp_path / "photos")
     code, stdout, _ = run_cli(capsys, "aim", "--data", tmp_path / "photos", "--steps", 2, "--out", tmp_path / "aim",
@@ -293,6 +302,8 @@ def test_a_named_compile_backend_that_fails_raises(tmp_path, capsys, monkeypatch
     (lambda p: None, ["--data", "{p}/missing"], "no such folder"),
     (lambda p: (p / "bad").mkdir() or (p / "bad" / "x.png").write_bytes(b"not a png"), ["--data", "{p}/bad"],
      "cannot read image .*x.png"),
+    (lambda p: (p / "float").mkdir() or Image.fromarray(np.ones((16, 16), np.float32)).save(p / "float" / "x.tif"),
+     ["--data", "{p}/float"], "x.tif has floating-point pixels, whose range is unknown"),
     (lambda p: None, ["--resume", "{p}/none.pt"], "no checkpoint at"),
     (lambda p: None, ["--img-size", "60"], "not a multiple of patch_size"),
 ])
