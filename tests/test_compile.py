@@ -62,10 +62,10 @@ def test_training_step_compiles_fullgraph_and_matches_eager(name):
     _compiled_matches_eager(name, "cpu", "aot_eager", rtol=1e-5, atol=1e-6)
 
 
-def _every_op(x, qkv, images, weight, bias, pred, mask, noise, fc1, fc2, prefix):
+def _every_op(x, qkv, images, weight, bias, pred, mask, noise, fc1, fc2, prefix, mask_ratio=0.5):
     """A loss through every public op (their checks run on the sizes torch.compile hands them)."""
     batch, _, width = x.shape
-    masking = mimkernels.random_masking(x, 0.5, noise=noise, num_prefix_tokens=1)
+    masking = mimkernels.random_masking(x, mask_ratio, noise=noise, num_prefix_tokens=1)
     restored = mimkernels.restore_tokens(masking.x_kept, masking.ids_restore, bias[:width].view(1, 1, -1),
                                          num_prefix_tokens=1)
     gathered = mimkernels.gather_tokens(x[:, 1:], masking.ids_keep)
@@ -100,15 +100,17 @@ def test_every_op_compiles_with_symbolic_sizes():
     """``torch.compile(dynamic=True)`` makes every size symbolic (head dim, channels, patch rows too): the ops' checks
     must trace them (``x in range(...)`` and ``math.isqrt`` of a symbolic size did not), and the graph, run on two
     sets of sizes, matches eager. The default (``dynamic=None``) makes symbolic only the sizes that changed between
-    calls, a subset of these."""
+    calls, a subset of these. The mask ratio changes too: a symbolic float, whose kept count reached the patch
+    embedding's autograd.Function as a size Dynamo could not lift (an AssertionError, "Source of TruncToInt(...) is
+    None"); the default compile made it symbolic as soon as a second ratio came."""
     compiled = torch.compile(_every_op, fullgraph=True, backend="aot_eager", dynamic=True)
     with mimkernels.use_backend("triton"):
-        for sizes in ((2, 9, 16), (3, 17, 24)):
+        for sizes, mask_ratio in (((2, 9, 16), 0.5), ((3, 17, 24), 0.25)):
             inputs = _every_op_inputs(*sizes)
             leaves = [t for t in inputs if t.requires_grad]
-            want = _every_op(*inputs)
+            want = _every_op(*inputs, mask_ratio)
             want_grads = torch.autograd.grad(want, leaves)
-            got = compiled(*inputs)
+            got = compiled(*inputs, mask_ratio)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
             for g, w in zip(torch.autograd.grad(got, leaves), want_grads):
                 torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)

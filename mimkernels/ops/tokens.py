@@ -14,6 +14,8 @@ ids give an undefined gradient.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from .. import _backend, reference
@@ -206,7 +208,10 @@ def masking_indices(noise, mask_ratio):
 def _kept_count(mask_ratio, num_patches):
     if not is_real(mask_ratio) or not 0 <= mask_ratio < 1:
         raise ValueError(f"mask_ratio must be a number in [0, 1), got {mask_ratio!r}")
-    num_kept = int(num_patches * (1 - mask_ratio))
+    # operator.index: under torch.compile a mask_ratio that changed between calls arrives as a symbolic float, and
+    # a size derived from it crashed Dynamo where it reached an autograd.Function ("Source of TruncToInt(...) is
+    # None"); this specialises the count instead (one graph per ratio, recompiled on a new one). Eager: a no-op.
+    num_kept = operator.index(int(num_patches * (1 - mask_ratio)))
     if num_kept < 1:
         raise ValueError(f"mask_ratio={mask_ratio} keeps no patch out of {num_patches}")
     return num_kept
