@@ -463,8 +463,7 @@ def build_model(args, tokenizer=None) -> torch.nn.Module:
         raise UsageError(f"{args.config}: {error}") from None
     if args.model == "beit":  # whether the ratio masks a whole number of this grid's patches, before training
         try:
-            with torch.device("cpu"):  # a host draw, also when the model is built on the meta device
-                model.random_mask(1, args.mask_ratio, generator=torch.Generator())  # global RNG untouched
+            model.masked_count(args.mask_ratio)
         except ValueError as error:
             raise UsageError(f"--mask-ratio {args.mask_ratio}: {error}") from None
     return model

@@ -151,16 +151,21 @@ class BEiT(MaskTokenViT):
         self.lm_head = nn.Linear(embed_dim, vocab_size)
         self.init_weights()
 
-    def random_mask(self, batch: int, mask_ratio: float | None = None, generator=None) -> torch.Tensor:
-        """A BEiT block-wise mask ``[batch, L]`` (on the CPU) of about ``mask_ratio`` of the patches."""
-        grid = self.patch_embed.grid_size[0]
+    def masked_count(self, mask_ratio: float | None = None) -> int:
+        """Patches a mask of ``mask_ratio`` (default: the model's) covers; ValueError unless some but not all."""
+        patches = self.patch_embed.num_patches
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
         in_range = isinstance(ratio, numbers.Real) and not isinstance(ratio, bool) and 0 < ratio < 1  # NaN too
-        count = round(ratio * grid * grid) if in_range else 0
-        if not 0 < count < grid * grid:
-            raise ValueError(f"mask_ratio must mask some but not all of the {grid * grid} patches (a ratio in "
+        count = round(ratio * patches) if in_range else 0
+        if not 0 < count < patches:
+            raise ValueError(f"mask_ratio must mask some but not all of the {patches} patches (a ratio in "
                              f"(0, 1)), got {ratio!r}")
-        return beit_block_mask(batch, grid, count, generator=generator)
+        return count
+
+    def random_mask(self, batch: int, mask_ratio: float | None = None, generator=None) -> torch.Tensor:
+        """A BEiT block-wise mask ``[batch, L]`` (on the CPU) of about ``mask_ratio`` of the patches."""
+        return beit_block_mask(batch, self.patch_embed.grid_size[0], self.masked_count(mask_ratio),
+                               generator=generator)
 
     def forward(self, imgs, mask_ratio=None, mask=None):
         """``(loss, logits [B, L, vocab], mask [B, L])``: cross-entropy of the masked patches' tokens. The
