@@ -202,6 +202,7 @@ def test_patchify_is_official_and_unpatchify_inverts_it():
     (lambda: mimkernels.patchify(torch.randn(3, 32, 32), 16), ValueError, "4-D"),
     (lambda: mimkernels.patchify(torch.zeros(1, 3, 32, 32, dtype=torch.long), 16), TypeError, "floating-point"),
     (lambda: mimkernels.unpatchify(torch.randn(1, 6, 768), 16, 2, 2), ValueError, "height \\* width"),
+    (lambda: mimkernels.unpatchify(torch.randn(1, 6, 768), 16, 32, 48), ValueError, "count patches: .* pass 2, 3"),
     (lambda: mimkernels.unpatchify(torch.randn(1, 4, 700), 16, 2, 2), ValueError, "multiple of patch_size"),
     (lambda: mimkernels.unpatchify(torch.randn(1, 4, 768), 16, 0, 4), ValueError, "height"),
 ], ids=lambda v: v if isinstance(v, str) else "")

@@ -35,7 +35,10 @@ def unpatchify(x, patch_size, height, width):
         if not is_int(value) or value < 1:
             raise ValueError(f"{name} (in patches) must be a positive int, got {value!r}")
     if x.shape[1] != height * width:
-        raise ValueError(f"x has {x.shape[1]} patches, but height * width = {height * width}")
+        hint = ""
+        if height % patch_size == 0 and width % patch_size == 0 and (height // patch_size) * (width // patch_size) == x.shape[1]:
+            hint = f" (height and width count patches: for a {height}x{width} image pass {height // patch_size}, {width // patch_size})"
+        raise ValueError(f"x has {x.shape[1]} patches, but height * width = {height * width}{hint}")
     if x.shape[2] % (patch_size * patch_size):
         raise ValueError(f"x rows hold {x.shape[2]} values, not a multiple of patch_size**2 = {patch_size**2}")
     return reference.unpatchify(x, patch_size, height, width)
