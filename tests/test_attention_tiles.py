@@ -82,7 +82,7 @@ def _configs(fwd, dkdv, dq):
     _configs((16, 32), (32, 16), (16, 32)),
 ], ids=["square", "tall", "wide"])
 @pytest.mark.parametrize("seq_len, prefixes", [
-    (50, [0, 50]), (64, [16, 33, 70]), (97, [1, 48, 96]),
+    (50, [0, 50, 77]), (64, [16, 33, 70]), (97, [1, 48, 96]),  # prefixes past N: as long as N
 ])
 def test_tiles_visited_and_masked(tile_work, configs, seq_len, prefixes):
     heads = 2
