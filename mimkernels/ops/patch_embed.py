@@ -36,8 +36,9 @@ def unpatchify(x, patch_size, height, width):
             raise ValueError(f"{name} (in patches) must be a positive int, got {value!r}")
     if x.shape[1] != height * width:
         hint = ""
-        if height % patch_size == 0 and width % patch_size == 0 and (height // patch_size) * (width // patch_size) == x.shape[1]:
-            hint = f" (height and width count patches: for a {height}x{width} image pass {height // patch_size}, {width // patch_size})"
+        rows, cols = height // patch_size, width // patch_size
+        if height % patch_size == 0 and width % patch_size == 0 and rows * cols == x.shape[1]:
+            hint = f" (height and width count patches: for a {height}x{width} image pass {rows}, {cols})"
         raise ValueError(f"x has {x.shape[1]} patches, but height * width = {height * width}{hint}")
     if x.shape[2] % (patch_size * patch_size):
         raise ValueError(f"x rows hold {x.shape[2]} values, not a multiple of patch_size**2 = {patch_size**2}")
