@@ -95,6 +95,45 @@ def _every_op_inputs(batch, seq_len, side):
             leaf(batch, patches, 192), mask, noise, leaf(32, 16), leaf(16, 32), prefix)
 
 
+
+@pytest.mark.parametrize("name", ["mae", "aim"])
+def test_models_export_for_inference_and_reload(name, tmp_path):
+    """``torch.export`` of a model's forward (for inference, or to hand its encoder on): the kernels stay in the
+    exported graph as ``mimkernels::`` custom ops (not the PyTorch reference), the batch can stay symbolic, and a
+    program saved and loaded again (after ``import mimkernels``, which registers the ops) gives eager's outputs on
+    a batch size it was not traced with. Training through an exported program is not supported: torch.export
+    keeps the forward of an ``autograd.Function`` and drops its backward (README, torch.compile)."""
+    device = "cuda" if HAS_GPU else "cpu"
+    torch.manual_seed(0)
+    if name == "mae":
+        model, extra = mae_vit_tiny_patch8(norm_pix_loss=True), lambda batch: (0.75, torch.rand(batch, 64))
+        dynamic = ({0: "batch"}, None, {0: "batch"})
+    else:
+        model, extra = aim_tiny(), lambda batch: (torch.arange(batch) * 13 % 64,)
+        dynamic = ({0: "batch"}, {0: "batch"})
+    model = model.to(device).eval()
+
+    def inputs(batch):
+        return tuple(t.to(device) if isinstance(t, torch.Tensor) else t
+                     for t in (torch.randn(batch, 3, 64, 64), *extra(batch)))
+
+    batch_dim = torch.export.Dim("batch", min=2, max=64)
+    dynamic = tuple(d and {0: batch_dim} for d in dynamic)
+    with mimkernels.use_backend("triton"):
+        program = torch.export.export(model, inputs(2), dynamic_shapes=dynamic)
+        kept = {str(node.target) for node in program.graph.nodes if str(node.target).startswith("mimkernels.")}
+        assert {"mimkernels.attention_forward.default", "mimkernels.triton_patch_embed.default",
+                "mimkernels.triton_masked_patch_loss.default"} <= kept
+        torch.export.save(program, tmp_path / "model.pt2")
+        reloaded = torch.export.load(tmp_path / "model.pt2").module()
+        args = inputs(3)
+        with torch.no_grad():
+            got, want = reloaded(*args), model(*args)
+    assert len(got) == len(want) == (3 if name == "mae" else 2)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
 @cpu_only
 def test_every_op_compiles_with_symbolic_sizes():
     """``torch.compile(dynamic=True)`` makes every size symbolic (head dim, channels, patch rows too): the ops' checks
