@@ -146,6 +146,23 @@ def test_unscored_patches_are_not_read(backend, bad):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_upstream_gradient_leaves_unscored_patches_at_zero(backend, bad):
+    """An fp16 step whose scaled loss overflowed hands the loss a NaN / inf gradient (GradScaler then skips the
+    step): every scored patch's gradient is non-finite and every unscored one stays exactly 0, as in the
+    reference, whose gradient never reaches them (a product with the weight would make them 0 * nan)."""
+    images, pred, mask = inputs(2, 3, 32, 48, 16, torch.float32, "mae")
+    pred.requires_grad_()
+    with mimkernels.use_backend(backend):
+        loss = mimkernels.masked_patch_loss(pred, images, mask)
+    grad, = torch.autograd.grad(loss, pred, torch.tensor(bad, device=DEVICE))
+    scored = (mask != 0)[..., None].expand_as(grad)
+    assert 0 < scored.sum() < scored.numel()
+    assert not torch.isfinite(grad[scored]).any()
+    assert (grad[~scored] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_bool_mask_and_strided_pred(backend):
     images, pred, mask = inputs(2, 3, 32, 32, 16, torch.float32, "mae")
     wide = torch.randn(2, 4, 2 * 768, device=DEVICE)
