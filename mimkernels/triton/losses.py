@@ -99,8 +99,8 @@ def _masked_patch_loss_bwd(
         slope = 2.0 * diff
     # where(), not a product with the weight: a NaN / inf upstream gradient (an fp16 overflow that GradScaler is
     # about to skip) leaves unscored patches at 0, as in the reference, whose gradient never reaches them
-    row_scale = tl.where(weight != 0, tl.load(SCALE) * weight / (PATCH_SIZE * PATCH_SIZE * CHANNELS), 0.0)
-    grad = slope * row_scale[:, None]
+    scale = tl.where(weight != 0, tl.load(SCALE), 0.0)
+    grad = slope * (scale * weight / (PATCH_SIZE * PATCH_SIZE * CHANNELS))[:, None]
     offs = tl.arange(0, BLOCK)[None, :]
     tl.store(GRAD_PRED + batch[:, None] * stride_gb + patch[:, None] * stride_gl + offs,
              grad.to(GRAD_PRED.dtype.element_ty), mask=(offs < PATCH_SIZE * PATCH_SIZE * CHANNELS)
