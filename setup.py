@@ -1,7 +1,8 @@
 """Builds the optional compiled extension ``mimkernels._C`` from csrc/ (everything else is in pyproject.toml).
 
 CPU ops always; CUDA ops too when this torch is a CUDA build and a CUDA toolkit (nvcc) is found. Without
-a visible GPU the CUDA code is compiled for sm_80 and sm_90 (TORCH_CUDA_ARCH_LIST overrides). The CUDA
+a visible GPU the CUDA code is compiled for sm_80 and sm_90, plus sm_90 PTX that newer GPUs compile when it loads
+(TORCH_CUDA_ARCH_LIST overrides; on a GPU outside the list the ops run on another backend). The CUDA
 headers that torch's headers need and the toolkit may lack (cusparse.h, ...) come from the pip ``nvidia``
 wheels torch depends on, searched after the toolkit's own (those match its nvcc).
 
@@ -42,7 +43,9 @@ def _extension():
     with_cuda = bool(cuda_sources) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if with_cuda:
         if not torch.cuda.is_available():
-            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+            # A100 and H100 code (8.0 runs on every 8.x GPU), and PTX for what comes after Hopper: an install on a
+            # login node without a GPU must still run on the cluster's B200s
+            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         # the toolkit's own headers first: they match its nvcc (CCCL refuses to compile with the runtime headers
         # of another CUDA release, e.g. torch 2.15's 13.2 wheels beside a 13.0 nvcc); the wheels fill its gaps
         include_dirs = [os.path.join(cpp_extension.CUDA_HOME, "include")] + _nvidia_wheel_includes()

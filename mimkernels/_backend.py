@@ -80,11 +80,52 @@ def _why_not(backend: str, device: torch.device) -> str | None:
     if backend == "triton":
         if not _HAS_TRITON:
             return "the triton package is not installed"
-        if device.type == "cuda" or (device.type == "cpu" and triton_interpreted()):
+        if device.type == "cuda":
+            return _cuda_device_problem("triton", device.index)
+        if device.type == "cpu" and triton_interpreted():
             return None
         return f"Triton kernels need a CUDA tensor, or a CPU tensor with TRITON_INTERPRET=1; got device {device}"
     if not _HAS_EXTENSION:
         return "the compiled extension mimkernels._C is not built (pip install -e . with a CUDA toolkit)"
+    if device.type == "cuda":
+        return _cuda_device_problem("extension", device.index)
+    if device.type != "cpu":
+        return f"the compiled extension runs on CPU and CUDA tensors; got device {device}"
+    return None
+
+
+_CUDA_DEVICE_PROBLEMS: dict[tuple[str, int], str | None] = {}  # (backend, device index) -> why not, or None
+
+
+@torch.compiler.assume_constant_result
+def _cuda_device_problem(backend: str, index: int | None) -> str | None:
+    """None if ``backend``'s kernels run on CUDA device ``index``, else why not. Asked once per backend and device;
+    torch.compile calls it while tracing and bakes the answer into the graph, as with :func:`current_backend`."""
+    if index is None:
+        index = torch.cuda.current_device()
+    if (backend, index) not in _CUDA_DEVICE_PROBLEMS:
+        _CUDA_DEVICE_PROBLEMS[backend, index] = _probe_cuda_device(backend, index)
+    return _CUDA_DEVICE_PROBLEMS[backend, index]
+
+
+def _probe_cuda_device(backend: str, index: int) -> str | None:
+    if torch.version.hip is not None:  # AMD GPUs answer as "cuda" devices
+        return f"the {backend} kernels are written and tested for NVIDIA GPUs; this torch is a ROCm build"
+    major, minor = torch.cuda.get_device_capability(index)
+    if backend == "triton":
+        if major < 8:
+            return (f"Triton 3.6+ supports NVIDIA GPUs of compute capability 8.0 and newer; cuda:{index} "
+                    f"({torch.cuda.get_device_name(index)}) is {major}.{minor}")
+        return None
+    from . import extension  # noqa: F401  (loads the library, which registers its ops)
+
+    has_cuda_kernels_for = getattr(torch.ops.mimkernels, "has_cuda_kernels_for", None)  # CUDA builds only
+    if has_cuda_kernels_for is None:
+        return ("the compiled extension was built without CUDA code (no CUDA toolkit was found when it was "
+                "installed): its ops run on CPU tensors")
+    if not has_cuda_kernels_for(index):
+        return (f"the compiled extension has no code for cuda:{index} (compute capability {major}.{minor}): "
+                f"reinstall it with this GPU visible, or with TORCH_CUDA_ARCH_LIST naming {major}.{minor}")
     return None
 
 

@@ -4,6 +4,7 @@ Runs ``python -m benchmarks.kernel_report --quick`` in a subprocess: the compile
 see the kernels, and this session's TRITON_INTERPRET=1 has already replaced them.
 """
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,10 @@ def test_default_configs_do_not_spill():
     for kernel in ("_patch_embed_fwd", "_patch_embed_weight_grad", "_restore_rows"):
         assert run.stdout.count(kernel) == 3, kernel
     assert run.stdout.count("_masked_patch_loss_bwd") == 6  # and with 1 and 8 patches per program
+    # the portable tiles run on every GPU without a measured table: consumer Ampere / Ada / Blackwell cards give a
+    # block at most 99 KB of shared memory (A100 164 KB, H100 227 KB)
+    shared = [int(size) for size in re.findall(r"smem +(\d+) B", run.stdout)]
+    assert len(shared) == run.stdout.count(" regs ") and max(shared) <= 99 * 1024, max(shared)
 
 
 def test_tma_candidates_compile_for_hopper():
