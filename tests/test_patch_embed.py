@@ -59,6 +59,26 @@ def test_patch_embed(backend, dtype, mode, shape):
         assert err <= TOLERANCE[dtype] * max(1.0, ref.abs().max().item()), f"{name}: {err:.3e}"
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_upstream_gradient_reaches_only_what_its_row_feeds(backend, bad):
+    """SimMIM / BEiT masking, an fp16 overflow on one row of the upstream gradient: on a kept row it reaches the
+    convolution's gradients but not the mask token's; on a masked row the token's but not the convolution's (the
+    reference's where() routes each row to one of them). A product with the mask would spread 0 * inf = NaN."""
+    leaves, extra = make(2, 3, 32, 48, 16, 40, torch.float32, "simmim")
+    masked = extra["mask"][0]
+    for row, reaches, spared in ((int((~masked).nonzero()[0]), "weight", "mask_token"),
+                                 (int(masked.nonzero()[0]), "mask_token", "weight")):
+        with mimkernels.use_backend(backend):
+            out = call(mimkernels.patch_embed, leaves, extra)
+        grad_out = torch.ones_like(out)
+        grad_out[0, row, 3] = bad
+        grads = dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()), grad_out)))
+        assert not torch.isfinite(grads[reaches]).all()
+        assert torch.isfinite(grads[spared]).all()
+        assert not torch.isfinite(grads["pos_embed"][0, row, 3])  # every row reaches pos_embed
+
+
 def test_autocast_runs_in_autocast_dtype():
     leaves, extra = make(1, 3, 32, 32, 16, 40, torch.float32, "full")
     with torch.autocast(DEVICE, dtype=torch.bfloat16):

@@ -73,8 +73,9 @@ class _PatchEmbed(torch.autograd.Function):
             grad_pos = summed.to(pos_dtype).unsqueeze(0)
         if mask is not None:
             masked = mask.bool().unsqueeze(-1)
-            if ctx.needs_input_grad[4]:
-                grad_token = (grad * masked).sum((0, 1), dtype=torch.float32).to(token_dtype).reshape(ctx.token_shape)
+            if ctx.needs_input_grad[4]:  # a fill, not a product: a NaN / inf upstream on a kept row stays out
+                grad_token = grad.masked_fill(~masked, 0).sum((0, 1), dtype=torch.float32)
+                grad_token = grad_token.to(token_dtype).reshape(ctx.token_shape)
             grad = grad.masked_fill(masked, 0)  # masked rows took the token: no gradient to the convolution
         if ctx.needs_input_grad[2]:
             grad_bias = grad.sum((0, 1), dtype=torch.float32).to(bias_dtype)
