@@ -151,6 +151,27 @@ def test_restore_tokens(backend, dtype, prefix, patches, kept, dim, with_pos):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_upstream_gradient_reaches_only_what_its_row_feeds(backend, bad):
+    """An fp16 overflow on one row of the decoder input's gradient: on a restored kept row it reaches x_kept's
+    gradient but not the mask token's; on a masked row the token's but not x_kept's (the reference gathers each
+    row from one of them). A product with a 0/1 mask would spread 0 * inf = NaN into the token's gradient."""
+    x_kept = leaf(2, 1 + 12, 16)
+    mask_token = leaf(1, 1, 16, seed=2)
+    ids_restore = torch.stack([torch.randperm(49, generator=torch.Generator().manual_seed(b))
+                               for b in range(2)]).to(DEVICE)
+    kept_row = 1 + int((ids_restore[0] < 12).nonzero()[0])
+    masked_row = 1 + int((ids_restore[0] >= 12).nonzero()[0])
+    for row, reaches, spared in ((kept_row, 0, 1), (masked_row, 1, 0)):
+        out = run(backend, mimkernels.restore_tokens, x_kept, ids_restore, mask_token, num_prefix_tokens=1)
+        grad_out = torch.ones_like(out)
+        grad_out[0, row, 5] = bad
+        grads = torch.autograd.grad(out, [x_kept, mask_token], grad_out)
+        assert not torch.isfinite(grads[reaches]).all()
+        assert torch.isfinite(grads[spared]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_masking_then_restore_round_trip(backend):
     """Restoring with a zero mask token puts every kept token back and zeros elsewhere."""
     x = leaf(2, 1 + 49, 32)

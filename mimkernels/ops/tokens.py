@@ -139,8 +139,10 @@ class _RestoreRows(torch.autograd.Function):
             ids_keep = _inverse(ids_restore, ids_restore.shape[1], fill=0)[:, :ctx.num_kept]
             grad_x = _KERNELS[ctx.backend].gather_rows(grad_out, ids_keep, None, ctx.num_prefix)
         if ctx.needs_input_grad[2]:
-            masked = (ids_restore >= ctx.num_kept).to(grad_out.dtype)
-            grad_token = torch.einsum("bl,bld->d", masked, grad_out[:, ctx.num_prefix:])
+            # the rows that took the token, by a fill, not a product with a 0/1 mask: a NaN / inf upstream on a kept
+            # row stays out of it (0 * inf), as in the reference, whose kept rows never read the token
+            kept = (ids_restore < ctx.num_kept).unsqueeze(-1)
+            grad_token = grad_out[:, ctx.num_prefix:].masked_fill(kept, 0).sum((0, 1), dtype=torch.float32)
             grad_token = grad_token.to(ctx.token_dtype).reshape(ctx.token_shape)
         if ctx.needs_input_grad[3]:
             grad_pos = grad_out.sum(0, keepdim=True, dtype=torch.float32).to(ctx.pos_dtype)
