@@ -173,11 +173,12 @@ def other_launches(dtype: torch.dtype) -> list[Launch]:
         {"HAS_IDS": True, "BLOCK_E": e, "BLOCK_K": k, "BLOCK_R": r, "DOT_PRECISION": precision}))
     for group in (1, 8):  # the default one patch per program, and a group (selectable, not yet measured)
         tile, warps, stages = loss_kernels.launch_config(16, 3, group)  # ViT-B/16 patches: 768 values
-        for fn in (loss_kernels._masked_patch_loss_fwd, loss_kernels._masked_patch_loss_bwd):
-            launches.append(Launch(fn, "norm_pix", f"{group}x{tile['BLOCK']}", warps, stages,
-                                   {"IMG": "*fp32", "PRED": ty, "MASK": "*fp32", "PATCH_LOSS": "*fp32",
-                                    "SCALE": "*fp32", "GRAD_PRED": ty},
-                                   {"NORM_PIX": True, "L1": False, **tile}))
+        for variant, norm_pix, l1 in (("norm_pix", True, False), ("l1", False, True)):  # MAE's loss, SimMIM's
+            for fn in (loss_kernels._masked_patch_loss_fwd, loss_kernels._masked_patch_loss_bwd):
+                launches.append(Launch(fn, variant, f"{group}x{tile['BLOCK']}", warps, stages,
+                                       {"IMG": "*fp32", "PRED": ty, "MASK": "*fp32", "PATCH_LOSS": "*fp32",
+                                        "SCALE": "*fp32", "GRAD_PRED": ty},
+                                       {"NORM_PIX": norm_pix, "L1": l1, **tile}))
     tile, warps, stages = token_kernels.launch_config(1024)  # wide tokens: the largest width block
     for fn in (token_kernels._gather_rows, token_kernels._restore_rows):
         launches.append(Launch(fn, "pos", f"{tile['BLOCK_R']}x{tile['BLOCK_D']}", warps, stages,
