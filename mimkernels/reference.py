@@ -79,7 +79,7 @@ def random_masking(x, mask_ratio, *, noise=None, num_prefix_tokens=0, pos_embed=
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :num_kept]
     patches = torch.gather(x[:, num_prefix_tokens:], 1, _row_index(ids_keep, dim))
-    mask = torch.ones(batch, num_patches, device=x.device)
+    mask = torch.ones(batch, num_patches, dtype=torch.float32, device=x.device)  # float32 whatever the default dtype
     mask[:, :num_kept] = 0
     mask = torch.gather(mask, 1, ids_restore)
     return Masking(torch.cat([x[:, :num_prefix_tokens], patches], 1), mask, ids_restore, ids_keep)

@@ -85,6 +85,22 @@ def test_random_masking_adds_pos_embed(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_mask_is_float32_whatever_the_default_dtype(backend):
+    """``torch.set_default_dtype(torch.float64)`` (some scientific code sets it): the mask stays the documented
+    float32 on every backend (the reference's ``torch.ones`` took the default dtype)."""
+    x = leaf(2, 1 + 16, 8)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        masking = run(backend, mimkernels.random_masking, x, 0.5, num_prefix_tokens=1)
+        mask, _, _ = mimkernels.masking_indices(torch.rand(2, 16, device=DEVICE), 0.5)
+    finally:
+        torch.set_default_dtype(previous)
+    assert masking.mask.dtype == mask.dtype == torch.float32
+    assert masking.x_kept.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_random_masking_draws_noise(backend):
     torch.manual_seed(3)
     first = run(backend, mimkernels.random_masking, leaf(2, 20, 16), 0.5)
