@@ -27,6 +27,17 @@ def test_beit_block_mask_bad_arguments(count, aspect, match):
         beit_block_mask(1, 14, count, min_aspect=aspect)
 
 
+def test_beit_block_mask_ignores_the_default_device():
+    """Under ``torch.set_default_device`` (here "meta", standing in for "cuda") the mask is drawn on the host from
+    the same seed: the same mask, no device tensor read back."""
+    torch.manual_seed(0)
+    want = beit_block_mask(2, 14, 75)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        got = beit_block_mask(2, 14, 75)
+    assert got.device.type == "cpu" and torch.equal(got, want)
+
+
 def _tokenizer(vocab=16):
     gen = torch.Generator().manual_seed(0)
     return KMeansTokenizer.fit(torch.randn(8, 3, 64, 64, generator=gen), 8, vocab, iters=3, generator=gen)
