@@ -79,6 +79,26 @@ def test_nonfinite_upstream_gradient_reaches_only_what_its_row_feeds(backend, ba
         assert not torch.isfinite(grads["pos_embed"][0, row, 3])  # every row reaches pos_embed
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_patches_left_out_of_ids_keep_are_not_read(bad):
+    """MAE's dropped patches: a non-finite pixel there changes no output and no gradient of the kernel path (the
+    docstring says so; the convolving ``torch`` backend would carry it into weight's gradient)."""
+    leaves, extra = make(2, 3, 32, 48, 16, 40, torch.float32, "mae")
+    dropped = sorted(set(range(6)) - set(extra["ids_keep"][1].tolist()))[0]
+    row, col = divmod(dropped, 3)
+    results = []
+    for poison in (bad, 0.0):
+        images = leaves["images"].detach().clone()
+        images[1, 2, 16 * row + 5, 16 * col: 16 * col + 16] = poison
+        inputs = {**leaves, "images": images.requires_grad_()}
+        with mimkernels.use_backend("triton"):
+            out = call(mimkernels.patch_embed, inputs, extra)
+        results.append((out, *torch.autograd.grad(out.square().sum(), list(inputs.values()))))
+    for got, want in zip(*results):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_autocast_runs_in_autocast_dtype():
     leaves, extra = make(1, 3, 32, 32, 16, 40, torch.float32, "full")
     with torch.autocast(DEVICE, dtype=torch.bfloat16):

@@ -146,7 +146,9 @@ def patch_embed(images, weight, bias=None, *, pos_embed=None, ids_keep=None, mas
         weight: ``[E, C, p, p]`` (Conv2d layout: timm / MAE checkpoints load unchanged), float16, bfloat16 or
             float32 on every backend; bias ``[E]``.
         pos_embed: ``[1, L, E]`` for the L patches (pass ``pos_embed[:, 1:]`` when it holds a cls row).
-        ids_keep: ``[B, K]`` (MAE): compute only these patches; returns ``[B, K, E]``.
+        ids_keep: ``[B, K]`` (MAE): compute only these patches; returns ``[B, K, E]``. The kernels never read the
+            other patches, so a NaN or inf there reaches no output or gradient (the ``torch`` backend convolves
+            every patch, as the official MAE code does, and its weight gradient carries it: 0 * inf).
         mask, mask_token: ``[B, L]`` (bool or 0/1) and E values (BEiT, SimMIM): masked patches are replaced
             by the token before pos_embed is added. Not together with ids_keep.
 
