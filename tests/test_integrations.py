@@ -374,19 +374,45 @@ def _vit_mae(model_class="ViTMAEForPreTraining", **kwargs):
     return getattr(transformers, model_class)(config)
 
 
+def _transformers_4() -> bool:
+    """Whether the installed transformers has ViTMAE's version-4 modules (the floor's pin) or version 5's."""
+    _hf_config()
+    from mimkernels.integrations import _hf
+
+    return _hf.TRANSFORMERS_4
+
+
+def _vit_mae_attention_names() -> list[str]:
+    """The attention modules mimkernels patches in _vit_mae(), as the installed transformers names them."""
+    layers, attention = ("vit.encoder.layer", ".attention.attention") if _transformers_4() else ("vit.layers",
+                                                                                                ".attention")
+    return [f"{layers}.0{attention}", f"{layers}.1{attention}", f"decoder.decoder_layers.0{attention}"]
+
+
+def _skip_on_transformers_4() -> None:
+    if _transformers_4():
+        pytest.skip("add_norm / gelu_mlp fuse transformers 5's ViTMAELayer / ViTMAEMLP; transformers 4 keeps the "
+                    "original code (test_vit_mae_of_transformers_4_fusions_and_head_mask_keep_the_original_code)")
+
+
 @pytest.mark.parametrize("norm_pix_loss", [True, False])
-def test_patched_vit_mae_matches_the_original(norm_pix_loss, device):
+def test_patched_vit_mae_matches_the_original(norm_pix_loss, device, monkeypatch):
+    calls = {name: _count_calls(monkeypatch, name) for name in ("masking_indices", "patch_embed", "attention",
+                                                                 "restore_tokens", "masked_patch_loss")}
     images, noise = torch.randn(2, 3, 32, 32, device=device), torch.rand(2, 16, device=device)
     original = _vit_mae(norm_pix_loss=norm_pix_loss).to(device)
     patched = integrations.apply(_vit_mae(norm_pix_loss=norm_pix_loss).to(device))
+    encoder_attention_0, encoder_attention_1, decoder_attention = _vit_mae_attention_names()
     assert integrations.patched_modules(patched) == [
-        "", "vit.embeddings", "vit.layers.0.attention", "vit.layers.1.attention", "decoder",
-        "decoder.decoder_layers.0.attention"]
+        "", "vit.embeddings", encoder_attention_0, encoder_attention_1, "decoder", decoder_attention]
     with mimkernels.use_backend("triton"):
         got = patched(images, noise=noise)
         got.loss.backward()
     want = original(images, noise=noise)
     want.loss.backward()
+    # each op ran on the kernels: one masking and embedding, three attentions, one unshuffle, one loss
+    assert {name: len(made) for name, made in calls.items()} == {
+        "masking_indices": 1, "patch_embed": 1, "attention": 3, "restore_tokens": 1, "masked_patch_loss": 1}
     assert torch.equal(got.mask, want.mask) and torch.equal(got.ids_restore, want.ids_restore)
     torch.testing.assert_close(got.loss, want.loss, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
@@ -412,6 +438,7 @@ def _assert_same_vit_mae_step(patched, original, images, noise):
 def test_vit_mae_layers_fuse_the_add_after_attention_with_the_norm(device, monkeypatch):
     """add_norm=True: each ViTMAELayer (encoder and decoder) adds the attention branch in one pass with
     layernorm_after; the loss and every gradient as the original's."""
+    _skip_on_transformers_4()
     calls = _count_calls(monkeypatch, "add_layer_norm")
     images, noise = torch.randn(2, 3, 32, 32, device=device), torch.rand(2, 16, device=device)
     original = _vit_mae().to(device)
@@ -429,6 +456,7 @@ def test_vit_mae_layers_fuse_the_add_after_attention_with_the_norm(device, monke
 def test_vit_mae_mlps_run_gelu_inside_the_gemms(device, monkeypatch):
     """gelu_mlp=True: each ViTMAEMLP (encoder and decoder) is one gelu_mlp call; loss and gradients as the original's.
     An approximate GELU keeps the original code, with a warning."""
+    _skip_on_transformers_4()
     calls = _count_calls(monkeypatch, "gelu_mlp")
     images, noise = torch.randn(2, 3, 32, 32, device=device), torch.rand(2, 16, device=device)
     original = _vit_mae().to(device)
@@ -440,6 +468,54 @@ def test_vit_mae_mlps_run_gelu_inside_the_gemms(device, monkeypatch):
     with pytest.warns(UserWarning, match=r"3 module\(s\) keep .* \(NewGELUActivation\) is not the exact GELU"):
         tanh = integrations.apply(_vit_mae(hidden_act="gelu_new"), gelu_mlp=True)
     assert not [name for name in integrations.patched_modules(tanh) if name.endswith("mlp")]
+
+
+def test_vit_mae_of_transformers_4_fusions_and_head_mask_keep_the_original_code(device):
+    """transformers 4.5x (the floor's pin): add_norm / gelu_mlp keep each layer's original code, with one warning
+    (its MLP is two modules, ViTMAEIntermediate and ViTMAEOutput, the second adding the residual), the rest is patched
+    and trains as the original; a head mask runs the original attention (which applies it under eager attention)."""
+    if not _transformers_4():
+        pytest.skip("transformers 5 installed: its ViTMAE layers and MLPs are fused "
+                    "(test_vit_mae_layers_fuse_the_add_after_attention_with_the_norm, ..._gelu_inside_the_gemms)")
+    images, noise = torch.randn(2, 3, 32, 32, device=device), torch.rand(2, 16, device=device)
+    original = _vit_mae().to(device)
+    fusions = r"3 module\(s\) keep .* because it is transformers 4's; add_norm and gelu_mlp"
+    with pytest.warns(UserWarning, match=fusions):
+        patched = integrations.apply(_vit_mae().to(device), add_norm=True, gelu_mlp=True)
+    encoder_attention_0, encoder_attention_1, decoder_attention = _vit_mae_attention_names()
+    assert integrations.patched_modules(patched) == [
+        "", "vit.embeddings", encoder_attention_0, encoder_attention_1, "decoder", decoder_attention]
+    _assert_same_vit_mae_step(patched, original, images, noise)
+    head_mask = torch.tensor([1.0, 0.0, 1.0, 0.5], device=device)
+    for model in (patched, original):  # sdpa ignores head masks (with a warning); eager applies them
+        model.set_attn_implementation("eager")
+    with mimkernels.use_backend("triton"):
+        got = patched(images, noise=noise, head_mask=head_mask)
+    want = original(images, noise=noise, head_mask=head_mask)
+    assert not torch.allclose(want.loss, original(images, noise=noise).loss)  # the head mask changes the loss
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-4, atol=1e-6)
+
+
+def test_vit_mae_code_of_another_release_keeps_the_original(monkeypatch):
+    """A transformers release whose ViTMAE method takes other arguments than the one mimkernels reproduces (here the
+    decoder's forward, as transformers 4.4x had it): that module keeps its code, with one warning; the rest is
+    patched and the model trains as the original."""
+    from transformers.models.vit_mae import modeling_vit_mae as vit_mae
+
+    decoder_forward = vit_mae.ViTMAEDecoder.forward
+
+    def older_forward(self, hidden_states, ids_restore, output_attentions=False, interpolate_pos_encoding=False):
+        return decoder_forward(self, hidden_states, ids_restore, interpolate_pos_encoding=interpolate_pos_encoding)
+
+    monkeypatch.setattr(vit_mae.ViTMAEDecoder, "forward", older_forward)
+    images, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    original = _vit_mae()
+    with pytest.warns(UserWarning, match=r"1 module\(s\) keep .* because this transformers release's "
+                                         r"ViTMAEDecoder.forward is not one mimkernels reproduces \(decoder\)"):
+        patched = integrations.apply(_vit_mae())
+    assert "decoder" not in integrations.patched_modules(patched)
+    assert "vit.embeddings" in integrations.patched_modules(patched)
+    _assert_same_vit_mae_step(patched, original, images, noise)
 
 
 def test_patched_vit_mae_draws_the_same_masks_without_noise():
@@ -487,11 +563,41 @@ def test_patched_vit_mae_model_state_dict_and_fallbacks():
     with mimkernels.use_backend("triton"):
         bigger = model(torch.randn(1, 3, 48, 48), interpolate_pos_encoding=True)  # the original code path
         assert bigger.last_hidden_state.shape == (1, 1 + 9, 64)
-        model(images, output_attentions=True)  # weights asked for: the original attention
+    # weights asked for: the original attention, which returns them under eager attention
+    model.set_attn_implementation("eager")
+    reference = _vit_mae("ViTMAEModel")
+    reference.set_attn_implementation("eager")
+    noise = torch.rand(2, 16)
+    with mimkernels.use_backend("triton"):
+        got = model(images, noise=noise, output_attentions=True).attentions
+    want = reference(images, noise=noise, output_attentions=True).attentions
+    assert len(want) == 2 and len(got) == 2
+    for got_layer, want_layer in zip(got, want):
+        torch.testing.assert_close(got_layer, want_layer)
     integrations.unapply(model)
     assert integrations.patched_modules(model) == []
     with pytest.warns(UserWarning, match="attention keeps its original code"):
         integrations.apply(_vit_mae("ViTMAEModel", hidden_size=60, num_attention_heads=5))
+
+
+@pytest.mark.parametrize("version, refused", [("4.46.3", True), ("4.56.2", True), ("4.57.0.dev0", False),
+                                               ("5.0.0rc1", False)])
+def test_transformers_older_than_the_oldest_tested_is_refused(version, refused, monkeypatch):
+    """Before 4.57 ViTMAE chose its attention class per implementation and its decoder took other arguments: apply
+    and register_hf_attention say which release they need instead of patching part of the model."""
+    _hf_config()
+    from mimkernels.integrations import _hf
+
+    monkeypatch.setattr(_hf.transformers, "__version__", version)
+    model = _vit_mae("ViTMAEModel")
+    if refused:
+        with pytest.raises(RuntimeError, match=rf"apply needs transformers >= 4.57; this is transformers {version}"):
+            integrations.apply(model)
+        assert integrations.patched_modules(model) == []
+        with pytest.raises(RuntimeError, match=r"register_hf_attention needs transformers >= 4.57"):
+            integrations.register_hf_attention()
+    else:
+        assert integrations.patched_modules(integrations.apply(model))
 
 
 def test_mimkernels_as_a_transformers_attention_implementation(device):

@@ -79,6 +79,7 @@ def apply(model: torch.nn.Module, *, attention: bool = True, patch_embed: bool =
     Raises:
         TypeError: ``model`` is not one of the supported classes (listed in the message), or wraps one (the
             wrapper of ``torch.compile`` or DDP: apply to the model before wrapping it).
+        RuntimeError: a transformers model, with transformers older than 4.57 (the oldest release tested).
     """
     from ..models import AIM, MAE, BEiT, SimMIM, vit
 
@@ -115,7 +116,8 @@ def register_hf_attention() -> str:
     ``from_pretrained(..., attn_implementation="mimkernels")`` or ``model.set_attn_implementation("mimkernels")``
     then runs full and causal self-attention on mimkernels' kernels, with the masks transformers builds for sdpa;
     calls with a mask, dropout, grouped kv heads, a kv cache, a position bias, softcap or sinks, or a dtype or head
-    dim the kernels lack run transformers' sdpa implementation."""
+    dim the kernels lack run transformers' sdpa implementation. Raises RuntimeError with transformers older than
+    4.57."""
     from . import _hf
 
     return _hf.register_attention()

@@ -3,9 +3,11 @@ transformers attention implementation (``attn_implementation="mimkernels"``)."""
 from __future__ import annotations
 
 import inspect
+import re
 import warnings
 
 import torch
+import transformers
 from transformers.models.vit_mae import modeling_vit_mae as vit_mae
 
 import mimkernels
@@ -15,12 +17,52 @@ from ..nn import check_head_dim
 from ..ops.tokens import checked_noise
 from . import warn_kept
 
+# Two generations of ViTMAE. transformers 5: one ViTMAEAttention (q/k/v/o projections) and one ViTMAEMLP per layer,
+# the loss inside ViTMAEForPreTraining.forward. transformers 4.5x: ViTMAESelfAttention (query, key, value) under
+# ViTMAEAttention, ViTMAEIntermediate and ViTMAEOutput for the MLP, the loss in ViTMAEForPreTraining.forward_loss.
+TRANSFORMERS_4 = hasattr(vit_mae, "ViTMAESelfAttention")
+# The oldest release tested (requirements-floor.txt). Before it, ViTMAE picked its attention class per
+# implementation (ViTMAESdpaSelfAttention, ...), its decoder took other arguments, and AttentionInterface was younger.
+OLDEST_TRANSFORMERS = (4, 57)
+
+
+def check_release(what: str) -> None:
+    """Raise RuntimeError, naming ``what`` needs it, where the installed transformers is older than the oldest
+    release mimkernels reproduces."""
+    major, minor = re.match(r"(\d+)\.(\d+)", transformers.__version__).groups()
+    if (int(major), int(minor)) < OLDEST_TRANSFORMERS:
+        raise RuntimeError(f"{what} needs transformers >= {'.'.join(map(str, OLDEST_TRANSFORMERS))}; this is "
+                           f"transformers {transformers.__version__}")
+
+
+def _release_unsupported(patched: type) -> str | None:
+    """Why ``patched`` cannot stand in for its original class in this transformers release, or None: each patched
+    class names the method it replaces and that method's parameters in the releases it reproduces
+    (``_mimkernels_replaces``); another signature means other code, which the patch would silently drop."""
+    method, parameters = patched._mimkernels_replaces
+    original = patched.__mro__[1]
+    if tuple(inspect.signature(getattr(original, method)).parameters) != parameters:
+        return f"this transformers release's {original.__name__}.{method} is not one mimkernels reproduces"
+    return None
+
+
+def _save_as_original(self, *args, **kwargs):
+    """The checkpoint an unpatched model writes: transformers records the model's class name in
+    ``config.architectures``, which must name a class transformers has (``push_to_hub`` saves through here)."""
+    patched = type(self)
+    self.__class__ = patched.__mro__[1]
+    try:
+        return self.save_pretrained(*args, **kwargs)
+    finally:
+        self.__class__ = patched
+
 
 class MimkernelsViTMAEEmbeddings(vit_mae.ViTMAEEmbeddings):
     """Patch embedding of only the kept patches (with their positions, in one GEMM) and MAE's masking, by
     mimkernels; the same masks and ids as the original for the same noise, and the same random draws without."""
 
     _mimkernels_patch = True
+    _mimkernels_replaces = ("forward", ("self", "pixel_values", "noise", "interpolate_pos_encoding"))
     _mimkernels_patch_embed = True  # False: HF's convolution, then mimkernels' masking
 
     def forward(self, pixel_values: torch.Tensor, noise: torch.Tensor | None = None,
@@ -31,9 +73,10 @@ class MimkernelsViTMAEEmbeddings(vit_mae.ViTMAEEmbeddings):
         if channels != self.patch_embeddings.num_channels:
             raise ValueError(f"pixel_values have {channels} channels, the configuration "
                              f"{self.patch_embeddings.num_channels}")
-        if (height, width) != tuple(self.image_size):
+        image_size = tuple(self.patch_embeddings.image_size)
+        if (height, width) != image_size:
             raise ValueError(f"Input image size ({height}*{width}) doesn't match model "
-                             f"({self.image_size[0]}*{self.image_size[1]}).")
+                             f"({image_size[0]}*{image_size[1]}).")
         num_patches = self.patch_embeddings.num_patches
         # without noise: the draw the original makes, so that seeded runs mask the same patches
         noise = checked_noise(noise, batch, num_patches, pixel_values.device)
@@ -55,6 +98,7 @@ class MimkernelsViTMAEDecoder(vit_mae.ViTMAEDecoder):
     """The unshuffle (kept tokens back in place, mask tokens elsewhere, plus positions) in one pass."""
 
     _mimkernels_patch = True
+    _mimkernels_replaces = ("forward", ("self", "hidden_states", "ids_restore", "interpolate_pos_encoding"))
 
     def forward(self, hidden_states: torch.Tensor, ids_restore: torch.Tensor, interpolate_pos_encoding: bool = False):
         if interpolate_pos_encoding:
@@ -96,78 +140,112 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
     return out.transpose(1, 2), None
 
 
-class MimkernelsViTMAEAttention(vit_mae.ViTMAEAttention):
-    """Self-attention by :func:`mimkernels.attention` on the q, k, v projections; the original code for an
-    attention mask, attention dropout while training, or when attention weights are asked for."""
+if TRANSFORMERS_4:
+    class MimkernelsViTMAESelfAttention(vit_mae.ViTMAESelfAttention):
+        """Self-attention by :func:`mimkernels.attention` on the query, key and value projections; the original code
+        for a head mask, attention dropout while training, or when transformers records this module's outputs
+        (``output_attentions=True`` wraps the instance's ``forward``)."""
 
-    _mimkernels_patch = True
+        _mimkernels_patch = True
+        _mimkernels_replaces = ("forward", ("self", "hidden_states", "head_mask"))
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        dropout = self.attention_dropout if self.training else 0.0
-        if attention_mask is not None or dropout > 0 or kwargs.get("output_attentions"):
-            return super().forward(hidden_states, attention_mask, **kwargs)
-        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-        q, k, v = (proj(hidden_states).view(shape).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        out = mimkernels.attention(q, k, v, scale=self.scaling)
-        return self.o_proj(out.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)), None
+        def forward(self, hidden_states: torch.Tensor, head_mask: torch.Tensor | None = None):
+            dropout = self.dropout_prob if self.training else 0.0
+            if head_mask is not None or dropout > 0 or "forward" in vars(self):
+                return super().forward(hidden_states, head_mask)
+            shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)
+            q, k, v = (proj(hidden_states).view(shape).transpose(1, 2) for proj in (self.query, self.key, self.value))
+            out = mimkernels.attention(q, k, v, scale=self.scaling)
+            return out.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1), None
+
+    class MimkernelsViTMAEForPreTraining(vit_mae.ViTMAEForPreTraining):
+        """The reconstruction loss (per-patch normalised pixels with ``norm_pix_loss``, mean over removed patches)
+        by :func:`mimkernels.masked_patch_loss`, which reads the target pixels from the image in place."""
+
+        _mimkernels_patch = True
+        _mimkernels_replaces = ("forward_loss", ("self", "pixel_values", "pred", "mask", "interpolate_pos_encoding"))
+        save_pretrained = _save_as_original
+
+        def forward_loss(self, pixel_values, pred, mask, interpolate_pos_encoding: bool = False):
+            if interpolate_pos_encoding:
+                return super().forward_loss(pixel_values, pred, mask, interpolate_pos_encoding)
+            return mimkernels.masked_patch_loss(pred, pixel_values, mask, norm_pix=self.config.norm_pix_loss)
+
+    ATTENTION = {vit_mae.ViTMAESelfAttention: MimkernelsViTMAESelfAttention}
+    # transformers 4 spreads a layer's MLP over ViTMAEIntermediate and ViTMAEOutput (which also adds the residual)
+    FUSIONS_NEED = "it is transformers 4's; add_norm and gelu_mlp fuse transformers 5's ViTMAELayer and ViTMAEMLP"
+else:
+    class MimkernelsViTMAEAttention(vit_mae.ViTMAEAttention):
+        """Self-attention by :func:`mimkernels.attention` on the q, k, v projections; the original code for an
+        attention mask, attention dropout while training, or when attention weights are asked for."""
+
+        _mimkernels_patch = True
+        _mimkernels_replaces = ("forward", ("self", "hidden_states", "attention_mask", "kwargs"))
+
+        def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+            dropout = self.attention_dropout if self.training else 0.0
+            if attention_mask is not None or dropout > 0 or kwargs.get("output_attentions"):
+                return super().forward(hidden_states, attention_mask, **kwargs)
+            shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+            q, k, v = (proj(hidden_states).view(shape).transpose(1, 2)
+                       for proj in (self.q_proj, self.k_proj, self.v_proj))
+            out = mimkernels.attention(q, k, v, scale=self.scaling)
+            return self.o_proj(out.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)), None
+
+    class MimkernelsViTMAEForPreTraining(vit_mae.ViTMAEForPreTraining):
+        """The reconstruction loss (per-patch normalised pixels with ``norm_pix_loss``, mean over removed patches)
+        by :func:`mimkernels.masked_patch_loss`, which reads the target pixels from the image in place."""
+
+        _mimkernels_patch = True
+        _mimkernels_replaces = ("forward", ("self", "pixel_values", "noise", "interpolate_pos_encoding",
+                                            "attention_mask", "kwargs"))
+        save_pretrained = _save_as_original
+
+        def forward(self, pixel_values=None, noise=None, interpolate_pos_encoding=None, attention_mask=None,
+                    **kwargs):
+            if interpolate_pos_encoding or kwargs.get("return_dict") is False:
+                return super().forward(pixel_values, noise=noise, interpolate_pos_encoding=interpolate_pos_encoding,
+                                       attention_mask=attention_mask, **kwargs)
+            outputs = self.vit(pixel_values, noise=noise, attention_mask=attention_mask, **kwargs)
+            logits = self.decoder(outputs.last_hidden_state, outputs.ids_restore).logits
+            loss = mimkernels.masked_patch_loss(logits, pixel_values, outputs.mask,
+                                                norm_pix=self.config.norm_pix_loss)
+            return vit_mae.ViTMAEForPreTrainingOutput(loss=loss, logits=logits, mask=outputs.mask,
+                                                      ids_restore=outputs.ids_restore,
+                                                      hidden_states=outputs.hidden_states,
+                                                      attentions=outputs.attentions)
+
+    class MimkernelsViTMAELayer(vit_mae.ViTMAELayer):
+        """The residual add after attention in one pass with ``layernorm_after`` (:func:`mimkernels.add_layer_norm`);
+        the add after the MLP stays (fusing it with the next layer's ``layernorm_before`` would change what a layer
+        returns)."""
+
+        _mimkernels_patch = True
+        _mimkernels_replaces = ("forward", ("self", "hidden_states", "attention_mask", "kwargs"))
+
+        def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+            branch, _ = self.attention(self.layernorm_before(hidden_states), attention_mask, **kwargs)
+            hidden_states, normed = vit.add_norm(hidden_states, self.dropout(branch), self.layernorm_after, fuse=True)
+            return self.dropout(self.mlp(normed)) + hidden_states
+
+    class MimkernelsViTMAEMLP(vit_mae.ViTMAEMLP):
+        """fc1 -> GELU -> fc2 by :func:`mimkernels.gelu_mlp` (GELU inside the GEMMs); same parameters."""
+
+        _mimkernels_patch = True
+        _mimkernels_replaces = ("forward", ("self", "hidden_states"))
+
+        def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+            return mimkernels.gelu_mlp(hidden_states, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+
+    ATTENTION = {vit_mae.ViTMAEAttention: MimkernelsViTMAEAttention}
+    FUSIONS_NEED = None
 
 
-class MimkernelsViTMAEForPreTraining(vit_mae.ViTMAEForPreTraining):
-    """The reconstruction loss (per-patch normalised pixels with ``norm_pix_loss``, mean over removed patches) by
-    :func:`mimkernels.masked_patch_loss`, which reads the target pixels from the image in place."""
-
-    _mimkernels_patch = True
-
-    def forward(self, pixel_values=None, noise=None, interpolate_pos_encoding=None, attention_mask=None, **kwargs):
-        if interpolate_pos_encoding or kwargs.get("return_dict") is False:
-            return super().forward(pixel_values, noise=noise, interpolate_pos_encoding=interpolate_pos_encoding,
-                                   attention_mask=attention_mask, **kwargs)
-        outputs = self.vit(pixel_values, noise=noise, attention_mask=attention_mask, **kwargs)
-        logits = self.decoder(outputs.last_hidden_state, outputs.ids_restore).logits
-        loss = mimkernels.masked_patch_loss(logits, pixel_values, outputs.mask, norm_pix=self.config.norm_pix_loss)
-        return vit_mae.ViTMAEForPreTrainingOutput(loss=loss, logits=logits, mask=outputs.mask,
-                                                  ids_restore=outputs.ids_restore,
-                                                  hidden_states=outputs.hidden_states, attentions=outputs.attentions)
-
-    def save_pretrained(self, *args, **kwargs):
-        """The checkpoint an unpatched model writes: transformers records the model's class name in
-        ``config.architectures``, which must name a class transformers has (``push_to_hub`` saves through here)."""
-        self.__class__ = vit_mae.ViTMAEForPreTraining
-        try:
-            return self.save_pretrained(*args, **kwargs)
-        finally:
-            self.__class__ = MimkernelsViTMAEForPreTraining
-
-
-class MimkernelsViTMAELayer(vit_mae.ViTMAELayer):
-    """The residual add after attention in one pass with ``layernorm_after`` (:func:`mimkernels.add_layer_norm`);
-    the add after the MLP stays (fusing it with the next layer's ``layernorm_before`` would change what a layer
-    returns)."""
-
-    _mimkernels_patch = True
-
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        branch, _ = self.attention(self.layernorm_before(hidden_states), attention_mask, **kwargs)
-        hidden_states, normed = vit.add_norm(hidden_states, self.dropout(branch), self.layernorm_after, fuse=True)
-        return self.dropout(self.mlp(normed)) + hidden_states
-
-
-class MimkernelsViTMAEMLP(vit_mae.ViTMAEMLP):
-    """fc1 -> GELU -> fc2 by :func:`mimkernels.gelu_mlp` (GELU inside the GEMMs); same parameters."""
-
-    _mimkernels_patch = True
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return mimkernels.gelu_mlp(hidden_states, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
-
-
-def _mlp_unsupported(mlp: vit_mae.ViTMAEMLP) -> str | None:
-    """Why MimkernelsViTMAEMLP cannot stand in for ``mlp``, or None. ``hidden_act`` "gelu" and "gelu_python" are
-    both the exact GELU (``GELUActivation``); the tanh and other approximations are not."""
+def _mlp_unsupported(mlp) -> str | None:
+    """Why MimkernelsViTMAEMLP cannot stand in for ``mlp`` (a ViTMAEMLP), or None. ``hidden_act`` "gelu" and
+    "gelu_python" are both the exact GELU (``GELUActivation``); the tanh and other approximations are not."""
     from transformers.activations import GELUActivation
 
-    if tuple(inspect.signature(vit_mae.ViTMAEMLP.forward).parameters) != ("self", "hidden_states"):
-        return "this transformers release's ViTMAEMLP is not one mimkernels reproduces"
     if type(mlp.activation_fn) is not GELUActivation:
         return f"its activation ({type(mlp.activation_fn).__name__}) is not the exact GELU"
     if type(mlp.fc1) is not torch.nn.Linear or type(mlp.fc2) is not torch.nn.Linear:
@@ -175,14 +253,13 @@ def _mlp_unsupported(mlp: vit_mae.ViTMAEMLP) -> str | None:
     return None
 
 
-def _layer_unsupported(layer: vit_mae.ViTMAELayer) -> str | None:
-    """Why MimkernelsViTMAELayer cannot stand in for ``layer``, or None. It reproduces transformers 5's layer;
-    under autocast the fused norm comes out in the autocast dtype, which is what the MLP's first Linear (fc1)
-    casts the LayerNorm's fp32 output to."""
-    forward = tuple(inspect.signature(vit_mae.ViTMAELayer.forward).parameters)
+def _layer_unsupported(layer) -> str | None:
+    """Why MimkernelsViTMAELayer cannot stand in for ``layer`` (a ViTMAELayer), or None. Under autocast the fused
+    norm comes out in the autocast dtype, which is what the MLP's first Linear (fc1) casts the LayerNorm's fp32
+    output to."""
     mlp = getattr(layer, "mlp", None)
-    if forward != ("self", "hidden_states", "attention_mask", "kwargs") or type(mlp) is not vit_mae.ViTMAEMLP:
-        return "this transformers release's ViTMAELayer is not one mimkernels reproduces"
+    if type(mlp) is not vit_mae.ViTMAEMLP:
+        return "its mlp is not a ViTMAEMLP"
     if type(layer.layernorm_after) is not torch.nn.LayerNorm or type(mlp.fc1) is not torch.nn.Linear:
         return "its layernorm_after is not a LayerNorm followed by a Linear"
     return None
@@ -191,8 +268,29 @@ def _layer_unsupported(layer: vit_mae.ViTMAELayer) -> str | None:
 SUPPORTED = (vit_mae.ViTMAEForPreTraining, vit_mae.ViTMAEModel)
 
 
+def _always(module) -> None:
+    return None
+
+
+def _swaps(*, attention: bool, masking: bool, patch_embed: bool, add_norm: bool, gelu_mlp: bool) -> dict:
+    """original class -> (patched class, why a module of it cannot be patched, or None): the swaps asked for."""
+    swaps = {}
+    if attention:
+        swaps.update({original: (patched, _always) for original, patched in ATTENTION.items()})
+    if masking or patch_embed:
+        swaps[vit_mae.ViTMAEEmbeddings] = MimkernelsViTMAEEmbeddings, _always
+    if masking:
+        swaps[vit_mae.ViTMAEDecoder] = MimkernelsViTMAEDecoder, _always
+    if add_norm and not TRANSFORMERS_4:
+        swaps[vit_mae.ViTMAELayer] = MimkernelsViTMAELayer, _layer_unsupported
+    if gelu_mlp and not TRANSFORMERS_4:
+        swaps[vit_mae.ViTMAEMLP] = MimkernelsViTMAEMLP, _mlp_unsupported
+    return swaps
+
+
 def patch(model: torch.nn.Module, *, attention: bool, patch_embed: bool, masking: bool, loss: bool,
           add_norm: bool, gelu_mlp: bool) -> None:
+    check_release("mimkernels.integrations.apply")
     config = model.config
     try:
         check_head_dim("attention", config.hidden_size, config.num_attention_heads)
@@ -208,38 +306,34 @@ def patch(model: torch.nn.Module, *, attention: bool, patch_embed: bool, masking
             warnings.warn("mimkernels.integrations: patch embedding keeps its original code: patches are not "
                           "square", stacklevel=3)
         patch_embed = False
-    checked = {}  # the swaps that depend on how a module is configured: original -> (patched, why not)
-    if add_norm:
-        checked[vit_mae.ViTMAELayer] = MimkernelsViTMAELayer, _layer_unsupported
-    if gelu_mlp:
-        checked[vit_mae.ViTMAEMLP] = MimkernelsViTMAEMLP, _mlp_unsupported
+    if patch_embed and not masking:
+        warnings.warn("mimkernels.integrations: patch_embed=True without masking=True keeps HF's patch embedding "
+                      "(ours embeds only the kept patches)", stacklevel=3)
+    swaps = _swaps(attention=attention, masking=masking, patch_embed=patch_embed, add_norm=add_norm,
+                   gelu_mlp=gelu_mlp)
+    if loss and type(model) is vit_mae.ViTMAEForPreTraining:
+        swaps[vit_mae.ViTMAEForPreTraining] = MimkernelsViTMAEForPreTraining, _always
     kept = {}  # reason -> names of the modules that keep their code for it
     for name, module in model.named_modules():
-        if type(module) in checked:
-            patched, unsupported = checked[type(module)]
-            reason = unsupported(module)
-            if reason is None:
-                module.__class__ = patched
-            else:
-                kept.setdefault(reason, []).append(name)
-        elif attention and type(module) is vit_mae.ViTMAEAttention:
-            module.__class__ = MimkernelsViTMAEAttention
-        elif (masking or patch_embed) and type(module) is vit_mae.ViTMAEEmbeddings:
-            module.__class__ = MimkernelsViTMAEEmbeddings
-            module._mimkernels_patch_embed = patch_embed and masking  # kept-only embedding needs our masking
-            if patch_embed and not masking:
-                warnings.warn("mimkernels.integrations: patch_embed=True without masking=True keeps HF's "
-                              "patch embedding (ours embeds only the kept patches)", stacklevel=3)
-        elif masking and type(module) is vit_mae.ViTMAEDecoder:
-            module.__class__ = MimkernelsViTMAEDecoder
-    if loss and type(model) is vit_mae.ViTMAEForPreTraining:
-        model.__class__ = MimkernelsViTMAEForPreTraining
+        if FUSIONS_NEED and (add_norm or gelu_mlp) and type(module) is vit_mae.ViTMAELayer:
+            kept.setdefault(FUSIONS_NEED, []).append(name)
+        if type(module) not in swaps:
+            continue
+        patched, unsupported = swaps[type(module)]
+        reason = _release_unsupported(patched) or unsupported(module)
+        if reason is not None:
+            kept.setdefault(reason, []).append(name or type(module).__name__)
+            continue
+        module.__class__ = patched
+        if patched is MimkernelsViTMAEEmbeddings:  # the kept-only embedding needs our masking
+            module._mimkernels_patch_embed = patch_embed and masking
     warn_kept(kept)
 
 
 def register_attention() -> str:
     """Register ``"mimkernels"`` as a transformers attention implementation, with sdpa's mask function (see
     :func:`_attention_forward` for what runs on our kernels). Returns the name."""
+    check_release("mimkernels.integrations.register_hf_attention")
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
