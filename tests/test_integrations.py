@@ -1,6 +1,7 @@
 """mimkernels.nn and mimkernels.integrations against the real timm (pinned in the test environment), on tiny models
 built here (nothing downloaded). Patched and unpatched models must agree in outputs and every gradient."""
 import copy
+import inspect
 import io
 import pickle
 import warnings
@@ -13,9 +14,10 @@ import mimkernels.integrations as integrations
 from mimkernels import nn as mnn
 
 timm = pytest.importorskip("timm", reason="timm is pinned in requirements-dev.txt / requirements-floor.txt")
-from timm.layers import Attention as TimmAttention  # noqa: E402
 from timm.layers import PatchEmbed as TimmPatchEmbed  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
+
+from mimkernels.integrations._timm import Attention as TimmAttention  # noqa: E402 (where this timm defines it)
 
 
 def _vit(**kwargs):
@@ -81,6 +83,15 @@ def test_patched_timm_vit_matches_the_original(variant, device, monkeypatch):
     assert calls == ["patch_embed", attention, attention]
 
 
+def _timm_attention_takes(argument: str) -> bool:
+    """Whether this timm's Attention.forward takes ``argument`` (attn_mask since 1.0.17, is_causal later)."""
+    return argument in inspect.signature(TimmAttention.forward).parameters
+
+
+# timm's fp32 LayerNorm (a LayerNorm subclass that computes otherwise) where this timm has it, else an RMSNorm
+NOT_A_PLAIN_LAYER_NORM = getattr(timm.layers, "LayerNormFp32", timm.layers.RmsNorm)
+
+
 def _count_calls(monkeypatch, name: str) -> list:
     """Every later call of ``mimkernels.<name>`` appends 1 to the returned list (and still runs the op)."""
     calls, original = [], getattr(mimkernels, name)
@@ -144,10 +155,10 @@ def _apply_warnings(model, **options) -> list[str]:
 
 
 def test_blocks_whose_norm_or_mlp_differs_keep_the_original_code(device, monkeypatch):
-    """A norm2 that is not a plain LayerNorm (timm's fp32 LayerNorm, its 16-bit "fast norm") or an MLP that does not
-    start with a Linear: that block is not fused, with one warning per reason; the others are."""
+    """A norm2 that is not a plain LayerNorm (timm's fp32 LayerNorm or an RMSNorm, its 16-bit "fast norm") or an MLP
+    that does not start with a Linear: that block is not fused, with one warning per reason; the others are."""
     model = _vit(depth=4)
-    model.blocks[0].norm2 = timm.layers.LayerNormFp32(64)
+    model.blocks[0].norm2 = NOT_A_PLAIN_LAYER_NORM(64)
     model.blocks[1].norm2._fast_norm = True
     model.blocks[2].mlp = timm.layers.Mlp(64, 128, use_conv=True)  # 1x1 convolutions (a [B, N, C] input fails)
     messages = _apply_warnings(model, add_norm=True)
@@ -156,7 +167,7 @@ def test_blocks_whose_norm_or_mlp_differs_keep_the_original_code(device, monkeyp
     assert "2 module(s) keep their original code because its norm2 is not a plain LayerNorm" in messages[1]
     assert integrations.patched_modules(model) == ["blocks.3"]
     original = _vit(depth=4)
-    original.blocks[0].norm2 = timm.layers.LayerNormFp32(64)
+    original.blocks[0].norm2 = NOT_A_PLAIN_LAYER_NORM(64)
     x = torch.randn(2, 5, 64, device=device)
     with mimkernels.use_backend("triton"):
         for block, want in zip(model.blocks[::3], original.blocks[::3]):
@@ -235,17 +246,23 @@ def test_patched_model_copies_pickles_and_unapplies():
 
 
 def test_causal_and_masked_calls(device):
+    """Causal calls on the kernels, masked calls through the original code, as this timm's Attention takes them."""
+    causal, masked = _timm_attention_takes("is_causal"), _timm_attention_takes("attn_mask")
+    if not (causal or masked):
+        pytest.skip(f"timm {timm.__version__}'s Attention takes no attn_mask or is_causal to compare with")
     torch.manual_seed(0)
     module = TimmAttention(64, num_heads=4, qkv_bias=True).to(device)
     x = torch.randn(2, 9, 64, device=device)
-    want_causal = module(x, is_causal=True)
     mask = torch.rand(2, 1, 9, 9, device=device) > 0.3
     mask[..., 0] = True
-    want_masked = module(x, attn_mask=mask)
+    want_causal = module(x, is_causal=True) if causal else None
+    want_masked = module(x, attn_mask=mask) if masked else None
     module.__class__ = integrations._timm.MimkernelsAttention  # what apply() does to each Attention
     with mimkernels.use_backend("triton"):
-        torch.testing.assert_close(module(x, is_causal=True), want_causal, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(module(x, attn_mask=mask), want_masked)  # the original code path
+        if causal:
+            torch.testing.assert_close(module(x, is_causal=True), want_causal, rtol=1e-4, atol=1e-5)
+        if masked:
+            torch.testing.assert_close(module(x, attn_mask=mask), want_masked)  # the original code path
 
 
 def test_unsupported_modules_keep_the_original_code_with_one_warning(device):
@@ -258,8 +275,28 @@ def test_unsupported_modules_keep_the_original_code_with_one_warning(device):
     dropping.eval()  # no dropout in eval: the kernels run, and agree
     with mimkernels.use_backend("triton"):
         got = dropping.to(device)(images.to(device))
-    want = _vit(attn_drop_rate=0.1).eval().to(device)(images.to(device))
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    want_model = _vit(attn_drop_rate=0.1).eval().to(device)
+    torch.testing.assert_close(got, want_model(images.to(device)), rtol=1e-4, atol=1e-5)
+    dropping.train(), want_model.train()  # dropout while training: the original code, which draws the same masks
+    with mimkernels.use_backend("triton"):
+        torch.manual_seed(1)
+        got = dropping(images.to(device))
+    torch.manual_seed(1)
+    torch.testing.assert_close(got, want_model(images.to(device)), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("version, refused", [("0.6.13", True), ("0.9.12", True), ("0.9.16", False),
+                                               ("1.0.32.dev0", False)])
+def test_timm_older_than_the_oldest_tested_is_refused(version, refused, monkeypatch):
+    """timm before 0.9.16 is untested (0.6 has no timm.layers at all): apply says which release it needs."""
+    monkeypatch.setattr(timm, "__version__", version)
+    model = _vit()
+    if refused:
+        with pytest.raises(RuntimeError, match=rf"apply needs timm >= 0.9.16; this is timm {version}"):
+            integrations.apply(model)
+        assert integrations.patched_modules(model) == []
+    else:
+        assert integrations.patched_modules(integrations.apply(model))
 
 
 def test_only_supported_models():
@@ -306,7 +343,8 @@ def test_nn_attention_loads_timm_weights_and_matches(device):
         x = torch.randn(2, 11, 64, device=device)
         with mimkernels.use_backend("triton"):
             torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(ours(x, causal=True), theirs(x, is_causal=True), rtol=1e-4, atol=1e-5)
+            if _timm_attention_takes("is_causal"):  # else test_nn_attention_prefix_causal_is_the_dense_mask
+                torch.testing.assert_close(ours(x, causal=True), theirs(x, is_causal=True), rtol=1e-4, atol=1e-5)
 
 
 def test_nn_attention_prefix_causal_is_the_dense_mask(device):
@@ -591,10 +629,10 @@ def test_transformers_older_than_the_oldest_tested_is_refused(version, refused, 
     monkeypatch.setattr(_hf.transformers, "__version__", version)
     model = _vit_mae("ViTMAEModel")
     if refused:
-        with pytest.raises(RuntimeError, match=rf"apply needs transformers >= 4.57; this is transformers {version}"):
+        with pytest.raises(RuntimeError, match=rf"apply needs transformers >= 4.57.0; this is transformers {version}"):
             integrations.apply(model)
         assert integrations.patched_modules(model) == []
-        with pytest.raises(RuntimeError, match=r"register_hf_attention needs transformers >= 4.57"):
+        with pytest.raises(RuntimeError, match=r"register_hf_attention needs transformers >= 4.57.0"):
             integrations.register_hf_attention()
     else:
         assert integrations.patched_modules(integrations.apply(model))

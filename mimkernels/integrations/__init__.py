@@ -15,6 +15,7 @@ models (already on the kernels: returned unchanged).
 """
 from __future__ import annotations
 
+import re
 import warnings
 
 import torch
@@ -25,6 +26,18 @@ SUPPORTED = ("timm.models.vision_transformer.VisionTransformer", "transformers.V
              "transformers.ViTMAEModel", "mimkernels.models.MAE", "mimkernels.models.AIM", "mimkernels.models.SimMIM",
              "mimkernels.models.BEiT")
 WRAPPERS = {"_orig_mod": "torch.compile", "module": "DistributedDataParallel / DataParallel"}  # attribute -> wrapper
+# The oldest release of each patched library that CI tests (requirements-floor.txt): timm 0.9.16 is the last 0.9;
+# before 4.57, transformers' ViTMAE picked its attention class per implementation and its decoder took other arguments.
+OLDEST_RELEASES = {"timm": (0, 9, 16), "transformers": (4, 57, 0)}
+
+
+def check_release(library: str, version: str, what: str) -> None:
+    """Raise RuntimeError, saying ``what`` needs a newer ``library``, where ``version`` is older than the oldest
+    release tested (a pre-release of that release passes)."""
+    oldest = OLDEST_RELEASES[library]
+    release = tuple(int(number) for number in re.match(r"(\d+)(?:\.(\d+))?(?:\.(\d+))?", version).groups("0"))
+    if release < oldest:
+        raise RuntimeError(f"{what} needs {library} >= {'.'.join(map(str, oldest))}; this is {library} {version}")
 
 
 def warn_kept(skipped: dict) -> None:
@@ -79,7 +92,8 @@ def apply(model: torch.nn.Module, *, attention: bool = True, patch_embed: bool =
     Raises:
         TypeError: ``model`` is not one of the supported classes (listed in the message), or wraps one (the
             wrapper of ``torch.compile`` or DDP: apply to the model before wrapping it).
-        RuntimeError: a transformers model, with transformers older than 4.57 (the oldest release tested).
+        RuntimeError: a timm model with timm older than 0.9.16, or a transformers model with transformers older
+            than 4.57 (the oldest releases tested).
     """
     from ..models import AIM, MAE, BEiT, SimMIM, vit
 
@@ -92,6 +106,9 @@ def apply(model: torch.nn.Module, *, attention: bool = True, patch_embed: bool =
     if isinstance(model, (MAE, AIM, SimMIM, BEiT)):
         return model
     if _is_timm_vit(model):
+        import timm
+
+        check_release("timm", timm.__version__, "mimkernels.integrations.apply")
         from . import _timm
 
         _timm.patch(model, attention=attention, patch_embed=patch_embed, add_norm=add_norm, gelu_mlp=gelu_mlp)

@@ -3,7 +3,6 @@ transformers attention implementation (``attn_implementation="mimkernels"``)."""
 from __future__ import annotations
 
 import inspect
-import re
 import warnings
 
 import torch
@@ -15,24 +14,12 @@ import mimkernels
 from ..models import vit
 from ..nn import check_head_dim
 from ..ops.tokens import checked_noise
-from . import warn_kept
+from . import check_release, warn_kept
 
 # Two generations of ViTMAE. transformers 5: one ViTMAEAttention (q/k/v/o projections) and one ViTMAEMLP per layer,
 # the loss inside ViTMAEForPreTraining.forward. transformers 4.5x: ViTMAESelfAttention (query, key, value) under
 # ViTMAEAttention, ViTMAEIntermediate and ViTMAEOutput for the MLP, the loss in ViTMAEForPreTraining.forward_loss.
 TRANSFORMERS_4 = hasattr(vit_mae, "ViTMAESelfAttention")
-# The oldest release tested (requirements-floor.txt). Before it, ViTMAE picked its attention class per
-# implementation (ViTMAESdpaSelfAttention, ...), its decoder took other arguments, and AttentionInterface was younger.
-OLDEST_TRANSFORMERS = (4, 57)
-
-
-def check_release(what: str) -> None:
-    """Raise RuntimeError, naming ``what`` needs it, where the installed transformers is older than the oldest
-    release mimkernels reproduces."""
-    major, minor = re.match(r"(\d+)\.(\d+)", transformers.__version__).groups()
-    if (int(major), int(minor)) < OLDEST_TRANSFORMERS:
-        raise RuntimeError(f"{what} needs transformers >= {'.'.join(map(str, OLDEST_TRANSFORMERS))}; this is "
-                           f"transformers {transformers.__version__}")
 
 
 def _release_unsupported(patched: type) -> str | None:
@@ -290,7 +277,7 @@ def _swaps(*, attention: bool, masking: bool, patch_embed: bool, add_norm: bool,
 
 def patch(model: torch.nn.Module, *, attention: bool, patch_embed: bool, masking: bool, loss: bool,
           add_norm: bool, gelu_mlp: bool) -> None:
-    check_release("mimkernels.integrations.apply")
+    check_release("transformers", transformers.__version__, "mimkernels.integrations.apply")
     config = model.config
     try:
         check_head_dim("attention", config.hidden_size, config.num_attention_heads)
@@ -333,7 +320,7 @@ def patch(model: torch.nn.Module, *, attention: bool, patch_embed: bool, masking
 def register_attention() -> str:
     """Register ``"mimkernels"`` as a transformers attention implementation, with sdpa's mask function (see
     :func:`_attention_forward` for what runs on our kernels). Returns the name."""
-    check_release("mimkernels.integrations.register_hf_attention")
+    check_release("transformers", transformers.__version__, "mimkernels.integrations.register_hf_attention")
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 

@@ -5,10 +5,15 @@ import inspect
 import warnings
 
 import torch
-from timm.layers import Attention, GluMlp, LayerNorm, Mlp, PatchEmbed, SwiGLU
+from timm.layers import GluMlp, LayerNorm, Mlp, PatchEmbed, SwiGLU
 from timm.layers.format import Format
 from timm.layers.trace_utils import _assert
 from timm.models.vision_transformer import Block
+
+try:
+    from timm.layers import Attention
+except ImportError:  # timm before 1.0.17 defined the ViT's Attention in vision_transformer
+    from timm.models.vision_transformer import Attention
 
 import mimkernels
 
@@ -17,14 +22,20 @@ from ..nn import attend_qkv, check_head_dim
 from . import warn_kept
 
 
+def _mask_arguments(attn_mask: torch.Tensor | None, is_causal: bool) -> dict:
+    """The keyword arguments that pass a mask on to an Attention: only those given, since older timm releases'
+    Attention.forward takes ``x`` alone (0.9, and 1.0 before 1.0.17) or no ``is_causal``."""
+    return {**({"attn_mask": attn_mask} if attn_mask is not None else {}), **({"is_causal": True} if is_causal else {})}
+
+
 class MimkernelsAttention(Attention):
     """``timm.layers.Attention`` whose attention runs :func:`mimkernels.attention`; same parameters."""
 
     _mimkernels_patch = True
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
-        if attn_mask is not None or (self.training and self.attn_drop.p > 0):
-            return super().forward(x, attn_mask, is_causal)  # no kernel for arbitrary masks or dropout
+        if attn_mask is not None or (self.training and self.attn_drop.p > 0):  # no kernel for masks or dropout
+            return super().forward(x, **_mask_arguments(attn_mask, is_causal))
         batch, tokens, _ = x.shape
         gate_proj = getattr(self, "gate", None)  # the optional parts differ across timm 1.0 releases
         gate = gate_proj(x).sigmoid() if gate_proj is not None else None
@@ -72,8 +83,7 @@ class MimkernelsBlock(Block):
     _mimkernels_patch = True
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
-        causal = {"is_causal": True} if is_causal else {}  # timm releases whose Attention has no is_causal
-        branch = self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, **causal)))
+        branch = self.drop_path1(self.ls1(self.attn(self.norm1(x), **_mask_arguments(attn_mask, is_causal))))
         x, normed = vit.add_norm(x, branch, self.norm2, fuse=True)
         return x + self.drop_path2(self.ls2(self.mlp(normed)))
 
@@ -90,8 +100,9 @@ class MimkernelsMlp(Mlp):
         return mimkernels.gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
 
 
-# Block.forward signatures that MimkernelsBlock.forward reproduces (timm 1.0 releases)
-_BLOCK_FORWARDS = (("self", "x", "attn_mask"), ("self", "x", "attn_mask", "is_causal"))
+# the forward signatures that MimkernelsBlock / MimkernelsAttention reproduce (timm 0.9.16 to 1.0.31)
+_BLOCK_FORWARDS = (("self", "x"), ("self", "x", "attn_mask"), ("self", "x", "attn_mask", "is_causal"))
+_ATTENTION_FORWARDS = _BLOCK_FORWARDS
 _MLP_INPUT_LAYERS = ("fc1", "fc1_g", "fc1_x")  # what each of timm's Mlp / GluMlp / SwiGLU applies to its input
 
 
@@ -129,6 +140,8 @@ def _mlp_unsupported(module: Mlp) -> str | None:
 
 
 def _attention_unsupported(module: Attention) -> str | None:
+    if tuple(inspect.signature(Attention.forward).parameters) not in _ATTENTION_FORWARDS:
+        return "this timm release's Attention.forward is not one mimkernels reproduces"
     try:
         check_head_dim("attention", module.num_heads * module.head_dim, module.num_heads)
     except ValueError as error:
@@ -137,6 +150,8 @@ def _attention_unsupported(module: Attention) -> str | None:
 
 
 def _patch_embed_unsupported(module: PatchEmbed) -> str | None:
+    if tuple(inspect.signature(PatchEmbed.forward).parameters) != ("self", "x"):
+        return "this timm release's PatchEmbed.forward is not one mimkernels reproduces"
     proj = module.proj
     if not isinstance(proj, torch.nn.Conv2d) or proj.groups != 1 or proj.dilation != (1, 1):
         return "its projection is not a plain Conv2d"
