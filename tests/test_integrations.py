@@ -556,6 +556,27 @@ def test_vit_mae_code_of_another_release_keeps_the_original(monkeypatch):
     _assert_same_vit_mae_step(patched, original, images, noise)
 
 
+@pytest.mark.parametrize("masking, patch_embed", [(False, True), (True, False)])
+def test_vit_mae_masking_and_patch_embedding_each_off(masking, patch_embed, monkeypatch):
+    """masking=False keeps the embeddings' and the decoder's code (and so HF's patch embedding, with a warning: ours
+    embeds only the kept patches); patch_embed=False runs HF's convolution, then mimkernels' masking."""
+    calls = {name: _count_calls(monkeypatch, name) for name in ("masking_indices", "random_masking", "patch_embed",
+                                                                 "restore_tokens")}
+    images, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    original = _vit_mae()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        patched = integrations.apply(_vit_mae(), masking=masking, patch_embed=patch_embed)
+    assert [str(w.message) for w in caught] == ([] if masking else [
+        "mimkernels.integrations: patch_embed=True without masking=True keeps HF's patch embedding (ours embeds only "
+        "the kept patches)"])
+    assert ("vit.embeddings" in integrations.patched_modules(patched)) is masking
+    assert ("decoder" in integrations.patched_modules(patched)) is masking
+    _assert_same_vit_mae_step(patched, original, images, noise)
+    assert {name: len(made) for name, made in calls.items()} == {
+        "masking_indices": 0, "random_masking": int(masking), "patch_embed": 0, "restore_tokens": int(masking)}
+
+
 def test_patched_vit_mae_draws_the_same_masks_without_noise():
     images = torch.randn(2, 3, 32, 32)
     original, patched = _vit_mae(), integrations.apply(_vit_mae())

@@ -264,9 +264,8 @@ def _swaps(*, attention: bool, masking: bool, patch_embed: bool, add_norm: bool,
     swaps = {}
     if attention:
         swaps.update({original: (patched, _always) for original, patched in ATTENTION.items()})
-    if masking or patch_embed:
+    if masking:  # the embeddings' masking, and with patch_embed the kept-only embedding, which needs our masking
         swaps[vit_mae.ViTMAEEmbeddings] = MimkernelsViTMAEEmbeddings, _always
-    if masking:
         swaps[vit_mae.ViTMAEDecoder] = MimkernelsViTMAEDecoder, _always
     if add_norm and not TRANSFORMERS_4:
         swaps[vit_mae.ViTMAELayer] = MimkernelsViTMAELayer, _layer_unsupported
@@ -312,8 +311,8 @@ def patch(model: torch.nn.Module, *, attention: bool, patch_embed: bool, masking
             kept.setdefault(reason, []).append(name or type(module).__name__)
             continue
         module.__class__ = patched
-        if patched is MimkernelsViTMAEEmbeddings:  # the kept-only embedding needs our masking
-            module._mimkernels_patch_embed = patch_embed and masking
+        if patched is MimkernelsViTMAEEmbeddings:
+            module._mimkernels_patch_embed = patch_embed
     warn_kept(kept)
 
 
