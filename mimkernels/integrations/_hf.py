@@ -259,7 +259,7 @@ def _always(module) -> None:
     return None
 
 
-def _swaps(*, attention: bool, masking: bool, patch_embed: bool, add_norm: bool, gelu_mlp: bool) -> dict:
+def _swaps(*, attention: bool, masking: bool, add_norm: bool, gelu_mlp: bool) -> dict:
     """original class -> (patched class, why a module of it cannot be patched, or None): the swaps asked for."""
     swaps = {}
     if attention:
@@ -295,8 +295,7 @@ def patch(model: torch.nn.Module, *, attention: bool, patch_embed: bool, masking
     if patch_embed and not masking:
         warnings.warn("mimkernels.integrations: patch_embed=True without masking=True keeps HF's patch embedding "
                       "(ours embeds only the kept patches)", stacklevel=3)
-    swaps = _swaps(attention=attention, masking=masking, patch_embed=patch_embed, add_norm=add_norm,
-                   gelu_mlp=gelu_mlp)
+    swaps = _swaps(attention=attention, masking=masking, add_norm=add_norm, gelu_mlp=gelu_mlp)
     if loss and type(model) is vit_mae.ViTMAEForPreTraining:
         swaps[vit_mae.ViTMAEForPreTraining] = MimkernelsViTMAEForPreTraining, _always
     kept = {}  # reason -> names of the modules that keep their code for it
