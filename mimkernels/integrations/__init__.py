@@ -15,6 +15,7 @@ models (already on the kernels: returned unchanged).
 """
 from __future__ import annotations
 
+import inspect
 import re
 import warnings
 
@@ -29,6 +30,15 @@ WRAPPERS = {"_orig_mod": "torch.compile", "module": "DistributedDataParallel / D
 # The oldest release of each patched library that CI tests (requirements-floor.txt): timm 0.9.16 is the last 0.9;
 # before 4.57, transformers' ViTMAE picked its attention class per implementation and its decoder took other arguments.
 OLDEST_RELEASES = {"timm": (0, 9, 16), "transformers": (4, 57, 0)}
+
+
+def release_unsupported(library: str, original: type, method: str, signatures: tuple) -> str | None:
+    """Why a patch cannot stand in for ``original.<method>`` of the installed ``library``, or None: ``signatures``
+    are the parameter names of that method in the releases the patch reproduces; another signature means other
+    code, which the patch would silently drop."""
+    if tuple(inspect.signature(getattr(original, method)).parameters) not in signatures:
+        return f"this {library} release's {original.__name__}.{method} is not one mimkernels reproduces"
+    return None
 
 
 def check_release(library: str, version: str, what: str) -> None:

@@ -2,7 +2,6 @@
 transformers attention implementation (``attn_implementation="mimkernels"``)."""
 from __future__ import annotations
 
-import inspect
 import warnings
 
 import torch
@@ -14,7 +13,7 @@ import mimkernels
 from ..models import vit
 from ..nn import check_head_dim
 from ..ops.tokens import checked_noise
-from . import check_release, warn_kept
+from . import check_release, release_unsupported, warn_kept
 
 # Two generations of ViTMAE. transformers 5: one ViTMAEAttention (q/k/v/o projections) and one ViTMAEMLP per layer,
 # the loss inside ViTMAEForPreTraining.forward. transformers 4.5x: ViTMAESelfAttention (query, key, value) under
@@ -24,13 +23,9 @@ TRANSFORMERS_4 = hasattr(vit_mae, "ViTMAESelfAttention")
 
 def _release_unsupported(patched: type) -> str | None:
     """Why ``patched`` cannot stand in for its original class in this transformers release, or None: each patched
-    class names the method it replaces and that method's parameters in the releases it reproduces
-    (``_mimkernels_replaces``); another signature means other code, which the patch would silently drop."""
+    class names the method it replaces and that method's parameters (``_mimkernels_replaces``)."""
     method, parameters = patched._mimkernels_replaces
-    original = patched.__mro__[1]
-    if tuple(inspect.signature(getattr(original, method)).parameters) != parameters:
-        return f"this transformers release's {original.__name__}.{method} is not one mimkernels reproduces"
-    return None
+    return release_unsupported("transformers", patched.__mro__[1], method, (parameters,))
 
 
 def _save_as_original(self, *args, **kwargs):

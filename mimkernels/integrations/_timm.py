@@ -1,7 +1,6 @@
 """timm's ViT modules on mimkernels' kernels (see mimkernels.integrations)."""
 from __future__ import annotations
 
-import inspect
 import warnings
 
 import torch
@@ -19,7 +18,7 @@ import mimkernels
 
 from ..models import vit
 from ..nn import attend_qkv, check_head_dim
-from . import warn_kept
+from . import release_unsupported, warn_kept
 
 
 def _mask_arguments(attn_mask: torch.Tensor | None, is_causal: bool) -> dict:
@@ -107,8 +106,8 @@ _MLP_INPUT_LAYERS = ("fc1", "fc1_g", "fc1_x")  # what each of timm's Mlp / GluMl
 
 
 def _block_unsupported(module: Block) -> str | None:
-    if tuple(inspect.signature(Block.forward).parameters) not in _BLOCK_FORWARDS:
-        return "this timm release's Block.forward is not one mimkernels reproduces"
+    if reason := release_unsupported("timm", Block, "forward", _BLOCK_FORWARDS):
+        return reason
     norm = module.norm2
     if type(norm) not in (torch.nn.LayerNorm, LayerNorm) or getattr(norm, "_fast_norm", False):
         return "its norm2 is not a plain LayerNorm (timm's LayerNormFp32 and fast norm compute otherwise)"
@@ -125,8 +124,8 @@ def _block_unsupported(module: Block) -> str | None:
 
 
 def _mlp_unsupported(module: Mlp) -> str | None:
-    if tuple(inspect.signature(Mlp.forward).parameters) != ("self", "x"):
-        return "this timm release's Mlp.forward is not one mimkernels reproduces"
+    if reason := release_unsupported("timm", Mlp, "forward", (("self", "x"),)):
+        return reason
     act = module.act
     if type(act) is not torch.nn.GELU or act.approximate != "none":
         return f"its activation ({type(act).__name__}) is not the exact GELU"
@@ -140,8 +139,8 @@ def _mlp_unsupported(module: Mlp) -> str | None:
 
 
 def _attention_unsupported(module: Attention) -> str | None:
-    if tuple(inspect.signature(Attention.forward).parameters) not in _ATTENTION_FORWARDS:
-        return "this timm release's Attention.forward is not one mimkernels reproduces"
+    if reason := release_unsupported("timm", Attention, "forward", _ATTENTION_FORWARDS):
+        return reason
     try:
         check_head_dim("attention", module.num_heads * module.head_dim, module.num_heads)
     except ValueError as error:
@@ -150,8 +149,8 @@ def _attention_unsupported(module: Attention) -> str | None:
 
 
 def _patch_embed_unsupported(module: PatchEmbed) -> str | None:
-    if tuple(inspect.signature(PatchEmbed.forward).parameters) != ("self", "x"):
-        return "this timm release's PatchEmbed.forward is not one mimkernels reproduces"
+    if reason := release_unsupported("timm", PatchEmbed, "forward", (("self", "x"),)):
+        return reason
     proj = module.proj
     if not isinstance(proj, torch.nn.Conv2d) or proj.groups != 1 or proj.dilation != (1, 1):
         return "its projection is not a plain Conv2d"
