@@ -117,6 +117,28 @@ def test_timm_blocks_fuse_the_add_after_attention_with_norm2(variant, device, mo
     assert type(patched.blocks[0]) is timm.models.vision_transformer.Block
 
 
+@pytest.mark.parametrize("fused", [{}, {"add_norm": True, "gelu_mlp": True}], ids=["plain", "fused"])
+def test_patched_timm_vit_under_activation_checkpointing(fused, device, monkeypatch):
+    """timm's set_grad_checkpointing on a patched model: each block's kernels run again in the backward (so the
+    checkpointing is on), and outputs and gradients are those of the unpatched model without checkpointing."""
+    calls = _count_calls(monkeypatch, "qkv_attention")
+    images = torch.randn(2, 3, 32, 32)
+
+    def checkpointed():
+        model = _vit()
+        model.set_grad_checkpointing(True)
+        return model
+
+    original = _vit()
+    patched = integrations.apply(checkpointed(), **fused)
+    with mimkernels.use_backend("triton"):
+        out, grads = _outputs_and_grads(patched, images, device)
+    want_out, want_grads = _outputs_and_grads(original, images, device)
+    assert len(calls) == 4  # two blocks, each run in the forward and again in the backward
+    torch.testing.assert_close(out, want_out, rtol=1e-4, atol=1e-5)
+    _assert_grads_close(grads, want_grads)
+
+
 def test_timm_blocks_fused_under_autocast_train_as_the_unfused(device, monkeypatch):
     """fp16 autocast (bf16 on a GPU: the interpreter's bf16 dots are wrong): the fused norm hands the MLP its input
     in the autocast dtype, as the Linear's own cast would; loss and gradients as without the fusion, to rounding."""
@@ -575,6 +597,20 @@ def test_vit_mae_masking_and_patch_embedding_each_off(masking, patch_embed, monk
     _assert_same_vit_mae_step(patched, original, images, noise)
     assert {name: len(made) for name, made in calls.items()} == {
         "masking_indices": 0, "random_masking": int(masking), "patch_embed": 0, "restore_tokens": int(masking)}
+
+
+def test_patched_vit_mae_under_gradient_checkpointing(device, monkeypatch):
+    """Hugging Face's gradient checkpointing on a patched ViTMAE: the encoder and decoder layers' attention runs again
+    in the backward, and loss, logits and every gradient are those of the unpatched model without checkpointing."""
+    calls = _count_calls(monkeypatch, "attention")
+    images, noise = torch.randn(2, 3, 32, 32, device=device), torch.rand(2, 16, device=device)
+    original = _vit_mae().to(device)
+    patched = integrations.apply(_vit_mae().to(device))
+    # transformers 5 renamed the switch (the old name warns there); 4.57 has only the old one
+    enable = getattr(patched, "activation_checkpointing_enable", None) or patched.gradient_checkpointing_enable
+    enable()
+    _assert_same_vit_mae_step(patched, original, images, noise)
+    assert len(calls) == 6  # three layers, each run in the forward and again in the backward
 
 
 def test_patched_vit_mae_draws_the_same_masks_without_noise():
