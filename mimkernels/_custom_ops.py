@@ -15,9 +15,9 @@ import functools
 import torch
 
 
-def custom_op_when_compiling(name: str, schema: str, fake):
+def custom_op_when_compiling(name: str, schema: str, fake, tags=()):
     def wrap(launcher):
-        op = torch.library.custom_op(f"mimkernels::{name}", launcher, mutates_args=(), schema=schema)
+        op = torch.library.custom_op(f"mimkernels::{name}", launcher, mutates_args=(), schema=schema, tags=tags)
         op.register_fake(fake)
 
         @functools.wraps(launcher)

@@ -9,6 +9,7 @@ import torch
 from conftest import HAS_GPU
 
 import mimkernels
+from mimkernels import models
 from mimkernels.models import aim_tiny, mae_vit_tiny_patch8
 
 cpu_only = pytest.mark.skipif(HAS_GPU, reason="the CPU variant (aot_eager, interpreter); GPUs run the Inductor one")
@@ -28,9 +29,19 @@ def _model_and_step(name, device):
         model = mae_vit_tiny_patch8(norm_pix_loss=True).to(device)
         noise = torch.rand(2, 64, device=device)
         return model, lambda imgs: model(imgs, 0.75, noise=noise)[0], imgs
+    if name in ("simmim", "beit"):
+        model = _mask_token_model(name).to(device)
+        mask = model.random_mask(2, generator=torch.Generator().manual_seed(1)).to(device)
+        return model, lambda imgs: model(imgs, mask=mask)[0], imgs
     model = aim_tiny().to(device)
     prefix = torch.tensor([1, 40], device=device)
     return model, lambda imgs: model(imgs, prefix)[0], imgs
+
+
+def _mask_token_model(name):
+    if name == "simmim":
+        return models.simmim_vit_tiny_patch8()
+    return models.beit_vit_tiny_patch8(models.KMeansTokenizer(8, torch.randn(16, 8 * 8 * 3)), vocab_size=16)
 
 
 def _compiled_matches_eager(name, device, backend, rtol, atol, dynamic=None):
@@ -56,10 +67,31 @@ def test_fused_switches_compile_fullgraph(name, monkeypatch):
 
 
 @cpu_only
-@pytest.mark.parametrize("name", ["mae", "aim"])
+@pytest.mark.parametrize("name", ["mae", "aim", "simmim", "beit"])
 def test_training_step_compiles_fullgraph_and_matches_eager(name):
     """aot_eager: the same kernels and the same ATen ops in the same order, so equal to rounding."""
     _compiled_matches_eager(name, "cpu", "aot_eager", rtol=1e-5, atol=1e-6)
+
+
+@cpu_only
+@pytest.mark.parametrize("name", ["simmim", "beit"])
+def test_forward_that_draws_its_own_masks_compiles_fullgraph(name):
+    """No mask given: the model draws one (BEiT's block-wise mask in Python, a custom op to the compiler), from
+    torch's default generator in eager and compiled runs alike, so the same seed gives the same loss and
+    gradients; a new batch size recompiles with a symbolic batch."""
+    torch.manual_seed(0)
+    model = _mask_token_model(name)
+    step = lambda imgs: model(imgs)[0]  # noqa: E731
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    with mimkernels.use_backend("triton"):
+        for batch in (2, 3):
+            imgs = torch.randn(batch, 3, 64, 64)
+            torch.manual_seed(batch)
+            eager = _loss_and_grads(model, step, imgs)
+            torch.manual_seed(batch)
+            got = _loss_and_grads(model, compiled, imgs)
+            for one, want in zip(got, eager):
+                torch.testing.assert_close(one, want, rtol=1e-5, atol=1e-6)
 
 
 def _every_op(x, qkv, images, weight, bias, pred, mask, noise, fc1, fc2, prefix, mask_ratio=0.5):
@@ -179,7 +211,7 @@ def test_one_tensor_passed_twice_compiles(op):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["mae", "aim"])
+@pytest.mark.parametrize("name", ["mae", "aim", "simmim", "beit"])
 def test_training_step_compiles_with_inductor_on_gpu(name):
     """Inductor fuses the ops around ours (fp32 here): equal to eager within fp32 reassociation."""
     _compiled_matches_eager(name, "cuda", "inductor", rtol=1e-4, atol=1e-5)

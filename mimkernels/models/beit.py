@@ -27,6 +27,7 @@ from torch import nn
 
 import mimkernels
 
+from .._custom_ops import custom_op_when_compiling
 from ..reference import mask_denominator
 from .vit import MaskTokenViT
 
@@ -37,18 +38,44 @@ def beit_block_mask(batch: int, grid: int, count: int, *, min_block: int = 16, m
 
     Rectangles of ``min_block`` to ``count - masked so far`` patches, aspect ratio log-uniform in
     ``[min_aspect, 1 / min_aspect]``, are placed at random until ``count`` patches are masked or ten tries in a
-    row add nothing (BEiT's ``MaskingGenerator``; a sample can end a few patches short, never over).
+    row add nothing (BEiT's ``MaskingGenerator``; a sample can end a few patches short, never over). The draws
+    come from ``generator`` or torch's default CPU generator; the mask is made on the host, on the CPU. Under
+    torch.compile (without ``generator``) it is one opaque op in the graph, so a forward that draws its own masks
+    compiles with ``fullgraph=True``.
     """
     if not isinstance(count, int) or isinstance(count, bool) or not 0 < count < grid * grid:
         raise ValueError(f"count must be an int in (0, {grid * grid}), got {count!r}")
     if not 0 < min_aspect <= 1:
         raise ValueError(f"min_aspect must lie in (0, 1], got {min_aspect}")
+    if generator is None:
+        return _block_masks_from_torch_seed(batch, grid, count, min_block, float(min_aspect))
+    return _block_masks(batch, grid, count, min_block, min_aspect, _seed(generator))
+
+
+def _seed(generator) -> int:
+    """A seed for Python's generator, drawn from torch's CPU generator (or the one given) whatever
+    torch.set_default_device says: no GPU sync."""
+    device = "cpu" if generator is None else generator.device
+    return int(torch.randint(0, 2**62, (), generator=generator, device=device))
+
+
+def _no_masks_yet(batch, grid, count, min_block, min_aspect):
+    return torch.empty(batch, grid * grid, dtype=torch.float32, device="cpu")
+
+
+# Dynamo cannot trace the draws below (Python's and NumPy's generators, a data-dependent seed); as a custom op the
+# draw is one node of the graph, tagged random so that no compiler merges two draws or replays one
+@custom_op_when_compiling("beit_block_mask", "(SymInt batch, int grid, int count, int min_block, float min_aspect) -> "
+                          "Tensor", _no_masks_yet, tags=(torch.Tag.nondeterministic_seeded,))
+def _block_masks_from_torch_seed(batch: int, grid: int, count: int, min_block: int, min_aspect: float) -> torch.Tensor:
+    return _block_masks(batch, grid, count, min_block, min_aspect, _seed(None))
+
+
+def _block_masks(batch: int, grid: int, count: int, min_block: int, min_aspect: float, seed: int) -> torch.Tensor:
     log_aspect = (math.log(min_aspect), -math.log(min_aspect))
-    # Python's generator (seeded from torch's) and a NumPy mask: this loop makes thousands of scalar draws and
-    # window sums per batch: 171 ms -> 25 ms for 256 ViT-B masks on the 2-core test machine (tensor ops before)
-    # the seed from torch's CPU generator (or the one given) whatever torch.set_default_device says: no GPU sync
-    seed_device = "cpu" if generator is None else generator.device
-    rng = random.Random(int(torch.randint(0, 2**62, (), generator=generator, device=seed_device)))
+    # Python's generator and a NumPy mask: this loop makes thousands of scalar draws and window sums per batch:
+    # 171 ms -> 25 ms for 256 ViT-B masks on the 2-core test machine (tensor ops before)
+    rng = random.Random(seed)
 
     masks = np.zeros((batch, grid, grid), dtype=np.float32)  # filled on the host, a window at a time
     for mask in masks:
