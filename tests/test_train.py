@@ -243,10 +243,12 @@ def test_the_cli_runs_the_fused_kernels(tmp_path, capsys):
     assert code == 0 and math.isfinite(float(stdout.split("-> ")[1].split(",")[0]))
 
 
-def test_the_cli_compiles_the_model(tmp_path, capsys):
-    """--compile: the forward of every step under torch.compile(fullgraph=True) (aot_eager: no C++ toolchain)."""
+@pytest.mark.parametrize("model", ["aim", "beit"])
+def test_the_cli_compiles_the_model(model, tmp_path, capsys):
+    """--compile: the forward of every step under torch.compile(fullgraph=True) (aot_eager: no C++ toolchain); BEiT's
+    forward draws its block-wise masks inside the compiled graph."""
     backend = "auto" if torch.cuda.is_available() else "triton"
-    code, stdout, _ = run_cli(capsys, "aim", "--steps", 2, "--batch-size", 2, "--backend", backend,
+    code, stdout, _ = run_cli(capsys, model, "--steps", 2, "--batch-size", 2, "--backend", backend,
                               "--compile", "aot_eager", "--out", tmp_path, "--quiet")
     assert code == 0 and math.isfinite(float(stdout.split("-> ")[1].split(",")[0]))
 
