@@ -656,7 +656,9 @@ def _prefix_causal_bwd_dq(
 def _empty_bnhd(like: torch.Tensor) -> torch.Tensor:
     """A [B, H, N, D] tensor stored as [B, N, H, D], so ``.transpose(1, 2).reshape(B, N, H * D)`` is free."""
     batch, heads, seq_len, head_dim = like.shape
-    return like.new_empty(batch, seq_len, heads, head_dim).transpose(1, 2)
+    # one allocation with these strides, not an allocation and a transposed view of it: a few us less host time each
+    return like.new_empty_strided((batch, heads, seq_len, head_dim),
+                                  (seq_len * heads * head_dim, head_dim, heads * head_dim, 1))
 
 
 def _strides(t: torch.Tensor):
