@@ -613,6 +613,30 @@ def test_patched_vit_mae_under_gradient_checkpointing(device, monkeypatch):
     assert len(calls) == 6  # three layers, each run in the forward and again in the backward
 
 
+def test_patched_vit_mae_compiles_fullgraph(device):
+    """A patched ViTMAEForPreTraining under torch.compile(fullgraph=True) (aot_eager on the CPU): with the noise given,
+    and drawn inside the forward from the same seed, the loss and every gradient as in eager."""
+    if device != "cpu":
+        pytest.skip("the CPU variant (aot_eager); tests/test_compile.py covers Inductor on a GPU")
+    images, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    patched = integrations.apply(_vit_mae())
+
+    def step(model, **noise_if_given):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        loss = model(images, **noise_if_given).loss
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in patched.named_parameters() if p.grad is not None}
+
+    compiled = torch.compile(patched, fullgraph=True, backend="aot_eager")
+    with mimkernels.use_backend("triton"):
+        for given in ({"noise": noise}, {}):
+            want_loss, want_grads = step(patched, **given)
+            loss, grads = step(compiled, **given)
+            torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+            _assert_grads_close(grads, want_grads, rtol=1e-5, atol=1e-6)
+
+
 def test_patched_vit_mae_draws_the_same_masks_without_noise():
     images = torch.randn(2, 3, 32, 32)
     original, patched = _vit_mae(), integrations.apply(_vit_mae())
