@@ -17,6 +17,9 @@ One training step = forward + backward under bf16 autocast + a fused AdamW step,
                      it faster)
   mimkernels_fused_mlp  ours with every MLP's GELU inside its GEMMs (mimkernels.gelu_mlp, models.vit.FUSED_GELU_MLP;
                      off by default until this A/B measures it faster)
+  mimkernels_masked_head  BEiT: ours with the head on the masked patches only (``BEiT(head_on="masked")``, a
+                     static masked_count() rows per sample, no sync; off by default until this A/B measures it
+                     faster)
 Before timing, each baseline's loss is checked against ours on the same images, noise and prefixes.
 With --compile each provider (not the A/B one) is also timed under torch.compile (Inductor) as
 ``<provider>_compiled``: the step's forward and loss compiled, backward and AdamW as usual.
@@ -221,12 +224,14 @@ def providers(family, model, imgs, device, compile_backend=None):
     found["mimkernels_views"] = with_switch(found["mimkernels"], mimkernels_nn, "PACKED_QKV", False)
     found["mimkernels_fused_norm"] = with_switch(found["mimkernels"], vit, "FUSED_ADD_NORM", True)
     found["mimkernels_fused_mlp"] = with_switch(found["mimkernels"], vit, "FUSED_GELU_MLP", True)
+    if family == "beit":
+        found["mimkernels_masked_head"] = with_switch(found["mimkernels"], model, "head_on", "masked")
     return {name: (lambda fn=fn: fn(imgs)) for name, fn in found.items()}
 
 
 def with_switch(loss_fn, module, name: str, value: bool):
-    """``loss_fn`` with the module-level switch ``module.name`` set to ``value`` during its forward (the backward
-    runs the graph that forward recorded)."""
+    """``loss_fn`` with the switch ``module.name`` (a module-level one, or a model's attribute) set to ``value``
+    during its forward (the backward runs the graph that forward recorded)."""
     def run(imgs):
         before = getattr(module, name)
         setattr(module, name, value)

@@ -107,6 +107,84 @@ def test_fused_matches_torch_backend_forward_and_every_gradient(device):
         torch.testing.assert_close(grads[name], want_grads[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def _loss_grads_logits(model, imgs, **kwargs):
+    model.zero_grad(set_to_none=True)
+    loss, logits, mask = model(imgs, **kwargs)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, logits, mask
+
+
+@pytest.mark.parametrize("backend, weights", [("torch", "drawn"), ("torch", "given"), ("torch", "fractional"),
+                                             ("triton", "fractional")])  # the interpreter takes 50 s a case
+def test_head_on_masked_patches_gives_the_loss_and_gradients_of_the_head_on_all(backend, weights):
+    """The head on ``masked_count()`` patches per sample (the masked ones first) against the head on every patch:
+    the same loss and every gradient, for a drawn mask (from the same seed), a given block mask, and given real
+    weights of either sign (zeros wherever a sample masks nothing)."""
+    torch.manual_seed(0)
+    model = beit_vit_tiny_patch8(_tokenizer(), vocab_size=16)
+    imgs = torch.randn(3, 3, 64, 64)
+    kwargs = {}
+    if weights != "drawn":
+        mask = model.random_mask(3, generator=torch.Generator().manual_seed(1))
+        if weights == "fractional":
+            mask = mask * torch.empty_like(mask).uniform_(-0.5, 2.0, generator=torch.Generator().manual_seed(2))
+            mask[1] = 0.0  # a sample with no masked patch: its rows weigh 0 in either head
+        kwargs["mask"] = mask
+    results = {}
+    for head_on in ("all", "masked"):
+        model.head_on = head_on
+        torch.manual_seed(3)  # the drawn masks
+        with mimkernels.use_backend(backend):
+            results[head_on] = _loss_grads_logits(model, imgs, **kwargs)
+    (want, want_grads, all_logits, mask), (loss, grads, logits, got_mask) = results["all"], results["masked"]
+    assert torch.equal(got_mask, mask) and logits.shape == (3, model.masked_count(), 16)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == want_grads.keys() and "lm_head.weight" in grads and "mask_token" in grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    rows = model.head_rows(mask)
+    torch.testing.assert_close(logits, all_logits.gather(1, rows.unsqueeze(-1).expand(-1, -1, 16)),
+                               rtol=1e-5, atol=1e-6)
+    predicted = model.patch_predictions(logits, mask)
+    assert predicted.shape == mask.shape and (predicted[mask != 0] >= 0).all()
+    ran = predicted >= 0
+    assert ran.sum(1).tolist() == [model.masked_count()] * 3
+    assert torch.equal(predicted[ran], model.patch_predictions(all_logits, mask)[ran])
+
+
+def test_head_rows_put_each_samples_masked_patches_first_in_patch_order():
+    model = beit_vit_tiny_patch8(torch.nn.Identity(), vocab_size=16, mask_ratio=0.0625)  # 4 rows of 64 patches
+    mask = torch.zeros(2, 64)
+    mask[0, [50, 3, 17]] = 1.0
+    mask[1, [0, 63]] = torch.tensor([-0.5, 2.0])
+    assert model.head_rows(mask).tolist() == [[3, 17, 50, 0], [0, 63, 1, 2]]
+    assert model.head_rows(mask, 0.05).tolist() == [[3, 17, 50], [0, 63, 1]]
+    with pytest.raises(ValueError, match=r"mask must be a \[batch, 64\] tensor"):
+        model.head_rows(torch.zeros(2, 63))
+
+
+def test_head_on_masked_refuses_a_mask_it_does_not_cover():
+    """A given mask with more masked patches in a sample than ``masked_count(mask_ratio)``: a ValueError where the
+    mask can be read without a GPU sync (on the CPU), a NaN loss where it cannot (here: under torch.compile, which
+    does not read tensors on the host), never a loss that leaves patches out."""
+    model = beit_vit_tiny_patch8(_tokenizer(), vocab_size=16, head_on="masked")  # 26 of 64 patches
+    imgs = torch.randn(2, 3, 64, 64)
+    mask = torch.zeros(2, 64)
+    mask[1, :27] = 1.0
+    with pytest.raises(ValueError, match="mask masks up to 27 patches of a sample, more than the 26"):
+        model(imgs, mask=mask)
+    with mimkernels.use_backend("torch"):
+        assert torch.isfinite(model(imgs, mask_ratio=0.5, mask=mask)[0])  # a larger ratio covers it
+        compiled = torch.compile(lambda imgs, mask: model(imgs, mask=mask)[0], fullgraph=True, backend="aot_eager")
+        assert torch.isnan(compiled(imgs, mask))
+        assert torch.isfinite(compiled(imgs, mask * (torch.arange(64) < 26)))  # 26 masked: covered
+    with pytest.raises(ValueError, match="head_on must be one of"):
+        beit_vit_tiny_patch8(_tokenizer(), vocab_size=16, head_on="unmasked")
+    model.head_on = "masked_only"
+    with pytest.raises(ValueError, match="head_on must be one of"):
+        model(imgs)
+
+
 def test_beit_checks_its_input():
     model = beit_vit_tiny_patch8(_tokenizer(), vocab_size=16)
     imgs = torch.randn(2, 3, 64, 64)

@@ -29,7 +29,7 @@ def _model_and_step(name, device):
         model = mae_vit_tiny_patch8(norm_pix_loss=True).to(device)
         noise = torch.rand(2, 64, device=device)
         return model, lambda imgs: model(imgs, 0.75, noise=noise)[0], imgs
-    if name in ("simmim", "beit"):
+    if name in ("simmim", "beit", "beit_masked_head"):
         model = _mask_token_model(name).to(device)
         mask = model.random_mask(2, generator=torch.Generator().manual_seed(1)).to(device)
         return model, lambda imgs: model(imgs, mask=mask)[0], imgs
@@ -41,7 +41,9 @@ def _model_and_step(name, device):
 def _mask_token_model(name):
     if name == "simmim":
         return models.simmim_vit_tiny_patch8()
-    return models.beit_vit_tiny_patch8(models.KMeansTokenizer(8, torch.randn(16, 8 * 8 * 3)), vocab_size=16)
+    head_on = "masked" if name == "beit_masked_head" else "all"
+    return models.beit_vit_tiny_patch8(models.KMeansTokenizer(8, torch.randn(16, 8 * 8 * 3)), vocab_size=16,
+                                       head_on=head_on)
 
 
 def _compiled_matches_eager(name, device, backend, rtol, atol, dynamic=None):
@@ -67,14 +69,14 @@ def test_fused_switches_compile_fullgraph(name, monkeypatch):
 
 
 @cpu_only
-@pytest.mark.parametrize("name", ["mae", "aim", "simmim", "beit"])
+@pytest.mark.parametrize("name", ["mae", "aim", "simmim", "beit", "beit_masked_head"])
 def test_training_step_compiles_fullgraph_and_matches_eager(name):
     """aot_eager: the same kernels and the same ATen ops in the same order, so equal to rounding."""
     _compiled_matches_eager(name, "cpu", "aot_eager", rtol=1e-5, atol=1e-6)
 
 
 @cpu_only
-@pytest.mark.parametrize("name", ["simmim", "beit"])
+@pytest.mark.parametrize("name", ["simmim", "beit", "beit_masked_head"])
 def test_forward_that_draws_its_own_masks_compiles_fullgraph(name):
     """No mask given: the model draws one (BEiT's block-wise mask in Python, a custom op to the compiler), from
     torch's default generator in eager and compiled runs alike, so the same seed gives the same loss and
@@ -211,7 +213,7 @@ def test_one_tensor_passed_twice_compiles(op):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["mae", "aim", "simmim", "beit"])
+@pytest.mark.parametrize("name", ["mae", "aim", "simmim", "beit", "beit_masked_head"])
 def test_training_step_compiles_with_inductor_on_gpu(name):
     """Inductor fuses the ops around ours (fp32 here): equal to eager within fp32 reassociation."""
     _compiled_matches_eager(name, "cuda", "inductor", rtol=1e-4, atol=1e-5)

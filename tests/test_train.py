@@ -1,5 +1,6 @@
 """The training CLI: runs, checkpoints, resume, data errors, and two-process DDP with gloo."""
 import importlib.util
+import json
 import math
 import os
 import subprocess
@@ -217,6 +218,22 @@ def test_beit_run_fits_its_tokenizer_and_draws_the_accuracy_map(tmp_path, capsys
     code, _, stderr = run_cli(capsys, "beit", "--steps", 1, "--out", tmp_path / "few", "--mask-ratio", 0.001, *TINY)
     assert code == 2 and "--mask-ratio 0.001: mask_ratio must mask some but not all" in stderr
     assert "Traceback" not in stderr
+
+
+def test_beit_head_on_masked_patches_trains_as_the_head_on_all(tmp_path, capsys):
+    """``--beit-head masked`` (the head on a mask's worth of patches): the same losses as the default head on every
+    patch, step after step, and the accuracy map still drawn from its fewer logits."""
+    losses = {}
+    for head in ("all", "masked"):
+        code, _, _ = run_cli(capsys, "beit", "--steps", 2, "--out", tmp_path / head, "--beit-head", head, *TINY)
+        assert code == 0
+        with open(tmp_path / head / "metrics.jsonl") as f:
+            losses[head] = [json.loads(line)["loss"] for line in f]
+        with Image.open(tmp_path / head / "reconstruction.png") as png:
+            assert png.size == (3 * 256, 4 * 256)
+    assert len(losses["all"]) == 2 and losses["masked"] == pytest.approx(losses["all"], rel=1e-5)
+    with pytest.raises(SystemExit):
+        train.parse_args(["beit", "--beit-head", "unmasked"])
 
 
 def test_16_bit_greyscale_is_scaled_to_8_bits(tmp_path):
