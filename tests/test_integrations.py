@@ -4,6 +4,7 @@ import copy
 import inspect
 import io
 import pickle
+import re
 import warnings
 
 import pytest
@@ -449,10 +450,17 @@ def _vit_mae_attention_names() -> list[str]:
     return [f"{layers}.0{attention}", f"{layers}.1{attention}", f"decoder.decoder_layers.0{attention}"]
 
 
-def _skip_on_transformers_4() -> None:
-    if _transformers_4():
-        pytest.skip("add_norm / gelu_mlp fuse transformers 5's ViTMAELayer / ViTMAEMLP; transformers 4 keeps the "
-                    "original code (test_vit_mae_of_transformers_4_fusions_and_head_mask_keep_the_original_code)")
+def _vit_mae_layer_names() -> list[str]:
+    """The ViTMAELayer modules of _vit_mae() (two encoder layers, one decoder layer), as the installed transformers
+    names them."""
+    layers = "vit.encoder.layer" if _transformers_4() else "vit.layers"
+    return [f"{layers}.0", f"{layers}.1", "decoder.decoder_layers.0"]
+
+
+def _vit_mae_mlp_names() -> list[str]:
+    """Where each layer's MLP runs: transformers 5's ViTMAEMLP modules; transformers 4 has none (ViTMAEIntermediate
+    and ViTMAEOutput), so its layers run the fused MLP themselves."""
+    return [name if _transformers_4() else f"{name}.mlp" for name in _vit_mae_layer_names()]
 
 
 @pytest.mark.parametrize("norm_pix_loss", [True, False])
@@ -497,54 +505,76 @@ def _assert_same_vit_mae_step(patched, original, images, noise):
 
 def test_vit_mae_layers_fuse_the_add_after_attention_with_the_norm(device, monkeypatch):
     """add_norm=True: each ViTMAELayer (encoder and decoder) adds the attention branch in one pass with
-    layernorm_after; the loss and every gradient as the original's."""
-    _skip_on_transformers_4()
+    layernorm_after; the loss and every gradient as the original's. Both generations of ViTMAE."""
     calls = _count_calls(monkeypatch, "add_layer_norm")
     images, noise = torch.randn(2, 3, 32, 32, device=device), torch.rand(2, 16, device=device)
     original = _vit_mae().to(device)
     patched = integrations.apply(_vit_mae().to(device), add_norm=True)
-    assert [name for name in integrations.patched_modules(patched) if "layers" in name] == [
-        "vit.layers.0", "vit.layers.0.attention", "vit.layers.1", "vit.layers.1.attention",
-        "decoder.decoder_layers.0", "decoder.decoder_layers.0.attention"]
+    assert set(_vit_mae_layer_names()) <= set(integrations.patched_modules(patched))
     _assert_same_vit_mae_step(patched, original, images, noise)
     assert len(calls) == 3
-    layer = patched.vit.layers[0]
-    layer.mlp.fc1 = torch.nn.Identity()  # what a layer must look like to be fused is checked at apply()
-    assert integrations._hf._layer_unsupported(layer) == "its layernorm_after is not a LayerNorm followed by a Linear"
+    layer = patched.get_submodule(_vit_mae_layer_names()[0])
+    unsupported = "its layernorm_after is not a LayerNorm followed by a Linear"
+    if _transformers_4():  # what a layer must look like to be fused is checked at apply()
+        layer.intermediate.dense = torch.nn.Identity()
+        assert integrations._hf._layer_fusions_unsupported(layer)["add_norm"] == unsupported
+    else:
+        layer.mlp.fc1 = torch.nn.Identity()
+        assert integrations._hf._layer_unsupported(layer) == unsupported
 
 
 def test_vit_mae_mlps_run_gelu_inside_the_gemms(device, monkeypatch):
-    """gelu_mlp=True: each ViTMAEMLP (encoder and decoder) is one gelu_mlp call; loss and gradients as the original's.
-    An approximate GELU keeps the original code, with a warning."""
-    _skip_on_transformers_4()
+    """gelu_mlp=True: each layer's MLP (transformers 5's ViTMAEMLP; transformers 4's ViTMAEIntermediate and
+    ViTMAEOutput, run by the patched layer) is one gelu_mlp call; loss and gradients as the original's."""
     calls = _count_calls(monkeypatch, "gelu_mlp")
     images, noise = torch.randn(2, 3, 32, 32, device=device), torch.rand(2, 16, device=device)
     original = _vit_mae().to(device)
     patched = integrations.apply(_vit_mae().to(device), add_norm=True, gelu_mlp=True)
-    assert {"vit.layers.0.mlp", "vit.layers.1.mlp", "decoder.decoder_layers.0.mlp"} <= set(
-        integrations.patched_modules(patched))
+    assert set(_vit_mae_mlp_names()) <= set(integrations.patched_modules(patched))
     _assert_same_vit_mae_step(patched, original, images, noise)
     assert len(calls) == 3
-    with pytest.warns(UserWarning, match=r"3 module\(s\) keep .* \(NewGELUActivation\) is not the exact GELU"):
-        tanh = integrations.apply(_vit_mae(hidden_act="gelu_new"), gelu_mlp=True)
-    assert not [name for name in integrations.patched_modules(tanh) if name.endswith("mlp")]
+    patched = integrations.apply(_vit_mae().to(device), add_norm=False, gelu_mlp=True)  # the MLP fused alone
+    original.zero_grad()
+    _assert_same_vit_mae_step(patched, original, images, noise)
+    assert len(calls) == 6
 
 
-def test_vit_mae_of_transformers_4_fusions_and_head_mask_keep_the_original_code(device):
-    """transformers 4.5x (the floor's pin): add_norm / gelu_mlp keep each layer's original code, with one warning
-    (its MLP is two modules, ViTMAEIntermediate and ViTMAEOutput, the second adding the residual), the rest is patched
-    and trains as the original; a head mask runs the original attention (which applies it under eager attention)."""
+def test_vit_mae_mlps_of_an_approximate_gelu_keep_their_code(device, monkeypatch):
+    """An approximate GELU (``gelu_new``, tanh) is not what gelu_mlp computes: those MLPs keep the original code, with
+    one warning naming them, and the add + norm fusion asked beside still runs (on transformers 4 in the same patched
+    layer); the numbers are the original's."""
+    calls = {name: _count_calls(monkeypatch, name) for name in ("gelu_mlp", "add_layer_norm")}
+    images, noise = torch.randn(2, 3, 32, 32, device=device), torch.rand(2, 16, device=device)
+    original = _vit_mae(hidden_act="gelu_new").to(device)
+    kept = r"3 module\(s\) keep .* \(NewGELUActivation\) is not the exact GELU \(" + re.escape(
+        f"{_vit_mae_layer_names()[0]}.{'intermediate' if _transformers_4() else 'mlp'}")
+    with pytest.warns(UserWarning, match=kept):
+        tanh = integrations.apply(_vit_mae(hidden_act="gelu_new").to(device), gelu_mlp=True, add_norm=True)
+    assert set(_vit_mae_layer_names()) <= set(integrations.patched_modules(tanh))
+    assert not any(name.endswith("mlp") for name in integrations.patched_modules(tanh))
+    _assert_same_vit_mae_step(tanh, original, images, noise)
+    assert (len(calls["gelu_mlp"]), len(calls["add_layer_norm"])) == (0, 3)
+    with pytest.warns(UserWarning, match=r"3 module\(s\) keep .* is not the exact GELU"):
+        alone = integrations.apply(_vit_mae(hidden_act="gelu_new"), gelu_mlp=True)
+    assert not set(_vit_mae_mlp_names()) & set(integrations.patched_modules(alone))
+
+
+def test_vit_mae_of_transformers_4_head_mask_runs_the_original_attention(device):
+    """transformers 4.5x (the floor's pin): with every fusion on, the patched model trains as the original, and a
+    head mask, passed through the patched layers, runs the original attention (which applies it under eager
+    attention)."""
     if not _transformers_4():
-        pytest.skip("transformers 5 installed: its ViTMAE layers and MLPs are fused "
-                    "(test_vit_mae_layers_fuse_the_add_after_attention_with_the_norm, ..._gelu_inside_the_gemms)")
+        pytest.skip("transformers 5 installed: its ViTMAE takes no head mask")
     images, noise = torch.randn(2, 3, 32, 32, device=device), torch.rand(2, 16, device=device)
     original = _vit_mae().to(device)
-    fusions = r"3 module\(s\) keep .* because it is transformers 4's; add_norm and gelu_mlp"
-    with pytest.warns(UserWarning, match=fusions):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every fusion runs: nothing to warn about
         patched = integrations.apply(_vit_mae().to(device), add_norm=True, gelu_mlp=True)
     encoder_attention_0, encoder_attention_1, decoder_attention = _vit_mae_attention_names()
+    layer_0, layer_1, decoder_layer = _vit_mae_layer_names()
     assert integrations.patched_modules(patched) == [
-        "", "vit.embeddings", encoder_attention_0, encoder_attention_1, "decoder", decoder_attention]
+        "", "vit.embeddings", layer_0, encoder_attention_0, layer_1, encoder_attention_1, "decoder", decoder_layer,
+        decoder_attention]
     _assert_same_vit_mae_step(patched, original, images, noise)
     head_mask = torch.tensor([1.0, 0.0, 1.0, 0.5], device=device)
     for model in (patched, original):  # sdpa ignores head masks (with a warning); eager applies them
@@ -599,27 +629,31 @@ def test_vit_mae_masking_and_patch_embedding_each_off(masking, patch_embed, monk
         "masking_indices": 0, "random_masking": int(masking), "patch_embed": 0, "restore_tokens": int(masking)}
 
 
-def test_patched_vit_mae_under_gradient_checkpointing(device, monkeypatch):
-    """Hugging Face's gradient checkpointing on a patched ViTMAE: the encoder and decoder layers' attention runs again
-    in the backward, and loss, logits and every gradient are those of the unpatched model without checkpointing."""
-    calls = _count_calls(monkeypatch, "attention")
+@pytest.mark.parametrize("fused", [{}, {"add_norm": True, "gelu_mlp": True}], ids=["plain", "fused"])
+def test_patched_vit_mae_under_gradient_checkpointing(fused, device, monkeypatch):
+    """Hugging Face's gradient checkpointing on a patched ViTMAE: the encoder and decoder layers' attention (and MLP,
+    when fused) runs again in the backward, and loss, logits and every gradient are those of the unpatched model
+    without checkpointing."""
+    calls, mlp_calls = _count_calls(monkeypatch, "attention"), _count_calls(monkeypatch, "gelu_mlp")
     images, noise = torch.randn(2, 3, 32, 32, device=device), torch.rand(2, 16, device=device)
     original = _vit_mae().to(device)
-    patched = integrations.apply(_vit_mae().to(device))
+    patched = integrations.apply(_vit_mae().to(device), **fused)
     # transformers 5 renamed the switch (the old name warns there); 4.57 has only the old one
     enable = getattr(patched, "activation_checkpointing_enable", None) or patched.gradient_checkpointing_enable
     enable()
     _assert_same_vit_mae_step(patched, original, images, noise)
     assert len(calls) == 6  # three layers, each run in the forward and again in the backward
+    assert len(mlp_calls) == (6 if fused else 0)
 
 
-def test_patched_vit_mae_compiles_fullgraph(device):
+@pytest.mark.parametrize("fused", [{}, {"add_norm": True, "gelu_mlp": True}], ids=["plain", "fused"])
+def test_patched_vit_mae_compiles_fullgraph(fused, device):
     """A patched ViTMAEForPreTraining under torch.compile(fullgraph=True) (aot_eager on the CPU): with the noise given,
     and drawn inside the forward from the same seed, the loss and every gradient as in eager."""
     if device != "cpu":
         pytest.skip("the CPU variant (aot_eager); tests/test_compile.py covers Inductor on a GPU")
     images, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
-    patched = integrations.apply(_vit_mae())
+    patched = integrations.apply(_vit_mae(), **fused)
 
     def step(model, **noise_if_given):
         model.zero_grad(set_to_none=True)

@@ -95,7 +95,8 @@ def apply(model: torch.nn.Module, *, attention: bool = True, patch_embed: bool =
             (:func:`mimkernels.add_layer_norm`; timm's ``Block``, ViTMAE's layers). None: what mimkernels' own
             models do, ``mimkernels.models.vit.FUSED_ADD_NORM`` (off until a GPU measures the fusion faster).
         gelu_mlp: each MLP of exact GELU (fc1, GELU, fc2) by :func:`mimkernels.gelu_mlp`, GELU inside the GEMMs
-            (timm's ``Mlp``, ViTMAE's ``ViTMAEMLP``; with dropout while training, the original code). None:
+            (timm's ``Mlp``, ViTMAE's ``ViTMAEMLP``, on transformers 4 its ``ViTMAELayer``; timm's with dropout while
+            training, the original code). None:
             ``mimkernels.models.vit.FUSED_GELU_MLP`` (off until a GPU measures it faster).
         ``interpolate_pos_encoding=True`` calls of ViTMAE run the original code.
 

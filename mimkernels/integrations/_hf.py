@@ -153,9 +153,38 @@ if TRANSFORMERS_4:
                 return super().forward_loss(pixel_values, pred, mask, interpolate_pos_encoding)
             return mimkernels.masked_patch_loss(pred, pixel_values, mask, norm_pix=self.config.norm_pix_loss)
 
+    class MimkernelsViTMAELayer(vit_mae.ViTMAELayer):
+        """transformers 4's layer, whose MLP is two modules (ViTMAEIntermediate: fc1 and GELU; ViTMAEOutput: fc2,
+        dropout and the residual add), so both fusions live here: with ``add_norm`` the add after attention in one
+        pass with ``layernorm_after`` (:func:`mimkernels.add_layer_norm`), with ``gelu_mlp`` the MLP by
+        :func:`mimkernels.gelu_mlp`, then the output's dropout and add. ``patch`` sets which, per layer."""
+
+        _mimkernels_patch = True
+        _mimkernels_replaces = ("forward", ("self", "hidden_states", "head_mask"))
+        _mimkernels_add_norm = False
+        _mimkernels_gelu_mlp = False
+
+        def forward(self, hidden_states: torch.Tensor, head_mask: torch.Tensor | None = None) -> torch.Tensor:
+            branch = self.attention(self.layernorm_before(hidden_states), head_mask)
+            hidden_states, normed = vit.add_norm(hidden_states, branch, self.layernorm_after,
+                                                 fuse=self._mimkernels_add_norm)
+            if not self._mimkernels_gelu_mlp:
+                return self.output(self.intermediate(normed), hidden_states)
+            fc1, fc2 = self.intermediate.dense, self.output.dense
+            return self.output.dropout(mimkernels.gelu_mlp(normed, fc1.weight, fc1.bias, fc2.weight, fc2.bias)) \
+                + hidden_states
+
+    def _layer_fusions_unsupported(layer) -> dict:
+        """fusion -> why MimkernelsViTMAELayer cannot run it for ``layer`` (a transformers 4 ViTMAELayer), or None."""
+        intermediate, output = layer.intermediate, layer.output
+        if type(intermediate) is not vit_mae.ViTMAEIntermediate or type(output) is not vit_mae.ViTMAEOutput:
+            why = "its MLP is not a ViTMAEIntermediate and a ViTMAEOutput"
+            return {"add_norm": why, "gelu_mlp": why}
+        return {"add_norm": _norm_before_linear_unsupported(layer.layernorm_after, intermediate.dense),
+                "gelu_mlp": _gelu_linears_unsupported(intermediate.intermediate_act_fn, intermediate.dense,
+                                                      output.dense)}
+
     ATTENTION = {vit_mae.ViTMAESelfAttention: MimkernelsViTMAESelfAttention}
-    # transformers 4 spreads a layer's MLP over ViTMAEIntermediate and ViTMAEOutput (which also adds the residual)
-    FUSIONS_NEED = "it is transformers 4's; add_norm and gelu_mlp fuse transformers 5's ViTMAELayer and ViTMAEMLP"
 else:
     class MimkernelsViTMAEAttention(vit_mae.ViTMAEAttention):
         """Self-attention by :func:`mimkernels.attention` on the q, k, v projections; the original code for an
@@ -220,31 +249,46 @@ else:
             return mimkernels.gelu_mlp(hidden_states, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
 
     ATTENTION = {vit_mae.ViTMAEAttention: MimkernelsViTMAEAttention}
-    FUSIONS_NEED = None
 
 
-def _mlp_unsupported(mlp) -> str | None:
-    """Why MimkernelsViTMAEMLP cannot stand in for ``mlp`` (a ViTMAEMLP), or None. ``hidden_act`` "gelu" and
-    "gelu_python" are both the exact GELU (``GELUActivation``); the tanh and other approximations are not."""
+def _gelu_linears_unsupported(activation, fc1, fc2) -> str | None:
+    """Why fc1 -> ``activation`` -> fc2 cannot run as :func:`mimkernels.gelu_mlp`, or None. ``hidden_act`` "gelu"
+    and "gelu_python" are both the exact GELU (``GELUActivation``); the tanh and other approximations are not."""
     from transformers.activations import GELUActivation
 
-    if type(mlp.activation_fn) is not GELUActivation:
-        return f"its activation ({type(mlp.activation_fn).__name__}) is not the exact GELU"
-    if type(mlp.fc1) is not torch.nn.Linear or type(mlp.fc2) is not torch.nn.Linear:
+    if type(activation) is not GELUActivation:
+        return f"its activation ({type(activation).__name__}) is not the exact GELU"
+    if type(fc1) is not torch.nn.Linear or type(fc2) is not torch.nn.Linear:
         return "its layers are not Linear"
     return None
 
 
+def _norm_before_linear_unsupported(norm, linear) -> str | None:
+    """Why a residual add and ``norm`` cannot run as :func:`mimkernels.add_layer_norm` before ``linear``, or None.
+    Under autocast the fused norm comes out in the autocast dtype, which is what the Linear casts the LayerNorm's
+    fp32 output to."""
+    if type(norm) is not torch.nn.LayerNorm or type(linear) is not torch.nn.Linear:
+        return "its layernorm_after is not a LayerNorm followed by a Linear"
+    return None
+
+
+def _mlp_unsupported(mlp) -> str | None:
+    """Why MimkernelsViTMAEMLP cannot stand in for ``mlp`` (a transformers 5 ViTMAEMLP), or None."""
+    return _gelu_linears_unsupported(mlp.activation_fn, mlp.fc1, mlp.fc2)
+
+
 def _layer_unsupported(layer) -> str | None:
-    """Why MimkernelsViTMAELayer cannot stand in for ``layer`` (a ViTMAELayer), or None. Under autocast the fused
-    norm comes out in the autocast dtype, which is what the MLP's first Linear (fc1) casts the LayerNorm's fp32
-    output to."""
+    """Why MimkernelsViTMAELayer cannot stand in for ``layer`` (a transformers 5 ViTMAELayer), or None."""
     mlp = getattr(layer, "mlp", None)
     if type(mlp) is not vit_mae.ViTMAEMLP:
         return "its mlp is not a ViTMAEMLP"
-    if type(layer.layernorm_after) is not torch.nn.LayerNorm or type(mlp.fc1) is not torch.nn.Linear:
-        return "its layernorm_after is not a LayerNorm followed by a Linear"
-    return None
+    return _norm_before_linear_unsupported(layer.layernorm_after, mlp.fc1)
+
+
+def _layer_4_unsupported(layer, asked: dict) -> str | None:
+    """Why a transformers 4 ViTMAELayer runs none of the fusions ``asked`` ({fusion: bool}), or None."""
+    reasons = {why for fusion, why in _layer_fusions_unsupported(layer).items() if asked[fusion]}
+    return None if None in reasons else "; ".join(sorted(reasons))
 
 
 SUPPORTED = (vit_mae.ViTMAEForPreTraining, vit_mae.ViTMAEModel)
@@ -262,6 +306,9 @@ def _swaps(*, attention: bool, masking: bool, add_norm: bool, gelu_mlp: bool) ->
     if masking:  # the embeddings' masking, and with patch_embed the kept-only embedding, which needs our masking
         swaps[vit_mae.ViTMAEEmbeddings] = MimkernelsViTMAEEmbeddings, _always
         swaps[vit_mae.ViTMAEDecoder] = MimkernelsViTMAEDecoder, _always
+    if TRANSFORMERS_4 and (add_norm or gelu_mlp):  # one module holds both (MimkernelsViTMAELayer, version 4)
+        asked = {"add_norm": add_norm, "gelu_mlp": gelu_mlp}
+        swaps[vit_mae.ViTMAELayer] = MimkernelsViTMAELayer, lambda layer: _layer_4_unsupported(layer, asked)
     if add_norm and not TRANSFORMERS_4:
         swaps[vit_mae.ViTMAELayer] = MimkernelsViTMAELayer, _layer_unsupported
     if gelu_mlp and not TRANSFORMERS_4:
@@ -295,8 +342,6 @@ def patch(model: torch.nn.Module, *, attention: bool, patch_embed: bool, masking
         swaps[vit_mae.ViTMAEForPreTraining] = MimkernelsViTMAEForPreTraining, _always
     kept = {}  # reason -> names of the modules that keep their code for it
     for name, module in model.named_modules():
-        if FUSIONS_NEED and (add_norm or gelu_mlp) and type(module) is vit_mae.ViTMAELayer:
-            kept.setdefault(FUSIONS_NEED, []).append(name)
         if type(module) not in swaps:
             continue
         patched, unsupported = swaps[type(module)]
@@ -307,6 +352,13 @@ def patch(model: torch.nn.Module, *, attention: bool, patch_embed: bool, masking
         module.__class__ = patched
         if patched is MimkernelsViTMAEEmbeddings:
             module._mimkernels_patch_embed = patch_embed
+        if TRANSFORMERS_4 and patched is MimkernelsViTMAELayer:  # the fusions asked for that this layer allows
+            asked = {"add_norm": add_norm, "gelu_mlp": gelu_mlp}
+            for fusion, why in _layer_fusions_unsupported(module).items():
+                setattr(module, f"_mimkernels_{fusion}", asked[fusion] and why is None)
+                if asked[fusion] and why is not None:  # the other fusion runs; this part keeps its code
+                    part = "layernorm_after" if fusion == "add_norm" else "intermediate"
+                    kept.setdefault(why, []).append(f"{name}.{part}")
     warn_kept(kept)
 
 
