@@ -681,14 +681,17 @@ def train(args, rank: int = 0, world: int = 1, device: torch.device | None = Non
                                          num_workers=args.workers, pin_memory=device.type == "cuda",
                                          persistent_workers=args.workers > 0)
     metrics = MetricsLog(out / "metrics.jsonl", start, enabled=rank == 0, tensorboard=args.tensorboard)
+    compiled = bool(compile_backend)
     wrapped = model
-    if world > 1 and not args.fsdp:
-        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=None if device.index is None
-                                                            else [device.index])
-    eager, compiled = wrapped, bool(compile_backend)
-    no_sync = gradient_sync_off(wrapped, args.fsdp)
     if compiled and not args.fsdp:
-        wrapped = torch.compile(wrapped, fullgraph=True, backend=compile_backend)
+        # compiled before DDP wraps it: DDP's forward calls the compiled model, whose graph Dynamo's DDPOptimizer
+        # splits at DDP's gradient buckets (their all-reduces overlap the backward). Compiling the DDP wrapper
+        # instead fails with fullgraph: its forward calls a Python logger that Dynamo does not trace.
+        wrapped = torch.compile(model, fullgraph=True, backend=compile_backend)
+    if world > 1 and not args.fsdp:
+        wrapped = torch.nn.parallel.DistributedDataParallel(wrapped, device_ids=None if device.index is None
+                                                            else [device.index])
+    no_sync = gradient_sync_off(wrapped, args.fsdp)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     progress = Progress(f"{args.model} {args.config}", args.steps, start, enabled=rank == 0 and not args.quiet)
     meter = Meter(device, global_batch)
@@ -717,7 +720,11 @@ def train(args, rank: int = 0, world: int = 1, device: torch.device | None = Non
                           "training eagerly (--no-compile skips compiling)", file=sys.stderr)
                     if args.fsdp:
                         parallel.compile_blocks(model, None)
-                    wrapped, compiled = eager, False
+                    elif isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+                        wrapped.module = model  # the same parameters: DDP's hooks on them stay
+                    else:
+                        wrapped = model
+                    compiled = False
                     loss = forward_backward(wrapped, micro_batches, args, optimizer, device, bf16, no_sync)
                 logging = (step + 1) % args.log_every == 0 or step + 1 == stop
                 grad_norm = None

@@ -404,6 +404,7 @@ def test_weight_decay_skips_biases_norms_and_tokens():
 RUN_MAIN_THEN_LIST_GLOO_THREADS = """
 import os, sys
 from mimkernels import train
+{prelude}
 code = train.main(sys.argv[1:])
 names = [open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task")]
 # one write(2) of under PIPE_BUF bytes: the two ranks share the stderr pipe, and print's pieces interleaved once
@@ -412,27 +413,28 @@ sys.exit(code)
 """
 
 
-def _torchrun(tmp_path, out, *argv):
-    """A 4-step tiny MAE run on 2 gloo ranks; its stdout. Fails unless both ranks exit cleanly and, with DDP, gloo's
-    threads have stopped when main returns: threads left running to interpreter exit aborted a rank in CI once
-    ("terminate called without an active exception")."""
+def _torchrun(tmp_path, out, *argv, prelude=""):
+    """A 4-step tiny MAE run on 2 gloo ranks, after running the Python code ``prelude`` in each; its stdout and
+    stderr. Fails unless both ranks exit cleanly and, with DDP, gloo's threads have stopped when main returns:
+    threads left running to interpreter exit aborted a rank in CI once ("terminate called without an active
+    exception")."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     runner = tmp_path / "run_main.py"
-    runner.write_text(RUN_MAIN_THEN_LIST_GLOO_THREADS)
+    runner.write_text(RUN_MAIN_THEN_LIST_GLOO_THREADS.replace("{prelude}", prelude))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
                str(runner), "mae", "--steps", "4", "--out", str(out), *TINY, *map(str, argv)]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     if sys.platform == "linux" and "--fsdp" not in argv:  # under FSDP, torch's DTensor caches keep the group
         assert result.stderr.count("gloo threads after main: []") == 2, result.stderr[-3000:]
-    return result.stdout
+    return result.stdout, result.stderr
 
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     """A 4-step MAE run on 2 gloo ranks with DDP: (its folder, its stdout)."""
     folder = tmp_path_factory.mktemp("ddp")
-    return folder / "whole", _torchrun(folder, folder / "whole")
+    return folder / "whole", _torchrun(folder, folder / "whole")[0]
 
 
 def test_ddp_two_cpu_processes_keep_identical_parameters_and_resume_exactly(tmp_path, ddp_run):
@@ -452,6 +454,39 @@ def test_ddp_two_cpu_processes_keep_identical_parameters_and_resume_exactly(tmp_
         assert [row[key] for row in parts] == [row[key] for row in whole], key
 
 
+# a compile that fails as Dynamo's and Inductor's errors do, on the first forward, under DDP as without it (DDP needs
+# a module holding the parameters, as torch.compile's OptimizedModule does)
+FAILING_DEFAULT_COMPILE = """
+import torch
+class Failing(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+    def forward(self, *args, **kwargs):
+        raise torch._dynamo.exc.TorchDynamoException("no luck")
+torch.compile = lambda model, **options: Failing(model)
+train.default_compile_backend = lambda device: "aot_eager"
+"""
+
+
+def test_ddp_runs_the_compiled_model(tmp_path, ddp_run):
+    """--compile under DDP (2 gloo ranks, aot_eager): DDP wraps the compiled model, so Dynamo's DDPOptimizer splits
+    its graph at DDP's gradient buckets; compiling the DDP wrapper instead failed with fullgraph (DDP's forward calls
+    a logger Dynamo does not trace), so on GPUs the default compile fell back to eager. The losses and gradient norms
+    are the eager DDP run's. A default compile that fails falls back to eager on both ranks, DDP kept."""
+    ddp = train.read_metrics(ddp_run[0] / "metrics.jsonl")
+    stdout, _ = _torchrun(tmp_path, tmp_path / "compiled", "--compile", "aot_eager")
+    _, stderr = _torchrun(tmp_path, tmp_path / "fallback", prelude=FAILING_DEFAULT_COMPILE)
+    assert stderr.count("warning: torch.compile failed (TorchDynamoException: no luck)") == 2
+    for name in ("compiled", "fallback"):
+        runs = train.read_metrics(tmp_path / name / "metrics.jsonl")
+        assert len(runs) == len(ddp) == 4
+        for a, b in zip(runs, ddp):
+            assert math.isclose(a["loss"], b["loss"], rel_tol=1e-6), (name, a, b)
+            assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-5), (name, a, b)
+    assert "parameters identical on all 2 ranks" in stdout
+
+
 def test_fsdp_two_cpu_processes_match_ddp_and_resume_exactly(tmp_path, ddp_run):
     """--fsdp --activation-checkpointing on 2 gloo ranks trains what DDP on the same 2 ranks trains: each rank sees
     the same images and masks and computes the same losses bit for bit; only the gradient reduction differs
@@ -460,7 +495,7 @@ def test_fsdp_two_cpu_processes_match_ddp_and_resume_exactly(tmp_path, ddp_run):
     the uninterrupted one logs; the folder converts to one file that a plain model loads."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    stdout = _torchrun(tmp_path, tmp_path / "whole", "--fsdp", "--activation-checkpointing")
+    stdout, _ = _torchrun(tmp_path, tmp_path / "whole", "--fsdp", "--activation-checkpointing")
     assert "sharded over 2 ranks (FSDP2)" in stdout
     folder = tmp_path / "whole" / "checkpoint"
     assert sorted(p.name for p in folder.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.json"]
@@ -492,7 +527,7 @@ def test_accumulated_micro_batches_on_two_ranks(tmp_path, ddp_run, sharding):
     gradients reduced once per step, after the second micro-batch): the same losses and gradient norms to
     rounding, the same weights; DDP's ranks end in sync."""
     extra = ["--fsdp"] if sharding == "fsdp" else []
-    stdout = _torchrun(tmp_path, tmp_path / "accumulated", "--batch-size", 2, "--accumulate", 2, *extra)
+    stdout, _ = _torchrun(tmp_path, tmp_path / "accumulated", "--batch-size", 2, "--accumulate", 2, *extra)
     if sharding == "ddp":
         assert "parameters identical on all 2 ranks" in stdout
     whole, accumulated = (train.read_metrics(folder / "metrics.jsonl") for folder in (ddp_run[0],
