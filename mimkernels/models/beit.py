@@ -244,7 +244,10 @@ class BEiT(MaskTokenViT):
         head_on = _checked_head_on(self.head_on)
         batch, num_patches = imgs.shape[0], self.patch_embed.num_patches
         given = mask  # as passed: on the CPU, checking it costs no GPU sync
-        mask = self.checked_mask(imgs, self.random_mask(batch, mask_ratio) if given is None else given, mask_ratio)
+        mask = self.checked_mask(imgs, self.random_mask(batch, mask_ratio) if given is None else given)
+        # a drawn mask never masks more than masked_count(); a given one might
+        uncovered = self._uncovered_rows(given, mask, mask_ratio) if head_on == "masked" and given is not None \
+            else None
         targets = self.tokenizer(imgs)
         if tuple(targets.shape) != (batch, num_patches) or targets.is_floating_point():
             raise ValueError(f"the tokenizer must give integer codes [{batch}, {num_patches}], got "
@@ -258,29 +261,24 @@ class BEiT(MaskTokenViT):
         logits = self.lm_head(encoded)
         per_patch = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
         loss = (per_patch * weights.flatten()).sum() / mask_denominator(mask)
-        if head_on == "masked" and given is not None and not self._checked_on_host(given):
-            # more masked patches in a row than the head covers: a NaN loss, not a loss that misses some
-            overflow = (mask != 0).sum(1).max() > self.masked_count(mask_ratio)
-            loss = torch.where(overflow, torch.full_like(loss, math.nan), loss)
+        if uncovered is not None:  # a NaN loss, not a loss that misses some masked patches
+            loss = torch.where(uncovered, torch.full_like(loss, math.nan), loss)
         return loss, logits, mask
 
-    def checked_mask(self, imgs, mask, mask_ratio=None) -> torch.Tensor:
-        """``mask`` as float32 on the images' device, after checking it is ``[B, L]``; with ``head_on="masked"``
-        also that no sample masks more than ``masked_count(mask_ratio)`` patches, where that needs no GPU sync
-        (a mask on the CPU, or with ``MIMKERNELS_CHECK_INDICES=1``; not while torch.compile traces)."""
-        checked = super().checked_mask(imgs, mask)
-        if self.head_on == "masked" and self._checked_on_host(mask):
-            most, count = int((mask != 0).sum(1).max()), self.masked_count(mask_ratio)
+    def _uncovered_rows(self, given, mask, mask_ratio):
+        """Whether the given mask masks more patches in a sample than ``head_on="masked"`` runs the head on. Read
+        where that costs no GPU sync (a mask given on the CPU, or with ``MIMKERNELS_CHECK_INDICES=1``; not while
+        torch.compile traces): a ValueError, and None. Elsewhere a device flag for the loss to turn NaN on."""
+        count = self.masked_count(mask_ratio)
+        if (given.device.type == "cpu" or CHECK_CUDA_INDICES) and not torch.compiler.is_compiling():
+            most = int((given != 0).sum(1).max())
             if most > count:
                 ratio = self.mask_ratio if mask_ratio is None else mask_ratio
                 raise ValueError(f"mask masks up to {most} patches of a sample, more than the {count} that "
                                  f"head_on='masked' runs the head on at mask_ratio {ratio}: pass a larger "
                                  "mask_ratio or use head_on='all'")
-        return checked
-
-    @staticmethod
-    def _checked_on_host(mask) -> bool:
-        return (mask.device.type == "cpu" or CHECK_CUDA_INDICES) and not torch.compiler.is_compiling()
+            return None
+        return (mask != 0).sum(1).max() > count
 
 
 _LN = partial(nn.LayerNorm, eps=1e-6)
