@@ -473,11 +473,14 @@ def test_patched_vit_mae_matches_the_original(norm_pix_loss, device, monkeypatch
     encoder_attention_0, encoder_attention_1, decoder_attention = _vit_mae_attention_names()
     assert integrations.patched_modules(patched) == [
         "", "vit.embeddings", encoder_attention_0, encoder_attention_1, "decoder", decoder_attention]
+    pixels, want_pixels = images.clone().requires_grad_(), images.clone().requires_grad_()
     with mimkernels.use_backend("triton"):
-        got = patched(images, noise=noise)
+        got = patched(pixels, noise=noise)
         got.loss.backward()
-    want = original(images, noise=noise)
+    want = original(want_pixels, noise=noise)
     want.loss.backward()
+    # the pixels' gradient: through the patch embedding and, as transformers' loss does not detach it, the target
+    torch.testing.assert_close(pixels.grad, want_pixels.grad, rtol=1e-4, atol=1e-4 * want_pixels.grad.abs().max())
     # each op ran on the kernels: one masking and embedding, three attentions, one unshuffle, one loss
     assert {name: len(made) for name, made in calls.items()} == {
         "masking_indices": 1, "patch_embed": 1, "attention": 3, "restore_tokens": 1, "masked_patch_loss": 1}

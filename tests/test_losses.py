@@ -46,15 +46,17 @@ def test_equals_official_mae_forward_loss(backend, norm_pix):
 def test_loss_and_gradient(backend, dtype, shape, norm_pix, loss, mask_kind):
     *image_shape, patch = shape
     images, pred, mask = inputs(*image_shape, patch, dtype, mask_kind)
+    images.requires_grad_()
     with mimkernels.use_backend(backend):
         got = mimkernels.masked_patch_loss(pred, images, mask, norm_pix=norm_pix, loss=loss)
-    (grad,) = torch.autograd.grad(got, pred)
-    pred64 = pred.detach().double().requires_grad_()
-    want = reference.masked_patch_loss(pred64, images.double(), mask.double(), norm_pix=norm_pix, loss=loss)
-    (grad64,) = torch.autograd.grad(want, pred64)
-    assert got.dtype == torch.float32 and grad.dtype == dtype
+    grad, grad_images = torch.autograd.grad(got, (pred, images))
+    pred64, images64 = (t.detach().double().requires_grad_() for t in (pred, images))
+    want = reference.masked_patch_loss(pred64, images64, mask.double(), norm_pix=norm_pix, loss=loss)
+    grad64, grad_images64 = torch.autograd.grad(want, (pred64, images64))
+    assert got.dtype == torch.float32 and grad.dtype == dtype and grad_images.dtype == images.dtype
     assert abs(got.item() - want.item()) <= TOLERANCE[dtype] * max(1.0, abs(want.item()))
-    assert (grad.double() - grad64).abs().max().item() <= TOLERANCE[dtype] * grad64.abs().max().item() + 1e-12
+    for ours, theirs in ((grad, grad64), (grad_images, grad_images64)):
+        assert (ours.double() - theirs).abs().max().item() <= TOLERANCE[dtype] * theirs.abs().max().item() + 1e-12
 
 
 @pytest.mark.parametrize("group", [2, 8])
@@ -172,13 +174,37 @@ def test_bool_mask_and_strided_pred(backend):
     torch.testing.assert_close(got, reference.masked_patch_loss(strided, images, mask).float())
 
 
-def test_images_get_no_gradient():
-    images, pred, mask = inputs(1, 3, 16, 16, 16, torch.float32, "ones")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm_pix, loss", [(True, "l2"), (False, "l1")])
+def test_images_gradient_as_the_reference(backend, norm_pix, loss):
+    """The target is differentiable in the images, as in the official MAE code (no detach there): half precision
+    non-contiguous images, fractional weights, and a NaN in an unscored patch's pixels (its gradient stays 0)."""
+    images, pred, mask = inputs(2, 3, 32, 48, 16, torch.float32, "weights")
+    mask[1, 5] = 0
+    images = images.half().transpose(2, 3).contiguous().transpose(2, 3)  # channels-last-like strides
+    images[1, :, 16, 32] = float("nan")  # sample 1, patch 5: row 1, column 2 of the 2 x 3 patches
     images.requires_grad_()
-    for backend in BACKENDS:
-        with mimkernels.use_backend(backend):
-            loss = mimkernels.masked_patch_loss(pred, images, mask)
-        assert torch.autograd.grad(loss, images, allow_unused=True)[0] is None
+    with mimkernels.use_backend(backend):
+        got = mimkernels.masked_patch_loss(pred, images, mask, norm_pix=norm_pix, loss=loss)
+    (grad_images,) = torch.autograd.grad(got, images)
+    clean = images.detach().double().nan_to_num(0.0).requires_grad_()
+    want = reference.masked_patch_loss(pred.detach().double(), clean, mask.double(), norm_pix=norm_pix, loss=loss)
+    (want_images,) = torch.autograd.grad(want, clean)
+    assert grad_images.dtype == torch.float16 and grad_images.shape == images.shape
+    assert torch.isfinite(grad_images).all() and (grad_images[1, :, 16:32, 32:48] == 0).all()
+    assert want_images.abs().max() > 0
+    torch.testing.assert_close(grad_images.double(), want_images, rtol=2e-3, atol=2e-3 * want_images.abs().max())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mask_that_requires_grad_is_refused(backend):
+    images, pred, mask = inputs(1, 3, 16, 16, 16, torch.float32, "weights")
+    mask.requires_grad_()
+    with mimkernels.use_backend(backend):
+        with pytest.raises(ValueError, match="mask must not require grad"):
+            mimkernels.masked_patch_loss(pred, images, mask)
+        with torch.no_grad():
+            mimkernels.masked_patch_loss(pred, images, mask)  # nothing to differentiate
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

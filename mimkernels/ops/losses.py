@@ -27,7 +27,27 @@ class _MaskedPatchLoss(torch.autograd.Function):
         pred, images, mask, denominator = ctx.saved_tensors
         scale = (grad_loss.float() / denominator).reshape(1)
         grad_pred = _kernels.masked_patch_loss_backward(pred, images, mask, scale, *ctx.args)
-        return grad_pred, None, None, None, None, None
+        grad_images = _target_gradient(pred, images, mask, scale, *ctx.args) if ctx.needs_input_grad[1] else None
+        return grad_pred, grad_images, None, None, None, None
+
+
+def _target_gradient(pred, images, mask, scale, patch_size, norm_pix, l1):
+    """The loss's gradient in ``images`` (which only a caller asking for it pays for; PyTorch ops, fp32): the error's
+    gradient in its target is minus its gradient in ``pred``, taken back through each patch's normalisation (an
+    unbiased variance) and patchify. Unscored patches get 0 and are not read, as in the forward."""
+    scored = (mask != 0)[..., None]
+    target = torch.where(scored, reference.patchify(images, patch_size).float(), 0)
+    if norm_pix:
+        std = (target.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5
+        target = (target - target.mean(dim=-1, keepdim=True)) / std
+    error = torch.where(scored, pred.float(), 0) - target
+    weight = (mask * scale / pred.shape[-1])[..., None]
+    grad_target = -weight * (error.sign() if l1 else 2 * error)
+    if norm_pix:  # d target_i / d x_k = (delta_ik - 1/n) / std - target_i * target_k / ((n - 1) * std)
+        along_target = (grad_target * target).sum(dim=-1, keepdim=True) / (pred.shape[-1] - 1)
+        grad_target = (grad_target - grad_target.mean(dim=-1, keepdim=True) - target * along_target) / std
+    height, width = images.shape[2] // patch_size, images.shape[3] // patch_size
+    return reference.unpatchify(grad_target, patch_size, height, width).to(images.dtype)
 
 
 def masked_patch_loss(pred, images, mask, *, norm_pix=True, loss="l2"):
@@ -36,15 +56,17 @@ def masked_patch_loss(pred, images, mask, *, norm_pix=True, loss="l2"):
 
     Args:
         pred: ``[B, L, p * p * C]`` predictions in MAE's patch order (the patch size is read from it).
-        images: ``[B, C, H, W]`` with ``L = (H / p) * (W / p)``; a constant (no gradient flows to it).
-        mask: ``[B, L]``, 1 for patches to score (MAE: removed ones); other values weight the patches.
+        images: ``[B, C, H, W]`` with ``L = (H / p) * (W / p)``; the target, differentiable as in the official
+            code (its gradient, computed only when ``images`` requires grad, is PyTorch ops, not a kernel).
+        mask: ``[B, L]``, 1 for patches to score (MAE: removed ones); other values weight the patches. Not
+            differentiated: a mask that requires grad while grad mode is on is refused (ValueError).
         norm_pix: normalise each target patch by its mean and unbiased variance (eps 1e-6), as MAE.
         loss: ``"l2"`` (MAE) or ``"l1"`` (SimMIM's masked L1, without its 1e-5 in the denominator).
 
     Returns:
-        fp32 scalar, differentiable in pred: the weighted sum divided by the sum of the weights, whatever their
-        sign (as the official code). Weights summing to 0 divide by 1: a mask of all zeros gives 0 and a zero
-        gradient (the official code would divide 0 by 0). Patches of weight 0 are never read: non-finite
+        fp32 scalar, differentiable in pred and images: the weighted sum divided by the sum of the weights,
+        whatever their sign (as the official code). Weights summing to 0 divide by 1: a mask of all zeros gives 0
+        and a zero gradient (the official code would divide 0 by 0). Patches of weight 0 are never read: non-finite
         predictions or pixels there leave the loss and the gradient finite (the official code's ``0 * nan`` is NaN).
     """
     if not isinstance(pred, torch.Tensor) or pred.dim() != 3 or not pred.is_floating_point():
@@ -73,7 +95,11 @@ def masked_patch_loss(pred, images, mask, *, norm_pix=True, loss="l2"):
         raise TypeError(f"norm_pix must be a bool, got {type(norm_pix).__name__}")
     if norm_pix and patch_numel < 2:
         raise ValueError("norm_pix needs at least 2 values per patch (unbiased variance)")
-    images, mask = images.detach(), mask.to(torch.float32)
+    if mask.requires_grad and torch.is_grad_enabled():
+        # Its gradient at a weight-0 patch would need that patch's error, which is never computed (not even read).
+        raise ValueError("mask must not require grad: masked_patch_loss does not differentiate in the mask weights "
+                         "(pass mask.detach())")
+    mask = mask.to(torch.float32)
     backend = _backend.select("masked_patch_loss", pred.device, implemented=("triton",))
     if backend == "torch":
         return reference.masked_patch_loss(pred, images, mask, norm_pix=norm_pix, loss=loss).float()
