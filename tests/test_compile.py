@@ -121,7 +121,7 @@ def _every_op_inputs(batch, seq_len, side):
     def leaf(*shape):
         return torch.randn(*shape, generator=gen).requires_grad_()
 
-    images = torch.randn(batch, 3, side, side, generator=gen)
+    images = leaf(batch, 3, side, side)  # its gradient: the patch embedding's and the loss target's
     mask = (torch.rand(batch, patches, generator=gen) < 0.5).float()
     noise = torch.rand(batch, patches, generator=gen)
     prefix = torch.randint(0, seq_len, (batch,), generator=gen)
