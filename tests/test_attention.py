@@ -765,8 +765,13 @@ def test_qkv_attention_checks_its_arguments():
         mimkernels.qkv_attention(qkv[:, :, :2])
     with pytest.raises(TypeError, match="causal must be a bool"):
         mimkernels.qkv_attention(qkv, causal=1)
-    with pytest.raises(ValueError, match="head_dim"):
+    # errors name qkv, the argument given, not the q, k, v views taken of it
+    with pytest.raises(ValueError, match=r"head_dim \(qkv.shape\[-1\]\)"):
         mimkernels.qkv_attention(torch.randn(2, 5, 3, 2, 12))
+    with pytest.raises(TypeError, match="qkv must be float16, bfloat16 or float32, got torch.float64"):
+        mimkernels.qkv_attention(qkv.double())
+    with pytest.raises(ValueError, match="prefix_len is on cpu but qkv is on meta"):
+        mimkernels.qkv_attention(qkv.to("meta"), prefix_len=torch.tensor([1, 2]))
     with pytest.raises(ValueError, match=r"prefix_len must have shape \[batch\]"):
         mimkernels.qkv_attention(qkv, prefix_len=torch.tensor([1, 2, 3]))
     with pytest.raises(TypeError, match="deterministic must be a bool"):

@@ -28,6 +28,7 @@ def test_patch_side_of_square_patches_or_zero():
             if channels > 1:
                 assert patch_side(side * side * channels + 1, channels) == 0  # not a multiple of the channels
     assert patch_side(768, 3) == 16 and patch_side(588, 3) == 14 and patch_side(767, 3) == 0
+    assert patch_side(768, 0) == 0 and patch_side(0, 3) == 0  # no channel (was a ZeroDivisionError) or no value
 
 
 def test_unit_stride_copies_only_when_the_last_dimension_is_strided():

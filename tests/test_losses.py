@@ -217,6 +217,7 @@ def test_mask_that_requires_grad_is_refused(backend):
     ({"loss": "huber"}, ValueError, "'l2' or 'l1'"),
     ({"norm_pix": 1}, TypeError, "norm_pix must be a bool"),
     ({"pred": torch.randn(2, 4)}, ValueError, "3-D"),
+    ({"images": torch.randn(2, 0, 32, 32)}, ValueError, "C = 0 channels"),  # was a ZeroDivisionError
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_bad_input(kwargs, error, match):
     args = {"pred": torch.randn(2, 4, 768), "images": torch.randn(2, 3, 32, 32), "mask": torch.ones(2, 4),

@@ -122,6 +122,7 @@ def test_autocast_runs_in_autocast_dtype():
     ({"mask": torch.ones(1, 4)}, ValueError, "go together"),
     ({"mask": torch.ones(1, 3), "mask_token": torch.zeros(8)}, ValueError, r"mask must have shape \(1, 4\)"),
     ({"mask": torch.ones(1, 4), "mask_token": torch.zeros(7)}, ValueError, "mask_token must hold 8"),
+    ({"mask": torch.ones(1, 4), "mask_token": [0.0] * 8}, TypeError, "mask_token must be a torch.Tensor"),
     ({"ids_keep": torch.tensor([[0, 1, 2]]).float()}, TypeError, "int32 or int64"),
     ({"ids_keep": torch.tensor([[0, 1], [2, 3]])}, ValueError, r"ids_keep must have shape \[1, K\]"),
     ({"ids_keep": torch.tensor([[0, 4]])}, IndexError, r"\[0, 4\)"),

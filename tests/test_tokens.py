@@ -101,6 +101,21 @@ def test_mask_is_float32_whatever_the_default_dtype(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_random_masking_with_strided_noise(backend):
+    """Noise in any layout ranks the patches as its values say: a column-major noise (a transposed view) gave the
+    kernels ids they read as another row's, hence other tokens, with no error."""
+    x = leaf(3, 17, 24)
+    noise = torch.rand(3, 16, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    column_major = noise.t().contiguous().t()
+    want = reference.random_masking(x, 0.75, noise=noise, num_prefix_tokens=1)
+    got = run(backend, mimkernels.random_masking, x, 0.75, noise=column_major, num_prefix_tokens=1)
+    for name, g, w in zip(want._fields, got, want):
+        assert torch.equal(g, w), name
+    for g, w in zip(mimkernels.masking_indices(column_major, 0.75), mimkernels.masking_indices(noise, 0.75)):
+        assert torch.equal(g, w) and g.stride(-1) == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_random_masking_draws_noise(backend):
     torch.manual_seed(3)
     first = run(backend, mimkernels.random_masking, leaf(2, 20, 16), 0.5)

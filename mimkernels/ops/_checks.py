@@ -33,7 +33,7 @@ def patch_side(patch_numel: int, channels: int) -> int:
     """The side p of square patches holding ``patch_numel = p * p * channels`` values, or 0 if there is none.
     ``torch.sym_int`` of a float root, not ``math.isqrt``: torch.compile traces it on symbolic sizes
     (``dynamic=True``); a float64 root of a perfect square below 2^52 is exact, and the product is checked."""
-    if patch_numel % channels:
+    if channels < 1 or patch_numel % channels:  # images with no channel hold no patch
         return 0
     side = torch.sym_int((patch_numel // channels) ** 0.5)
     return side if side * side * channels == patch_numel else 0

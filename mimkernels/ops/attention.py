@@ -35,12 +35,17 @@ def _checked_qkv(q, k, v):
             raise ValueError(f"query and key lengths differ: q has {q.shape[2]} tokens, {name} has {t.shape[2]}")
         if tuple(t.shape) != tuple(q.shape):
             raise ValueError(f"{name} has shape {tuple(t.shape)} but q has {tuple(q.shape)}; they must match")
-    if q.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"q, k, v must be float16, bfloat16 or float32, got {q.dtype}")
-    head_dim = q.shape[-1]
-    if head_dim % 8 or not 16 <= head_dim <= 256:  # arithmetic, not `in range`: Dynamo traces it on symbolic sizes
-        raise ValueError(f"head_dim (q.shape[-1]) must be a multiple of 8 from 16 to 256, got {q.shape[-1]}")
+    _check_kernel_input("q, k, v", "q", q)
     return q, k, v
+
+
+def _check_kernel_input(names, name, t):
+    """A dtype and head dim (``t.shape[-1]``) the kernels have tiles for; errors name the caller's arguments."""
+    if t.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{names} must be float16, bfloat16 or float32, got {t.dtype}")
+    head_dim = t.shape[-1]
+    if head_dim % 8 or not 16 <= head_dim <= 256:  # arithmetic, not `in range`: Dynamo traces it on symbolic sizes
+        raise ValueError(f"head_dim ({name}.shape[-1]) must be a multiple of 8 from 16 to 256, got {head_dim}")
 
 
 def _check_prefix_type(prefix_len):
@@ -54,8 +59,8 @@ def _check_prefix_type(prefix_len):
         raise ValueError(f"prefix_len must be >= 0, got {prefix_len}")
 
 
-def _checked_prefix(prefix_len, q):
-    """An int clamped to N, or an integer tensor [B] (clamped later, on the device)."""
+def _checked_prefix(prefix_len, q, data="q"):
+    """An int clamped to N, or an integer tensor [B] (clamped later, on the device); ``data`` names q in errors."""
     _check_prefix_type(prefix_len)
     batch, seq_len = q.shape[0], q.shape[2]
     if not isinstance(prefix_len, torch.Tensor):
@@ -63,7 +68,7 @@ def _checked_prefix(prefix_len, q):
     if tuple(prefix_len.shape) != (batch,):
         raise ValueError(f"prefix_len must have shape [batch] = ({batch},), got {tuple(prefix_len.shape)}")
     if prefix_len.device != q.device:
-        raise ValueError(f"prefix_len is on {prefix_len.device} but q is on {q.device}")
+        raise ValueError(f"prefix_len is on {prefix_len.device} but {data} is on {q.device}")
     return prefix_len.contiguous()  # the kernels index it as a flat array
 
 
@@ -259,8 +264,9 @@ def qkv_attention(qkv, *, causal=False, prefix_len=None, scale=None, determinist
     dtype = autocast_dtype(qkv.device)
     if dtype is not None:
         qkv = qkv.to(dtype)  # one cast of the packed tensor
+    _check_kernel_input("qkv", "qkv", qkv)
     q, k, v = _checked_qkv(*_unpacked(qkv))
-    prefix = (0 if causal else q.shape[2]) if prefix_len is None else _checked_prefix(prefix_len, q)
+    prefix = (0 if causal else q.shape[2]) if prefix_len is None else _checked_prefix(prefix_len, q, "qkv")
     scale = _checked_scale(scale, q.shape[-1])
     deterministic = _checked_deterministic(deterministic)
     backend = _backend.select("attention", q.device, implemented=("triton",))

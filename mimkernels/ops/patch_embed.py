@@ -120,6 +120,8 @@ def _checked_patch_embed_args(images, weight, bias, pos_embed, ids_keep, mask, m
         raise ValueError("pass ids_keep (MAE) or mask with mask_token (BEiT, SimMIM), not both")
     if (mask is None) != (mask_token is None):
         raise ValueError("mask and mask_token go together")
+    if mask_token is not None and not isinstance(mask_token, torch.Tensor):
+        raise TypeError(f"mask_token must be a torch.Tensor, got {type(mask_token).__name__}")
     for name, t in (("weight", weight), ("bias", bias), ("pos_embed", pos_embed), ("mask_token", mask_token)):
         if t is not None and t.device != images.device:
             raise ValueError(f"{name} is on {t.device} but images are on {images.device}")

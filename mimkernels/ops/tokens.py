@@ -233,7 +233,9 @@ def checked_noise(noise, batch, num_patches, device):
 
 
 def _masking_indices(noise, num_kept):
-    ids_shuffle = torch.argsort(noise, dim=1)
+    # argsort keeps its input's strides: a column-major noise gave ids whose rows the kernels, which read ids with
+    # unit stride, took for other rows (silently wrong tokens); the contiguous copy makes every id tensor row-major
+    ids_shuffle = torch.argsort(noise.contiguous(), dim=1)
     ids_restore = _inverse(ids_shuffle, noise.shape[1], fill=0)  # the inverse permutation: argsort(ids_shuffle)
     mask = (ids_restore >= num_kept).to(torch.float32)
     return mask, ids_restore, ids_shuffle[:, :num_kept]
