@@ -41,15 +41,21 @@ def make_inputs(shape, x_dtype, branch_dtype, affine=True, layout="contiguous", 
 
     def tensor(dtype, scale=1.0):
         if layout == "contiguous":
-            t = torch.randn(shape, generator=gen) * scale
-        else:  # every row in a wider buffer, rows out of order in memory
-            t = (torch.randn(*shape[:-1], width + 8, generator=gen) * scale)[..., 4:4 + width].transpose(0, -2)
-            t = t.transpose(0, -2)
-        return t.to(DEVICE, dtype).requires_grad_()
+            return (torch.randn(shape, generator=gen) * scale).to(DEVICE, dtype).requires_grad_()
+        # every row in a wider buffer, rows out of order in memory (laid out on the device: a copy there would not be)
+        buffer = (torch.randn(*shape[:-1], width + 8, generator=gen) * scale).to(DEVICE, dtype)
+        t = buffer.transpose(0, -2).contiguous().transpose(0, -2)[..., 4:4 + width]
+        assert not t.is_contiguous()
+        return t.requires_grad_()
+
+    def parameter(mean):
+        values = (mean + 0.5 * torch.randn(width, generator=gen)).to(DEVICE)
+        if layout != "contiguous":  # every other element of a buffer (the kernels read it as if contiguous)
+            values = torch.stack((values, torch.full_like(values, float("nan"))), dim=-1)[:, 0]
+        return values.requires_grad_()
 
     x, branch = tensor(x_dtype, 2.0), tensor(branch_dtype)
-    weight = (1 + 0.5 * torch.randn(width, generator=gen)).to(DEVICE).requires_grad_() if affine else None
-    bias = (0.5 * torch.randn(width, generator=gen)).to(DEVICE).requires_grad_() if affine else None
+    weight, bias = (parameter(1.0), parameter(0.0)) if affine else (None, None)
     return x, branch, weight, bias
 
 
@@ -102,7 +108,7 @@ def test_without_affine_parameters():
     assert_within_budget((2, 9, 40), torch.float32, torch.float32, affine=False)
 
 
-def test_strided_rows():
+def test_strided_rows_and_parameters():
     assert_within_budget((3, 7, 48), torch.float32, torch.float32, layout="strided")
 
 

@@ -92,4 +92,6 @@ def add_layer_norm(x, branch, weight=None, bias=None, *, eps=1e-5):
     if backend == "torch":
         with contextlib.nullcontext() if autocast is None else torch.autocast(x.device.type, enabled=False):
             return reference.add_layer_norm(x, branch, weight, bias, eps=float(eps), out_dtype=normed_dtype)
+    # the kernels read weight and bias with unit stride (an expanded or sliced one read other values)
+    weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
     return _AddLayerNorm.apply(*distinct(x, branch, weight, bias), float(eps), normed_dtype)
