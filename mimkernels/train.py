@@ -43,6 +43,7 @@ import mimkernels
 from . import parallel
 from .models import AIM, CONFIGS, BEiT, KMeansTokenizer
 from .models.beit import HEAD_ON
+from .ops.tokens import kept_count
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # photographs in scikit-image's skimage/data (the synthetic test patterns are left out)
@@ -371,7 +372,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--mask-ratio", type=float, help="MAE (default 0.75), SimMIM (0.6), BEiT (0.4)")
     parser.add_argument("--vocab-size", type=int, default=None, help="BEiT: visual tokens of the k-means "
                         "tokenizer fitted at the start (default 64 for the tiny config, 8192 for ViT-B)")
-    parser.add_argument("--beit-head", choices=HEAD_ON, default="all", help="BEiT: the patches its head runs on "
+    parser.add_argument("--beit-head", choices=HEAD_ON, help="BEiT: the patches its head runs on "
                         "(masked: only as many as a mask covers, BEiT's own work; all: every patch, the default "
                         "until a GPU measures masked faster)")
     parser.add_argument("--norm-pix-loss", dest="norm_pix_loss", action="store_true", default=None,
@@ -415,6 +416,14 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
         parser.error(f"--stop-at must lie in [1, --steps = {args.steps}], got {args.stop_at}")
+    # options of other families: refused, not ignored (a run would not be what its command line says)
+    for name, families in (("mask_ratio", ("mae", "simmim", "beit")), ("vocab_size", ("beit",)),
+                           ("beit_head", ("beit",))):
+        if getattr(args, name) is not None and args.model not in families:
+            parser.error(f"--{name.replace('_', '-')} does not apply to {args.model} (only to {', '.join(families)})")
+    if args.img_size is not None and args.img_size < 1:
+        parser.error(f"--img-size must be >= 1, got {args.img_size}")
+    args.beit_head = args.beit_head or "all"
     if args.vocab_size is None:
         args.vocab_size = 8192 if args.config == "beit_vit_base_patch16" else 64
     if args.vocab_size < 2:
@@ -457,7 +466,7 @@ def fit_tokenizer(args, files: list[Path], device) -> KMeansTokenizer:
 
 def build_model(args, tokenizer=None) -> torch.nn.Module:
     kwargs = {"norm_pix_loss": args.norm_pix_loss}
-    if args.img_size:
+    if args.img_size is not None:
         kwargs["img_size"] = args.img_size
     if args.model == "beit":
         kwargs.update(tokenizer=tokenizer or nn.Identity(), vocab_size=args.vocab_size, head_on=args.beit_head)
@@ -465,11 +474,13 @@ def build_model(args, tokenizer=None) -> torch.nn.Module:
         model = CONFIGS[args.model][args.config](**kwargs)
     except ValueError as error:  # e.g. an --img-size the patch size does not divide
         raise UsageError(f"{args.config}: {error}") from None
-    if args.model == "beit":  # whether the ratio masks a whole number of this grid's patches, before training
-        try:
+    try:  # whether the ratio keeps (MAE) or masks (BEiT) some patches of this grid, before training
+        if args.model == "beit":
             model.masked_count(args.mask_ratio)
-        except ValueError as error:
-            raise UsageError(f"--mask-ratio {args.mask_ratio}: {error}") from None
+        elif args.model == "mae":
+            kept_count(args.mask_ratio, model.patch_embed.num_patches)
+    except ValueError as error:
+        raise UsageError(f"--mask-ratio {args.mask_ratio}: {error}") from None
     return model
 
 

@@ -325,6 +325,8 @@ def test_a_named_compile_backend_that_fails_raises(tmp_path, capsys, monkeypatch
      ["--data", "{p}/float"], "x.tif has floating-point pixels, whose range is unknown"),
     (lambda p: None, ["--resume", "{p}/none.pt"], "no checkpoint at"),
     (lambda p: None, ["--img-size", "60"], "not a multiple of patch_size"),
+    # a ratio that keeps no patch: a traceback from the first forward before
+    (lambda p: None, ["--mask-ratio", "0.99"], "--mask-ratio 0.99: mask_ratio=0.99 keeps no patch out of 64"),
 ])
 def test_bad_data_is_reported_without_a_traceback(tmp_path, capsys, setup, argv, message):
     setup(tmp_path)
@@ -355,6 +357,15 @@ def test_bad_arguments_exit_with_usage(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             train.parse_args(["mae", f"{flag}={value}"])
         assert exit_info.value.code == 2 and f"{flag} must be a finite number" in capsys.readouterr().err
+    # options of another family, and an image size of 0, were silently ignored (0 ran the config's size)
+    for argv, message in ((["aim", "--mask-ratio", "0.5"], "--mask-ratio does not apply to aim"),
+                          (["mae", "--vocab-size", "32"], "--vocab-size does not apply to mae (only to beit)"),
+                          (["simmim", "--beit-head", "masked"], "--beit-head does not apply to simmim"),
+                          (["mae", "--img-size", "0"], "--img-size must be >= 1, got 0")):
+        with pytest.raises(SystemExit) as exit_info:
+            train.parse_args(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert train.parse_args(["beit"]).beit_head == "all" and train.parse_args(["mae"]).vocab_size == 64
 
 
 def test_help_gives_every_option_and_its_default_once(capsys):

@@ -177,7 +177,7 @@ def random_masking(x, mask_ratio, *, noise=None, num_prefix_tokens=0, pos_embed=
     num_prefix = _check_prefix_count(num_prefix_tokens, x.shape[1], "x")
     pos_embed = _check_embedding("pos_embed", pos_embed, x.shape[1], x.shape[2], x)
     batch, num_patches = x.shape[0], x.shape[1] - num_prefix
-    num_kept = _kept_count(mask_ratio, num_patches)
+    num_kept = kept_count(mask_ratio, num_patches)
     noise = checked_noise(noise, batch, num_patches, x.device)
     backend = _backend_for("random_masking", x)
     if backend is None:
@@ -204,10 +204,11 @@ def masking_indices(noise, mask_ratio):
     if not isinstance(noise, torch.Tensor) or not noise.is_floating_point() or noise.dim() != 2:
         raise TypeError(f"noise must be a 2-D floating-point tensor [batch, patches], got "
                         f"{getattr(noise, 'shape', type(noise).__name__)}")
-    return _masking_indices(noise, _kept_count(mask_ratio, noise.shape[1]))
+    return _masking_indices(noise, kept_count(mask_ratio, noise.shape[1]))
 
 
-def _kept_count(mask_ratio, num_patches):
+def kept_count(mask_ratio, num_patches):
+    """Patches MAE's random masking keeps, ``int(L * (1 - mask_ratio))``; ValueError for a bad ratio or none kept."""
     if not is_real(mask_ratio) or not 0 <= mask_ratio < 1:
         raise ValueError(f"mask_ratio must be a number in [0, 1), got {mask_ratio!r}")
     # operator.index: under torch.compile a mask_ratio that changed between calls arrives as a symbolic float, and
