@@ -394,7 +394,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--activation-checkpointing", action="store_true", help="recompute each block's "
                         "activations in the backward instead of keeping them (about one more forward)")
     parser.add_argument("--backend", choices=mimkernels._backend.BACKENDS + tuple(mimkernels._backend.RENAMED),
-                        help="mimkernels backend (default: MIMKERNELS_BACKEND or auto)")
+                        help="mimkernels backend (default: MIMKERNELS_BACKEND or auto); extension runs only the token "
+                        "ops, so the models need one of the others")
     parser.add_argument("--out", default="runs/train", help="folder for checkpoint.pt and the PNGs")
     parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     parser.add_argument("--resume", nargs="?", const="auto", help="continue from a checkpoint (default "
@@ -434,6 +435,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     open_below = args.model in ("simmim", "beit")  # they must mask something
     if args.mask_ratio is not None and not (0 < args.mask_ratio < 1 if open_below else 0 <= args.mask_ratio < 1):
         parser.error(f"--mask-ratio must lie in {'(0' if open_below else '[0'}, 1), got {args.mask_ratio}")
+    backend = args.backend or os.environ.get("MIMKERNELS_BACKEND", "auto")
+    if mimkernels._backend.RENAMED.get(backend, backend) == "extension":  # else a traceback at the first forward
+        parser.error("the extension backend (--backend or MIMKERNELS_BACKEND) has only the token ops, and every "
+                     "model also needs patch embedding and attention: use auto (the extension's token ops on a GPU "
+                     "it has code for, Triton for the rest), triton or torch")
     if args.fsdp and "RANK" not in os.environ:
         parser.error("--fsdp runs under torchrun (torchrun --nproc-per-node K -m mimkernels.train ... --fsdp)")
     if args.save_every < 0 or args.workers < 0 or (args.warmup_steps is not None and args.warmup_steps < 0):

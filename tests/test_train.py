@@ -361,7 +361,9 @@ def test_bad_arguments_exit_with_usage(tmp_path, capsys):
     for argv, message in ((["aim", "--mask-ratio", "0.5"], "--mask-ratio does not apply to aim"),
                           (["mae", "--vocab-size", "32"], "--vocab-size does not apply to mae (only to beit)"),
                           (["simmim", "--beit-head", "masked"], "--beit-head does not apply to simmim"),
-                          (["mae", "--img-size", "0"], "--img-size must be >= 1, got 0")):
+                          (["mae", "--img-size", "0"], "--img-size must be >= 1, got 0"),
+                          (["aim", "--backend", "extension"], "the extension backend (--backend or MIMKERNELS_BACKEND) "
+                                                              "has only the token ops")):
         with pytest.raises(SystemExit) as exit_info:
             train.parse_args(argv)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
