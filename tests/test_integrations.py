@@ -813,6 +813,68 @@ def test_mimkernels_attention_implementation_in_a_causal_lm(kv_heads, device):
     assert calls == ([{"causal": True, "scale": 0.25}] * 4 if kv_heads == 4 else [])
 
 
+def _tiny_transformers_model(family: str, implementation: str):
+    import transformers
+
+    torch.manual_seed(0)
+    if family == "vit":  # bidirectional self-attention on our kernels
+        config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, intermediate_size=64)
+        model = transformers.ViTModel(config, add_pooling_layer=False)
+    elif family == "bert":  # bidirectional, and a padded batch through sdpa's code
+        config = transformers.BertConfig(vocab_size=50, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=64)
+        model = transformers.BertModel(config, add_pooling_layer=False)
+    else:  # bart: causal self-attention on our kernels, cross-attention (other lengths) through sdpa's code
+        config = transformers.BartConfig(vocab_size=50, d_model=64, encoder_layers=1, decoder_layers=1,
+                                         encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                         decoder_ffn_dim=64, max_position_embeddings=32)
+        model = transformers.BartModel(config)
+    model.set_attn_implementation(implementation)
+    return model.eval()
+
+
+@pytest.mark.parametrize("family, kernel_calls", [("vit", 2), ("bert", 0), ("bart", 2)])
+def test_mimkernels_attention_implementation_gives_sdpa_gradients(family, kernel_calls, device):
+    """Outputs and every parameter gradient as with sdpa, for a vision encoder, a padded text encoder and an
+    encoder-decoder; ``kernel_calls`` counts the calls that ran on our kernels (the rest went to sdpa's code)."""
+    name = integrations.register_hf_attention()
+    if family == "bart" and _transformers_4():
+        kernel_calls = 1  # transformers 4's Bart hands its decoder a causal mask tensor, which goes to sdpa's code
+    gen = torch.Generator().manual_seed(1)
+    if family == "vit":
+        inputs = {"pixel_values": torch.randn(2, 3, 32, 32, generator=gen)}
+    else:
+        inputs = {"input_ids": torch.randint(0, 50, (2, 9), generator=gen)}
+        if family == "bert":
+            inputs["attention_mask"] = torch.tensor([[1] * 7 + [0] * 2, [1] * 9])
+        else:
+            inputs["decoder_input_ids"] = torch.randint(0, 50, (2, 6), generator=gen)
+    inputs = {key: value.to(device) for key, value in inputs.items()}
+    results = []
+    original_attention = mimkernels.attention
+    for implementation in ("sdpa", name):
+        model = _tiny_transformers_model(family, implementation).to(device)
+        calls = []
+        try:
+            mimkernels.attention = lambda *args, _calls=calls, **kwargs: (_calls.append(kwargs)
+                                                                          or original_attention(*args, **kwargs))
+            with mimkernels.use_backend("triton"):
+                hidden = model(**inputs).last_hidden_state
+        finally:
+            mimkernels.attention = original_attention
+        if "attention_mask" in inputs:  # the padded positions' outputs are not compared (nor trained on)
+            hidden = hidden * inputs["attention_mask"][..., None]
+        weights = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(2)).to(device)
+        (hidden * weights).sum().backward()  # not a norm of the output: a final LayerNorm would make that constant
+        results.append((hidden.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+                        len(calls)))
+    (want, want_grads, _), (got, grads, calls) = results
+    assert calls == kernel_calls
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    _assert_grads_close(grads, want_grads)
+
+
 # ----------------------------------------------------------------------------- on a GPU, bf16, ViT-B sizes
 
 
