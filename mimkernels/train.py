@@ -435,7 +435,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     open_below = args.model in ("simmim", "beit")  # they must mask something
     if args.mask_ratio is not None and not (0 < args.mask_ratio < 1 if open_below else 0 <= args.mask_ratio < 1):
         parser.error(f"--mask-ratio must lie in {'(0' if open_below else '[0'}, 1), got {args.mask_ratio}")
-    backend = args.backend or os.environ.get("MIMKERNELS_BACKEND", "auto")
+    try:  # the environment read as the ops read it (normalised, old names mapped)
+        backend = mimkernels._backend.current_backend() if args.backend is None else args.backend
+    except ValueError as error:  # a MIMKERNELS_BACKEND that names no backend
+        parser.error(str(error))
     if mimkernels._backend.RENAMED.get(backend, backend) == "extension":  # else a traceback at the first forward
         parser.error("the extension backend (--backend or MIMKERNELS_BACKEND) has only the token ops, and every "
                      "model also needs patch embedding and attention: use auto (the extension's token ops on a GPU "

@@ -368,6 +368,12 @@ def test_bad_arguments_exit_with_usage(tmp_path, capsys):
             train.parse_args(argv)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert train.parse_args(["beit"]).beit_head == "all" and train.parse_args(["mae"]).vocab_size == 64
+    for value, message in ((" Extension ", "the extension backend"), ("fast", "MIMKERNELS_BACKEND must be one of")):
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("MIMKERNELS_BACKEND", value)
+            with pytest.raises(SystemExit) as exit_info:
+                train.parse_args(["mae"])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_help_gives_every_option_and_its_default_once(capsys):
