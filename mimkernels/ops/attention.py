@@ -17,7 +17,9 @@ if _backend._HAS_TRITON:
     from ..triton import attention as _kernels
 
 
-def _checked_qkv(q, k, v):
+def _checked_qkv(q, k, v, *, called="q, k, v", head_dim_of="q"):
+    """q, k and v checked (and cast under autocast); ``called`` / ``head_dim_of`` name the caller's argument in the
+    dtype and head-dim errors (``qkv`` for :func:`qkv_attention`'s views of one packed tensor)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -35,17 +37,12 @@ def _checked_qkv(q, k, v):
             raise ValueError(f"query and key lengths differ: q has {q.shape[2]} tokens, {name} has {t.shape[2]}")
         if tuple(t.shape) != tuple(q.shape):
             raise ValueError(f"{name} has shape {tuple(t.shape)} but q has {tuple(q.shape)}; they must match")
-    _check_kernel_input("q, k, v", "q", q)
-    return q, k, v
-
-
-def _check_kernel_input(names, name, t):
-    """A dtype and head dim (``t.shape[-1]``) the kernels have tiles for; errors name the caller's arguments."""
-    if t.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"{names} must be float16, bfloat16 or float32, got {t.dtype}")
-    head_dim = t.shape[-1]
+    if q.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{called} must be float16, bfloat16 or float32, got {q.dtype}")
+    head_dim = q.shape[-1]
     if head_dim % 8 or not 16 <= head_dim <= 256:  # arithmetic, not `in range`: Dynamo traces it on symbolic sizes
-        raise ValueError(f"head_dim ({name}.shape[-1]) must be a multiple of 8 from 16 to 256, got {head_dim}")
+        raise ValueError(f"head_dim ({head_dim_of}.shape[-1]) must be a multiple of 8 from 16 to 256, got {head_dim}")
+    return q, k, v
 
 
 def _check_prefix_type(prefix_len):
@@ -264,8 +261,7 @@ def qkv_attention(qkv, *, causal=False, prefix_len=None, scale=None, determinist
     dtype = autocast_dtype(qkv.device)
     if dtype is not None:
         qkv = qkv.to(dtype)  # one cast of the packed tensor
-    _check_kernel_input("qkv", "qkv", qkv)
-    q, k, v = _checked_qkv(*_unpacked(qkv))
+    q, k, v = _checked_qkv(*_unpacked(qkv), called="qkv", head_dim_of="qkv")
     prefix = (0 if causal else q.shape[2]) if prefix_len is None else _checked_prefix(prefix_len, q, "qkv")
     scale = _checked_scale(scale, q.shape[-1])
     deterministic = _checked_deterministic(deterministic)
