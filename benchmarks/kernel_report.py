@@ -160,12 +160,13 @@ def other_launches(dtype: torch.dtype) -> list[Launch]:
     precision = kernels.shape_args(64, dtype)["DOT_PRECISION"]
     launches = []
     r, e, k, warps, stages = patch_kernels.FORWARD_CONFIGS[dtype.itemsize]
-    launches.append(Launch(
-        patch_kernels._patch_embed_fwd, "bias+pos+ids", f"{r}x{e}x{k}", warps, stages,
-        {"IMG": ty, "W": ty, "BIAS": "*fp32", "POS": "*fp32", "IDS": "*i64", "MASK": "*i8", "TOKEN": "*fp32",
-         "OUT": ty},
-        {"HAS_BIAS": True, "HAS_POS": True, "HAS_IDS": True, "HAS_MASK": False, "BLOCK_R": r, "BLOCK_E": e,
-         "BLOCK_K": k, "DOT_PRECISION": precision}))
+    for variant, has_ids in (("bias+pos+ids", True), ("bias+pos+mask", False)):  # MAE's rows, or SimMIM's / BEiT's
+        launches.append(Launch(
+            patch_kernels._patch_embed_fwd, variant, f"{r}x{e}x{k}", warps, stages,
+            {"IMG": ty, "W": ty, "BIAS": "*fp32", "POS": "*fp32", "IDS": "*i64", "MASK": "*fp32", "TOKEN": "*fp32",
+             "OUT": ty},
+            {"HAS_BIAS": True, "HAS_POS": True, "HAS_IDS": has_ids, "HAS_MASK": not has_ids, "BLOCK_R": r,
+             "BLOCK_E": e, "BLOCK_K": k, "DOT_PRECISION": precision}))
     e, k, r, warps, stages = patch_kernels.WEIGHT_GRAD_CONFIGS[dtype.itemsize]
     launches.append(Launch(
         patch_kernels._patch_embed_weight_grad, "ids", f"{e}x{k}x{r}", warps, stages,

@@ -61,8 +61,9 @@ class PatchEmbed(nn.Module):
 
     def forward(self, imgs, *, pos_embed=None, ids_keep=None, mask=None, mask_token=None):
         """``[B, L, E]``, or ``[B, K, E]`` for the patches ``ids_keep [B, K]`` (MAE); with ``mask [B, L]`` and
-        ``mask_token`` (E values), masked patches are the token (SimMIM, BEiT). ``pos_embed [1, L, E]`` is added
-        after the token, before ``norm``, in the same pass."""
+        ``mask_token`` (E values), each patch is ``x * (1 - m) + mask_token * m`` for its mask value m: masked
+        patches (1) are the token (SimMIM, BEiT). ``pos_embed [1, L, E]`` is added after the token, before
+        ``norm``, in the same pass."""
         self.check(imgs)
         tokens = mimkernels.patch_embed(imgs, self.proj.weight, self.proj.bias, pos_embed=pos_embed,
                                         ids_keep=ids_keep, mask=mask, mask_token=mask_token)

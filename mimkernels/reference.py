@@ -111,17 +111,26 @@ def restore_tokens(x_kept, ids_restore, mask_token, *, pos_embed=None, num_prefi
 
 def patch_embed(images, weight, bias=None, *, pos_embed=None, ids_keep=None, mask=None, mask_token=None):
     """``conv2d(images, weight, bias, stride=p).flatten(2).transpose(1, 2)``: [B, L, E] in weight's dtype;
-    masked patches (mask [B, L]) become mask_token, then pos_embed [1, L, E] is added, then only the
-    ``ids_keep`` [B, K] rows are kept."""
+    with mask [B, L] each patch becomes ``x * (1 - w) + mask_token * w`` (w = its mask value, SimMIM's and BEiT's
+    formula: 1 = the token, 0 = the patch), then pos_embed [1, L, E] is added, then only the ``ids_keep`` [B, K]
+    rows are kept."""
     bias = None if bias is None else bias.to(weight.dtype)
     x = F.conv2d(images.to(weight.dtype), weight, bias, stride=weight.shape[-1]).flatten(2).transpose(1, 2)
     if mask is not None:
-        x = torch.where(mask.bool().unsqueeze(-1), mask_token.reshape(1, 1, -1).to(x.dtype), x)
+        x = blend_mask_token(x, mask, mask_token.reshape(1, 1, -1).to(x.dtype))
     if pos_embed is not None:
         x = x + pos_embed.to(x.dtype)
     if ids_keep is not None:
         x = torch.gather(x, 1, _row_index(ids_keep, x.shape[-1]))
     return x
+
+
+def blend_mask_token(x, mask, token):
+    """``x * (1 - w) + token * w`` with w = ``mask`` [B, L] per row of x [B, L, E]; rows with w = 0 keep x and rows
+    with w = 1 take the token as they are (no product), so a non-finite value on one side stays out of the other."""
+    w = mask.unsqueeze(-1).to(x.dtype)
+    blended = x * (1 - w) + token * w
+    return torch.where(w == 0, x, torch.where(w == 1, token, blended))
 
 
 def patchify(images, patch_size):

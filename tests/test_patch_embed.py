@@ -30,6 +30,10 @@ def make(batch, channels, height, width, patch, embed, dtype, mode, seed=0):
     if mode == "simmim":
         leaves["mask_token"] = torch.randn(1, 1, embed, generator=gen).to(DEVICE).requires_grad_()
         extra["mask"] = (torch.rand(batch, patches, generator=gen) < 0.6).to(DEVICE)
+    if mode == "blend":  # mask values between 0 and 1 mix patch and token (SimMIM's / BEiT's formula)
+        leaves["mask_token"] = torch.randn(1, 1, embed, generator=gen).to(DEVICE).requires_grad_()
+        values = torch.tensor([0.0, 1.0, 0.25, 0.5, 0.8])
+        extra["mask"] = values[torch.randint(len(values), (batch, patches), generator=gen)].to(DEVICE)
     return leaves, extra
 
 
@@ -40,7 +44,7 @@ def call(fn, leaves, extra):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("mode", ["full", "mae", "simmim"])
+@pytest.mark.parametrize("mode", ["full", "mae", "simmim", "blend"])
 @pytest.mark.parametrize("shape", [(2, 3, 32, 48, 16, 40), (1, 3, 28, 42, 14, 64), (2, 1, 16, 32, 16, 24),
                                    (1, 3, 32, 32, 16, 768)], ids=lambda s: "x".join(map(str, s)))
 def test_patch_embed(backend, dtype, mode, shape):
@@ -57,6 +61,26 @@ def test_patch_embed(backend, dtype, mode, shape):
         assert got.shape == ref.shape, name
         err = (got.double() - ref).abs().max().item()
         assert err <= TOLERANCE[dtype] * max(1.0, ref.abs().max().item()), f"{name}: {err:.3e}"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_mask_values_blend_as_simmim_and_beit_do(backend):
+    """The official SimMIM / BEiT step, ``x * (1 - w) + mask_token * w`` with w = ``mask.type_as(mask_token)``:
+    the same result for a bool, an integer and a float mask, and mask values between 0 and 1 mix the two."""
+    leaves, extra = make(2, 3, 32, 48, 16, 40, torch.float32, "blend")
+    images, weight, bias, pos, token = (leaves[k].detach() for k in ("images", "weight", "bias", "pos_embed",
+                                                                     "mask_token"))
+    conv = torch.nn.functional.conv2d(images.double(), weight.double(), bias.double(), stride=16)
+    w = extra["mask"].double().unsqueeze(-1)
+    official = conv.flatten(2).transpose(1, 2) * (1 - w) + token.double() * w + pos.double()
+    with mimkernels.use_backend(backend):
+        got = mimkernels.patch_embed(images, weight, bias, pos_embed=pos, mask=extra["mask"], mask_token=token)
+        torch.testing.assert_close(got.double(), official, rtol=1e-5, atol=1e-5)
+        binary = extra["mask"] > 0.5
+        results = [mimkernels.patch_embed(images, weight, bias, mask=m, mask_token=token)
+                   for m in (binary, binary.long(), binary.half(), binary.float())]
+    for result in results[1:]:
+        torch.testing.assert_close(result, results[0], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -123,6 +147,8 @@ def test_autocast_runs_in_autocast_dtype():
     ({"mask": torch.ones(1, 3), "mask_token": torch.zeros(8)}, ValueError, r"mask must have shape \(1, 4\)"),
     ({"mask": torch.ones(1, 4), "mask_token": torch.zeros(7)}, ValueError, "mask_token must hold 8"),
     ({"mask": torch.ones(1, 4), "mask_token": [0.0] * 8}, TypeError, "mask_token must be a torch.Tensor"),
+    ({"mask": torch.ones(1, 4, dtype=torch.complex64), "mask_token": torch.zeros(8)}, TypeError,
+     "mask must be bool, integer or real"),
     ({"ids_keep": torch.tensor([[0, 1, 2]]).float()}, TypeError, "int32 or int64"),
     ({"ids_keep": torch.tensor([[0, 1], [2, 3]])}, ValueError, r"ids_keep must have shape \[1, K\]"),
     ({"ids_keep": torch.tensor([[0, 4]])}, IndexError, r"\[0, 4\)"),

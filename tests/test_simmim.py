@@ -53,12 +53,18 @@ def _unfused_simmim_loss(model, imgs, mask):
     return loss, pred
 
 
-def test_simmim_is_the_paper_forward():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("soft", [False, True], ids=["drawn_mask", "soft_mask"])
+def test_simmim_is_the_paper_forward(backend, soft):
+    """Also with mask values between 0 and 1: the official code blends patch and token by the value and weights
+    the loss by it, and so does the model."""
     torch.manual_seed(0)
     model = simmim_vit_tiny_patch8()
     imgs = torch.randn(2, 3, 64, 64)
     mask = model.random_mask(2)
-    with mimkernels.use_backend("torch"):
+    if soft:
+        mask = mask * torch.rand(mask.shape)
+    with mimkernels.use_backend(backend):
         loss, pred, got_mask = model(imgs, mask=mask)
     want_loss, want_pred = _unfused_simmim_loss(model, imgs, mask)
     assert torch.equal(got_mask, mask.float())

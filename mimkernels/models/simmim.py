@@ -5,7 +5,8 @@ The method as the paper and microsoft/SimMIM define it for ViT: block-wise rando
 encoder that sees every token, a one-layer linear prediction head to the raw pixels of each patch, and an L1
 loss on the masked patches only. On the fused path the mask token replaces the masked patches inside the
 patch-embedding GEMM's epilogue (with the positional embedding added in the same pass), and the loss reads the
-target pixels from the image in place.
+target pixels from the image in place. A given mask with values between 0 and 1 blends patch and token, and
+weights the loss, by the value, as the official code does.
 
 Where this model differs from microsoft/SimMIM's ``VisionTransformerForSimMIM`` (said here, not hidden):
 

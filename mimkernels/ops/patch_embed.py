@@ -71,12 +71,12 @@ class _PatchEmbed(torch.autograd.Function):
                 placed = tokens.place_rows(grad, ids_keep, ctx.pos_rows)
                 summed = placed.sum(0, dtype=torch.float32)
             grad_pos = summed.to(pos_dtype).unsqueeze(0)
-        if mask is not None:
-            masked = mask.bool().unsqueeze(-1)
-            if ctx.needs_input_grad[4]:  # a fill, not a product: a NaN / inf upstream on a kept row stays out
-                grad_token = grad.masked_fill(~masked, 0).sum((0, 1), dtype=torch.float32)
+        if mask is not None:  # out = conv * (1 - m) + token * m per row, m = 0 and m = 1 by a select (as the forward)
+            m = mask.unsqueeze(-1)
+            if ctx.needs_input_grad[4]:  # kept rows left out by the select: a NaN / inf upstream there stays out
+                grad_token = torch.where(m == 0, 0, grad * m).sum((0, 1), dtype=torch.float32)
                 grad_token = grad_token.to(token_dtype).reshape(ctx.token_shape)
-            grad = grad.masked_fill(masked, 0)  # masked rows took the token: no gradient to the convolution
+            grad = torch.where(m == 1, 0, grad * (1 - m)).to(grad.dtype)  # rows that took the token: no conv grad
         if ctx.needs_input_grad[2]:
             grad_bias = grad.sum((0, 1), dtype=torch.float32).to(bias_dtype)
         if ctx.needs_input_grad[1]:
@@ -134,6 +134,8 @@ def _checked_patch_embed_args(images, weight, bias, pos_embed, ids_keep, mask, m
                              f"got {getattr(mask, 'shape', mask)!r}")
         if mask.device != images.device:
             raise ValueError(f"mask is on {mask.device} but images are on {images.device}")
+        if mask.dtype.is_complex:
+            raise TypeError(f"mask must be bool, integer or real floating point, got {mask.dtype}")
         if not isinstance(mask_token, torch.Tensor) or mask_token.numel() != embed:
             raise ValueError(f"mask_token must hold {embed} values, got {getattr(mask_token, 'shape', mask_token)!r}")
     return ids_keep
@@ -151,8 +153,10 @@ def patch_embed(images, weight, bias=None, *, pos_embed=None, ids_keep=None, mas
         ids_keep: ``[B, K]`` (MAE): compute only these patches; returns ``[B, K, E]``. The kernels never read the
             other patches, so a NaN or inf there reaches no output or gradient (the ``torch`` backend convolves
             every patch, as the official MAE code does, and its weight gradient carries it: 0 * inf).
-        mask, mask_token: ``[B, L]`` (bool or 0/1) and E values (BEiT, SimMIM): masked patches are replaced
-            by the token before pos_embed is added. Not together with ids_keep.
+        mask, mask_token: ``[B, L]`` (bool, integer or float) and E values (BEiT, SimMIM): each patch becomes
+            ``x * (1 - m) + mask_token * m`` (m its mask value) before pos_embed is added, as the official
+            SimMIM and BEiT code blend it: 1 (True) is the token, 0 the patch, anything between a mix. Not
+            together with ids_keep.
 
     Returns ``[B, L or K, E]`` in weight's dtype (autocast's under ``torch.autocast``), computed with fp32
     accumulation. Differentiable in images, weight, bias, pos_embed and mask_token.
@@ -166,5 +170,5 @@ def patch_embed(images, weight, bias=None, *, pos_embed=None, ids_keep=None, mas
         return reference.patch_embed(images, weight, bias, pos_embed=pos_embed, ids_keep=ids_keep, mask=mask,
                                      mask_token=mask_token)
     contiguous = [None if t is None else t.contiguous() for t in (weight, bias, pos_embed, mask_token)]
-    mask = None if mask is None else (mask != 0).to(torch.int8).contiguous()
+    mask = None if mask is None else mask.to(torch.float32).contiguous()  # the kernel blends in fp32
     return _PatchEmbed.apply(images, *contiguous, ids_keep, mask)

@@ -3,8 +3,9 @@
     out[r, e] = sum_k A[r, k] * W[e, k] (+ bias[e]) (+ pos[patch(r), e]),  k = (c, i, j) as in Conv2d's weight
 
 Row r is a patch: all patches of the batch, or only the kept ones (``ids``, MAE), so dropped patches
-cost nothing. With a ``mask`` (BEiT, SimMIM) masked rows become ``token`` before the positional
-embedding is added. The backward's weight gradient is the same kind of GEMM, reduced over rows.
+cost nothing. With a ``mask`` (BEiT, SimMIM: an fp32 value m per patch) row r becomes
+``out * (1 - m) + token * m`` before the positional embedding is added. The backward's weight gradient is
+the same kind of GEMM, reduced over rows.
 """
 from __future__ import annotations
 
@@ -72,10 +73,10 @@ def _patch_embed_fwd(
         acc = tl.dot(a.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(BIAS + embeds, mask=embed_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_MASK:
-        masked = tl.load(MASK + image.to(tl.int64) * stride_mb + patch, mask=row_ok, other=0) != 0
-        token = tl.load(TOKEN + embeds, mask=embed_ok, other=0.0).to(tl.float32)
-        acc = tl.where(masked[:, None], token[None, :], acc)
+    if HAS_MASK:  # acc * (1 - m) + token * m; m = 0 and m = 1 select without a product (as the reference)
+        m = tl.load(MASK + image.to(tl.int64) * stride_mb + patch, mask=row_ok, other=0.0)[:, None]
+        token = tl.load(TOKEN + embeds, mask=embed_ok, other=0.0).to(tl.float32)[None, :]
+        acc = tl.where(m == 0, acc, tl.where(m == 1, token, acc * (1 - m) + token * m))
     if HAS_POS:
         acc += tl.load(POS + patch[:, None] * stride_pl + embeds[None, :], mask=row_ok[:, None] & embed_ok[None, :],
                        other=0.0).to(tl.float32)
@@ -91,7 +92,7 @@ def _patch_embed_weight_grad(
     HAS_IDS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """GRAD_W[e, k] = sum_r GRAD[r, e] * A[r, k], fp32; GRAD holds zeros on rows that took the mask token."""
+    """GRAD_W[e, k] = sum_r GRAD[r, e] * A[r, k], fp32; GRAD comes scaled by 1 - w on masked rows (0: the token)."""
     embeds = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     embed_ok = embeds < embed
