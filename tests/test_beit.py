@@ -193,6 +193,8 @@ def test_beit_checks_its_input():
         assert torch.isfinite(loss) and 20 <= mask.sum(1).min() and mask.sum(1).max() <= 26
         with pytest.raises(ValueError, match=r"mask must be a \[2, 64\] tensor"):
             model(imgs, mask=torch.zeros(2, 10))
+        with pytest.raises(TypeError, match="mask must be bool, integer or real"):
+            model(imgs, mask=torch.zeros(2, 64, dtype=torch.complex64))
         broken = beit_vit_tiny_patch8(torch.nn.Identity(), vocab_size=16)
         with pytest.raises(ValueError, match="the tokenizer must give integer codes"):
             broken(imgs)

@@ -8,6 +8,7 @@ from mimkernels.ops._checks import (
     check_distinct_indices,
     check_images,
     check_index_tensor,
+    check_mask_values,
     is_int,
     is_real,
     patch_side,
@@ -50,6 +51,14 @@ def test_check_images_names_the_argument():
         check_images(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), 16)
     with pytest.raises(ValueError, match="32x40 is not divisible by the patch size 16"):
         check_images(torch.randn(2, 3, 32, 40), 16)
+
+
+def test_check_mask_values_takes_real_weights_only():
+    for dtype in (torch.bool, torch.uint8, torch.int64, torch.float16, torch.float32, torch.float64):
+        check_mask_values("mask", torch.ones(2, 4, dtype=dtype))
+    with pytest.raises(TypeError, match="bool_masked_pos must be bool, integer or real floating point, got "
+                                        "torch.complex64"):
+        check_mask_values("bool_masked_pos", torch.ones(2, 4, dtype=torch.complex64))
 
 
 def test_check_index_tensor_metadata():

@@ -214,6 +214,7 @@ def test_mask_that_requires_grad_is_refused(backend):
     ({"images": torch.randn(3, 3, 32, 32)}, ValueError, "do not match pred"),
     ({"images": torch.randn(2, 3, 32)}, ValueError, "4-D"),
     ({"mask": torch.ones(2, 5)}, ValueError, "mask must be a tensor of shape \\(2, 4\\)"),
+    ({"mask": torch.ones(2, 4, dtype=torch.complex64)}, TypeError, "mask must be bool, integer or real"),
     ({"loss": "huber"}, ValueError, "'l2' or 'l1'"),
     ({"norm_pix": 1}, TypeError, "norm_pix must be a bool"),
     ({"pred": torch.randn(2, 4)}, ValueError, "3-D"),

@@ -104,6 +104,8 @@ def test_simmim_draws_its_mask_and_checks_its_input():
         assert (model(imgs, mask_ratio=0.3)[2].sum(1) == math.ceil(0.3 * 16) * 4).all()
         with pytest.raises(ValueError, match=r"mask must be a \[3, 64\] tensor"):
             model(imgs, mask=torch.zeros(3, 63))
+        with pytest.raises(TypeError, match="mask must be bool, integer or real"):
+            model(imgs, mask=torch.zeros(3, 64, dtype=torch.complex64))
         with pytest.raises(ValueError, match="imgs must be"):
             model(torch.randn(3, 3, 32, 32))
     with pytest.raises(ValueError, match="mask_patch_size 20 is not a multiple of patch_size 8"):

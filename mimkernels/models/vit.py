@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 import mimkernels
 
 from ..nn import Attention, PatchEmbed, check_head_dim
+from ..ops._checks import check_mask_values
 
 # True: every residual add is fused with the LayerNorm that follows it (mimkernels.add_layer_norm): in a block, the
 # attention branch's add with norm2; across blocks (``run_blocks``), the MLP branch's add with the next block's
@@ -192,6 +193,7 @@ class MaskTokenViT(nn.Module):
         if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (batch, num_patches):
             raise ValueError(f"mask must be a [{batch}, {num_patches}] tensor, got "
                              f"{getattr(mask, 'shape', type(mask).__name__)}")
+        check_mask_values("mask", mask)
         return mask.to(device=imgs.device, dtype=torch.float32)
 
     def forward_encoder(self, imgs, mask):

@@ -52,6 +52,13 @@ def unit_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def check_mask_values(name: str, mask: torch.Tensor) -> None:
+    """A mask of patch weights (1 = masked) is bool, integer or real floating point: a complex one would lose its
+    imaginary part, with only a warning, when cast to the fp32 the kernels read."""
+    if mask.dtype.is_complex:
+        raise TypeError(f"{name} must be bool, integer or real floating point, got {mask.dtype}")
+
+
 def check_images(images, patch_size: int, name: str = "images") -> None:
     """``images`` is ``[B, C, H, W]`` floating point with H and W multiples of the patch size."""
     if not isinstance(images, torch.Tensor):

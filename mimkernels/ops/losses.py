@@ -5,7 +5,7 @@ import torch
 
 from .. import _backend, reference
 from ._autograd import first_derivative_only
-from ._checks import check_images, patch_side, unit_stride
+from ._checks import check_images, check_mask_values, patch_side, unit_stride
 
 _kernels = None
 if _backend._HAS_TRITON:
@@ -89,6 +89,7 @@ def masked_patch_loss(pred, images, mask, *, norm_pix=True, loss="l2"):
         raise ValueError(f"images hold {patches} patches of size {patch_size}, pred has {num_patches}")
     if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (batch, num_patches) or mask.device != pred.device:
         raise ValueError(f"mask must be a tensor of shape ({batch}, {num_patches}) on {pred.device}")
+    check_mask_values("mask", mask)
     if loss not in ("l1", "l2"):
         raise ValueError(f"loss must be 'l2' or 'l1', got {loss!r}")
     if not isinstance(norm_pix, bool):

@@ -6,7 +6,15 @@ import torch
 from .. import _backend, reference
 from . import tokens
 from ._autograd import first_derivative_only
-from ._checks import KERNEL_DTYPES, autocast_dtype, check_distinct_indices, check_images, check_index_tensor, is_int
+from ._checks import (
+    KERNEL_DTYPES,
+    autocast_dtype,
+    check_distinct_indices,
+    check_images,
+    check_index_tensor,
+    check_mask_values,
+    is_int,
+)
 
 _kernels = None
 if _backend._HAS_TRITON:
@@ -134,8 +142,7 @@ def _checked_patch_embed_args(images, weight, bias, pos_embed, ids_keep, mask, m
                              f"got {getattr(mask, 'shape', mask)!r}")
         if mask.device != images.device:
             raise ValueError(f"mask is on {mask.device} but images are on {images.device}")
-        if mask.dtype.is_complex:
-            raise TypeError(f"mask must be bool, integer or real floating point, got {mask.dtype}")
+        check_mask_values("mask", mask)
         if not isinstance(mask_token, torch.Tensor) or mask_token.numel() != embed:
             raise ValueError(f"mask_token must hold {embed} values, got {getattr(mask_token, 'shape', mask_token)!r}")
     return ids_keep
