@@ -14,7 +14,7 @@ def _relative(got, want):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("patch, embed, size", [(16, 768, (224, 224)), (14, 1536, (224, 224)), (16, 1024, (224, 160))])
-@pytest.mark.parametrize("mode", ["full", "mae", "simmim"])
+@pytest.mark.parametrize("mode", ["full", "mae", "simmim", "blend"])
 def test_patch_embed_on_gpu(dtype, patch, embed, size, mode):
     batch = 8
     images = torch.randn(batch, 3, *size, device="cuda")
@@ -27,8 +27,10 @@ def test_patch_embed_on_gpu(dtype, patch, embed, size, mode):
     leaves = [weight, bias, pos]
     if mode == "mae":
         kwargs["ids_keep"] = torch.argsort(torch.rand(batch, patches, device="cuda"), 1)[:, :patches // 4]
-    if mode == "simmim":
+    if mode in ("simmim", "blend"):  # blend: mask values between 0 and 1 mix patch and token
         kwargs["mask"] = torch.rand(batch, patches, device="cuda") < 0.6
+        if mode == "blend":
+            kwargs["mask"] = kwargs["mask"] * torch.rand(batch, patches, device="cuda")
         kwargs["mask_token"] = torch.randn(1, 1, embed, device="cuda", requires_grad=True)
         leaves.append(kwargs["mask_token"])
     out = mimkernels.patch_embed(images, weight, bias, **kwargs)
@@ -36,7 +38,7 @@ def test_patch_embed_on_gpu(dtype, patch, embed, size, mode):
     grads = torch.autograd.grad(out, leaves, grad_out)
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
     kwargs64 = dict(kwargs, pos_embed=leaves64[2])
-    if mode == "simmim":
+    if mode in ("simmim", "blend"):
         kwargs64["mask_token"] = leaves64[3]
     want = reference.patch_embed(images.double(), leaves64[0], leaves64[1], **kwargs64)
     grads64 = torch.autograd.grad(want, leaves64, grad_out.double())
