@@ -92,7 +92,7 @@ def _patch_embed_weight_grad(
     HAS_IDS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """GRAD_W[e, k] = sum_r GRAD[r, e] * A[r, k], fp32; GRAD comes scaled by 1 - w on masked rows (0: the token)."""
+    """GRAD_W[e, k] = sum_r GRAD[r, e] * A[r, k], fp32; GRAD comes scaled by 1 - m on masked rows (0: the token)."""
     embeds = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     embed_ok = embeds < embed
