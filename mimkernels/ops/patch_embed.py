@@ -82,9 +82,10 @@ class _PatchEmbed(torch.autograd.Function):
         if mask is not None:  # out = conv * (1 - m) + token * m per row, m = 0 and m = 1 by a select (as the forward)
             m = mask.unsqueeze(-1)
             if ctx.needs_input_grad[4]:  # kept rows left out by the select: a NaN / inf upstream there stays out
-                grad_token = torch.where(m == 0, 0, grad * m).sum((0, 1), dtype=torch.float32)
+                # masked_fill_ on the fresh product, not torch.where: one fp32 [B, L, E] temporary instead of two
+                grad_token = (grad * m).masked_fill_(m == 0, 0).sum((0, 1), dtype=torch.float32)
                 grad_token = grad_token.to(token_dtype).reshape(ctx.token_shape)
-            grad = torch.where(m == 1, 0, grad * (1 - m)).to(grad.dtype)  # rows that took the token: no conv grad
+            grad = (grad * (1 - m)).masked_fill_(m == 1, 0).to(grad.dtype)  # rows that took the token: no conv grad
         if ctx.needs_input_grad[2]:
             grad_bias = grad.sum((0, 1), dtype=torch.float32).to(bias_dtype)
         if ctx.needs_input_grad[1]:
