@@ -365,7 +365,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, help="peak lr; default (global batch, linear scaling): " + ", ".join(
         f"{family} {d['base_lr']:g} x batch/{d['lr_batch']}" for family, d in DEFAULTS.items()))
     parser.add_argument("--min-lr", type=float, default=0.0, help="lr at the end of the cosine decay")
-    parser.add_argument("--warmup-steps", type=int, help="default 5%% of --steps")
+    parser.add_argument("--warmup-steps", type=int, help="at most --steps; default 5%% of --steps")
     parser.add_argument("--weight-decay", type=float, help="AdamW's, on weights (not biases, norms, tokens); default: "
                         + ", ".join(f"{family} {d['weight_decay']:g}" for family, d in DEFAULTS.items()))
     parser.add_argument("--clip-grad", type=float, help="clip the gradient norm to this (default: no clipping)")
@@ -432,9 +432,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("mask_ratio", "norm_pix_loss"):
         if getattr(args, name) is None:
             setattr(args, name, DEFAULTS[args.model][name])
-    open_below = args.model in ("simmim", "beit")  # they must mask something
-    if args.mask_ratio is not None and not (0 < args.mask_ratio < 1 if open_below else 0 <= args.mask_ratio < 1):
-        parser.error(f"--mask-ratio must lie in {'(0' if open_below else '[0'}, 1), got {args.mask_ratio}")
+    # every family's loss covers only the masked patches: a ratio of 0 trained on a loss of 0 (MAE's op returns 0
+    # for an empty mask), AdamW's weight decay alone moving the weights
+    if args.mask_ratio is not None and not 0 < args.mask_ratio < 1:
+        parser.error(f"--mask-ratio must lie in (0, 1): the loss covers only masked patches, got {args.mask_ratio}")
     try:  # the environment read as the ops read it (normalised, old names mapped)
         backend = mimkernels._backend.current_backend() if args.backend is None else args.backend
     except ValueError as error:  # a MIMKERNELS_BACKEND that names no backend
@@ -447,6 +448,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--fsdp runs under torchrun (torchrun --nproc-per-node K -m mimkernels.train ... --fsdp)")
     if args.save_every < 0 or args.workers < 0 or (args.warmup_steps is not None and args.warmup_steps < 0):
         parser.error("--save-every, --workers and --warmup-steps must be >= 0")
+    if args.warmup_steps is not None and args.warmup_steps > args.steps:  # the lr would never reach --lr
+        parser.error(f"--warmup-steps {args.warmup_steps} is more than --steps {args.steps}: the learning rate would "
+                     "never reach its peak")
     for name in ("lr", "min_lr", "weight_decay"):  # finite: nan < 0 is False
         value = getattr(args, name)
         if value is not None and not 0 <= value < math.inf:
@@ -487,7 +491,9 @@ def build_model(args, tokenizer=None) -> torch.nn.Module:
         if args.model == "beit":
             model.masked_count(args.mask_ratio)
         elif args.model == "mae":
-            kept_count(args.mask_ratio, model.patch_embed.num_patches)
+            num_patches = model.patch_embed.num_patches
+            if kept_count(args.mask_ratio, num_patches) == num_patches:  # a ratio so small it rounds to no patch
+                raise ValueError(f"mask_ratio={args.mask_ratio} masks no patch out of {num_patches}")
     except ValueError as error:
         raise UsageError(f"--mask-ratio {args.mask_ratio}: {error}") from None
     return model

@@ -327,6 +327,8 @@ def test_a_named_compile_backend_that_fails_raises(tmp_path, capsys, monkeypatch
     (lambda p: None, ["--img-size", "60"], "not a multiple of patch_size"),
     # a ratio that keeps no patch: a traceback from the first forward before
     (lambda p: None, ["--mask-ratio", "0.99"], "--mask-ratio 0.99: mask_ratio=0.99 keeps no patch out of 64"),
+    # and one so small that it masks none: a loss of 0 at every step (MAE's loss covers only the masked patches)
+    (lambda p: None, ["--mask-ratio", "1e-17"], "--mask-ratio 1e-17: mask_ratio=1e-17 masks no patch out of 64"),
 ])
 def test_bad_data_is_reported_without_a_traceback(tmp_path, capsys, setup, argv, message):
     setup(tmp_path)
@@ -362,6 +364,11 @@ def test_bad_arguments_exit_with_usage(tmp_path, capsys):
                           (["mae", "--vocab-size", "32"], "--vocab-size does not apply to mae (only to beit)"),
                           (["simmim", "--beit-head", "masked"], "--beit-head does not apply to simmim"),
                           (["mae", "--img-size", "0"], "--img-size must be >= 1, got 0"),
+                          # a run that learnt nothing (a loss of 0) or never reached its learning rate
+                          (["mae", "--mask-ratio", "0"], "--mask-ratio must lie in (0, 1): the loss covers only "
+                                                         "masked patches, got 0.0"),
+                          (["aim", "--steps", "10", "--warmup-steps", "11"], "--warmup-steps 11 is more than --steps "
+                                                                              "10"),
                           (["aim", "--backend", "extension"], "the extension backend (--backend or MIMKERNELS_BACKEND) "
                                                               "has only the token ops")):
         with pytest.raises(SystemExit) as exit_info:
