@@ -493,6 +493,24 @@ def test_patched_vit_mae_matches_the_original(norm_pix_loss, device, monkeypatch
     _assert_grads_close(grads, want_grads)
 
 
+def test_vit_mae_that_removes_no_patch_keeps_the_original_loss(device, monkeypatch):
+    """mask_ratio 0 (transformers' way to see every patch): the original loss divides 0 by 0, a NaN loss and NaN
+    gradients, where masked_patch_loss would give 0; the patched model runs the original loss code and agrees."""
+    calls = _count_calls(monkeypatch, "masked_patch_loss")
+    images, noise = torch.randn(2, 3, 32, 32, device=device), torch.rand(2, 16, device=device)
+    original = _vit_mae(mask_ratio=0.0).to(device)
+    patched = integrations.apply(_vit_mae(mask_ratio=0.0).to(device))
+    with mimkernels.use_backend("triton"):
+        got = patched(images, noise=noise)
+        got.loss.backward()
+    want = original(images, noise=noise)
+    want.loss.backward()
+    assert not calls and not want.mask.any() and torch.equal(got.mask, want.mask)
+    assert got.loss.isnan() and want.loss.isnan()
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
+    assert patched.decoder.decoder_pred.weight.grad.isnan().all()
+
+
 def _assert_same_vit_mae_step(patched, original, images, noise):
     """One forward + backward of each on the same images and noise: loss, logits and every gradient agree."""
     with mimkernels.use_backend("triton"):

@@ -28,6 +28,13 @@ def _release_unsupported(patched: type) -> str | None:
     return release_unsupported("transformers", patched.__mro__[1], method, (parameters,))
 
 
+def _removes_no_patch(config, num_patches: int) -> bool:
+    """Whether ViTMAE's masking at ``config.mask_ratio`` keeps all ``num_patches`` patches (its own ``len_keep``).
+    The original loss then divides 0 by 0 (NaN), where :func:`mimkernels.masked_patch_loss` gives 0: the original
+    loss code runs instead, so that the numbers stay the original's."""
+    return int(num_patches * (1 - config.mask_ratio)) == num_patches
+
+
 def _save_as_original(self, *args, **kwargs):
     """The checkpoint an unpatched model writes: transformers records the model's class name in
     ``config.architectures``, which must name a class transformers has (``push_to_hub`` saves through here)."""
@@ -149,7 +156,7 @@ if TRANSFORMERS_4:
         save_pretrained = _save_as_original
 
         def forward_loss(self, pixel_values, pred, mask, interpolate_pos_encoding: bool = False):
-            if interpolate_pos_encoding:
+            if interpolate_pos_encoding or _removes_no_patch(self.config, mask.shape[1]):
                 return super().forward_loss(pixel_values, pred, mask, interpolate_pos_encoding)
             return mimkernels.masked_patch_loss(pred, pixel_values, mask, norm_pix=self.config.norm_pix_loss)
 
@@ -214,7 +221,8 @@ else:
 
         def forward(self, pixel_values=None, noise=None, interpolate_pos_encoding=None, attention_mask=None,
                     **kwargs):
-            if interpolate_pos_encoding or kwargs.get("return_dict") is False:
+            if interpolate_pos_encoding or kwargs.get("return_dict") is False or \
+                    _removes_no_patch(self.config, self.vit.embeddings.patch_embeddings.num_patches):
                 return super().forward(pixel_values, noise=noise, interpolate_pos_encoding=interpolate_pos_encoding,
                                        attention_mask=attention_mask, **kwargs)
             outputs = self.vit(pixel_values, noise=noise, attention_mask=attention_mask, **kwargs)
