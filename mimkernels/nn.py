@@ -15,6 +15,8 @@ from torch import nn
 
 import mimkernels
 
+from .ops._checks import is_int
+
 __all__ = ["Attention", "PatchEmbed", "check_head_dim"]
 
 
@@ -26,6 +28,14 @@ def check_head_dim(name: str, dim: int, num_heads: int) -> None:
                          f"of 8 in [16, 256], got {dim / num_heads if num_heads else math.inf:g}")
 
 
+def _sides(name: str, value) -> tuple[int, int]:
+    """``(height, width)`` from a positive int or a pair of them; ValueError naming ``name`` otherwise."""
+    sides = (value, value) if is_int(value) else tuple(value) if isinstance(value, (tuple, list)) else ()
+    if len(sides) != 2 or not all(is_int(side) and side >= 1 for side in sides):
+        raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
+    return int(sides[0]), int(sides[1])
+
+
 class PatchEmbed(nn.Module):
     """Image to patch tokens ``[B, L, E]``: a Conv2d's weights (``proj``) applied as one GEMM that reads the image
     in place, then ``norm`` (Identity unless ``norm_layer``).
@@ -33,15 +43,23 @@ class PatchEmbed(nn.Module):
     Args:
         img_size: the model's image size (int or (H, W)); with ``strict_img_size`` other sizes are refused,
             else any multiple of the patch size is embedded. None: any multiple.
-        patch_size, in_chans, embed_dim, bias: as timm's PatchEmbed (square patches).
+        patch_size, in_chans, embed_dim, bias: as timm's PatchEmbed (square patches: an int, or a pair of equal
+            ints as timm writes it).
     """
 
-    def __init__(self, img_size: int | tuple[int, int] | None = 224, patch_size: int = 16, in_chans: int = 3,
-                 embed_dim: int = 768, bias: bool = True, norm_layer=None, strict_img_size: bool = True):
+    def __init__(self, img_size: int | tuple[int, int] | None = 224, patch_size: int | tuple[int, int] = 16,
+                 in_chans: int = 3, embed_dim: int = 768, bias: bool = True, norm_layer=None,
+                 strict_img_size: bool = True):
         super().__init__()
+        given = patch_size
+        patch_size, patch_width = _sides("patch_size", given)
+        if patch_size != patch_width:
+            raise ValueError(f"patch_size must be square (mimkernels.patch_embed's patches are), got {given!r}")
+        for name, value in (("in_chans", in_chans), ("embed_dim", embed_dim)):
+            if not is_int(value) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.patch_size, self.in_chans = patch_size, in_chans
-        self.img_size = None if img_size is None else (img_size, img_size) if isinstance(img_size, int) \
-            else tuple(img_size)
+        self.img_size = None if img_size is None else _sides("img_size", img_size)
         if self.img_size is not None and any(side % patch_size for side in self.img_size):
             raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {patch_size}")
         self.grid_size = None if self.img_size is None else tuple(side // patch_size for side in self.img_size)

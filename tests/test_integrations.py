@@ -395,6 +395,19 @@ def test_nn_modules_check_their_arguments():
             attention(x)
     with pytest.raises(ValueError, match="not a multiple of patch_size"):
         mnn.PatchEmbed(30, 8, 3, 16)
+    # sizes refused by name (were a ZeroDivisionError, a tensor of negative size, an operand-type error, or a model
+    # of no patches and no channels); timm's way of writing a square patch, a pair, is taken
+    for kwargs, message in (({"patch_size": 0}, "patch_size must be a positive int or a pair of them, got 0"),
+                            ({"patch_size": -4}, "patch_size must be a positive int or a pair of them, got -4"),
+                            ({"patch_size": 8.0}, "patch_size must be a positive int or a pair of them, got 8.0"),
+                            ({"patch_size": (8, 4)}, r"patch_size must be square .*, got \(8, 4\)"),
+                            ({"img_size": 0}, "img_size must be a positive int or a pair of them, got 0"),
+                            ({"img_size": (32,)}, r"img_size must be a positive int or a pair of them, got \(32,\)"),
+                            ({"in_chans": 0}, "in_chans must be a positive int, got 0"),
+                            ({"embed_dim": 0}, "embed_dim must be a positive int, got 0")):
+        with pytest.raises(ValueError, match=message):
+            mnn.PatchEmbed(**{"img_size": 32, "patch_size": 8, "in_chans": 3, "embed_dim": 16, **kwargs})
+    assert mnn.PatchEmbed((32, 48), (8, 8), 3, 16).patch_size == 8
     embed = mnn.PatchEmbed(32, 8, 3, 16)
     with pytest.raises(ValueError, match="must be 32x32"):
         embed(torch.randn(1, 3, 40, 32))

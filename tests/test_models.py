@@ -175,6 +175,19 @@ def test_mae_rejects_bad_images():
         model(torch.randn(2, 3, 32, 32), noise=torch.rand(2, 5))
     with pytest.raises(ValueError, match="head dim"):
         small_mae(embed_dim=36, num_heads=3)
+    with pytest.raises(ValueError, match="patch_size must be a positive int or a pair of them, got 0"):
+        small_mae(patch_size=0)
+
+
+def test_models_take_timm_pair_patch_sizes():
+    """A square patch written as timm writes it, ``(p, p)``: the same parameters as ``p`` (the pixel heads' width
+    came from ``patch_size**2``, a TypeError for a pair)."""
+    for build in (small_mae, small_aim):
+        torch.manual_seed(0)
+        want = build().state_dict()
+        torch.manual_seed(0)
+        got = build(patch_size=(8, 8)).state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[name], want[name]) for name in want)
 
 
 # ----------------------------------------------------------------------------- AIM

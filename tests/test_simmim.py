@@ -108,8 +108,10 @@ def test_simmim_draws_its_mask_and_checks_its_input():
             model(imgs, mask=torch.zeros(3, 64, dtype=torch.complex64))
         with pytest.raises(ValueError, match="imgs must be"):
             model(torch.randn(3, 3, 32, 32))
-    with pytest.raises(ValueError, match="mask_patch_size 20 is not a multiple of patch_size 8"):
-        simmim_vit_tiny_patch8(mask_patch_size=20)
+    for size in (20, 0):  # 0 was a ZeroDivisionError
+        with pytest.raises(ValueError, match=f"mask_patch_size must be a positive multiple of patch_size 8, got "
+                                             f"{size}"):
+            simmim_vit_tiny_patch8(mask_patch_size=size)
     with pytest.raises(ValueError, match="not square in mask patches"):
         simmim_vit_tiny_patch8(mask_patch_size=24)
     assert isinstance(model, SimMIM)

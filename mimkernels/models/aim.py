@@ -82,7 +82,7 @@ class AIM(nn.Module):
         self.register_buffer("head_pos_embed", sincos_pos_embed(head_embed_dim, grid_h, grid_w), persistent=False)
         self.head_blocks = nn.ModuleList(MlpBlock(head_embed_dim, mlp_ratio) for _ in range(head_depth))
         self.head_norm = _LN(head_embed_dim)
-        self.head_pred = nn.Linear(head_embed_dim, patch_size**2 * in_chans, bias=False)
+        self.head_pred = nn.Linear(head_embed_dim, self.patch_embed.patch_size**2 * in_chans, bias=False)
         self.norm_pix_loss = norm_pix_loss
         self.apply(init_weights)
 

@@ -48,7 +48,7 @@ class MAE(nn.Module):
         self.decoder_blocks = nn.ModuleList(Block(decoder_embed_dim, decoder_num_heads, mlp_ratio,
                                                   norm_layer=norm_layer) for _ in range(decoder_depth))
         self.decoder_norm = norm_layer(decoder_embed_dim)
-        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, self.patch_embed.patch_size**2 * in_chans, bias=True)
         self.norm_pix_loss = norm_pix_loss
         self.initialize_weights()
 

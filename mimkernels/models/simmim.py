@@ -28,6 +28,7 @@ from torch import nn
 
 import mimkernels
 
+from ..ops._checks import is_int
 from .vit import MaskTokenViT, generator_kwargs
 
 
@@ -55,9 +56,11 @@ class SimMIM(MaskTokenViT):
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
                  mlp_ratio=4.0, norm_layer=nn.LayerNorm, mask_patch_size=32, mask_ratio=0.6, norm_pix_loss=False):
-        if mask_patch_size % patch_size:
-            raise ValueError(f"mask_patch_size {mask_patch_size} is not a multiple of patch_size {patch_size}")
         super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, norm_layer)
+        patch_size = self.patch_embed.patch_size  # checked there (an int, or timm's pair of equal ints)
+        if not is_int(mask_patch_size) or mask_patch_size < 1 or mask_patch_size % patch_size:
+            raise ValueError(f"mask_patch_size must be a positive multiple of patch_size {patch_size}, got "
+                             f"{mask_patch_size!r}")
         grid_h, grid_w = self.patch_embed.grid_size
         if grid_h != grid_w or grid_h % (mask_patch_size // patch_size):
             raise ValueError(f"a {grid_h}x{grid_w} patch grid is not square in mask patches of {mask_patch_size} px")
