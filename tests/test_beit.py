@@ -208,6 +208,8 @@ def test_beit_checks_its_input():
     for ratio in (0.0, 0.001, 1.0, float("nan"), True):  # named as the ratio (an error about a count before)
         with pytest.raises(ValueError, match="mask_ratio must mask some but not all of the 64 patches"):
             model(imgs, mask_ratio=ratio)
+        with pytest.raises(ValueError, match="mask_ratio must mask some but not all of the 64 patches"):
+            beit_vit_tiny_patch8(_tokenizer(), mask_ratio=ratio)  # at construction, not at the first forward
     with torch.device("meta"):
         base = beit_vit_base_patch16(torch.nn.Identity())
     assert isinstance(base, BEiT) and base.lm_head.out_features == 8192 and base.patch_embed.num_patches == 196

@@ -114,6 +114,9 @@ def test_simmim_draws_its_mask_and_checks_its_input():
             simmim_vit_tiny_patch8(mask_patch_size=size)
     with pytest.raises(ValueError, match="not square in mask patches"):
         simmim_vit_tiny_patch8(mask_patch_size=24)
+    for ratio in (0.0, 1.5, float("nan")):  # at construction (the first forward's error before)
+        with pytest.raises(ValueError, match=r"mask ratio must lie in \(0, 1\)"):
+            simmim_vit_tiny_patch8(mask_ratio=ratio)
     assert isinstance(model, SimMIM)
 
 

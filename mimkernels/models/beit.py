@@ -196,6 +196,7 @@ class BEiT(MaskTokenViT):
         if isinstance(codes, int) and codes > vocab_size:  # a code past the head: cross_entropy's device assert
             raise ValueError(f"the tokenizer assigns {codes} visual tokens, more than vocab_size = {vocab_size}")
         self.tokenizer, self.vocab_size, self.mask_ratio, self.head_on = tokenizer, vocab_size, mask_ratio, head_on
+        self.masked_count()  # the ratio checked here, not at the first forward
         self.norm_pix_loss = False
         self.lm_head = nn.Linear(embed_dim, vocab_size)
         self.init_weights()

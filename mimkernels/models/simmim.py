@@ -32,6 +32,12 @@ from ..ops._checks import is_int
 from .vit import MaskTokenViT, generator_kwargs
 
 
+def check_mask_ratio(ratio) -> None:
+    """Raise ValueError unless ``ratio`` is a number in (0, 1) (SimMIM masks some, not all, of its squares)."""
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio < 1:
+        raise ValueError(f"mask ratio must lie in (0, 1), got {ratio!r}")
+
+
 def block_mask(batch: int, grid: int, block: int, ratio: float, *, generator=None, device=None) -> torch.Tensor:
     """SimMIM's block-wise random mask: ``[batch, grid * grid]`` float, 1 = masked.
 
@@ -41,8 +47,7 @@ def block_mask(batch: int, grid: int, block: int, ratio: float, *, generator=Non
     """
     if not isinstance(block, int) or isinstance(block, bool) or block < 1 or grid % block:
         raise ValueError(f"block must be a positive int dividing the patch grid {grid}, got {block!r}")
-    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio < 1:
-        raise ValueError(f"mask ratio must lie in (0, 1), got {ratio!r}")
+    check_mask_ratio(ratio)
     side = grid // block
     squares = side * side
     count = math.ceil(squares * ratio)
@@ -64,6 +69,7 @@ class SimMIM(MaskTokenViT):
         grid_h, grid_w = self.patch_embed.grid_size
         if grid_h != grid_w or grid_h % (mask_patch_size // patch_size):
             raise ValueError(f"a {grid_h}x{grid_w} patch grid is not square in mask patches of {mask_patch_size} px")
+        check_mask_ratio(mask_ratio)  # here, not at the first forward
         self.mask_block, self.mask_ratio, self.norm_pix_loss = mask_patch_size // patch_size, mask_ratio, norm_pix_loss
         self.decoder_pred = nn.Linear(embed_dim, patch_size**2 * in_chans)
         self.init_weights()
