@@ -16,6 +16,12 @@ import os
 
 from setuptools import setup
 
+# three states (unset: try, 1: must, 0: skip); another value, say "true", would have been read as unset
+BUILD_EXT = os.environ.get("MIMKERNELS_BUILD_EXT", "").strip()
+if BUILD_EXT not in ("", "0", "1"):
+    raise SystemExit(f"MIMKERNELS_BUILD_EXT must be 1 (the extension must build), 0 (skip it) or unset (try it), "
+                     f"got {BUILD_EXT!r}")
+
 
 def _nvidia_wheel_includes():
     spec = importlib.util.find_spec("nvidia")
@@ -33,7 +39,7 @@ def _point_at_cuda_toolkit():
 
 def _extension():
     cpp_sources = sorted(glob.glob("csrc/*.cpp"))
-    if not cpp_sources or os.environ.get("MIMKERNELS_BUILD_EXT") == "0":
+    if not cpp_sources or BUILD_EXT == "0":
         return [], {}
     _point_at_cuda_toolkit()
     import torch
@@ -63,7 +69,7 @@ def _optional(build_ext):
             try:
                 super().build_extensions()
             except Exception as error:
-                if os.environ.get("MIMKERNELS_BUILD_EXT") == "1":
+                if BUILD_EXT == "1":
                     raise
                 print(f"WARNING: mimkernels is installed without its compiled extension: {error}\n"
                       "Everything works without it (Triton kernels on GPUs, torch on CPUs); the build log above says "

@@ -24,6 +24,20 @@ ENV_VAR = "MIMKERNELS_BACKEND"
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("mimkernels_backend", default=None)
 
 
+def env_flag(name: str, default: bool) -> bool:
+    """The on/off environment variable ``name`` (``1`` / ``0``, or true / false, yes / no, on / off in any case);
+    ``default`` when unset or empty. Any other value raises ValueError naming the variable: a misspelt switch
+    must not leave a feature silently off (or on)."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} must be 1 or 0 (or true / false, yes / no, on / off), got {os.environ[name]!r}")
+
+
 def _checked(name, what: str, stacklevel: int = 3) -> str:
     if name in RENAMED:
         warnings.warn(f"{what} {name!r} is deprecated and will be removed in mimkernels 0.3; "

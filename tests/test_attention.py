@@ -6,6 +6,7 @@ Without a GPU the Triton kernels run through the interpreter (tests/conftest.py)
 """
 import dataclasses
 import math
+import os
 import random
 
 import pytest
@@ -535,6 +536,32 @@ def test_unknown_backend_in_environment(monkeypatch):
     q = torch.randn(1, 1, 4, 16)
     with pytest.raises(ValueError, match="MIMKERNELS_BACKEND"):
         mimkernels.prefix_causal_attention(q, q, q, 0)
+
+
+def test_on_off_switches_in_environment(monkeypatch):
+    """MIMKERNELS_AUTOTUNE / FAST_LAUNCH / CHECK_INDICES: 1 / 0 and the usual words for them; anything else is an
+    error naming the variable (``MIMKERNELS_AUTOTUNE=true`` left the autotune silently off before)."""
+    for value, want in (("1", True), ("true", True), (" Yes ", True), ("ON", True), ("0", False), ("false", False),
+                        ("no", False), ("Off", False), ("", False)):
+        monkeypatch.setenv("MIMKERNELS_AUTOTUNE", value)
+        assert kernels.autotune_enabled() is want, value
+    monkeypatch.delenv("MIMKERNELS_AUTOTUNE")
+    assert not kernels.autotune_enabled()
+    for value in ("2", "enabled", "y"):
+        monkeypatch.setenv("MIMKERNELS_AUTOTUNE", value)
+        with pytest.raises(ValueError, match=f"MIMKERNELS_AUTOTUNE must be 1 or 0 .*, got '{value}'"):
+            kernels.autotune_enabled()
+    monkeypatch.setenv("MIMKERNELS_FAST_LAUNCH", "false")
+    assert not launch.fast_launch_enabled()
+    monkeypatch.setenv("MIMKERNELS_FAST_LAUNCH", "fast")
+    with pytest.raises(ValueError, match="MIMKERNELS_FAST_LAUNCH must be 1 or 0"):
+        launch.fast_launch_enabled()
+    # read when mimkernels is imported: the import fails, naming it
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-c", "import mimkernels"], capture_output=True, text=True,
+                            env={**os.environ, "MIMKERNELS_CHECK_INDICES": "always"})
+    assert result.returncode != 0 and "MIMKERNELS_CHECK_INDICES must be 1 or 0" in result.stderr
 
 
 def test_environment_picks_backend(monkeypatch):

@@ -49,3 +49,11 @@ def test_failed_extension_build_is_an_error_when_required(tmp_path):
     assert result.returncode != 0
     assert not wheels
     assert "/bin/false" in result.stdout + result.stderr  # the compiler failure itself is what the user sees
+
+
+def test_unknown_build_switch_is_refused(tmp_path):
+    """MIMKERNELS_BUILD_EXT=true was read as unset (a failed build installed without the extension): refused now."""
+    result, wheels = _build_wheel(tmp_path, MIMKERNELS_BUILD_EXT="true")
+    assert result.returncode != 0 and not wheels
+    assert "MIMKERNELS_BUILD_EXT must be 1 (the extension must build), 0 (skip it) or unset" in \
+        result.stdout + result.stderr

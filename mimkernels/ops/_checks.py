@@ -6,13 +6,14 @@ The predicates (``is_int``, ``is_real``) say only whether a value passes, and ea
 from __future__ import annotations
 
 import numbers
-import os
 
 import torch
 
+from .._backend import env_flag
+
 # Index values are checked on CUDA only when asked (the check syncs with the host); read once, at import:
 # compiled code has no environment. Unchecked out-of-range ids never read or write outside the tensors.
-CHECK_CUDA_INDICES = os.environ.get("MIMKERNELS_CHECK_INDICES", "0") == "1"
+CHECK_CUDA_INDICES = env_flag("MIMKERNELS_CHECK_INDICES", False)
 
 # The dtypes the compute kernels (attention, MLP, norms, patch embedding) have tiles for; the ops take these on every
 # backend, so what a model accepts does not change with the machine it runs on.

@@ -16,13 +16,13 @@ the head dim is padded inside the tile, never in memory.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from .._backend import env_flag
 from .launch import cdiv, compute_capability, launch, next_power_of_2, tensor_descriptor, tma_usable
 
 LOG2_E = 1.4426950408889634
@@ -157,7 +157,7 @@ def _looked_up_configs(q: torch.Tensor) -> tuple[AttentionConfigs, bool]:
 
 
 def autotune_enabled() -> bool:
-    return os.environ.get("MIMKERNELS_AUTOTUNE", "0") == "1"
+    return env_flag("MIMKERNELS_AUTOTUNE", False)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -14,13 +14,12 @@ torch.compile traces, or with MIMKERNELS_FAST_LAUNCH=0, every launch goes throug
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .._backend import triton_interpreted
+from .._backend import env_flag, triton_interpreted
 
 # CompiledKernel[grid](*all args in signature order) as in these versions (3.9 read against 3.8: the same
 # CompiledKernel.__getitem__ and the same kernel.run call at the end of JITFunction.run)
@@ -44,8 +43,9 @@ def next_power_of_2(n: int) -> int:
 
 
 def fast_launch_enabled() -> bool:
-    return (triton.__version__.startswith(_TRUSTED) and not triton_interpreted()
-            and os.environ.get("MIMKERNELS_FAST_LAUNCH", "1") != "0")
+    # the variable first: a misspelt value is an error on every machine, not only where the rest holds
+    return (env_flag("MIMKERNELS_FAST_LAUNCH", True) and triton.__version__.startswith(_TRUSTED)
+            and not triton_interpreted())
 
 
 _ENABLED = fast_launch_enabled()
