@@ -8,6 +8,8 @@ import dataclasses
 import math
 import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -557,8 +559,6 @@ def test_on_off_switches_in_environment(monkeypatch):
     with pytest.raises(ValueError, match="MIMKERNELS_FAST_LAUNCH must be 1 or 0"):
         launch.fast_launch_enabled()
     # read when mimkernels is imported: the import fails, naming it
-    import subprocess
-    import sys
     result = subprocess.run([sys.executable, "-c", "import mimkernels"], capture_output=True, text=True,
                             env={**os.environ, "MIMKERNELS_CHECK_INDICES": "always"})
     assert result.returncode != 0 and "MIMKERNELS_CHECK_INDICES must be 1 or 0" in result.stderr

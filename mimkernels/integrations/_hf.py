@@ -12,7 +12,7 @@ import mimkernels
 
 from ..models import vit
 from ..nn import check_head_dim
-from ..ops.tokens import checked_noise
+from ..ops.tokens import checked_noise, kept_count
 from . import check_release, release_unsupported, warn_kept
 
 # Two generations of ViTMAE. transformers 5: one ViTMAEAttention (q/k/v/o projections) and one ViTMAEMLP per layer,
@@ -29,10 +29,11 @@ def _release_unsupported(patched: type) -> str | None:
 
 
 def _removes_no_patch(config, num_patches: int) -> bool:
-    """Whether ViTMAE's masking at ``config.mask_ratio`` keeps all ``num_patches`` patches (its own ``len_keep``).
-    The original loss then divides 0 by 0 (NaN), where :func:`mimkernels.masked_patch_loss` gives 0: the original
-    loss code runs instead, so that the numbers stay the original's."""
-    return int(num_patches * (1 - config.mask_ratio)) == num_patches
+    """Whether ViTMAE's masking at ``config.mask_ratio`` keeps all ``num_patches`` patches (its ``len_keep``, which
+    ``kept_count`` computes as the masking does). The original loss then divides 0 by 0 (NaN), where
+    :func:`mimkernels.masked_patch_loss` gives 0: the original loss code runs instead, so that the numbers stay the
+    original's."""
+    return kept_count(config.mask_ratio, num_patches) == num_patches
 
 
 def _save_as_original(self, *args, **kwargs):
