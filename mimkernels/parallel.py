@@ -11,8 +11,9 @@ on the blocks first, then ``shard`` wraps them (its hooks run around a block, ou
 compiled region), then the optimizer is built over the sharded parameters.
 
 Sharded checkpoints are folders written with ``torch.distributed.checkpoint`` (each rank writes its shards, in
-parallel): ``save_sharded`` / ``load_sharded``. They load back into any world size. A single file of full
-tensors, for evaluation or export, comes from
+parallel): ``save_sharded`` / ``load_sharded``. They load back into any world size. A save replaces the folder
+only once the new checkpoint is complete; one stopped after that point is finished by the next load. A single
+file of full tensors, for evaluation or export, comes from
 ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save(folder, "checkpoint.pt")``: its ``"model"`` entry is
 the model's ordinary ``state_dict``.
 """
@@ -29,7 +30,8 @@ from torch import nn
 from .models.aim import MlpBlock
 from .models.vit import Block
 
-__all__ = ["checkpoint_activations", "compile_blocks", "load_sharded", "save_sharded", "shard", "transformer_blocks"]
+__all__ = ["checkpoint_activations", "compile_blocks", "finish_interrupted_save", "load_sharded", "save_sharded",
+           "shard", "transformer_blocks"]
 
 BLOCK_TYPES = (Block, MlpBlock)  # the repeated units of the shipped models
 META_FILE = "meta.json"  # beside the shards; written last, so a folder with it holds a complete checkpoint
@@ -90,7 +92,7 @@ def save_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimize
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     folder = Path(folder)
-    staging, previous = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    staging, _ = _side_folders(folder)
     rank = dist.get_rank()
     if rank == 0:
         shutil.rmtree(staging, ignore_errors=True)
@@ -99,10 +101,38 @@ def save_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimize
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(staging))
     if rank == 0:
         (staging / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
-        if folder.exists():
-            folder.rename(previous)
-        staging.rename(folder)
-        shutil.rmtree(previous, ignore_errors=True)
+        _swap_in(folder)
+    dist.barrier()
+
+
+def _side_folders(folder: Path) -> tuple[Path, Path]:
+    """Where ``save_sharded`` writes the next checkpoint (staging) and moves the one it replaces (previous)."""
+    return folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+
+
+def _swap_in(folder: Path) -> None:
+    """Rank 0, once the staging folder holds a complete checkpoint: it becomes ``folder``, and the checkpoint that
+    was there is deleted. Each step can be repeated, so a save stopped anywhere in here is finished by running it
+    again (``finish_interrupted_save``)."""
+    staging, previous = _side_folders(folder)
+    shutil.rmtree(previous, ignore_errors=True)  # left by a save stopped while deleting it: rename needs the name
+    if folder.exists():
+        folder.rename(previous)
+    staging.rename(folder)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def finish_interrupted_save(folder: Path) -> None:
+    """Completes a ``save_sharded`` into ``folder`` that was stopped (the job killed or preempted) after its new
+    checkpoint was complete: the new one takes ``folder``'s place, as the save would have done, and a replaced one
+    still on disk is deleted. A save stopped earlier left ``folder`` as it was. Collective: every rank calls it."""
+    folder = Path(folder)
+    staging, previous = _side_folders(folder)
+    if dist.get_rank() == 0:
+        if (staging / META_FILE).is_file():
+            _swap_in(folder)
+        elif (folder / META_FILE).is_file():
+            shutil.rmtree(previous, ignore_errors=True)
     dist.barrier()
 
 
@@ -115,10 +145,13 @@ def read_meta(folder: Path) -> dict:
 
 
 def load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Loads ``save_sharded``'s folder into the (sharded) model and optimizer; returns its ``meta``. Collective."""
+    """Loads ``save_sharded``'s folder into the (sharded) model and optimizer; returns its ``meta``. A save into
+    ``folder`` that was stopped once its checkpoint was complete is finished first (``finish_interrupted_save``).
+    Collective."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    finish_interrupted_save(folder)
     meta = read_meta(folder)
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}

@@ -605,6 +605,7 @@ def resume(args, model, optimizer, checkpoint_path: Path, device) -> dict:
     ...). Under ``--fsdp`` the checkpoint is a sharded folder (every rank loads its shards), else one file."""
     path = checkpoint_path if args.resume == "auto" else Path(args.resume)
     if args.fsdp:
+        parallel.finish_interrupted_save(path)  # a run killed while it swapped its new checkpoint in
         if not path.is_dir():
             raise UsageError(f"--resume: no sharded checkpoint folder at {path} (an --fsdp run resumes from the "
                              "checkpoint/ folder that an --fsdp run wrote)")

@@ -176,6 +176,41 @@ def test_sharded_checkpoint_round_trip(one_rank_group, tmp_path):
             torch.testing.assert_close(fresh_opt["state"][name][key], value, rtol=0, atol=0, msg=f"{name} {key}")
 
 
+@pytest.mark.parametrize("replaced", [False, True], ids=["first_save", "second_save"])
+def test_a_save_stopped_once_complete_is_finished_by_the_load(one_rank_group, tmp_path, replaced):
+    """A job killed inside save_sharded's swap, after the new checkpoint was complete in its staging folder (with
+    or without the folder it replaces, and that one's earlier predecessor not yet deleted): the load finishes the
+    swap and gets the new checkpoint; the next save works (a previous folder left behind made its rename fail)."""
+    model, optimizer = sharded_and_trained("aim", steps=1)
+    folder = tmp_path / "checkpoint"
+    if replaced:
+        parallel.save_sharded(folder, model, optimizer, {"step": 1})
+    parallel.save_sharded(tmp_path / "newer", model, optimizer, {"step": 2})
+    (tmp_path / "newer").rename(tmp_path / "checkpoint.tmp")
+    (tmp_path / "checkpoint.old").mkdir()
+    (tmp_path / "checkpoint.old" / parallel.META_FILE).write_text("{}")
+    assert parallel.load_sharded(folder, model, optimizer) == {"step": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "store"]
+    (tmp_path / "checkpoint.old").mkdir()
+    parallel.save_sharded(folder, model, optimizer, {"step": 3})
+    assert parallel.read_meta(folder) == {"step": 3}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "store"]
+
+
+def test_a_save_stopped_before_complete_leaves_the_checkpoint(one_rank_group, tmp_path):
+    """A staging folder without its meta file (the job killed while the shards were written) is no checkpoint: the
+    load reads the one the folder holds, and the next save starts the staging folder over."""
+    model, optimizer = sharded_and_trained("mae", steps=1)
+    folder = tmp_path / "checkpoint"
+    parallel.save_sharded(folder, model, optimizer, {"step": 1})
+    (tmp_path / "checkpoint.tmp").mkdir()
+    (tmp_path / "checkpoint.tmp" / "__0_0.distcp").write_bytes(b"half a shard")
+    assert parallel.load_sharded(folder, model, optimizer) == {"step": 1}
+    parallel.save_sharded(folder, model, optimizer, {"step": 2})
+    assert parallel.read_meta(folder) == {"step": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "store"]
+
+
 def test_a_folder_without_meta_is_no_checkpoint(one_rank_group, tmp_path):
     (tmp_path / "half").mkdir()
     model, optimizer = sharded_and_trained("mae", steps=1)

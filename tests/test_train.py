@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from mimkernels import train
+from mimkernels import parallel, train
 
 Image = pytest.importorskip("PIL.Image")  # the training CLI's image reader (a [train] extra)
 
@@ -539,10 +539,17 @@ def test_fsdp_two_cpu_processes_match_ddp_and_resume_exactly(tmp_path, ddp_run):
         assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-5), (a, b)
 
     _torchrun(tmp_path, tmp_path / "parts", "--fsdp", "--stop-at", 2)
+    # as if the job had been killed in save_sharded's swap, once the step-2 checkpoint was complete in its staging
+    # folder, and before the one it replaced was deleted: resume finishes the swap, and the run's saves go on
+    (tmp_path / "parts" / "checkpoint").rename(tmp_path / "parts" / "checkpoint.tmp")
+    (tmp_path / "parts" / "checkpoint.old").mkdir()
+    (tmp_path / "parts" / "checkpoint.old" / "__0_0.distcp").write_bytes(b"an older shard")
     _torchrun(tmp_path, tmp_path / "parts", "--fsdp", "--resume")
     parts = train.read_metrics(tmp_path / "parts" / "metrics.jsonl")
     for key in ("loss", "lr", "grad_norm"):
         assert [row[key] for row in parts] == [row[key] for row in fsdp], key
+    assert not (tmp_path / "parts" / "checkpoint.tmp").exists() and not (tmp_path / "parts" / "checkpoint.old").exists()
+    assert parallel.read_meta(tmp_path / "parts" / "checkpoint")["step"] == 4
 
     dcp_to_torch_save(folder, tmp_path / "one.pt")
     state = torch.load(tmp_path / "one.pt", weights_only=False)
