@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import glob
 import importlib.util
 import itertools
 import json
@@ -206,7 +207,11 @@ def denormalize(imgs: torch.Tensor) -> torch.Tensor:
 
 
 def save_atomically(write, path: Path) -> None:
-    """``write(file)`` to a temporary file beside ``path``, flushed to disk, then renamed over ``path``."""
+    """``write(file)`` to a temporary file beside ``path``, flushed to disk, then renamed over ``path``. Temporary
+    files of earlier saves that were killed (no ``finally`` runs on SIGKILL or a preempted node) are deleted first:
+    hidden, and as large as the checkpoint, they would fill the disk one preemption at a time."""
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.tmp*"):
+        leftover.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as file:

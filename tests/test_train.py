@@ -410,6 +410,17 @@ def test_atomic_save_keeps_the_old_file_on_failure(tmp_path):
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
+def test_atomic_save_deletes_what_killed_saves_left(tmp_path):
+    """A save killed outright leaves its hidden temporary file (no finally runs): the next save deletes it, and
+    only the temporary files of that name."""
+    path = tmp_path / "checkpoint.pt"
+    (tmp_path / ".checkpoint.pt.tmp4242").write_bytes(b"half of a killed save")
+    (tmp_path / ".reconstruction.png.tmp4242").write_bytes(b"another file's")
+    train.save_atomically(lambda f: f.write(b"new"), path)
+    assert path.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".reconstruction.png.tmp4242", "checkpoint.pt"]
+
+
 def test_lr_schedule_warms_up_then_decays():
     lrs = [train.lr_at(step, 100, 10, 1.0, 0.1) for step in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
