@@ -524,6 +524,27 @@ def test_vit_mae_that_removes_no_patch_keeps_the_original_loss(device, monkeypat
     assert patched.decoder.decoder_pred.weight.grad.isnan().all()
 
 
+@pytest.mark.parametrize("mask_ratio", [0.9, 1.0])
+def test_vit_mae_whose_ratio_keeps_no_patch_runs_as_the_original(mask_ratio, device, monkeypatch):
+    """A ratio that keeps none of the 4 patches of a 16 px image (int(4 * 0.1) = 0): the original runs its encoder on
+    the [CLS] token alone and scores every patch; mimkernels' masking refuses such a ratio, so the patched model runs
+    the original masking and loss (it raised ValueError before), and gives the original's numbers."""
+    calls = {name: _count_calls(monkeypatch, name) for name in ("masking_indices", "masked_patch_loss")}
+    images, noise = torch.randn(2, 3, 16, 16, device=device), torch.rand(2, 4, device=device)
+    original = _vit_mae(mask_ratio=mask_ratio, image_size=16).to(device)
+    patched = integrations.apply(_vit_mae(mask_ratio=mask_ratio, image_size=16).to(device))
+    with mimkernels.use_backend("triton"):
+        got = patched(images, noise=noise)
+        got.loss.backward()
+    want = original(images, noise=noise)
+    want.loss.backward()
+    assert not any(calls.values()) and want.mask.all() and torch.equal(got.mask, want.mask)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
+    _assert_grads_close({name: p.grad for name, p in patched.named_parameters() if p.grad is not None},
+                        {name: p.grad for name, p in original.named_parameters() if p.grad is not None})
+
+
 def _assert_same_vit_mae_step(patched, original, images, noise):
     """One forward + backward of each on the same images and noise: loss, logits and every gradient agree."""
     with mimkernels.use_backend("triton"):

@@ -28,12 +28,23 @@ def _release_unsupported(patched: type) -> str | None:
     return release_unsupported("transformers", patched.__mro__[1], method, (parameters,))
 
 
-def _removes_no_patch(config, num_patches: int) -> bool:
-    """Whether ViTMAE's masking at ``config.mask_ratio`` keeps all ``num_patches`` patches (its ``len_keep``, which
-    ``kept_count`` computes as the masking does). The original loss then divides 0 by 0 (NaN), where
-    :func:`mimkernels.masked_patch_loss` gives 0: the original loss code runs instead, so that the numbers stay the
-    original's."""
-    return kept_count(config.mask_ratio, num_patches) == num_patches
+def _kept_patches(config, num_patches: int) -> int | None:
+    """How many of ``num_patches`` patches ViTMAE's masking at ``config.mask_ratio`` keeps (its ``len_keep``, which
+    ``kept_count`` computes as the masking does), or None where ``kept_count`` refuses the ratio: one that keeps no
+    patch (a high ratio on a small grid), which the original runs (its encoder sees the [CLS] token alone), or one
+    outside [0, 1). The original masking code runs then."""
+    try:
+        return kept_count(config.mask_ratio, num_patches)
+    except ValueError:
+        return None
+
+
+def _original_loss_runs(config, num_patches: int) -> bool:
+    """Whether the original loss code runs: where our masking refuses the ratio (above), and where the masking
+    keeps all patches, for which the original loss divides 0 by 0 (NaN) where :func:`mimkernels.masked_patch_loss`
+    gives 0; so that the numbers stay the original's."""
+    kept = _kept_patches(config, num_patches)
+    return kept is None or kept == num_patches
 
 
 def _save_as_original(self, *args, **kwargs):
@@ -57,7 +68,7 @@ class MimkernelsViTMAEEmbeddings(vit_mae.ViTMAEEmbeddings):
 
     def forward(self, pixel_values: torch.Tensor, noise: torch.Tensor | None = None,
                 interpolate_pos_encoding: bool = False):
-        if interpolate_pos_encoding:
+        if interpolate_pos_encoding or _kept_patches(self.config, self.patch_embeddings.num_patches) is None:
             return super().forward(pixel_values, noise, interpolate_pos_encoding)
         batch, channels, height, width = pixel_values.shape
         if channels != self.patch_embeddings.num_channels:
@@ -157,7 +168,7 @@ if TRANSFORMERS_4:
         save_pretrained = _save_as_original
 
         def forward_loss(self, pixel_values, pred, mask, interpolate_pos_encoding: bool = False):
-            if interpolate_pos_encoding or _removes_no_patch(self.config, mask.shape[1]):
+            if interpolate_pos_encoding or _original_loss_runs(self.config, mask.shape[1]):
                 return super().forward_loss(pixel_values, pred, mask, interpolate_pos_encoding)
             return mimkernels.masked_patch_loss(pred, pixel_values, mask, norm_pix=self.config.norm_pix_loss)
 
@@ -223,7 +234,7 @@ else:
         def forward(self, pixel_values=None, noise=None, interpolate_pos_encoding=None, attention_mask=None,
                     **kwargs):
             if interpolate_pos_encoding or kwargs.get("return_dict") is False or \
-                    _removes_no_patch(self.config, self.vit.embeddings.patch_embeddings.num_patches):
+                    _original_loss_runs(self.config, self.vit.embeddings.patch_embeddings.num_patches):
                 return super().forward(pixel_values, noise=noise, interpolate_pos_encoding=interpolate_pos_encoding,
                                        attention_mask=attention_mask, **kwargs)
             outputs = self.vit(pixel_values, noise=noise, attention_mask=attention_mask, **kwargs)
