@@ -6,9 +6,11 @@ import torch
 from mimkernels.ops import _checks
 from mimkernels.ops._checks import (
     check_distinct_indices,
+    check_float_tensor,
     check_images,
     check_index_tensor,
     check_mask_values,
+    described,
     is_int,
     is_real,
     patch_side,
@@ -51,6 +53,21 @@ def test_check_images_names_the_argument():
         check_images(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), 16)
     with pytest.raises(ValueError, match="32x40 is not divisible by the patch size 16"):
         check_images(torch.randn(2, 3, 32, 40), 16)
+
+
+def test_check_float_tensor_takes_the_four_float_dtypes_only():
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        check_float_tensor("bias", torch.ones(2, dtype=dtype))
+    for dtype in (torch.float8_e4m3fn, torch.complex64, torch.int64, torch.bool):
+        with pytest.raises(TypeError, match=f"bias must be a floating-point tensor .* got {dtype}"):
+            check_float_tensor("bias", torch.ones(2).to(dtype))
+    with pytest.raises(TypeError, match="bias must be a torch.Tensor, got list"):
+        check_float_tensor("bias", [1.0])
+
+
+def test_described_names_dtype_and_shape_or_type():
+    assert described(torch.ones(2, 3, dtype=torch.float16)) == "torch.float16 of shape (2, 3)"
+    assert described([1.0]) == "list" and described(None) == "NoneType"
 
 
 def test_check_mask_values_takes_real_weights_only():

@@ -219,6 +219,10 @@ def test_mask_that_requires_grad_is_refused(backend):
     ({"norm_pix": 1}, TypeError, "norm_pix must be a bool"),
     ({"pred": torch.randn(2, 4)}, ValueError, "3-D"),
     ({"images": torch.randn(2, 0, 32, 32)}, ValueError, "C = 0 channels"),  # was a ZeroDivisionError
+    # float8 ran on Triton and failed inside PyTorch's reduction on torch; complex is no pixel value
+    ({"pred": torch.randn(2, 4, 768).to(torch.float8_e4m3fn)}, TypeError, "pred must be a floating-point tensor"),
+    ({"images": torch.randn(2, 3, 32, 32).to(torch.float8_e4m3fn)}, TypeError, "images must be a floating-point"),
+    ({"images": torch.randn(2, 3, 32, 32, dtype=torch.complex64)}, TypeError, "images must be a floating-point"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_bad_input(kwargs, error, match):
     args = {"pred": torch.randn(2, 4, 768), "images": torch.randn(2, 3, 32, 32), "mask": torch.ones(2, 4),

@@ -159,10 +159,13 @@ def test_bad_arguments_name_themselves():
         mimkernels.add_layer_norm(x.long(), x)
     with pytest.raises(ValueError, match="branch .* must match x"):
         mimkernels.add_layer_norm(x, x[:, :2])
-    with pytest.raises(ValueError, match=r"weight must be None or a float tensor of shape \(8,\)"):
+    with pytest.raises(ValueError, match=r"weight must be None or a float tensor .* of shape \(8,\), got "
+                                         r"torch.float32 of shape \(7,\)"):
         mimkernels.add_layer_norm(x, x, torch.ones(7))
-    with pytest.raises(ValueError, match="bias must be None"):
+    with pytest.raises(ValueError, match="bias must be None .* got torch.int64"):
         mimkernels.add_layer_norm(x, x, None, torch.ones(8, dtype=torch.long))
+    with pytest.raises(ValueError, match="weight must be None .* got torch.float8_e4m3fn"):
+        mimkernels.add_layer_norm(x, x, torch.ones(8).to(torch.float8_e4m3fn))
     with pytest.raises(ValueError, match="eps must be a positive number"):
         mimkernels.add_layer_norm(x, x, eps=0)
 

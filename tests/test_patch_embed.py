@@ -152,6 +152,14 @@ def test_autocast_runs_in_autocast_dtype():
     ({"ids_keep": torch.tensor([[0, 1, 2]]).float()}, TypeError, "int32 or int64"),
     ({"ids_keep": torch.tensor([[0, 1], [2, 3]])}, ValueError, r"ids_keep must have shape \[1, K\]"),
     ({"ids_keep": torch.tensor([[0, 4]])}, IndexError, r"\[0, 4\)"),
+    # a complex bias / pos_embed / token was a KeyError on Triton and lost its imaginary part on torch; float8 ran on
+    # Triton only; an integer bias is refused as the token ops refuse an integer pos_embed
+    ({"bias": torch.ones(8, dtype=torch.complex64)}, TypeError, "bias must be a floating-point tensor"),
+    ({"bias": torch.ones(8, dtype=torch.int32)}, TypeError, "bias must be a floating-point tensor"),
+    ({"pos_embed": torch.ones(1, 4, 8).to(torch.float8_e4m3fn)}, TypeError, "pos_embed must be a floating-point"),
+    ({"mask": torch.ones(1, 4), "mask_token": torch.zeros(8, dtype=torch.complex64)}, TypeError,
+     "mask_token must be a floating-point tensor"),
+    ({"images": torch.ones(1, 3, 32, 32).to(torch.float8_e4m3fn)}, TypeError, "images must be a floating-point"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_bad_input(change, error, match):
     args = {"images": torch.randn(1, 3, 32, 32), "weight": torch.randn(8, 3, 16, 16), "bias": None} | change

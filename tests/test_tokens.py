@@ -269,6 +269,13 @@ def test_extension_cpu_ops_raise_index_error():
     (lambda x, i: mimkernels.random_masking(x, 0.5, noise=torch.rand(2, 9)), ValueError, "noise"),
     (lambda x, i: mimkernels.random_masking(x[0], 0.5), ValueError, "3-D"),
     (lambda x, i: mimkernels.random_masking(x.long(), 0.5), TypeError, "floating-point"),
+    # float8 noise failed inside argsort; a complex pos_embed is no position
+    (lambda x, i: mimkernels.random_masking(x, 0.5, noise=torch.rand(2, 10).to(torch.float8_e4m3fn)), TypeError,
+     "noise must be a floating-point tensor .* got torch.float8_e4m3fn"),
+    (lambda x, i: mimkernels.gather_tokens(x, i, pos_embed=torch.zeros(1, 10, 4, dtype=torch.complex64)), TypeError,
+     "pos_embed must be a floating-point tensor"),
+    (lambda x, i: mimkernels.restore_tokens(x[:, :3].to(torch.float8_e4m3fn), i, torch.zeros(4)), TypeError,
+     "x_kept must be a floating-point tensor"),
     (lambda x, i: mimkernels.gather_tokens(x, i.float()), TypeError, "int32 or int64"),
     (lambda x, i: mimkernels.gather_tokens(x, i[:1]), ValueError, r"ids_keep must have shape \[2, K\]"),
     (lambda x, i: mimkernels.gather_tokens(x, i + 10), IndexError, r"\[0, 10\)"),
@@ -304,7 +311,8 @@ def test_masking_indices_are_random_maskings(patches, mask_ratio):
     (torch.rand(2, 4), 1.0, ValueError, "mask_ratio"),
     (torch.rand(2, 4), 0.9, ValueError, "keeps no patch"),
     (torch.rand(8), 0.5, TypeError, "noise must be a 2-D"),
-    (torch.arange(8).reshape(2, 4), 0.5, TypeError, "noise must be a 2-D floating-point"),
+    (torch.arange(8).reshape(2, 4), 0.5, TypeError, r"noise must be a 2-D floating-point .* got torch.int64 of shape"),
+    (torch.rand(2, 4).to(torch.float8_e4m3fn), 0.5, TypeError, "noise must be a 2-D floating-point"),
     ([[0.1, 0.2]], 0.5, TypeError, "noise"),
 ])
 def test_masking_indices_bad_input(noise, ratio, error, match):

@@ -18,6 +18,10 @@ CHECK_CUDA_INDICES = env_flag("MIMKERNELS_CHECK_INDICES", False)
 # The dtypes the compute kernels (attention, MLP, norms, patch embedding) have tiles for; the ops take these on every
 # backend, so what a model accepts does not change with the machine it runs on.
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The floating dtypes the ops read where their values only pass through or are cast (tokens, images, biases, position
+# embeddings): the kernel dtypes and float64 (references, tests). Not float8 (PyTorch's CPU ops cannot sum or sort
+# it, so the backends disagreed) nor complex (a cast to real drops the imaginary part with only a warning).
+FLOAT_DTYPES = KERNEL_DTYPES + (torch.float64,)
 
 
 def is_int(value) -> bool:
@@ -48,6 +52,22 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return torch.get_autocast_dtype(device.type)
 
 
+def described(value) -> str:
+    """A tensor's dtype and shape, or any other value's type name: what an error message says it got."""
+    if isinstance(value, torch.Tensor):
+        return f"{value.dtype} of shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
+def check_float_tensor(name: str, t) -> None:
+    """``t`` is a tensor of one of :data:`FLOAT_DTYPES`; TypeError naming ``name`` otherwise."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+                        f"got {t.dtype}")
+
+
 def unit_stride(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself if its last dimension is contiguous (what the kernels read in place), else a contiguous copy."""
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -66,8 +86,7 @@ def check_images(images, patch_size: int, name: str = "images") -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(images).__name__}")
     if images.dim() != 4:
         raise ValueError(f"{name} must be 4-D [batch, channels, height, width], got shape {tuple(images.shape)}")
-    if not images.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {images.dtype}")
+    check_float_tensor(name, images)
     height, width = images.shape[-2:]
     if height % patch_size or width % patch_size:
         raise ValueError(f"{name}: a height x width of {height}x{width} is not divisible by the patch size "

@@ -5,7 +5,7 @@ import torch
 
 from .. import _backend, reference
 from ._autograd import first_derivative_only
-from ._checks import check_images, check_mask_values, patch_side, unit_stride
+from ._checks import check_float_tensor, check_images, check_mask_values, patch_side, unit_stride
 
 _kernels = None
 if _backend._HAS_TRITON:
@@ -69,9 +69,10 @@ def masked_patch_loss(pred, images, mask, *, norm_pix=True, loss="l2"):
         and a zero gradient (the official code would divide 0 by 0). Patches of weight 0 are never read: non-finite
         predictions or pixels there leave the loss and the gradient finite (the official code's ``0 * nan`` is NaN).
     """
-    if not isinstance(pred, torch.Tensor) or pred.dim() != 3 or not pred.is_floating_point():
+    if not isinstance(pred, torch.Tensor) or pred.dim() != 3:
         raise ValueError(f"pred must be a 3-D float tensor [batch, patches, p * p * C], got "
                          f"{getattr(pred, 'shape', type(pred).__name__)}")
+    check_float_tensor("pred", pred)
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         raise ValueError(f"images must be a 4-D tensor [batch, channels, height, width], got "
                          f"{getattr(images, 'shape', type(images).__name__)}")

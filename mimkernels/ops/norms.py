@@ -7,7 +7,7 @@ import torch
 
 from .. import _backend, reference
 from ._autograd import distinct, first_derivative_only
-from ._checks import KERNEL_DTYPES, autocast_dtype, is_real
+from ._checks import FLOAT_DTYPES, KERNEL_DTYPES, autocast_dtype, described, is_real
 
 _kernels = None
 if _backend._HAS_TRITON:
@@ -79,9 +79,9 @@ def add_layer_norm(x, branch, weight=None, bias=None, *, eps=1e-5):
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (width,) or not t.is_floating_point():
-            raise ValueError(f"{name} must be None or a float tensor of shape ({width},), got "
-                             f"{getattr(t, 'shape', type(t).__name__)}")
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (width,) or t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name} must be None or a float tensor (float16, bfloat16, float32 or float64) of shape "
+                             f"({width},), got {described(t)}")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     if not is_real(eps) or not eps > 0:

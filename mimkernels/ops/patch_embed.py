@@ -10,6 +10,7 @@ from ._checks import (
     KERNEL_DTYPES,
     autocast_dtype,
     check_distinct_indices,
+    check_float_tensor,
     check_images,
     check_index_tensor,
     check_mask_values,
@@ -134,6 +135,9 @@ def _checked_patch_embed_args(images, weight, bias, pos_embed, ids_keep, mask, m
     for name, t in (("weight", weight), ("bias", bias), ("pos_embed", pos_embed), ("mask_token", mask_token)):
         if t is not None and t.device != images.device:
             raise ValueError(f"{name} is on {t.device} but images are on {images.device}")
+    for name, t in (("bias", bias), ("pos_embed", pos_embed), ("mask_token", mask_token)):
+        if t is not None:
+            check_float_tensor(name, t)
     if ids_keep is not None:
         ids_keep = check_index_tensor("ids_keep", ids_keep, images.shape[0], images.device)
         check_distinct_indices("ids_keep", ids_keep, num_patches)
@@ -156,7 +160,7 @@ def patch_embed(images, weight, bias=None, *, pos_embed=None, ids_keep=None, mas
     Args:
         images: ``[B, C, H, W]``, H and W multiples of p (non-square is fine).
         weight: ``[E, C, p, p]`` (Conv2d layout: timm / MAE checkpoints load unchanged), float16, bfloat16 or
-            float32 on every backend; bias ``[E]``.
+            float32 on every backend; bias ``[E]``. images, bias, pos_embed and mask_token: those or float64.
         pos_embed: ``[1, L, E]`` for the L patches (pass ``pos_embed[:, 1:]`` when it holds a cls row).
         ids_keep: ``[B, K]`` (MAE): compute only these patches; returns ``[B, K, E]``. The kernels never read the
             other patches, so a NaN or inf there reaches no output or gradient (the ``torch`` backend convolves

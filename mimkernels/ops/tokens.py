@@ -21,7 +21,16 @@ import torch
 from .. import _backend, reference
 from ..reference import Masking
 from ._autograd import first_derivative_only
-from ._checks import check_distinct_indices, check_index_tensor, is_int, is_real, unit_stride
+from ._checks import (
+    FLOAT_DTYPES,
+    check_distinct_indices,
+    check_float_tensor,
+    check_index_tensor,
+    described,
+    is_int,
+    is_real,
+    unit_stride,
+)
 
 # Both kernel modules offer gather_rows(x, ids, pos, P) and restore_rows(x, ids, token, pos, P).
 _KERNELS = {}
@@ -34,19 +43,14 @@ if _backend._HAS_EXTENSION:
 
     _KERNELS["extension"] = _extension_kernels
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
 
 # ----------------------------------------------------------------------------- validation
 
 
 def _check_tokens(name, x):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    check_float_tensor(name, x)
     if x.dim() != 3:
         raise ValueError(f"{name} must be 3-D [batch, tokens, dim], got shape {tuple(x.shape)}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
 
 
 def _check_prefix_count(num_prefix_tokens, tokens, name):
@@ -64,8 +68,7 @@ def _check_embedding(name, t, rows, dim, x):
         return None
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    check_float_tensor(name, t)
     if rows is None and t.numel() != dim:
         raise ValueError(f"{name} must hold {dim} values (the token width), got shape {tuple(t.shape)}")
     if rows is not None and tuple(t.shape) != (1, rows, dim):
@@ -201,9 +204,8 @@ def masking_indices(noise, mask_ratio):
     Returns:
         ``(mask [B, L] float32 (1 = removed), ids_restore [B, L] int64, ids_keep [B, K] int64)``.
     """
-    if not isinstance(noise, torch.Tensor) or not noise.is_floating_point() or noise.dim() != 2:
-        raise TypeError(f"noise must be a 2-D floating-point tensor [batch, patches], got "
-                        f"{getattr(noise, 'shape', type(noise).__name__)}")
+    if not isinstance(noise, torch.Tensor) or noise.dtype not in FLOAT_DTYPES or noise.dim() != 2:
+        raise TypeError(f"noise must be a 2-D floating-point tensor [batch, patches], got {described(noise)}")
     return _masking_indices(noise, kept_count(mask_ratio, noise.shape[1]))
 
 
@@ -225,8 +227,8 @@ def checked_noise(noise, batch, num_patches, device):
     ``torch.rand`` draw (the official code's) when None. For the models, whose noise must match their patch count."""
     if noise is None:
         return torch.rand(batch, num_patches, device=device)
-    if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
-        raise TypeError("noise must be a floating-point tensor [batch, patches] or None")
+    if not isinstance(noise, torch.Tensor) or noise.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"noise must be a floating-point tensor [batch, patches] or None, got {described(noise)}")
     if tuple(noise.shape) != (batch, num_patches) or noise.device != device:
         raise ValueError(f"noise must have shape ({batch}, {num_patches}) on {device}, "
                          f"got {tuple(noise.shape)} on {noise.device}")
