@@ -449,6 +449,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("the extension backend (--backend or MIMKERNELS_BACKEND) has only the token ops, and every "
                      "model also needs patch embedding and attention: use auto (the extension's token ops on a GPU "
                      "it has code for, Triton for the rest), triton or torch")
+    # a name torch.compile does not know was its InvalidBackend, a traceback after the model was built
+    if args.compile not in (None, "auto"):
+        import torch._dynamo
+
+        if args.compile not in torch._dynamo.list_backends(exclude_tags=()):
+            parser.error(f"--compile {args.compile}: torch.compile has no such backend; choose one of "
+                         f"{', '.join(torch._dynamo.list_backends())} or a debugging one such as aot_eager or eager")
     if args.fsdp and "RANK" not in os.environ:
         parser.error("--fsdp runs under torchrun (torchrun --nproc-per-node K -m mimkernels.train ... --fsdp)")
     if args.save_every < 0 or args.workers < 0 or (args.warmup_steps is not None and args.warmup_steps < 0):
