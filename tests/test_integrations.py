@@ -340,6 +340,16 @@ def test_only_supported_models():
         integrations.apply(torch.nn.DataParallel(_vit()))
 
 
+@pytest.mark.parametrize("option, value", [("attention", "false"), ("masking", 0), ("loss", None),
+                                           ("patch_embed", "no"), ("add_norm", 1), ("gelu_mlp", "off")])
+def test_options_that_are_not_bools_are_refused(option, value):
+    """A truthy string switched a patch on that its caller meant to switch off; nothing is patched before the error."""
+    model = _vit()
+    with pytest.raises(TypeError, match=f"{option} must be True or False.*, got {value!r}"):
+        integrations.apply(model, **{option: value})
+    assert not integrations.patched_modules(model)
+
+
 @pytest.mark.parametrize("fused", [{}, {"add_norm": True, "gelu_mlp": True}], ids=["plain", "fused"])
 def test_patched_model_compiles_fullgraph(fused, device):
     if device != "cpu":

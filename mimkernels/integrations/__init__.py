@@ -102,12 +102,19 @@ def apply(model: torch.nn.Module, *, attention: bool = True, patch_embed: bool =
 
     Raises:
         TypeError: ``model`` is not one of the supported classes (listed in the message), or wraps one (the
-            wrapper of ``torch.compile`` or DDP: apply to the model before wrapping it).
+            wrapper of ``torch.compile`` or DDP: apply to the model before wrapping it); an option that is not a bool.
         RuntimeError: a timm model with timm older than 0.9.16, or a transformers model with transformers older
             than 4.57 (the oldest releases tested).
     """
     from ..models import AIM, MAE, BEiT, SimMIM, vit
 
+    # a string such as "false" is truthy: it would switch a patch on that its caller meant to switch off
+    options = {"attention": attention, "patch_embed": patch_embed, "masking": masking, "loss": loss,
+               "add_norm": add_norm, "gelu_mlp": gelu_mlp}
+    for name, value in options.items():
+        if not isinstance(value, bool) and not (value is None and name in ("add_norm", "gelu_mlp")):
+            raise TypeError(f"{name} must be True or False{' (or None)' if name in ('add_norm', 'gelu_mlp') else ''}, "
+                            f"got {value!r}")
     if add_norm is None:
         add_norm = vit.FUSED_ADD_NORM
     if gelu_mlp is None:
