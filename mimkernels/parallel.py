@@ -29,6 +29,7 @@ from torch import nn
 
 from .models.aim import MlpBlock
 from .models.vit import Block
+from .ops._checks import check_bool
 
 __all__ = ["checkpoint_activations", "compile_blocks", "finish_interrupted_save", "load_sharded", "save_sharded",
            "shard", "transformer_blocks"]
@@ -50,6 +51,7 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 def checkpoint_activations(model: nn.Module, enabled: bool = True) -> int:
     """Turns activation checkpointing of every block on (or off); returns how many blocks it set. A block's
     activations are then recomputed in the backward instead of kept from the forward."""
+    check_bool("enabled", enabled)  # the blocks test it for truth: "false" would turn checkpointing on
     blocks = transformer_blocks(model)
     for block in blocks:
         block.checkpointed = enabled

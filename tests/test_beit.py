@@ -205,6 +205,10 @@ def test_beit_checks_its_input():
     # codes past the head: an IndexError in cross_entropy on the CPU before, a device assert on a GPU
     with pytest.raises(ValueError, match="assigns 16 visual tokens, more than vocab_size = 8"):
         beit_vit_tiny_patch8(_tokenizer(), vocab_size=8)
+    # 0 built a head of no outputs that failed at the first forward; 1, a loss of 0 that learns nothing
+    for vocab in (0, 1, 16.0, True):
+        with pytest.raises(ValueError, match=f"vocab_size must be an int >= 2, got {vocab!r}"):
+            beit_vit_tiny_patch8(torch.nn.Identity(), vocab_size=vocab)
     for ratio in (0.0, 0.001, 1.0, float("nan"), True):  # named as the ratio (an error about a count before)
         with pytest.raises(ValueError, match="mask_ratio must mask some but not all of the 64 patches"):
             model(imgs, mask_ratio=ratio)

@@ -5,6 +5,7 @@ import torch
 
 from mimkernels.ops import _checks
 from mimkernels.ops._checks import (
+    check_bool,
     check_distinct_indices,
     check_float_tensor,
     check_images,
@@ -63,6 +64,13 @@ def test_check_float_tensor_takes_the_four_float_dtypes_only():
             check_float_tensor("bias", torch.ones(2).to(dtype))
     with pytest.raises(TypeError, match="bias must be a torch.Tensor, got list"):
         check_float_tensor("bias", [1.0])
+
+
+def test_check_bool_takes_bools_only():
+    assert check_bool("causal", True) is True and check_bool("causal", False) is False
+    for value in ("false", 0, 1, None, np.bool_(True), torch.tensor(True)):
+        with pytest.raises(TypeError, match="causal must be a bool, got "):
+            check_bool("causal", value)
 
 
 def test_described_names_dtype_and_shape_or_type():

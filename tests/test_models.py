@@ -162,6 +162,17 @@ def test_mae_same_noise_same_mask_on_every_backend():
     assert torch.equal(masks[0], official.random_masking(torch.zeros(2, 16, 1), 0.75, noise)[1])
 
 
+@pytest.mark.parametrize("build", [lambda flag: small_mae(norm_pix_loss=flag),
+                                   lambda flag: mimkernels.models.aim_tiny(norm_pix_loss=flag),
+                                   lambda flag: mimkernels.models.simmim_vit_tiny_patch8(norm_pix_loss=flag)],
+                         ids=["mae", "aim", "simmim"])
+def test_norm_pix_loss_must_be_a_bool(build):
+    """A string such as "false" is truthy: it was taken as True until the loss op refused it at the first forward."""
+    for flag in ("false", 1, None):
+        with pytest.raises(TypeError, match=f"norm_pix_loss must be a bool, got {flag!r}"):
+            build(flag)
+
+
 def test_mae_rejects_bad_images():
     model = small_mae()
     with pytest.raises(ValueError, match="imgs must be"):

@@ -96,6 +96,9 @@ def test_activation_checkpointing_keeps_gradients_and_saves_fewer_tensors(family
         torch.testing.assert_close(grads_ac[name], grads[name], rtol=1e-6, atol=1e-7, msg=name)
     parallel.checkpoint_activations(checkpointed, enabled=False)
     assert not any(block.checkpointed for block in parallel.transformer_blocks(checkpointed))
+    with pytest.raises(TypeError, match="enabled must be a bool, got 'false'"):  # truthy: it turned checkpointing on
+        parallel.checkpoint_activations(checkpointed, enabled="false")
+    assert not any(block.checkpointed for block in parallel.transformer_blocks(checkpointed))
 
 
 @pytest.mark.parametrize("family", sorted(MODELS))

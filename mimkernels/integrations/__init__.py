@@ -21,6 +21,8 @@ import warnings
 
 import torch
 
+from ..ops._checks import check_bool
+
 __all__ = ["apply", "patched_modules", "register_hf_attention", "unapply"]
 
 SUPPORTED = ("timm.models.vision_transformer.VisionTransformer", "transformers.ViTMAEForPreTraining",
@@ -108,13 +110,11 @@ def apply(model: torch.nn.Module, *, attention: bool = True, patch_embed: bool =
     """
     from ..models import AIM, MAE, BEiT, SimMIM, vit
 
-    # a string such as "false" is truthy: it would switch a patch on that its caller meant to switch off
-    options = {"attention": attention, "patch_embed": patch_embed, "masking": masking, "loss": loss,
-               "add_norm": add_norm, "gelu_mlp": gelu_mlp}
-    for name, value in options.items():
-        if not isinstance(value, bool) and not (value is None and name in ("add_norm", "gelu_mlp")):
-            raise TypeError(f"{name} must be True or False{' (or None)' if name in ('add_norm', 'gelu_mlp') else ''}, "
-                            f"got {value!r}")
+    # before anything is patched: a string such as "false" is truthy, and switched on what its caller meant off
+    for name, value in (("attention", attention), ("patch_embed", patch_embed), ("masking", masking), ("loss", loss),
+                        ("add_norm", add_norm), ("gelu_mlp", gelu_mlp)):
+        if value is not None or name not in ("add_norm", "gelu_mlp"):  # None: the models' switch
+            check_bool(name, value)
     if add_norm is None:
         add_norm = vit.FUSED_ADD_NORM
     if gelu_mlp is None:

@@ -27,6 +27,7 @@ from torch import nn
 
 import mimkernels
 
+from ..ops._checks import check_bool
 from .vit import (
     Block,
     Mlp,
@@ -67,6 +68,7 @@ class AIM(nn.Module):
     def __init__(self, img_size=224, patch_size=14, in_chans=3, embed_dim=1536, depth=24, num_heads=12,
                  head_depth=12, head_embed_dim=2048, mlp_ratio=4.0, norm_pix_loss=True):
         super().__init__()
+        check_bool("norm_pix_loss", norm_pix_loss)  # here: the loss op's error came at the first forward
         check_head_dim("trunk", embed_dim, num_heads)
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         if self.patch_embed.num_patches < 2:

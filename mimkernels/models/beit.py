@@ -30,7 +30,7 @@ from torch import nn
 import mimkernels
 
 from .._custom_ops import custom_op_when_compiling
-from ..ops._checks import CHECK_CUDA_INDICES
+from ..ops._checks import CHECK_CUDA_INDICES, is_int
 from ..reference import mask_denominator
 from .vit import MaskTokenViT
 
@@ -186,6 +186,9 @@ class BEiT(MaskTokenViT):
                  embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, norm_layer=nn.LayerNorm, mask_ratio=0.4,
                  norm_pix_loss=False, head_on="all"):
         _checked_head_on(head_on)
+        if not is_int(vocab_size) or vocab_size < 2:
+            # 0 built a head with no outputs (cross_entropy failed at the first forward); 1, a loss of 0 always
+            raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
         if norm_pix_loss:
             raise ValueError("BEiT predicts visual tokens, not pixels: norm_pix_loss does not apply")
         super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, norm_layer)

@@ -19,6 +19,7 @@ from torch import nn
 
 import mimkernels
 
+from ..ops._checks import check_bool
 from ..ops.tokens import checked_noise
 from .vit import Block, PatchEmbed, check_head_dim, init_weights, run_blocks, sincos_pos_embed
 
@@ -30,6 +31,7 @@ class MAE(nn.Module):
                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,
                  norm_layer=nn.LayerNorm, norm_pix_loss=False):
         super().__init__()
+        check_bool("norm_pix_loss", norm_pix_loss)  # here: the loss op's error came at the first forward
         check_head_dim("encoder", embed_dim, num_heads)
         check_head_dim("decoder", decoder_embed_dim, decoder_num_heads)
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)

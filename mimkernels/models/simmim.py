@@ -28,7 +28,7 @@ from torch import nn
 
 import mimkernels
 
-from ..ops._checks import is_int
+from ..ops._checks import check_bool, is_int
 from .vit import MaskTokenViT, generator_kwargs
 
 
@@ -61,6 +61,7 @@ class SimMIM(MaskTokenViT):
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
                  mlp_ratio=4.0, norm_layer=nn.LayerNorm, mask_patch_size=32, mask_ratio=0.6, norm_pix_loss=False):
+        check_bool("norm_pix_loss", norm_pix_loss)  # here: the loss op's error came at the first forward
         super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, norm_layer)
         patch_size = self.patch_embed.patch_size  # checked there (an int, or timm's pair of equal ints)
         if not is_int(mask_patch_size) or mask_patch_size < 1 or mask_patch_size % patch_size:

@@ -59,6 +59,14 @@ def described(value) -> str:
     return type(value).__name__
 
 
+def check_bool(name: str, value) -> bool:
+    """``value`` if it is a bool; TypeError naming ``name`` otherwise (a string such as "false" is truthy, and 0 / 1
+    usually mean something else by mistake)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
 def check_float_tensor(name: str, t) -> None:
     """``t`` is a tensor of one of :data:`FLOAT_DTYPES`; TypeError naming ``name`` otherwise."""
     if not isinstance(t, torch.Tensor):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from .. import _backend, reference
 from .._custom_ops import custom_op_when_compiling
 from ._autograd import distinct, first_derivative_only
-from ._checks import KERNEL_DTYPES, autocast_dtype, is_int, is_real, unit_stride
+from ._checks import KERNEL_DTYPES, autocast_dtype, check_bool, is_int, is_real, unit_stride
 
 # Imported here, not on first use, so torch.compile never traces the module's first import.
 _kernels = None
@@ -172,9 +172,7 @@ class _TritonPackedAttention(torch.autograd.Function):
 def _checked_deterministic(deterministic) -> bool:
     """The caller's choice, made True by ``torch.use_deterministic_algorithms(True)``: PyTorch's own ops pick their
     deterministic implementation where they have one, and so does this."""
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
-    return deterministic or torch.are_deterministic_algorithms_enabled()
+    return check_bool("deterministic", deterministic) or torch.are_deterministic_algorithms_enabled()
 
 
 def _sdpa_measured_faster(q, prefix, deterministic) -> bool:
@@ -233,8 +231,7 @@ def attention(q, k, v, *, causal=False, prefix_len=None, scale=None, determinist
     ``prefix_len`` always means prefix-causal attention, whatever ``causal`` says (prefix 0 is causal).
     Other arguments as in :func:`prefix_causal_attention`.
     """
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    check_bool("causal", causal)
     q, k, v = _checked_qkv(q, k, v)
     if prefix_len is None:
         prefix = 0 if causal else q.shape[2]
@@ -256,8 +253,7 @@ def qkv_attention(qkv, *, causal=False, prefix_len=None, scale=None, determinist
         raise TypeError(f"qkv must be a torch.Tensor, got {type(qkv).__name__}")
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv must be 5-D [batch, seq_len, 3, heads, head_dim], got shape {tuple(qkv.shape)}")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    check_bool("causal", causal)
     dtype = autocast_dtype(qkv.device)
     if dtype is not None:
         qkv = qkv.to(dtype)  # one cast of the packed tensor

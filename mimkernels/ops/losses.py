@@ -5,7 +5,7 @@ import torch
 
 from .. import _backend, reference
 from ._autograd import first_derivative_only
-from ._checks import check_float_tensor, check_images, check_mask_values, patch_side, unit_stride
+from ._checks import check_bool, check_float_tensor, check_images, check_mask_values, patch_side, unit_stride
 
 _kernels = None
 if _backend._HAS_TRITON:
@@ -93,8 +93,7 @@ def masked_patch_loss(pred, images, mask, *, norm_pix=True, loss="l2"):
     check_mask_values("mask", mask)
     if loss not in ("l1", "l2"):
         raise ValueError(f"loss must be 'l2' or 'l1', got {loss!r}")
-    if not isinstance(norm_pix, bool):
-        raise TypeError(f"norm_pix must be a bool, got {type(norm_pix).__name__}")
+    check_bool("norm_pix", norm_pix)
     if norm_pix and patch_numel < 2:
         raise ValueError("norm_pix needs at least 2 values per patch (unbiased variance)")
     if mask.requires_grad and torch.is_grad_enabled():
