@@ -33,7 +33,7 @@ source benchmarks/gpu_env.sh
 
 if wants tests; then
 echo "== GPU tests"
-timeout 240 $PY -m pytest -q -m gpu -p no:cacheprovider tests > "$OUT/pytest_gpu.txt" 2>&1 || status=1
+timeout 420 $PY -m pytest -q -m gpu -p no:cacheprovider tests > "$OUT/pytest_gpu.txt" 2>&1 || status=1
 tail -n 15 "$OUT/pytest_gpu.txt"
 fi
 

@@ -15,33 +15,36 @@ MEASURED = {(90, 2, 32, 384): ('128x32x4x4', '32x64x4x3+tma', '64x32x4x3', None,
  (90, 2, 64, 128): ('64x64x4x3', '32x64x4x3', '64x32x4x3', None, '64x32x4x3', None),
  (90, 2, 64, 384): ('128x32x4x4+tma', '32x64x4x3', '64x32x4x3+tma', None, '64x32x4x3', None),
  (90, 2, 128, 384): ('128x32x4x4+tma', '64x64x4x2+tma', '128x32x4x3+tma', None, '64x32x4x3', None),
- (90, 2, 128, 1536): ('64x64x4x3+tma', '64x64x4x2+tma', '128x32x4x3+tma', None, '64x32x4x3', None),
+ (90, 2, 128, 1536): ('64x64x4x3+tma', '64x64x4x2+tma', '64x32x4x3+tma', None, '128x64x8x3', None),
  (90, 2, 128, 2147483648): ('64x64x4x3+tma', '64x128x8x3+tma', '128x64x8x3', None, None, None)}
 
-PROVENANCE = {(90, 2, 32, 384): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit 2974055, 2026-11-27; rebuilt from '
-                   'tune_attention.csv; mae_decoder B256 H16 N197 D32 full: forward 128x32x4x4 0.1631 ms, '
-                   'backward_dkdv 32x64x4x3+tma 0.3342 ms, backward_dq 64x32x4x3 0.1606 ms, backward_atomic '
-                   '32x128x4x3 0.5306 ms, backward_row_dot 16x0x4x3 0.0446 ms, backward_dq_delta 64x32x4x3 0.1734 ms',
- (90, 2, 64, 128): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit 2974055, 2026-11-27; rebuilt from '
-                   'tune_attention.csv; mae_encoder B256 H16 N50 D64 full: forward 64x64x4x3 0.0442 ms, '
-                   'backward_dkdv 32x64x4x3 0.0825 ms, backward_dq 64x32x4x3 0.0485 ms, backward_atomic 64x64x4x3 '
-                   '0.1586 ms, backward_row_dot 16x0x4x3 0.0213 ms, backward_dq_delta 64x32x4x3 0.0556 ms',
- (90, 2, 64, 384): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit 2974055, 2026-11-27; rebuilt from '
-                   'tune_attention.csv; vit_b B256 H12 N197 D64 full: forward 128x32x4x4+tma 0.1784 ms, '
-                   'backward_dkdv 32x64x4x3 0.3792 ms, backward_dq 64x32x4x3+tma 0.1805 ms, backward_atomic '
-                   '32x128x4x3 0.6814 ms, backward_row_dot 16x0x4x3 0.0467 ms, backward_dq_delta 64x32x4x3 0.1992 ms',
- (90, 2, 128, 384): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit 2974055, 2026-11-27; rebuilt from '
-                    'tune_attention.csv; aim_600m B64 H12 N256 D128 random: forward 128x32x4x4+tma 0.0894 ms, '
-                    'backward_dkdv 64x64x4x2+tma 0.1666 ms, backward_dq 128x32x4x3+tma 0.1083 ms, backward_atomic '
-                    '64x128x8x3 0.3260 ms, backward_row_dot 16x0x4x3 0.0338 ms, backward_dq_delta 64x32x4x3 0.1274 '
-                    'ms',
- (90, 2, 128, 1536): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit 2974055, 2026-11-27; rebuilt from '
-                     'tune_attention.csv; n1024 B16 H16 N1024 D128 random: forward 64x64x4x3+tma 0.2265 ms, '
-                     'backward_dkdv 64x64x4x2+tma 0.5194 ms, backward_dq 128x32x4x3+tma 0.2983 ms, backward_atomic '
-                     '64x128x8x3 0.8962 ms, backward_row_dot 16x0x4x3 0.0415 ms, backward_dq_delta 64x32x4x3 0.3234 '
-                     'ms',
- (90, 2, 128, 2147483648): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit 2974055, 2026-11-27; rebuilt from '
-                           'tune_attention.csv; n4096 B4 H16 N4096 D128 random: forward 64x64x4x3+tma 0.7200 ms, '
-                           'backward_dkdv 64x128x8x3+tma 1.6773 ms, backward_dq 128x64x8x3 0.8661 ms, '
-                           'backward_atomic 64x128x8x3 2.8041 ms, backward_row_dot 16x0x4x3 0.0416 ms, '
-                           'backward_dq_delta 128x64x8x3 0.9100 ms'}
+PROVENANCE = {(90, 2, 32, 384): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit 74c4b74, 2026-12-04; rebuilt from '
+                   'tune_attention.csv; mae_decoder B256 H16 N197 D32 full: forward 128x32x4x4 0.1605 ms, '
+                   'backward_dkdv 32x64x4x3+tma 0.3309 ms, backward_dq 64x32x4x3 0.1577 ms, backward_atomic '
+                   '32x64x4x3+tma 0.5215 ms, backward_row_dot 16x0x4x3 0.0442 ms, backward_dq_delta 64x32x4x3 0.1717 '
+                   'ms, backward_per_head 32x64x4x3 0.6337 ms',
+ (90, 2, 64, 128): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit 74c4b74, 2026-12-04; rebuilt from '
+                   'tune_attention.csv; mae_encoder B256 H16 N50 D64 full: forward 64x64x4x3 0.0432 ms, '
+                   'backward_dkdv 32x64x4x3 0.0816 ms, backward_dq 64x32x4x3 0.0476 ms, backward_atomic 64x64x4x3 '
+                   '0.1565 ms, backward_row_dot 16x0x4x3 0.0211 ms, backward_dq_delta 64x32x4x3 0.0552 ms, '
+                   'backward_per_head 64x64x4x3 0.1426 ms',
+ (90, 2, 64, 384): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit 74c4b74, 2026-12-04; rebuilt from '
+                   'tune_attention.csv; vit_b B256 H12 N197 D64 full: forward 128x32x4x4+tma 0.1772 ms, '
+                   'backward_dkdv 32x64x4x3 0.3782 ms, backward_dq 64x32x4x3+tma 0.1795 ms, backward_atomic '
+                   '32x64x4x3+tma 0.6125 ms, backward_row_dot 16x0x4x3 0.0474 ms, backward_dq_delta 64x32x4x3 0.1986 '
+                   'ms, backward_per_head 64x64x4x3+tma 0.7914 ms',
+ (90, 2, 128, 384): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit 74c4b74, 2026-12-04; rebuilt from '
+                    'tune_attention.csv; aim_600m B64 H12 N256 D128 random: forward 128x32x4x4+tma 0.0887 ms, '
+                    'backward_dkdv 64x64x4x2+tma 0.1641 ms, backward_dq 128x32x4x3+tma 0.1077 ms, backward_atomic '
+                    '32x64x4x3+tma 0.3091 ms, backward_row_dot 16x0x4x3 0.0346 ms, backward_dq_delta 64x32x4x3 '
+                    '0.1261 ms, backward_per_head 64x128x8x3 0.3533 ms',
+ (90, 2, 128, 1536): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit 74c4b74, 2026-12-04; rebuilt from '
+                     'tune_attention.csv; n1024 B16 H16 N1024 D128 random: forward 64x64x4x3+tma 0.2285 ms, '
+                     'backward_dkdv 64x64x4x2+tma 0.5120 ms, backward_dq 64x32x4x3+tma 0.2988 ms, backward_atomic '
+                     '64x128x8x3+tma 0.8883 ms, backward_row_dot 16x0x4x3 0.0419 ms, backward_dq_delta 128x64x8x3 '
+                     '0.3220 ms, backward_per_head 64x128x8x3 1.2992 ms',
+ (90, 2, 128, 2147483648): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit 74c4b74, 2026-12-04; rebuilt from '
+                           'tune_attention.csv; n4096 B4 H16 N4096 D128 random: forward 64x64x4x3+tma 0.7298 ms, '
+                           'backward_dkdv 64x128x8x3+tma 1.6607 ms, backward_dq 128x64x8x3 0.8809 ms, '
+                           'backward_atomic 64x128x8x2 2.7820 ms, backward_row_dot 16x0x4x3 0.0419 ms, '
+                           'backward_dq_delta 128x64x8x3 0.9545 ms, backward_per_head 64x128x8x3 8.7535 ms'}
