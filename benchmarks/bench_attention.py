@@ -3,11 +3,13 @@
 Providers, all timed in this process on the same inputs. Prefix-causal shapes:
   mimkernels          mimkernels.prefix_causal_attention (Triton; deterministic backward, the default)
   mimkernels_nondet   the same with deterministic=False (the atomic-dQ backward where the tile table measured it
-                      faster; for full / causal attention, PyTorch's SDPA)
+                      faster; for causal attention, PyTorch's SDPA)
   sdpa_dense_mask     SDPA with the dense bool mask built per call, as apple/ml-aim does
   flex+block_mask     FlexAttention (compiled) including create_block_mask for the batch's prefixes
   flex                FlexAttention with the block mask built beforehand
   sdpa_causal         SDPA is_causal=True (flash backend): same FLOP class, no prefix
+  mimkernels_causal   mimkernels.attention(causal=True) on the same q, k, v: ours against sdpa_causal on one mask
+                      (deterministic=False routes causal attention to SDPA while this measures slower)
   flash_attn_causal   FlashAttention causal, where the flash_attn package is installed
 Full-attention shapes: mimkernels (mimkernels.attention), mimkernels_nondet, and SDPA as it dispatches by
 default (sdpa) and forced to each fused backend (sdpa_flash, sdpa_cudnn, sdpa_efficient).
@@ -115,6 +117,7 @@ def providers(q, k, v, prefix, with_flex=True):
         found["flex"] = (lambda: flex_attention(q, k, v, block_mask=prebuilt), prefix)
     no_prefix = torch.zeros_like(prefix)
     found["sdpa_causal"] = (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), no_prefix)
+    found["mimkernels_causal"] = (lambda: mimkernels.attention(q, k, v, causal=True), no_prefix)
     try:
         from flash_attn import flash_attn_func
     except ImportError:
@@ -256,6 +259,35 @@ def targets(rows: list[common.Result], memory: dict, provider: str = "mimkernels
     return lines
 
 
+# Where deterministic=False could hand a mask to SDPA: (mask, shapes, our provider, SDPA's provider on that mask)
+ROUTING_EVIDENCE = [
+    ("causal", ("aim_600m", "aim_3b"), "mimkernels_causal", "sdpa_causal"),
+    ("full", ("mae_encoder", "mae_decoder", "vit_b"), "mimkernels", "sdpa"),
+]
+
+
+def routing(rows: list[common.Result], device: str = "cuda") -> list[str]:
+    """Whether ``deterministic=False``'s choice between our kernels and SDPA (ops/attention.py,
+    ``_sdpa_measured_faster``) agrees with this run's GPU time (fwd_bwd_graph) on each mask and shape."""
+    from mimkernels.ops.attention import _sdpa_measured_faster
+
+    by = {(r.shape.split(":")[0], r.provider, r.mode): r for r in rows}
+    lines = ["== deterministic=False: our kernels or SDPA, against this run's GPU time (fwd_bwd_graph)"]
+    for mask, shapes, ours, sdpa in ROUTING_EVIDENCE:
+        for shape in shapes:
+            mine, theirs = by.get((shape, ours, "fwd_bwd_graph")), by.get((shape, sdpa, "fwd_bwd_graph"))
+            if mine is None or theirs is None:
+                continue
+            _, heads, seq_len, head_dim, _ = SHAPES[shape]
+            q = torch.empty(1, heads, seq_len, head_dim, device=device, dtype=torch.bfloat16)
+            routed = _sdpa_measured_faster(q, 0 if mask == "causal" else seq_len, deterministic=False)
+            speedup = theirs.ms_p50 / mine.ms_p50
+            verdict = "agrees" if (speedup < 1) == routed else "DISAGREES"
+            lines.append(f"{shape:12s} {mask:6s} ours {speedup:5.2f}x {sdpa:12s} -> routed to "
+                         f"{'SDPA' if routed else 'ours':4s}  {verdict}")
+    return lines
+
+
 def floors(shapes, peaks: common.Peaks) -> list[str]:
     """The two lower bounds per shape and mode (FLOPs over peak rate, minimal bytes over bandwidth), no GPU needed.
 
@@ -337,7 +369,7 @@ def main(argv=None) -> int:
             writer.writerow(["shape", "provider", "peak_mib_fwd_bwd", "device", "commit"])
             for (shape, provider), mib in memory.items():
                 writer.writerow([shape, provider, f"{mib:.1f}", common.device_name(), common.commit()])
-    print("\n".join(targets(rows, memory) + targets(rows, memory, "mimkernels_nondet")))
+    print("\n".join(targets(rows, memory) + targets(rows, memory, "mimkernels_nondet") + routing(rows)))
     if args.out and not args.no_plot:
         plot(rows, os.path.join(args.out, "attention.png"))
     return 0

@@ -349,6 +349,27 @@ def test_nondeterministic_public_op(mode):
                          torch.float32)
 
 
+def test_only_causal_attention_routes_to_sdpa():
+    """deterministic=False hands causal attention to SDPA (its causal kernel took less GPU time than ours on the
+    H200) and keeps full attention on our kernels (SDPA took 1.33-1.67x their GPU time at the MAE shapes), on CUDA
+    in fp16 / bf16 under the auto backend only. A stand-in for a CUDA q: the rule reads device, dtype and shape."""
+    from types import SimpleNamespace
+
+    from mimkernels.ops.attention import _sdpa_measured_faster
+
+    def routes(prefix, dtype=torch.bfloat16, deterministic=False, is_cuda=True):
+        return _sdpa_measured_faster(SimpleNamespace(is_cuda=is_cuda, dtype=dtype, shape=(256, 16, 50, 64)), prefix,
+                                     deterministic)
+
+    assert routes(0) and routes(0, torch.float16)
+    assert not routes(50)  # full attention: ours
+    assert not routes(7)  # an int prefix between 0 and N
+    assert not routes(torch.zeros(256, dtype=torch.long))  # a per-sample prefix: no host sync to look at it
+    assert not routes(0, deterministic=True) and not routes(0, torch.float32) and not routes(0, is_cuda=False)
+    with mimkernels.use_backend("triton"):
+        assert not routes(0)  # an explicit backend is what runs
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_deterministic_algorithms_override_deterministic_false(packed, monkeypatch):
     """Under torch.use_deterministic_algorithms(True), deterministic=False takes the deterministic backward (as

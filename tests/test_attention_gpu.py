@@ -103,12 +103,14 @@ def test_tma_kernels_compiled_for_hopper(shape, layout, variant):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_nondeterministic_full_and_causal_route_to_sdpa(causal):
+def test_nondeterministic_causal_routes_to_sdpa_and_full_stays(causal):
+    """deterministic=False: causal attention is SDPA's call; full attention stays on our kernels (they took less GPU
+    time than SDPA at the MAE shapes), whose forward is the deterministic one's."""
     q, k, v = (torch.randn(4, 16, 50, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     got = mimkernels.attention(q, k, v, causal=causal, deterministic=False)
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    assert torch.equal(got, want)  # the same call, not just close
     ours = mimkernels.attention(q, k, v, causal=causal)
+    assert torch.equal(got, want if causal else ours)  # the same call, not just close
     torch.testing.assert_close(ours, want, atol=2e-2, rtol=2e-2)
 
 

@@ -40,7 +40,8 @@ def test_harness_runs_end_to_end(tmp_path):
     rows = bench_attention.run(list(table), bench_attention.MODES, torch.float32, True, peaks, str(csv_path),
                                device="cpu", with_flex=False, table=table)
     providers = {shape: {r.provider for r in rows if r.shape.startswith(shape)} for shape in table}
-    assert providers["tiny_prefix"] == {"mimkernels", "mimkernels_nondet", "sdpa_dense_mask", "sdpa_causal"}
+    assert providers["tiny_prefix"] == {"mimkernels", "mimkernels_nondet", "sdpa_dense_mask", "sdpa_causal",
+                                        "mimkernels_causal"}
     assert providers["tiny_full"] == {"mimkernels", "mimkernels_nondet", "sdpa"}  # forced backends: CUDA only
     assert {r.mode for r in rows} == set(bench_attention.MODES)
     header = csv_path.read_text().splitlines()[0]
@@ -67,6 +68,21 @@ def test_targets_report_met_and_missed():
     assert any("TFLOP/s" in line and "target >= 500" in line and line.endswith(" met") for line in lines)
     assert any("peak" in line and line.endswith("MISSED") for line in lines)
     assert not any("aim_3b" in line for line in lines)  # nothing is reported for shapes not measured
+
+
+def test_routing_lines_compare_gpu_time_with_the_routing_rule():
+    """Each line: our speedup over SDPA on GPU time and whether deterministic=False's choice agrees with it. Off CUDA
+    nothing routes to SDPA, so there a faster SDPA disagrees."""
+    peaks = common.Peaks(1.0, 1.0)
+    rows = [common.result("attention", provider, "fwd_bwd_graph", f"{shape}:B1", "bf16", (ms, ms, ms), 1, 1, peaks)
+            for shape, provider, ms in [("mae_encoder", "mimkernels", 1.0), ("mae_encoder", "sdpa", 1.5),
+                                        ("aim_600m", "mimkernels_causal", 1.0), ("aim_600m", "sdpa_causal", 0.5),
+                                        ("vit_b", "mimkernels", 1.0)]]
+    lines = bench_attention.routing(rows, device="cpu")
+    assert any(line.split()[:2] == ["mae_encoder", "full"] and "1.50x" in line and "routed to ours" in line
+               and line.endswith("agrees") for line in lines)
+    assert any(line.startswith("aim_600m") and "0.50x" in line and line.endswith("DISAGREES") for line in lines)
+    assert not any(line.startswith(("vit_b", "aim_3b")) for line in lines)  # no SDPA row, no line
 
 
 def test_norms_harness_runs_end_to_end(tmp_path):

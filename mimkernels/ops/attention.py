@@ -176,12 +176,19 @@ def _checked_deterministic(deterministic) -> bool:
 
 
 def _sdpa_measured_faster(q, prefix, deterministic) -> bool:
-    """Full or causal attention with ``deterministic=False`` under the auto backend, in fp16 / bf16 on CUDA: SDPA's
-    fused kernels (cuDNN, flash; their backward may use atomics) measured faster per call than ours on the H200
-    at the MAE shapes (benchmarks/results/nvidia-h200/, bench_attention). A per-sample prefix never routes (it
-    would need a host sync to see whether it is all 0 or all N), nor does an explicit ``triton`` backend."""
+    """Causal attention (prefix 0) with ``deterministic=False`` under the auto backend, in fp16 / bf16 on CUDA.
+
+    Decided by GPU time (CUDA-graph replay), which is what an attention call costs inside a training step whose host
+    runs ahead of the GPU (benchmarks/NOTES.md). Causal: SDPA's causal kernel (flash / cuDNN, whose backward may use
+    atomics) took 0.88x the GPU time of our prefix-causal kernels at AIM-600M, with 25% fewer visible pairs; ours
+    on a causal mask is not yet timed against it, so causal still routes. Full attention stays on our kernels:
+    SDPA took 1.67x their GPU time at the MAE encoder (B256 H16 N50 D64), 1.33x at the decoder (N197 D32) and
+    0.98x at ViT-B (N197 D64), a tie (H200 run 9, results/nvidia-h200/2026-12-04-run9-*). Per call, with host
+    time, SDPA was faster at the encoder (ours 0.72x its speed): not what a training step sees. A
+    per-sample prefix never routes (it would need a host sync to see whether it is all 0), nor does an explicit
+    ``triton`` backend."""
     return (not deterministic and q.is_cuda and q.dtype != torch.float32 and isinstance(prefix, int)
-            and prefix in (0, q.shape[2]) and _backend.current_backend() == "auto")
+            and prefix == 0 and _backend.current_backend() == "auto")
 
 
 def _attend(q, k, v, prefix, scale, deterministic, op):
@@ -189,7 +196,7 @@ def _attend(q, k, v, prefix, scale, deterministic, op):
     deterministic = _checked_deterministic(deterministic)
     backend = _backend.select(op, q.device, implemented=("triton",))
     if backend == "triton" and _sdpa_measured_faster(q, prefix, deterministic):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=prefix == 0, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     if backend == "triton":
         q, k, v = distinct(unit_stride(q), unit_stride(k), unit_stride(v))
         if isinstance(prefix, torch.Tensor):
@@ -210,9 +217,9 @@ def prefix_causal_attention(q, k, v, prefix_len, *, scale=None, deterministic=Tr
             whose values are clamped to ``[0, N]`` on the device (no host sync).
         scale: softmax scale, default ``1 / sqrt(D)``.
         deterministic: True (default): bit-identical gradients run after run (our kernels; dK/dV and dQ in two
-            launches, no atomics). False: the fastest measured path, whose summation order may vary: the
-            atomic-dQ backward where the tile table measured it faster, and for full or causal attention
-            (``attention()`` without a prefix) on CUDA in fp16/bf16, PyTorch's SDPA. Under
+            launches, no atomics). False: the fastest path measured on GPU time, whose summation order may vary:
+            the atomic-dQ backward where the tile table measured it faster, and for causal attention
+            (``attention(causal=True)``) on CUDA in fp16/bf16, PyTorch's SDPA. Under
             ``torch.use_deterministic_algorithms(True)`` it is always True.
 
     Returns:
