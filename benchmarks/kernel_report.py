@@ -107,7 +107,8 @@ def attention_launches(head_dim: int, dtype: torch.dtype, cfgs=None, variant: st
     portable = cfgs is None
     cfgs = cfgs or kernels.configs_for(head_dim, dtype)
     shape = kernels.shape_args(head_dim, dtype)
-    pointers = {name: ty for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
+    pointers = {name: ty for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "Q_TAIL", "O_TAIL", "DO_TAIL",
+                                      "DQ_TAIL")}
     pointers.update(LSE="*fp32", DELTA="*fp32", PREFIX="*i64", DQ_ACC="*fp32")
     plan = [(kernels._prefix_causal_fwd, cfgs.forward, {}),
             (kernels._prefix_causal_bwd_dkdv, cfgs.backward_dkdv, {"DQ_ATOMIC": False}),
@@ -122,9 +123,12 @@ def attention_launches(head_dim: int, dtype: torch.dtype, cfgs=None, variant: st
     for fn, cfg, extra in plan:
         constexprs = {**shape, "PREFIX_IS_TENSOR": True, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
                       "USE_TMA": cfg.tma, **extra}
+        if "TAIL_M" in fn.arg_names:  # the launchers use no tail tiles with the atomic dQ
+            constexprs["TAIL_M"] = 0 if extra.get("DQ_ATOMIC") else cfg.tail_m
         suffix = (" atomic" if extra.get("DQ_ATOMIC") else " +delta" if extra.get("DELTA_HERE")
                   else " per-head" if fn is kernels._prefix_causal_bwd_per_head else "")
         suffix += " tma" if cfg.tma else ""
+        suffix += f" tail{constexprs['TAIL_M']}" if constexprs.get("TAIL_M") else ""
         launches.append(Launch(fn, f"D={head_dim}{variant}{suffix}", f"{cfg.block_m}x{cfg.block_n}", cfg.num_warps,
                                cfg.num_stages, _tma_operands(pointers, fn, cfg, DTYPES[dtype], shape,
                                                              extra.get("DQ_ATOMIC", False)) if cfg.tma
@@ -138,16 +142,20 @@ def attention_launches(head_dim: int, dtype: torch.dtype, cfgs=None, variant: st
 
 
 # the operands each attention kernel takes as [B, H, N, D] tensor descriptors under a +tma config: query-tiled
-# ones (block_m rows) and key-tiled ones (block_n rows)
-TMA_OPERANDS = {"_prefix_causal_fwd": ("Q O", "K V"), "_prefix_causal_bwd_dkdv": ("Q DO", "K V DK DV"),
-                "_prefix_causal_bwd_dq": ("Q DO DQ", "K V"), "_prefix_causal_bwd_per_head": ("Q DO", "K V DK DV")}
+# ones (block_m rows), key-tiled ones (block_n rows) and the tail tiles' (tail_m rows; block_m without a tail)
+TMA_OPERANDS = {"_prefix_causal_fwd": ("Q O", "K V", "Q_TAIL O_TAIL"),
+                "_prefix_causal_bwd_dkdv": ("Q DO", "K V DK DV", "Q_TAIL DO_TAIL"),
+                "_prefix_causal_bwd_dq": ("Q DO DQ", "K V", "Q_TAIL DO_TAIL DQ_TAIL"),
+                "_prefix_causal_bwd_per_head": ("Q DO", "K V DK DV", "")}
 
 
 def _tma_operands(pointers: dict, fn, cfg, dtype_name: str, shape: dict, dq_atomic: bool = False) -> dict:
     """``pointers`` with the kernel's TMA operands as the tensor descriptors a ``+tma`` config passes (the atomic
     dK/dV kernel's fp32 dQ accumulator too)."""
-    query_tiled, key_tiled = TMA_OPERANDS[fn.__name__]
-    rows = {name: cfg.block_m for name in query_tiled.split()} | {name: cfg.block_n for name in key_tiled.split()}
+    query_tiled, key_tiled, tails = TMA_OPERANDS[fn.__name__]
+    tail_rows = cfg.tail_m if cfg.tail_m and not dq_atomic else cfg.block_m
+    rows = ({name: cfg.block_m for name in query_tiled.split()} | {name: cfg.block_n for name in key_tiled.split()}
+            | {name: tail_rows for name in tails.split()})
     descriptors = {name: f"tensordesc<{dtype_name}[1,1,{r},{shape['BLOCK_D']}]>" for name, r in rows.items()}
     if dq_atomic:
         descriptors["DQ_ACC"] = f"tensordesc<fp32[1,1,{cfg.block_m},{shape['BLOCK_D']}]>"

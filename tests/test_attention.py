@@ -284,6 +284,48 @@ def test_tma_kernels(shape, layout, tiles, dtype, variant):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
+def with_tails(configs: AttentionConfigs, tail_m: int = 16) -> AttentionConfigs:
+    """The forward, dK/dV and dQ tiles (and the delta-computing dQ's, where set) with ``tail_m``-row tail tiles."""
+    return dataclasses.replace(configs, **{name: dataclasses.replace(getattr(configs, name), tail_m=tail_m)
+                                           for name in ("forward", "backward_dkdv", "backward_dq", "backward_dq_delta")
+                                           if getattr(configs, name) is not None})
+
+
+TAIL_TILES = AttentionConfigs(TileConfig(32, 16, 4, 1), TileConfig(32, 32, 4, 1), TileConfig(64, 16, 4, 1))
+
+
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+@pytest.mark.parametrize("variant", ["default", "delta_in_dq"])
+@pytest.mark.parametrize("shape, dtype", [((3, 1, 1, 16), torch.float32), ((2, 3, 49, 64), torch.float32),
+                                          ((4, 1, 50, 40), torch.float16), ((2, 1, 97, 24), torch.float32),
+                                          ((2, 2, 64, 16), torch.float32)], ids=str)
+def test_tail_tiles(shape, dtype, variant, tma):
+    """Tail tiles (rows past the last whole query tile in 16-row tiles): within budget of the float64 reference with
+    per-sample prefixes; the forward and dQ bit-equal to the same tiles without tails (each row's sums are the
+    same), dK / dV equal to fp32 rounding (their sums over query rows are split differently)."""
+    prefix = per_sample_prefix(shape[0], shape[2], seed=shape[2] + 1)
+    base = with_optional_kernels(TAIL_TILES) if variant == "delta_in_dq" else TAIL_TILES
+    base = with_tma(base) if tma else base
+    assert_within_budget(triton_op(prefix, with_tails(base)), reference_op(prefix), shape, dtype)
+    q, k, v, leaves = make_qkv(shape, dtype, "bnhd")  # one leaf per operand: dq compared on its own
+    assert not tma or kernels.tma_usable(q, k, v)
+    got = outputs_and_grads(triton_op(prefix, with_tails(base), 0.3), q, k, v, leaves)
+    want = outputs_and_grads(triton_op(prefix, base, 0.3), q, k, v, leaves)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])  # out, dq
+    for g, w in zip(got[2:], want[2:]):
+        torch.testing.assert_close(g, w, rtol=1e-5 if dtype == torch.float32 else 2e-3, atol=1e-5)
+
+
+def test_tail_tiles_are_ignored_where_a_kernel_takes_none():
+    """The atomic-dQ and per-head backwards take no tail tiles: a tail config there runs its base tiles."""
+    shape, prefix = (2, 2, 49, 32), per_sample_prefix(2, 49, seed=5)
+    tails = with_tails(TAIL_TILES)
+    for configs, deterministic in ((dataclasses.replace(tails, backward_atomic=tails.backward_dkdv), False),
+                                   (dataclasses.replace(tails, backward_per_head=tails.backward_dkdv), True)):
+        assert_within_budget(triton_op(prefix, configs, deterministic=deterministic), reference_op(prefix), shape,
+                             torch.float32)
+
+
 def test_tma_configs_fall_back_to_pointers_where_descriptors_cannot_read():
     """fp16 rows of 36 elements are 72 bytes apart: not 16-byte aligned, so no descriptor; the same tiles run
     through pointers, still right."""

@@ -40,6 +40,34 @@ def test_tile_config_text_round_trip():
     assert tma == TileConfig(128, 64, 8, 3, tma=True) and str(tma) == "128x64x8x3+tma"
     with pytest.raises(ValueError, match="flag 'fast'"):
         TileConfig.parse("128x64x8x3+fast")
+    tail = TileConfig.parse("128x32x4x4+tma+tail16")
+    assert tail == TileConfig(128, 32, 4, 4, tma=True, tail_m=16) and str(tail) == "128x32x4x4+tma+tail16"
+    assert TileConfig.parse("64x32x4x3+tail32") == TileConfig(64, 32, 4, 3, tail_m=32)
+    for bad in ("64x32x4x3+tail8", "64x32x4x3+tail64", "64x32x4x3+tail24", "64x32x4x3+tail"):
+        with pytest.raises(ValueError, match="tail|flag"):
+            TileConfig.parse(bad)
+
+
+def test_tail_tiles_cover_the_rows_past_the_last_whole_tile():
+    """(tiles, tail tiles, TAIL_M): tails only where N leaves rows past the last whole block_m tile."""
+    from mimkernels.triton.attention import query_tiles
+
+    tail = TileConfig(128, 32, 4, 4, tail_m=16)
+    assert query_tiles(256, tail) == (2, 0, 0)  # no rows left: the plain launch
+    assert query_tiles(257, tail) == (3, 1, 16)  # 2 whole tiles and one of 16 rows for the 257th
+    assert query_tiles(197, tail) == (6, 5, 16)  # 69 rows past 128: five 16-row tiles
+    assert query_tiles(1, tail) == (1, 1, 16)
+    assert query_tiles(197, TileConfig(128, 32, 4, 4)) == (2, 0, 0)  # no tail: one more 128-row tile
+
+
+def test_tail_candidates_are_timed_only_where_n_has_a_tail():
+    tails = {kernel: [t for t in texts if "tail" in t] for kernel, texts in tuning.CANDIDATES.items()}
+    assert any(tails.values())
+    at_256, at_197 = tuning.candidates_for(256), tuning.candidates_for(197)
+    assert not any("tail" in t for texts in at_256.values() for t in texts)
+    assert all(set(tails[kernel]) <= set(at_197[kernel]) for kernel in tails)
+    assert {k: [t for t in v if "tail" not in t] for k, v in at_256.items()} == {
+        k: [t for t in v if "tail" not in t] for k, v in tuning.CANDIDATES.items()}
 
 
 def test_every_candidate_parses_once():

@@ -39,18 +39,32 @@ class TileConfig:
     # read and write the [B, H, N, D] operands through TMA tensor descriptors (Hopper and newer, see tma_usable);
     # elsewhere the same tiles run through pointers
     tma: bool = False
+    # query rows per tile past the last whole block_m tile (0: one more block_m tile, mostly rows past N). With
+    # N = 257 and block_m 128, the third query tile holds one row yet costs what a whole tile costs, a third of
+    # the forward's work; tail tiles of 16 rows cut that to an eighth of a tile. Forward, dQ and dK/dV kernels.
+    tail_m: int = 0
 
     @classmethod
     def parse(cls, text: str) -> TileConfig:
-        """From ``"block_m x block_n x num_warps x num_stages"``, with ``"+tma"`` appended for a TMA config: the
-        form the tile tables use."""
-        tiles, plus, flag = text.partition("+")
-        if plus and flag != "tma":
-            raise ValueError(f"unknown tile config flag {flag!r} in {text!r} (known: +tma)")
-        return cls(*(int(part) for part in tiles.split("x")), tma=bool(plus))
+        """From ``"block_m x block_n x num_warps x num_stages"``, with ``"+tma"`` appended for a TMA config and
+        ``"+tail16"`` for 16-row tail tiles: the form the tile tables use."""
+        tiles, *flags = text.split("+")
+        options = {}
+        for flag in flags:
+            if flag == "tma":
+                options["tma"] = True
+            elif flag.startswith("tail") and flag[4:].isdigit():
+                options["tail_m"] = int(flag[4:])
+            else:
+                raise ValueError(f"unknown tile config flag {flag!r} in {text!r} (known: +tma, +tail<rows>)")
+        cfg = cls(*(int(part) for part in tiles.split("x")), **options)
+        if cfg.tail_m and not (16 <= cfg.tail_m < cfg.block_m and cfg.tail_m & (cfg.tail_m - 1) == 0):
+            raise ValueError(f"tail rows must be a power of 2 from 16 to below block_m, got {text!r}")
+        return cfg
 
     def __str__(self) -> str:
-        return f"{self.block_m}x{self.block_n}x{self.num_warps}x{self.num_stages}" + "+tma" * self.tma
+        return (f"{self.block_m}x{self.block_n}x{self.num_warps}x{self.num_stages}" + "+tma" * self.tma
+                + (f"+tail{self.tail_m}" if self.tail_m else ""))
 
 
 @dataclass(frozen=True)
@@ -295,26 +309,15 @@ def _fwd_key_tiles(
 
 
 @triton.jit
-def _prefix_causal_fwd(
-    Q, K, V, O, LSE, PREFIX, prefix_int,
-    stride_qb, stride_qh, stride_qn,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_on,
-    num_heads, seq_len, qk_scale, num_m_tiles,
-    PREFIX_IS_TENSOR: tl.constexpr, head_dim: tl.constexpr, EVEN_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+def _fwd_query_tile(
+    Q, K, V, O, LSE, batch, head, bh, m_start, prefix,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on, seq_len, qk_scale,
+    head_dim: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    """O and the base-2 LSE of one query tile. Q, K, V, O are pointers, or with USE_TMA [B, H, N, D] tensor
-    descriptors (blocks [1, 1, BLOCK_M or BLOCK_N, BLOCK_D]; their strides then come with them)."""
-    pid = tl.program_id(0)
-    bh = pid // num_m_tiles
-    m_start = (num_m_tiles - 1 - pid % num_m_tiles) * BLOCK_M  # the longest rows first
-    batch = bh // num_heads
-    head = bh % num_heads
-    prefix = _prefix_of(PREFIX, prefix_int, batch, seq_len, PREFIX_IS_TENSOR)
-
+    """O and the base-2 LSE of the BLOCK_M query rows from ``m_start`` (Q and O descriptors, with USE_TMA, of
+    [1, 1, BLOCK_M, BLOCK_D] blocks)."""
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     k_src = _head_source(K, batch, head, stride_kb, stride_kh, USE_TMA)
@@ -341,6 +344,48 @@ def _prefix_causal_fwd(
         _store_tile(_head_rows(O, batch, head, stride_ob, stride_oh), offs_m, stride_on, offs_d, seq_len, head_dim,
                     out.to(O.dtype.element_ty))
     tl.store(LSE + bh.to(tl.int64) * seq_len + offs_m, row_max + tl.log2(row_sum), mask=offs_m < seq_len)
+
+
+@triton.jit
+def _prefix_causal_fwd(
+    Q, K, V, O, LSE, PREFIX, Q_TAIL, O_TAIL, prefix_int,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    num_heads, seq_len, qk_scale, num_m_tiles, num_tail_tiles,
+    PREFIX_IS_TENSOR: tl.constexpr, head_dim: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, TAIL_M: tl.constexpr,
+):
+    """O and the base-2 LSE of one query tile. Q, K, V, O are pointers, or with USE_TMA [B, H, N, D] tensor
+    descriptors (blocks [1, 1, BLOCK_M or BLOCK_N, BLOCK_D]; their strides then come with them). With TAIL_M, the
+    rows past the last whole BLOCK_M tile are ``num_tail_tiles`` tiles of TAIL_M rows, read and written through
+    Q_TAIL and O_TAIL (blocks [1, 1, TAIL_M, BLOCK_D] with USE_TMA; else Q and O again)."""
+    pid = tl.program_id(0)
+    bh = pid // num_m_tiles
+    tile = pid % num_m_tiles
+    batch = bh // num_heads
+    head = bh % num_heads
+    prefix = _prefix_of(PREFIX, prefix_int, batch, seq_len, PREFIX_IS_TENSOR)
+    m_start = (num_m_tiles - 1 - tile) * BLOCK_M  # the longest rows first
+    if TAIL_M:
+        if tile < num_tail_tiles:  # the rows past the last whole tile, which see the most keys, first of all
+            tail_start = (seq_len // BLOCK_M) * BLOCK_M + tile * TAIL_M
+            _fwd_query_tile(Q_TAIL, K, V, O_TAIL, LSE, batch, head, bh, tail_start, prefix, stride_qb, stride_qh,
+                            stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_ob,
+                            stride_oh, stride_on, seq_len, qk_scale, head_dim, EVEN_D, TAIL_M, BLOCK_N, BLOCK_D,
+                            DOT_PRECISION, USE_TMA)
+        else:
+            _fwd_query_tile(Q, K, V, O, LSE, batch, head, bh, m_start, prefix, stride_qb, stride_qh, stride_qn,
+                            stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_ob, stride_oh,
+                            stride_on, seq_len, qk_scale, head_dim, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
+                            USE_TMA)
+    else:
+        _fwd_query_tile(Q, K, V, O, LSE, batch, head, bh, m_start, prefix, stride_qb, stride_qh, stride_qn,
+                        stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_ob, stride_oh,
+                        stride_on, seq_len, qk_scale, head_dim, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
+                        USE_TMA)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -432,7 +477,7 @@ def _dkdv_query_tiles(
 
 @triton.jit
 def _dkdv_key_tile(
-    Q, K, V, DO, DK, DV, dq_dst, dq_out, lse_row, delta_row,
+    Q, K, V, DO, DK, DV, dq_dst, dq_out, lse_row, delta_row, Q_TAIL, DO_TAIL,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -443,10 +488,11 @@ def _dkdv_key_tile(
     batch, head, n_start, prefix, seq_len, scale, qk_scale,
     head_dim: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr, DQ_IN_ORDER: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, TAIL_M: tl.constexpr,
 ):
     """dK, dV of the key tile at ``n_start`` over every query tile that sees it (and its dQ shares, see
-    :func:`_dkdv_query_tiles`), stored."""
+    :func:`_dkdv_query_tiles`), stored. With TAIL_M (never with DQ_ATOMIC or DQ_IN_ORDER), the query rows past the
+    last whole BLOCK_M tile come in tiles of TAIL_M rows, through Q_TAIL and DO_TAIL."""
     offs_n = n_start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k = _read_rows(_head_source(K, batch, head, stride_kb, stride_kh, USE_TMA), batch, head, n_start, stride_kn,
@@ -477,11 +523,19 @@ def _dkdv_key_tile(
         dk, dv, k, v, q_src, do_src, dq_dst, dq_out, lse_row, delta_row, stride_qn, stride_don, stride_dqn,
         stride_dq_out_n, batch, head, n_start, offs_n, offs_d, diag_end, m_floor, prefix, seq_len, head_dim,
         qk_scale, scale, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, False, DOT_PRECISION, DQ_ATOMIC, DQ_IN_ORDER, USE_TMA)
-    dk, dv = _dkdv_query_tiles(
-        dk, dv, k, v, q_src, do_src, dq_dst, dq_out, lse_row, delta_row, stride_qn, stride_don, stride_dqn,
-        stride_dq_out_n, batch, head, n_start, offs_n, offs_d, tl.maximum(diag_end, m_floor), seq_len, prefix,
-        seq_len, head_dim, qk_scale, scale, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, True, DOT_PRECISION, DQ_ATOMIC,
-        DQ_IN_ORDER, USE_TMA)
+    if TAIL_M:  # the rows past the last whole query tile, TAIL_M at a time
+        dk, dv = _dkdv_query_tiles(
+            dk, dv, k, v, _head_source(Q_TAIL, batch, head, stride_qb, stride_qh, USE_TMA),
+            _head_source(DO_TAIL, batch, head, stride_dob, stride_doh, USE_TMA), dq_dst, dq_out, lse_row, delta_row,
+            stride_qn, stride_don, stride_dqn, stride_dq_out_n, batch, head, n_start, offs_n, offs_d,
+            tl.maximum(diag_end, m_floor), seq_len, prefix, seq_len, head_dim, qk_scale, scale, TAIL_M, BLOCK_N,
+            BLOCK_D, EVEN_D, True, DOT_PRECISION, DQ_ATOMIC, DQ_IN_ORDER, USE_TMA)
+    else:
+        dk, dv = _dkdv_query_tiles(
+            dk, dv, k, v, q_src, do_src, dq_dst, dq_out, lse_row, delta_row, stride_qn, stride_don, stride_dqn,
+            stride_dq_out_n, batch, head, n_start, offs_n, offs_d, tl.maximum(diag_end, m_floor), seq_len, prefix,
+            seq_len, head_dim, qk_scale, scale, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, True, DOT_PRECISION, DQ_ATOMIC,
+            DQ_IN_ORDER, USE_TMA)
 
     if USE_TMA:  # TMA drops the rows past N and the columns past D
         DK.store([batch, head, n_start, 0], (dk * scale).to(DK.dtype).reshape(1, 1, BLOCK_N, BLOCK_D))
@@ -495,7 +549,7 @@ def _dkdv_key_tile(
 
 @triton.jit
 def _prefix_causal_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, PREFIX, prefix_int,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, PREFIX, Q_TAIL, DO_TAIL, prefix_int,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -506,10 +560,12 @@ def _prefix_causal_bwd_dkdv(
     num_heads, seq_len, scale, qk_scale, num_n_tiles,
     PREFIX_IS_TENSOR: tl.constexpr, head_dim: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr, USE_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr, USE_TMA: tl.constexpr, TAIL_M: tl.constexpr,
 ):
     """dK, dV of one key tile; with DQ_ATOMIC also dQ (fp32, atomically, so not bit-reproducible), in one launch.
-    With USE_TMA, Q, K, V, DO, DK, DV are [B, H, N, D] tensor descriptors, and so is DQ_ACC with DQ_ATOMIC."""
+    With USE_TMA, Q, K, V, DO, DK, DV are [B, H, N, D] tensor descriptors, and so is DQ_ACC with DQ_ATOMIC. With
+    TAIL_M (not with DQ_ATOMIC), query rows past the last whole BLOCK_M tile are read TAIL_M at a time through
+    Q_TAIL and DO_TAIL (blocks [1, 1, TAIL_M, BLOCK_D] with USE_TMA; else Q and DO again)."""
     pid = tl.program_id(0)
     bh = pid // num_n_tiles
     n_start = (pid % num_n_tiles) * BLOCK_N  # key tile 0 is seen by the most queries: it goes first
@@ -518,11 +574,11 @@ def _prefix_causal_bwd_dkdv(
     prefix = _prefix_of(PREFIX, prefix_int, batch, seq_len, PREFIX_IS_TENSOR)
     _dkdv_key_tile(
         Q, K, V, DO, DK, DV, _head_source(DQ_ACC, batch, head, stride_dqb, stride_dqh, USE_TMA), DQ_ACC,
-        LSE + bh.to(tl.int64) * seq_len, DELTA + bh.to(tl.int64) * seq_len,
+        LSE + bh.to(tl.int64) * seq_len, DELTA + bh.to(tl.int64) * seq_len, Q_TAIL, DO_TAIL,
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
         stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
         stride_dqn, stride_dqn, batch, head, n_start, prefix, seq_len, scale, qk_scale,
-        head_dim, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, DQ_ATOMIC, False, USE_TMA)
+        head_dim, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, DQ_ATOMIC, False, USE_TMA, TAIL_M)
 
 
 @triton.jit
@@ -568,11 +624,11 @@ def _prefix_causal_bwd_per_head(
     dq_out = _head_rows(DQ, batch, head, stride_dqb, stride_dqh)
     for n_start in range(0, seq_len, BLOCK_N):
         _dkdv_key_tile(
-            Q, K, V, DO, DK, DV, dq_acc, dq_out, lse_row, delta_row,
+            Q, K, V, DO, DK, DV, dq_acc, dq_out, lse_row, delta_row, Q, DO,
             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
             stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
             stride_dvn, head_dim, stride_dqn, batch, head, n_start, prefix, seq_len, scale, qk_scale,
-            head_dim, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, False, True, USE_TMA)
+            head_dim, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, False, True, USE_TMA, 0)
         tl.debug_barrier()  # this key tile's dQ rows written before the next one reads them
 
 
@@ -595,29 +651,16 @@ def _dq_key_tiles(
 
 
 @triton.jit
-def _prefix_causal_bwd_dq(
-    Q, K, V, O, DO, LSE, DELTA, DQ, PREFIX, prefix_int,
-    stride_qb, stride_qh, stride_qn,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_on,
-    stride_dob, stride_doh, stride_don,
-    stride_dqb, stride_dqh, stride_dqn,
-    num_heads, seq_len, scale, qk_scale, num_m_tiles,
-    PREFIX_IS_TENSOR: tl.constexpr, head_dim: tl.constexpr, EVEN_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DELTA_HERE: tl.constexpr, USE_TMA: tl.constexpr,
+def _dq_query_tile(
+    Q, K, V, O, DO, LSE, DELTA, DQ, batch, head, bh, m_start, prefix,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
+    seq_len, scale, qk_scale,
+    head_dim: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, DELTA_HERE: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    """dQ of one query tile. With DELTA_HERE it also computes and stores this tile's delta rows (rowsum(dO * O)),
-    which the dK/dV kernel launched after it reads: the row-dot pre-pass folded into this kernel. With USE_TMA,
-    Q, K, V, DO, DQ are [B, H, N, D] tensor descriptors (O stays a pointer)."""
-    pid = tl.program_id(0)
-    bh = pid // num_m_tiles
-    m_start = (num_m_tiles - 1 - pid % num_m_tiles) * BLOCK_M  # the longest rows first
-    batch = bh // num_heads
-    head = bh % num_heads
-    prefix = _prefix_of(PREFIX, prefix_int, batch, seq_len, PREFIX_IS_TENSOR)
-
+    """dQ of the BLOCK_M query rows from ``m_start`` (Q, DO and DQ descriptors, with USE_TMA, of
+    [1, 1, BLOCK_M, BLOCK_D] blocks), and with DELTA_HERE their delta rows."""
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _read_rows(_head_source(Q, batch, head, stride_qb, stride_qh, USE_TMA), batch, head, m_start, stride_qn,
@@ -648,6 +691,54 @@ def _prefix_causal_bwd_dq(
     else:
         _store_tile(_head_rows(DQ, batch, head, stride_dqb, stride_dqh), offs_m, stride_dqn, offs_d,
                     seq_len, head_dim, (dq * scale).to(DQ.dtype.element_ty))
+
+
+@triton.jit
+def _prefix_causal_bwd_dq(
+    Q, K, V, O, DO, LSE, DELTA, DQ, PREFIX, Q_TAIL, DO_TAIL, DQ_TAIL, prefix_int,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    stride_dob, stride_doh, stride_don,
+    stride_dqb, stride_dqh, stride_dqn,
+    num_heads, seq_len, scale, qk_scale, num_m_tiles, num_tail_tiles,
+    PREFIX_IS_TENSOR: tl.constexpr, head_dim: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DELTA_HERE: tl.constexpr, USE_TMA: tl.constexpr, TAIL_M: tl.constexpr,
+):
+    """dQ of one query tile. With DELTA_HERE it also computes and stores this tile's delta rows (rowsum(dO * O)),
+    which the dK/dV kernel launched after it reads: the row-dot pre-pass folded into this kernel. With USE_TMA,
+    Q, K, V, DO, DQ are [B, H, N, D] tensor descriptors (O stays a pointer). With TAIL_M, the rows past the last
+    whole BLOCK_M tile are ``num_tail_tiles`` tiles of TAIL_M rows, through Q_TAIL, DO_TAIL and DQ_TAIL (blocks
+    [1, 1, TAIL_M, BLOCK_D] with USE_TMA; else Q, DO and DQ again)."""
+    pid = tl.program_id(0)
+    bh = pid // num_m_tiles
+    tile = pid % num_m_tiles
+    batch = bh // num_heads
+    head = bh % num_heads
+    prefix = _prefix_of(PREFIX, prefix_int, batch, seq_len, PREFIX_IS_TENSOR)
+    m_start = (num_m_tiles - 1 - tile) * BLOCK_M  # the longest rows first
+    if TAIL_M:
+        if tile < num_tail_tiles:  # the rows past the last whole tile, which see the most keys, first of all
+            tail_start = (seq_len // BLOCK_M) * BLOCK_M + tile * TAIL_M
+            _dq_query_tile(Q_TAIL, K, V, O, DO_TAIL, LSE, DELTA, DQ_TAIL, batch, head, bh, tail_start, prefix,
+                           stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+                           stride_vn, stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don, stride_dqb,
+                           stride_dqh, stride_dqn, seq_len, scale, qk_scale, head_dim, EVEN_D, TAIL_M, BLOCK_N,
+                           BLOCK_D, DOT_PRECISION, DELTA_HERE, USE_TMA)
+        else:
+            _dq_query_tile(Q, K, V, O, DO, LSE, DELTA, DQ, batch, head, bh, m_start, prefix, stride_qb, stride_qh,
+                           stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_ob,
+                           stride_oh, stride_on, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh,
+                           stride_dqn, seq_len, scale, qk_scale, head_dim, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D,
+                           DOT_PRECISION, DELTA_HERE, USE_TMA)
+    else:
+        _dq_query_tile(Q, K, V, O, DO, LSE, DELTA, DQ, batch, head, bh, m_start, prefix, stride_qb, stride_qh,
+                       stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_ob,
+                       stride_oh, stride_on, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
+                       seq_len, scale, qk_scale, head_dim, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
+                       DELTA_HERE, USE_TMA)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -700,17 +791,30 @@ def forward(q, k, v, prefix, scale: float, configs: AttentionConfigs | None = No
     cfg = (configs or configs_for_call(q)).forward
     out = _empty_bnhd(q)
     lse = torch.empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
-    num_m_tiles = cdiv(seq_len, cfg.block_m)
+    num_m_tiles, num_tail_tiles, tail_m = query_tiles(seq_len, cfg)
     prefix_ptr, prefix_int, prefix_is_tensor = _prefix_args(prefix, q)
     shapes = shape_args(head_dim, q.dtype)
-    operands, use_tma = _operands(cfg, shapes, (q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n),
-                                  (out, cfg.block_m))
-    launch(_prefix_causal_fwd, (batch * heads * num_m_tiles,), (*operands, lse, prefix_ptr), (
+    tail_operands = ((q, tail_m), (out, tail_m)) if tail_m else ()
+    (q_, k_, v_, out_, *tails), use_tma = _operands(cfg, shapes, (q, cfg.block_m), (k, cfg.block_n),
+                                                    (v, cfg.block_n), (out, cfg.block_m), *tail_operands)
+    tails = tails or (q_, out_)  # never read without TAIL_M
+    launch(_prefix_causal_fwd, (batch * heads * num_m_tiles,), (q_, k_, v_, out_, lse, prefix_ptr, *tails), (
         prefix_int, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        heads, seq_len, scale * LOG2_E, num_m_tiles,
+        heads, seq_len, scale * LOG2_E, num_m_tiles, num_tail_tiles,
     ), dict(PREFIX_IS_TENSOR=prefix_is_tensor, **shapes, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            USE_TMA=use_tma), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            USE_TMA=use_tma, TAIL_M=tail_m), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse
+
+
+def query_tiles(seq_len: int, cfg: TileConfig) -> tuple[int, int, int]:
+    """(query tiles, tail tiles among them, TAIL_M) of a query-tiled launch: whole ``block_m`` tiles, then, where
+    the config has tail tiles and N leaves rows past the last whole tile, ``tail_m``-row tiles for those rows
+    (TAIL_M = tail_m); else one more ``block_m`` tile for them (TAIL_M = 0)."""
+    whole, rest = divmod(seq_len, cfg.block_m)
+    if not (cfg.tail_m and rest):
+        return cdiv(seq_len, cfg.block_m), 0, 0
+    tails = cdiv(rest, cfg.tail_m)
+    return whole + tails, tails, cfg.tail_m
 
 
 def _operands(cfg: TileConfig, shapes: dict, *tensors_and_rows) -> tuple[tuple, bool]:
@@ -749,18 +853,24 @@ def backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: Tile
     dq_acc = dq_accumulator if atomic else dk  # never written without DQ_ATOMIC
     num_n_tiles = cdiv(seq_len, cfg.block_n)
     shapes = shape_args(head_dim, q.dtype)
+    # the atomic dQ through TMA is added a block_m tile at a time: no tail tiles there
+    tail_m = 0 if atomic else query_tiles(seq_len, cfg)[2]
     operands = [(q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n), (grad_out, cfg.block_m), (dk, cfg.block_n),
                 (dv, cfg.block_n)]
     if atomic:  # through TMA, dQ is added a tile at a time (bulk reduce-add)
         operands.append((dq_acc, cfg.block_m))
-    (q_, k_, v_, do_, dk_, dv_, *dq_acc_), use_tma = _operands(cfg, shapes, *operands)
+    if tail_m:
+        operands += [(q, tail_m), (grad_out, tail_m)]
+    (q_, k_, v_, do_, dk_, dv_, *rest), use_tma = _operands(cfg, shapes, *operands)
+    dq_acc_ = rest.pop(0) if atomic else dq_acc
+    tails = rest or (q_, do_)  # never read without TAIL_M
     launch(_prefix_causal_bwd_dkdv, (batch * heads * num_n_tiles,), (
-        q_, k_, v_, do_, lse, delta, dk_, dv_, *(dq_acc_ or (dq_acc,)), prefix_ptr,
+        q_, k_, v_, do_, lse, delta, dk_, dv_, dq_acc_, prefix_ptr, *tails,
     ), (
         prefix_int, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
         *_strides(dq_acc), heads, seq_len, scale, scale * LOG2_E, num_n_tiles,
     ), dict(PREFIX_IS_TENSOR=prefix_is_tensor, **shapes, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            DQ_ATOMIC=atomic, USE_TMA=use_tma), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            DQ_ATOMIC=atomic, USE_TMA=use_tma, TAIL_M=tail_m), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dk, dv
 
 
@@ -776,17 +886,21 @@ def backward_dq(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: TileCo
     dq = _empty_bnhd(q) if dq is None else dq
     delta_here = out is not None
     out = out if delta_here else grad_out  # never read without DELTA_HERE
-    num_m_tiles = cdiv(seq_len, cfg.block_m)
+    num_m_tiles, num_tail_tiles, tail_m = query_tiles(seq_len, cfg)
     shapes = shape_args(head_dim, q.dtype)
-    (q_, k_, v_, do_, dq_), use_tma = _operands(cfg, shapes, (q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n),
-                                                (grad_out, cfg.block_m), (dq, cfg.block_m))
+    tail_operands = ((q, tail_m), (grad_out, tail_m), (dq, tail_m)) if tail_m else ()
+    (q_, k_, v_, do_, dq_, *tails), use_tma = _operands(cfg, shapes, (q, cfg.block_m), (k, cfg.block_n),
+                                                        (v, cfg.block_n), (grad_out, cfg.block_m), (dq, cfg.block_m),
+                                                        *tail_operands)
+    tails = tails or (q_, do_, dq_)  # never read without TAIL_M
     launch(_prefix_causal_bwd_dq, (batch * heads * num_m_tiles,), (
-        q_, k_, v_, out, do_, lse, delta, dq_, prefix_ptr,
+        q_, k_, v_, out, do_, lse, delta, dq_, prefix_ptr, *tails,
     ), (
         prefix_int, *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(grad_out), *_strides(dq),
-        heads, seq_len, scale, scale * LOG2_E, num_m_tiles,
+        heads, seq_len, scale, scale * LOG2_E, num_m_tiles, num_tail_tiles,
     ), dict(PREFIX_IS_TENSOR=prefix_is_tensor, **shapes, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            DELTA_HERE=delta_here, USE_TMA=use_tma), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            DELTA_HERE=delta_here, USE_TMA=use_tma, TAIL_M=tail_m), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     return dq
 
 
