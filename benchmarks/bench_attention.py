@@ -46,6 +46,8 @@ SHAPES = {
     "mae_encoder": (256, 16, 50, 64, "full"),
     "mae_decoder": (256, 16, 197, 32, "full"),
     "vit_b": (256, 12, 197, 64, "full"),
+    # MAE ViT-H/14's encoder: 64 of 256 patches kept, plus the cls token; D = 1280 / 16 = 80 (padded to 128 in a tile)
+    "mae_h_encoder": (256, 16, 65, 80, "full"),
 }
 # fwd_bwd_graph: the same fwd+bwd as fwd_bwd, timed as GPU time in a replayed CUDA graph (no host time between
 # kernels): per call (fwd_bwd) a short kernel sequence is timed by its host work; inside a training step whose
@@ -262,7 +264,7 @@ def targets(rows: list[common.Result], memory: dict, provider: str = "mimkernels
 # Where deterministic=False could hand a mask to SDPA: (mask, shapes, our provider, SDPA's provider on that mask)
 ROUTING_EVIDENCE = [
     ("causal", ("aim_600m", "aim_3b"), "mimkernels_causal", "sdpa_causal"),
-    ("full", ("mae_encoder", "mae_decoder", "vit_b"), "mimkernels", "sdpa"),
+    ("full", ("mae_encoder", "mae_decoder", "vit_b", "mae_h_encoder"), "mimkernels", "sdpa"),
 ]
 
 

@@ -338,7 +338,7 @@ def main(argv=None) -> int:
         return 0
     if args.tma:
         rows = tma_candidates_report((128,) if args.quick else (64, 80, 128))
-        tma = [row for row in rows if row.variant.endswith(" tma")]
+        tma = [row for row in rows if "tma" in row.variant.split()]
         print(f"{len(tma)} TMA candidates compiled for sm_90 with triton {triton.__version__}, each after its "
               f"pointer twin; spills: {sum(row.spills for row in tma)} TMA, "
               f"{sum(row.spills for row in rows) - sum(row.spills for row in tma)} pointer (allowed: the tuner "

@@ -33,7 +33,8 @@ from mimkernels.triton import attention_tiles, attention_tuning
 
 # One representative per table key, with the mask it is used with: shapes of bench_attention (its "prefix" mask is
 # a per-sample prefix drawn in [1, N), which attention_tuning.make_problem calls "random").
-TUNED = ("aim_600m", "n1024", "n4096", "vit_b", "mae_encoder", "mae_decoder")
+TUNED = ("aim_600m", "n1024", "n4096", "vit_b", "mae_encoder", "mae_decoder", "vit_b_n257", "vit_h_n257",
+         "mae_h_encoder")
 _PREFIX_KIND = {"prefix": "random", "full": "full"}
 SHAPES = {name: (*bench_attention.SHAPES[name][:4], _PREFIX_KIND[bench_attention.SHAPES[name][4]]) for name in TUNED}
 TABLE_PATH = attention_tiles.__file__
@@ -94,23 +95,30 @@ def table_entry(name: str, key: tuple, trials: list, source: str) -> tuple[str, 
     return line, value, f"{source}; {line}"
 
 
-def entries_from_csv(path: str) -> list[tuple[tuple, str, tuple | None, str]]:
-    """(key, summary line, table value, provenance) per shape of a tune_attention.csv: the table rebuilt from raw
-    measurements, e.g. after the choice rule changed, with no GPU."""
+def entries_from_csv(path: str) -> list[tuple[tuple, str, tuple | None, str, tuple]]:
+    """(key, summary line, table value, provenance, key the CSV recorded) per shape of a tune_attention.csv: the
+    table rebuilt from raw measurements, e.g. after the choice rule changed, with no GPU. A known shape's key takes
+    the sequence class of the current ``SEQ_CLASSES`` (the CSV's key is the one of the day it was measured)."""
     groups = {}
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
             groups.setdefault((row["shape"], row["key"]), []).append(row)
     entries = []
     for (name, key_text), rows in groups.items():
-        key = tuple(int(part) for part in key_text.strip("()").split(","))
+        recorded = tuple(int(part) for part in key_text.strip("()").split(","))
+        key = (*recorded[:3], kernels.seq_class(SHAPES[name][2])) if name in SHAPES else recorded
         trials = [attention_tuning.Trial(r["kernel"], r["config"], float(r["ms"]) if r["ms"] else None,
                                          float(r["error"]) if r["error"] else None, r["note"]) for r in rows]
         first = rows[0]
         source = (f"{first['device']}, torch {first['torch']}, triton {first['triton']}, commit {first['commit']}, "
                   f"{first.get('date') or 'date not recorded'}; rebuilt from {os.path.basename(path)}")
-        entries.append((key, *table_entry(name, key, trials, source)))
+        entries.append((key, *table_entry(name, key, trials, source), recorded))
     return entries
+
+
+def _measured_at(provenance: str) -> str:
+    """The shape name an entry's provenance ends with ("...; <name> B.. H.. N.. D.. <mask>: ...")."""
+    return provenance.rpartition("; ")[2].split(" ", 1)[0]
 
 
 def write_table(measured: dict, provenance: dict) -> None:
@@ -133,9 +141,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     measured, provenance = dict(attention_tiles.MEASURED), dict(attention_tiles.PROVENANCE)
     if args.from_csv:
-        for key, line, value, source in entries_from_csv(args.from_csv):
+        for key, line, value, source, recorded in entries_from_csv(args.from_csv):
             print(line)
             if value is not None:
+                # the entry this shape had under the classes of its day goes: its key now belongs to other N
+                if recorded != key and _measured_at(provenance.get(recorded, "")) == _measured_at(source):
+                    del measured[recorded], provenance[recorded]
                 measured[key], provenance[key] = value, source
         if args.write_table:
             write_table(measured, provenance)

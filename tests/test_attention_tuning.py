@@ -193,11 +193,30 @@ def test_table_rebuilt_from_a_raw_csv(tmp_path):
             ("backward_dkdv", "64x64x4x2", "0.17", ""), ("backward_dkdv", "32x64x4x3", "0.20", ""),
             ("backward_dq", "64x32x4x3", "0.11", ""), ("backward_atomic", "64x128x8x3", "0.32", ""),
             ("backward_per_head", "32x128x8x3", "0.27", "")]]) + "\n")
-    [(key, line, value, source)] = tune_attention.entries_from_csv(str(path))
-    assert key == (90, 2, 128, 384)
+    [(key, line, value, source, recorded)] = tune_attention.entries_from_csv(str(path))
+    # measured under the classes of its day (N 256 in the class up to 384), keyed by today's (up to 256)
+    assert recorded == (90, 2, 128, 384) and key == (90, 2, 128, 256)
     # atomic 0.32 ms > per-head 0.27 < dK/dV + dQ 0.17 + 0.11
     assert value == ("64x64x4x3", "64x64x4x2", "64x32x4x3", None, None, "32x128x8x3")
     assert "NVIDIA H200" in source and "abc1234" in source and "aim_600m" in line
+
+
+def test_rebuilding_moves_an_entry_to_its_current_class(tmp_path, monkeypatch):
+    """--from-csv --write-table: the shape's entry under its old key goes, other shapes' entries stay."""
+    path = tmp_path / "tune_attention.csv"
+    meta = "NVIDIA H200,2.11.0,3.6.0,abc1234,2026-11-27"
+    path.write_text("\n".join([",".join(tune_attention.CSV_FIELDS)] + [
+        f"aim_600m,\"(90, 2, 128, 384)\",{kernel},{config},0.1,1e-3,,{meta}" for kernel, config in [
+            ("forward", "64x64x4x3"), ("backward_dkdv", "64x64x4x2"), ("backward_dq", "64x32x4x3")]]) + "\n")
+    old = ("128x32x4x4", "32x128x8x3", "64x32x4x3")
+    monkeypatch.setattr(tune_attention.attention_tiles, "MEASURED", {(90, 2, 128, 384): old, (90, 2, 64, 384): old})
+    monkeypatch.setattr(tune_attention.attention_tiles, "PROVENANCE", {
+        (90, 2, 128, 384): "H200; aim_600m B64 H12 N256 D128 random: ...", (90, 2, 64, 384): "H200; vit_b B256 ..."})
+    written = {}
+    monkeypatch.setattr(tune_attention, "write_table", lambda measured, provenance: written.update(measured))
+    assert tune_attention.main(["--from-csv", str(path), "--write-table"]) == 0
+    assert written == {(90, 2, 128, 256): ("64x64x4x3", "64x64x4x2", "64x32x4x3", None, None, None),
+                       (90, 2, 64, 384): old}
 
 
 def test_runtime_autotune_runs_once_per_shape_class(monkeypatch):
@@ -210,9 +229,9 @@ def test_runtime_autotune_runs_once_per_shape_class(monkeypatch):
     monkeypatch.setattr(kernels, "_RUNTIME_TUNED", {})
     monkeypatch.setattr(kernels.torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(tuning, "tune_call_shape", lambda q: calls.append(q.shape) or found)
-    for seq_len in (200, 300, 300):  # one sequence class
+    for seq_len in (260, 300, 300):  # one sequence class
         assert kernels.configs_for_call(torch.empty(2, 3, seq_len, 64, dtype=torch.bfloat16)) is found
-    assert calls == [(2, 3, 200, 64)]
+    assert calls == [(2, 3, 260, 64)]
     monkeypatch.setenv("MIMKERNELS_AUTOTUNE", "0")
     assert kernels.configs_for_call(torch.empty(2, 3, 1000, 64, dtype=torch.bfloat16)) == \
         kernels.configs_for(64, torch.bfloat16)  # not enabled: the portable configs

@@ -98,8 +98,10 @@ _SHIPPED = {
     (4, 256): ((16, 16, 8, 1), (16, 16, 4, 1), (16, 16, 8, 1)),
 }
 
-# Sequence-length classes of the measured table: the longest N of each class (the last is unbounded).
-SEQ_CLASSES = (128, 384, 1536, 1 << 31)
+# Sequence-length classes of the measured table: the longest N of each class (the last is unbounded). 256 parts
+# AIM's 256 patches and ViT-B/16's 197 tokens from the 257 of a ViT/14 with a cls token, whose best tiles differ: at
+# 257 a 128-row query tile holds a single row (tail tiles, TileConfig.tail_m).
+SEQ_CLASSES = (128, 256, 384, 1536, 1 << 31)
 
 
 def configs_for(head_dim: int, dtype: torch.dtype) -> AttentionConfigs:

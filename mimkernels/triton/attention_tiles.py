@@ -12,14 +12,14 @@ they existed).
 A shape whose key is missing uses the nearest measured sequence class of its key, else the portable configs.
 """
 
-MEASURED = {(90, 2, 32, 384): ('128x32x4x4', '32x64x4x3+tma', '64x32x4x3', None, '64x32x4x3', None),
+MEASURED = {(90, 2, 32, 256): ('128x32x4x4', '32x64x4x3+tma', '64x32x4x3', None, '64x32x4x3', None),
  (90, 2, 64, 128): ('64x64x4x3', '32x64x4x3', '64x32x4x3', None, '64x32x4x3', None),
- (90, 2, 64, 384): ('128x32x4x4+tma', '32x64x4x3', '64x32x4x3+tma', None, '64x32x4x3', None),
- (90, 2, 128, 384): ('128x32x4x4+tma', '64x64x4x2+tma', '128x32x4x3+tma', None, '64x32x4x3', None),
+ (90, 2, 64, 256): ('128x32x4x4+tma', '32x64x4x3', '64x32x4x3+tma', None, '64x32x4x3', None),
+ (90, 2, 128, 256): ('128x32x4x4+tma', '64x64x4x2+tma', '128x32x4x3+tma', None, '64x32x4x3', None),
  (90, 2, 128, 1536): ('64x64x4x3+tma', '64x64x4x2+tma', '64x32x4x3+tma', None, '128x64x8x3', None),
  (90, 2, 128, 2147483648): ('64x64x4x3+tma', '64x128x8x3+tma', '128x64x8x3', None, None, None)}
 
-PROVENANCE = {(90, 2, 32, 384): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit 74c4b74, 2026-12-04; rebuilt from '
+PROVENANCE = {(90, 2, 32, 256): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit 74c4b74, 2026-12-04; rebuilt from '
                    'tune_attention.csv; mae_decoder B256 H16 N197 D32 full: forward 128x32x4x4 0.1605 ms, '
                    'backward_dkdv 32x64x4x3+tma 0.3309 ms, backward_dq 64x32x4x3 0.1577 ms, backward_atomic '
                    '32x64x4x3+tma 0.5215 ms, backward_row_dot 16x0x4x3 0.0442 ms, backward_dq_delta 64x32x4x3 0.1717 '
@@ -29,12 +29,12 @@ PROVENANCE = {(90, 2, 32, 384): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, 
                    'backward_dkdv 32x64x4x3 0.0816 ms, backward_dq 64x32x4x3 0.0476 ms, backward_atomic 64x64x4x3 '
                    '0.1565 ms, backward_row_dot 16x0x4x3 0.0211 ms, backward_dq_delta 64x32x4x3 0.0552 ms, '
                    'backward_per_head 64x64x4x3 0.1426 ms',
- (90, 2, 64, 384): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit 74c4b74, 2026-12-04; rebuilt from '
+ (90, 2, 64, 256): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit 74c4b74, 2026-12-04; rebuilt from '
                    'tune_attention.csv; vit_b B256 H12 N197 D64 full: forward 128x32x4x4+tma 0.1772 ms, '
                    'backward_dkdv 32x64x4x3 0.3782 ms, backward_dq 64x32x4x3+tma 0.1795 ms, backward_atomic '
                    '32x64x4x3+tma 0.6125 ms, backward_row_dot 16x0x4x3 0.0474 ms, backward_dq_delta 64x32x4x3 0.1986 '
                    'ms, backward_per_head 64x64x4x3+tma 0.7914 ms',
- (90, 2, 128, 384): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit 74c4b74, 2026-12-04; rebuilt from '
+ (90, 2, 128, 256): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit 74c4b74, 2026-12-04; rebuilt from '
                     'tune_attention.csv; aim_600m B64 H12 N256 D128 random: forward 128x32x4x4+tma 0.0887 ms, '
                     'backward_dkdv 64x64x4x2+tma 0.1641 ms, backward_dq 128x32x4x3+tma 0.1077 ms, backward_atomic '
                     '32x64x4x3+tma 0.3091 ms, backward_row_dot 16x0x4x3 0.0346 ms, backward_dq_delta 64x32x4x3 '
