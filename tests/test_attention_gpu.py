@@ -11,6 +11,7 @@ from test_attention import (
     triton_op,
     with_optional_kernels,
     with_per_head_backward,
+    with_tails,
     with_tma,
 )
 
@@ -100,6 +101,24 @@ def test_tma_kernels_compiled_for_hopper(shape, layout, variant):
     prefix = per_sample_prefix(shape[0], shape[2], seed=shape[2])
     assert_within_budget(triton_op(prefix, with_tma(configs), deterministic=variant != "atomic"), reference_op(prefix),
                          shape, torch.bfloat16, layout=layout)
+
+
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+@pytest.mark.parametrize("shape", [(3, 4, 1, 64), (8, 12, 197, 64), (4, 16, 257, 80), (8, 16, 65, 80),
+                                   (2, 3, 49, 40)], ids=lambda s: "x".join(map(str, s)))
+def test_tail_tiles_compiled(shape, tma):
+    """Tail tiles (16-row query tiles past the last whole one) on this GPU's tiles for the shape, compiled, bf16, the
+    delta-computing dQ too: within the float64 budget of tests/test_attention.py (the interpreter tests check
+    forward and dQ bit for bit against the same tiles without tails)."""
+    if tma and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA tensor descriptors need sm_90 or newer")
+    q, _, _, _ = make_qkv(shape, torch.bfloat16)
+    configs = with_tails(with_optional_kernels(kernels.configs_for_call(q)))
+    configs = with_tma(configs) if tma else dataclasses.replace(configs, **{
+        name: dataclasses.replace(getattr(configs, name), tma=False)
+        for name in ("forward", "backward_dkdv", "backward_dq", "backward_dq_delta")})
+    prefix = per_sample_prefix(shape[0], shape[2], seed=shape[2])
+    assert_within_budget(triton_op(prefix, configs), reference_op(prefix), shape, torch.bfloat16)
 
 
 @pytest.mark.parametrize("causal", [False, True])
