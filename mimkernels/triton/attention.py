@@ -366,12 +366,14 @@ def _prefix_causal_fwd(
     Q_TAIL and O_TAIL (blocks [1, 1, TAIL_M, BLOCK_D] with USE_TMA; else Q and O again)."""
     pid = tl.program_id(0)
     bh = pid // num_m_tiles
-    tile = pid % num_m_tiles
+    # the longest rows first; computed here, as before tail tiles existed: Triton 3.6's ptxas spilled more in two
+    # D = 128 dQ tiles with this line after the prefix load
+    m_start = (num_m_tiles - 1 - pid % num_m_tiles) * BLOCK_M
     batch = bh // num_heads
     head = bh % num_heads
     prefix = _prefix_of(PREFIX, prefix_int, batch, seq_len, PREFIX_IS_TENSOR)
-    m_start = (num_m_tiles - 1 - tile) * BLOCK_M  # the longest rows first
     if TAIL_M:
+        tile = pid % num_m_tiles
         if tile < num_tail_tiles:  # the rows past the last whole tile, which see the most keys, first of all
             tail_start = (seq_len // BLOCK_M) * BLOCK_M + tile * TAIL_M
             _fwd_query_tile(Q_TAIL, K, V, O_TAIL, LSE, batch, head, bh, tail_start, prefix, stride_qb, stride_qh,
@@ -716,12 +718,14 @@ def _prefix_causal_bwd_dq(
     [1, 1, TAIL_M, BLOCK_D] with USE_TMA; else Q, DO and DQ again)."""
     pid = tl.program_id(0)
     bh = pid // num_m_tiles
-    tile = pid % num_m_tiles
+    # the longest rows first; computed here, as before tail tiles existed: Triton 3.6's ptxas spilled more in two
+    # D = 128 dQ tiles with this line after the prefix load
+    m_start = (num_m_tiles - 1 - pid % num_m_tiles) * BLOCK_M
     batch = bh // num_heads
     head = bh % num_heads
     prefix = _prefix_of(PREFIX, prefix_int, batch, seq_len, PREFIX_IS_TENSOR)
-    m_start = (num_m_tiles - 1 - tile) * BLOCK_M  # the longest rows first
     if TAIL_M:
+        tile = pid % num_m_tiles
         if tile < num_tail_tiles:  # the rows past the last whole tile, which see the most keys, first of all
             tail_start = (seq_len // BLOCK_M) * BLOCK_M + tile * TAIL_M
             _dq_query_tile(Q_TAIL, K, V, O, DO_TAIL, LSE, DELTA, DQ_TAIL, batch, head, bh, tail_start, prefix,
