@@ -298,18 +298,24 @@ def run(shapes, dtype, quick, peaks, csv_path=None, *, device="cuda", configs=No
                   f"MFU {100 * mfu:5.1f}%  peak {peak_gib:6.2f} GiB  loss {losses[provider]:.4f}", flush=True)
             if profile:
                 profiles.append(profile_text(f"{shape} {provider}", *profile_step(loss_fn, optimizer, dtype, device)))
+            if csv_path:  # after every provider: a run cut at its time limit still leaves what it measured
+                save_outputs(csv_path, rows, summary, profiles, device)
         del model, optimizer
+    print("\n".join(target_lines(summary)))
+    return rows
+
+
+def save_outputs(csv_path: str, rows: list, summary: list, profiles: list, device: str) -> None:
+    """The rows' CSV, models_summary.csv (each row's speedup: ours over it) and train_step_profile.txt, rewritten
+    whole from what has been measured so far."""
     for row in summary:
         ours = next(r for r in summary if r["shape"] == row["shape"] and r["provider"] == "mimkernels")
         row["speedup"] = ours["images_per_s"] / row["images_per_s"]
-    if csv_path:
-        common.write_csv(csv_path, rows, device)
-        write_summary(os.path.join(os.path.dirname(csv_path), "models_summary.csv"), summary, device)
-        if profiles:
-            with open(os.path.join(os.path.dirname(csv_path), "train_step_profile.txt"), "w") as f:
-                f.write("\n".join(profiles))
-    print("\n".join(target_lines(summary)))
-    return rows
+    common.write_csv(csv_path, rows, device)
+    write_summary(os.path.join(os.path.dirname(csv_path), "models_summary.csv"), summary, device)
+    if profiles:
+        with open(os.path.join(os.path.dirname(csv_path), "train_step_profile.txt"), "w") as f:
+            f.write("\n".join(profiles))
 
 
 def target_lines(summary) -> list[str]:

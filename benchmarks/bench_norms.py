@@ -7,9 +7,11 @@ bf16; the normed rows go on to a bf16 Linear. Providers, all on the same tensors
   torch_compiled  the same under torch.compile (Inductor fuses it)
   mimkernels      add_layer_norm under autocast (normed comes out bf16), auto backend
   mimkernels_triton  the same on the Triton kernels by name
-fwd and fwd_bwd (gradients of x, branch, weight and bias). GB/s count the fewest bytes: forward reads x and
-branch and writes total and normed (12 bytes a value); the backward reads both output gradients and total and
-writes the input gradients (another 16).
+fwd and fwd_bwd (gradients of x, branch, weight and bias) per call, and fwd_bwd_graph: the same fwd+bwd as GPU time
+alone (replayed in a CUDA graph; run 10's per-call fwd_bwd of the fused op, 0.6-0.8 ms at every shape with a wide
+spread, looked like host time, which a training step hides behind its GPU work). GB/s count the fewest bytes:
+forward reads x and branch and writes total and normed (12 bytes a value); the backward reads both output
+gradients and total and writes the input gradients (another 16).
 
     python -m benchmarks.bench_norms [--quick] [--out DIR]
 """
@@ -26,7 +28,7 @@ from benchmarks import common
 # name -> (rows = batch x tokens, width): MAE ViT-L encoder, AIM-600M trunk and head, ViT-B
 SHAPES = {"mae_vit_l": (256 * 50, 1024), "aim_600m": (64 * 256, 1536), "aim_600m_head": (64 * 255, 2048),
           "vit_b": (256 * 197, 768)}
-MODES = ("fwd", "fwd_bwd")
+MODES = ("fwd", "fwd_bwd", "fwd_bwd_graph")
 FWD_BYTES, BWD_BYTES = 12, 16  # per value, as the docstring counts
 
 
@@ -54,7 +56,7 @@ def _step(fn, args, mode, grads, device):
         with torch.autocast(device, dtype=torch.bfloat16):
             return fn(*args)
     if mode == "fwd":
-        return forward
+        return forward  # fwd_bwd and fwd_bwd_graph: the same call, timed per call or as GPU time
     return lambda: torch.autograd.grad(forward(), args, grads)
 
 
@@ -78,8 +80,16 @@ def run(shapes, dtype, quick, peaks, csv_path=None, *, device="cuda", scale=1, c
             for g, e in zip(got, expected):  # a wrong answer is not timed
                 torch.testing.assert_close(g.float(), e.float(), rtol=2e-2, atol=2e-2)
             for mode in MODES:
-                min_bytes = rows * width * (FWD_BYTES + (BWD_BYTES if mode == "fwd_bwd" else 0))
-                times = common.time_ms(_step(fn, args, mode, grads, device), quick=quick, device=device)
+                min_bytes = rows * width * (FWD_BYTES + (BWD_BYTES if mode != "fwd" else 0))
+                try:
+                    times = common.time_ms(_step(fn, args, mode, grads, device), quick=quick, device=device,
+                                           graph=mode.endswith("_graph"))
+                except Exception as error:  # e.g. a compiled call that cannot be captured: the other rows stand
+                    if not mode.endswith("_graph"):
+                        raise
+                    print(f"  {shape:32s} {provider:18s} {mode}: FAILED, not timed: {type(error).__name__}: "
+                          f"{str(error)[:200]}", flush=True)
+                    continue
                 rows_out.append(common.result("add_layer_norm", provider, mode, shape, "fp32+bf16", times, 0,
                                               min_bytes, peaks))
                 common.print_memory_row(rows_out[-1])

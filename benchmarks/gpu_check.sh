@@ -3,8 +3,8 @@
 # (kernels, then model training steps). Every step has its own timeout; the default four add up to 13 minutes, more
 # than one device call's 10: give the call timeout_s=600 and expect the model benchmarks to be cut if every step runs long.
 # (The kernel resource report needs no GPU: python -m benchmarks.kernel_report.)
-# STEPS picks steps, in this order whatever is named: build tests sanitizer bench models integrations (default: the
-# first four).
+# STEPS picks steps, in this order whatever is named: build tests sanitizer bench models steps integrations (default:
+# the first four; `steps` is the last part of `models` alone: bench_models at MODEL_SHAPES within STEPS_S seconds).
 # The correctness half alone, about 5 minutes: STEPS="build tests sanitizer" benchmarks/gpu_check.sh
 # The training-step questions (issue 11), about 8.5 minutes: STEPS=models benchmarks/gpu_check.sh (the fused add +
 # LayerNorm alone, the MLP with GELU inside its GEMMs alone with a sweep of its tiles, then MAE ViT-L and AIM-600M
@@ -21,6 +21,7 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 unset TRITON_INTERPRET
 status=0
+mlp_tile=${MLP_TILE:-}  # the fused-MLP provider's tile; the `models` step sets it from its sweep
 STEPS=" ${STEPS:-build tests sanitizer bench} "
 wants() { [[ "$STEPS" == *" $1 "* ]]; }
 
@@ -40,13 +41,19 @@ fi
 if wants sanitizer; then
 echo "== compute-sanitizer memcheck over every kernel (benchmarks/sanitizer_cases.py)"
 # no caching allocator: every tensor its own allocation, so an access past its end is outside any allocation
+# SANITIZER_CASES: groups of benchmarks/sanitizer_cases.py (default all), e.g. the ones a cut run did not reach.
+# Run 10 (2026-12-04) ran out of 90 s with the Triton cache cold: one pass without the sanitizer compiles every
+# kernel first, so memcheck's time goes to running them.
+sanitizer_s=${SANITIZER_S:-150}
 if command -v compute-sanitizer > /dev/null; then
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 90 compute-sanitizer --tool memcheck --error-exitcode 9 \
-    $PY -m benchmarks.sanitizer_cases > "$OUT/sanitizer.txt" 2>&1
+  timeout 60 $PY -m benchmarks.sanitizer_cases ${SANITIZER_CASES:-} > "$OUT/sanitizer_warm.txt" 2>&1 \
+    || echo "(the pass that fills the compile cache failed or ran out of 60 s: see sanitizer_warm.txt)"
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$sanitizer_s" compute-sanitizer --tool memcheck --error-exitcode 9 \
+    $PY -m benchmarks.sanitizer_cases ${SANITIZER_CASES:-} > "$OUT/sanitizer.txt" 2>&1
   case $? in
     0) verdict="clean: no memory errors" ;;
     9) verdict="MEMORY ERRORS (see sanitizer.txt)"; status=1 ;;
-    124) verdict="timed out after 90 s: incomplete" ;;
+    124) verdict="timed out after ${sanitizer_s} s: incomplete (the groups after the last 'ran' line were not reached)" ;;
     *) verdict="could not run here (see sanitizer.txt; gVisor machines refuse the device)" ;;
   esac
 else
@@ -76,10 +83,17 @@ timeout 60 $PY -m benchmarks.bench_norms --quick --out "$OUT" > "$OUT/bench_norm
 timeout 150 $PY -m benchmarks.bench_mlp --quick --sweep --out "$OUT" > "$OUT/bench_mlp.txt" 2>&1 || status=1
 # the fused-MLP provider runs the sweep's best tile at AIM-600M's MLP shape (the shipped one if the sweep found none)
 mlp_tile=$(sed -n 's/^  best tile aim_600m: \([0-9][^ ]*\) .*/\1/p' "$OUT/bench_mlp.txt" | head -n 1)
-timeout 330 $PY -m benchmarks.bench_models --quick --compile --profile --shapes mae_vit_l aim_600m --out "$OUT" \
-  ${mlp_tile:+--mlp-tile "$mlp_tile"} > "$OUT/bench_models.txt" 2>&1 || status=1
 tail -n 20 "$OUT/bench_norms.txt"
 tail -n 20 "$OUT/bench_mlp.txt"
+fi
+
+if wants models || wants steps; then
+# the training steps alone (step `steps`): MODEL_SHAPES (default both) eager and compiled, with a profile. Each
+# shape takes about 5 minutes (run 10: the compiles come first, then each provider's timing and profile)
+echo "== training steps, eager and compiled, with a profile: ${MODEL_SHAPES:-mae_vit_l aim_600m}"
+timeout "${STEPS_S:-330}" $PY -m benchmarks.bench_models --quick --compile --profile \
+  --shapes ${MODEL_SHAPES:-mae_vit_l aim_600m} --out "$OUT" ${mlp_tile:+--mlp-tile "$mlp_tile"} \
+  > "$OUT/bench_models.txt" 2>&1 || status=1
 tail -n 30 "$OUT/bench_models.txt"
 fi
 

@@ -9,9 +9,13 @@
 # (STEPS=<the skipped ones> BUDGET_S=<what is left>). Steps, run in the order STEPS names them:
 #   attention     issue 9: per-kernel GPU time and host time, then bench_attention (gpu_attention.sh "profile bench"), ~5 min
 #   tests         issue 10: the extension built, every `gpu` test (gpu_check.sh "build tests"), ~9 min cold
-#   sanitizer     issue 10: compute-sanitizer memcheck over every kernel (gpu_check.sh), ~1.5 min
+#   sanitizer     issue 10: compute-sanitizer memcheck over every kernel (gpu_check.sh): a pass that compiles them,
+#                 then memcheck; over 90 s with a cold cache in run 10, 3.5 min allowed
 #   models        issue 11: bench_norms, bench_mlp --sweep, bench_models eager + compiled with a profile
 #                 (gpu_check.sh), ~9 min
+#   steps_mae     issue 11: bench_models alone at MAE ViT-L, eager + compiled + the A/B switches, with a profile
+#   steps_aim     the same at AIM-600M (`models` without its kernel benchmarks, one shape per step: run 10's
+#                 `models` spent its 316 s on those and the first three providers of MAE ViT-L), ~5.5 min each
 #   integrations  issue 12: bench_integrations eager + compiled (gpu_check.sh), ~6.5 min
 #   tune          issue 9, after a kernel change: the tile sweep (gpu_attention.sh "tune"), 101 s in run 9 for 6 shapes;
 #                 9 shapes since (N257 has a class of its own; MAE ViT-H's encoder), 5.5 min allowed
@@ -33,8 +37,8 @@ echo "gpu_session: steps '$STEPS', budget ${BUDGET_S} s, commit ${MIMKERNELS_COM
 
 needs() {  # step -> seconds it takes when nothing is cut (the inner scripts' own timeouts, added up)
   case $1 in
-    attention) echo 300 ;; tests) echo 550 ;; sanitizer) echo 100 ;; models) echo 550 ;; integrations) echo 390 ;;
-    tune) echo 330 ;; *) echo 0 ;;
+    attention) echo 300 ;; tests) echo 550 ;; sanitizer) echo 220 ;; models) echo 550 ;; integrations) echo 390 ;;
+    steps_mae | steps_aim) echo 330 ;; tune) echo 330 ;; *) echo 0 ;;
   esac
 }
 
@@ -45,6 +49,8 @@ run_step() {  # step, seconds it may take: runs it with OUT=$OUT/<step>
     tune) OUT=$dir STEPS="tune" TUNE_S=$(($2 - 90)) bash benchmarks/gpu_attention.sh ;;
     tests) OUT=$dir STEPS="build tests" bash benchmarks/gpu_check.sh ;;
     sanitizer | models | integrations) OUT=$dir STEPS="$1" bash benchmarks/gpu_check.sh ;;
+    steps_mae) OUT=$dir STEPS=steps MODEL_SHAPES=mae_vit_l STEPS_S=$(($2 - 10)) bash benchmarks/gpu_check.sh ;;
+    steps_aim) OUT=$dir STEPS=steps MODEL_SHAPES=aim_600m STEPS_S=$(($2 - 10)) bash benchmarks/gpu_check.sh ;;
   esac
 }
 
@@ -63,7 +69,7 @@ kill_tree() {  # pid: it and every descendant (the inner scripts' own `timeout`s
 for step in $STEPS; do
   need=$(needs "$step")
   if [ "$need" = 0 ]; then
-    echo "== $step: unknown step (attention tests sanitizer models integrations tune)" | tee -a "$log"
+    echo "== $step: unknown step (attention tests sanitizer models steps_mae steps_aim integrations tune)" | tee -a "$log"
     status=2
     continue
   fi

@@ -1,8 +1,10 @@
 """Every kernel once, forward and backward, on shapes with ragged edges: the program compute-sanitizer watches.
 
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python -m benchmarks.sanitizer_cases
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python -m benchmarks.sanitizer_cases [GROUP ...]
 
-(benchmarks/gpu_check.sh runs it so). Without the caching allocator each tensor is its own allocation, so a
+(benchmarks/gpu_check.sh runs it so, after one run without the sanitizer that fills Triton's compile cache).
+GROUPs (default all, in this order): attention tma_attention tokens patch_embed norms mlp tma_mlp; a run cut short
+can be finished with the groups it did not reach. Without the caching allocator each tensor is its own allocation, so a
 read or write past a tensor's end is outside any allocation and memcheck reports it. The shapes are small
 (memcheck slows kernels down many times) and odd: N not a multiple of any tile, head dims that are padded
 (40, 80), one-token sequences, out-of-range token ids (which must be ignored, never followed).
@@ -177,15 +179,21 @@ def tma_mlp_cases(device):
             mlp.CONFIGS[2] = shipped
 
 
-CASES = (attention_cases, tma_attention_cases, token_cases, patch_embed_cases, norm_cases, mlp_cases, tma_mlp_cases)
+CASES = {"attention": attention_cases, "tma_attention": tma_attention_cases, "tokens": token_cases,
+         "patch_embed": patch_embed_cases, "norms": norm_cases, "mlp": mlp_cases, "tma_mlp": tma_mlp_cases}
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    groups = sys.argv[1:] if argv is None else argv
+    unknown = [group for group in groups if group not in CASES]
+    if unknown:
+        print(f"unknown case groups {unknown}; choose from {list(CASES)}")
+        return 2
     if not torch.cuda.is_available():
         print("sanitizer cases need a CUDA GPU")
         return 0
-    for cases in CASES:
-        for name in cases("cuda"):
+    for group in groups or CASES:
+        for name in CASES[group]("cuda"):
             torch.cuda.synchronize()
             print("ran", name, flush=True)
     print("all cases ran")

@@ -110,10 +110,17 @@ def entries_from_csv(path: str) -> list[tuple[tuple, str, tuple | None, str, tup
         trials = [attention_tuning.Trial(r["kernel"], r["config"], float(r["ms"]) if r["ms"] else None,
                                          float(r["error"]) if r["error"] else None, r["note"]) for r in rows]
         first = rows[0]
-        source = (f"{first['device']}, torch {first['torch']}, triton {first['triton']}, commit {first['commit']}, "
+        source = (f"{first['device']}, torch {first['torch']}, triton {first['triton']}, "
+                  f"commit {short_commit(first['commit'])}, "
                   f"{first.get('date') or 'date not recorded'}; rebuilt from {os.path.basename(path)}")
         entries.append((key, *table_entry(name, key, trials, source), recorded))
     return entries
+
+
+def short_commit(commit: str) -> str:
+    """A commit as the table's provenance names it: 7 hex digits, any "-dirty" kept (the CSV keeps it whole)."""
+    sha, dash, rest = commit.partition("-")
+    return sha[:7] + dash + rest
 
 
 def _measured_at(provenance: str) -> str:
@@ -160,7 +167,7 @@ def main(argv=None) -> int:
     shapes = {name: SHAPES[name] for name in args.shapes}
     arch = kernels._arch(torch.device("cuda"))
     provenance_base = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
-                       f"{__import__('triton').__version__}, commit {common.commit()}, "
+                       f"{__import__('triton').__version__}, commit {short_commit(common.commit())}, "
                        f"{datetime.date.today().isoformat()}")
     if args.workers:
         done = precompile(shapes, dtype, args.workers, start + 0.45 * args.budget_s)

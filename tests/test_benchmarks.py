@@ -91,8 +91,9 @@ def test_norms_harness_runs_end_to_end(tmp_path):
     csv_path = tmp_path / "norms.csv"
     rows = bench_norms.run(["aim_600m"], torch.float32, True, common.Peaks(1.0, 1.0), str(csv_path), device="cpu",
                            scale=4096, compile_backend="aot_eager")
-    assert {(r.provider, r.mode) for r in rows} == {(p, m) for p in ("torch_unfused", "torch_compiled", "mimkernels",
-                                                                     "mimkernels_triton") for m in ("fwd", "fwd_bwd")}
+    providers = ("torch_unfused", "torch_compiled", "mimkernels", "mimkernels_triton")
+    assert {(r.provider, r.mode) for r in rows} == {(p, m) for p in providers for m in bench_norms.MODES}
+    assert bench_norms.MODES == ("fwd", "fwd_bwd", "fwd_bwd_graph")
     assert len(csv_path.read_text().splitlines()) == 1 + len(rows)
     fwd = next(r for r in rows if r.mode == "fwd")
     assert fwd.gbps * fwd.ms_p50 * 1e6 == pytest.approx(4 * 1536 * 12, rel=1e-3)  # rows x width x 12 bytes
@@ -275,7 +276,7 @@ def test_sanitizer_cases_run(device, monkeypatch):
         monkeypatch.setattr(sanitizer_cases, "MLP_CASES", [(1, 40, 72, True, torch.float16),
                                                            (37, 24, 40, False, torch.float32)])
     with mimkernels.use_backend("triton"):
-        names = [name for cases in sanitizer_cases.CASES for name in cases(device)]
+        names = [name for cases in sanitizer_cases.CASES.values() for name in cases(device)]
     token_backends = {"triton", "extension"} & set(mimkernels.available_backends())
     tma_cases = min(3, len(sanitizer_cases.ATTENTION_CASES))
     tma_mlp_cases = 2 * sum(case[-1] != torch.float32 for case in sanitizer_cases.MLP_CASES)  # two tiles each
@@ -287,6 +288,14 @@ def test_sanitizer_cases_run(device, monkeypatch):
     tma_mlp_ran = sum(name.endswith("+tma") for name in names)
     assert tma_mlp_ran in (tma_mlp_cases, 0)  # 0: a GPU without TMA, which says so in one line
     assert len(names) == expected + (tma_mlp_ran or 1)
+
+
+def test_sanitizer_cases_refuse_an_unknown_group(capsys):
+    """A group name the script does not know is refused by name (before it looks for a GPU), not silently skipped."""
+    from benchmarks import sanitizer_cases
+
+    assert sanitizer_cases.main(["norms", "nroms"]) == 2
+    assert "unknown case groups ['nroms']" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(shutil.which("pgrep") is None or shutil.which("tar") is None, reason="needs pgrep and tar")

@@ -12,40 +12,63 @@ they existed).
 A shape whose key is missing uses the nearest measured sequence class of its key, else the portable configs.
 """
 
-MEASURED = {(90, 2, 32, 256): ('128x32x4x4', '32x64x4x3+tma', '64x32x4x3', None, '64x32x4x3', None),
+MEASURED = {(90, 2, 32, 256): ('128x32x4x4', '32x64x4x3+tail16', '64x32x4x3+tail16', None, '64x32x4x3+tail16', None),
  (90, 2, 64, 128): ('64x64x4x3', '32x64x4x3', '64x32x4x3', None, '64x32x4x3', None),
- (90, 2, 64, 256): ('128x32x4x4+tma', '32x64x4x3', '64x32x4x3+tma', None, '64x32x4x3', None),
+ (90, 2, 64, 256): ('128x32x4x4+tma', '32x64x4x3+tail16', '64x32x4x3+tma+tail16', None, '64x32x4x3', None),
+ (90, 2, 64, 384): ('64x32x4x4', '32x64x4x3+tail16', '64x32x4x3+tma+tail16', None, '64x32x4x3+tma+tail16', None),
+ (90, 2, 128, 128): ('128x32x4x4+tma', '64x64x4x2+tma+tail16', '128x32x4x3+tma', None, None, None),
  (90, 2, 128, 256): ('128x32x4x4+tma', '64x64x4x2+tma', '128x32x4x3+tma', None, '64x32x4x3', None),
- (90, 2, 128, 1536): ('64x64x4x3+tma', '64x64x4x2+tma', '64x32x4x3+tma', None, '128x64x8x3', None),
+ (90, 2, 128, 384): ('64x64x4x3+tma',
+                     '64x64x4x2+tma+tail16',
+                     '128x32x4x3+tma+tail16',
+                     None,
+                     '64x32x4x3+tma+tail16',
+                     None),
+ (90, 2, 128, 1536): ('64x64x4x3+tma', '64x64x4x2+tma', '128x32x4x3+tma', None, '128x64x8x3', None),
  (90, 2, 128, 2147483648): ('64x64x4x3+tma', '64x128x8x3+tma', '128x64x8x3', None, None, None)}
 
-PROVENANCE = {(90, 2, 32, 256): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit 74c4b74, 2026-12-04; rebuilt from '
-                   'tune_attention.csv; mae_decoder B256 H16 N197 D32 full: forward 128x32x4x4 0.1605 ms, '
-                   'backward_dkdv 32x64x4x3+tma 0.3309 ms, backward_dq 64x32x4x3 0.1577 ms, backward_atomic '
-                   '32x64x4x3+tma 0.5215 ms, backward_row_dot 16x0x4x3 0.0442 ms, backward_dq_delta 64x32x4x3 0.1717 '
-                   'ms, backward_per_head 32x64x4x3 0.6337 ms',
- (90, 2, 64, 128): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit 74c4b74, 2026-12-04; rebuilt from '
-                   'tune_attention.csv; mae_encoder B256 H16 N50 D64 full: forward 64x64x4x3 0.0432 ms, '
-                   'backward_dkdv 32x64x4x3 0.0816 ms, backward_dq 64x32x4x3 0.0476 ms, backward_atomic 64x64x4x3 '
-                   '0.1565 ms, backward_row_dot 16x0x4x3 0.0211 ms, backward_dq_delta 64x32x4x3 0.0552 ms, '
-                   'backward_per_head 64x64x4x3 0.1426 ms',
- (90, 2, 64, 256): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit 74c4b74, 2026-12-04; rebuilt from '
-                   'tune_attention.csv; vit_b B256 H12 N197 D64 full: forward 128x32x4x4+tma 0.1772 ms, '
-                   'backward_dkdv 32x64x4x3 0.3782 ms, backward_dq 64x32x4x3+tma 0.1795 ms, backward_atomic '
-                   '32x64x4x3+tma 0.6125 ms, backward_row_dot 16x0x4x3 0.0474 ms, backward_dq_delta 64x32x4x3 0.1986 '
-                   'ms, backward_per_head 64x64x4x3+tma 0.7914 ms',
- (90, 2, 128, 256): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit 74c4b74, 2026-12-04; rebuilt from '
-                    'tune_attention.csv; aim_600m B64 H12 N256 D128 random: forward 128x32x4x4+tma 0.0887 ms, '
-                    'backward_dkdv 64x64x4x2+tma 0.1641 ms, backward_dq 128x32x4x3+tma 0.1077 ms, backward_atomic '
-                    '32x64x4x3+tma 0.3091 ms, backward_row_dot 16x0x4x3 0.0346 ms, backward_dq_delta 64x32x4x3 '
-                    '0.1261 ms, backward_per_head 64x128x8x3 0.3533 ms',
- (90, 2, 128, 1536): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit 74c4b74, 2026-12-04; rebuilt from '
-                     'tune_attention.csv; n1024 B16 H16 N1024 D128 random: forward 64x64x4x3+tma 0.2285 ms, '
-                     'backward_dkdv 64x64x4x2+tma 0.5120 ms, backward_dq 64x32x4x3+tma 0.2988 ms, backward_atomic '
-                     '64x128x8x3+tma 0.8883 ms, backward_row_dot 16x0x4x3 0.0419 ms, backward_dq_delta 128x64x8x3 '
-                     '0.3220 ms, backward_per_head 64x128x8x3 1.2992 ms',
- (90, 2, 128, 2147483648): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit 74c4b74, 2026-12-04; rebuilt from '
-                           'tune_attention.csv; n4096 B4 H16 N4096 D128 random: forward 64x64x4x3+tma 0.7298 ms, '
-                           'backward_dkdv 64x128x8x3+tma 1.6607 ms, backward_dq 128x64x8x3 0.8809 ms, '
-                           'backward_atomic 64x128x8x2 2.7820 ms, backward_row_dot 16x0x4x3 0.0419 ms, '
-                           'backward_dq_delta 128x64x8x3 0.9545 ms, backward_per_head 64x128x8x3 8.7535 ms'}
+PROVENANCE = {(90, 2, 32, 256): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit da79639, 2026-12-04; rebuilt from '
+                   'tune_attention.csv; mae_decoder B256 H16 N197 D32 full: forward 128x32x4x4 0.1612 ms, '
+                   'backward_dkdv 32x64x4x3+tail16 0.3117 ms, backward_dq 64x32x4x3+tail16 0.1541 ms, '
+                   'backward_atomic 32x64x4x3+tma 0.5215 ms, backward_row_dot 16x0x4x3 0.0451 ms, backward_dq_delta '
+                   '64x32x4x3+tail16 0.1663 ms, backward_per_head 32x64x4x3 0.6349 ms',
+ (90, 2, 64, 128): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit da79639, 2026-12-04; rebuilt from '
+                   'tune_attention.csv; mae_encoder B256 H16 N50 D64 full: forward 64x64x4x3 0.0446 ms, '
+                   'backward_dkdv 32x64x4x3 0.0825 ms, backward_dq 64x32x4x3 0.0489 ms, backward_atomic 64x64x4x3 '
+                   '0.1575 ms, backward_row_dot 16x0x4x3 0.0220 ms, backward_dq_delta 64x32x4x3 0.0557 ms, '
+                   'backward_per_head 64x64x4x3 0.1430 ms',
+ (90, 2, 64, 256): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit da79639, 2026-12-04; rebuilt from '
+                   'tune_attention.csv; vit_b B256 H12 N197 D64 full: forward 128x32x4x4+tma 0.1778 ms, '
+                   'backward_dkdv 32x64x4x3+tail16 0.3610 ms, backward_dq 64x32x4x3+tma+tail16 0.1761 ms, '
+                   'backward_atomic 32x64x4x3+tma 0.6178 ms, backward_row_dot 16x0x4x3 0.0476 ms, backward_dq_delta '
+                   '64x32x4x3 0.1983 ms, backward_per_head 64x64x4x3 0.8027 ms',
+ (90, 2, 64, 384): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit da79639, 2026-12-04; rebuilt from '
+                   'tune_attention.csv; vit_b_n257 B128 H12 N257 D64 random: forward 64x32x4x4 0.1216 ms, '
+                   'backward_dkdv 32x64x4x3+tail16 0.2113 ms, backward_dq 64x32x4x3+tma+tail16 0.1121 ms, '
+                   'backward_atomic 32x64x4x3+tma 0.3696 ms, backward_row_dot 16x0x4x3 0.0342 ms, backward_dq_delta '
+                   '64x32x4x3+tma+tail16 0.1263 ms, backward_per_head 64x64x4x3 0.4672 ms',
+ (90, 2, 128, 128): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit da79639, 2026-12-04; rebuilt from '
+                    'tune_attention.csv; mae_h_encoder B256 H16 N65 D80 full: forward 128x32x4x4+tma 0.1288 ms, '
+                    'backward_dkdv 64x64x4x2+tma+tail16 0.2621 ms, backward_dq 128x32x4x3+tma 0.1494 ms, '
+                    'backward_atomic 32x64x4x3+tma 0.4209 ms, backward_row_dot 16x0x4x3 0.0310 ms, backward_dq_delta '
+                    '64x32x4x3+tail16 0.1834 ms, backward_per_head 32x128x8x3 0.4783 ms',
+ (90, 2, 128, 256): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit da79639, 2026-12-04; rebuilt from '
+                    'tune_attention.csv; aim_600m B64 H12 N256 D128 random: forward 128x32x4x4+tma 0.0895 ms, '
+                    'backward_dkdv 64x64x4x2+tma 0.1645 ms, backward_dq 128x32x4x3+tma 0.1083 ms, backward_atomic '
+                    '32x64x4x3+tma 0.3101 ms, backward_row_dot 16x0x4x3 0.0348 ms, backward_dq_delta 64x32x4x3 '
+                    '0.1267 ms, backward_per_head 64x128x8x3 0.3540 ms',
+ (90, 2, 128, 384): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit da79639, 2026-12-04; rebuilt from '
+                    'tune_attention.csv; vit_h_n257 B64 H16 N257 D80 random: forward 64x64x4x3+tma 0.1404 ms, '
+                    'backward_dkdv 64x64x4x2+tma+tail16 0.2549 ms, backward_dq 128x32x4x3+tma+tail16 0.1613 ms, '
+                    'backward_atomic 32x64x4x3+tma 0.4300 ms, backward_row_dot 16x0x4x3 0.0307 ms, backward_dq_delta '
+                    '64x32x4x3+tma+tail16 0.1860 ms, backward_per_head 32x128x8x3 0.5569 ms',
+ (90, 2, 128, 1536): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit da79639, 2026-12-04; rebuilt from '
+                     'tune_attention.csv; n1024 B16 H16 N1024 D128 random: forward 64x64x4x3+tma 0.2270 ms, '
+                     'backward_dkdv 64x64x4x2+tma 0.5157 ms, backward_dq 128x32x4x3+tma 0.2951 ms, backward_atomic '
+                     '64x128x8x3 0.8914 ms, backward_row_dot 16x0x4x3 0.0419 ms, backward_dq_delta 128x64x8x3 0.3225 '
+                     'ms, backward_per_head 64x128x8x3 1.2986 ms',
+ (90, 2, 128, 2147483648): 'NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, commit da79639, 2026-12-04; rebuilt from '
+                           'tune_attention.csv; n4096 B4 H16 N4096 D128 random: forward 64x64x4x3+tma 0.7114 ms, '
+                           'backward_dkdv 64x128x8x3+tma 1.6686 ms, backward_dq 128x64x8x3 0.8691 ms, '
+                           'backward_atomic 64x128x8x3 2.8054 ms, backward_row_dot 16x0x4x3 0.0420 ms, '
+                           'backward_dq_delta 128x64x8x3 0.9331 ms, backward_per_head 64x128x8x3 8.8118 ms'}
