@@ -2,6 +2,7 @@
 
     python -m benchmarks.tune_attention [--budget-s 240] [--out DIR] [--write-table] [--shapes ...]
     python -m benchmarks.tune_attention --from-csv RESULTS/tune_attention.csv --write-table   # no GPU
+    python -m benchmarks.tune_attention --from-csv RESULTS/tune_attention.csv --compare-with OLD_TILES.py
 
 For each shape below, every candidate of every kernel (forward, dK/dV, dQ, atomic-dQ backward;
 ``mimkernels.triton.attention_tuning.CANDIDATES``) is checked against the float32 reference and timed alone
@@ -11,7 +12,9 @@ shape's key (GPU architecture, operand width, padded head dim, sequence class) i
 worker processes that fill Triton's on-disk cache, so the budget goes to timing. Every trial is written to
 ``tune_attention.csv`` under --out, raw; ``--from-csv`` rebuilds the table from such a file.
 The atomic-dQ backward, the delta-computing dQ kernel and the one-program-per-head backward get a table tile only
-where they beat the other backwards (``attention_tuning.configs_from``).
+where they beat the other backwards (``attention_tuning.configs_from``). ``--compare-with`` (a copy of an older
+attention_tiles.py, e.g. ``git show REV:mimkernels/triton/attention_tiles.py``) prints, per tuned shape, the
+CSV's GPU time of the kernels that table and the rebuilt one pick: what a re-tune changes, in one run's figures.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import argparse
 import concurrent.futures
 import csv
 import datetime
+import importlib.util
 import multiprocessing
 import os
 import pprint
@@ -128,6 +132,56 @@ def _measured_at(provenance: str) -> str:
     return provenance.rpartition("; ")[2].split(" ", 1)[0]
 
 
+def chosen_ms(times: dict, name: str, configs) -> tuple[float, float] | None:
+    """(forward, deterministic backward) ms that ``configs`` costs at shape ``name`` by ``times`` ((shape, kernel,
+    config text) -> ms); None where one of its kernels was not timed. The backward is the path the configs run
+    with ``deterministic=True``: per head, dK/dV + delta-computing dQ, or row-dot pre-pass + dK/dV + dQ."""
+    def ms(kernel, cfg):
+        return times.get((name, kernel, str(cfg)))
+
+    if configs.backward_per_head:
+        parts = [ms("backward_per_head", configs.backward_per_head)]
+    elif configs.backward_dq_delta:
+        parts = [ms("backward_dkdv", configs.backward_dkdv), ms("backward_dq_delta", configs.backward_dq_delta)]
+    else:
+        row_dot = [t for (shape, kernel, _), t in times.items() if shape == name and kernel == "backward_row_dot"]
+        parts = [min(row_dot, default=None), ms("backward_dkdv", configs.backward_dkdv),
+                 ms("backward_dq", configs.backward_dq)]
+    forward = ms("forward", configs.forward)
+    if forward is None or None in parts:
+        return None
+    return forward, sum(parts)
+
+
+def compare_lines(csv_path: str, old: dict, new: dict) -> list[str]:
+    """Per tuned shape of the CSV: the GPU time of the kernels the ``old`` and ``new`` tables pick there."""
+    with open(csv_path, newline="") as f:
+        times = {(r["shape"], r["kernel"], r["config"]): float(r["ms"]) for r in csv.DictReader(f) if r["ms"]}
+    lines = [f"{'shape':14s} {'forward':>15s} {'backward':>15s}  fwd+bwd: old time / new (ms, this CSV's timings)"]
+    for name in dict.fromkeys(shape for shape, _, _ in times):
+        if name not in SHAPES:
+            continue
+        _, _, seq_len, head_dim, _ = SHAPES[name]
+        key = kernels.table_key(90, head_dim, torch.bfloat16, seq_len)
+        picked = [kernels.measured_configs(key, table) for table in (old, new)]
+        costs = [chosen_ms(times, name, configs) if configs else None for configs in picked]
+        if None in costs:
+            lines.append(f"{name:14s} not compared: a table has no entry here or picks a tile this CSV did not time")
+            continue
+        (old_fwd, old_bwd), (new_fwd, new_bwd) = costs
+        lines.append(f"{name:14s} {old_fwd:7.4f} {new_fwd:7.4f} {old_bwd:7.4f} {new_bwd:7.4f}  "
+                     f"{(old_fwd + old_bwd) / (new_fwd + new_bwd):.3f}x")
+    return lines
+
+
+def load_table(path: str) -> dict:
+    """MEASURED of an attention_tiles.py at ``path``."""
+    spec = importlib.util.spec_from_file_location("attention_tiles_compared", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.MEASURED
+
+
 def write_table(measured: dict, provenance: dict) -> None:
     text = table_text(measured, provenance)  # reads the old file: before it is opened for writing
     with open(TABLE_PATH, "w") as f:
@@ -145,7 +199,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="folder for tune_attention.csv")
     parser.add_argument("--write-table", action="store_true", help="rewrite mimkernels/triton/attention_tiles.py")
     parser.add_argument("--from-csv", help="rebuild the entries from this tune_attention.csv instead (no GPU)")
+    parser.add_argument("--compare-with", metavar="OLD_TILES_PY",
+                        help="with --from-csv: that CSV's times of the kernels this older table and the rebuilt "
+                             "one pick, per shape")
     args = parser.parse_args(argv)
+    if args.compare_with and not args.from_csv:
+        parser.error("--compare-with needs --from-csv (the timings it compares by)")
     measured, provenance = dict(attention_tiles.MEASURED), dict(attention_tiles.PROVENANCE)
     if args.from_csv:
         for key, line, value, source, recorded in entries_from_csv(args.from_csv):
@@ -155,6 +214,8 @@ def main(argv=None) -> int:
                 if recorded != key and _measured_at(provenance.get(recorded, "")) == _measured_at(source):
                     del measured[recorded], provenance[recorded]
                 measured[key], provenance[key] = value, source
+        if args.compare_with:
+            print("\n".join(compare_lines(args.from_csv, load_table(args.compare_with), measured)))
         if args.write_table:
             write_table(measured, provenance)
         return 0

@@ -219,6 +219,30 @@ def test_rebuilding_moves_an_entry_to_its_current_class(tmp_path, monkeypatch):
                        (90, 2, 64, 384): old}
 
 
+def test_compare_with_an_older_table_prices_both_picks_by_the_csv(tmp_path, capsys):
+    """--compare-with: per shape, the CSV's times of each table's kernels along the backward path it runs."""
+    path = tmp_path / "tune_attention.csv"
+    meta = "NVIDIA H200,2.11.0,3.6.0,abc1234,2026-11-27"
+    path.write_text("\n".join([",".join(tune_attention.CSV_FIELDS)] + [
+        f"{shape},\"(90, 2, 128, 256)\",{kernel},{config},{ms},1e-3,,{meta}" for shape, kernel, config, ms in [
+            ("aim_600m", "forward", "64x64x4x3", "0.10"), ("aim_600m", "forward", "128x32x4x4", "0.08"),
+            ("aim_600m", "backward_row_dot", "16x0x4x3", "0.03"), ("aim_600m", "backward_dkdv", "64x64x4x2", "0.17"),
+            ("aim_600m", "backward_dq", "64x32x4x3", "0.11"), ("aim_600m", "backward_dq_delta", "64x32x4x3", "0.12"),
+            ("vit_b", "forward", "64x64x4x3", "0.2")]]) + "\n")
+    old = {(90, 2, 128, 256): ("64x64x4x3", "64x64x4x2", "64x32x4x3")}  # row dot + dK/dV + dQ: 0.31 ms
+    new = {(90, 2, 128, 256): ("128x32x4x4", "64x64x4x2", "64x32x4x3", None, "64x32x4x3", None)}  # 0.29 ms
+    header, aim, vit_b = tune_attention.compare_lines(str(path), old, new)
+    assert aim.split() == ["aim_600m", "0.1000", "0.0800", "0.3100", "0.2900", f"{0.41 / 0.37:.3f}x"]
+    assert vit_b.startswith("vit_b") and "not compared" in vit_b  # D 64: neither table has an entry
+    old_file = tmp_path / "old_tiles.py"
+    old_file.write_text(tune_attention.table_text(old, {}))
+    assert tune_attention.load_table(str(old_file)) == old
+    assert tune_attention.main(["--from-csv", str(path), "--compare-with", str(old_file)]) == 0  # table untouched
+    assert aim in capsys.readouterr().out.splitlines()
+    with pytest.raises(SystemExit):  # the comparison needs a CSV's timings
+        tune_attention.main(["--compare-with", str(old_file)])
+
+
 def test_runtime_autotune_runs_once_per_shape_class(monkeypatch):
     """MIMKERNELS_AUTOTUNE=1 on a GPU the table lacks: one sweep for the shape class, then the cached result."""
     found = AttentionConfigs(*(TileConfig.parse(c) for c in ("16x16x4x1",) * 4))
