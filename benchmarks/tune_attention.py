@@ -59,7 +59,7 @@ def _precompile_one(job) -> str:
 def precompile(shapes: dict, dtype: torch.dtype, workers: int, deadline: float) -> int:
     """Compile every candidate in ``workers`` processes; returns how many finished before the deadline."""
     jobs = [(shape, str(dtype)[6:], kernel, text) for shape in shapes.values()
-            for kernel, texts in attention_tuning.candidates_for(shape[2]).items() for text in texts]
+            for kernel, texts in attention_tuning.candidates_for(shape[2], head_dim=shape[3]).items() for text in texts]
     done = 0
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:

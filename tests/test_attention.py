@@ -326,6 +326,48 @@ def test_tail_tiles_are_ignored_where_a_kernel_takes_none():
                              torch.float32)
 
 
+def with_split_d(configs: AttentionConfigs) -> AttentionConfigs:
+    """The forward tile with the head dim split in two power-of-2 parts (the backward tiles have no such option)."""
+    return dataclasses.replace(configs, forward=dataclasses.replace(configs.forward, split_d=True))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "packed_qkv"])
+@pytest.mark.parametrize("shape, dtype", [((2, 3, 49, 80), torch.float32), ((2, 2, 65, 40), torch.float16),
+                                          ((3, 1, 1, 80), torch.float32), ((1, 2, 50, 96), torch.float16),
+                                          ((2, 1, 37, 72), torch.float32)], ids=str)
+def test_split_head_dim_forward(shape, dtype, layout):
+    """``+splitd`` (D = 80 as 64 + 16 columns, 40 as 32 + 16, 96 as 64 + 32, 72 as 64 + 16 of which 8 padding):
+    output and every gradient within budget of the float64 reference, per-sample prefixes, strided operands."""
+    assert kernels.head_dim_split(shape[-1]) is not None
+    prefix = per_sample_prefix(shape[0], shape[2], seed=shape[2])
+    assert_within_budget(triton_op(prefix, with_split_d(TAIL_TILES)), reference_op(prefix), shape, dtype, layout)
+
+
+def test_split_head_dim_runs_the_base_tiles_where_nothing_is_saved():
+    """D = 64 (a power of 2) and 112 (64 + 64 pads as much as 128): a ``+splitd`` forward is its base tile, bit for
+    bit; where the split applies, its output differs from the base tile's by rounding only."""
+    for head_dim, split in ((64, False), (112, False), (80, True)):
+        shape, prefix = (2, 2, 33, head_dim), per_sample_prefix(2, 33, seed=head_dim)
+        q, k, v, leaves = make_qkv(shape, torch.float32)
+        got = outputs_and_grads(triton_op(prefix, with_split_d(TAIL_TILES)), q, k, v, leaves)
+        want = outputs_and_grads(triton_op(prefix, TAIL_TILES), q, k, v, leaves)
+        for g, w in zip(got, want):
+            if split:
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+            else:
+                assert torch.equal(g, w)
+
+
+def test_split_head_dim_parts():
+    assert {d: kernels.head_dim_split(d) for d in (16, 24, 40, 48, 64, 72, 80, 96, 112, 128, 160, 200)} == {
+        16: None, 24: None, 40: (32, 16), 48: (32, 16), 64: None, 72: (64, 16), 80: (64, 16), 96: (64, 32),
+        112: None, 128: None, 160: (128, 32), 200: None}
+    assert str(TileConfig.parse("64x64x4x3+splitd")) == "64x64x4x3+splitd"
+    for text in ("64x64x4x3+tma+splitd", "64x64x4x3+tail16+splitd"):
+        with pytest.raises(ValueError, match="splitd"):
+            TileConfig.parse(text)
+
+
 def test_tma_configs_fall_back_to_pointers_where_descriptors_cannot_read():
     """fp16 rows of 36 elements are 72 bytes apart: not 16-byte aligned, so no descriptor; the same tiles run
     through pointers, still right."""

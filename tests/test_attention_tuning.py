@@ -70,6 +70,14 @@ def test_tail_candidates_are_timed_only_where_n_has_a_tail():
         k: [t for t in v if "tail" not in t] for k, v in tuning.CANDIDATES.items()}
 
 
+def test_split_head_dim_candidates_are_timed_only_where_d_splits():
+    splits = [t for t in tuning.CANDIDATES["forward"] if "splitd" in t]
+    assert splits and all("splitd" not in t for k, v in tuning.CANDIDATES.items() if k != "forward" for t in v)
+    at_d80, at_d128 = tuning.candidates_for(256, head_dim=80), tuning.candidates_for(256, head_dim=128)
+    assert set(splits) <= set(at_d80["forward"]) and not any("splitd" in t for t in at_d128["forward"])
+    assert tuning.candidates_for(256) == tuning.candidates_for(256, head_dim=80)  # no head dim given: all kept
+
+
 def test_every_candidate_parses_once():
     for kernel, texts in tuning.CANDIDATES.items():
         configs = [TileConfig.parse(text) for text in texts]

@@ -43,11 +43,15 @@ class TileConfig:
     # N = 257 and block_m 128, the third query tile holds one row yet costs what a whole tile costs, a third of
     # the forward's work; tail tiles of 16 rows cut that to an eighth of a tile. Forward, dQ and dK/dV kernels.
     tail_m: int = 0
+    # forward only: a head dim that is not a power of 2 as two power-of-2 parts (D = 80: 64 + 16 columns, not one
+    # 128-column tile of which 48 are padding), two matmuls for each of the two products (head_dim_split). Pointers
+    # only, no tails; elsewhere (a power-of-2 D, the backward kernels) the config runs as its base tiles.
+    split_d: bool = False
 
     @classmethod
     def parse(cls, text: str) -> TileConfig:
-        """From ``"block_m x block_n x num_warps x num_stages"``, with ``"+tma"`` appended for a TMA config and
-        ``"+tail16"`` for 16-row tail tiles: the form the tile tables use."""
+        """From ``"block_m x block_n x num_warps x num_stages"``, with ``"+tma"`` appended for a TMA config,
+        ``"+tail16"`` for 16-row tail tiles and ``"+splitd"`` for a split head dim: the form the tile tables use."""
         tiles, *flags = text.split("+")
         options = {}
         for flag in flags:
@@ -55,16 +59,22 @@ class TileConfig:
                 options["tma"] = True
             elif flag.startswith("tail") and flag[4:].isdigit():
                 options["tail_m"] = int(flag[4:])
+            elif flag == "splitd":
+                options["split_d"] = True
             else:
-                raise ValueError(f"unknown tile config flag {flag!r} in {text!r} (known: +tma, +tail<rows>)")
+                raise ValueError(f"unknown tile config flag {flag!r} in {text!r} (known: +tma, +tail<rows>, "
+                                 "+splitd)")
         cfg = cls(*(int(part) for part in tiles.split("x")), **options)
         if cfg.tail_m and not (16 <= cfg.tail_m < cfg.block_m and cfg.tail_m & (cfg.tail_m - 1) == 0):
             raise ValueError(f"tail rows must be a power of 2 from 16 to below block_m, got {text!r}")
+        if cfg.split_d and (cfg.tma or cfg.tail_m):
+            raise ValueError(f"+splitd reads through pointers in whole query tiles: not with +tma or +tail, got "
+                             f"{text!r}")
         return cfg
 
     def __str__(self) -> str:
         return (f"{self.block_m}x{self.block_n}x{self.num_warps}x{self.num_stages}" + "+tma" * self.tma
-                + (f"+tail{self.tail_m}" if self.tail_m else ""))
+                + (f"+tail{self.tail_m}" if self.tail_m else "") + "+splitd" * self.split_d)
 
 
 @dataclass(frozen=True)
@@ -390,6 +400,82 @@ def _prefix_causal_fwd(
                         stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_ob, stride_oh,
                         stride_on, seq_len, qk_scale, head_dim, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
                         USE_TMA)
+
+
+@triton.jit
+def _fwd_split_d_key_tiles(
+    acc_lo, acc_hi, row_sum, row_max, q_lo, q_hi, k_rows, v_rows, stride_kn, stride_vn, offs_m, offs_lo, offs_hi,
+    n_lo, n_hi, prefix, seq_len, head_dim, qk_scale, BLOCK_N: tl.constexpr, EVEN_HI: tl.constexpr,
+    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """:func:`_fwd_key_tiles` with the head dim in two parts: columns ``offs_lo`` (all inside D) and ``offs_hi``
+    (the rest, masked past D unless EVEN_HI). Scores are the sum of the two parts' products; each part of the
+    output has its own accumulator."""
+    for n_start in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n_start + tl.arange(0, BLOCK_N)
+        k_lo = _load_tile(k_rows, offs_n, stride_kn, offs_lo, seq_len, head_dim, MASKED, True)
+        k_hi = _load_tile(k_rows, offs_n, stride_kn, offs_hi, seq_len, head_dim, MASKED, EVEN_HI)
+        scores = tl.dot(q_lo, tl.trans(k_lo), input_precision=DOT_PRECISION)
+        scores = tl.dot(q_hi, tl.trans(k_hi), scores, input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            scores = tl.where(_visible(offs_m[:, None], offs_n[None, :], prefix, seq_len), scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        correction = tl.exp2(row_max - new_max)  # finite from the first tile on: every row sees key 0
+        probs = tl.exp2(scores - new_max[:, None])
+        row_sum = row_sum * correction + tl.sum(probs, 1)
+        v_lo = _load_tile(v_rows, offs_n, stride_vn, offs_lo, seq_len, head_dim, MASKED, True)
+        v_hi = _load_tile(v_rows, offs_n, stride_vn, offs_hi, seq_len, head_dim, MASKED, EVEN_HI)
+        acc_lo = acc_lo * correction[:, None] + tl.dot(probs.to(v_lo.dtype), v_lo, input_precision=DOT_PRECISION)
+        acc_hi = acc_hi * correction[:, None] + tl.dot(probs.to(v_hi.dtype), v_hi, input_precision=DOT_PRECISION)
+        row_max = new_max
+    return acc_lo, acc_hi, row_sum, row_max
+
+
+@triton.jit
+def _prefix_causal_fwd_split_d(
+    Q, K, V, O, LSE, PREFIX, prefix_int,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    num_heads, seq_len, qk_scale, num_m_tiles,
+    PREFIX_IS_TENSOR: tl.constexpr, head_dim: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_LO: tl.constexpr, BLOCK_HI: tl.constexpr, EVEN_HI: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """:func:`_prefix_causal_fwd` (pointers, no tail tiles) for a head dim of BLOCK_LO + at most BLOCK_HI columns
+    (EVEN_HI: exactly)."""
+    pid = tl.program_id(0)
+    bh = pid // num_m_tiles
+    m_start = (num_m_tiles - 1 - pid % num_m_tiles) * BLOCK_M  # the longest rows first
+    batch = bh // num_heads
+    head = bh % num_heads
+    prefix = _prefix_of(PREFIX, prefix_int, batch, seq_len, PREFIX_IS_TENSOR)
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_lo = tl.arange(0, BLOCK_LO)
+    offs_hi = BLOCK_LO + tl.arange(0, BLOCK_HI)
+    q_rows = _head_rows(Q, batch, head, stride_qb, stride_qh)
+    q_lo = _load_tile(q_rows, offs_m, stride_qn, offs_lo, seq_len, head_dim, True, True)
+    q_hi = _load_tile(q_rows, offs_m, stride_qn, offs_hi, seq_len, head_dim, True, EVEN_HI)
+    k_rows = _head_rows(K, batch, head, stride_kb, stride_kh)
+    v_rows = _head_rows(V, batch, head, stride_vb, stride_vh)
+
+    acc_lo = tl.zeros([BLOCK_M, BLOCK_LO], dtype=tl.float32)
+    acc_hi = tl.zeros([BLOCK_M, BLOCK_HI], dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    full_end, visible_end = _key_range(m_start, prefix, seq_len, BLOCK_M, BLOCK_N)
+    acc_lo, acc_hi, row_sum, row_max = _fwd_split_d_key_tiles(
+        acc_lo, acc_hi, row_sum, row_max, q_lo, q_hi, k_rows, v_rows, stride_kn, stride_vn, offs_m, offs_lo, offs_hi,
+        0, full_end, prefix, seq_len, head_dim, qk_scale, BLOCK_N, EVEN_HI, False, DOT_PRECISION)
+    acc_lo, acc_hi, row_sum, row_max = _fwd_split_d_key_tiles(
+        acc_lo, acc_hi, row_sum, row_max, q_lo, q_hi, k_rows, v_rows, stride_kn, stride_vn, offs_m, offs_lo, offs_hi,
+        full_end, visible_end, prefix, seq_len, head_dim, qk_scale, BLOCK_N, EVEN_HI, True, DOT_PRECISION)
+
+    o_rows = _head_rows(O, batch, head, stride_ob, stride_oh)
+    out_dtype = O.dtype.element_ty
+    _store_tile(o_rows, offs_m, stride_on, offs_lo, seq_len, head_dim, (acc_lo / row_sum[:, None]).to(out_dtype))
+    _store_tile(o_rows, offs_m, stride_on, offs_hi, seq_len, head_dim, (acc_hi / row_sum[:, None]).to(out_dtype))
+    tl.store(LSE + bh.to(tl.int64) * seq_len + offs_m, row_max + tl.log2(row_sum), mask=offs_m < seq_len)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -797,9 +883,20 @@ def forward(q, k, v, prefix, scale: float, configs: AttentionConfigs | None = No
     cfg = (configs or configs_for_call(q)).forward
     out = _empty_bnhd(q)
     lse = torch.empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
-    num_m_tiles, num_tail_tiles, tail_m = query_tiles(seq_len, cfg)
     prefix_ptr, prefix_int, prefix_is_tensor = _prefix_args(prefix, q)
     shapes = shape_args(head_dim, q.dtype)
+    parts = head_dim_split(head_dim) if cfg.split_d else None
+    if parts:
+        num_m_tiles = cdiv(seq_len, cfg.block_m)
+        launch(_prefix_causal_fwd_split_d, (batch * heads * num_m_tiles,), (q, k, v, out, lse, prefix_ptr), (
+            prefix_int, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+            heads, seq_len, scale * LOG2_E, num_m_tiles,
+        ), dict(PREFIX_IS_TENSOR=prefix_is_tensor, head_dim=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                BLOCK_LO=parts[0], BLOCK_HI=parts[1], EVEN_HI=sum(parts) == head_dim,
+                DOT_PRECISION=shapes["DOT_PRECISION"]),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return out, lse
+    num_m_tiles, num_tail_tiles, tail_m = query_tiles(seq_len, cfg)
     tail_operands = ((q, tail_m), (out, tail_m)) if tail_m else ()
     (q_, k_, v_, out_, *tails), use_tma = _operands(cfg, shapes, (q, cfg.block_m), (k, cfg.block_n),
                                                     (v, cfg.block_n), (out, cfg.block_m), *tail_operands)
@@ -810,6 +907,17 @@ def forward(q, k, v, prefix, scale: float, configs: AttentionConfigs | None = No
     ), dict(PREFIX_IS_TENSOR=prefix_is_tensor, **shapes, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             USE_TMA=use_tma, TAIL_M=tail_m), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse
+
+
+def head_dim_split(head_dim: int) -> tuple[int, int] | None:
+    """(lo, hi): a head dim as two power-of-2 column blocks, lo the largest power of 2 below it and hi the least
+    one (16 at least, the matmuls' smallest depth) that covers the rest; None where that pads as much as one
+    power-of-2 block (D a power of 2, or 112 = 64 + 64). D = 80: (64, 16); 40: (32, 16); 96: (64, 32)."""
+    lo = max(16, next_power_of_2(head_dim + 1) // 2)
+    if lo >= head_dim:
+        return None
+    hi = max(16, next_power_of_2(head_dim - lo))
+    return (lo, hi) if lo + hi < next_power_of_2(head_dim) else None
 
 
 def query_tiles(seq_len: int, cfg: TileConfig) -> tuple[int, int, int]:

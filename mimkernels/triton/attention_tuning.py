@@ -59,6 +59,12 @@ for _kernel, _extra in (("forward", ("128x32x4x4+tma", "128x32x4x4", "64x64x4x3"
                         ("backward_dq", ("64x32x4x3", "64x32x4x3+tma", "128x32x4x3+tma")),
                         ("backward_dq_delta", ("64x32x4x3", "64x32x4x3+tma"))):
     CANDIDATES[_kernel] += tuple(f"{text}+tail16" for text in _extra)
+# The forward with a head dim that is not a power of 2 in two parts (2026-12-04, twentieth session; not yet
+# measured): D = 80 pads to 128 columns, so 37% of the tile's matmul work and registers were padding; 64 + 16 columns
+# are 80. Run 10's fastest forwards at D = 80 and their neighbours, pointers only. Timed only where D splits
+# (candidates_for): elsewhere they are their base tiles.
+CANDIDATES["forward"] += tuple(f"{text}+splitd" for text in ("128x32x4x4", "64x64x4x3", "64x32x4x4", "128x64x8x3",
+                                                             "128x64x4x3", "64x64x8x3"))
 KERNELS = tuple(CANDIDATES)
 TOLERANCE = {2: 2e-2, 4: 1e-4}  # relative error vs the float32 reference above which a trial is wrong
 
@@ -143,15 +149,18 @@ def default_timer(fn) -> float:
     return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
 
 
-def candidates_for(seq_len: int, candidates=None) -> dict[str, tuple[str, ...]]:
-    """``candidates`` (default CANDIDATES) less the tail-tile ones that at this N run as their base tiles (N a
-    multiple of block_m: no rows past the last whole tile), which would only time the same kernel twice."""
+def candidates_for(seq_len: int, candidates=None, head_dim: int | None = None) -> dict[str, tuple[str, ...]]:
+    """``candidates`` (default CANDIDATES) less those that at this N (and head dim, where given) run as their base
+    tiles, which would only time the same kernel twice: tail tiles where N is a multiple of block_m (no rows past
+    the last whole tile), split head dims where D does not split (:func:`attention.head_dim_split`)."""
     def runs_as_its_base(text):
         try:
             cfg = TileConfig.parse(text)
         except (TypeError, ValueError):  # kept: sweep records why it cannot run
             return False
-        return cfg.tail_m and not kernels.query_tiles(seq_len, cfg)[2]
+        no_tail = cfg.tail_m and not kernels.query_tiles(seq_len, cfg)[2]
+        no_split = cfg.split_d and head_dim is not None and kernels.head_dim_split(head_dim) is None
+        return no_tail or no_split
 
     candidates = candidates or CANDIDATES
     return {kernel: tuple(text for text in texts if not runs_as_its_base(text)) for kernel, texts in candidates.items()}
@@ -159,10 +168,10 @@ def candidates_for(seq_len: int, candidates=None) -> dict[str, tuple[str, ...]]:
 
 def sweep(problem: Problem, kernels_to_tune=KERNELS, candidates=None, timer=default_timer, deadline=None,
           on_trial=None) -> list[Trial]:
-    """Check and time every candidate of every kernel on ``problem`` (tail tiles only where N has a tail:
-    :func:`candidates_for`); stops early past ``deadline`` (a ``time.monotonic()`` value). Inputs of the backward
-    kernels come from the portable forward."""
-    candidates = candidates_for(problem.q.shape[2], candidates)
+    """Check and time every candidate of every kernel on ``problem`` (tail tiles only where N has a tail, split
+    head dims only where D splits: :func:`candidates_for`); stops early past ``deadline`` (a ``time.monotonic()``
+    value). Inputs of the backward kernels come from the portable forward."""
+    candidates = candidates_for(problem.q.shape[2], candidates, problem.q.shape[3])
     portable = kernels.configs_for(problem.q.shape[-1], problem.q.dtype)
     out, lse = kernels.forward(problem.q, problem.k, problem.v, problem.prefix, problem.scale, portable)
     delta = kernels.backward_row_dot(problem.grad_out, out)
