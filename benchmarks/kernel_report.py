@@ -119,6 +119,10 @@ def attention_launches(head_dim: int, dtype: torch.dtype, cfgs=None, variant: st
         plan.append((kernels._prefix_causal_bwd_dq, cfgs.backward_dq_delta, {"DELTA_HERE": True}))
     if not portable and cfgs.backward_per_head is not None:
         plan.append((kernels._prefix_causal_bwd_per_head, cfgs.backward_per_head, {}))
+    parts = kernels.head_dim_split(head_dim) if cfgs.forward.split_d else None
+    if parts:  # the forward with the head dim in two column blocks (the launcher's choice, forward())
+        plan[0] = (kernels._prefix_causal_fwd_split_d, cfgs.forward,
+                   {"BLOCK_LO": parts[0], "BLOCK_HI": parts[1], "EVEN_HI": sum(parts) == head_dim})
     launches = []
     for fn, cfg, extra in plan:
         constexprs = {**shape, "PREFIX_IS_TENSOR": True, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
@@ -129,6 +133,7 @@ def attention_launches(head_dim: int, dtype: torch.dtype, cfgs=None, variant: st
                   else " per-head" if fn is kernels._prefix_causal_bwd_per_head else "")
         suffix += " tma" if cfg.tma else ""
         suffix += f" tail{constexprs['TAIL_M']}" if constexprs.get("TAIL_M") else ""
+        suffix += f" split{extra['BLOCK_LO']}+{extra['BLOCK_HI']}" if "BLOCK_LO" in extra else ""
         launches.append(Launch(fn, f"D={head_dim}{variant}{suffix}", f"{cfg.block_m}x{cfg.block_n}", cfg.num_warps,
                                cfg.num_stages, _tma_operands(pointers, fn, cfg, DTYPES[dtype], shape,
                                                              extra.get("DQ_ATOMIC", False)) if cfg.tma
