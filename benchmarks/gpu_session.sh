@@ -17,7 +17,8 @@
 #   steps_aim     the same at AIM-600M (`models` without its kernel benchmarks, one shape per step: run 10's
 #                 `models` spent its 316 s on those and the first three providers of MAE ViT-L), ~5.5 min each
 #   integrations  issue 12: bench_integrations eager + compiled (gpu_check.sh), ~6.5 min
-#   tune          issue 9, after a kernel change: the tile sweep (gpu_attention.sh "tune"), 101 s in run 9 for 6 shapes;
+#   tune          issue 9, after a kernel change: the tile sweep (gpu_attention.sh "tune"; TUNE_SHAPES picks shapes),
+#                 225 s in run 10 for 9 shapes, 101 s in run 9 for 6;
 #                 9 shapes since (N257 has a class of its own; MAE ViT-H's encoder), 5.5 min allowed
 # The device tool brings back at most 8 files: each step writes into its own folder, which is then packed into
 # $OUT/<step>.tar.gz (after the step, so a call cut short still returns the steps before it); session.txt says
