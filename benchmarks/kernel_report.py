@@ -7,6 +7,7 @@ toolchain. ptxas's own log (``-v``) gives registers, stack frame and spill store
 Triton's metadata the shared memory. Run as
 
     python -m benchmarks.kernel_report [--quick] [--csv FILE]
+    python -m benchmarks.kernel_report --measured | --tma [--quick] | --split [--quick]
 
 It exits non-zero if any kernel spills. ``--quick`` compiles one head dim per tile class, sm_90 only
 (and every other kernel). ``--measured`` lists the measured table's configs (attention_tiles.py), which were
@@ -119,10 +120,15 @@ def attention_launches(head_dim: int, dtype: torch.dtype, cfgs=None, variant: st
         plan.append((kernels._prefix_causal_bwd_dq, cfgs.backward_dq_delta, {"DELTA_HERE": True}))
     if not portable and cfgs.backward_per_head is not None:
         plan.append((kernels._prefix_causal_bwd_per_head, cfgs.backward_per_head, {}))
-    parts = kernels.head_dim_split(head_dim) if cfgs.forward.split_d else None
-    if parts:  # the forward with the head dim in two column blocks (the launcher's choice, forward())
-        plan[0] = (kernels._prefix_causal_fwd_split_d, cfgs.forward,
-                   {"BLOCK_LO": parts[0], "BLOCK_HI": parts[1], "EVEN_HI": sum(parts) == head_dim})
+    parts = kernels.head_dim_split(head_dim)
+    if parts:  # split-head-dim configs run these kernels instead (the launchers' choice; not atomic, not per head)
+        split_fn = {kernels._prefix_causal_fwd: kernels._prefix_causal_fwd_split_d,
+                    kernels._prefix_causal_bwd_dkdv: kernels._prefix_causal_bwd_dkdv_split_d,
+                    kernels._prefix_causal_bwd_dq: kernels._prefix_causal_bwd_dq_split_d}
+        split_extra = {"BLOCK_LO": parts[0], "BLOCK_HI": parts[1], "EVEN_HI": sum(parts) == head_dim}
+        for i, (fn, cfg, extra) in enumerate(plan):
+            if cfg.split_d and fn in split_fn and not extra.get("DQ_ATOMIC"):
+                plan[i] = (split_fn[fn], cfg, {**extra, **split_extra})
     launches = []
     for fn, cfg, extra in plan:
         constexprs = {**shape, "PREFIX_IS_TENSOR": True, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
@@ -285,10 +291,10 @@ def report(head_dims=HEAD_DIMS, archs=ARCHS, dtypes=tuple(DTYPES)) -> list[Row]:
     return rows
 
 
-def tma_candidates_report(head_dims=(64, 80, 128)) -> list[Row]:
-    """The tuner's ``+tma`` candidates (attention_tuning.CANDIDATES) and the MLP GEMMs' tma tiles
-    (mlp.CANDIDATES), bf16 on sm_90, the only architecture that runs them, each after the same tile through
-    pointers: that they compile, and their registers beside the pointer tiles'."""
+def candidates_report(option: str, head_dims, twins: bool = True) -> list[Row]:
+    """The tuner's candidates (attention_tuning.CANDIDATES) with ``option`` set (``"tma"`` or ``"split_d"``),
+    bf16 on sm_90, each after the same tile without it where ``twins``: that they compile, and their resources
+    beside the base tiles'."""
     from mimkernels.triton import attention_tuning
 
     # where attention_launches puts each kernel (an optional backward last: one at most is set here)
@@ -300,13 +306,20 @@ def tma_candidates_report(head_dims=(64, 80, 128)) -> list[Row]:
         for kernel, slot in slots.items():
             for text in attention_tuning.CANDIDATES[kernel]:
                 cfg = kernels.TileConfig.parse(text)
-                if not cfg.tma:
+                if not getattr(cfg, option):
                     continue
-                for twin in (replace(cfg, tma=False), cfg):
-                    launch = attention_launches(head_dim, torch.bfloat16, replace(portable, **{kernel: twin}))[slot]
+                for tile in (replace(cfg, **{option: False}), cfg) if twins else (cfg,):
+                    launch = attention_launches(head_dim, torch.bfloat16, replace(portable, **{kernel: tile}))[slot]
                     rows.append(Row(launch.fn.__name__, "sm_90", "bf16", launch.variant, launch.tile,
                                     launch.num_warps, launch.num_stages, *compile_one(launch, 90)))
                     print(_format(rows[-1]), flush=True)
+    return rows
+
+
+def tma_candidates_report(head_dims=(64, 80, 128)) -> list[Row]:
+    """The tuner's ``+tma`` candidates and the MLP GEMMs' tma tiles (mlp.CANDIDATES), bf16 on sm_90, the only
+    architecture that runs them, each after the same tile through pointers."""
+    rows = candidates_report("tma", head_dims)
     for tile in mlp_kernels.CANDIDATES:  # the MLP GEMMs' tma tiles (bench_mlp --sweep), after their pointer twins
         if not tile.tma:
             continue
@@ -334,6 +347,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tma", action="store_true",
                         help="compile the TMA candidates (attention tuner, MLP sweep) for sm_90 instead (spills "
                         "listed, not failed)")
+    parser.add_argument("--split", action="store_true",
+                        help="compile the tuner's split-head-dim candidates at D = 80 for sm_90 instead, each after "
+                        "its base tile (with --quick: without; spills listed, not failed)")
     args = parser.parse_args(argv)
     source = commit()  # the code compiled is the code at the start
     if args.measured:
@@ -348,6 +364,12 @@ def main(argv=None) -> int:
               f"pointer twin; spills: {sum(row.spills for row in tma)} TMA, "
               f"{sum(row.spills for row in rows) - sum(row.spills for row in tma)} pointer (allowed: the tuner "
               "measures them)")
+        return 0
+    if args.split:
+        rows = candidates_report("split_d", (80,), twins=not args.quick)
+        split = [row for row in rows if " split" in row.variant]
+        print(f"{len(split)} split-head-dim candidates compiled for sm_90 with triton {triton.__version__}; spills: "
+              f"{sum(row.spills for row in split)} (allowed: the tuner measures them)")
         return 0
     rows = report(QUICK_HEAD_DIMS, (90,)) if args.quick else report()
     if args.csv:

@@ -326,26 +326,34 @@ def test_tail_tiles_are_ignored_where_a_kernel_takes_none():
                              torch.float32)
 
 
+SPLIT_KERNELS = ("forward", "backward_dkdv", "backward_dq", "backward_dq_delta", "backward_atomic", "backward_per_head")
+
+
 def with_split_d(configs: AttentionConfigs) -> AttentionConfigs:
-    """The forward tile with the head dim split in two power-of-2 parts (the backward tiles have no such option)."""
-    return dataclasses.replace(configs, forward=dataclasses.replace(configs.forward, split_d=True))
+    """Every set tile with the head dim split in two power-of-2 column blocks (the atomic-dQ and per-head backwards
+    take the flag and run their base tiles)."""
+    return dataclasses.replace(configs, **{name: dataclasses.replace(getattr(configs, name), split_d=True)
+                                           for name in SPLIT_KERNELS if getattr(configs, name) is not None})
 
 
+@pytest.mark.parametrize("variant", ["default", "delta_in_dq"])
 @pytest.mark.parametrize("layout", ["contiguous", "packed_qkv"])
 @pytest.mark.parametrize("shape, dtype", [((2, 3, 49, 80), torch.float32), ((2, 2, 65, 40), torch.float16),
                                           ((3, 1, 1, 80), torch.float32), ((1, 2, 50, 96), torch.float16),
                                           ((2, 1, 37, 72), torch.float32)], ids=str)
-def test_split_head_dim_forward(shape, dtype, layout):
-    """``+splitd`` (D = 80 as 64 + 16 columns, 40 as 32 + 16, 96 as 64 + 32, 72 as 64 + 16 of which 8 padding):
-    output and every gradient within budget of the float64 reference, per-sample prefixes, strided operands."""
+def test_split_head_dim(shape, dtype, layout, variant):
+    """``+splitd`` (D = 80 as 64 + 16 columns, 40 as 32 + 16, 96 as 64 + 32, 72 as 64 + 16 of which 8 padding) in
+    the forward, dK/dV and dQ kernels (the delta-computing one too): output and every gradient within budget of
+    the float64 reference, per-sample prefixes, strided operands."""
     assert kernels.head_dim_split(shape[-1]) is not None
     prefix = per_sample_prefix(shape[0], shape[2], seed=shape[2])
-    assert_within_budget(triton_op(prefix, with_split_d(TAIL_TILES)), reference_op(prefix), shape, dtype, layout)
+    tiles = with_optional_kernels(TAIL_TILES) if variant == "delta_in_dq" else TAIL_TILES
+    assert_within_budget(triton_op(prefix, with_split_d(tiles)), reference_op(prefix), shape, dtype, layout)
 
 
 def test_split_head_dim_runs_the_base_tiles_where_nothing_is_saved():
-    """D = 64 (a power of 2) and 112 (64 + 64 pads as much as 128): a ``+splitd`` forward is its base tile, bit for
-    bit; where the split applies, its output differs from the base tile's by rounding only."""
+    """D = 64 (a power of 2) and 112 (64 + 64 pads as much as 128): ``+splitd`` tiles are their base tiles, bit for
+    bit; where the split applies, the results differ from the base tiles' by rounding only."""
     for head_dim, split in ((64, False), (112, False), (80, True)):
         shape, prefix = (2, 2, 33, head_dim), per_sample_prefix(2, 33, seed=head_dim)
         q, k, v, leaves = make_qkv(shape, torch.float32)
@@ -356,6 +364,16 @@ def test_split_head_dim_runs_the_base_tiles_where_nothing_is_saved():
                 torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
             else:
                 assert torch.equal(g, w)
+
+
+def test_split_head_dim_is_ignored_where_a_kernel_takes_none():
+    """The atomic-dQ and per-head backwards have no split kernels: a split config there runs its base tiles."""
+    shape, prefix = (2, 2, 49, 80), per_sample_prefix(2, 49, seed=7)
+    split = with_split_d(TAIL_TILES)
+    for configs, deterministic in ((dataclasses.replace(split, backward_atomic=split.backward_dkdv), False),
+                                   (dataclasses.replace(split, backward_per_head=split.backward_dkdv), True)):
+        assert_within_budget(triton_op(prefix, configs, deterministic=deterministic), reference_op(prefix), shape,
+                             torch.float32)
 
 
 def test_split_head_dim_parts():

@@ -71,10 +71,12 @@ def test_tail_candidates_are_timed_only_where_n_has_a_tail():
 
 
 def test_split_head_dim_candidates_are_timed_only_where_d_splits():
-    splits = [t for t in tuning.CANDIDATES["forward"] if "splitd" in t]
-    assert splits and all("splitd" not in t for k, v in tuning.CANDIDATES.items() if k != "forward" for t in v)
+    splits = {kernel: [t for t in texts if "splitd" in t] for kernel, texts in tuning.CANDIDATES.items()}
+    assert all(splits[kernel] for kernel in ("forward", "backward_dkdv", "backward_dq", "backward_dq_delta"))
+    assert not any(splits[kernel] for kernel in ("backward_atomic", "backward_per_head"))  # no split kernels there
     at_d80, at_d128 = tuning.candidates_for(256, head_dim=80), tuning.candidates_for(256, head_dim=128)
-    assert set(splits) <= set(at_d80["forward"]) and not any("splitd" in t for t in at_d128["forward"])
+    assert all(set(splits[kernel]) <= set(at_d80[kernel]) for kernel in splits)
+    assert not any("splitd" in t for texts in at_d128.values() for t in texts)
     assert tuning.candidates_for(256) == tuning.candidates_for(256, head_dim=80)  # no head dim given: all kept
 
 

@@ -45,3 +45,14 @@ def test_tma_candidates_compile_for_hopper():
     candidates += 2 * sum(tile.tma for tile in mlp.CANDIDATES)  # the MLP's two GEMM kernels per tile
     assert run.stdout.count(" tma ") == candidates, run.stdout[-4000:]  # each after its pointer twin
     assert f"{candidates} TMA candidates compiled for sm_90" in run.stdout
+
+
+def test_split_head_dim_candidates_compile_for_hopper():
+    """The tuner's split-head-dim candidates at D = 80, as the kernels a GPU would run: each must compile (the
+    interpreter runs Python that the compiler may refuse), or the sweep would spend its time on failures."""
+    from mimkernels.triton import attention_tuning
+
+    run = kernel_report("--split", "--quick")
+    candidates = sum("+splitd" in text for texts in attention_tuning.CANDIDATES.values() for text in texts)
+    assert run.stdout.count("_split_d ") == candidates, run.stdout[-4000:]
+    assert f"{candidates} split-head-dim candidates compiled for sm_90" in run.stdout

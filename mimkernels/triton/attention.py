@@ -43,9 +43,10 @@ class TileConfig:
     # N = 257 and block_m 128, the third query tile holds one row yet costs what a whole tile costs, a third of
     # the forward's work; tail tiles of 16 rows cut that to an eighth of a tile. Forward, dQ and dK/dV kernels.
     tail_m: int = 0
-    # forward only: a head dim that is not a power of 2 as two power-of-2 parts (D = 80: 64 + 16 columns, not one
-    # 128-column tile of which 48 are padding), two matmuls for each of the two products (head_dim_split). Pointers
-    # only, no tails; elsewhere (a power-of-2 D, the backward kernels) the config runs as its base tiles.
+    # a head dim that is not a power of 2 as two power-of-2 column blocks (D = 80: 64 + 16 columns, not one
+    # 128-column tile of which 48 are padding; head_dim_split), two matmuls per product. Forward, dK/dV and dQ
+    # (with or without delta), pointers only, no tails; elsewhere (a power-of-2 D, the atomic-dQ and per-head
+    # backwards) the config runs as its base tiles.
     split_d: bool = False
 
     @classmethod
@@ -403,28 +404,59 @@ def _prefix_causal_fwd(
 
 
 @triton.jit
+def _load_split(rows_ptr, rows, stride_row, offs_lo, offs_hi, n_rows, head_dim, CHECK_ROWS: tl.constexpr,
+                EVEN_HI: tl.constexpr):
+    """The two column blocks of a [rows, D] tile whose head dim is split (:func:`head_dim_split`): ``offs_lo``,
+    all inside D, and ``offs_hi``, masked past D unless EVEN_HI."""
+    lo = _load_tile(rows_ptr, rows, stride_row, offs_lo, n_rows, head_dim, CHECK_ROWS, True)
+    hi = _load_tile(rows_ptr, rows, stride_row, offs_hi, n_rows, head_dim, CHECK_ROWS, EVEN_HI)
+    return lo, hi
+
+
+@triton.jit
+def _store_split(rows_ptr, rows, stride_row, offs_lo, offs_hi, n_rows, head_dim, lo, hi):
+    _store_tile(rows_ptr, rows, stride_row, offs_lo, n_rows, head_dim, lo)
+    _store_tile(rows_ptr, rows, stride_row, offs_hi, n_rows, head_dim, hi)
+
+
+@triton.jit
+def _split_dot_t(a_lo, a_hi, b_lo, b_hi, DOT_PRECISION: tl.constexpr):
+    """a @ b^T over a split head dim: a_lo b_lo^T, then a_hi b_hi^T accumulated into it."""
+    product = tl.dot(a_lo, tl.trans(b_lo), input_precision=DOT_PRECISION)
+    return tl.dot(a_hi, tl.trans(b_hi), product, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _split_key_tile_scores(
+    q_lo, q_hi, k_rows, stride_kn, offs_m, offs_lo, offs_hi, n_start, prefix, seq_len, head_dim, qk_scale,
+    BLOCK_N: tl.constexpr, EVEN_HI: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """:func:`_key_tile_scores` over a split head dim: the key tile's two column blocks and the base-2 scores."""
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    k_lo, k_hi = _load_split(k_rows, offs_n, stride_kn, offs_lo, offs_hi, seq_len, head_dim, MASKED, EVEN_HI)
+    scores = _split_dot_t(q_lo, q_hi, k_lo, k_hi, DOT_PRECISION) * qk_scale
+    if MASKED:
+        scores = tl.where(_visible(offs_m[:, None], offs_n[None, :], prefix, seq_len), scores, float("-inf"))
+    return k_lo, k_hi, scores
+
+
+@triton.jit
 def _fwd_split_d_key_tiles(
     acc_lo, acc_hi, row_sum, row_max, q_lo, q_hi, k_rows, v_rows, stride_kn, stride_vn, offs_m, offs_lo, offs_hi,
     n_lo, n_hi, prefix, seq_len, head_dim, qk_scale, BLOCK_N: tl.constexpr, EVEN_HI: tl.constexpr,
     MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """:func:`_fwd_key_tiles` with the head dim in two parts: columns ``offs_lo`` (all inside D) and ``offs_hi``
-    (the rest, masked past D unless EVEN_HI). Scores are the sum of the two parts' products; each part of the
-    output has its own accumulator."""
+    """:func:`_fwd_key_tiles` over a split head dim; each column block of the output has its own accumulator."""
     for n_start in range(n_lo, n_hi, BLOCK_N):
-        offs_n = n_start + tl.arange(0, BLOCK_N)
-        k_lo = _load_tile(k_rows, offs_n, stride_kn, offs_lo, seq_len, head_dim, MASKED, True)
-        k_hi = _load_tile(k_rows, offs_n, stride_kn, offs_hi, seq_len, head_dim, MASKED, EVEN_HI)
-        scores = tl.dot(q_lo, tl.trans(k_lo), input_precision=DOT_PRECISION)
-        scores = tl.dot(q_hi, tl.trans(k_hi), scores, input_precision=DOT_PRECISION) * qk_scale
-        if MASKED:
-            scores = tl.where(_visible(offs_m[:, None], offs_n[None, :], prefix, seq_len), scores, float("-inf"))
+        _, _, scores = _split_key_tile_scores(q_lo, q_hi, k_rows, stride_kn, offs_m, offs_lo, offs_hi, n_start,
+                                              prefix, seq_len, head_dim, qk_scale, BLOCK_N, EVEN_HI, MASKED,
+                                              DOT_PRECISION)
         new_max = tl.maximum(row_max, tl.max(scores, 1))
         correction = tl.exp2(row_max - new_max)  # finite from the first tile on: every row sees key 0
         probs = tl.exp2(scores - new_max[:, None])
         row_sum = row_sum * correction + tl.sum(probs, 1)
-        v_lo = _load_tile(v_rows, offs_n, stride_vn, offs_lo, seq_len, head_dim, MASKED, True)
-        v_hi = _load_tile(v_rows, offs_n, stride_vn, offs_hi, seq_len, head_dim, MASKED, EVEN_HI)
+        v_lo, v_hi = _load_split(v_rows, n_start + tl.arange(0, BLOCK_N), stride_vn, offs_lo, offs_hi, seq_len,
+                                 head_dim, MASKED, EVEN_HI)
         acc_lo = acc_lo * correction[:, None] + tl.dot(probs.to(v_lo.dtype), v_lo, input_precision=DOT_PRECISION)
         acc_hi = acc_hi * correction[:, None] + tl.dot(probs.to(v_hi.dtype), v_hi, input_precision=DOT_PRECISION)
         row_max = new_max
@@ -453,9 +485,8 @@ def _prefix_causal_fwd_split_d(
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_lo = tl.arange(0, BLOCK_LO)
     offs_hi = BLOCK_LO + tl.arange(0, BLOCK_HI)
-    q_rows = _head_rows(Q, batch, head, stride_qb, stride_qh)
-    q_lo = _load_tile(q_rows, offs_m, stride_qn, offs_lo, seq_len, head_dim, True, True)
-    q_hi = _load_tile(q_rows, offs_m, stride_qn, offs_hi, seq_len, head_dim, True, EVEN_HI)
+    q_lo, q_hi = _load_split(_head_rows(Q, batch, head, stride_qb, stride_qh), offs_m, stride_qn, offs_lo, offs_hi,
+                             seq_len, head_dim, True, EVEN_HI)
     k_rows = _head_rows(K, batch, head, stride_kb, stride_kh)
     v_rows = _head_rows(V, batch, head, stride_vb, stride_vh)
 
@@ -471,10 +502,9 @@ def _prefix_causal_fwd_split_d(
         acc_lo, acc_hi, row_sum, row_max, q_lo, q_hi, k_rows, v_rows, stride_kn, stride_vn, offs_m, offs_lo, offs_hi,
         full_end, visible_end, prefix, seq_len, head_dim, qk_scale, BLOCK_N, EVEN_HI, True, DOT_PRECISION)
 
-    o_rows = _head_rows(O, batch, head, stride_ob, stride_oh)
     out_dtype = O.dtype.element_ty
-    _store_tile(o_rows, offs_m, stride_on, offs_lo, seq_len, head_dim, (acc_lo / row_sum[:, None]).to(out_dtype))
-    _store_tile(o_rows, offs_m, stride_on, offs_hi, seq_len, head_dim, (acc_hi / row_sum[:, None]).to(out_dtype))
+    _store_split(_head_rows(O, batch, head, stride_ob, stride_oh), offs_m, stride_on, offs_lo, offs_hi, seq_len,
+                 head_dim, (acc_lo / row_sum[:, None]).to(out_dtype), (acc_hi / row_sum[:, None]).to(out_dtype))
     tl.store(LSE + bh.to(tl.int64) * seq_len + offs_m, row_max + tl.log2(row_sum), mask=offs_m < seq_len)
 
 
@@ -504,6 +534,34 @@ def _bwd_row_dot(
 
 
 @triton.jit
+def _row_terms(lse_row, delta_row, offs_m, seq_len, MASKED: tl.constexpr):
+    """The query rows' LSE and delta (masked past N where the tile may run past it)."""
+    if MASKED:
+        lse = tl.load(lse_row + offs_m, mask=offs_m < seq_len, other=0.0)
+        delta = tl.load(delta_row + offs_m, mask=offs_m < seq_len, other=0.0)
+    else:
+        lse = tl.load(lse_row + offs_m)
+        delta = tl.load(delta_row + offs_m)
+    return lse, delta
+
+
+@triton.jit
+def _dkdv_query_ranges(n_start, prefix, seq_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The query tiles that see the key tile at ``n_start``, as the first one, the end of the diagonal (masked)
+    ones and the end of the whole ones after them (unmasked); the tile past the last whole one is masked too.
+
+    Queries see the tile if it starts inside the prefix (all of them), else those at or after it. Query tile
+    [m, m + BLOCK_M) sees every key of the tile iff the tile lies in the prefix, or m >= n_start + BLOCK_N - 1.
+    """
+    in_prefix = n_start + BLOCK_N <= prefix
+    m_lo = tl.where(n_start < prefix, 0, (n_start // BLOCK_M) * BLOCK_M)
+    full_from = tl.where(in_prefix, 0, tl.cdiv(n_start + BLOCK_N - 1, BLOCK_M) * BLOCK_M)
+    m_floor = (seq_len // BLOCK_M) * BLOCK_M
+    diag_end = tl.maximum(tl.minimum(full_from, m_floor), m_lo)
+    return m_lo, diag_end, m_floor
+
+
+@triton.jit
 def _dkdv_query_tiles(
     dk, dv, k, v, q_src, do_src, dq_dst, dq_out, lse_row, delta_row, stride_qn, stride_don, stride_dqn,
     stride_dq_out_n, batch, head, n_start, offs_n, offs_d, m_lo, m_hi, prefix, seq_len, head_dim, qk_scale, scale,
@@ -526,12 +584,7 @@ def _dkdv_query_tiles(
                        BLOCK_D, USE_TMA)
         do = _read_rows(do_src, batch, head, m_start, stride_don, offs_d, seq_len, head_dim, MASKED, EVEN_D,
                         BLOCK_M, BLOCK_D, USE_TMA)
-        if MASKED:
-            lse = tl.load(lse_row + offs_m, mask=offs_m < seq_len, other=0.0)
-            delta = tl.load(delta_row + offs_m, mask=offs_m < seq_len, other=0.0)
-        else:
-            lse = tl.load(lse_row + offs_m)
-            delta = tl.load(delta_row + offs_m)
+        lse, delta = _row_terms(lse_row, delta_row, offs_m, seq_len, MASKED)
         scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
             # query rows past the end must not add to dK, dV
@@ -592,15 +645,7 @@ def _dkdv_key_tile(
     q_src = _head_source(Q, batch, head, stride_qb, stride_qh, USE_TMA)
     do_src = _head_source(DO, batch, head, stride_dob, stride_doh, USE_TMA)
 
-    # Queries that see this key tile: all of them if it starts inside the prefix, else those at or after it.
-    # Query tile [m, m + BLOCK_M) sees every key of the tile iff the tile lies in the prefix, or
-    # m >= n_start + BLOCK_N - 1; tiles before that are on the diagonal and are masked, and so is the
-    # last query tile when it runs past the sequence.
-    in_prefix = n_start + BLOCK_N <= prefix
-    m_lo = tl.where(n_start < prefix, 0, (n_start // BLOCK_M) * BLOCK_M)
-    full_from = tl.where(in_prefix, 0, tl.cdiv(n_start + BLOCK_N - 1, BLOCK_M) * BLOCK_M)
-    m_floor = (seq_len // BLOCK_M) * BLOCK_M
-    diag_end = tl.maximum(tl.minimum(full_from, m_floor), m_lo)
+    m_lo, diag_end, m_floor = _dkdv_query_ranges(n_start, prefix, seq_len, BLOCK_M, BLOCK_N)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -833,6 +878,169 @@ def _prefix_causal_bwd_dq(
                        DELTA_HERE, USE_TMA)
 
 
+@triton.jit
+def _dkdv_split_d_query_tiles(
+    dk_lo, dk_hi, dv_lo, dv_hi, k_lo, k_hi, v_lo, v_hi, q_rows, do_rows, lse_row, delta_row, stride_qn, stride_don,
+    offs_n, offs_lo, offs_hi, m_lo, m_hi, prefix, seq_len, head_dim, qk_scale,
+    BLOCK_M: tl.constexpr, EVEN_HI: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """:func:`_dkdv_query_tiles` (no dQ) over a split head dim; each column block of dK and dV has its own
+    accumulator."""
+    for m_start in range(m_lo, m_hi, BLOCK_M):
+        offs_m = m_start + tl.arange(0, BLOCK_M)
+        q_lo, q_hi = _load_split(q_rows, offs_m, stride_qn, offs_lo, offs_hi, seq_len, head_dim, MASKED, EVEN_HI)
+        do_lo, do_hi = _load_split(do_rows, offs_m, stride_don, offs_lo, offs_hi, seq_len, head_dim, MASKED,
+                                   EVEN_HI)
+        lse, delta = _row_terms(lse_row, delta_row, offs_m, seq_len, MASKED)
+        scores_t = _split_dot_t(k_lo, k_hi, q_lo, q_hi, DOT_PRECISION) * qk_scale
+        if MASKED:  # query rows past the end must not add to dK, dV
+            visible = _visible(offs_m[None, :], offs_n[:, None], prefix, seq_len) & (offs_m[None, :] < seq_len)
+            scores_t = tl.where(visible, scores_t, float("-inf"))
+        probs_t = tl.exp2(scores_t - lse[None, :])
+        probs_in = probs_t.to(do_lo.dtype)  # the matmul operand; the fp32 probabilities go on into dscores
+        dv_lo += tl.dot(probs_in, do_lo, input_precision=DOT_PRECISION)
+        dv_hi += tl.dot(probs_in, do_hi, input_precision=DOT_PRECISION)
+        dprobs_t = _split_dot_t(v_lo, v_hi, do_lo, do_hi, DOT_PRECISION)
+        dscores_t = (probs_t * (dprobs_t - delta[None, :])).to(q_lo.dtype)
+        dk_lo += tl.dot(dscores_t, q_lo, input_precision=DOT_PRECISION)
+        dk_hi += tl.dot(dscores_t, q_hi, input_precision=DOT_PRECISION)
+    return dk_lo, dk_hi, dv_lo, dv_hi
+
+
+@triton.jit
+def _prefix_causal_bwd_dkdv_split_d(
+    Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, prefix_int,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    num_heads, seq_len, scale, qk_scale, num_n_tiles,
+    PREFIX_IS_TENSOR: tl.constexpr, head_dim: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_LO: tl.constexpr, BLOCK_HI: tl.constexpr, EVEN_HI: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """:func:`_prefix_causal_bwd_dkdv` (pointers, no dQ, no tail tiles) for a head dim of BLOCK_LO + at most
+    BLOCK_HI columns (EVEN_HI: exactly)."""
+    pid = tl.program_id(0)
+    bh = pid // num_n_tiles
+    n_start = (pid % num_n_tiles) * BLOCK_N  # key tile 0 is seen by the most queries: it goes first
+    batch = bh // num_heads
+    head = bh % num_heads
+    prefix = _prefix_of(PREFIX, prefix_int, batch, seq_len, PREFIX_IS_TENSOR)
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    offs_lo = tl.arange(0, BLOCK_LO)
+    offs_hi = BLOCK_LO + tl.arange(0, BLOCK_HI)
+    k_lo, k_hi = _load_split(_head_rows(K, batch, head, stride_kb, stride_kh), offs_n, stride_kn, offs_lo, offs_hi,
+                             seq_len, head_dim, True, EVEN_HI)
+    v_lo, v_hi = _load_split(_head_rows(V, batch, head, stride_vb, stride_vh), offs_n, stride_vn, offs_lo, offs_hi,
+                             seq_len, head_dim, True, EVEN_HI)
+    q_rows = _head_rows(Q, batch, head, stride_qb, stride_qh)
+    do_rows = _head_rows(DO, batch, head, stride_dob, stride_doh)
+    lse_row = LSE + bh.to(tl.int64) * seq_len
+    delta_row = DELTA + bh.to(tl.int64) * seq_len
+    m_lo, diag_end, m_floor = _dkdv_query_ranges(n_start, prefix, seq_len, BLOCK_M, BLOCK_N)
+
+    dk_lo = tl.zeros([BLOCK_N, BLOCK_LO], dtype=tl.float32)
+    dk_hi = tl.zeros([BLOCK_N, BLOCK_HI], dtype=tl.float32)
+    dv_lo = tl.zeros([BLOCK_N, BLOCK_LO], dtype=tl.float32)
+    dv_hi = tl.zeros([BLOCK_N, BLOCK_HI], dtype=tl.float32)
+    # the diagonal tiles (masked), the whole ones, the tile past the sequence end (masked)
+    dk_lo, dk_hi, dv_lo, dv_hi = _dkdv_split_d_query_tiles(
+        dk_lo, dk_hi, dv_lo, dv_hi, k_lo, k_hi, v_lo, v_hi, q_rows, do_rows, lse_row, delta_row, stride_qn,
+        stride_don, offs_n, offs_lo, offs_hi, m_lo, diag_end, prefix, seq_len, head_dim, qk_scale, BLOCK_M, EVEN_HI,
+        True, DOT_PRECISION)
+    dk_lo, dk_hi, dv_lo, dv_hi = _dkdv_split_d_query_tiles(
+        dk_lo, dk_hi, dv_lo, dv_hi, k_lo, k_hi, v_lo, v_hi, q_rows, do_rows, lse_row, delta_row, stride_qn,
+        stride_don, offs_n, offs_lo, offs_hi, diag_end, m_floor, prefix, seq_len, head_dim, qk_scale, BLOCK_M,
+        EVEN_HI, False, DOT_PRECISION)
+    dk_lo, dk_hi, dv_lo, dv_hi = _dkdv_split_d_query_tiles(
+        dk_lo, dk_hi, dv_lo, dv_hi, k_lo, k_hi, v_lo, v_hi, q_rows, do_rows, lse_row, delta_row, stride_qn,
+        stride_don, offs_n, offs_lo, offs_hi, tl.maximum(diag_end, m_floor), seq_len, prefix, seq_len, head_dim,
+        qk_scale, BLOCK_M, EVEN_HI, True, DOT_PRECISION)
+
+    _store_split(_head_rows(DK, batch, head, stride_dkb, stride_dkh), offs_n, stride_dkn, offs_lo, offs_hi, seq_len,
+                 head_dim, (dk_lo * scale).to(DK.dtype.element_ty), (dk_hi * scale).to(DK.dtype.element_ty))
+    _store_split(_head_rows(DV, batch, head, stride_dvb, stride_dvh), offs_n, stride_dvn, offs_lo, offs_hi, seq_len,
+                 head_dim, dv_lo.to(DV.dtype.element_ty), dv_hi.to(DV.dtype.element_ty))
+
+
+@triton.jit
+def _dq_split_d_key_tiles(
+    dq_lo, dq_hi, q_lo, q_hi, do_lo, do_hi, lse, delta, k_rows, v_rows, stride_kn, stride_vn, offs_m, offs_lo,
+    offs_hi, n_lo, n_hi, prefix, seq_len, head_dim, qk_scale,
+    BLOCK_N: tl.constexpr, EVEN_HI: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """:func:`_dq_key_tiles` over a split head dim."""
+    for n_start in range(n_lo, n_hi, BLOCK_N):
+        k_lo, k_hi, scores = _split_key_tile_scores(q_lo, q_hi, k_rows, stride_kn, offs_m, offs_lo, offs_hi,
+                                                    n_start, prefix, seq_len, head_dim, qk_scale, BLOCK_N, EVEN_HI,
+                                                    MASKED, DOT_PRECISION)
+        probs = tl.exp2(scores - lse[:, None])
+        v_lo, v_hi = _load_split(v_rows, n_start + tl.arange(0, BLOCK_N), stride_vn, offs_lo, offs_hi, seq_len,
+                                 head_dim, MASKED, EVEN_HI)
+        dprobs = _split_dot_t(do_lo, do_hi, v_lo, v_hi, DOT_PRECISION)
+        dscores = (probs * (dprobs - delta[:, None])).to(k_lo.dtype)
+        dq_lo += tl.dot(dscores, k_lo, input_precision=DOT_PRECISION)
+        dq_hi += tl.dot(dscores, k_hi, input_precision=DOT_PRECISION)
+    return dq_lo, dq_hi
+
+
+@triton.jit
+def _prefix_causal_bwd_dq_split_d(
+    Q, K, V, O, DO, LSE, DELTA, DQ, PREFIX, prefix_int,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    stride_dob, stride_doh, stride_don,
+    stride_dqb, stride_dqh, stride_dqn,
+    num_heads, seq_len, scale, qk_scale, num_m_tiles,
+    PREFIX_IS_TENSOR: tl.constexpr, head_dim: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_LO: tl.constexpr, BLOCK_HI: tl.constexpr, EVEN_HI: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DELTA_HERE: tl.constexpr,
+):
+    """:func:`_prefix_causal_bwd_dq` (pointers, no tail tiles) for a head dim of BLOCK_LO + at most BLOCK_HI
+    columns (EVEN_HI: exactly); with DELTA_HERE it computes and stores the tile's delta rows too."""
+    pid = tl.program_id(0)
+    bh = pid // num_m_tiles
+    m_start = (num_m_tiles - 1 - pid % num_m_tiles) * BLOCK_M  # the longest rows first
+    batch = bh // num_heads
+    head = bh % num_heads
+    prefix = _prefix_of(PREFIX, prefix_int, batch, seq_len, PREFIX_IS_TENSOR)
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_lo = tl.arange(0, BLOCK_LO)
+    offs_hi = BLOCK_LO + tl.arange(0, BLOCK_HI)
+    q_lo, q_hi = _load_split(_head_rows(Q, batch, head, stride_qb, stride_qh), offs_m, stride_qn, offs_lo, offs_hi,
+                             seq_len, head_dim, True, EVEN_HI)
+    do_lo, do_hi = _load_split(_head_rows(DO, batch, head, stride_dob, stride_doh), offs_m, stride_don, offs_lo,
+                               offs_hi, seq_len, head_dim, True, EVEN_HI)
+    lse = tl.load(LSE + bh.to(tl.int64) * seq_len + offs_m, mask=offs_m < seq_len, other=0.0)
+    if DELTA_HERE:
+        o_lo, o_hi = _load_split(_head_rows(O, batch, head, stride_ob, stride_oh), offs_m, stride_on, offs_lo,
+                                 offs_hi, seq_len, head_dim, True, EVEN_HI)
+        delta = (tl.sum(o_lo.to(tl.float32) * do_lo.to(tl.float32), 1)
+                 + tl.sum(o_hi.to(tl.float32) * do_hi.to(tl.float32), 1))
+        tl.store(DELTA + bh.to(tl.int64) * seq_len + offs_m, delta, mask=offs_m < seq_len)
+    else:
+        delta = tl.load(DELTA + bh.to(tl.int64) * seq_len + offs_m, mask=offs_m < seq_len, other=0.0)
+    k_rows = _head_rows(K, batch, head, stride_kb, stride_kh)
+    v_rows = _head_rows(V, batch, head, stride_vb, stride_vh)
+
+    dq_lo = tl.zeros([BLOCK_M, BLOCK_LO], dtype=tl.float32)
+    dq_hi = tl.zeros([BLOCK_M, BLOCK_HI], dtype=tl.float32)
+    full_end, visible_end = _key_range(m_start, prefix, seq_len, BLOCK_M, BLOCK_N)
+    dq_lo, dq_hi = _dq_split_d_key_tiles(
+        dq_lo, dq_hi, q_lo, q_hi, do_lo, do_hi, lse, delta, k_rows, v_rows, stride_kn, stride_vn, offs_m, offs_lo,
+        offs_hi, 0, full_end, prefix, seq_len, head_dim, qk_scale, BLOCK_N, EVEN_HI, False, DOT_PRECISION)
+    dq_lo, dq_hi = _dq_split_d_key_tiles(
+        dq_lo, dq_hi, q_lo, q_hi, do_lo, do_hi, lse, delta, k_rows, v_rows, stride_kn, stride_vn, offs_m, offs_lo,
+        offs_hi, full_end, visible_end, prefix, seq_len, head_dim, qk_scale, BLOCK_N, EVEN_HI, True, DOT_PRECISION)
+    dq_dtype = DQ.dtype.element_ty
+    _store_split(_head_rows(DQ, batch, head, stride_dqb, stride_dqh), offs_m, stride_dqn, offs_lo, offs_hi, seq_len,
+                 head_dim, (dq_lo * scale).to(dq_dtype), (dq_hi * scale).to(dq_dtype))
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -891,10 +1099,8 @@ def forward(q, k, v, prefix, scale: float, configs: AttentionConfigs | None = No
         launch(_prefix_causal_fwd_split_d, (batch * heads * num_m_tiles,), (q, k, v, out, lse, prefix_ptr), (
             prefix_int, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
             heads, seq_len, scale * LOG2_E, num_m_tiles,
-        ), dict(PREFIX_IS_TENSOR=prefix_is_tensor, head_dim=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                BLOCK_LO=parts[0], BLOCK_HI=parts[1], EVEN_HI=sum(parts) == head_dim,
-                DOT_PRECISION=shapes["DOT_PRECISION"]),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        ), dict(PREFIX_IS_TENSOR=prefix_is_tensor, **_split_args(head_dim, parts, shapes), BLOCK_M=cfg.block_m,
+                BLOCK_N=cfg.block_n), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return out, lse
     num_m_tiles, num_tail_tiles, tail_m = query_tiles(seq_len, cfg)
     tail_operands = ((q, tail_m), (out, tail_m)) if tail_m else ()
@@ -918,6 +1124,12 @@ def head_dim_split(head_dim: int) -> tuple[int, int] | None:
         return None
     hi = max(16, next_power_of_2(head_dim - lo))
     return (lo, hi) if lo + hi < next_power_of_2(head_dim) else None
+
+
+def _split_args(head_dim: int, parts: tuple[int, int], shapes: dict) -> dict:
+    """The head-dim constexprs of the split-head-dim kernels."""
+    return dict(head_dim=head_dim, BLOCK_LO=parts[0], BLOCK_HI=parts[1], EVEN_HI=sum(parts) == head_dim,
+                DOT_PRECISION=shapes["DOT_PRECISION"])
 
 
 def query_tiles(seq_len: int, cfg: TileConfig) -> tuple[int, int, int]:
@@ -967,6 +1179,16 @@ def backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: Tile
     dq_acc = dq_accumulator if atomic else dk  # never written without DQ_ATOMIC
     num_n_tiles = cdiv(seq_len, cfg.block_n)
     shapes = shape_args(head_dim, q.dtype)
+    parts = head_dim_split(head_dim) if cfg.split_d and not atomic else None
+    if parts:
+        launch(_prefix_causal_bwd_dkdv_split_d, (batch * heads * num_n_tiles,), (
+            q, k, v, grad_out, lse, delta, dk, dv, prefix_ptr,
+        ), (
+            prefix_int, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
+            heads, seq_len, scale, scale * LOG2_E, num_n_tiles,
+        ), dict(PREFIX_IS_TENSOR=prefix_is_tensor, **_split_args(head_dim, parts, shapes), BLOCK_M=cfg.block_m,
+                BLOCK_N=cfg.block_n), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return dk, dv
     # the atomic dQ through TMA is added a block_m tile at a time: no tail tiles there
     tail_m = 0 if atomic else query_tiles(seq_len, cfg)[2]
     operands = [(q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n), (grad_out, cfg.block_m), (dk, cfg.block_n),
@@ -1000,8 +1222,19 @@ def backward_dq(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: TileCo
     dq = _empty_bnhd(q) if dq is None else dq
     delta_here = out is not None
     out = out if delta_here else grad_out  # never read without DELTA_HERE
-    num_m_tiles, num_tail_tiles, tail_m = query_tiles(seq_len, cfg)
     shapes = shape_args(head_dim, q.dtype)
+    parts = head_dim_split(head_dim) if cfg.split_d else None
+    if parts:
+        num_m_tiles = cdiv(seq_len, cfg.block_m)
+        launch(_prefix_causal_bwd_dq_split_d, (batch * heads * num_m_tiles,), (
+            q, k, v, out, grad_out, lse, delta, dq, prefix_ptr,
+        ), (
+            prefix_int, *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(grad_out), *_strides(dq),
+            heads, seq_len, scale, scale * LOG2_E, num_m_tiles,
+        ), dict(PREFIX_IS_TENSOR=prefix_is_tensor, **_split_args(head_dim, parts, shapes), BLOCK_M=cfg.block_m,
+                BLOCK_N=cfg.block_n, DELTA_HERE=delta_here), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return dq
+    num_m_tiles, num_tail_tiles, tail_m = query_tiles(seq_len, cfg)
     tail_operands = ((q, tail_m), (grad_out, tail_m), (dq, tail_m)) if tail_m else ()
     (q_, k_, v_, do_, dq_, *tails), use_tma = _operands(cfg, shapes, (q, cfg.block_m), (k, cfg.block_n),
                                                         (v, cfg.block_n), (grad_out, cfg.block_m), (dq, cfg.block_m),

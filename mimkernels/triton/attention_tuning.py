@@ -59,12 +59,16 @@ for _kernel, _extra in (("forward", ("128x32x4x4+tma", "128x32x4x4", "64x64x4x3"
                         ("backward_dq", ("64x32x4x3", "64x32x4x3+tma", "128x32x4x3+tma")),
                         ("backward_dq_delta", ("64x32x4x3", "64x32x4x3+tma"))):
     CANDIDATES[_kernel] += tuple(f"{text}+tail16" for text in _extra)
-# The forward with a head dim that is not a power of 2 in two parts (2026-12-04, twentieth session; not yet
-# measured): D = 80 pads to 128 columns, so 37% of the tile's matmul work and registers were padding; 64 + 16 columns
-# are 80. Run 10's fastest forwards at D = 80 and their neighbours, pointers only. Timed only where D splits
-# (candidates_for): elsewhere they are their base tiles.
-CANDIDATES["forward"] += tuple(f"{text}+splitd" for text in ("128x32x4x4", "64x64x4x3", "64x32x4x4", "128x64x8x3",
-                                                             "128x64x4x3", "64x64x8x3"))
+# A head dim that is not a power of 2 in two column blocks (2026-12-04, twentieth session; not yet measured): D = 80
+# pads to 128 columns, so 37.5% of the tiles' matmul work and registers were padding; 64 + 16 columns are 80. Run
+# 10's fastest tiles at D = 80 and their neighbours, pointers only. Timed only where D splits (candidates_for):
+# elsewhere they are their base tiles.
+for _kernel, _extra in (
+        ("forward", ("128x32x4x4", "64x64x4x3", "64x32x4x4", "128x64x8x3", "128x64x4x3", "64x64x8x3")),
+        ("backward_dkdv", ("32x64x4x3", "64x64x4x2", "64x64x4x3", "32x128x8x3", "64x64x8x2")),
+        ("backward_dq", ("64x32x4x3", "128x32x4x3", "64x64x4x3", "128x64x8x3")),
+        ("backward_dq_delta", ("64x32x4x3", "128x32x4x3", "64x64x4x3"))):
+    CANDIDATES[_kernel] += tuple(f"{text}+splitd" for text in _extra)
 KERNELS = tuple(CANDIDATES)
 TOLERANCE = {2: 2e-2, 4: 1e-4}  # relative error vs the float32 reference above which a trial is wrong
 
