@@ -3,11 +3,11 @@
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python -m benchmarks.sanitizer_cases [GROUP ...]
 
 (benchmarks/gpu_check.sh runs it so, after one run without the sanitizer that fills Triton's compile cache).
-GROUPs (default all, in this order): attention tma_attention tokens patch_embed norms mlp tma_mlp; a run cut short
-can be finished with the groups it did not reach. Without the caching allocator each tensor is its own allocation, so a
-read or write past a tensor's end is outside any allocation and memcheck reports it. The shapes are small
-(memcheck slows kernels down many times) and odd: N not a multiple of any tile, head dims that are padded
-(40, 80), one-token sequences, out-of-range token ids (which must be ignored, never followed).
+GROUPs (default all, in this order): attention tma_attention split_attention tokens patch_embed norms mlp tma_mlp;
+a run cut short can be finished with the groups it did not reach. Without the caching allocator each tensor is its
+own allocation, so a read or write past a tensor's end is outside any allocation and memcheck reports it. The shapes
+are small (memcheck slows kernels down many times) and odd: N not a multiple of any tile, head dims that are padded
+(40, 80) or split (72, 40, 80), one-token sequences, out-of-range token ids (which must be ignored, never followed).
 """
 from __future__ import annotations
 
@@ -78,6 +78,29 @@ def tma_attention_cases(device):
             kernels.backward(grad_out, q, k, v, out, lse, prefix, head_dim ** -0.5, configs)
         kernels.backward(grad_out, q, k, v, out, lse, prefix, head_dim ** -0.5, tma, atomic_dq=True)
         yield f"tma attention {batch}x{heads}x{seq_len}x{head_dim} {str(dtype)[6:]} (forward, four backwards)"
+
+
+def split_attention_cases(device):
+    """The split-head-dim kernels (``+splitd`` configs, which the tuner may put in the table): head dims whose
+    second column block passes D (72, 40) or ends at it (80), packed views, both dQ variants."""
+    from dataclasses import replace
+
+    from mimkernels.triton import attention as kernels
+
+    for (batch, heads, seq_len, head_dim), dtype in (((2, 2, 197, 80), torch.bfloat16),
+                                                      ((2, 3, 49, 40), torch.float16),
+                                                      ((1, 2, 130, 72), torch.bfloat16)):
+        qkv = torch.randn(batch, seq_len, 3, heads, head_dim, device=device, dtype=dtype)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+        base = kernels.configs_for(head_dim, dtype)
+        split = kernels.AttentionConfigs(*(replace(cfg, split_d=True) for cfg in (base.forward, base.backward_dkdv,
+                                                                                   base.backward_dq)))
+        prefix = torch.randint(0, seq_len + 1, (batch,), device=device)
+        out, lse = kernels.forward(q, k, v, prefix, head_dim ** -0.5, split)
+        grad_out = torch.randn_like(out)
+        for configs in (split, replace(split, backward_dq_delta=split.backward_dq)):
+            kernels.backward(grad_out, q, k, v, out, lse, prefix, head_dim ** -0.5, configs)
+        yield f"split attention {batch}x{heads}x{seq_len}x{head_dim} {str(dtype)[6:]} (forward, two backwards)"
 
 
 def token_cases(device):
@@ -179,7 +202,8 @@ def tma_mlp_cases(device):
             mlp.CONFIGS[2] = shipped
 
 
-CASES = {"attention": attention_cases, "tma_attention": tma_attention_cases, "tokens": token_cases,
+CASES = {"attention": attention_cases, "tma_attention": tma_attention_cases,
+         "split_attention": split_attention_cases, "tokens": token_cases,
          "patch_embed": patch_embed_cases, "norms": norm_cases, "mlp": mlp_cases, "tma_mlp": tma_mlp_cases}
 
 

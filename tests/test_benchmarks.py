@@ -283,7 +283,8 @@ def test_sanitizer_cases_run(device, monkeypatch):
     tma_cases = min(3, len(sanitizer_cases.ATTENTION_CASES))
     tma_mlp_cases = 2 * sum(case[-1] != torch.float32 for case in sanitizer_cases.MLP_CASES)  # two tiles each
     expected = (len(sanitizer_cases.ATTENTION_CASES) + tma_cases + 3 + len(token_backends)
-                + len(sanitizer_cases.NORM_CASES) + len(sanitizer_cases.MLP_CASES))
+                + len(sanitizer_cases.NORM_CASES) + len(sanitizer_cases.MLP_CASES) + 3)  # 3 split-head-dim cases
+    assert sum(name.startswith("split attention") for name in names) == 3
     if device == "cpu":  # the interpreter reads descriptors like Hopper: the TMA cases really ran
         assert sum(name.startswith("tma attention") and "not run" not in name for name in names) == tma_cases
         assert sum(name.endswith("+tma") for name in names) == tma_mlp_cases
