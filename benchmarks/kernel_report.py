@@ -109,7 +109,7 @@ def attention_launches(head_dim: int, dtype: torch.dtype, cfgs=None, variant: st
     cfgs = cfgs or kernels.configs_for(head_dim, dtype)
     shape = kernels.shape_args(head_dim, dtype)
     pointers = {name: ty for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "Q_TAIL", "O_TAIL", "DO_TAIL",
-                                      "DQ_TAIL")}
+                                      "DQ_TAIL", "Q_HI", "K_HI", "V_HI", "O_HI", "DO_HI", "DQ_HI", "DK_HI", "DV_HI")}
     pointers.update(LSE="*fp32", DELTA="*fp32", PREFIX="*i64", DQ_ACC="*fp32")
     plan = [(kernels._prefix_causal_fwd, cfgs.forward, {}),
             (kernels._prefix_causal_bwd_dkdv, cfgs.backward_dkdv, {"DQ_ATOMIC": False}),
@@ -141,7 +141,7 @@ def attention_launches(head_dim: int, dtype: torch.dtype, cfgs=None, variant: st
         suffix += f" tail{constexprs['TAIL_M']}" if constexprs.get("TAIL_M") else ""
         suffix += f" split{extra['BLOCK_LO']}+{extra['BLOCK_HI']}" if "BLOCK_LO" in extra else ""
         launches.append(Launch(fn, f"D={head_dim}{variant}{suffix}", f"{cfg.block_m}x{cfg.block_n}", cfg.num_warps,
-                               cfg.num_stages, _tma_operands(pointers, fn, cfg, DTYPES[dtype], shape,
+                               cfg.num_stages, _tma_operands(pointers, fn, cfg, DTYPES[dtype], {**shape, **extra},
                                                              extra.get("DQ_ATOMIC", False)) if cfg.tma
                                else pointers, constexprs))
     if not portable:
@@ -157,7 +157,11 @@ def attention_launches(head_dim: int, dtype: torch.dtype, cfgs=None, variant: st
 TMA_OPERANDS = {"_prefix_causal_fwd": ("Q O", "K V", "Q_TAIL O_TAIL"),
                 "_prefix_causal_bwd_dkdv": ("Q DO", "K V DK DV", "Q_TAIL DO_TAIL"),
                 "_prefix_causal_bwd_dq": ("Q DO DQ", "K V", "Q_TAIL DO_TAIL DQ_TAIL"),
-                "_prefix_causal_bwd_per_head": ("Q DO", "K V DK DV", "")}
+                "_prefix_causal_bwd_per_head": ("Q DO", "K V DK DV", ""),
+                # the split-head-dim kernels: each operand as its first (X) and second (X_HI) column block
+                "_prefix_causal_fwd_split_d": ("Q O Q_HI O_HI", "K V K_HI V_HI", ""),
+                "_prefix_causal_bwd_dkdv_split_d": ("Q DO Q_HI DO_HI", "K V DK DV K_HI V_HI DK_HI DV_HI", ""),
+                "_prefix_causal_bwd_dq_split_d": ("Q DO DQ Q_HI DO_HI DQ_HI", "K V K_HI V_HI", "")}
 
 
 def _tma_operands(pointers: dict, fn, cfg, dtype_name: str, shape: dict, dq_atomic: bool = False) -> dict:
@@ -167,7 +171,10 @@ def _tma_operands(pointers: dict, fn, cfg, dtype_name: str, shape: dict, dq_atom
     tail_rows = cfg.tail_m if cfg.tail_m and not dq_atomic else cfg.block_m
     rows = ({name: cfg.block_m for name in query_tiled.split()} | {name: cfg.block_n for name in key_tiled.split()}
             | {name: tail_rows for name in tails.split()})
-    descriptors = {name: f"tensordesc<{dtype_name}[1,1,{r},{shape['BLOCK_D']}]>" for name, r in rows.items()}
+    def columns(name):  # a split kernel's blocks are BLOCK_LO or BLOCK_HI columns wide
+        return shape.get("BLOCK_HI" if name.endswith("_HI") else "BLOCK_LO", shape["BLOCK_D"])
+
+    descriptors = {name: f"tensordesc<{dtype_name}[1,1,{r},{columns(name)}]>" for name, r in rows.items()}
     if dq_atomic:
         descriptors["DQ_ACC"] = f"tensordesc<fp32[1,1,{cfg.block_m},{shape['BLOCK_D']}]>"
     return pointers | descriptors

@@ -81,8 +81,9 @@ def tma_attention_cases(device):
 
 
 def split_attention_cases(device):
-    """The split-head-dim kernels (``+splitd`` configs, which the tuner may put in the table): head dims whose
-    second column block passes D (72, 40) or ends at it (80), packed views, both dQ variants."""
+    """The split-head-dim kernels (``+splitd`` configs, which the tuner may put in the table), through pointers and
+    TMA descriptors: head dims whose second column block passes D (72, 40) or ends at it (80), packed views, both
+    dQ variants."""
     from dataclasses import replace
 
     from mimkernels.triton import attention as kernels
@@ -96,11 +97,15 @@ def split_attention_cases(device):
         split = kernels.AttentionConfigs(*(replace(cfg, split_d=True) for cfg in (base.forward, base.backward_dkdv,
                                                                                    base.backward_dq)))
         prefix = torch.randint(0, seq_len + 1, (batch,), device=device)
-        out, lse = kernels.forward(q, k, v, prefix, head_dim ** -0.5, split)
-        grad_out = torch.randn_like(out)
-        for configs in (split, replace(split, backward_dq_delta=split.backward_dq)):
-            kernels.backward(grad_out, q, k, v, out, lse, prefix, head_dim ** -0.5, configs)
-        yield f"split attention {batch}x{heads}x{seq_len}x{head_dim} {str(dtype)[6:]} (forward, two backwards)"
+        tma = kernels.AttentionConfigs(*(replace(cfg, tma=True) for cfg in (split.forward, split.backward_dkdv,
+                                                                             split.backward_dq)))
+        for configs in (split, tma) if kernels.tma_usable(q, k, v) else (split,):
+            out, lse = kernels.forward(q, k, v, prefix, head_dim ** -0.5, configs)
+            grad_out = torch.randn_like(out)
+            for backward in (configs, replace(configs, backward_dq_delta=configs.backward_dq)):
+                kernels.backward(grad_out, q, k, v, out, lse, prefix, head_dim ** -0.5, backward)
+        yield (f"split attention {batch}x{heads}x{seq_len}x{head_dim} {str(dtype)[6:]} (forward, two backwards; "
+               "pointers and, where usable, TMA)")
 
 
 def token_cases(device):

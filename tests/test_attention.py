@@ -336,19 +336,25 @@ def with_split_d(configs: AttentionConfigs) -> AttentionConfigs:
                                            for name in SPLIT_KERNELS if getattr(configs, name) is not None})
 
 
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
 @pytest.mark.parametrize("variant", ["default", "delta_in_dq"])
 @pytest.mark.parametrize("layout", ["contiguous", "packed_qkv"])
 @pytest.mark.parametrize("shape, dtype", [((2, 3, 49, 80), torch.float32), ((2, 2, 65, 40), torch.float16),
                                           ((3, 1, 1, 80), torch.float32), ((1, 2, 50, 96), torch.float16),
                                           ((2, 1, 37, 72), torch.float32)], ids=str)
-def test_split_head_dim(shape, dtype, layout, variant):
+def test_split_head_dim(shape, dtype, layout, variant, tma):
     """``+splitd`` (D = 80 as 64 + 16 columns, 40 as 32 + 16, 96 as 64 + 32, 72 as 64 + 16 of which 8 padding) in
-    the forward, dK/dV and dQ kernels (the delta-computing one too): output and every gradient within budget of
-    the float64 reference, per-sample prefixes, strided operands."""
+    the forward, dK/dV and dQ kernels (the delta-computing one too), through pointers and through two TMA
+    descriptors per operand: output and every gradient within budget of the float64 reference, per-sample
+    prefixes, strided operands."""
     assert kernels.head_dim_split(shape[-1]) is not None
     prefix = per_sample_prefix(shape[0], shape[2], seed=shape[2])
     tiles = with_optional_kernels(TAIL_TILES) if variant == "delta_in_dq" else TAIL_TILES
-    assert_within_budget(triton_op(prefix, with_split_d(tiles)), reference_op(prefix), shape, dtype, layout)
+    tiles = with_split_d(with_tma(tiles) if tma else tiles)
+    if tma:
+        q, k, v, _ = make_qkv(shape, dtype, layout)
+        assert kernels.tma_usable(q, k, v)  # so the descriptors are what runs
+    assert_within_budget(triton_op(prefix, tiles), reference_op(prefix), shape, dtype, layout)
 
 
 def test_split_head_dim_runs_the_base_tiles_where_nothing_is_saved():
@@ -381,9 +387,9 @@ def test_split_head_dim_parts():
         16: None, 24: None, 40: (32, 16), 48: (32, 16), 64: None, 72: (64, 16), 80: (64, 16), 96: (64, 32),
         112: None, 128: None, 160: (128, 32), 200: None}
     assert str(TileConfig.parse("64x64x4x3+splitd")) == "64x64x4x3+splitd"
-    for text in ("64x64x4x3+tma+splitd", "64x64x4x3+tail16+splitd"):
-        with pytest.raises(ValueError, match="splitd"):
-            TileConfig.parse(text)
+    assert str(TileConfig.parse("64x64x4x3+tma+splitd")) == "64x64x4x3+tma+splitd"
+    with pytest.raises(ValueError, match="splitd"):
+        TileConfig.parse("64x64x4x3+tail16+splitd")
 
 
 def test_tma_configs_fall_back_to_pointers_where_descriptors_cannot_read():

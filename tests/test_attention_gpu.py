@@ -123,12 +123,14 @@ def test_tail_tiles_compiled(shape, tma):
 
 @pytest.mark.parametrize("variant", ["default", "delta_in_dq"])
 @pytest.mark.parametrize("tiles", [("128x32x4x4", "32x64x4x3", "64x32x4x3"), ("64x64x4x3", "64x64x4x2", "128x32x4x3"),
-                                   ("128x64x8x3", "32x128x8x3", "64x64x4x3")], ids="/".join)
+                                   ("128x64x8x3", "32x128x8x3", "64x64x4x3"),
+                                   ("128x32x4x4+tma", "64x64x4x2+tma", "128x32x4x3+tma")], ids="/".join)
 @pytest.mark.parametrize("shape", [(4, 16, 257, 80), (8, 16, 65, 80), (2, 3, 49, 40)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_split_head_dim_compiled(shape, tiles, variant):
     """``+splitd`` forward, dK/dV and dQ (head dim as two power-of-2 column blocks) compiled, bf16, with tiles among
-    the tuner's candidates: output and gradients within the float64 budget of tests/test_attention.py."""
+    the tuner's candidates (TMA ones run through pointers below sm_90): output and gradients within the float64
+    budget of tests/test_attention.py."""
     forward, dkdv, dq = (kernels.TileConfig.parse(f"{tile}+splitd") for tile in tiles)
     configs = kernels.AttentionConfigs(forward, dkdv, dq, backward_dq_delta=dq if variant == "delta_in_dq" else None)
     prefix = per_sample_prefix(shape[0], shape[2], seed=shape[2])

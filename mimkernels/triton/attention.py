@@ -45,8 +45,8 @@ class TileConfig:
     tail_m: int = 0
     # a head dim that is not a power of 2 as two power-of-2 column blocks (D = 80: 64 + 16 columns, not one
     # 128-column tile of which 48 are padding; head_dim_split), two matmuls per product. Forward, dK/dV and dQ
-    # (with or without delta), pointers only, no tails; elsewhere (a power-of-2 D, the atomic-dQ and per-head
-    # backwards) the config runs as its base tiles.
+    # (with or without delta), through pointers or (+tma) two descriptors per operand, no tails; elsewhere (a
+    # power-of-2 D, the atomic-dQ and per-head backwards) the config runs as its base tiles.
     split_d: bool = False
 
     @classmethod
@@ -68,9 +68,8 @@ class TileConfig:
         cfg = cls(*(int(part) for part in tiles.split("x")), **options)
         if cfg.tail_m and not (16 <= cfg.tail_m < cfg.block_m and cfg.tail_m & (cfg.tail_m - 1) == 0):
             raise ValueError(f"tail rows must be a power of 2 from 16 to below block_m, got {text!r}")
-        if cfg.split_d and (cfg.tma or cfg.tail_m):
-            raise ValueError(f"+splitd reads through pointers in whole query tiles: not with +tma or +tail, got "
-                             f"{text!r}")
+        if cfg.split_d and cfg.tail_m:
+            raise ValueError(f"+splitd runs whole query tiles: not with +tail, got {text!r}")
         return cfg
 
     def __str__(self) -> str:
@@ -404,19 +403,35 @@ def _prefix_causal_fwd(
 
 
 @triton.jit
-def _load_split(rows_ptr, rows, stride_row, offs_lo, offs_hi, n_rows, head_dim, CHECK_ROWS: tl.constexpr,
-                EVEN_HI: tl.constexpr):
-    """The two column blocks of a [rows, D] tile whose head dim is split (:func:`head_dim_split`): ``offs_lo``,
-    all inside D, and ``offs_hi``, masked past D unless EVEN_HI."""
-    lo = _load_tile(rows_ptr, rows, stride_row, offs_lo, n_rows, head_dim, CHECK_ROWS, True)
-    hi = _load_tile(rows_ptr, rows, stride_row, offs_hi, n_rows, head_dim, CHECK_ROWS, EVEN_HI)
+def _read_split(src_lo, src_hi, batch, head, row_start, stride_row, offs_lo, offs_hi, n_rows, head_dim,
+                CHECK_ROWS: tl.constexpr, EVEN_HI: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_LO: tl.constexpr,
+                BLOCK_HI: tl.constexpr, USE_TMA: tl.constexpr):
+    """Rows [row_start, row_start + BLOCK_ROWS) of one head as the two column blocks of a split head dim
+    (:func:`head_dim_split`). With USE_TMA from the descriptors ``src_lo``, ``src_hi`` ([1, 1, BLOCK_ROWS, BLOCK_LO
+    or BLOCK_HI] blocks; TMA fills rows past N and columns past D with zeros), else from the head's first row
+    ``src_lo`` (``offs_lo`` all inside D, ``offs_hi`` masked past D unless EVEN_HI)."""
+    if USE_TMA:
+        lo = src_lo.load([batch, head, row_start, 0]).reshape(BLOCK_ROWS, BLOCK_LO)
+        hi = src_hi.load([batch, head, row_start, BLOCK_LO]).reshape(BLOCK_ROWS, BLOCK_HI)
+    else:
+        rows = row_start + tl.arange(0, BLOCK_ROWS)
+        lo = _load_tile(src_lo, rows, stride_row, offs_lo, n_rows, head_dim, CHECK_ROWS, True)
+        hi = _load_tile(src_lo, rows, stride_row, offs_hi, n_rows, head_dim, CHECK_ROWS, EVEN_HI)
     return lo, hi
 
 
 @triton.jit
-def _store_split(rows_ptr, rows, stride_row, offs_lo, offs_hi, n_rows, head_dim, lo, hi):
-    _store_tile(rows_ptr, rows, stride_row, offs_lo, n_rows, head_dim, lo)
-    _store_tile(rows_ptr, rows, stride_row, offs_hi, n_rows, head_dim, hi)
+def _write_split(dst_lo, dst_hi, batch, head, row_start, stride_row, offs_lo, offs_hi, n_rows, head_dim, lo, hi,
+                 BLOCK_ROWS: tl.constexpr, BLOCK_LO: tl.constexpr, BLOCK_HI: tl.constexpr, USE_TMA: tl.constexpr):
+    """Store the fp32 column blocks ``lo``, ``hi`` in the destination's dtype where :func:`_read_split` reads
+    (TMA drops the rows past N and the columns past D; pointers are masked there)."""
+    if USE_TMA:
+        dst_lo.store([batch, head, row_start, 0], lo.to(dst_lo.dtype).reshape(1, 1, BLOCK_ROWS, BLOCK_LO))
+        dst_hi.store([batch, head, row_start, BLOCK_LO], hi.to(dst_hi.dtype).reshape(1, 1, BLOCK_ROWS, BLOCK_HI))
+    else:
+        rows = row_start + tl.arange(0, BLOCK_ROWS)
+        _store_tile(dst_lo, rows, stride_row, offs_lo, n_rows, head_dim, lo.to(dst_lo.dtype.element_ty))
+        _store_tile(dst_lo, rows, stride_row, offs_hi, n_rows, head_dim, hi.to(dst_lo.dtype.element_ty))
 
 
 @triton.jit
@@ -428,35 +443,38 @@ def _split_dot_t(a_lo, a_hi, b_lo, b_hi, DOT_PRECISION: tl.constexpr):
 
 @triton.jit
 def _split_key_tile_scores(
-    q_lo, q_hi, k_rows, stride_kn, offs_m, offs_lo, offs_hi, n_start, prefix, seq_len, head_dim, qk_scale,
-    BLOCK_N: tl.constexpr, EVEN_HI: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    q_lo, q_hi, k_lo_src, k_hi_src, stride_kn, batch, head, offs_m, offs_lo, offs_hi, n_start, prefix, seq_len,
+    head_dim, qk_scale, BLOCK_N: tl.constexpr, BLOCK_LO: tl.constexpr, BLOCK_HI: tl.constexpr,
+    EVEN_HI: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """:func:`_key_tile_scores` over a split head dim: the key tile's two column blocks and the base-2 scores."""
-    offs_n = n_start + tl.arange(0, BLOCK_N)
-    k_lo, k_hi = _load_split(k_rows, offs_n, stride_kn, offs_lo, offs_hi, seq_len, head_dim, MASKED, EVEN_HI)
+    k_lo, k_hi = _read_split(k_lo_src, k_hi_src, batch, head, n_start, stride_kn, offs_lo, offs_hi, seq_len,
+                             head_dim, MASKED, EVEN_HI, BLOCK_N, BLOCK_LO, BLOCK_HI, USE_TMA)
     scores = _split_dot_t(q_lo, q_hi, k_lo, k_hi, DOT_PRECISION) * qk_scale
     if MASKED:
+        offs_n = n_start + tl.arange(0, BLOCK_N)
         scores = tl.where(_visible(offs_m[:, None], offs_n[None, :], prefix, seq_len), scores, float("-inf"))
     return k_lo, k_hi, scores
 
 
 @triton.jit
 def _fwd_split_d_key_tiles(
-    acc_lo, acc_hi, row_sum, row_max, q_lo, q_hi, k_rows, v_rows, stride_kn, stride_vn, offs_m, offs_lo, offs_hi,
-    n_lo, n_hi, prefix, seq_len, head_dim, qk_scale, BLOCK_N: tl.constexpr, EVEN_HI: tl.constexpr,
-    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    acc_lo, acc_hi, row_sum, row_max, q_lo, q_hi, k_lo_src, k_hi_src, v_lo_src, v_hi_src, stride_kn, stride_vn,
+    batch, head, offs_m, offs_lo, offs_hi, n_lo, n_hi, prefix, seq_len, head_dim, qk_scale, BLOCK_N: tl.constexpr,
+    BLOCK_LO: tl.constexpr, BLOCK_HI: tl.constexpr, EVEN_HI: tl.constexpr, MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """:func:`_fwd_key_tiles` over a split head dim; each column block of the output has its own accumulator."""
     for n_start in range(n_lo, n_hi, BLOCK_N):
-        _, _, scores = _split_key_tile_scores(q_lo, q_hi, k_rows, stride_kn, offs_m, offs_lo, offs_hi, n_start,
-                                              prefix, seq_len, head_dim, qk_scale, BLOCK_N, EVEN_HI, MASKED,
-                                              DOT_PRECISION)
+        _, _, scores = _split_key_tile_scores(q_lo, q_hi, k_lo_src, k_hi_src, stride_kn, batch, head, offs_m,
+                                              offs_lo, offs_hi, n_start, prefix, seq_len, head_dim, qk_scale,
+                                              BLOCK_N, BLOCK_LO, BLOCK_HI, EVEN_HI, MASKED, DOT_PRECISION, USE_TMA)
         new_max = tl.maximum(row_max, tl.max(scores, 1))
         correction = tl.exp2(row_max - new_max)  # finite from the first tile on: every row sees key 0
         probs = tl.exp2(scores - new_max[:, None])
         row_sum = row_sum * correction + tl.sum(probs, 1)
-        v_lo, v_hi = _load_split(v_rows, n_start + tl.arange(0, BLOCK_N), stride_vn, offs_lo, offs_hi, seq_len,
-                                 head_dim, MASKED, EVEN_HI)
+        v_lo, v_hi = _read_split(v_lo_src, v_hi_src, batch, head, n_start, stride_vn, offs_lo, offs_hi, seq_len,
+                                 head_dim, MASKED, EVEN_HI, BLOCK_N, BLOCK_LO, BLOCK_HI, USE_TMA)
         acc_lo = acc_lo * correction[:, None] + tl.dot(probs.to(v_lo.dtype), v_lo, input_precision=DOT_PRECISION)
         acc_hi = acc_hi * correction[:, None] + tl.dot(probs.to(v_hi.dtype), v_hi, input_precision=DOT_PRECISION)
         row_max = new_max
@@ -465,7 +483,7 @@ def _fwd_split_d_key_tiles(
 
 @triton.jit
 def _prefix_causal_fwd_split_d(
-    Q, K, V, O, LSE, PREFIX, prefix_int,
+    Q, K, V, O, Q_HI, K_HI, V_HI, O_HI, LSE, PREFIX, prefix_int,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -473,9 +491,11 @@ def _prefix_causal_fwd_split_d(
     num_heads, seq_len, qk_scale, num_m_tiles,
     PREFIX_IS_TENSOR: tl.constexpr, head_dim: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_LO: tl.constexpr, BLOCK_HI: tl.constexpr, EVEN_HI: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
-    """:func:`_prefix_causal_fwd` (pointers, no tail tiles) for a head dim of BLOCK_LO + at most BLOCK_HI columns
-    (EVEN_HI: exactly)."""
+    """:func:`_prefix_causal_fwd` (no tail tiles) for a head dim of BLOCK_LO + at most BLOCK_HI columns (EVEN_HI:
+    exactly). With USE_TMA, Q, K, V, O are [B, H, N, D] descriptors of BLOCK_LO-column blocks and Q_HI .. O_HI of
+    BLOCK_HI-column ones; else pointers, and the *_HI arguments are never read."""
     pid = tl.program_id(0)
     bh = pid // num_m_tiles
     m_start = (num_m_tiles - 1 - pid % num_m_tiles) * BLOCK_M  # the longest rows first
@@ -485,10 +505,14 @@ def _prefix_causal_fwd_split_d(
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_lo = tl.arange(0, BLOCK_LO)
     offs_hi = BLOCK_LO + tl.arange(0, BLOCK_HI)
-    q_lo, q_hi = _load_split(_head_rows(Q, batch, head, stride_qb, stride_qh), offs_m, stride_qn, offs_lo, offs_hi,
-                             seq_len, head_dim, True, EVEN_HI)
-    k_rows = _head_rows(K, batch, head, stride_kb, stride_kh)
-    v_rows = _head_rows(V, batch, head, stride_vb, stride_vh)
+    q_lo, q_hi = _read_split(_head_source(Q, batch, head, stride_qb, stride_qh, USE_TMA),
+                             _head_source(Q_HI, batch, head, stride_qb, stride_qh, USE_TMA), batch, head, m_start,
+                             stride_qn, offs_lo, offs_hi, seq_len, head_dim, True, EVEN_HI, BLOCK_M, BLOCK_LO,
+                             BLOCK_HI, USE_TMA)
+    k_lo_src = _head_source(K, batch, head, stride_kb, stride_kh, USE_TMA)
+    k_hi_src = _head_source(K_HI, batch, head, stride_kb, stride_kh, USE_TMA)
+    v_lo_src = _head_source(V, batch, head, stride_vb, stride_vh, USE_TMA)
+    v_hi_src = _head_source(V_HI, batch, head, stride_vb, stride_vh, USE_TMA)
 
     acc_lo = tl.zeros([BLOCK_M, BLOCK_LO], dtype=tl.float32)
     acc_hi = tl.zeros([BLOCK_M, BLOCK_HI], dtype=tl.float32)
@@ -496,15 +520,18 @@ def _prefix_causal_fwd_split_d(
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     full_end, visible_end = _key_range(m_start, prefix, seq_len, BLOCK_M, BLOCK_N)
     acc_lo, acc_hi, row_sum, row_max = _fwd_split_d_key_tiles(
-        acc_lo, acc_hi, row_sum, row_max, q_lo, q_hi, k_rows, v_rows, stride_kn, stride_vn, offs_m, offs_lo, offs_hi,
-        0, full_end, prefix, seq_len, head_dim, qk_scale, BLOCK_N, EVEN_HI, False, DOT_PRECISION)
+        acc_lo, acc_hi, row_sum, row_max, q_lo, q_hi, k_lo_src, k_hi_src, v_lo_src, v_hi_src, stride_kn, stride_vn,
+        batch, head, offs_m, offs_lo, offs_hi, 0, full_end, prefix, seq_len, head_dim, qk_scale, BLOCK_N, BLOCK_LO,
+        BLOCK_HI, EVEN_HI, False, DOT_PRECISION, USE_TMA)
     acc_lo, acc_hi, row_sum, row_max = _fwd_split_d_key_tiles(
-        acc_lo, acc_hi, row_sum, row_max, q_lo, q_hi, k_rows, v_rows, stride_kn, stride_vn, offs_m, offs_lo, offs_hi,
-        full_end, visible_end, prefix, seq_len, head_dim, qk_scale, BLOCK_N, EVEN_HI, True, DOT_PRECISION)
+        acc_lo, acc_hi, row_sum, row_max, q_lo, q_hi, k_lo_src, k_hi_src, v_lo_src, v_hi_src, stride_kn, stride_vn,
+        batch, head, offs_m, offs_lo, offs_hi, full_end, visible_end, prefix, seq_len, head_dim, qk_scale, BLOCK_N,
+        BLOCK_LO, BLOCK_HI, EVEN_HI, True, DOT_PRECISION, USE_TMA)
 
-    out_dtype = O.dtype.element_ty
-    _store_split(_head_rows(O, batch, head, stride_ob, stride_oh), offs_m, stride_on, offs_lo, offs_hi, seq_len,
-                 head_dim, (acc_lo / row_sum[:, None]).to(out_dtype), (acc_hi / row_sum[:, None]).to(out_dtype))
+    _write_split(_head_source(O, batch, head, stride_ob, stride_oh, USE_TMA),
+                 _head_source(O_HI, batch, head, stride_ob, stride_oh, USE_TMA), batch, head, m_start, stride_on,
+                 offs_lo, offs_hi, seq_len, head_dim, acc_lo / row_sum[:, None], acc_hi / row_sum[:, None], BLOCK_M,
+                 BLOCK_LO, BLOCK_HI, USE_TMA)
     tl.store(LSE + bh.to(tl.int64) * seq_len + offs_m, row_max + tl.log2(row_sum), mask=offs_m < seq_len)
 
 
@@ -880,17 +907,19 @@ def _prefix_causal_bwd_dq(
 
 @triton.jit
 def _dkdv_split_d_query_tiles(
-    dk_lo, dk_hi, dv_lo, dv_hi, k_lo, k_hi, v_lo, v_hi, q_rows, do_rows, lse_row, delta_row, stride_qn, stride_don,
-    offs_n, offs_lo, offs_hi, m_lo, m_hi, prefix, seq_len, head_dim, qk_scale,
-    BLOCK_M: tl.constexpr, EVEN_HI: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    dk_lo, dk_hi, dv_lo, dv_hi, k_lo, k_hi, v_lo, v_hi, q_lo_src, q_hi_src, do_lo_src, do_hi_src, lse_row,
+    delta_row, stride_qn, stride_don, batch, head, offs_n, offs_lo, offs_hi, m_lo, m_hi, prefix, seq_len, head_dim,
+    qk_scale, BLOCK_M: tl.constexpr, BLOCK_LO: tl.constexpr, BLOCK_HI: tl.constexpr, EVEN_HI: tl.constexpr,
+    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """:func:`_dkdv_query_tiles` (no dQ) over a split head dim; each column block of dK and dV has its own
     accumulator."""
     for m_start in range(m_lo, m_hi, BLOCK_M):
         offs_m = m_start + tl.arange(0, BLOCK_M)
-        q_lo, q_hi = _load_split(q_rows, offs_m, stride_qn, offs_lo, offs_hi, seq_len, head_dim, MASKED, EVEN_HI)
-        do_lo, do_hi = _load_split(do_rows, offs_m, stride_don, offs_lo, offs_hi, seq_len, head_dim, MASKED,
-                                   EVEN_HI)
+        q_lo, q_hi = _read_split(q_lo_src, q_hi_src, batch, head, m_start, stride_qn, offs_lo, offs_hi, seq_len,
+                                 head_dim, MASKED, EVEN_HI, BLOCK_M, BLOCK_LO, BLOCK_HI, USE_TMA)
+        do_lo, do_hi = _read_split(do_lo_src, do_hi_src, batch, head, m_start, stride_don, offs_lo, offs_hi,
+                                   seq_len, head_dim, MASKED, EVEN_HI, BLOCK_M, BLOCK_LO, BLOCK_HI, USE_TMA)
         lse, delta = _row_terms(lse_row, delta_row, offs_m, seq_len, MASKED)
         scores_t = _split_dot_t(k_lo, k_hi, q_lo, q_hi, DOT_PRECISION) * qk_scale
         if MASKED:  # query rows past the end must not add to dK, dV
@@ -909,7 +938,7 @@ def _dkdv_split_d_query_tiles(
 
 @triton.jit
 def _prefix_causal_bwd_dkdv_split_d(
-    Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, prefix_int,
+    Q, K, V, DO, DK, DV, Q_HI, K_HI, V_HI, DO_HI, DK_HI, DV_HI, LSE, DELTA, PREFIX, prefix_int,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -919,9 +948,10 @@ def _prefix_causal_bwd_dkdv_split_d(
     num_heads, seq_len, scale, qk_scale, num_n_tiles,
     PREFIX_IS_TENSOR: tl.constexpr, head_dim: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_LO: tl.constexpr, BLOCK_HI: tl.constexpr, EVEN_HI: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
-    """:func:`_prefix_causal_bwd_dkdv` (pointers, no dQ, no tail tiles) for a head dim of BLOCK_LO + at most
-    BLOCK_HI columns (EVEN_HI: exactly)."""
+    """:func:`_prefix_causal_bwd_dkdv` (no dQ, no tail tiles) for a head dim of BLOCK_LO + at most BLOCK_HI
+    columns (EVEN_HI: exactly); descriptors or pointers as in :func:`_prefix_causal_fwd_split_d`."""
     pid = tl.program_id(0)
     bh = pid // num_n_tiles
     n_start = (pid % num_n_tiles) * BLOCK_N  # key tile 0 is seen by the most queries: it goes first
@@ -931,12 +961,18 @@ def _prefix_causal_bwd_dkdv_split_d(
     offs_n = n_start + tl.arange(0, BLOCK_N)
     offs_lo = tl.arange(0, BLOCK_LO)
     offs_hi = BLOCK_LO + tl.arange(0, BLOCK_HI)
-    k_lo, k_hi = _load_split(_head_rows(K, batch, head, stride_kb, stride_kh), offs_n, stride_kn, offs_lo, offs_hi,
-                             seq_len, head_dim, True, EVEN_HI)
-    v_lo, v_hi = _load_split(_head_rows(V, batch, head, stride_vb, stride_vh), offs_n, stride_vn, offs_lo, offs_hi,
-                             seq_len, head_dim, True, EVEN_HI)
-    q_rows = _head_rows(Q, batch, head, stride_qb, stride_qh)
-    do_rows = _head_rows(DO, batch, head, stride_dob, stride_doh)
+    k_lo, k_hi = _read_split(_head_source(K, batch, head, stride_kb, stride_kh, USE_TMA),
+                             _head_source(K_HI, batch, head, stride_kb, stride_kh, USE_TMA), batch, head, n_start,
+                             stride_kn, offs_lo, offs_hi, seq_len, head_dim, True, EVEN_HI, BLOCK_N, BLOCK_LO,
+                             BLOCK_HI, USE_TMA)
+    v_lo, v_hi = _read_split(_head_source(V, batch, head, stride_vb, stride_vh, USE_TMA),
+                             _head_source(V_HI, batch, head, stride_vb, stride_vh, USE_TMA), batch, head, n_start,
+                             stride_vn, offs_lo, offs_hi, seq_len, head_dim, True, EVEN_HI, BLOCK_N, BLOCK_LO,
+                             BLOCK_HI, USE_TMA)
+    q_lo_src = _head_source(Q, batch, head, stride_qb, stride_qh, USE_TMA)
+    q_hi_src = _head_source(Q_HI, batch, head, stride_qb, stride_qh, USE_TMA)
+    do_lo_src = _head_source(DO, batch, head, stride_dob, stride_doh, USE_TMA)
+    do_hi_src = _head_source(DO_HI, batch, head, stride_dob, stride_doh, USE_TMA)
     lse_row = LSE + bh.to(tl.int64) * seq_len
     delta_row = DELTA + bh.to(tl.int64) * seq_len
     m_lo, diag_end, m_floor = _dkdv_query_ranges(n_start, prefix, seq_len, BLOCK_M, BLOCK_N)
@@ -947,38 +983,44 @@ def _prefix_causal_bwd_dkdv_split_d(
     dv_hi = tl.zeros([BLOCK_N, BLOCK_HI], dtype=tl.float32)
     # the diagonal tiles (masked), the whole ones, the tile past the sequence end (masked)
     dk_lo, dk_hi, dv_lo, dv_hi = _dkdv_split_d_query_tiles(
-        dk_lo, dk_hi, dv_lo, dv_hi, k_lo, k_hi, v_lo, v_hi, q_rows, do_rows, lse_row, delta_row, stride_qn,
-        stride_don, offs_n, offs_lo, offs_hi, m_lo, diag_end, prefix, seq_len, head_dim, qk_scale, BLOCK_M, EVEN_HI,
-        True, DOT_PRECISION)
+        dk_lo, dk_hi, dv_lo, dv_hi, k_lo, k_hi, v_lo, v_hi, q_lo_src, q_hi_src, do_lo_src, do_hi_src, lse_row,
+        delta_row, stride_qn, stride_don, batch, head, offs_n, offs_lo, offs_hi, m_lo, diag_end, prefix, seq_len,
+        head_dim, qk_scale, BLOCK_M, BLOCK_LO, BLOCK_HI, EVEN_HI, True, DOT_PRECISION, USE_TMA)
     dk_lo, dk_hi, dv_lo, dv_hi = _dkdv_split_d_query_tiles(
-        dk_lo, dk_hi, dv_lo, dv_hi, k_lo, k_hi, v_lo, v_hi, q_rows, do_rows, lse_row, delta_row, stride_qn,
-        stride_don, offs_n, offs_lo, offs_hi, diag_end, m_floor, prefix, seq_len, head_dim, qk_scale, BLOCK_M,
-        EVEN_HI, False, DOT_PRECISION)
+        dk_lo, dk_hi, dv_lo, dv_hi, k_lo, k_hi, v_lo, v_hi, q_lo_src, q_hi_src, do_lo_src, do_hi_src, lse_row,
+        delta_row, stride_qn, stride_don, batch, head, offs_n, offs_lo, offs_hi, diag_end, m_floor, prefix, seq_len,
+        head_dim, qk_scale, BLOCK_M, BLOCK_LO, BLOCK_HI, EVEN_HI, False, DOT_PRECISION, USE_TMA)
     dk_lo, dk_hi, dv_lo, dv_hi = _dkdv_split_d_query_tiles(
-        dk_lo, dk_hi, dv_lo, dv_hi, k_lo, k_hi, v_lo, v_hi, q_rows, do_rows, lse_row, delta_row, stride_qn,
-        stride_don, offs_n, offs_lo, offs_hi, tl.maximum(diag_end, m_floor), seq_len, prefix, seq_len, head_dim,
-        qk_scale, BLOCK_M, EVEN_HI, True, DOT_PRECISION)
+        dk_lo, dk_hi, dv_lo, dv_hi, k_lo, k_hi, v_lo, v_hi, q_lo_src, q_hi_src, do_lo_src, do_hi_src, lse_row,
+        delta_row, stride_qn, stride_don, batch, head, offs_n, offs_lo, offs_hi, tl.maximum(diag_end, m_floor),
+        seq_len, prefix, seq_len, head_dim, qk_scale, BLOCK_M, BLOCK_LO, BLOCK_HI, EVEN_HI, True, DOT_PRECISION,
+        USE_TMA)
 
-    _store_split(_head_rows(DK, batch, head, stride_dkb, stride_dkh), offs_n, stride_dkn, offs_lo, offs_hi, seq_len,
-                 head_dim, (dk_lo * scale).to(DK.dtype.element_ty), (dk_hi * scale).to(DK.dtype.element_ty))
-    _store_split(_head_rows(DV, batch, head, stride_dvb, stride_dvh), offs_n, stride_dvn, offs_lo, offs_hi, seq_len,
-                 head_dim, dv_lo.to(DV.dtype.element_ty), dv_hi.to(DV.dtype.element_ty))
+    _write_split(_head_source(DK, batch, head, stride_dkb, stride_dkh, USE_TMA),
+                 _head_source(DK_HI, batch, head, stride_dkb, stride_dkh, USE_TMA), batch, head, n_start, stride_dkn,
+                 offs_lo, offs_hi, seq_len, head_dim, dk_lo * scale, dk_hi * scale, BLOCK_N, BLOCK_LO, BLOCK_HI,
+                 USE_TMA)
+    _write_split(_head_source(DV, batch, head, stride_dvb, stride_dvh, USE_TMA),
+                 _head_source(DV_HI, batch, head, stride_dvb, stride_dvh, USE_TMA), batch, head, n_start, stride_dvn,
+                 offs_lo, offs_hi, seq_len, head_dim, dv_lo, dv_hi, BLOCK_N, BLOCK_LO, BLOCK_HI, USE_TMA)
 
 
 @triton.jit
 def _dq_split_d_key_tiles(
-    dq_lo, dq_hi, q_lo, q_hi, do_lo, do_hi, lse, delta, k_rows, v_rows, stride_kn, stride_vn, offs_m, offs_lo,
-    offs_hi, n_lo, n_hi, prefix, seq_len, head_dim, qk_scale,
-    BLOCK_N: tl.constexpr, EVEN_HI: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    dq_lo, dq_hi, q_lo, q_hi, do_lo, do_hi, lse, delta, k_lo_src, k_hi_src, v_lo_src, v_hi_src, stride_kn,
+    stride_vn, batch, head, offs_m, offs_lo, offs_hi, n_lo, n_hi, prefix, seq_len, head_dim, qk_scale,
+    BLOCK_N: tl.constexpr, BLOCK_LO: tl.constexpr, BLOCK_HI: tl.constexpr, EVEN_HI: tl.constexpr,
+    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """:func:`_dq_key_tiles` over a split head dim."""
     for n_start in range(n_lo, n_hi, BLOCK_N):
-        k_lo, k_hi, scores = _split_key_tile_scores(q_lo, q_hi, k_rows, stride_kn, offs_m, offs_lo, offs_hi,
-                                                    n_start, prefix, seq_len, head_dim, qk_scale, BLOCK_N, EVEN_HI,
-                                                    MASKED, DOT_PRECISION)
+        k_lo, k_hi, scores = _split_key_tile_scores(q_lo, q_hi, k_lo_src, k_hi_src, stride_kn, batch, head, offs_m,
+                                                    offs_lo, offs_hi, n_start, prefix, seq_len, head_dim, qk_scale,
+                                                    BLOCK_N, BLOCK_LO, BLOCK_HI, EVEN_HI, MASKED, DOT_PRECISION,
+                                                    USE_TMA)
         probs = tl.exp2(scores - lse[:, None])
-        v_lo, v_hi = _load_split(v_rows, n_start + tl.arange(0, BLOCK_N), stride_vn, offs_lo, offs_hi, seq_len,
-                                 head_dim, MASKED, EVEN_HI)
+        v_lo, v_hi = _read_split(v_lo_src, v_hi_src, batch, head, n_start, stride_vn, offs_lo, offs_hi, seq_len,
+                                 head_dim, MASKED, EVEN_HI, BLOCK_N, BLOCK_LO, BLOCK_HI, USE_TMA)
         dprobs = _split_dot_t(do_lo, do_hi, v_lo, v_hi, DOT_PRECISION)
         dscores = (probs * (dprobs - delta[:, None])).to(k_lo.dtype)
         dq_lo += tl.dot(dscores, k_lo, input_precision=DOT_PRECISION)
@@ -988,7 +1030,7 @@ def _dq_split_d_key_tiles(
 
 @triton.jit
 def _prefix_causal_bwd_dq_split_d(
-    Q, K, V, O, DO, LSE, DELTA, DQ, PREFIX, prefix_int,
+    Q, K, V, DO, DQ, Q_HI, K_HI, V_HI, DO_HI, DQ_HI, O, LSE, DELTA, PREFIX, prefix_int,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -998,10 +1040,11 @@ def _prefix_causal_bwd_dq_split_d(
     num_heads, seq_len, scale, qk_scale, num_m_tiles,
     PREFIX_IS_TENSOR: tl.constexpr, head_dim: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_LO: tl.constexpr, BLOCK_HI: tl.constexpr, EVEN_HI: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DELTA_HERE: tl.constexpr,
+    DELTA_HERE: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    """:func:`_prefix_causal_bwd_dq` (pointers, no tail tiles) for a head dim of BLOCK_LO + at most BLOCK_HI
-    columns (EVEN_HI: exactly); with DELTA_HERE it computes and stores the tile's delta rows too."""
+    """:func:`_prefix_causal_bwd_dq` (no tail tiles) for a head dim of BLOCK_LO + at most BLOCK_HI columns
+    (EVEN_HI: exactly); with DELTA_HERE it computes and stores the tile's delta rows too (O stays a pointer).
+    Descriptors or pointers as in :func:`_prefix_causal_fwd_split_d`."""
     pid = tl.program_id(0)
     bh = pid // num_m_tiles
     m_start = (num_m_tiles - 1 - pid % num_m_tiles) * BLOCK_M  # the longest rows first
@@ -1011,34 +1054,44 @@ def _prefix_causal_bwd_dq_split_d(
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_lo = tl.arange(0, BLOCK_LO)
     offs_hi = BLOCK_LO + tl.arange(0, BLOCK_HI)
-    q_lo, q_hi = _load_split(_head_rows(Q, batch, head, stride_qb, stride_qh), offs_m, stride_qn, offs_lo, offs_hi,
-                             seq_len, head_dim, True, EVEN_HI)
-    do_lo, do_hi = _load_split(_head_rows(DO, batch, head, stride_dob, stride_doh), offs_m, stride_don, offs_lo,
-                               offs_hi, seq_len, head_dim, True, EVEN_HI)
+    q_lo, q_hi = _read_split(_head_source(Q, batch, head, stride_qb, stride_qh, USE_TMA),
+                             _head_source(Q_HI, batch, head, stride_qb, stride_qh, USE_TMA), batch, head, m_start,
+                             stride_qn, offs_lo, offs_hi, seq_len, head_dim, True, EVEN_HI, BLOCK_M, BLOCK_LO,
+                             BLOCK_HI, USE_TMA)
+    do_lo, do_hi = _read_split(_head_source(DO, batch, head, stride_dob, stride_doh, USE_TMA),
+                               _head_source(DO_HI, batch, head, stride_dob, stride_doh, USE_TMA), batch, head,
+                               m_start, stride_don, offs_lo, offs_hi, seq_len, head_dim, True, EVEN_HI, BLOCK_M,
+                               BLOCK_LO, BLOCK_HI, USE_TMA)
     lse = tl.load(LSE + bh.to(tl.int64) * seq_len + offs_m, mask=offs_m < seq_len, other=0.0)
     if DELTA_HERE:
-        o_lo, o_hi = _load_split(_head_rows(O, batch, head, stride_ob, stride_oh), offs_m, stride_on, offs_lo,
-                                 offs_hi, seq_len, head_dim, True, EVEN_HI)
+        o_lo, o_hi = _read_split(_head_rows(O, batch, head, stride_ob, stride_oh), O, batch, head, m_start,
+                                 stride_on, offs_lo, offs_hi, seq_len, head_dim, True, EVEN_HI, BLOCK_M, BLOCK_LO,
+                                 BLOCK_HI, False)
         delta = (tl.sum(o_lo.to(tl.float32) * do_lo.to(tl.float32), 1)
                  + tl.sum(o_hi.to(tl.float32) * do_hi.to(tl.float32), 1))
         tl.store(DELTA + bh.to(tl.int64) * seq_len + offs_m, delta, mask=offs_m < seq_len)
     else:
         delta = tl.load(DELTA + bh.to(tl.int64) * seq_len + offs_m, mask=offs_m < seq_len, other=0.0)
-    k_rows = _head_rows(K, batch, head, stride_kb, stride_kh)
-    v_rows = _head_rows(V, batch, head, stride_vb, stride_vh)
+    k_lo_src = _head_source(K, batch, head, stride_kb, stride_kh, USE_TMA)
+    k_hi_src = _head_source(K_HI, batch, head, stride_kb, stride_kh, USE_TMA)
+    v_lo_src = _head_source(V, batch, head, stride_vb, stride_vh, USE_TMA)
+    v_hi_src = _head_source(V_HI, batch, head, stride_vb, stride_vh, USE_TMA)
 
     dq_lo = tl.zeros([BLOCK_M, BLOCK_LO], dtype=tl.float32)
     dq_hi = tl.zeros([BLOCK_M, BLOCK_HI], dtype=tl.float32)
     full_end, visible_end = _key_range(m_start, prefix, seq_len, BLOCK_M, BLOCK_N)
     dq_lo, dq_hi = _dq_split_d_key_tiles(
-        dq_lo, dq_hi, q_lo, q_hi, do_lo, do_hi, lse, delta, k_rows, v_rows, stride_kn, stride_vn, offs_m, offs_lo,
-        offs_hi, 0, full_end, prefix, seq_len, head_dim, qk_scale, BLOCK_N, EVEN_HI, False, DOT_PRECISION)
+        dq_lo, dq_hi, q_lo, q_hi, do_lo, do_hi, lse, delta, k_lo_src, k_hi_src, v_lo_src, v_hi_src, stride_kn,
+        stride_vn, batch, head, offs_m, offs_lo, offs_hi, 0, full_end, prefix, seq_len, head_dim, qk_scale, BLOCK_N,
+        BLOCK_LO, BLOCK_HI, EVEN_HI, False, DOT_PRECISION, USE_TMA)
     dq_lo, dq_hi = _dq_split_d_key_tiles(
-        dq_lo, dq_hi, q_lo, q_hi, do_lo, do_hi, lse, delta, k_rows, v_rows, stride_kn, stride_vn, offs_m, offs_lo,
-        offs_hi, full_end, visible_end, prefix, seq_len, head_dim, qk_scale, BLOCK_N, EVEN_HI, True, DOT_PRECISION)
-    dq_dtype = DQ.dtype.element_ty
-    _store_split(_head_rows(DQ, batch, head, stride_dqb, stride_dqh), offs_m, stride_dqn, offs_lo, offs_hi, seq_len,
-                 head_dim, (dq_lo * scale).to(dq_dtype), (dq_hi * scale).to(dq_dtype))
+        dq_lo, dq_hi, q_lo, q_hi, do_lo, do_hi, lse, delta, k_lo_src, k_hi_src, v_lo_src, v_hi_src, stride_kn,
+        stride_vn, batch, head, offs_m, offs_lo, offs_hi, full_end, visible_end, prefix, seq_len, head_dim, qk_scale,
+        BLOCK_N, BLOCK_LO, BLOCK_HI, EVEN_HI, True, DOT_PRECISION, USE_TMA)
+    _write_split(_head_source(DQ, batch, head, stride_dqb, stride_dqh, USE_TMA),
+                 _head_source(DQ_HI, batch, head, stride_dqb, stride_dqh, USE_TMA), batch, head, m_start, stride_dqn,
+                 offs_lo, offs_hi, seq_len, head_dim, dq_lo * scale, dq_hi * scale, BLOCK_M, BLOCK_LO, BLOCK_HI,
+                 USE_TMA)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -1096,11 +1149,13 @@ def forward(q, k, v, prefix, scale: float, configs: AttentionConfigs | None = No
     parts = head_dim_split(head_dim) if cfg.split_d else None
     if parts:
         num_m_tiles = cdiv(seq_len, cfg.block_m)
-        launch(_prefix_causal_fwd_split_d, (batch * heads * num_m_tiles,), (q, k, v, out, lse, prefix_ptr), (
+        lo, hi, use_tma = _split_operands(cfg, parts, (q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n),
+                                          (out, cfg.block_m))
+        launch(_prefix_causal_fwd_split_d, (batch * heads * num_m_tiles,), (*lo, *hi, lse, prefix_ptr), (
             prefix_int, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
             heads, seq_len, scale * LOG2_E, num_m_tiles,
         ), dict(PREFIX_IS_TENSOR=prefix_is_tensor, **_split_args(head_dim, parts, shapes), BLOCK_M=cfg.block_m,
-                BLOCK_N=cfg.block_n), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                BLOCK_N=cfg.block_n, USE_TMA=use_tma), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return out, lse
     num_m_tiles, num_tail_tiles, tail_m = query_tiles(seq_len, cfg)
     tail_operands = ((q, tail_m), (out, tail_m)) if tail_m else ()
@@ -1124,6 +1179,17 @@ def head_dim_split(head_dim: int) -> tuple[int, int] | None:
         return None
     hi = max(16, next_power_of_2(head_dim - lo))
     return (lo, hi) if lo + hi < next_power_of_2(head_dim) else None
+
+
+def _split_operands(cfg: TileConfig, parts: tuple[int, int], *tensors_and_rows) -> tuple[tuple, tuple, bool]:
+    """:func:`_operands` for the split-head-dim kernels: each tensor twice, as descriptors of its first ``parts[0]``
+    and its next ``parts[1]`` columns (blocks [1, 1, rows, part]) for a ``+tma`` config that :func:`tma_usable`
+    allows, else as itself (the second never read); and whether they are descriptors."""
+    tensors = tuple(t for t, _ in tensors_and_rows)
+    if not (cfg.tma and tma_usable(*tensors)):
+        return tensors, tensors, False
+    return tuple(tuple(tensor_descriptor(t, [1, 1, rows, part]) for t, rows in tensors_and_rows)
+                 for part in parts) + (True,)
 
 
 def _split_args(head_dim: int, parts: tuple[int, int], shapes: dict) -> dict:
@@ -1181,13 +1247,13 @@ def backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: Tile
     shapes = shape_args(head_dim, q.dtype)
     parts = head_dim_split(head_dim) if cfg.split_d and not atomic else None
     if parts:
-        launch(_prefix_causal_bwd_dkdv_split_d, (batch * heads * num_n_tiles,), (
-            q, k, v, grad_out, lse, delta, dk, dv, prefix_ptr,
-        ), (
+        lo, hi, use_tma = _split_operands(cfg, parts, (q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n),
+                                          (grad_out, cfg.block_m), (dk, cfg.block_n), (dv, cfg.block_n))
+        launch(_prefix_causal_bwd_dkdv_split_d, (batch * heads * num_n_tiles,), (*lo, *hi, lse, delta, prefix_ptr), (
             prefix_int, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
             heads, seq_len, scale, scale * LOG2_E, num_n_tiles,
         ), dict(PREFIX_IS_TENSOR=prefix_is_tensor, **_split_args(head_dim, parts, shapes), BLOCK_M=cfg.block_m,
-                BLOCK_N=cfg.block_n), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                BLOCK_N=cfg.block_n, USE_TMA=use_tma), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return dk, dv
     # the atomic dQ through TMA is added a block_m tile at a time: no tail tiles there
     tail_m = 0 if atomic else query_tiles(seq_len, cfg)[2]
@@ -1226,13 +1292,16 @@ def backward_dq(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: TileCo
     parts = head_dim_split(head_dim) if cfg.split_d else None
     if parts:
         num_m_tiles = cdiv(seq_len, cfg.block_m)
+        lo, hi, use_tma = _split_operands(cfg, parts, (q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n),
+                                          (grad_out, cfg.block_m), (dq, cfg.block_m))
         launch(_prefix_causal_bwd_dq_split_d, (batch * heads * num_m_tiles,), (
-            q, k, v, out, grad_out, lse, delta, dq, prefix_ptr,
+            *lo, *hi, out, lse, delta, prefix_ptr,
         ), (
             prefix_int, *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(grad_out), *_strides(dq),
             heads, seq_len, scale, scale * LOG2_E, num_m_tiles,
         ), dict(PREFIX_IS_TENSOR=prefix_is_tensor, **_split_args(head_dim, parts, shapes), BLOCK_M=cfg.block_m,
-                BLOCK_N=cfg.block_n, DELTA_HERE=delta_here), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                BLOCK_N=cfg.block_n, DELTA_HERE=delta_here, USE_TMA=use_tma), num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages)
         return dq
     num_m_tiles, num_tail_tiles, tail_m = query_tiles(seq_len, cfg)
     tail_operands = ((q, tail_m), (grad_out, tail_m), (dq, tail_m)) if tail_m else ()

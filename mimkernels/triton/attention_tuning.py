@@ -67,7 +67,10 @@ for _kernel, _extra in (
         ("forward", ("128x32x4x4", "64x64x4x3", "64x32x4x4", "128x64x8x3", "128x64x4x3", "64x64x8x3")),
         ("backward_dkdv", ("32x64x4x3", "64x64x4x2", "64x64x4x3", "32x128x8x3", "64x64x8x2")),
         ("backward_dq", ("64x32x4x3", "128x32x4x3", "64x64x4x3", "128x64x8x3")),
-        ("backward_dq_delta", ("64x32x4x3", "128x32x4x3", "64x64x4x3"))):
+        ("backward_dq_delta", ("64x32x4x3", "128x32x4x3", "64x64x4x3")),
+        # and through TMA (two descriptors per operand), as run 10's D = 80 winners read
+        ("forward", ("128x32x4x4+tma", "64x64x4x3+tma")), ("backward_dkdv", ("64x64x4x2+tma", "32x64x4x3+tma")),
+        ("backward_dq", ("128x32x4x3+tma", "64x32x4x3+tma")), ("backward_dq_delta", ("64x32x4x3+tma",))):
     CANDIDATES[_kernel] += tuple(f"{text}+splitd" for text in _extra)
 KERNELS = tuple(CANDIDATES)
 TOLERANCE = {2: 2e-2, 4: 1e-4}  # relative error vs the float32 reference above which a trial is wrong
