@@ -61,7 +61,7 @@ for _kernel, _extra in (("forward", ("128x32x4x4+tma", "128x32x4x4", "64x64x4x3"
     CANDIDATES[_kernel] += tuple(f"{text}+tail16" for text in _extra)
 # A head dim that is not a power of 2 in two column blocks (2026-12-04, twentieth session; not yet measured): D = 80
 # pads to 128 columns, so 37.5% of the tiles' matmul work and registers were padding; 64 + 16 columns are 80. Run
-# 10's fastest tiles at D = 80 and their neighbours, pointers only. Timed only where D splits (candidates_for):
+# 10's fastest tiles at D = 80 and their neighbours. Timed only where D splits (candidates_for):
 # elsewhere they are their base tiles.
 for _kernel, _extra in (
         ("forward", ("128x32x4x4", "64x64x4x3", "64x32x4x4", "128x64x8x3", "128x64x4x3", "64x64x8x3")),
