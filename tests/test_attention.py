@@ -316,16 +316,6 @@ def test_tail_tiles(shape, dtype, variant, tma):
         torch.testing.assert_close(g, w, rtol=1e-5 if dtype == torch.float32 else 2e-3, atol=1e-5)
 
 
-def test_tail_tiles_are_ignored_where_a_kernel_takes_none():
-    """The atomic-dQ and per-head backwards take no tail tiles: a tail config there runs its base tiles."""
-    shape, prefix = (2, 2, 49, 32), per_sample_prefix(2, 49, seed=5)
-    tails = with_tails(TAIL_TILES)
-    for configs, deterministic in ((dataclasses.replace(tails, backward_atomic=tails.backward_dkdv), False),
-                                   (dataclasses.replace(tails, backward_per_head=tails.backward_dkdv), True)):
-        assert_within_budget(triton_op(prefix, configs, deterministic=deterministic), reference_op(prefix), shape,
-                             torch.float32)
-
-
 SPLIT_KERNELS = ("forward", "backward_dkdv", "backward_dq", "backward_dq_delta", "backward_atomic", "backward_per_head")
 
 
@@ -372,12 +362,14 @@ def test_split_head_dim_runs_the_base_tiles_where_nothing_is_saved():
                 assert torch.equal(g, w)
 
 
-def test_split_head_dim_is_ignored_where_a_kernel_takes_none():
-    """The atomic-dQ and per-head backwards have no split kernels: a split config there runs its base tiles."""
-    shape, prefix = (2, 2, 49, 80), per_sample_prefix(2, 49, seed=7)
-    split = with_split_d(TAIL_TILES)
-    for configs, deterministic in ((dataclasses.replace(split, backward_atomic=split.backward_dkdv), False),
-                                   (dataclasses.replace(split, backward_per_head=split.backward_dkdv), True)):
+@pytest.mark.parametrize("flag, head_dim, seed", [("tail", 32, 5), ("split_d", 80, 7)])
+def test_tile_flags_are_ignored_where_a_kernel_takes_none(flag, head_dim, seed):
+    """The atomic-dQ and per-head backwards have no tail-tile or split-head-dim variants: such a config there runs
+    its base tiles."""
+    shape, prefix = (2, 2, 49, head_dim), per_sample_prefix(2, 49, seed=seed)
+    flagged = with_tails(TAIL_TILES) if flag == "tail" else with_split_d(TAIL_TILES)
+    for configs, deterministic in ((dataclasses.replace(flagged, backward_atomic=flagged.backward_dkdv), False),
+                                   (dataclasses.replace(flagged, backward_per_head=flagged.backward_dkdv), True)):
         assert_within_budget(triton_op(prefix, configs, deterministic=deterministic), reference_op(prefix), shape,
                              torch.float32)
 

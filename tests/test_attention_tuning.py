@@ -193,16 +193,23 @@ def test_table_file_round_trip():
     assert "GENERATED" in namespace["__doc__"]
 
 
+def write_tune_csv(path, rows) -> None:
+    """A tune_attention.csv at ``path`` with (shape, key text, kernel, config, ms, note) rows, one H200 run's
+    provenance on each."""
+    meta = "NVIDIA H200,2.11.0,3.6.0,abc1234,2026-11-27"
+    path.write_text("\n".join([",".join(tune_attention.CSV_FIELDS)] + [
+        f"{shape},\"{key}\",{kernel},{config},{ms},1e-3,{note},{meta}" for shape, key, kernel, config, ms, note
+        in rows]) + "\n")
+
+
 def test_table_rebuilt_from_a_raw_csv(tmp_path):
     """--from-csv: the fastest correct config per kernel; a failed or wrong trial never wins; no GPU needed."""
     path = tmp_path / "tune_attention.csv"
-    meta = "NVIDIA H200,2.11.0,3.6.0,abc1234,2026-11-27"
-    path.write_text("\n".join([",".join(tune_attention.CSV_FIELDS)] + [
-        f"aim_600m,\"(90, 2, 128, 384)\",{kernel},{config},{ms},1e-3,{note},{meta}" for kernel, config, ms, note in [
-            ("forward", "64x64x4x3", "0.10", ""), ("forward", "128x32x4x4", "", "wrong: relative error 1"),
-            ("backward_dkdv", "64x64x4x2", "0.17", ""), ("backward_dkdv", "32x64x4x3", "0.20", ""),
-            ("backward_dq", "64x32x4x3", "0.11", ""), ("backward_atomic", "64x128x8x3", "0.32", ""),
-            ("backward_per_head", "32x128x8x3", "0.27", "")]]) + "\n")
+    write_tune_csv(path, [("aim_600m", "(90, 2, 128, 384)", *row) for row in [
+        ("forward", "64x64x4x3", "0.10", ""), ("forward", "128x32x4x4", "", "wrong: relative error 1"),
+        ("backward_dkdv", "64x64x4x2", "0.17", ""), ("backward_dkdv", "32x64x4x3", "0.20", ""),
+        ("backward_dq", "64x32x4x3", "0.11", ""), ("backward_atomic", "64x128x8x3", "0.32", ""),
+        ("backward_per_head", "32x128x8x3", "0.27", "")]])
     [(key, line, value, source, recorded)] = tune_attention.entries_from_csv(str(path))
     # measured under the classes of its day (N 256 in the class up to 384), keyed by today's (up to 256)
     assert recorded == (90, 2, 128, 384) and key == (90, 2, 128, 256)
@@ -214,10 +221,8 @@ def test_table_rebuilt_from_a_raw_csv(tmp_path):
 def test_rebuilding_moves_an_entry_to_its_current_class(tmp_path, monkeypatch):
     """--from-csv --write-table: the shape's entry under its old key goes, other shapes' entries stay."""
     path = tmp_path / "tune_attention.csv"
-    meta = "NVIDIA H200,2.11.0,3.6.0,abc1234,2026-11-27"
-    path.write_text("\n".join([",".join(tune_attention.CSV_FIELDS)] + [
-        f"aim_600m,\"(90, 2, 128, 384)\",{kernel},{config},0.1,1e-3,,{meta}" for kernel, config in [
-            ("forward", "64x64x4x3"), ("backward_dkdv", "64x64x4x2"), ("backward_dq", "64x32x4x3")]]) + "\n")
+    write_tune_csv(path, [("aim_600m", "(90, 2, 128, 384)", kernel, config, "0.1", "") for kernel, config in [
+        ("forward", "64x64x4x3"), ("backward_dkdv", "64x64x4x2"), ("backward_dq", "64x32x4x3")]])
     old = ("128x32x4x4", "32x128x8x3", "64x32x4x3")
     monkeypatch.setattr(tune_attention.attention_tiles, "MEASURED", {(90, 2, 128, 384): old, (90, 2, 64, 384): old})
     monkeypatch.setattr(tune_attention.attention_tiles, "PROVENANCE", {
@@ -232,13 +237,11 @@ def test_rebuilding_moves_an_entry_to_its_current_class(tmp_path, monkeypatch):
 def test_compare_with_an_older_table_prices_both_picks_by_the_csv(tmp_path, capsys):
     """--compare-with: per shape, the CSV's times of each table's kernels along the backward path it runs."""
     path = tmp_path / "tune_attention.csv"
-    meta = "NVIDIA H200,2.11.0,3.6.0,abc1234,2026-11-27"
-    path.write_text("\n".join([",".join(tune_attention.CSV_FIELDS)] + [
-        f"{shape},\"(90, 2, 128, 256)\",{kernel},{config},{ms},1e-3,,{meta}" for shape, kernel, config, ms in [
-            ("aim_600m", "forward", "64x64x4x3", "0.10"), ("aim_600m", "forward", "128x32x4x4", "0.08"),
-            ("aim_600m", "backward_row_dot", "16x0x4x3", "0.03"), ("aim_600m", "backward_dkdv", "64x64x4x2", "0.17"),
-            ("aim_600m", "backward_dq", "64x32x4x3", "0.11"), ("aim_600m", "backward_dq_delta", "64x32x4x3", "0.12"),
-            ("vit_b", "forward", "64x64x4x3", "0.2")]]) + "\n")
+    write_tune_csv(path, [(shape, "(90, 2, 128, 256)", kernel, config, ms, "") for shape, kernel, config, ms in [
+        ("aim_600m", "forward", "64x64x4x3", "0.10"), ("aim_600m", "forward", "128x32x4x4", "0.08"),
+        ("aim_600m", "backward_row_dot", "16x0x4x3", "0.03"), ("aim_600m", "backward_dkdv", "64x64x4x2", "0.17"),
+        ("aim_600m", "backward_dq", "64x32x4x3", "0.11"), ("aim_600m", "backward_dq_delta", "64x32x4x3", "0.12"),
+        ("vit_b", "forward", "64x64x4x3", "0.2")]])
     old = {(90, 2, 128, 256): ("64x64x4x3", "64x64x4x2", "64x32x4x3")}  # row dot + dK/dV + dQ: 0.31 ms
     new = {(90, 2, 128, 256): ("128x32x4x4", "64x64x4x2", "64x32x4x3", None, "64x32x4x3", None)}  # 0.29 ms
     header, aim, vit_b = tune_attention.compare_lines(str(path), old, new)
