@@ -49,9 +49,7 @@ SHAPES = {
     # MAE ViT-H/14's encoder: 64 of 256 patches kept, plus the cls token; D = 1280 / 16 = 80 (padded to 128 in a tile)
     "mae_h_encoder": (256, 16, 65, 80, "full"),
 }
-# fwd_bwd_graph: the same fwd+bwd as fwd_bwd, timed as GPU time in a replayed CUDA graph (no host time between
-# kernels): per call (fwd_bwd) a short kernel sequence is timed by its host work; inside a training step whose
-# host runs ahead of the GPU it costs its GPU time. Both are reported; neither replaces the other.
+# fwd_bwd_graph: the same fwd+bwd as fwd_bwd, timed as GPU time in a replayed CUDA graph (common.graphed)
 MODES = ("fwd", "bwd", "fwd_bwd", "fwd_bwd_graph")
 FLOPS_PER_PAIR_AND_DIM = {"fwd": 4, "bwd": 10, "fwd_bwd": 14, "fwd_bwd_graph": 14}  # 2 matmuls forward, 5 backward
 TENSORS_MOVED = {"fwd": 4, "bwd": 8, "fwd_bwd": 12, "fwd_bwd_graph": 12}  # q k v o | q k v o dO dq dk dv | both
@@ -144,7 +142,7 @@ def _timed(fn, mode, q, k, v, grad_out, quick):
     if mode == "bwd":
         out = fn()
         return common.time_ms(lambda: torch.autograd.grad(out, (q, k, v), grad_out, retain_graph=True), **timing)
-    return common.time_ms(lambda: torch.autograd.grad(fn(), (q, k, v), grad_out), graph=mode == "fwd_bwd_graph",
+    return common.time_ms(lambda: torch.autograd.grad(fn(), (q, k, v), grad_out), graph=common.graphed(mode),
                           **timing)
 
 
@@ -235,20 +233,12 @@ RATE_TARGETS = [("n4096", "fwd", 500.0), ("n4096", "bwd", 380.0)]  # TFLOP/s ove
 
 
 def targets(rows: list[common.Result], memory: dict, provider: str = "mimkernels") -> list[str]:
-    """One line per target and shape: measured value, target, met / missed (nothing is asserted)."""
+    """One line per target and shape: measured value, target, met / missed (nothing is asserted). Each speedup
+    target is checked per call and, where the mode has a GPU-time twin (fwd_bwd_graph), on GPU time too."""
     by = {(r.shape.split(":")[0], r.provider, r.mode): r for r in rows}
-    lines = [f"== targets for {provider}"]
-    for shapes, mode, baseline, least in SPEEDUP_TARGETS:
-        timings = (mode, f"{mode}_graph") if f"{mode}_graph" in MODES else (mode,)  # per call, then GPU time
-        for timed in timings:
-            for shape in shapes:
-                ours, theirs = by.get((shape, provider, timed)), by.get((shape, baseline, timed))
-                if ours is None or theirs is None:
-                    continue
-                speedup = theirs.ms_p50 / ours.ms_p50
-                verdict = "met" if speedup >= least else "MISSED"
-                lines.append(f"{shape:12s} {timed:13s} vs {baseline:16s} {speedup:6.2f}x (target >= {least:.2f}x)  "
-                             f"{verdict}")
+    timed = [(shapes, timing, baseline, least) for shapes, mode, baseline, least in SPEEDUP_TARGETS
+             for timing in ((mode, f"{mode}_graph") if f"{mode}_graph" in MODES else (mode,))]
+    lines = [f"== targets for {provider}", *common.speedup_target_lines(rows, timed, provider)]
     for shape, mode, rate in RATE_TARGETS:
         if (row := by.get((shape, provider, mode))) is not None:
             verdict = "met" if row.tflops >= rate else "MISSED"

@@ -81,14 +81,9 @@ def run(shapes, dtype, quick, peaks, csv_path=None, *, device="cuda", scale=1, c
                 torch.testing.assert_close(g.float(), e.float(), rtol=2e-2, atol=2e-2)
             for mode in MODES:
                 min_bytes = rows * width * (FWD_BYTES + (BWD_BYTES if mode != "fwd" else 0))
-                try:
-                    times = common.time_ms(_step(fn, args, mode, grads, device), quick=quick, device=device,
-                                           graph=mode.endswith("_graph"))
-                except Exception as error:  # e.g. a compiled call that cannot be captured: the other rows stand
-                    if not mode.endswith("_graph"):
-                        raise
-                    print(f"  {shape:32s} {provider:18s} {mode}: FAILED, not timed: {type(error).__name__}: "
-                          f"{str(error)[:200]}", flush=True)
+                times = common.time_mode(_step(fn, args, mode, grads, device), mode, f"{shape:32s} {provider:18s}",
+                                         quick=quick, device=device)
+                if times is None:  # e.g. a compiled call that cannot be captured
                     continue
                 rows_out.append(common.result("add_layer_norm", provider, mode, shape, "fp32+bf16", times, 0,
                                               min_bytes, peaks))

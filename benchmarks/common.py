@@ -72,6 +72,55 @@ def write_csv(path: str, rows: list[Result], device: str = "cuda") -> None:
             writer.writerow({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in values.items()} | run)
 
 
+def graphed(mode: str) -> bool:
+    """Whether ``mode`` is timed as GPU time (``fwd_bwd_graph``: the calls replayed in a CUDA graph) rather than per
+    call: per call a short kernel sequence is timed by its host work; inside a training step whose host runs ahead
+    of the GPU it costs its GPU time. The benchmarks report both; neither replaces the other."""
+    return mode.endswith("_graph")
+
+
+def time_mode(step, mode: str, label: str, *, quick: bool, device: str):
+    """:func:`time_ms` of ``step`` for ``mode`` (per call, or GPU time where :func:`graphed`). None, with a line
+    saying why, where a graphed call cannot be captured: the other rows of the run stand."""
+    try:
+        return time_ms(step, quick=quick, device=device, graph=graphed(mode))
+    except Exception as error:
+        if not graphed(mode):
+            raise
+        print(f"  {label} {mode}: FAILED, not timed: {type(error).__name__}: {str(error)[:200]}", flush=True)
+        return None
+
+
+def speedup_target_lines(rows: list[Result], targets, provider: str = "mimkernels") -> list[str]:
+    """One line per target and measured shape: ``provider``'s speedup over the baseline, the target, met / MISSED
+    (never asserted). ``targets``: (shape names, mode, baseline, least speedup); a shape name is the part of
+    ``Result.shape`` before its first ``:``. Shapes or providers not measured give no line."""
+    by = {(r.shape, r.provider, r.mode): r for r in rows}
+    lines = []
+    for names, mode, baseline, least in targets:
+        for r in rows:
+            if r.provider != provider or r.mode != mode or r.shape.split(":")[0] not in names:
+                continue
+            if (theirs := by.get((r.shape, baseline, mode))) is None:
+                continue
+            speedup = theirs.ms_p50 / r.ms_p50
+            lines.append(f"{r.shape:34s} {mode:13s} vs {baseline:16s} {speedup:6.2f}x (target >= {least:.2f}x)  "
+                         f"{'met' if speedup >= least else 'MISSED'}")
+    return lines
+
+
+def roofline_target_lines(rows: list[Result], targets, provider: str = "mimkernels") -> list[str]:
+    """Like :func:`speedup_target_lines` for ``targets`` (shape names, mode, least roofline %): the larger of the
+    FLOP and byte fractions of the measured peaks (:func:`result`)."""
+    lines = []
+    for names, mode, least in targets:
+        for r in rows:
+            if r.provider == provider and r.mode == mode and r.shape.split(":")[0] in names:
+                lines.append(f"{r.shape:34s} {mode:13s} {r.roofline_pct:5.1f}% of roofline (target >= {least:.0f}%)  "
+                             f"{'met' if r.roofline_pct >= least else 'MISSED'}")
+    return lines
+
+
 def speedups(rows: list[Result]) -> list[str]:
     """mimkernels' speed over each other provider, per shape and mode (>1: mimkernels is faster)."""
     ours = {(r.shape, r.mode): r.ms_p50 for r in rows if r.provider == "mimkernels"}
@@ -83,8 +132,9 @@ def speedups(rows: list[Result]) -> list[str]:
 
 
 def family_main(argv, description: str, shapes: dict, run, csv_name: str, quick_run_kwargs=None,
-                run_kwargs=None) -> int:
-    """The command line of a benchmark family: --quick, --shapes, --out; bf16; speedups printed last."""
+                run_kwargs=None, targets=None) -> int:
+    """The command line of a benchmark family: --quick, --shapes, --out; bf16; speedups printed last, then
+    ``targets(rows)``'s lines where given."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="smaller runs, fewer repeats")
     parser.add_argument("--shapes", nargs="+", choices=list(shapes), default=list(shapes))
@@ -101,5 +151,5 @@ def family_main(argv, description: str, shapes: dict, run, csv_name: str, quick_
     csv_path = args.out and os.path.join(args.out, csv_name)
     kwargs = {**((quick_run_kwargs or {}) if args.quick else {}), **(run_kwargs or {})}
     rows = run(args.shapes, torch.bfloat16, args.quick, peaks, csv_path, **kwargs)
-    print("\n".join(speedups(rows)))
+    print("\n".join(speedups(rows) + (targets(rows) if targets else [])))
     return 0

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One-shot check on a lent GPU: extension build, environment, GPU tests, compute-sanitizer memcheck, quick benchmarks
-# (kernels, then model training steps). Every step has its own timeout; the default four add up to 13 minutes, more
+# (kernels, then model training steps). Every step has its own timeout; the default four add up to 14.5 minutes, more
 # than one device call's 10: give the call timeout_s=600 and expect the model benchmarks to be cut if every step runs long.
 # (The kernel resource report needs no GPU: python -m benchmarks.kernel_report.)
-# STEPS picks steps, in this order whatever is named: build tests sanitizer bench models steps integrations (default:
-# the first four; `steps` is the last part of `models` alone: bench_models at MODEL_SHAPES within STEPS_S seconds).
+# STEPS picks steps, in this order whatever is named: build tests sanitizer bench mim_ops models steps integrations
+# (default: the first four; `mim_ops` is bench_tokens and bench_patch_embed alone, about 3 minutes; `steps` is the
+# last part of `models` alone: bench_models at MODEL_SHAPES within STEPS_S seconds).
 # The correctness half alone, about 5 minutes: STEPS="build tests sanitizer" benchmarks/gpu_check.sh
 # The training-step questions (issue 11), about 8.5 minutes: STEPS=models benchmarks/gpu_check.sh (the fused add +
 # LayerNorm alone, the MLP with GELU inside its GEMMs alone with a sweep of its tiles, then MAE ViT-L and AIM-600M
@@ -67,13 +68,22 @@ echo "== quick benchmarks"
 # four shapes (AIM, long N, MAE encoder, D = 80): all nine and the tile sweep are benchmarks/gpu_attention.sh's job
 timeout 130 $PY -m benchmarks.bench_attention --quick --no-plot --shapes aim_600m n4096 mae_encoder vit_h_n257 \
   --out "$OUT" > "$OUT/bench_attention.txt" 2>&1 || status=1
-timeout 40 $PY -m benchmarks.bench_tokens --quick --out "$OUT" > "$OUT/bench_tokens.txt" 2>&1 || status=1
-timeout 50 $PY -m benchmarks.bench_patch_embed --quick --out "$OUT" > "$OUT/bench_patch_embed.txt" 2>&1 || status=1
+tail -n 25 "$OUT/bench_attention.txt"
+fi
+
+if wants bench || wants mim_ops; then
+# issue 11's MIM ops (token drop / restore, patch embedding, masked loss) per call and on GPU time, with the issue's
+# targets printed last; "mimkernels" is the compiled extension where `build` ran before (this call or an earlier one)
+echo "== MIM ops: tokens, patch embedding, loss (per call and GPU time)"
+timeout 80 $PY -m benchmarks.bench_tokens --quick --out "$OUT" > "$OUT/bench_tokens.txt" 2>&1 || status=1
+timeout 100 $PY -m benchmarks.bench_patch_embed --quick --out "$OUT" > "$OUT/bench_patch_embed.txt" 2>&1 || status=1
+tail -n 12 "$OUT/bench_tokens.txt"
+tail -n 16 "$OUT/bench_patch_embed.txt"
+fi
+
+if wants bench; then
 timeout 110 $PY -m benchmarks.bench_models --quick --shapes mae_vit_l aim_600m --out "$OUT" > "$OUT/bench_models.txt" 2>&1 \
   || status=1
-tail -n 25 "$OUT/bench_attention.txt"
-tail -n 12 "$OUT/bench_tokens.txt"
-tail -n 15 "$OUT/bench_patch_embed.txt"
 tail -n 8 "$OUT/bench_models.txt"
 fi
 

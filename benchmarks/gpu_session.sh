@@ -16,6 +16,8 @@
 #   steps_mae     issue 11: bench_models alone at MAE ViT-L, eager + compiled + the A/B switches, with a profile
 #   steps_aim     the same at AIM-600M (`models` without its kernel benchmarks, one shape per step: run 10's
 #                 `models` spent its 316 s on those and the first three providers of MAE ViT-L), ~5.5 min each
+#   mim_ops       issue 11: token ops, patch embedding and masked loss, per call and GPU time, with the targets
+#                 (gpu_check.sh `mim_ops`; the extension's token ops where `tests` built it first), ~3 min
 #   integrations  issue 12: bench_integrations eager + compiled (gpu_check.sh), ~6.5 min
 #   tune          issue 9, after a kernel change: the tile sweep (gpu_attention.sh "tune"; TUNE_SHAPES picks shapes),
 #                 225 s in run 10 for 9 shapes, 101 s in run 9 for 6;
@@ -39,7 +41,7 @@ echo "gpu_session: steps '$STEPS', budget ${BUDGET_S} s, commit ${MIMKERNELS_COM
 needs() {  # step -> seconds it takes when nothing is cut (the inner scripts' own timeouts, added up)
   case $1 in
     attention) echo 300 ;; tests) echo 550 ;; sanitizer) echo 220 ;; models) echo 550 ;; integrations) echo 390 ;;
-    steps_mae | steps_aim) echo 330 ;; tune) echo 330 ;; *) echo 0 ;;
+    steps_mae | steps_aim) echo 330 ;; tune) echo 330 ;; mim_ops) echo 190 ;; *) echo 0 ;;
   esac
 }
 
@@ -49,7 +51,7 @@ run_step() {  # step, seconds it may take: runs it with OUT=$OUT/<step>
     attention) OUT=$dir STEPS="profile bench" bash benchmarks/gpu_attention.sh ;;
     tune) OUT=$dir STEPS="tune" TUNE_S=$(($2 - 90)) bash benchmarks/gpu_attention.sh ;;
     tests) OUT=$dir STEPS="build tests" bash benchmarks/gpu_check.sh ;;
-    sanitizer | models | integrations) OUT=$dir STEPS="$1" bash benchmarks/gpu_check.sh ;;
+    sanitizer | models | integrations | mim_ops) OUT=$dir STEPS="$1" bash benchmarks/gpu_check.sh ;;
     steps_mae) OUT=$dir STEPS=steps MODEL_SHAPES=mae_vit_l STEPS_S=$(($2 - 10)) bash benchmarks/gpu_check.sh ;;
     steps_aim) OUT=$dir STEPS=steps MODEL_SHAPES=aim_600m STEPS_S=$(($2 - 10)) bash benchmarks/gpu_check.sh ;;
   esac
@@ -70,7 +72,7 @@ kill_tree() {  # pid: it and every descendant (the inner scripts' own `timeout`s
 for step in $STEPS; do
   need=$(needs "$step")
   if [ "$need" = 0 ]; then
-    echo "== $step: unknown step (attention tests sanitizer models steps_mae steps_aim integrations tune)" | tee -a "$log"
+    echo "== $step: unknown step (attention tests sanitizer models steps_mae steps_aim mim_ops integrations tune)" | tee -a "$log"
     status=2
     continue
   fi

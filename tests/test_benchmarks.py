@@ -133,8 +133,14 @@ def test_tokens_harness_runs_end_to_end(tmp_path):
     providers = {r.provider for r in rows}
     assert {"official_mae", "torch_gather", "mimkernels", "mimkernels_triton"} <= providers
     assert {r.shape.split(":")[0] for r in rows} == {"encoder", "decoder"}
+    assert {r.mode for r in rows} == set(bench_tokens.MODES) == {"fwd", "fwd_bwd", "fwd_graph", "fwd_bwd_graph"}
     assert len(csv_path.read_text().splitlines()) == 1 + len(rows)
     assert any("official_mae" in line and line.endswith("x") for line in common.speedups(rows))
+    lines = bench_tokens.targets(rows)
+    # both jobs, per call and on GPU time: 2 x 2 speedup lines, 2 x 2 roofline lines
+    assert sum("vs official_mae" in line for line in lines) == 4
+    assert sum("of roofline" in line for line in lines) == 4
+    assert all(line.endswith(("met", "MISSED")) for line in lines[1:])
 
 
 def test_patch_embed_harness_runs_end_to_end(tmp_path):
@@ -149,6 +155,30 @@ def test_patch_embed_harness_runs_end_to_end(tmp_path):
                                                                               "mimkernels_grouped"}
     assert len(csv_path.read_text().splitlines()) == 1 + len(rows)
     assert len(common.speedups(rows)) > 1
+    assert {r.mode for r in rows} == set(bench_patch_embed.MODES)
+    lines = bench_patch_embed.targets(rows)
+    assert sum("vs conv2d" in line for line in lines) == 3 * 2  # full, mae, simmim; per call and GPU time
+    assert sum("vs official_mae" in line for line in lines) == 2  # the loss
+    assert sum("of roofline" in line for line in lines) == 4 * 2  # three embeddings and the loss, fwd and fwd_bwd
+
+
+def test_target_lines_compare_ours_with_each_baseline_on_the_same_shape():
+    """Speedups pair rows of one full shape (two shapes sharing a name are two lines); unmeasured shapes, modes or
+    baselines give none; rooflines compare the row's own percentage."""
+    peaks = common.Peaks(100.0, 100.0)
+    measured = [("encoder:a:B1", "mimkernels", 1.0, 7e7), ("encoder:a:B1", "official", 3.0, 7e7),
+                ("encoder:b:B1", "mimkernels", 1.0, 5e7), ("encoder:b:B1", "official", 2.0, 5e7),
+                ("decoder:a:B1", "mimkernels", 1.0, 1e7)]
+    rows = [common.result("k", provider, "fwd_bwd_graph", shape, "bf16", (ms, ms, ms), 0, bytes_, peaks)
+            for shape, provider, ms, bytes_ in measured]
+    rows.append(common.result("k", "mimkernels", "fwd", "encoder:a:B1", "bf16", (1.0, 1.0, 1.0), 0, 1, peaks))
+    lines = common.speedup_target_lines(rows, [(("encoder", "decoder"), "fwd_bwd_graph", "official", 2.5)])
+    assert len(lines) == 2  # decoder: no baseline row
+    assert lines[0].startswith("encoder:a:B1") and "3.00x" in lines[0] and lines[0].endswith(" met")
+    assert lines[1].startswith("encoder:b:B1") and "2.00x" in lines[1] and lines[1].endswith("MISSED")
+    roofline = common.roofline_target_lines(rows, [(("encoder", "decoder"), "fwd_bwd_graph", 60.0)])
+    assert [line.split()[0] for line in roofline] == ["encoder:a:B1", "encoder:b:B1", "decoder:a:B1"]
+    assert [line.split()[-1] for line in roofline] == ["met", "MISSED", "MISSED"]  # 70%, 50%, 10% of 100 GB/s
 
 
 def test_models_harness_runs_end_to_end(tmp_path):
