@@ -35,7 +35,13 @@ source benchmarks/gpu_env.sh
 
 if wants tests; then
 echo "== GPU tests"
-timeout 420 $PY -m pytest -q -m gpu -p no:cacheprovider tests > "$OUT/pytest_gpu.txt" 2>&1 || status=1
+# On a fresh machine Triton compiles every kernel first: run 9's cold suite was cut at 39% after 240 s, the warm one
+# took 192 s. pytest-xdist workers (in the machine's image) compile in parallel on its cores and share the GPU; by
+# file (loadfile), so the big-tensor tests of one file never hold GPU memory at once. GPU_TEST_WORKERS=0: one process.
+workers=${GPU_TEST_WORKERS:-6}
+xdist=$([ "$workers" != 0 ] && $PY -c "import xdist" 2> /dev/null && echo "-n $workers --dist loadfile")
+echo "pytest-xdist: ${xdist:-not used}"
+timeout 420 $PY -m pytest -q -m gpu $xdist -p no:cacheprovider tests > "$OUT/pytest_gpu.txt" 2>&1 || status=1
 tail -n 15 "$OUT/pytest_gpu.txt"
 fi
 

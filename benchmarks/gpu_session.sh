@@ -8,7 +8,8 @@
 # and a step that would get under MIN_STEP_S (default 60) is skipped, not half run: a second call can take it
 # (STEPS=<the skipped ones> BUDGET_S=<what is left>). Steps, run in the order STEPS names them:
 #   attention     issue 9: per-kernel GPU time and host time, then bench_attention (gpu_attention.sh "profile bench"), ~5 min
-#   tests         issue 10: the extension built, every `gpu` test (gpu_check.sh "build tests"), ~9 min cold
+#   tests         issue 10: the extension built, every `gpu` test (gpu_check.sh "build tests"; 6 pytest-xdist
+#                 workers since run 10, so that cold compiles run in parallel), ~9 min cold in one process
 #   sanitizer     issue 10: compute-sanitizer memcheck over every kernel (gpu_check.sh): a pass that compiles them,
 #                 then memcheck; over 90 s with a cold cache in run 10, 3.5 min allowed
 #   models        issue 11: bench_norms, bench_mlp --sweep, bench_models eager + compiled with a profile
