@@ -5,7 +5,8 @@ Two jobs, each timed fwd and fwd_bwd, all providers on the same inputs in this p
   decoder  mask tokens appended, unshuffle with ids_restore, cls row kept in front, + decoder pos_embed
 Providers: official_mae (facebookresearch/mae's code: ids expanded D-fold with repeat, cat, gather),
 torch_gather (the same with an expanded, not repeated, index), mimkernels (auto backend: the compiled
-extension if built, else Triton), mimkernels_triton (the Triton kernels by name).
+extension if built, else Triton), mimkernels_triton (the Triton kernels by name), mimkernels_fused_bwd (the
+Triton kernels with each backward in one pass, ops.tokens.FUSED_BACKWARD: selectable, not yet measured).
 
 GB/s count the fewest bytes each job must move (kept rows read and written; the backward writes the
 whole input gradient); roofline % is against the device copy bandwidth measured in the same run. fwd and fwd_bwd
@@ -41,10 +42,17 @@ def gather_encoder(x, pos, noise):
     return torch.gather(x + pos, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def _mimkernels(backend, fn):
+def _mimkernels(backend, fn, fused_backward=False):
+    """``fn`` on ``backend``; with ``fused_backward`` its backward in one pass (ops.tokens.FUSED_BACKWARD)."""
+    from mimkernels.ops import tokens as token_ops
+
     def run(*args):
-        with mimkernels.use_backend(backend):
-            return fn(*args)
+        default, token_ops.FUSED_BACKWARD = token_ops.FUSED_BACKWARD, fused_backward
+        try:
+            with mimkernels.use_backend(backend):
+                return fn(*args)
+        finally:
+            token_ops.FUSED_BACKWARD = default
     return run
 
 
@@ -54,14 +62,16 @@ def providers(job):
             return mimkernels.random_masking(x, MASK_RATIO, noise=noise, pos_embed=pos).x_kept
 
         return {"official_mae": official_encoder, "torch_gather": gather_encoder,
-                "mimkernels": _mimkernels("auto", ours), "mimkernels_triton": _mimkernels("triton", ours)}
+                "mimkernels": _mimkernels("auto", ours), "mimkernels_triton": _mimkernels("triton", ours),
+                "mimkernels_fused_bwd": _mimkernels("triton", ours, fused_backward=True)}
 
     def ours(x, ids_restore, mask_token, pos):
         return mimkernels.restore_tokens(x, ids_restore, mask_token, pos_embed=pos, num_prefix_tokens=1)
 
     return {"official_mae": official.decoder_input,
             "torch_gather": lambda *args: official.decoder_input(*args, repeat=False),
-            "mimkernels": _mimkernels("auto", ours), "mimkernels_triton": _mimkernels("triton", ours)}
+            "mimkernels": _mimkernels("auto", ours), "mimkernels_triton": _mimkernels("triton", ours),
+            "mimkernels_fused_bwd": _mimkernels("triton", ours, fused_backward=True)}
 
 
 def job_inputs(job, batch, patches, dim, dtype, device):

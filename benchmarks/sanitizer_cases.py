@@ -108,22 +108,40 @@ def split_attention_cases(device):
                "pointers and, where usable, TMA)")
 
 
+def _mask_and_restore(batch, device):
+    """MAE's token path forward and backward, bf16 tokens with a cls row and fp32 positions: (x, mask token)."""
+    x = torch.randn(batch, 1 + 49, 40, device=device, dtype=torch.bfloat16, requires_grad=True)
+    pos = torch.randn(1, 1 + 49, 40, device=device, requires_grad=True)
+    token = torch.randn(1, 1, 40, device=device, requires_grad=True)
+    kept = mimkernels.random_masking(x, 0.75, num_prefix_tokens=1, pos_embed=pos)
+    restored = mimkernels.restore_tokens(kept.x_kept, kept.ids_restore, token, pos_embed=pos, num_prefix_tokens=1)
+    _backward(restored, (x, pos, token))
+    return x, token
+
+
 def token_cases(device):
     for backend in (name for name in ("triton", "extension") if name in mimkernels.available_backends()):
         with mimkernels.use_backend(backend):
-            x = torch.randn(3, 1 + 49, 40, device=device, dtype=torch.bfloat16, requires_grad=True)
-            pos = torch.randn(1, 1 + 49, 40, device=device, requires_grad=True)
-            token = torch.randn(1, 1, 40, device=device, requires_grad=True)
-            kept = mimkernels.random_masking(x, 0.75, num_prefix_tokens=1, pos_embed=pos)
-            restored = mimkernels.restore_tokens(kept.x_kept, kept.ids_restore, token, pos_embed=pos,
-                                                 num_prefix_tokens=1)
-            _backward(restored, (x, pos, token))
+            x, token = _mask_and_restore(3, device)
             if device == "cuda" or backend == "triton":  # the extension's CPU ops raise IndexError instead
                 kernels = mimkernels.ops.tokens._KERNELS[backend]
                 bad = torch.tensor([[0, -3, 50, 1 << 40], [7, 2, 3, 99], [1, 1, 1, -1]], device=device)
                 kernels.gather_rows(x.detach(), bad, None, 1)
                 kernels.restore_rows(x.detach()[:, :5], bad, token.detach().reshape(-1), None, 1)
         yield f"tokens ({backend}) incl. out-of-range ids"
+    if "triton" in mimkernels.available_backends():  # the one-pass backwards (ops.tokens.FUSED_BACKWARD)
+        token_ops = mimkernels.ops.tokens
+        token_ops.FUSED_BACKWARD, default = True, token_ops.FUSED_BACKWARD
+        try:
+            with mimkernels.use_backend("triton"):
+                x, _ = _mask_and_restore(5, device)
+                bad = torch.tensor([[0, -3, 50, 1 << 40], [7, 2, 3, 99], [1, 1, 1, -1]], device=device)
+                grad = x.detach()[:3]
+                token_ops._triton_kernels.rows_backward(grad[:, :5], bad, 1, 4, False, True, False)
+                token_ops._triton_kernels.rows_backward(grad[:, :5], bad, 1, 4, True, True, True)
+        finally:
+            token_ops.FUSED_BACKWARD = default
+        yield "tokens (triton), one-pass backwards incl. out-of-range ids"
 
 
 def patch_embed_cases(device):

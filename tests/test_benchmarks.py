@@ -131,7 +131,7 @@ def test_tokens_harness_runs_end_to_end(tmp_path):
     rows = bench_tokens.run(["mae_base"], torch.float32, True, common.Peaks(1.0, 1.0), str(csv_path),
                             device="cpu", batch=2)
     providers = {r.provider for r in rows}
-    assert {"official_mae", "torch_gather", "mimkernels", "mimkernels_triton"} <= providers
+    assert {"official_mae", "torch_gather", "mimkernels", "mimkernels_triton", "mimkernels_fused_bwd"} <= providers
     assert {r.shape.split(":")[0] for r in rows} == {"encoder", "decoder"}
     assert {r.mode for r in rows} == set(bench_tokens.MODES) == {"fwd", "fwd_bwd", "fwd_graph", "fwd_bwd_graph"}
     assert len(csv_path.read_text().splitlines()) == 1 + len(rows)
@@ -312,8 +312,10 @@ def test_sanitizer_cases_run(device, monkeypatch):
     token_backends = {"triton", "extension"} & set(mimkernels.available_backends())
     tma_cases = min(3, len(sanitizer_cases.ATTENTION_CASES))
     tma_mlp_cases = 2 * sum(case[-1] != torch.float32 for case in sanitizer_cases.MLP_CASES)  # two tiles each
-    expected = (len(sanitizer_cases.ATTENTION_CASES) + tma_cases + 3 + len(token_backends)
+    one_pass_token_backwards = "triton" in token_backends
+    expected = (len(sanitizer_cases.ATTENTION_CASES) + tma_cases + 3 + len(token_backends) + one_pass_token_backwards
                 + len(sanitizer_cases.NORM_CASES) + len(sanitizer_cases.MLP_CASES) + 3)  # 3 split-head-dim cases
+    assert one_pass_token_backwards == any("one-pass backwards" in name for name in names)
     assert sum(name.startswith("split attention") for name in names) == 3
     if device == "cpu":  # the interpreter reads descriptors like Hopper: the TMA cases really ran
         assert sum(name.startswith("tma attention") and "not run" not in name for name in names) == tma_cases

@@ -10,7 +10,8 @@ from conftest import HAS_GPU
 
 import mimkernels
 from mimkernels import models
-from mimkernels.models import aim_tiny, mae_vit_tiny_patch8
+from mimkernels.models import aim_tiny, mae_vit_tiny_patch8, vit
+from mimkernels.ops import tokens as token_ops
 
 cpu_only = pytest.mark.skipif(HAS_GPU, reason="the CPU variant (aot_eager, interpreter); GPUs run the Inductor one")
 
@@ -56,15 +57,18 @@ def _compiled_matches_eager(name, device, backend, rtol, atol, dynamic=None):
         torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
 
 
+# the selectable fused paths, off by default until a GPU measures them faster: name -> (module, switch)
+SWITCHES = {"FUSED_ADD_NORM": (vit, "FUSED_ADD_NORM"), "FUSED_GELU_MLP": (vit, "FUSED_GELU_MLP"),
+            "FUSED_TOKEN_BACKWARD": (token_ops, "FUSED_BACKWARD")}
+
+
 @cpu_only
 @pytest.mark.parametrize("name", ["mae", "aim"])
 def test_fused_switches_compile_fullgraph(name, monkeypatch):
-    """Every fused path on (the add + LayerNorm across blocks, the MLP's GELU inside its GEMMs): the step traces with
-    no graph break and matches eager."""
-    from mimkernels.models import vit
-
-    monkeypatch.setattr(vit, "FUSED_ADD_NORM", True)
-    monkeypatch.setattr(vit, "FUSED_GELU_MLP", True)
+    """Every fused path on (the add + LayerNorm across blocks, the MLP's GELU inside its GEMMs, the token ops'
+    one-pass backwards): the step traces with no graph break and matches eager."""
+    for module, switch in SWITCHES.values():
+        monkeypatch.setattr(module, switch, True)
     _compiled_matches_eager(name, "cpu", "aot_eager", rtol=1e-4, atol=1e-5)
 
 
@@ -259,18 +263,18 @@ def test_whole_training_step_captures_in_a_cuda_graph(name):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("switch", ["FUSED_ADD_NORM", "FUSED_GELU_MLP"])
+@pytest.mark.parametrize("switch", list(SWITCHES))
 @pytest.mark.parametrize("compile_backend", [None, "inductor"], ids=["eager", "inductor"])
 @pytest.mark.parametrize("name", ["mae", "aim"])
 def test_fused_switches_train_as_the_unfused_model_on_gpu(name, compile_backend, switch, monkeypatch):
-    """models.vit.FUSED_ADD_NORM (the bf16 branch gradients written by the add + LayerNorm kernel) or FUSED_GELU_MLP
-    (the bf16 GEMMs with the GELU epilogues) under bf16 autocast on the GPU, eager and under Inductor: the loss and
-    every gradient of the unfused eager model, within bf16 rounding (each gradient's error norm at most 3% of its
-    norm)."""
-    from mimkernels.models import vit
+    """models.vit.FUSED_ADD_NORM (the bf16 branch gradients written by the add + LayerNorm kernel), FUSED_GELU_MLP
+    (the bf16 GEMMs with the GELU epilogues) or ops.tokens.FUSED_BACKWARD (MAE's decoder input, its gradients in
+    one pass) under bf16 autocast on the GPU, eager and under Inductor: the loss and every gradient of the unfused
+    eager model, within bf16 rounding (each gradient's error norm at most 3% of its norm)."""
+    module, attribute = SWITCHES[switch]
 
     def loss_and_grads(fused, backend):
-        monkeypatch.setattr(vit, switch, fused)
+        monkeypatch.setattr(module, attribute, fused)
         model, step, imgs = _model_and_step(name, "cuda")
         if backend:
             torch._dynamo.reset()
@@ -299,6 +303,8 @@ def _opcheck_cases():
     return {
         "gather_rows": (tokens.gather_rows, (x, ids_keep, pos, 1)),
         "restore_rows": (tokens.restore_rows, (x[:, :3], ids_restore, torch.randn(16), pos, 1)),
+        "rows_backward_scatter": (tokens.rows_backward, (x, ids_restore, 1, 2, True, True, True)),
+        "rows_backward_gather": (tokens.rows_backward, (x[:, :3], ids_restore, 1, 2, False, True, False)),
         "patch_embed": (patch_embed.forward, (images, weight, torch.randn(8), torch.randn(1, 4, 8),
                                               torch.tensor([[1, 3], [0, 2]]), None, None)),
         "patch_embed_weight_grad": (patch_embed.weight_grad, (images, torch.randn(2, 4, 8), None, [8, 3, 8, 8])),
@@ -311,7 +317,8 @@ def _opcheck_cases():
 
 
 @cpu_only
-@pytest.mark.parametrize("name", ["gather_rows", "restore_rows", "patch_embed", "patch_embed_weight_grad",
+@pytest.mark.parametrize("name", ["gather_rows", "restore_rows", "rows_backward_scatter", "rows_backward_gather",
+                                  "patch_embed", "patch_embed_weight_grad",
                                   "masked_patch_loss", "masked_patch_loss_backward", "linear_gelu",
                                   "matmul_gelu_grad"])
 def test_kernel_custom_ops_pass_opcheck(name):

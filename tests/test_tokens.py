@@ -13,6 +13,19 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOLERANCE = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}  # relative to the largest value
 
 
+# (backend, tokens.FUSED_BACKWARD): the one-pass backwards run on the Triton backend only
+BACKWARDS = [(name, False) for name in BACKENDS] + [("triton", True)] * ("triton" in BACKENDS)
+
+
+@pytest.fixture
+def fused_backward(request, monkeypatch):
+    """Parametrized indirectly with tokens.FUSED_BACKWARD's value for the test."""
+    from mimkernels.ops import tokens as token_ops
+
+    monkeypatch.setattr(token_ops, "FUSED_BACKWARD", request.param)
+    return request.param
+
+
 def leaf(*shape, dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=gen).to(DEVICE, dtype).requires_grad_()
@@ -126,11 +139,11 @@ def test_random_masking_draws_noise(backend):
 # --------------------------------------------------------------------------- gather_tokens
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, fused_backward", BACKWARDS, indirect=["fused_backward"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("patches, kept, dim", [(49, 12, 40), (196, 49, 33), (197, 50, 1100), (5, 5, 8)])
 @pytest.mark.parametrize("with_pos", [False, True])
-def test_gather_tokens(backend, dtype, patches, kept, dim, with_pos):
+def test_gather_tokens(backend, fused_backward, dtype, patches, kept, dim, with_pos):
     x = leaf(2, patches, dim, dtype=dtype)
     ids = torch.stack([torch.randperm(patches, generator=torch.Generator().manual_seed(b))[:kept] for b in range(2)])
     ids = ids.to(DEVICE, torch.int32 if patches % 2 else torch.int64)
@@ -158,12 +171,12 @@ def test_gather_tokens_strided_input(backend):
 # --------------------------------------------------------------------------- restore_tokens
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, fused_backward", BACKWARDS, indirect=["fused_backward"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("prefix, patches, kept, dim", [(1, 196, 49, 40), (0, 49, 12, 33), (1, 50, 50, 16),
                                                         (2, 9, 0, 1100)])
 @pytest.mark.parametrize("with_pos", [False, True])
-def test_restore_tokens(backend, dtype, prefix, patches, kept, dim, with_pos):
+def test_restore_tokens(backend, fused_backward, dtype, prefix, patches, kept, dim, with_pos):
     x_kept = leaf(3, prefix + kept, dim, dtype=dtype)
     mask_token = leaf(1, 1, dim, seed=2)  # an fp32 parameter, as in MAE
     ids_restore = torch.stack([torch.randperm(patches, generator=torch.Generator().manual_seed(b))
@@ -181,9 +194,9 @@ def test_restore_tokens(backend, dtype, prefix, patches, kept, dim, with_pos):
     check_grads(out, inputs, want, dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, fused_backward", BACKWARDS, indirect=["fused_backward"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nonfinite_upstream_gradient_reaches_only_what_its_row_feeds(backend, bad):
+def test_nonfinite_upstream_gradient_reaches_only_what_its_row_feeds(backend, fused_backward, bad):
     """An fp16 overflow on one row of the decoder input's gradient: on a restored kept row it reaches x_kept's
     gradient but not the mask token's; on a masked row the token's but not x_kept's (the reference gathers each
     row from one of them). A product with a 0/1 mask would spread 0 * inf = NaN into the token's gradient."""
@@ -233,6 +246,51 @@ def test_kernels_never_leave_the_tensors():
     restored = kernels.restore_rows(x, bad, token, None, 0)
     assert torch.isfinite(restored).all()
     torch.testing.assert_close(restored[0, 1:], token.expand(3, 8))  # out of [0, K): the mask token
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton")
+@pytest.mark.parametrize("fused_backward", [True], indirect=True)
+@pytest.mark.parametrize("backward_programs", [6, 2048])
+def test_fused_backwards_sum_over_sample_groups(fused_backward, backward_programs, monkeypatch):
+    """Five samples over 10 full-length rows: with 6 programs' worth of work, groups of 2 samples (the last one
+    alone), so the positional embedding's and the token's gradients add partial sums; both backwards, float64
+    reference. With 2048, one sample per program."""
+    monkeypatch.setattr(kernels, "BACKWARD_PROGRAMS", backward_programs)
+    ids_restore = torch.stack([torch.randperm(9, generator=torch.Generator().manual_seed(b)) for b in range(5)])
+    ids_restore = ids_restore.to(DEVICE)
+    ids_keep = ids_restore.argsort(1)[:, :3]
+    x, pos = leaf(5, 1 + 9, 40), leaf(1, 1 + 9, 40, seed=1)
+    kept = run("triton", mimkernels.random_masking, x, 0.6, noise=ids_restore.float() / 9, pos_embed=pos,
+               num_prefix_tokens=1)
+    torch.testing.assert_close(kept.ids_restore, ids_restore, rtol=0, atol=0)
+    check_grads(kept.x_kept, [x, pos], lambda x64, pos64: reference.gather_tokens(
+        x64 + pos64, torch.cat([torch.zeros(5, 1, dtype=ids_keep.dtype, device=DEVICE), ids_keep + 1], 1)),
+        torch.float32)
+    x_kept, token, pos = leaf(5, 1 + 3, 40, seed=2), leaf(1, 1, 40, seed=3), leaf(1, 1 + 9, 40, seed=4)
+    out = run("triton", mimkernels.restore_tokens, x_kept, ids_restore, token, pos_embed=pos, num_prefix_tokens=1)
+    check_grads(out, [x_kept, token, pos], lambda x64, token64, pos64: reference.restore_tokens(
+        x64, ids_restore, token64, pos_embed=pos64, num_prefix_tokens=1), torch.float32)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton")
+def test_fused_backward_kernel_never_leaves_the_tensors():
+    """Unchecked bad ids (negative, past K, past L) in rows_backward: reads and writes stay inside the gradient and
+    its output (NaN neighbours in memory never show up); such rows count as not kept."""
+    storage = torch.full((2, 8, 8), float("nan"), device=DEVICE)
+    grad = storage[:, 2:6]  # P + K = 1 + 3 rows, NaN rows on both sides
+    grad.copy_(torch.randn(2, 4, 8))
+    bad = torch.tensor([[0, -1, 3, 1 << 40, 2], [-(1 << 40), 1, 9, 0, 2]], device=DEVICE)
+    gathered_back, pos_sum, _ = kernels.rows_backward(grad, bad, 1, 3, False, True, False)
+    assert torch.isfinite(gathered_back).all() and torch.isfinite(pos_sum).all()
+    torch.testing.assert_close(gathered_back[0, 1], grad[0, 1])  # id 0: patch row 0 came from grad row 1
+    torch.testing.assert_close(gathered_back[0, 2:5], torch.zeros(3, 8, device=DEVICE))  # -1, 3 (= K), 2^40
+    torch.testing.assert_close(pos_sum, gathered_back.sum(0))
+    full = torch.randn(2, 6, 8, device=DEVICE)
+    scattered, _, token_sum = kernels.rows_backward(full, bad, 1, 3, True, False, True)
+    assert torch.isfinite(token_sum).all()
+    torch.testing.assert_close(scattered[0, 1], full[0, 1])  # patch row 0 kept as id 0
+    not_kept = [full[0, 2], full[0, 3], full[0, 4], full[1, 1], full[1, 3]]  # ids -1, 3, 2^40, -2^40, 9
+    torch.testing.assert_close(token_sum, torch.stack(not_kept).sum(0))
 
 
 @pytest.mark.skipif("extension" not in BACKENDS, reason="the compiled extension is not built")

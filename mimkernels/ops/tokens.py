@@ -80,6 +80,18 @@ def _check_embedding(name, t, rows, dim, x):
 
 # ----------------------------------------------------------------------------- autograd
 
+# Each backward in one pass of the Triton kernel rows_backward (the positional embedding's and the mask token's
+# gradients summed in it): restore's backward reads the output gradient once where the two-primitive path reads it
+# four times (the kept rows' gather, the token's fill and sum, the sum over the batch), gather's backward writes
+# the input gradient once and does not read it back. Selectable, off until a GPU measures it faster (bench_tokens'
+# mimkernels_fused_bwd); used where the op runs on the Triton backend.
+FUSED_BACKWARD = False
+
+
+def _fused_backward(backend) -> bool:
+    return FUSED_BACKWARD and backend == "triton"
+
+
 
 def _inverse(ids, length, fill):
     """inverse[b, ids[b, k]] = k, and ``fill`` where no k points: the map from source rows back to outputs."""
@@ -113,9 +125,17 @@ class _GatherRows(torch.autograd.Function):
     @first_derivative_only("gather_tokens")
     def backward(ctx, grad_out):
         ids, inverse = ctx.saved_tensors
+        grad_pos = None
+        if _fused_backward(ctx.backend):
+            if inverse is None:
+                inverse = _inverse(ids, ctx.num_src - ctx.num_prefix, fill=ids.shape[1])
+            grad_x, pos_sum, _ = _triton_kernels.rows_backward(
+                grad_out.contiguous(), inverse, ctx.num_prefix, ids.shape[1], False, ctx.needs_input_grad[2], False)
+            if ctx.needs_input_grad[2]:
+                grad_pos = pos_sum.unsqueeze(0).to(ctx.pos_dtype)
+            return grad_x, None, grad_pos, None, None, None
         grad_x = place_rows(grad_out, ids, ctx.num_src - ctx.num_prefix, ctx.backend, num_prefix=ctx.num_prefix,
                             inverse=inverse)
-        grad_pos = None
         if ctx.needs_input_grad[2]:
             grad_pos = grad_x.sum(0, keepdim=True, dtype=torch.float32).to(ctx.pos_dtype)
         return grad_x, None, grad_pos, None, None, None
@@ -138,6 +158,15 @@ class _RestoreRows(torch.autograd.Function):
         (ids_restore,) = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         grad_x = grad_token = grad_pos = None
+        if _fused_backward(ctx.backend):
+            grad_x, pos_sum, token_sum = _triton_kernels.rows_backward(
+                grad_out, ids_restore, ctx.num_prefix, ctx.num_kept, True, ctx.needs_input_grad[3],
+                ctx.needs_input_grad[2])
+            if ctx.needs_input_grad[2]:
+                grad_token = token_sum.to(ctx.token_dtype).reshape(ctx.token_shape)
+            if ctx.needs_input_grad[3]:
+                grad_pos = pos_sum.unsqueeze(0).to(ctx.pos_dtype)
+            return grad_x if ctx.needs_input_grad[0] else None, None, grad_token, grad_pos, None, None
         if ctx.needs_input_grad[0]:
             ids_keep = _inverse(ids_restore, ids_restore.shape[1], fill=0)[:, :ctx.num_kept]
             grad_x = _KERNELS[ctx.backend].gather_rows(grad_out, ids_keep, None, ctx.num_prefix)

@@ -21,6 +21,11 @@ from .launch import cdiv, launch, next_power_of_2
 
 BLOCK_ROWS = 8
 MAX_BLOCK_D = 1024  # wider rows are copied in chunks
+# rows_backward: columns per program (the rest go to more programs, which keep fp32 sums in registers), and about
+# how many programs it launches (each takes a group of samples: fewer groups, fewer partial sums to add)
+BACKWARD_BLOCK_D = 128
+BACKWARD_PROGRAMS = 2048
+BACKWARD_WARPS, BACKWARD_STAGES = 4, 2
 
 
 @triton.jit
@@ -80,6 +85,59 @@ def _restore_rows(
                  values.to(OUT.dtype.element_ty), mask=is_row[:, None] & in_dim)
 
 
+@triton.jit
+def _rows_backward(
+    GRAD, IDS, OUT, POS_PARTS, TOKEN_PARTS,
+    stride_gb, stride_gt, stride_ib, stride_ob, stride_ot,
+    batch, num_prefix, num_ids, num_kept, dim, samples_per_program,
+    SCATTER: tl.constexpr, SUM_POS: tl.constexpr, SUM_TOKEN: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Both token backwards in one pass over the gradient, organised by the rows of the full-length side (the P
+    prefix rows and the L patch rows, whose ids are ``IDS = ids_restore``): each program owns BLOCK_R of those rows
+    and BLOCK_D columns, for ``samples_per_program`` samples in turn.
+
+    SCATTER (restore's backward): GRAD holds the full-length rows; kept ones (id < K) go to OUT row P + id, the
+    others add to the mask token's gradient. Else (gather's backward): OUT holds the full-length rows, each read
+    from GRAD row P + id if kept, zero if not. Either way the full-length rows summed over the samples are the
+    positional embedding's gradient: per program in fp32, one partial per sample group (summed after)."""
+    group = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    is_row = rows < num_prefix + num_ids
+    is_prefix = rows < num_prefix
+    in_dim = cols[None, :] < dim
+    pos_sum = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    token_sum = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for i in range(0, samples_per_program):  # a scalar bound: Triton 3.6's interpreter takes no tensor bounds
+        sample = group.to(tl.int64) * samples_per_program + i
+        live = is_row & (sample < batch)
+        ids = tl.load(IDS + sample * stride_ib + (rows - num_prefix), mask=live & ~is_prefix, other=-1).to(tl.int64)
+        moves = live & (is_prefix | ((ids >= 0) & (ids < num_kept)))  # rows that have a row on the other side
+        other = tl.where(is_prefix, rows, num_prefix + ids)
+        if SCATTER:
+            grad = tl.load(GRAD + sample * stride_gb + rows[:, None] * stride_gt + cols[None, :],
+                           mask=live[:, None] & in_dim, other=0.0).to(tl.float32)
+            tl.store(OUT + sample * stride_ob + other[:, None] * stride_ot + cols[None, :],
+                     grad.to(OUT.dtype.element_ty), mask=moves[:, None] & in_dim)
+            if SUM_TOKEN:  # a select, not a product with a 0/1 mask: inf or NaN on kept rows stays out
+                token_sum += tl.where((live & ~moves)[:, None], grad, 0.0)
+        else:
+            grad = tl.load(GRAD + sample * stride_gb + other[:, None] * stride_gt + cols[None, :],
+                           mask=moves[:, None] & in_dim, other=0.0).to(tl.float32)
+            tl.store(OUT + sample * stride_ob + rows[:, None] * stride_ot + cols[None, :],
+                     grad.to(OUT.dtype.element_ty), mask=live[:, None] & in_dim)
+        if SUM_POS:
+            pos_sum += grad
+    if SUM_POS:
+        full_rows = num_prefix + num_ids
+        tl.store(POS_PARTS + (group.to(tl.int64) * full_rows + rows[:, None]) * dim + cols[None, :], pos_sum,
+                 mask=is_row[:, None] & in_dim)
+    if SUM_TOKEN:
+        part = group * tl.num_programs(1) + tl.program_id(1)
+        tl.store(TOKEN_PARTS + part.to(tl.int64) * dim + cols, tl.sum(token_sum, 0), mask=cols < dim)
+
+
 def launch_config(dim: int) -> tuple[dict, int, int]:
     """(tile constexprs, num_warps, num_stages) of both row-copy kernels for tokens of width ``dim``: BLOCK_ROWS
     rows per program, the width in chunks of at most MAX_BLOCK_D. The kernel report compiles exactly this."""
@@ -119,3 +177,46 @@ def restore_rows(x: torch.Tensor, ids: torch.Tensor, token: torch.Tensor, pos: t
                  num_prefix: int) -> torch.Tensor:
     """x [B, P + K, D], ids [B, L], token [D] -> [B, P + L, D]; pos [1, P + L, D] or None."""
     return _launch(_restore_rows, x, ids, pos, num_prefix, (token,), (x.shape[1] - num_prefix, ids.shape[1]))
+
+
+def _rows_backward_fake(grad, ids, num_prefix, num_kept, scatter, sum_pos, sum_token):
+    batch, dim = grad.shape[0], grad.shape[2]
+    full_rows = num_prefix + ids.shape[1]
+    out = grad.new_empty(batch, num_prefix + num_kept if scatter else full_rows, dim)
+    pos = grad.new_empty((full_rows, dim) if sum_pos else (0,), dtype=torch.float32)
+    return out, pos, grad.new_empty(dim if sum_token else 0, dtype=torch.float32)
+
+
+@custom_op_when_compiling(
+    "triton_rows_backward",
+    "(Tensor grad, Tensor ids, int num_prefix, int num_kept, bool scatter, bool sum_pos, bool sum_token) "
+    "-> (Tensor, Tensor, Tensor)", _rows_backward_fake)
+def rows_backward(grad, ids, num_prefix: int, num_kept: int, scatter: bool, sum_pos: bool, sum_token: bool):
+    """The token ops' backwards in one pass (``tokens.FUSED_BACKWARD``; selectable until a GPU measures it):
+    ``(grad_rows, pos_sum, token_sum)`` from ``ids [B, L]`` (``ids_restore``: < ``num_kept`` for kept rows).
+
+    scatter=True, restore's backward: ``grad [B, P + L, D]`` -> the kept rows' gradient ``[B, P + K, D]`` (rows no id
+    points to are left unwritten: ``ids`` must be a permutation, as random_masking gives) and the mask token's,
+    the sum of the other rows (fp32 [D]). scatter=False, gather's backward: ``grad [B, P + K, D]`` -> ``[B, P + L,
+    D]`` with zeros where nothing was kept. With ``sum_pos``, the full-length rows summed over the batch (fp32
+    ``[P + L, D]``, the positional embedding's gradient). Sums not asked for come back empty. Unit stride in D."""
+    out, pos, token = _rows_backward_fake(grad, ids, num_prefix, num_kept, scatter, sum_pos, sum_token)
+    batch, full_rows, dim = grad.shape[0], num_prefix + ids.shape[1], grad.shape[2]
+    if batch == 0 or full_rows == 0 or dim == 0:
+        return out, pos.zero_(), token.zero_()
+    block_d = min(BACKWARD_BLOCK_D, max(16, next_power_of_2(dim)))
+    row_blocks, col_blocks = cdiv(full_rows, BLOCK_ROWS), cdiv(dim, block_d)
+    samples_per_program = cdiv(batch, max(1, BACKWARD_PROGRAMS // (row_blocks * col_blocks)))
+    groups = cdiv(batch, samples_per_program)
+    pos_parts = grad.new_empty(groups if sum_pos else 0, full_rows, dim, dtype=torch.float32)
+    token_parts = grad.new_empty(groups * row_blocks if sum_token else 0, dim, dtype=torch.float32)
+    launch(_rows_backward, (groups, row_blocks, col_blocks), (grad, ids, out, pos_parts, token_parts), (
+        grad.stride(0), grad.stride(1), ids.stride(0), out.stride(0), out.stride(1),
+        batch, num_prefix, ids.shape[1], num_kept, dim, samples_per_program,
+    ), dict(SCATTER=scatter, SUM_POS=sum_pos, SUM_TOKEN=sum_token, BLOCK_R=BLOCK_ROWS, BLOCK_D=block_d),
+        num_warps=BACKWARD_WARPS, num_stages=BACKWARD_STAGES)
+    if sum_pos:
+        pos = pos_parts.sum(0)
+    if sum_token:
+        token = token_parts.sum(0)
+    return out, pos, token
