@@ -29,6 +29,7 @@ def test_default_configs_do_not_spill():
         assert run.stdout.count(kernel) == 3, kernel
     assert run.stdout.count("_patch_embed_fwd") == 6  # MAE's kept rows and SimMIM's / BEiT's mask token, 3 dtypes
     assert run.stdout.count("_masked_patch_loss_bwd") == 12  # MAE's and SimMIM's losses, 1 and 8 patches a program
+    assert run.stdout.count("_rows_backward") == 6  # the token ops' one-pass backwards, both directions, 3 dtypes
     # the portable tiles run on every GPU without a measured table: consumer Ampere / Ada / Blackwell cards give a
     # block at most 99 KB of shared memory (A100 164 KB, H100 227 KB)
     shared = [int(size) for size in re.findall(r"smem +(\d+) B", run.stdout)]
