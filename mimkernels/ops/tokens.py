@@ -92,7 +92,6 @@ def _fused_backward(backend) -> bool:
     return FUSED_BACKWARD and backend == "triton"
 
 
-
 def _inverse(ids, length, fill):
     """inverse[b, ids[b, k]] = k, and ``fill`` where no k points: the map from source rows back to outputs."""
     inverse = ids.new_full((ids.shape[0], length), fill)
