@@ -211,9 +211,11 @@ def other_launches(dtype: torch.dtype) -> list[Launch]:
         launches.append(Launch(fn, "pos", f"{tile['BLOCK_R']}x{tile['BLOCK_D']}", warps, stages,
                                {"X": ty, "IDS": "*i64", "POS": "*fp32", "TOKEN": ty, "OUT": ty},
                                {"HAS_POS": True, **tile}))
-    backward_tile = {"BLOCK_R": token_kernels.BLOCK_ROWS, "BLOCK_D": token_kernels.BACKWARD_BLOCK_D}
+    backward_tile = {"BLOCK_S": token_kernels.BACKWARD_BLOCK_S, "BLOCK_R": token_kernels.BLOCK_ROWS,
+                     "BLOCK_D": token_kernels.BACKWARD_BLOCK_D}
     for variant, scatter in (("scatter+pos+token", True), ("gather+pos", False)):  # restore's backward, gather's
-        launches.append(Launch(token_kernels._rows_backward, variant, "{BLOCK_R}x{BLOCK_D}".format(**backward_tile),
+        launches.append(Launch(token_kernels._rows_backward, variant, "{BLOCK_S}x{BLOCK_R}x{BLOCK_D}".format(
+                               **backward_tile),
                                token_kernels.BACKWARD_WARPS, token_kernels.BACKWARD_STAGES,
                                {"GRAD": ty, "IDS": "*i64", "OUT": ty, "POS_PARTS": "*fp32", "TOKEN_PARTS": "*fp32"},
                                {"SCATTER": scatter, "SUM_POS": True, "SUM_TOKEN": scatter, **backward_tile}))

@@ -252,9 +252,9 @@ def test_kernels_never_leave_the_tensors():
 @pytest.mark.parametrize("fused_backward", [True], indirect=True)
 @pytest.mark.parametrize("backward_programs", [6, 2048])
 def test_fused_backwards_sum_over_sample_groups(fused_backward, backward_programs, monkeypatch):
-    """Five samples over 10 full-length rows: with 6 programs' worth of work, groups of 2 samples (the last one
-    alone), so the positional embedding's and the token's gradients add partial sums; both backwards, float64
-    reference. With 2048, one sample per program."""
+    """Five samples over 10 full-length rows, in groups of at least BACKWARD_BLOCK_S (4) samples: the last group has
+    one live sample, so the positional embedding's and the token's gradients add partial sums of unequal groups;
+    both backwards, float64 reference. With 6 programs' worth of work, 2 samples a group before rounding; 2048, 1."""
     monkeypatch.setattr(kernels, "BACKWARD_PROGRAMS", backward_programs)
     ids_restore = torch.stack([torch.randperm(9, generator=torch.Generator().manual_seed(b)) for b in range(5)])
     ids_restore = ids_restore.to(DEVICE)

@@ -21,11 +21,12 @@ from .launch import cdiv, launch, next_power_of_2
 
 BLOCK_ROWS = 8
 MAX_BLOCK_D = 1024  # wider rows are copied in chunks
-# rows_backward: columns per program (the rest go to more programs, which keep fp32 sums in registers), and about
-# how many programs it launches (each takes a group of samples: fewer groups, fewer partial sums to add)
-BACKWARD_BLOCK_D = 128
+# rows_backward: samples per step and columns per program (the rest go to more programs, which keep fp32 sums in
+# registers), and about how many programs it launches (each takes a group of samples: fewer groups, fewer partial
+# sums to add)
+BACKWARD_BLOCK_S, BACKWARD_BLOCK_D = 4, 128
 BACKWARD_PROGRAMS = 2048
-BACKWARD_WARPS, BACKWARD_STAGES = 4, 2
+BACKWARD_WARPS, BACKWARD_STAGES = 8, 2
 
 
 @triton.jit
@@ -90,49 +91,55 @@ def _rows_backward(
     GRAD, IDS, OUT, POS_PARTS, TOKEN_PARTS,
     stride_gb, stride_gt, stride_ib, stride_ob, stride_ot,
     batch, num_prefix, num_ids, num_kept, dim, samples_per_program,
-    SCATTER: tl.constexpr, SUM_POS: tl.constexpr, SUM_TOKEN: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    SCATTER: tl.constexpr, SUM_POS: tl.constexpr, SUM_TOKEN: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Both token backwards in one pass over the gradient, organised by the rows of the full-length side (the P
     prefix rows and the L patch rows, whose ids are ``IDS = ids_restore``): each program owns BLOCK_R of those rows
-    and BLOCK_D columns, for ``samples_per_program`` samples in turn.
+    and BLOCK_D columns, for ``samples_per_program`` samples, BLOCK_S at a time (a [BLOCK_S x BLOCK_R, BLOCK_D]
+    tile: that many loads in flight per program; the sums over its samples are taken once, at the end).
 
     SCATTER (restore's backward): GRAD holds the full-length rows; kept ones (id < K) go to OUT row P + id, the
     others add to the mask token's gradient. Else (gather's backward): OUT holds the full-length rows, each read
     from GRAD row P + id if kept, zero if not. Either way the full-length rows summed over the samples are the
     positional embedding's gradient: per program in fp32, one partial per sample group (summed after)."""
     group = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    lanes = tl.arange(0, BLOCK_S * BLOCK_R)  # sample-major (sample, row) pairs, flat: a 2-D tile compiles leaner
+    offset = lanes // BLOCK_R  # sample within the step
+    rows = tl.program_id(1) * BLOCK_R + lanes % BLOCK_R
     cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     is_row = rows < num_prefix + num_ids
     is_prefix = rows < num_prefix
     in_dim = cols[None, :] < dim
-    pos_sum = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-    token_sum = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-    for i in range(0, samples_per_program):  # a scalar bound: Triton 3.6's interpreter takes no tensor bounds
-        sample = group.to(tl.int64) * samples_per_program + i
-        live = is_row & (sample < batch)
-        ids = tl.load(IDS + sample * stride_ib + (rows - num_prefix), mask=live & ~is_prefix, other=-1).to(tl.int64)
-        moves = live & (is_prefix | ((ids >= 0) & (ids < num_kept)))  # rows that have a row on the other side
+    pos_sum = tl.zeros([BLOCK_S * BLOCK_R, BLOCK_D], tl.float32)  # per (sample offset, row); samples added last
+    token_sum = tl.zeros([BLOCK_S * BLOCK_R, BLOCK_D], tl.float32)
+    first = group.to(tl.int64) * samples_per_program
+    for i in range(0, samples_per_program, BLOCK_S):  # scalar bounds: Triton 3.6's interpreter takes no tensor ones
+        samples = first + i + offset
+        live = is_row & (samples < batch)
+        ids = tl.load(IDS + samples * stride_ib + (rows - num_prefix), mask=live & ~is_prefix, other=-1).to(tl.int64)
+        moves = live & (is_prefix | ((ids >= 0) & (ids < num_kept)))  # rows with a row on the other side
         other = tl.where(is_prefix, rows, num_prefix + ids)
         if SCATTER:
-            grad = tl.load(GRAD + sample * stride_gb + rows[:, None] * stride_gt + cols[None, :],
+            grad = tl.load(GRAD + samples[:, None] * stride_gb + rows[:, None] * stride_gt + cols[None, :],
                            mask=live[:, None] & in_dim, other=0.0).to(tl.float32)
-            tl.store(OUT + sample * stride_ob + other[:, None] * stride_ot + cols[None, :],
+            tl.store(OUT + samples[:, None] * stride_ob + other[:, None] * stride_ot + cols[None, :],
                      grad.to(OUT.dtype.element_ty), mask=moves[:, None] & in_dim)
             if SUM_TOKEN:  # a select, not a product with a 0/1 mask: inf or NaN on kept rows stays out
                 token_sum += tl.where((live & ~moves)[:, None], grad, 0.0)
         else:
-            grad = tl.load(GRAD + sample * stride_gb + other[:, None] * stride_gt + cols[None, :],
+            grad = tl.load(GRAD + samples[:, None] * stride_gb + other[:, None] * stride_gt + cols[None, :],
                            mask=moves[:, None] & in_dim, other=0.0).to(tl.float32)
-            tl.store(OUT + sample * stride_ob + rows[:, None] * stride_ot + cols[None, :],
+            tl.store(OUT + samples[:, None] * stride_ob + rows[:, None] * stride_ot + cols[None, :],
                      grad.to(OUT.dtype.element_ty), mask=live[:, None] & in_dim)
         if SUM_POS:
             pos_sum += grad
     if SUM_POS:
         full_rows = num_prefix + num_ids
-        tl.store(POS_PARTS + (group.to(tl.int64) * full_rows + rows[:, None]) * dim + cols[None, :], pos_sum,
-                 mask=is_row[:, None] & in_dim)
+        block_rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        tl.store(POS_PARTS + (group.to(tl.int64) * full_rows + block_rows[:, None]) * dim + cols[None, :],
+                 tl.sum(tl.reshape(pos_sum, [BLOCK_S, BLOCK_R, BLOCK_D]), 0),
+                 mask=(block_rows < full_rows)[:, None] & in_dim)
     if SUM_TOKEN:
         part = group * tl.num_programs(1) + tl.program_id(1)
         tl.store(TOKEN_PARTS + part.to(tl.int64) * dim + cols, tl.sum(token_sum, 0), mask=cols < dim)
@@ -207,13 +214,15 @@ def rows_backward(grad, ids, num_prefix: int, num_kept: int, scatter: bool, sum_
     block_d = min(BACKWARD_BLOCK_D, max(16, next_power_of_2(dim)))
     row_blocks, col_blocks = cdiv(full_rows, BLOCK_ROWS), cdiv(dim, block_d)
     samples_per_program = cdiv(batch, max(1, BACKWARD_PROGRAMS // (row_blocks * col_blocks)))
+    samples_per_program = cdiv(samples_per_program, BACKWARD_BLOCK_S) * BACKWARD_BLOCK_S
     groups = cdiv(batch, samples_per_program)
     pos_parts = grad.new_empty(groups if sum_pos else 0, full_rows, dim, dtype=torch.float32)
     token_parts = grad.new_empty(groups * row_blocks if sum_token else 0, dim, dtype=torch.float32)
     launch(_rows_backward, (groups, row_blocks, col_blocks), (grad, ids, out, pos_parts, token_parts), (
         grad.stride(0), grad.stride(1), ids.stride(0), out.stride(0), out.stride(1),
         batch, num_prefix, ids.shape[1], num_kept, dim, samples_per_program,
-    ), dict(SCATTER=scatter, SUM_POS=sum_pos, SUM_TOKEN=sum_token, BLOCK_R=BLOCK_ROWS, BLOCK_D=block_d),
+    ), dict(SCATTER=scatter, SUM_POS=sum_pos, SUM_TOKEN=sum_token, BLOCK_S=BACKWARD_BLOCK_S, BLOCK_R=BLOCK_ROWS,
+            BLOCK_D=block_d),
         num_warps=BACKWARD_WARPS, num_stages=BACKWARD_STAGES)
     if sum_pos:
         pos = pos_parts.sum(0)
