@@ -100,22 +100,28 @@ def _signature(fn, pointer_types: dict[str, str], constexprs: dict, divisible: t
     return signature, {key: [["tt.divisibility", 16]] for key in aligned}
 
 
-def attention_launches(head_dim: int, dtype: torch.dtype, cfgs=None, variant: str = "") -> list[Launch]:
+def attention_launches(head_dim: int, dtype: torch.dtype, cfgs=None, variant: str = "",
+                       stored_ds: bool = False) -> list[Launch]:
     """The attention kernels as mimkernels.triton.attention launches them for this head dim and dtype: with the
     portable configs (``configs_for``) unless ``cfgs`` are given; the atomic-dQ, delta-computing dQ and per-head
-    backwards only with ``cfgs``, where they are set."""
+    backwards only with ``cfgs``, where they are set; with ``stored_ds`` also the stored-dS backward's two kernels
+    (kernels.STORED_DS: dK/dV storing dS, dQ from it), where the dK/dV tile allows it."""
     ty = "*" + DTYPES[dtype]
     portable = cfgs is None
     cfgs = cfgs or kernels.configs_for(head_dim, dtype)
     shape = kernels.shape_args(head_dim, dtype)
     pointers = {name: ty for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "Q_TAIL", "O_TAIL", "DO_TAIL",
                                       "DQ_TAIL", "Q_HI", "K_HI", "V_HI", "O_HI", "DO_HI", "DQ_HI", "DK_HI", "DV_HI")}
-    pointers.update(LSE="*fp32", DELTA="*fp32", PREFIX="*i64", DQ_ACC="*fp32")
+    pointers.update(LSE="*fp32", DELTA="*fp32", PREFIX="*i64", DQ_ACC="*fp32", DS=ty)
     plan = [(kernels._prefix_causal_fwd, cfgs.forward, {}),
-            (kernels._prefix_causal_bwd_dkdv, cfgs.backward_dkdv, {"DQ_ATOMIC": False}),
+            (kernels._prefix_causal_bwd_dkdv, cfgs.backward_dkdv, {"DQ_ATOMIC": False, "STORE_DS": 0}),
             (kernels._prefix_causal_bwd_dq, cfgs.backward_dq, {"DELTA_HERE": False})]
+    if stored_ds and not (cfgs.backward_dkdv.split_d and kernels.head_dim_split(head_dim)):
+        store_ds = 2 if cfgs.backward_dkdv.tma and not cfgs.backward_dkdv.tail_m else 1  # a descriptor, or pointers
+        plan.append((kernels._prefix_causal_bwd_dkdv, cfgs.backward_dkdv, {"DQ_ATOMIC": False, "STORE_DS": store_ds}))
+        plan.append((kernels._prefix_causal_bwd_dq_from_ds, kernels.STORED_DS_DQ_TILE, {}))
     if not portable and cfgs.backward_atomic is not None:
-        plan.append((kernels._prefix_causal_bwd_dkdv, cfgs.backward_atomic, {"DQ_ATOMIC": True}))
+        plan.append((kernels._prefix_causal_bwd_dkdv, cfgs.backward_atomic, {"DQ_ATOMIC": True, "STORE_DS": 0}))
     if not portable and cfgs.backward_dq_delta is not None:
         plan.append((kernels._prefix_causal_bwd_dq, cfgs.backward_dq_delta, {"DELTA_HERE": True}))
     if not portable and cfgs.backward_per_head is not None:
@@ -133,10 +139,12 @@ def attention_launches(head_dim: int, dtype: torch.dtype, cfgs=None, variant: st
     for fn, cfg, extra in plan:
         constexprs = {**shape, "PREFIX_IS_TENSOR": True, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
                       "USE_TMA": cfg.tma, **extra}
+        constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
         if "TAIL_M" in fn.arg_names:  # the launchers use no tail tiles with the atomic dQ
             constexprs["TAIL_M"] = 0 if extra.get("DQ_ATOMIC") else cfg.tail_m
         suffix = (" atomic" if extra.get("DQ_ATOMIC") else " +delta" if extra.get("DELTA_HERE")
-                  else " per-head" if fn is kernels._prefix_causal_bwd_per_head else "")
+                  else " per-head" if fn is kernels._prefix_causal_bwd_per_head else " +ds" if extra.get("STORE_DS")
+                  else " from-ds" if fn is kernels._prefix_causal_bwd_dq_from_ds else "")
         suffix += " tma" if cfg.tma else ""
         suffix += f" tail{constexprs['TAIL_M']}" if constexprs.get("TAIL_M") else ""
         suffix += f" split{extra['BLOCK_LO']}+{extra['BLOCK_HI']}" if "BLOCK_LO" in extra else ""
@@ -177,6 +185,8 @@ def _tma_operands(pointers: dict, fn, cfg, dtype_name: str, shape: dict, dq_atom
     descriptors = {name: f"tensordesc<{dtype_name}[1,1,{r},{columns(name)}]>" for name, r in rows.items()}
     if dq_atomic:
         descriptors["DQ_ACC"] = f"tensordesc<fp32[1,1,{cfg.block_m},{shape['BLOCK_D']}]>"
+    if shape.get("STORE_DS") == 2:  # the dS buffer, [B, H, N, N], key tiles by query tiles
+        descriptors["DS"] = f"tensordesc<{dtype_name}[1,1,{cfg.block_n},{cfg.block_m}]>"
     return pointers | descriptors
 
 
@@ -294,6 +304,27 @@ def measured_report() -> list[Row]:
     return rows
 
 
+def stored_ds_report(quick: bool = False) -> list[Row]:
+    """The stored-dS backward's kernels (kernels.STORED_DS) with the measured table's bf16 sm_90 tiles (``quick``:
+    D 128, AIM's), each after the table's own dK/dV and dQ kernels: that they compile, and what storing dS costs."""
+    from mimkernels.triton import attention_tiles
+
+    rows = []
+    for key in sorted(attention_tiles.MEASURED):
+        arch, itemsize, block_d, seq_class = key
+        if arch != 90 or itemsize != 2 or (quick and block_d != 128):
+            continue
+        launches = attention_launches(block_d, torch.bfloat16, kernels.measured_configs(key), f" N<={seq_class}",
+                                      stored_ds=True)
+        for launch in launches:
+            if launch.fn in (kernels._prefix_causal_fwd, kernels._prefix_causal_fwd_split_d):
+                continue
+            rows.append(Row(launch.fn.__name__, "sm_90", "bf16", launch.variant, launch.tile, launch.num_warps,
+                            launch.num_stages, *compile_one(launch, 90)))
+            print(_format(rows[-1]), flush=True)
+    return rows
+
+
 def report(head_dims=HEAD_DIMS, archs=ARCHS, dtypes=tuple(DTYPES)) -> list[Row]:
     rows = []
     for arch in archs:
@@ -365,8 +396,18 @@ def main(argv=None) -> int:
     parser.add_argument("--split", action="store_true",
                         help="compile the tuner's split-head-dim candidates at D = 80 for sm_90 instead, each after "
                         "its base tile (with --quick: without; spills listed, not failed)")
+    parser.add_argument("--stored-ds", action="store_true",
+                        help="compile the stored-dS backward with the measured table's bf16 sm_90 tiles instead, "
+                        "beside the table's own backward kernels (with --quick: D = 128 only; spills listed, not "
+                        "failed)")
     args = parser.parse_args(argv)
     source = commit()  # the code compiled is the code at the start
+    if args.stored_ds:
+        rows = stored_ds_report(args.quick)
+        stored = [row for row in rows if {"+ds", "from-ds"} & set(row.variant.split())]
+        print(f"{len(stored)} stored-dS kernels compiled for sm_90 with triton {triton.__version__}; spills: "
+              f"{sum(row.spills for row in stored)} (allowed: a GPU measures them)")
+        return 0
     if args.measured:
         rows = measured_report()
         print(f"{len(rows)} kernels of the measured table compiled with triton {triton.__version__}; "

@@ -16,6 +16,7 @@ import torch
 from conftest import DEVICE
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 import mimkernels
 from mimkernels import reference
@@ -301,8 +302,10 @@ TAIL_TILES = AttentionConfigs(TileConfig(32, 16, 4, 1), TileConfig(32, 32, 4, 1)
                                           ((2, 2, 64, 16), torch.float32)], ids=str)
 def test_tail_tiles(shape, dtype, variant, tma):
     """Tail tiles (rows past the last whole query tile in 16-row tiles): within budget of the float64 reference with
-    per-sample prefixes; the forward and dQ bit-equal to the same tiles without tails (each row's sums are the
-    same), dK / dV equal to fp32 rounding (their sums over query rows are split differently)."""
+    per-sample prefixes; the forward, dQ, dK and dV equal to the same tiles without tails to fp32 rounding. (Each
+    forward / dQ row sums the same products as without tails, and GPU kernels give the same bits; the interpreter's
+    matmuls are NumPy's, whose BLAS may sum a 16-row product in another order than the same rows of a 32-row one:
+    OpenBLAS 0.3.31 on an AVX-512 AMD EPYC does, 2026-12-04.)"""
     prefix = per_sample_prefix(shape[0], shape[2], seed=shape[2] + 1)
     base = with_optional_kernels(TAIL_TILES) if variant == "delta_in_dq" else TAIL_TILES
     base = with_tma(base) if tma else base
@@ -311,8 +314,7 @@ def test_tail_tiles(shape, dtype, variant, tma):
     assert not tma or kernels.tma_usable(q, k, v)
     got = outputs_and_grads(triton_op(prefix, with_tails(base), 0.3), q, k, v, leaves)
     want = outputs_and_grads(triton_op(prefix, base, 0.3), q, k, v, leaves)
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])  # out, dq
-    for g, w in zip(got[2:], want[2:]):
+    for g, w in zip(got, want):  # out, dq, dk, dv
         torch.testing.assert_close(g, w, rtol=1e-5 if dtype == torch.float32 else 2e-3, atol=1e-5)
 
 
@@ -550,6 +552,85 @@ def test_per_head_backward_many_tiles(tiles, seq_len):
     assert_within_budget(triton_op(prefix, with_per_head_backward(SMALL_TILES[tiles]), 0.25),
                          reference_op(prefix, 0.25), (4, 2, seq_len, 24), torch.float32, layout="packed_qkv",
                          seed=seq_len)
+
+
+def _launched_kernels(monkeypatch, arguments=None) -> list:
+    """The kernels launched from now on, in order (kernels.launch recorded, then run); their tensor arguments
+    appended to ``arguments`` where given."""
+    real_launch, launched = kernels.launch, []
+
+    def recording_launch(kernel, grid, tensors, *args, **kwargs):
+        launched.append(kernel)
+        if arguments is not None:
+            arguments.append(tensors)
+        return real_launch(kernel, grid, tensors, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "launch", recording_launch)
+    return launched
+
+
+# the dQ tile's key tiles wider than the dK/dV tile's query tiles: dQ's masked tiles reach pairs dK/dV never visits
+STORED_DS_TILES = {**SMALL_TILES, "mixed": _tiles((16, 16), (16, 16), (16, 32))}
+
+
+@pytest.mark.parametrize("tails", [False, True], ids=["whole", "tails"])
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+@pytest.mark.parametrize("tiles", STORED_DS_TILES, ids=str)
+@pytest.mark.parametrize("shape, dtype", [((3, 1, 1, 16), torch.float32), ((2, 2, 49, 64), torch.float32),
+                                          ((4, 1, 50, 40), torch.float16), ((2, 1, 97, 24), torch.float32),
+                                          ((2, 2, 64, 32), torch.float32)], ids=str)
+def test_stored_ds_backward(shape, dtype, tiles, tma, tails, monkeypatch):
+    """kernels.STORED_DS: the dK/dV kernel stores dS and dQ is one matmul per tile pair from it. Within budget of the
+    float64 reference with per-sample prefixes, whatever the dK/dV tile (through pointers or TMA, with tail tiles)
+    and the dQ tile (STORED_DS_DQ_TILE, here the configs' dQ tile, of other shapes: it reads only visible pairs,
+    never what dK/dV skipped, which is NaN here);
+    dK and dV bit-equal to the two-launch backward's (the same kernel, one more store); the stored-dS kernels ran."""
+    prefix = per_sample_prefix(shape[0], shape[2], seed=shape[2] + 3)
+    configs = with_tma(STORED_DS_TILES[tiles]) if tma else STORED_DS_TILES[tiles]
+    configs = with_tails(configs) if tails else configs
+    q, k, v, leaves = make_qkv(shape, dtype, "bnhd")  # one leaf per operand: dq compared on its own
+    want = outputs_and_grads(triton_op(prefix, configs, 0.3), q, k, v, leaves)
+    monkeypatch.setattr(kernels, "STORED_DS", True)
+    monkeypatch.setattr(kernels, "STORED_DS_DQ_TILE", STORED_DS_TILES[tiles].backward_dq)
+    real_dkdv = kernels.backward_dkdv
+
+    def dkdv_into_nan(*args, ds=None, **kwargs):
+        if ds is not None:
+            ds.fill_(float("nan"))
+        return real_dkdv(*args, ds=ds, **kwargs)
+
+    monkeypatch.setattr(kernels, "backward_dkdv", dkdv_into_nan)
+    arguments = []
+    launched = _launched_kernels(monkeypatch, arguments)
+    assert_within_budget(triton_op(prefix, configs), reference_op(prefix), shape, dtype)
+    assert kernels._prefix_causal_bwd_dq_from_ds in launched and kernels._prefix_causal_bwd_dq not in launched
+    ds_argument = arguments[launched.index(kernels._prefix_causal_bwd_dkdv)][9]
+    # through a tensor descriptor where the dK/dV tile is +tma, runs no tail tiles (none where N is a multiple of
+    # block_m) and TMA takes [B, H, N, N] (N % 8 == 0)
+    tail_m = kernels.query_tiles(shape[2], configs.backward_dkdv)[2]
+    assert isinstance(ds_argument, TensorDescriptor) == (tma and not tail_m and shape[2] % 8 == 0)
+    got = outputs_and_grads(triton_op(prefix, configs, 0.3), q, k, v, leaves)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2]) and torch.equal(got[3], want[3])
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5 if dtype == torch.float32 else 2e-3, atol=1e-5)
+
+
+def test_stored_ds_backward_only_up_to_its_buffer_size(monkeypatch):
+    """Past STORED_DS_MAX_BYTES of dS buffer (B * H * N * N values), and with a split head dim, the two-launch
+    backward runs; the public op takes the stored-dS path with the switch on."""
+    monkeypatch.setattr(kernels, "STORED_DS", True)
+    q = torch.empty(2, 3, 40, 80, device=DEVICE)
+    configs = SMALL_TILES["square16"]
+    monkeypatch.setattr(kernels, "STORED_DS_MAX_BYTES", 2 * 3 * 40 * 40 * 4)
+    assert kernels.stored_ds_usable(q, configs)
+    monkeypatch.setattr(kernels, "STORED_DS_MAX_BYTES", 2 * 3 * 40 * 40 * 4 - 1)
+    assert not kernels.stored_ds_usable(q, configs)
+    monkeypatch.setattr(kernels, "STORED_DS_MAX_BYTES", 1 << 30)
+    assert not kernels.stored_ds_usable(q, with_split_d(configs))
+    assert kernels.stored_ds_usable(q[..., :64], with_split_d(configs))  # D 64 does not split: its base tiles run
+    launched = _launched_kernels(monkeypatch)
+    prefix = per_sample_prefix(2, 40, seed=1)
+    assert_within_budget(triton_op(prefix), reference_op(prefix), (2, 3, 40, 64), torch.float32)
+    assert kernels._prefix_causal_bwd_dq_from_ds in launched
 
 
 @pytest.mark.parametrize("tiles", SMALL_TILES, ids=str)

@@ -57,3 +57,14 @@ def test_split_head_dim_candidates_compile_for_hopper():
     candidates = sum("+splitd" in text for texts in attention_tuning.CANDIDATES.values() for text in texts)
     assert run.stdout.count("_split_d ") == candidates, run.stdout[-4000:]
     assert f"{candidates} split-head-dim candidates compiled for sm_90" in run.stdout
+
+
+def test_stored_ds_kernels_compile_for_hopper():
+    """The stored-dS backward (kernels.STORED_DS) with the measured table's D 128 tiles: the dK/dV kernel storing dS
+    (through a descriptor for the +tma tiles without tails) and the dQ kernel reading it, each must compile."""
+    from mimkernels.triton import attention_tiles
+
+    run = kernel_report("--stored-ds", "--quick")
+    classes = sum(key[0] == 90 and key[1] == 2 and key[2] == 128 for key in attention_tiles.MEASURED)
+    assert run.stdout.count(" from-ds ") == classes, run.stdout[-4000:]  # D 128 never splits: both kernels each
+    assert f"{2 * classes} stored-dS kernels compiled for sm_90" in run.stdout

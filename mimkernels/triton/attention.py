@@ -590,10 +590,11 @@ def _dkdv_query_ranges(n_start, prefix, seq_len, BLOCK_M: tl.constexpr, BLOCK_N:
 
 @triton.jit
 def _dkdv_query_tiles(
-    dk, dv, k, v, q_src, do_src, dq_dst, dq_out, lse_row, delta_row, stride_qn, stride_don, stride_dqn,
+    dk, dv, k, v, q_src, do_src, dq_dst, dq_out, lse_row, delta_row, ds_rows, stride_qn, stride_don, stride_dqn,
     stride_dq_out_n, batch, head, n_start, offs_n, offs_d, m_lo, m_hi, prefix, seq_len, head_dim, qk_scale, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr, DQ_IN_ORDER: tl.constexpr, USE_TMA: tl.constexpr,
+    STORE_DS: tl.constexpr,
 ):
     """Accumulate dK, dV of the key tile at ``n_start`` over query tiles [m_lo, m_hi); works on transposed scores
     [keys, queries].
@@ -604,6 +605,10 @@ def _dkdv_query_tiles(
     (one program runs the key tiles of its head one after another, in order), add it with a plain read and write
     of the accumulator's rows (``dq_dst``: pointers), whose first writer is key tile 0 and whose last writer
     stores the finished, scaled dQ rows into ``dq_out`` instead: deterministic, no atomics, no zeroing, no cast.
+    With STORE_DS, the tile's dS^T (keys x queries, rounded as the dQ matmul takes it) goes to the [B, H, N, N] dS
+    buffer (key-major), for :func:`_prefix_causal_bwd_dq_from_ds`: STORE_DS 1 through ``ds_rows``, this head's rows
+    of it; 2 through ``ds_rows`` as a tensor descriptor of it (blocks [1, 1, BLOCK_N, BLOCK_M]: no addresses held
+    in registers, TMA drops keys and queries past N).
     """
     for m_start in range(m_lo, m_hi, BLOCK_M):
         offs_m = m_start + tl.arange(0, BLOCK_M)
@@ -622,6 +627,13 @@ def _dkdv_query_tiles(
         dprobs_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         dscores_t = (probs_t * (dprobs_t - delta[None, :])).to(q.dtype)
         dk += tl.dot(dscores_t, q, input_precision=DOT_PRECISION)
+        if STORE_DS == 2:  # 0 on the pairs nobody sees
+            ds_rows.store([batch, head, n_start, m_start], dscores_t.reshape(1, 1, BLOCK_N, BLOCK_M))
+        elif STORE_DS == 1:  # keys and queries past N are not stored (N^2 < 2^31: int32 offsets)
+            inside = offs_n[:, None] < seq_len
+            if MASKED:
+                inside = inside & (offs_m[None, :] < seq_len)
+            tl.store(ds_rows + (offs_n[:, None] * seq_len + offs_m[None, :]), dscores_t, mask=inside)
         if DQ_ATOMIC:
             dq = tl.dot(tl.trans(dscores_t), k, input_precision=DOT_PRECISION) * scale
             if USE_TMA:  # TMA drops the rows past N and the columns past D
@@ -647,7 +659,7 @@ def _dkdv_query_tiles(
 
 @triton.jit
 def _dkdv_key_tile(
-    Q, K, V, DO, DK, DV, dq_dst, dq_out, lse_row, delta_row, Q_TAIL, DO_TAIL,
+    Q, K, V, DO, DK, DV, dq_dst, dq_out, lse_row, delta_row, ds_rows, Q_TAIL, DO_TAIL,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -658,9 +670,9 @@ def _dkdv_key_tile(
     batch, head, n_start, prefix, seq_len, scale, qk_scale,
     head_dim: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr, DQ_IN_ORDER: tl.constexpr,
-    USE_TMA: tl.constexpr, TAIL_M: tl.constexpr,
+    USE_TMA: tl.constexpr, TAIL_M: tl.constexpr, STORE_DS: tl.constexpr,
 ):
-    """dK, dV of the key tile at ``n_start`` over every query tile that sees it (and its dQ shares, see
+    """dK, dV of the key tile at ``n_start`` over every query tile that sees it (and its dQ shares or dS, see
     :func:`_dkdv_query_tiles`), stored. With TAIL_M (never with DQ_ATOMIC or DQ_IN_ORDER), the query rows past the
     last whole BLOCK_M tile come in tiles of TAIL_M rows, through Q_TAIL and DO_TAIL."""
     offs_n = n_start + tl.arange(0, BLOCK_N)
@@ -678,26 +690,27 @@ def _dkdv_key_tile(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # the diagonal tiles (masked), the full ones, the tile past the sequence end (masked)
     dk, dv = _dkdv_query_tiles(
-        dk, dv, k, v, q_src, do_src, dq_dst, dq_out, lse_row, delta_row, stride_qn, stride_don, stride_dqn,
+        dk, dv, k, v, q_src, do_src, dq_dst, dq_out, lse_row, delta_row, ds_rows, stride_qn, stride_don, stride_dqn,
         stride_dq_out_n, batch, head, n_start, offs_n, offs_d, m_lo, diag_end, prefix, seq_len, head_dim, qk_scale,
-        scale, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, True, DOT_PRECISION, DQ_ATOMIC, DQ_IN_ORDER, USE_TMA)
+        scale, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, True, DOT_PRECISION, DQ_ATOMIC, DQ_IN_ORDER, USE_TMA, STORE_DS)
     dk, dv = _dkdv_query_tiles(
-        dk, dv, k, v, q_src, do_src, dq_dst, dq_out, lse_row, delta_row, stride_qn, stride_don, stride_dqn,
+        dk, dv, k, v, q_src, do_src, dq_dst, dq_out, lse_row, delta_row, ds_rows, stride_qn, stride_don, stride_dqn,
         stride_dq_out_n, batch, head, n_start, offs_n, offs_d, diag_end, m_floor, prefix, seq_len, head_dim,
-        qk_scale, scale, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, False, DOT_PRECISION, DQ_ATOMIC, DQ_IN_ORDER, USE_TMA)
+        qk_scale, scale, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, False, DOT_PRECISION, DQ_ATOMIC, DQ_IN_ORDER, USE_TMA,
+        STORE_DS)
     if TAIL_M:  # the rows past the last whole query tile, TAIL_M at a time
         dk, dv = _dkdv_query_tiles(
             dk, dv, k, v, _head_source(Q_TAIL, batch, head, stride_qb, stride_qh, USE_TMA),
             _head_source(DO_TAIL, batch, head, stride_dob, stride_doh, USE_TMA), dq_dst, dq_out, lse_row, delta_row,
-            stride_qn, stride_don, stride_dqn, stride_dq_out_n, batch, head, n_start, offs_n, offs_d,
+            ds_rows, stride_qn, stride_don, stride_dqn, stride_dq_out_n, batch, head, n_start, offs_n, offs_d,
             tl.maximum(diag_end, m_floor), seq_len, prefix, seq_len, head_dim, qk_scale, scale, TAIL_M, BLOCK_N,
-            BLOCK_D, EVEN_D, True, DOT_PRECISION, DQ_ATOMIC, DQ_IN_ORDER, USE_TMA)
+            BLOCK_D, EVEN_D, True, DOT_PRECISION, DQ_ATOMIC, DQ_IN_ORDER, USE_TMA, STORE_DS)
     else:
         dk, dv = _dkdv_query_tiles(
-            dk, dv, k, v, q_src, do_src, dq_dst, dq_out, lse_row, delta_row, stride_qn, stride_don, stride_dqn,
+            dk, dv, k, v, q_src, do_src, dq_dst, dq_out, lse_row, delta_row, ds_rows, stride_qn, stride_don, stride_dqn,
             stride_dq_out_n, batch, head, n_start, offs_n, offs_d, tl.maximum(diag_end, m_floor), seq_len, prefix,
             seq_len, head_dim, qk_scale, scale, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, True, DOT_PRECISION, DQ_ATOMIC,
-            DQ_IN_ORDER, USE_TMA)
+            DQ_IN_ORDER, USE_TMA, STORE_DS)
 
     if USE_TMA:  # TMA drops the rows past N and the columns past D
         DK.store([batch, head, n_start, 0], (dk * scale).to(DK.dtype).reshape(1, 1, BLOCK_N, BLOCK_D))
@@ -711,7 +724,7 @@ def _dkdv_key_tile(
 
 @triton.jit
 def _prefix_causal_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, PREFIX, Q_TAIL, DO_TAIL, prefix_int,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, DS, PREFIX, Q_TAIL, DO_TAIL, prefix_int,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -723,8 +736,11 @@ def _prefix_causal_bwd_dkdv(
     PREFIX_IS_TENSOR: tl.constexpr, head_dim: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr, USE_TMA: tl.constexpr, TAIL_M: tl.constexpr,
+    STORE_DS: tl.constexpr,
 ):
-    """dK, dV of one key tile; with DQ_ATOMIC also dQ (fp32, atomically, so not bit-reproducible), in one launch.
+    """dK, dV of one key tile; with DQ_ATOMIC also dQ (fp32, atomically, so not bit-reproducible), in one launch;
+    with STORE_DS also its dS^T into DS ([B, H, N, N], key-major; 2: DS is a tensor descriptor of it, never with
+    TAIL_M) for :func:`_prefix_causal_bwd_dq_from_ds`.
     With USE_TMA, Q, K, V, DO, DK, DV are [B, H, N, D] tensor descriptors, and so is DQ_ACC with DQ_ATOMIC. With
     TAIL_M (not with DQ_ATOMIC), query rows past the last whole BLOCK_M tile are read TAIL_M at a time through
     Q_TAIL and DO_TAIL (blocks [1, 1, TAIL_M, BLOCK_D] with USE_TMA; else Q and DO again)."""
@@ -736,11 +752,12 @@ def _prefix_causal_bwd_dkdv(
     prefix = _prefix_of(PREFIX, prefix_int, batch, seq_len, PREFIX_IS_TENSOR)
     _dkdv_key_tile(
         Q, K, V, DO, DK, DV, _head_source(DQ_ACC, batch, head, stride_dqb, stride_dqh, USE_TMA), DQ_ACC,
-        LSE + bh.to(tl.int64) * seq_len, DELTA + bh.to(tl.int64) * seq_len, Q_TAIL, DO_TAIL,
+        LSE + bh.to(tl.int64) * seq_len, DELTA + bh.to(tl.int64) * seq_len,
+        DS if STORE_DS == 2 else DS + bh.to(tl.int64) * seq_len * seq_len, Q_TAIL, DO_TAIL,
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
         stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
         stride_dqn, stride_dqn, batch, head, n_start, prefix, seq_len, scale, qk_scale,
-        head_dim, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, DQ_ATOMIC, False, USE_TMA, TAIL_M)
+        head_dim, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, DQ_ATOMIC, False, USE_TMA, TAIL_M, STORE_DS)
 
 
 @triton.jit
@@ -786,11 +803,11 @@ def _prefix_causal_bwd_per_head(
     dq_out = _head_rows(DQ, batch, head, stride_dqb, stride_dqh)
     for n_start in range(0, seq_len, BLOCK_N):
         _dkdv_key_tile(
-            Q, K, V, DO, DK, DV, dq_acc, dq_out, lse_row, delta_row, Q, DO,
+            Q, K, V, DO, DK, DV, dq_acc, dq_out, lse_row, delta_row, dq_acc, Q, DO,
             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
             stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
             stride_dvn, head_dim, stride_dqn, batch, head, n_start, prefix, seq_len, scale, qk_scale,
-            head_dim, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, False, True, USE_TMA, 0)
+            head_dim, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, False, True, USE_TMA, 0, 0)
         tl.debug_barrier()  # this key tile's dQ rows written before the next one reads them
 
 
@@ -903,6 +920,54 @@ def _prefix_causal_bwd_dq(
                        stride_oh, stride_on, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
                        seq_len, scale, qk_scale, head_dim, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
                        DELTA_HERE, USE_TMA)
+
+
+@triton.jit
+def _dq_from_ds_key_tiles(dq, ds_rows, k_rows, stride_kn, offs_m, offs_d, n_lo, n_hi, prefix, seq_len, head_dim,
+                          BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr):
+    """dq += dS K over the key tiles [n_lo, n_hi), dS^T read from the stored [N, N] buffer (key-major). MASKED
+    tiles read only the visible pairs (the dK/dV kernel never wrote the others: its tiles may differ from these)."""
+    for n_start in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n_start + tl.arange(0, BLOCK_N)
+        inside = (offs_n[:, None] < seq_len) & (offs_m[None, :] < seq_len)
+        if MASKED:
+            inside = inside & _visible(offs_m[None, :], offs_n[:, None], prefix, seq_len)
+        ds_t = tl.load(ds_rows + (offs_n[:, None] * seq_len + offs_m[None, :]), mask=inside, other=0.0)
+        k = _load_tile(k_rows, offs_n, stride_kn, offs_d, seq_len, head_dim, True, EVEN_D)
+        dq += tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _prefix_causal_bwd_dq_from_ds(
+    K, DS, DQ, PREFIX, prefix_int,
+    stride_kb, stride_kh, stride_kn,
+    stride_dqb, stride_dqh, stride_dqn,
+    num_heads, seq_len, scale, num_m_tiles,
+    PREFIX_IS_TENSOR: tl.constexpr, head_dim: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dQ of one query tile from the dS the dK/dV kernel stored (STORE_DS): one matmul per key tile, where
+    :func:`_prefix_causal_bwd_dq` recomputes the scores and dP (three). Pointers, no tail tiles."""
+    pid = tl.program_id(0)
+    bh = pid // num_m_tiles
+    m_start = (num_m_tiles - 1 - pid % num_m_tiles) * BLOCK_M  # the longest rows first
+    batch = bh // num_heads
+    head = bh % num_heads
+    prefix = _prefix_of(PREFIX, prefix_int, batch, seq_len, PREFIX_IS_TENSOR)
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    ds_rows = DS + bh.to(tl.int64) * seq_len * seq_len
+    k_rows = _head_rows(K, batch, head, stride_kb, stride_kh)
+    full_end, visible_end = _key_range(m_start, prefix, seq_len, BLOCK_M, BLOCK_N)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = _dq_from_ds_key_tiles(dq, ds_rows, k_rows, stride_kn, offs_m, offs_d, 0, full_end, prefix, seq_len,
+                               head_dim, BLOCK_N, EVEN_D, False, DOT_PRECISION)
+    dq = _dq_from_ds_key_tiles(dq, ds_rows, k_rows, stride_kn, offs_m, offs_d, full_end, visible_end, prefix,
+                               seq_len, head_dim, BLOCK_N, EVEN_D, True, DOT_PRECISION)
+    _store_tile(_head_rows(DQ, batch, head, stride_dqb, stride_dqh), offs_m, stride_dqn, offs_d, seq_len, head_dim,
+                (dq * scale).to(DQ.dtype.element_ty))
 
 
 @triton.jit
@@ -1233,11 +1298,15 @@ def backward_row_dot(grad_out, out):
 
 
 def backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: TileConfig, dq_accumulator=None,
-                  dk=None, dv=None):
+                  dk=None, dv=None, ds=None):
     """dk, dv ([B, H, N, D] stored [B, N, H, D], or written into the given ``dk``, ``dv``: any [B, H, N, D] views
     with a unit last stride); with ``dq_accumulator`` (fp32 [B, H, N, D], zeroed) the same launch also adds dQ
-    into it, atomically."""
+    into it, atomically; with ``ds`` ([B, H, N, N] in q's dtype, contiguous) it also stores dS^T there for
+    :func:`backward_dq_from_ds` (through a tensor descriptor where the tile is ``+tma`` without tails and TMA can
+    take it; the pairs nobody sees are left as they were)."""
     batch, heads, seq_len, head_dim = q.shape
+    if ds is not None and (dq_accumulator is not None or (cfg.split_d and head_dim_split(head_dim))):
+        raise ValueError("the dK/dV kernel stores dS only without the atomic dQ and without a split head dim")
     prefix_ptr, prefix_int, prefix_is_tensor = _prefix_args(prefix, q)
     dk = _empty_bnhd(k) if dk is None else dk
     dv = _empty_bnhd(v) if dv is None else dv
@@ -1266,14 +1335,50 @@ def backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: Tile
     (q_, k_, v_, do_, dk_, dv_, *rest), use_tma = _operands(cfg, shapes, *operands)
     dq_acc_ = rest.pop(0) if atomic else dq_acc
     tails = rest or (q_, do_)  # never read without TAIL_M
+    store_ds = 0 if ds is None else 2 if use_tma and not tail_m and tma_usable(ds) else 1
+    ds_ = tensor_descriptor(ds, [1, 1, cfg.block_n, cfg.block_m]) if store_ds == 2 else dk if ds is None else ds
     launch(_prefix_causal_bwd_dkdv, (batch * heads * num_n_tiles,), (
-        q_, k_, v_, do_, lse, delta, dk_, dv_, dq_acc_, prefix_ptr, *tails,
+        q_, k_, v_, do_, lse, delta, dk_, dv_, dq_acc_, ds_, prefix_ptr, *tails,
     ), (
         prefix_int, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
         *_strides(dq_acc), heads, seq_len, scale, scale * LOG2_E, num_n_tiles,
     ), dict(PREFIX_IS_TENSOR=prefix_is_tensor, **shapes, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            DQ_ATOMIC=atomic, USE_TMA=use_tma, TAIL_M=tail_m), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            DQ_ATOMIC=atomic, USE_TMA=use_tma, TAIL_M=tail_m, STORE_DS=store_ds), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     return dk, dv
+
+
+def backward_dq_from_ds(q, k, ds, prefix, scale: float, cfg: TileConfig, dq=None):
+    """dq from the dS^T that :func:`backward_dkdv` stored into ``ds`` ([B, H, N, N]): one matmul per tile pair.
+    The tile's block_m, block_n, warps and stages are used (through pointers, no tail tiles)."""
+    batch, heads, seq_len, head_dim = q.shape
+    prefix_ptr, prefix_int, prefix_is_tensor = _prefix_args(prefix, q)
+    dq = _empty_bnhd(q) if dq is None else dq
+    shapes = shape_args(head_dim, q.dtype)
+    num_m_tiles = cdiv(seq_len, cfg.block_m)
+    launch(_prefix_causal_bwd_dq_from_ds, (batch * heads * num_m_tiles,), (k, ds, dq, prefix_ptr), (
+        prefix_int, *_strides(k), *_strides(dq), heads, seq_len, scale, num_m_tiles,
+    ), dict(PREFIX_IS_TENSOR=prefix_is_tensor, **shapes, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return dq
+
+
+# The backward with dS stored: the dK/dV kernel writes dS (one [N, N] buffer per head, in q's dtype), and dQ takes
+# one matmul per tile pair from it instead of recomputing the scores and dP (three). For short sequences, where the
+# buffer is small: AIM-600M's B64 x H12 x 256^2 bf16 is 100 MB. Selectable (bench_attention's
+# mimkernels_stored_ds), off until a GPU measures it faster; used up to STORED_DS_MAX_BYTES of buffer.
+STORED_DS = env_flag("MIMKERNELS_STORED_DS", False)
+STORED_DS_MAX_BYTES = 1 << 30
+# dQ from dS: its own tile (one matmul per tile pair needs fewer registers than the recomputing dQ kernel's tiles,
+# which spill here: 128x32x4x3 by 124 bytes at D 128 under Triton 3.9); no spills at D 128 on sm_90, not yet timed
+STORED_DS_DQ_TILE = TileConfig(64, 64, 4, 3)
+
+
+def stored_ds_usable(q: torch.Tensor, cfgs: AttentionConfigs) -> bool:
+    """Whether :func:`backward` takes the stored-dS path for ``q`` with these tiles."""
+    batch, heads, seq_len, head_dim = q.shape
+    return (STORED_DS and batch * heads * seq_len * seq_len * q.element_size() <= STORED_DS_MAX_BYTES
+            and seq_len * seq_len < 2**31 and not (cfgs.backward_dkdv.split_d and head_dim_split(head_dim)))
 
 
 def backward_dq(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: TileConfig, out=None, dq=None):
@@ -1366,11 +1471,18 @@ def backward(grad_out, q, k, v, out, lse, prefix, scale: float, configs: Attenti
     Default: a row-dot pre-pass, then dK/dV and dQ in two launches, no atomics, so bit-identical run after run;
     where ``configs.backward_dq_delta`` is set, the dQ kernel computes delta itself and runs first (no pre-pass);
     where ``configs.backward_per_head`` is set, one launch does it all (:func:`backward_per_head`), as
-    reproducible. ``atomic_dq=True``: one launch that adds dQ with fp32 atomics (tile ``configs.backward_atomic``,
-    else ``backward_dkdv``).
+    reproducible. With ``STORED_DS`` (where :func:`stored_ds_usable`), before any of these: dK/dV stores dS and dQ
+    is one matmul per tile pair from it (:func:`backward_dq_from_ds`), as reproducible. ``atomic_dq=True``: one
+    launch that adds dQ with fp32 atomics (tile ``configs.backward_atomic``, else ``backward_dkdv``).
     """
     cfgs = configs or configs_for_call(q)
     dq, dk, dv = grads
+    if not atomic_dq and stored_ds_usable(q, cfgs):  # row dot, dK/dV storing dS, dQ from dS: 3 launches
+        delta = backward_row_dot(grad_out, out)
+        batch, heads, seq_len, _ = q.shape
+        ds = torch.empty(batch, heads, seq_len, seq_len, dtype=q.dtype, device=q.device)
+        dk, dv = backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale, cfgs.backward_dkdv, dk=dk, dv=dv, ds=ds)
+        return backward_dq_from_ds(q, k, ds, prefix, scale, STORED_DS_DQ_TILE, dq=dq), dk, dv
     if cfgs.backward_per_head is not None and not atomic_dq:
         return backward_per_head(grad_out, q, k, v, out, lse, prefix, scale, cfgs.backward_per_head, grads)
     if cfgs.backward_dq_delta is not None and not atomic_dq:  # dQ first, computing delta for dK/dV: 2 launches
