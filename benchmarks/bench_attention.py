@@ -4,6 +4,8 @@ Providers, all timed in this process on the same inputs. Prefix-causal shapes:
   mimkernels          mimkernels.prefix_causal_attention (Triton; deterministic backward, the default)
   mimkernels_nondet   the same with deterministic=False (the atomic-dQ backward where the tile table measured it
                       faster; for causal attention, PyTorch's SDPA)
+  mimkernels_stored_ds  the same with kernels.STORED_DS on for the whole step (dK/dV stores dS, dQ is one matmul
+                      per tile pair from it; selectable, not yet measured)
   sdpa_dense_mask     SDPA with the dense bool mask built per call, as apple/ml-aim does
   flex+block_mask     FlexAttention (compiled) including create_block_mask for the batch's prefixes
   flex                FlexAttention with the block mask built beforehand
@@ -11,7 +13,8 @@ Providers, all timed in this process on the same inputs. Prefix-causal shapes:
   mimkernels_causal   mimkernels.attention(causal=True) on the same q, k, v: ours against sdpa_causal on one mask
                       (deterministic=False routes causal attention to SDPA while this measures slower)
   flash_attn_causal   FlashAttention causal, where the flash_attn package is installed
-Full-attention shapes: mimkernels (mimkernels.attention), mimkernels_nondet, and SDPA as it dispatches by
+Full-attention shapes: mimkernels (mimkernels.attention), mimkernels_nondet, mimkernels_stored_ds, and SDPA as it
+dispatches by
 default (sdpa) and forced to each fused backend (sdpa_flash, sdpa_cudnn, sdpa_efficient).
 
 TFLOP/s count visible pairs only (each provider's own mask); roofline % per benchmarks/common.py. The issue's
@@ -34,6 +37,7 @@ import torch.nn.functional as F
 
 import mimkernels
 from benchmarks import common
+from mimkernels.triton import attention as attention_kernels
 
 # name: (batch, heads, seq_len, head_dim, mask) with mask "prefix" (per-sample prefix in [1, N)) or "full"
 SHAPES = {
@@ -76,6 +80,26 @@ def _sdpa_backend(name):
     return None if backend is None else (lambda: sdpa_kernel(backend))
 
 
+# providers that are mimkernels with a selectable path switched on for the whole step (the switch is read where the
+# backward runs, so it stays on while the step is timed): name -> (module, attribute)
+SWITCHED_PROVIDERS = {"mimkernels_stored_ds": (attention_kernels, "STORED_DS")}
+
+
+@contextlib.contextmanager
+def switched(provider: str):
+    """``provider``'s switch on (SWITCHED_PROVIDERS) inside the block; nothing for the others."""
+    if provider not in SWITCHED_PROVIDERS:
+        yield
+        return
+    module, name = SWITCHED_PROVIDERS[provider]
+    before = getattr(module, name)
+    setattr(module, name, True)
+    try:
+        yield
+    finally:
+        setattr(module, name, before)
+
+
 def providers(q, k, v, prefix, with_flex=True):
     """name -> (callable giving the output, prefix it attends with for FLOP counting). ``prefix`` is an integer
     tensor [B] (prefix-causal shapes) or the int N (full attention)."""
@@ -84,6 +108,7 @@ def providers(q, k, v, prefix, with_flex=True):
         found = {
             "mimkernels": (lambda: mimkernels.attention(q, k, v), prefix),
             "mimkernels_nondet": (lambda: mimkernels.attention(q, k, v, deterministic=False), prefix),
+            "mimkernels_stored_ds": (lambda: mimkernels.attention(q, k, v), prefix),
             "sdpa": (lambda: F.scaled_dot_product_attention(q, k, v), prefix),
         }
         for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
@@ -98,6 +123,7 @@ def providers(q, k, v, prefix, with_flex=True):
         "mimkernels": (lambda: mimkernels.prefix_causal_attention(q, k, v, prefix), prefix),
         "mimkernels_nondet": (lambda: mimkernels.prefix_causal_attention(q, k, v, prefix, deterministic=False),
                               prefix),
+        "mimkernels_stored_ds": (lambda: mimkernels.prefix_causal_attention(q, k, v, prefix), prefix),
         "sdpa_dense_mask": (lambda: F.scaled_dot_product_attention(
             q, k, v, attn_mask=mimkernels.prefix_causal_mask(seq_len, prefix)), prefix),
     }
@@ -197,7 +223,8 @@ def run(shapes, modes, dtype, quick, peaks, csv_path=None, *, device="cuda", bat
                 if provider == "flex+block_mask" and mode in ("bwd", "fwd_bwd_graph"):
                     continue  # the block mask is built in the forward only; building it is host work, not graphed
                 try:
-                    times = _timed(fn, mode, q, k, v, grad_out, quick)
+                    with switched(provider):
+                        times = _timed(fn, mode, q, k, v, grad_out, quick)
                 except Exception as err:  # a baseline that cannot run this shape is reported, not fatal
                     print(f"  {shape} {provider} {mode}: skipped ({type(err).__name__}: {str(err)[:120]})")
                     continue
@@ -207,7 +234,7 @@ def run(shapes, modes, dtype, quick, peaks, csv_path=None, *, device="cuda", bat
                 print(f"  {shape:34s} {provider:18s} {mode:13s} {times[0]:8.3f} ms  {rows[-1].tflops:6.1f} TFLOP/s  "
                       f"{rows[-1].roofline_pct:5.1f}% roofline", flush=True)
             if memory is not None and device == "cuda":
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(Exception), switched(provider):
                     memory[name, provider] = _peak_mib(fn, q, k, v, grad_out)
         if csv_path:
             common.write_csv(csv_path, rows, device)
@@ -361,7 +388,8 @@ def main(argv=None) -> int:
             writer.writerow(["shape", "provider", "peak_mib_fwd_bwd", "device", "commit"])
             for (shape, provider), mib in memory.items():
                 writer.writerow([shape, provider, f"{mib:.1f}", common.device_name(), common.commit()])
-    print("\n".join(targets(rows, memory) + targets(rows, memory, "mimkernels_nondet") + routing(rows)))
+    print("\n".join(targets(rows, memory) + targets(rows, memory, "mimkernels_nondet")
+                    + targets(rows, memory, "mimkernels_stored_ds") + routing(rows)))
     if args.out and not args.no_plot:
         plot(rows, os.path.join(args.out, "attention.png"))
     return 0

@@ -6,6 +6,7 @@ import torch
 from test_attention import (
     assert_within_budget,
     make_qkv,
+    outputs_and_grads,
     per_sample_prefix,
     reference_op,
     triton_op,
@@ -119,6 +120,20 @@ def test_tail_tiles_compiled(shape, tma):
         for name in ("forward", "backward_dkdv", "backward_dq", "backward_dq_delta")})
     prefix = per_sample_prefix(shape[0], shape[2], seed=shape[2])
     assert_within_budget(triton_op(prefix, configs), reference_op(prefix), shape, torch.bfloat16)
+
+
+@pytest.mark.parametrize("shape", [(8, 12, 256, 128), (4, 16, 257, 80), (16, 16, 50, 64), (2, 3, 1, 64),
+                                   (2, 4, 1024, 128)], ids=lambda s: "x".join(map(str, s)))
+def test_stored_ds_backward_compiled(shape, monkeypatch):
+    """kernels.STORED_DS with this GPU's tiles for the shape (AIM's D 128 through a dS descriptor where the dK/dV tile
+    is +tma), compiled, bf16: within the float64 budget of tests/test_attention.py, and the same bits twice."""
+    monkeypatch.setattr(kernels, "STORED_DS", True)
+    q, k, v, leaves = make_qkv(shape, torch.bfloat16)
+    assert kernels.stored_ds_usable(q, kernels.configs_for_call(q))
+    prefix = per_sample_prefix(shape[0], shape[2], seed=shape[2])
+    assert_within_budget(triton_op(prefix), reference_op(prefix), shape, torch.bfloat16)
+    first, second = (outputs_and_grads(triton_op(prefix), q, k, v, leaves) for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
 @pytest.mark.parametrize("variant", ["default", "delta_in_dq"])

@@ -32,17 +32,27 @@ def test_speedups_compare_within_shape_and_mode():
     assert any("flex" in line and "1.50x" in line for line in lines)
 
 
-def test_harness_runs_end_to_end(tmp_path):
-    """Every provider but FlexAttention (minutes to compile on a CPU), every mode, the CSV and the plot."""
+def test_harness_runs_end_to_end(tmp_path, monkeypatch):
+    """Every provider but FlexAttention (minutes to compile on a CPU), every mode, the CSV and the plot; the
+    stored-dS provider is timed with its switch on (on the CPU the op runs its reference: the switch alone is
+    checked), every other with it off, and it is off after."""
+    from mimkernels.triton import attention as kernels
+
     peaks = common.Peaks(1.0, 1.0)
     csv_path = tmp_path / "attention.csv"
     table = {"tiny_prefix": (2, 2, 37, 16, "prefix"), "tiny_full": (2, 2, 21, 16, "full")}
+    switch_when_timed, timed = [], bench_attention._timed
+    monkeypatch.setattr(bench_attention, "_timed", lambda fn, *args: switch_when_timed.append(
+        kernels.STORED_DS) or timed(fn, *args))
     rows = bench_attention.run(list(table), bench_attention.MODES, torch.float32, True, peaks, str(csv_path),
                                device="cpu", with_flex=False, table=table)
+    assert [on for on, r in zip(switch_when_timed, rows) if r.provider == "mimkernels_stored_ds"] == [True] * 8
+    assert sum(switch_when_timed) == 8 and not kernels.STORED_DS
     providers = {shape: {r.provider for r in rows if r.shape.startswith(shape)} for shape in table}
-    assert providers["tiny_prefix"] == {"mimkernels", "mimkernels_nondet", "sdpa_dense_mask", "sdpa_causal",
-                                        "mimkernels_causal"}
-    assert providers["tiny_full"] == {"mimkernels", "mimkernels_nondet", "sdpa"}  # forced backends: CUDA only
+    assert providers["tiny_prefix"] == {"mimkernels", "mimkernels_nondet", "mimkernels_stored_ds", "sdpa_dense_mask",
+                                        "sdpa_causal", "mimkernels_causal"}
+    assert providers["tiny_full"] == {"mimkernels", "mimkernels_nondet", "mimkernels_stored_ds", "sdpa"}  # forced
+    # SDPA backends: CUDA only
     assert {r.mode for r in rows} == set(bench_attention.MODES)
     header = csv_path.read_text().splitlines()[0]
     assert header == ",".join(common.CSV_FIELDS)
