@@ -37,7 +37,20 @@ def attention_cases(device):
         qkv = torch.randn(batch, seq_len, 3, heads, head_dim, device=device, dtype=dtype, requires_grad=True)
         _backward(mimkernels.qkv_attention(qkv, prefix_len=prefix), (qkv,))
         _per_head_backward(q, k, v, prefix)
-        yield f"attention {batch}x{heads}x{seq_len}x{head_dim} {str(dtype)[6:]} (q, k, v, packed, per-head backward)"
+        _stored_ds_backward(q, k, v, prefix)
+        yield (f"attention {batch}x{heads}x{seq_len}x{head_dim} {str(dtype)[6:]} (q, k, v, packed, per-head and "
+               "stored-dS backwards)")
+
+
+def _stored_ds_backward(q, k, v, prefix):
+    """The backward with dS stored (kernels.STORED_DS; through a descriptor where the table's dK/dV tile is +tma)."""
+    from mimkernels.triton import attention as kernels
+
+    kernels.STORED_DS, before = True, kernels.STORED_DS
+    try:
+        _backward(mimkernels.prefix_causal_attention(q, k, v, prefix), (q, k, v))
+    finally:
+        kernels.STORED_DS = before
 
 
 def _per_head_backward(q, k, v, prefix):
