@@ -85,19 +85,11 @@ def _sdpa_backend(name):
 SWITCHED_PROVIDERS = {"mimkernels_stored_ds": (attention_kernels, "STORED_DS")}
 
 
-@contextlib.contextmanager
 def switched(provider: str):
     """``provider``'s switch on (SWITCHED_PROVIDERS) inside the block; nothing for the others."""
     if provider not in SWITCHED_PROVIDERS:
-        yield
-        return
-    module, name = SWITCHED_PROVIDERS[provider]
-    before = getattr(module, name)
-    setattr(module, name, True)
-    try:
-        yield
-    finally:
-        setattr(module, name, before)
+        return contextlib.nullcontext()
+    return common.switched(*SWITCHED_PROVIDERS[provider], True)
 
 
 def providers(q, k, v, prefix, with_flex=True):

@@ -234,12 +234,8 @@ def with_switch(loss_fn, module, name: str, value: bool):
     """``loss_fn`` with the switch ``module.name`` (a module-level one, or a model's attribute) set to ``value``
     during its forward (the backward runs the graph that forward recorded)."""
     def run(imgs):
-        before = getattr(module, name)
-        setattr(module, name, value)
-        try:
+        with common.switched(module, name, value):
             return loss_fn(imgs)
-        finally:
-            setattr(module, name, before)
     return run
 
 

@@ -66,11 +66,8 @@ def _with_patches_per_program(step, group):
     from mimkernels.triton import losses as loss_kernels
 
     def grouped():
-        default, loss_kernels.PATCHES_PER_PROGRAM = loss_kernels.PATCHES_PER_PROGRAM, group
-        try:
+        with common.switched(loss_kernels, "PATCHES_PER_PROGRAM", group):
             return step()
-        finally:
-            loss_kernels.PATCHES_PER_PROGRAM = default
     return grouped
 
 

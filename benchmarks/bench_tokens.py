@@ -47,12 +47,8 @@ def _mimkernels(backend, fn, fused_backward=False):
     from mimkernels.ops import tokens as token_ops
 
     def run(*args):
-        default, token_ops.FUSED_BACKWARD = token_ops.FUSED_BACKWARD, fused_backward
-        try:
-            with mimkernels.use_backend(backend):
-                return fn(*args)
-        finally:
-            token_ops.FUSED_BACKWARD = default
+        with common.switched(token_ops, "FUSED_BACKWARD", fused_backward), mimkernels.use_backend(backend):
+            return fn(*args)
     return run
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 from dataclasses import dataclass, fields
@@ -70,6 +71,18 @@ def write_csv(path: str, rows: list[Result], device: str = "cuda") -> None:
         for row in rows:
             values = {field.name: getattr(row, field.name) for field in fields(row)}
             writer.writerow({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in values.items()} | run)
+
+
+@contextlib.contextmanager
+def switched(module, name: str, value):
+    """``module.name`` (a module-level switch, or an object's attribute) set to ``value`` inside the block, restored
+    after: how the benchmarks time a selectable kernel path beside the default."""
+    before = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, before)
 
 
 def graphed(mode: str) -> bool:

@@ -16,6 +16,7 @@ import sys
 import torch
 
 import mimkernels
+from benchmarks.common import switched
 
 
 def _backward(out, leaves):
@@ -46,11 +47,8 @@ def _stored_ds_backward(q, k, v, prefix):
     """The backward with dS stored (kernels.STORED_DS; through a descriptor where the table's dK/dV tile is +tma)."""
     from mimkernels.triton import attention as kernels
 
-    kernels.STORED_DS, before = True, kernels.STORED_DS
-    try:
+    with switched(kernels, "STORED_DS", True):
         _backward(mimkernels.prefix_causal_attention(q, k, v, prefix), (q, k, v))
-    finally:
-        kernels.STORED_DS = before
 
 
 def _per_head_backward(q, k, v, prefix):
@@ -144,16 +142,12 @@ def token_cases(device):
         yield f"tokens ({backend}) incl. out-of-range ids"
     if "triton" in mimkernels.available_backends():  # the one-pass backwards (ops.tokens.FUSED_BACKWARD)
         token_ops = mimkernels.ops.tokens
-        token_ops.FUSED_BACKWARD, default = True, token_ops.FUSED_BACKWARD
-        try:
-            with mimkernels.use_backend("triton"):
-                x, _ = _mask_and_restore(5, device)
-                bad = torch.tensor([[0, -3, 50, 1 << 40], [7, 2, 3, 99], [1, 1, 1, -1]], device=device)
-                grad = x.detach()[:3]
-                token_ops._triton_kernels.rows_backward(grad[:, :5], bad, 1, 4, False, True, False)
-                token_ops._triton_kernels.rows_backward(grad[:, :5], bad, 1, 4, True, True, True)
-        finally:
-            token_ops.FUSED_BACKWARD = default
+        with switched(token_ops, "FUSED_BACKWARD", True), mimkernels.use_backend("triton"):
+            x, _ = _mask_and_restore(5, device)
+            bad = torch.tensor([[0, -3, 50, 1 << 40], [7, 2, 3, 99], [1, 1, 1, -1]], device=device)
+            grad = x.detach()[:3]
+            token_ops._triton_kernels.rows_backward(grad[:, :5], bad, 1, 4, False, True, False)
+            token_ops._triton_kernels.rows_backward(grad[:, :5], bad, 1, 4, True, True, True)
         yield "tokens (triton), one-pass backwards incl. out-of-range ids"
 
 
@@ -180,11 +174,8 @@ def _grouped_loss(pred, images, mask):
     """The loss kernels 8 patches per program (selectable): 18 patches leave the last group part empty."""
     from mimkernels.triton import losses
 
-    default, losses.PATCHES_PER_PROGRAM = losses.PATCHES_PER_PROGRAM, 8
-    try:
+    with switched(losses, "PATCHES_PER_PROGRAM", 8):
         _backward(mimkernels.masked_patch_loss(pred, images, mask), (pred,))
-    finally:
-        losses.PATCHES_PER_PROGRAM = default
 
 
 NORM_CASES = [(1, 40), (3 * 49, 1536), (300, 2048)]  # the last: more rows than backward programs
