@@ -5,7 +5,8 @@ Providers, all timed in this process on the same inputs. Prefix-causal shapes:
   mimkernels_nondet   the same with deterministic=False (the atomic-dQ backward where the tile table measured it
                       faster; for causal attention, PyTorch's SDPA)
   mimkernels_stored_ds  the same with kernels.STORED_DS on for the whole step (dK/dV stores dS, dQ is one matmul
-                      per tile pair from it; selectable, not yet measured)
+                      per tile pair from it; the table's tiles for it where it has them, else the dK/dV tile and
+                      STORED_DS_DQ_TILE; equal to mimkernels where the table chose it)
   sdpa_dense_mask     SDPA with the dense bool mask built per call, as apple/ml-aim does
   flex+block_mask     FlexAttention (compiled) including create_block_mask for the batch's prefixes
   flex                FlexAttention with the block mask built beforehand

@@ -125,9 +125,7 @@ def run(shapes, dtype, quick, peaks, csv_path=None, *, device="cuda", batch=256)
     return rows
 
 
-def targets(rows: list[common.Result]) -> list[str]:
-    return ["== targets for mimkernels (issue 11)", *common.speedup_target_lines(rows, SPEEDUP_TARGETS),
-            *common.roofline_target_lines(rows, ROOFLINE_TARGETS)]
+targets = common.issue_targets(11, SPEEDUP_TARGETS, ROOFLINE_TARGETS)
 
 
 def main(argv=None) -> int:

@@ -144,6 +144,15 @@ def speedups(rows: list[Result]) -> list[str]:
     return lines
 
 
+def issue_targets(issue: int, speedup_targets, roofline_targets):
+    """``targets(rows)`` for :func:`family_main`: a title naming the issue, then the speedup and roofline lines."""
+    def targets(rows: list[Result]) -> list[str]:
+        return [f"== targets for mimkernels (issue {issue})", *speedup_target_lines(rows, speedup_targets),
+                *roofline_target_lines(rows, roofline_targets)]
+
+    return targets
+
+
 def family_main(argv, description: str, shapes: dict, run, csv_name: str, quick_run_kwargs=None,
                 run_kwargs=None, targets=None) -> int:
     """The command line of a benchmark family: --quick, --shapes, --out; bf16; speedups printed last, then

@@ -104,8 +104,9 @@ def attention_launches(head_dim: int, dtype: torch.dtype, cfgs=None, variant: st
                        stored_ds: bool = False) -> list[Launch]:
     """The attention kernels as mimkernels.triton.attention launches them for this head dim and dtype: with the
     portable configs (``configs_for``) unless ``cfgs`` are given; the atomic-dQ, delta-computing dQ and per-head
-    backwards only with ``cfgs``, where they are set; with ``stored_ds`` also the stored-dS backward's two kernels
-    (kernels.STORED_DS: dK/dV storing dS, dQ from it), where the dK/dV tile allows it."""
+    backwards only with ``cfgs``, where they are set; the stored-dS backward's two kernels (dK/dV storing dS, dQ
+    from it) with ``cfgs``' tiles for it where set, else with ``stored_ds`` (kernels.STORED_DS: the dK/dV tile and
+    STORED_DS_DQ_TILE), where the dK/dV tile allows it."""
     ty = "*" + DTYPES[dtype]
     portable = cfgs is None
     cfgs = cfgs or kernels.configs_for(head_dim, dtype)
@@ -116,10 +117,12 @@ def attention_launches(head_dim: int, dtype: torch.dtype, cfgs=None, variant: st
     plan = [(kernels._prefix_causal_fwd, cfgs.forward, {}),
             (kernels._prefix_causal_bwd_dkdv, cfgs.backward_dkdv, {"DQ_ATOMIC": False, "STORE_DS": 0}),
             (kernels._prefix_causal_bwd_dq, cfgs.backward_dq, {"DELTA_HERE": False})]
-    if stored_ds and not (cfgs.backward_dkdv.split_d and kernels.head_dim_split(head_dim)):
-        store_ds = 2 if cfgs.backward_dkdv.tma and not cfgs.backward_dkdv.tail_m else 1  # a descriptor, or pointers
-        plan.append((kernels._prefix_causal_bwd_dkdv, cfgs.backward_dkdv, {"DQ_ATOMIC": False, "STORE_DS": store_ds}))
-        plan.append((kernels._prefix_causal_bwd_dq_from_ds, kernels.STORED_DS_DQ_TILE, {}))
+    stored = ((cfgs.backward_dkdv_ds, cfgs.backward_dq_from_ds) if not portable and cfgs.backward_dq_from_ds
+              else (cfgs.backward_dkdv, kernels.STORED_DS_DQ_TILE) if stored_ds else None)
+    if stored and not (stored[0].split_d and kernels.head_dim_split(head_dim)):
+        store_ds = 2 if stored[0].tma and not stored[0].tail_m else 1  # a descriptor, or pointers
+        plan.append((kernels._prefix_causal_bwd_dkdv, stored[0], {"DQ_ATOMIC": False, "STORE_DS": store_ds}))
+        plan.append((kernels._prefix_causal_bwd_dq_from_ds, stored[1], {}))
     if not portable and cfgs.backward_atomic is not None:
         plan.append((kernels._prefix_causal_bwd_dkdv, cfgs.backward_atomic, {"DQ_ATOMIC": True, "STORE_DS": 0}))
     if not portable and cfgs.backward_dq_delta is not None:
@@ -325,6 +328,30 @@ def stored_ds_report(quick: bool = False) -> list[Row]:
     return rows
 
 
+def stored_ds_candidates_report(head_dims=(128,)) -> list[Row]:
+    """The tuner's stored-dS candidates (attention_tuning.CANDIDATES "backward_dkdv_ds" and "backward_dq_from_ds"),
+    bf16 on sm_90: that they compile, and their resources. The dK/dV candidates store dS through a descriptor where
+    they are +tma without a tail (at N a multiple of block_m), else through pointers, as the launcher chooses."""
+    from mimkernels.triton import attention_tuning
+
+    rows = []
+    for head_dim in head_dims:
+        portable = kernels.configs_for(head_dim, torch.bfloat16)
+        dkdv = attention_tuning.CANDIDATES["backward_dkdv_ds"]
+        dq = attention_tuning.CANDIDATES["backward_dq_from_ds"]
+        # each dK/dV candidate (beside the first dQ one) and each dQ candidate (beside the first dK/dV one), once
+        jobs = [(text, dq[0], "+ds") for text in dkdv] + [(dkdv[0], text, "from-ds") for text in dq]
+        for dkdv_text, dq_text, kept in jobs:
+            cfgs = replace(portable, backward_dkdv_ds=kernels.TileConfig.parse(dkdv_text),
+                           backward_dq_from_ds=kernels.TileConfig.parse(dq_text))
+            for launch in attention_launches(head_dim, torch.bfloat16, cfgs, " candidate"):
+                if kept in launch.variant.split():
+                    rows.append(Row(launch.fn.__name__, "sm_90", "bf16", launch.variant, launch.tile,
+                                    launch.num_warps, launch.num_stages, *compile_one(launch, 90)))
+                    print(_format(rows[-1]), flush=True)
+    return rows
+
+
 def report(head_dims=HEAD_DIMS, archs=ARCHS, dtypes=tuple(DTYPES)) -> list[Row]:
     rows = []
     for arch in archs:
@@ -398,12 +425,12 @@ def main(argv=None) -> int:
                         "its base tile (with --quick: without; spills listed, not failed)")
     parser.add_argument("--stored-ds", action="store_true",
                         help="compile the stored-dS backward with the measured table's bf16 sm_90 tiles instead, "
-                        "beside the table's own backward kernels (with --quick: D = 128 only; spills listed, not "
-                        "failed)")
+                        "beside the table's own backward kernels, then the tuner's stored-dS candidates (with "
+                        "--quick: D = 128 only, no candidates; spills listed, not failed)")
     args = parser.parse_args(argv)
     source = commit()  # the code compiled is the code at the start
     if args.stored_ds:
-        rows = stored_ds_report(args.quick)
+        rows = stored_ds_report(args.quick) + ([] if args.quick else stored_ds_candidates_report((64, 80, 128)))
         stored = [row for row in rows if {"+ds", "from-ds"} & set(row.variant.split())]
         print(f"{len(stored)} stored-dS kernels compiled for sm_90 with triton {triton.__version__}; spills: "
               f"{sum(row.spills for row in stored)} (allowed: a GPU measures them)")

@@ -59,7 +59,8 @@ def _precompile_one(job) -> str:
 def precompile(shapes: dict, dtype: torch.dtype, workers: int, deadline: float) -> int:
     """Compile every candidate in ``workers`` processes; returns how many finished before the deadline."""
     jobs = [(shape, str(dtype)[6:], kernel, text) for shape in shapes.values()
-            for kernel, texts in attention_tuning.candidates_for(shape[2], head_dim=shape[3]).items() for text in texts]
+            for kernel, texts in attention_tuning.candidates_for(shape[2], head_dim=shape[3]).items() for text in texts
+            if kernel not in attention_tuning.STORED_DS_KERNELS or kernels.stored_ds_fits(*shape[:3], dtype.itemsize)]
     done = 0
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
@@ -95,7 +96,8 @@ def table_entry(name: str, key: tuple, trials: list, source: str) -> tuple[str, 
         return line, None, ""
     value = (str(configs.forward), str(configs.backward_dkdv), str(configs.backward_dq),
              *(str(cfg) if cfg else None for cfg in (configs.backward_atomic, configs.backward_dq_delta,
-                                                     configs.backward_per_head)))
+                                                     configs.backward_per_head, configs.backward_dkdv_ds,
+                                                     configs.backward_dq_from_ds)))
     return line, value, f"{source}; {line}"
 
 
@@ -135,18 +137,24 @@ def _measured_at(provenance: str) -> str:
 def chosen_ms(times: dict, name: str, configs) -> tuple[float, float] | None:
     """(forward, deterministic backward) ms that ``configs`` costs at shape ``name`` by ``times`` ((shape, kernel,
     config text) -> ms); None where one of its kernels was not timed. The backward is the path the configs run
-    with ``deterministic=True``: per head, dK/dV + delta-computing dQ, or row-dot pre-pass + dK/dV + dQ."""
+    with ``deterministic=True`` where the stored-dS buffer fits: row-dot pre-pass + dK/dV storing dS + dQ from dS,
+    per head, dK/dV + delta-computing dQ, or row-dot pre-pass + dK/dV + dQ."""
     def ms(kernel, cfg):
         return times.get((name, kernel, str(cfg)))
 
-    if configs.backward_per_head:
+    def row_dot():
+        return min((t for (shape, kernel, _), t in times.items() if shape == name and kernel == "backward_row_dot"),
+                   default=None)
+
+    if configs.backward_dkdv_ds and configs.backward_dq_from_ds:
+        parts = [row_dot(), ms("backward_dkdv_ds", configs.backward_dkdv_ds),
+                 ms("backward_dq_from_ds", configs.backward_dq_from_ds)]
+    elif configs.backward_per_head:
         parts = [ms("backward_per_head", configs.backward_per_head)]
     elif configs.backward_dq_delta:
         parts = [ms("backward_dkdv", configs.backward_dkdv), ms("backward_dq_delta", configs.backward_dq_delta)]
     else:
-        row_dot = [t for (shape, kernel, _), t in times.items() if shape == name and kernel == "backward_row_dot"]
-        parts = [min(row_dot, default=None), ms("backward_dkdv", configs.backward_dkdv),
-                 ms("backward_dq", configs.backward_dq)]
+        parts = [row_dot(), ms("backward_dkdv", configs.backward_dkdv), ms("backward_dq", configs.backward_dq)]
     forward = ms("forward", configs.forward)
     if forward is None or None in parts:
         return None

@@ -605,10 +605,10 @@ def test_stored_ds_backward(shape, dtype, tiles, tma, tails, monkeypatch):
     assert_within_budget(triton_op(prefix, configs), reference_op(prefix), shape, dtype)
     assert kernels._prefix_causal_bwd_dq_from_ds in launched and kernels._prefix_causal_bwd_dq not in launched
     ds_argument = arguments[launched.index(kernels._prefix_causal_bwd_dkdv)][9]
-    # through a tensor descriptor where the dK/dV tile is +tma, runs no tail tiles (none where N is a multiple of
-    # block_m) and TMA takes [B, H, N, N] (N % 8 == 0)
+    # through a tensor descriptor where the dK/dV tile is +tma and runs no tail tiles (none where N is a multiple of
+    # block_m), whatever N: the buffer's rows are padded to 16 values, so TMA takes it
     tail_m = kernels.query_tiles(shape[2], configs.backward_dkdv)[2]
-    assert isinstance(ds_argument, TensorDescriptor) == (tma and not tail_m and shape[2] % 8 == 0)
+    assert isinstance(ds_argument, TensorDescriptor) == (tma and not tail_m)
     got = outputs_and_grads(triton_op(prefix, configs, 0.3), q, k, v, leaves)
     assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2]) and torch.equal(got[3], want[3])
     torch.testing.assert_close(got[1], want[1], rtol=1e-5 if dtype == torch.float32 else 2e-3, atol=1e-5)
@@ -620,17 +620,75 @@ def test_stored_ds_backward_only_up_to_its_buffer_size(monkeypatch):
     monkeypatch.setattr(kernels, "STORED_DS", True)
     q = torch.empty(2, 3, 40, 80, device=DEVICE)
     configs = SMALL_TILES["square16"]
-    monkeypatch.setattr(kernels, "STORED_DS_MAX_BYTES", 2 * 3 * 40 * 40 * 4)
-    assert kernels.stored_ds_usable(q, configs)
-    monkeypatch.setattr(kernels, "STORED_DS_MAX_BYTES", 2 * 3 * 40 * 40 * 4 - 1)
-    assert not kernels.stored_ds_usable(q, configs)
+    monkeypatch.setattr(kernels, "STORED_DS_MAX_BYTES", 2 * 3 * 40 * 48 * 4)  # rows padded to 48 values
+    assert kernels.stored_ds_tiles(q, configs)
+    monkeypatch.setattr(kernels, "STORED_DS_MAX_BYTES", 2 * 3 * 40 * 48 * 4 - 1)
+    assert kernels.stored_ds_tiles(q, configs) is None
     monkeypatch.setattr(kernels, "STORED_DS_MAX_BYTES", 1 << 30)
-    assert not kernels.stored_ds_usable(q, with_split_d(configs))
-    assert kernels.stored_ds_usable(q[..., :64], with_split_d(configs))  # D 64 does not split: its base tiles run
+    assert kernels.stored_ds_tiles(q, with_split_d(configs)) is None
+    assert kernels.stored_ds_tiles(q[..., :64], with_split_d(configs))  # D 64 does not split: its base tiles run
     launched = _launched_kernels(monkeypatch)
     prefix = per_sample_prefix(2, 40, seed=1)
     assert_within_budget(triton_op(prefix), reference_op(prefix), (2, 3, 40, 64), torch.float32)
     assert kernels._prefix_causal_bwd_dq_from_ds in launched
+
+
+def test_stored_ds_buffer_rows_are_padded_and_checked():
+    """The dS buffer's rows are padded to 16 values (so TMA takes any N), counted in its size; a buffer laid out
+    otherwise is refused by name, not read wrongly."""
+    q = torch.empty(2, 3, 50, 16, device=DEVICE)
+    ds = kernels.stored_ds_buffer(q)
+    assert ds.shape == (2, 3, 50, 50) and ds.stride() == (3 * 50 * 64, 50 * 64, 64, 1) and ds.dtype == q.dtype
+    assert kernels.stored_ds_buffer(q[:, :, :48]).stride(2) == 48
+    assert kernels.stored_ds_fits(2, 3, 50, 4) == (2 * 3 * 50 * 64 * 4 <= kernels.STORED_DS_MAX_BYTES)
+    tile = TileConfig(16, 16, 4, 1)
+    for bad in (torch.empty(2, 3, 50, 50, device=DEVICE).transpose(2, 3), torch.empty(2, 3, 50, 49, device=DEVICE),
+                torch.empty(2, 3, 50, 50, device=DEVICE, dtype=torch.float16),
+                torch.empty(2, 3, 50, 64, device=DEVICE)[:, :2, :, :50]):
+        with pytest.raises(ValueError, match="ds must be"):
+            kernels.backward_dq_from_ds(q, q, bad, 0, 1.0, tile)
+    with pytest.raises(ValueError, match="ds must be"):
+        kernels.backward_dkdv(q, q, q, q, q[..., 0], q[..., 0], 0, 1.0, tile, ds=ds[:, :, :, :49])
+
+
+def test_stored_ds_tiles_are_the_tables_choice_unless_switched(monkeypatch):
+    """STORED_DS unset (None): the stored-dS path only where the configs (the measured table) give its two tiles, and
+    with those tiles; True: everywhere, with the table's tiles where given, else the dK/dV tile and
+    STORED_DS_DQ_TILE; False: nowhere."""
+    q = torch.empty(2, 3, 40, 64, device=DEVICE)
+    plain = SMALL_TILES["square16"]
+    dkdv_ds, dq_from_ds = TileConfig(32, 16, 4, 1), TileConfig(16, 32, 4, 1)
+    table = dataclasses.replace(plain, backward_dkdv_ds=dkdv_ds, backward_dq_from_ds=dq_from_ds)
+    half = dataclasses.replace(plain, backward_dq_from_ds=dq_from_ds)
+    for switch, want_plain, want_table in ((None, None, (dkdv_ds, dq_from_ds)),
+                                           (True, (plain.backward_dkdv, kernels.STORED_DS_DQ_TILE),
+                                            (dkdv_ds, dq_from_ds)),
+                                           (False, None, None)):
+        monkeypatch.setattr(kernels, "STORED_DS", switch)
+        assert kernels.stored_ds_tiles(q, plain) == want_plain
+        assert kernels.stored_ds_tiles(q, table) == want_table
+        assert kernels.stored_ds_tiles(q, half) == want_plain  # one tile of the two is no choice
+    monkeypatch.setattr(kernels, "STORED_DS", None)
+    monkeypatch.setattr(kernels, "STORED_DS_MAX_BYTES", 2 * 3 * 40 * 48 * 4 - 1)
+    assert kernels.stored_ds_tiles(q, table) is None  # past the buffer size: the table's other backward
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 49, 64), (3, 1, 33, 40)], ids=str)
+def test_stored_ds_backward_from_the_table(shape, monkeypatch):
+    """Table-chosen stored-dS tiles (STORED_DS unset) unlike the configs' dK/dV and dQ tiles: the backward runs
+    dK/dV storing dS and dQ from dS with those tiles, within budget of the float64 reference."""
+    monkeypatch.setattr(kernels, "STORED_DS", None)
+    dkdv_ds, dq_from_ds = TileConfig(32, 16, 4, 1), TileConfig(16, 32, 4, 1)
+    configs = dataclasses.replace(SMALL_TILES["square16"], backward_dkdv_ds=dkdv_ds, backward_dq_from_ds=dq_from_ds)
+    used = []
+    real_dkdv, real_dq_from_ds = kernels.backward_dkdv, kernels.backward_dq_from_ds
+    monkeypatch.setattr(kernels, "backward_dkdv", lambda *a, **kw: used.append(("dkdv", a[8], kw.get("ds") is not None))
+                        or real_dkdv(*a, **kw))
+    monkeypatch.setattr(kernels, "backward_dq_from_ds", lambda *a, **kw: used.append(("dq_from_ds", a[5], True))
+                        or real_dq_from_ds(*a, **kw))
+    prefix = per_sample_prefix(shape[0], shape[2], seed=shape[2])
+    assert_within_budget(triton_op(prefix, configs), reference_op(prefix), shape, torch.float32)
+    assert used and set(used) == {("dkdv", dkdv_ds, True), ("dq_from_ds", dq_from_ds, True)}
 
 
 @pytest.mark.parametrize("tiles", SMALL_TILES, ids=str)

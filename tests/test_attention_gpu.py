@@ -129,7 +129,7 @@ def test_stored_ds_backward_compiled(shape, monkeypatch):
     is +tma), compiled, bf16: within the float64 budget of tests/test_attention.py, and the same bits twice."""
     monkeypatch.setattr(kernels, "STORED_DS", True)
     q, k, v, leaves = make_qkv(shape, torch.bfloat16)
-    if not kernels.stored_ds_usable(q, kernels.configs_for_call(q)):  # a +splitd dK/dV tile in this GPU's table
+    if not kernels.stored_ds_tiles(q, kernels.configs_for_call(q)):  # a +splitd dK/dV tile in this GPU's table
         pytest.skip("this GPU's dK/dV tile splits the head dim here, which stores no dS")
     prefix = per_sample_prefix(shape[0], shape[2], seed=shape[2])
     assert_within_budget(triton_op(prefix), reference_op(prefix), shape, torch.bfloat16)

@@ -13,9 +13,11 @@ from mimkernels.triton.attention import AttentionConfigs, TileConfig
 
 pytestmark = pytest.mark.skipif(HAS_GPU, reason="runs the sweep through the Triton interpreter")
 
+# in the order of a sweep (tuning.KERNELS)
 TINY = {"forward": ("16x16x4x1", "32x16x4x1"), "backward_dkdv": ("16x32x4x1", "16x16x4x1"),
-        "backward_dq": ("16x16x4x1",), "backward_atomic": ("16x16x4x1",), "backward_row_dot": ("16x0x4x3",),
-        "backward_dq_delta": ("32x16x4x1",), "backward_per_head": ("16x32x4x1",)}
+        "backward_dq": ("16x16x4x1",), "backward_row_dot": ("16x0x4x3",), "backward_dq_delta": ("32x16x4x1",),
+        "backward_dkdv_ds": ("16x32x4x1",), "backward_dq_from_ds": ("16x16x4x1", "32x16x4x1"),
+        "backward_per_head": ("16x32x4x1",), "backward_atomic": ("16x16x4x1",)}
 
 
 def fake_timer(fn):
@@ -87,17 +89,45 @@ def test_every_candidate_parses_once():
 
 
 def test_sweep_checks_times_and_picks_the_fastest(problem):
+    """Every candidate of every kernel checked against the reference (the stored-dS kernels too: dK/dV with its dS
+    store, dQ from the dS the portable tile stored) and timed, in the order of tuning.KERNELS."""
+    fake_timer.calls = 0
     trials = tuning.sweep(problem, candidates=TINY, timer=fake_timer)
     assert [(t.kernel, t.config) for t in trials] == [(k, c) for k, texts in TINY.items() for c in texts]
     assert all(t.ms is not None and t.error < 1e-5 for t in trials), trials
     best = tuning.fastest(trials)
     assert best["forward"].config == "32x16x4x1" and best["backward_dkdv"].config == "16x16x4x1"
-    # the one-program-per-head backward, timed last, is the fastest backward here: it alone of the optional ones
+    # trial i takes 1 / i ms: per head (1/11 ms) is the fastest backward here, alone of the optional ones
     assert tuning.configs_from(best) == AttentionConfigs(*(TileConfig.parse(c) for c in (
         "32x16x4x1", "16x16x4x1", "16x16x4x1")), None, None, TileConfig.parse("16x32x4x1"))
     del best["backward_per_head"]
+    # without it: stored dS (row dot 1/6 + 1/8 + 1/10) beats dK/dV + dQ with delta (1/4 + 1/7), and the atomic
+    # backward (1/6 + 1/12) beats both; the delta-computing dQ stays the deterministic fallback
     assert tuning.configs_from(best) == AttentionConfigs(*(TileConfig.parse(c) for c in (
-        "32x16x4x1", "16x16x4x1", "16x16x4x1", "16x16x4x1", "32x16x4x1")))
+        "32x16x4x1", "16x16x4x1", "16x16x4x1", "16x16x4x1", "32x16x4x1")), None, *(TileConfig.parse(c) for c in (
+            "16x32x4x1", "32x16x4x1")))
+
+
+def test_a_dkdv_tile_storing_wrong_ds_is_never_timed(problem, monkeypatch):
+    """The dK/dV-storing-dS trials are checked by the dQ from the dS they stored, not only by dK and dV."""
+    real_dkdv = kernels.backward_dkdv
+
+    def dkdv_storing_half(*args, ds=None, **kwargs):
+        grads = real_dkdv(*args, ds=ds, **kwargs)
+        if ds is not None:
+            ds.mul_(0.5)
+        return grads
+
+    monkeypatch.setattr(kernels, "backward_dkdv", dkdv_storing_half)
+    trials = tuning.sweep(problem, ("backward_dkdv", "backward_dkdv_ds"), TINY, timer=lambda fn: fn() or 1.0)
+    assert [t.ms is None for t in trials] == [False, False, True], trials
+    assert trials[-1].note.startswith("wrong")
+
+
+def test_stored_ds_kernels_are_not_swept_where_the_buffer_would_not_fit(problem, monkeypatch):
+    monkeypatch.setattr(kernels, "STORED_DS_MAX_BYTES", 2 * 37 * 48 * 4 - 1)  # a byte short of the problem's
+    trials = tuning.sweep(problem, candidates=TINY, timer=lambda fn: fn() or 1.0)
+    assert {t.kernel for t in trials} == set(TINY) - set(tuning.STORED_DS_KERNELS)
 
 
 def test_the_optional_backward_kernels_are_chosen_only_if_faster():
@@ -128,6 +158,21 @@ def test_the_optional_backward_kernels_are_chosen_only_if_faster():
                                ).backward_atomic is None
     assert tuning.configs_from({**atomic, "backward_atomic": trial("backward_atomic", "64x128x8x3", 0.21)}
                                ).backward_atomic == TileConfig(64, 128, 8, 3)
+    # the stored-dS backward (row dot + its dK/dV + dQ from dS) against the fastest deterministic one, which stays
+    # chosen (it runs where the buffer does not fit); the atomic one must then beat the stored-dS one
+    stored = {"backward_dkdv_ds": trial("backward_dkdv_ds", "64x64x4x2+tma", 0.18),
+              "backward_dq_from_ds": trial("backward_dq_from_ds", "64x64x4x3", 0.05)}
+    chosen = tuning.configs_from({**delta, **stored})  # 0.03 + 0.18 + 0.05 ms < dK/dV + dQ with delta 0.2 + 0.12
+    assert (chosen.backward_dkdv_ds, chosen.backward_dq_from_ds) == (TileConfig(64, 64, 4, 2, tma=True),
+                                                                     TileConfig(64, 64, 4, 3))
+    assert chosen.backward_dq_delta == TileConfig(64, 32, 4, 3)
+    not_faster = tuning.configs_from({**atomic, **stored})  # per head 0.25 < 0.26
+    assert not_faster.backward_dkdv_ds is None and not_faster.backward_dq_from_ds is None
+    assert not_faster.backward_per_head == TileConfig(32, 128, 8, 3)
+    with_atomic = {**delta, **stored, "backward_atomic": trial("backward_atomic", "64x128x8x3", 0.24)}
+    assert tuning.configs_from(with_atomic).backward_atomic is None  # 0.03 + 0.24 > 0.26
+    one_of_two = tuning.configs_from({**delta, "backward_dq_from_ds": stored["backward_dq_from_ds"]})
+    assert one_of_two.backward_dq_from_ds is None  # no dK/dV-storing tile timed: no stored-dS path
 
 
 def test_a_wrong_result_is_never_timed(problem):
@@ -169,6 +214,11 @@ def test_measured_lookup_takes_the_nearest_sequence_class():
     six = {(90, 2, 64, 384): ("128x32x4x4", "32x64x4x3", "64x32x4x3", None, None, "32x128x8x3+tma")}
     configs = kernels.measured_configs((90, 2, 64, 384), six)
     assert configs.backward_dq_delta is None and configs.backward_per_head == TileConfig(32, 128, 8, 3, tma=True)
+    eight = {(90, 2, 64, 384): ("128x32x4x4", "32x64x4x3", "64x32x4x3", None, None, None, "64x64x4x2+tma",
+                                "64x64x4x3")}
+    configs = kernels.measured_configs((90, 2, 64, 384), eight)
+    assert configs.backward_per_head is None and configs.backward_dkdv_ds == TileConfig(64, 64, 4, 2, tma=True)
+    assert configs.backward_dq_from_ds == TileConfig(64, 64, 4, 3)
 
 
 def test_cpu_calls_use_the_portable_configs():
@@ -181,7 +231,7 @@ def test_every_shipped_entry_parses():
 
     for key, tiles in attention_tiles.MEASURED.items():
         assert len(key) == 4 and key[3] in kernels.SEQ_CLASSES
-        assert kernels.measured_configs(key) is not None and len(tiles) in (4, 5, 6)
+        assert kernels.measured_configs(key) is not None and len(tiles) in (4, 5, 6, 8)
 
 
 def test_table_file_round_trip():
@@ -214,7 +264,7 @@ def test_table_rebuilt_from_a_raw_csv(tmp_path):
     # measured under the classes of its day (N 256 in the class up to 384), keyed by today's (up to 256)
     assert recorded == (90, 2, 128, 384) and key == (90, 2, 128, 256)
     # atomic 0.32 ms > per-head 0.27 < dK/dV + dQ 0.17 + 0.11
-    assert value == ("64x64x4x3", "64x64x4x2", "64x32x4x3", None, None, "32x128x8x3")
+    assert value == ("64x64x4x3", "64x64x4x2", "64x32x4x3", None, None, "32x128x8x3", None, None)
     assert "NVIDIA H200" in source and "abc1234" in source and "aim_600m" in line
 
 
@@ -230,7 +280,7 @@ def test_rebuilding_moves_an_entry_to_its_current_class(tmp_path, monkeypatch):
     written = {}
     monkeypatch.setattr(tune_attention, "write_table", lambda measured, provenance: written.update(measured))
     assert tune_attention.main(["--from-csv", str(path), "--write-table"]) == 0
-    assert written == {(90, 2, 128, 256): ("64x64x4x3", "64x64x4x2", "64x32x4x3", None, None, None),
+    assert written == {(90, 2, 128, 256): ("64x64x4x3", "64x64x4x2", "64x32x4x3", None, None, None, None, None),
                        (90, 2, 64, 384): old}
 
 
@@ -254,6 +304,13 @@ def test_compare_with_an_older_table_prices_both_picks_by_the_csv(tmp_path, caps
     assert aim in capsys.readouterr().out.splitlines()
     with pytest.raises(SystemExit):  # the comparison needs a CSV's timings
         tune_attention.main(["--compare-with", str(old_file)])
+    # the stored-dS path: row dot + dK/dV storing dS + dQ from dS, 0.03 + 0.18 + 0.05 ms
+    with open(path, "a") as f:
+        f.write("aim_600m,\"(90, 2, 128, 256)\",backward_dkdv_ds,64x64x4x2+tma,0.18,1e-3,,H200,2.11,3.6,abc1234,x\n"
+                "aim_600m,\"(90, 2, 128, 256)\",backward_dq_from_ds,64x64x4x3,0.05,1e-3,,H200,2.11,3.6,abc1234,x\n")
+    stored = {(90, 2, 128, 256): (*new[90, 2, 128, 256][:3], None, None, None, "64x64x4x2+tma", "64x64x4x3")}
+    _, aim_stored, _ = tune_attention.compare_lines(str(path), new, stored)
+    assert aim_stored.split() == ["aim_600m", "0.0800", "0.0800", "0.2900", "0.2600", f"{0.37 / 0.34:.3f}x"]
 
 
 def test_runtime_autotune_runs_once_per_shape_class(monkeypatch):

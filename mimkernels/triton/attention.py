@@ -16,6 +16,7 @@ the head dim is padded inside the tile, never in memory.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +91,11 @@ class AttentionConfigs:
     # the whole backward in one program per (batch, head), deterministic (backward_per_head); given only where it
     # measured faster than the other deterministic backwards
     backward_per_head: TileConfig | None = None
+    # the backward with dS stored (backward_dkdv storing dS^T, then backward_dq_from_ds): its dK/dV and dQ tiles,
+    # given (both) only where that measured faster than the deterministic backward the fields above choose, which
+    # still runs where its buffer does not fit (stored_ds_tiles)
+    backward_dkdv_ds: TileConfig | None = None
+    backward_dq_from_ds: TileConfig | None = None
 
 
 # (block_m, block_n, num_warps, num_stages) of the forward, dK/dV and dQ kernels, by operand width and padded
@@ -142,7 +148,7 @@ def measured_configs(key: tuple[int, int, int, int], table: dict | None = None) 
         return None
     here = SEQ_CLASSES.index(bound)
     nearest = min(classes, key=lambda c: (abs(SEQ_CLASSES.index(c) - here), c))
-    fwd, dkdv, dq, *optional = table[arch, itemsize, block_d, nearest]  # atomic and dq_delta: None if slower
+    fwd, dkdv, dq, *optional = table[arch, itemsize, block_d, nearest]  # the other backwards: None if slower
     return AttentionConfigs(*(TileConfig.parse(text) for text in (fwd, dkdv, dq)),
                             *(TileConfig.parse(text) if text else None for text in optional))
 
@@ -590,11 +596,11 @@ def _dkdv_query_ranges(n_start, prefix, seq_len, BLOCK_M: tl.constexpr, BLOCK_N:
 
 @triton.jit
 def _dkdv_query_tiles(
-    dk, dv, k, v, q_src, do_src, dq_dst, dq_out, lse_row, delta_row, ds_rows, stride_qn, stride_don, stride_dqn,
-    stride_dq_out_n, batch, head, n_start, offs_n, offs_d, m_lo, m_hi, prefix, seq_len, head_dim, qk_scale, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr, DQ_IN_ORDER: tl.constexpr, USE_TMA: tl.constexpr,
-    STORE_DS: tl.constexpr,
+    dk, dv, k, v, q_src, do_src, dq_dst, dq_out, lse_row, delta_row, ds_rows, stride_dsn, stride_qn, stride_don,
+    stride_dqn, stride_dq_out_n, batch, head, n_start, offs_n, offs_d, m_lo, m_hi, prefix, seq_len, head_dim,
+    qk_scale, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr, DQ_IN_ORDER: tl.constexpr,
+    USE_TMA: tl.constexpr, STORE_DS: tl.constexpr,
 ):
     """Accumulate dK, dV of the key tile at ``n_start`` over query tiles [m_lo, m_hi); works on transposed scores
     [keys, queries].
@@ -606,9 +612,9 @@ def _dkdv_query_tiles(
     of the accumulator's rows (``dq_dst``: pointers), whose first writer is key tile 0 and whose last writer
     stores the finished, scaled dQ rows into ``dq_out`` instead: deterministic, no atomics, no zeroing, no cast.
     With STORE_DS, the tile's dS^T (keys x queries, rounded as the dQ matmul takes it) goes to the [B, H, N, N] dS
-    buffer (key-major), for :func:`_prefix_causal_bwd_dq_from_ds`: STORE_DS 1 through ``ds_rows``, this head's rows
-    of it; 2 through ``ds_rows`` as a tensor descriptor of it (blocks [1, 1, BLOCK_N, BLOCK_M]: no addresses held
-    in registers, TMA drops keys and queries past N).
+    buffer (key-major, rows ``stride_dsn`` apart), for :func:`_prefix_causal_bwd_dq_from_ds`: STORE_DS 1 through
+    ``ds_rows``, this head's rows of it; 2 through ``ds_rows`` as a tensor descriptor of it (blocks [1, 1, BLOCK_N,
+    BLOCK_M]: no addresses held in registers, TMA drops keys and queries past N).
     """
     for m_start in range(m_lo, m_hi, BLOCK_M):
         offs_m = m_start + tl.arange(0, BLOCK_M)
@@ -633,7 +639,7 @@ def _dkdv_query_tiles(
             inside = offs_n[:, None] < seq_len
             if MASKED:
                 inside = inside & (offs_m[None, :] < seq_len)
-            tl.store(ds_rows + (offs_n[:, None] * seq_len + offs_m[None, :]), dscores_t, mask=inside)
+            tl.store(ds_rows + (offs_n[:, None] * stride_dsn + offs_m[None, :]), dscores_t, mask=inside)
         if DQ_ATOMIC:
             dq = tl.dot(tl.trans(dscores_t), k, input_precision=DOT_PRECISION) * scale
             if USE_TMA:  # TMA drops the rows past N and the columns past D
@@ -659,7 +665,7 @@ def _dkdv_query_tiles(
 
 @triton.jit
 def _dkdv_key_tile(
-    Q, K, V, DO, DK, DV, dq_dst, dq_out, lse_row, delta_row, ds_rows, Q_TAIL, DO_TAIL,
+    Q, K, V, DO, DK, DV, dq_dst, dq_out, lse_row, delta_row, ds_rows, stride_dsn, Q_TAIL, DO_TAIL,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -690,25 +696,27 @@ def _dkdv_key_tile(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # the diagonal tiles (masked), the full ones, the tile past the sequence end (masked)
     dk, dv = _dkdv_query_tiles(
-        dk, dv, k, v, q_src, do_src, dq_dst, dq_out, lse_row, delta_row, ds_rows, stride_qn, stride_don, stride_dqn,
-        stride_dq_out_n, batch, head, n_start, offs_n, offs_d, m_lo, diag_end, prefix, seq_len, head_dim, qk_scale,
-        scale, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, True, DOT_PRECISION, DQ_ATOMIC, DQ_IN_ORDER, USE_TMA, STORE_DS)
+        dk, dv, k, v, q_src, do_src, dq_dst, dq_out, lse_row, delta_row, ds_rows, stride_dsn, stride_qn, stride_don,
+        stride_dqn, stride_dq_out_n, batch, head, n_start, offs_n, offs_d, m_lo, diag_end, prefix, seq_len, head_dim,
+        qk_scale, scale, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, True, DOT_PRECISION, DQ_ATOMIC, DQ_IN_ORDER, USE_TMA,
+        STORE_DS)
     dk, dv = _dkdv_query_tiles(
-        dk, dv, k, v, q_src, do_src, dq_dst, dq_out, lse_row, delta_row, ds_rows, stride_qn, stride_don, stride_dqn,
-        stride_dq_out_n, batch, head, n_start, offs_n, offs_d, diag_end, m_floor, prefix, seq_len, head_dim,
+        dk, dv, k, v, q_src, do_src, dq_dst, dq_out, lse_row, delta_row, ds_rows, stride_dsn, stride_qn, stride_don,
+        stride_dqn, stride_dq_out_n, batch, head, n_start, offs_n, offs_d, diag_end, m_floor, prefix, seq_len, head_dim,
         qk_scale, scale, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, False, DOT_PRECISION, DQ_ATOMIC, DQ_IN_ORDER, USE_TMA,
         STORE_DS)
     if TAIL_M:  # the rows past the last whole query tile, TAIL_M at a time
         dk, dv = _dkdv_query_tiles(
             dk, dv, k, v, _head_source(Q_TAIL, batch, head, stride_qb, stride_qh, USE_TMA),
             _head_source(DO_TAIL, batch, head, stride_dob, stride_doh, USE_TMA), dq_dst, dq_out, lse_row, delta_row,
-            ds_rows, stride_qn, stride_don, stride_dqn, stride_dq_out_n, batch, head, n_start, offs_n, offs_d,
-            tl.maximum(diag_end, m_floor), seq_len, prefix, seq_len, head_dim, qk_scale, scale, TAIL_M, BLOCK_N,
+            ds_rows, stride_dsn, stride_qn, stride_don, stride_dqn, stride_dq_out_n, batch, head, n_start, offs_n,
+            offs_d, tl.maximum(diag_end, m_floor), seq_len, prefix, seq_len, head_dim, qk_scale, scale, TAIL_M, BLOCK_N,
             BLOCK_D, EVEN_D, True, DOT_PRECISION, DQ_ATOMIC, DQ_IN_ORDER, USE_TMA, STORE_DS)
     else:
         dk, dv = _dkdv_query_tiles(
-            dk, dv, k, v, q_src, do_src, dq_dst, dq_out, lse_row, delta_row, ds_rows, stride_qn, stride_don, stride_dqn,
-            stride_dq_out_n, batch, head, n_start, offs_n, offs_d, tl.maximum(diag_end, m_floor), seq_len, prefix,
+            dk, dv, k, v, q_src, do_src, dq_dst, dq_out, lse_row, delta_row, ds_rows, stride_dsn, stride_qn,
+            stride_don, stride_dqn, stride_dq_out_n, batch, head, n_start, offs_n, offs_d,
+            tl.maximum(diag_end, m_floor), seq_len, prefix,
             seq_len, head_dim, qk_scale, scale, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, True, DOT_PRECISION, DQ_ATOMIC,
             DQ_IN_ORDER, USE_TMA, STORE_DS)
 
@@ -731,7 +739,7 @@ def _prefix_causal_bwd_dkdv(
     stride_dob, stride_doh, stride_don,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
-    stride_dqb, stride_dqh, stride_dqn,
+    stride_dqb, stride_dqh, stride_dqn, stride_dsn,
     num_heads, seq_len, scale, qk_scale, num_n_tiles,
     PREFIX_IS_TENSOR: tl.constexpr, head_dim: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -739,8 +747,8 @@ def _prefix_causal_bwd_dkdv(
     STORE_DS: tl.constexpr,
 ):
     """dK, dV of one key tile; with DQ_ATOMIC also dQ (fp32, atomically, so not bit-reproducible), in one launch;
-    with STORE_DS also its dS^T into DS ([B, H, N, N], key-major; 2: DS is a tensor descriptor of it, never with
-    TAIL_M) for :func:`_prefix_causal_bwd_dq_from_ds`.
+    with STORE_DS also its dS^T into DS ([B, H, N, N], key-major, rows ``stride_dsn`` apart, heads N of them; 2:
+    DS is a tensor descriptor of it, never with TAIL_M) for :func:`_prefix_causal_bwd_dq_from_ds`.
     With USE_TMA, Q, K, V, DO, DK, DV are [B, H, N, D] tensor descriptors, and so is DQ_ACC with DQ_ATOMIC. With
     TAIL_M (not with DQ_ATOMIC), query rows past the last whole BLOCK_M tile are read TAIL_M at a time through
     Q_TAIL and DO_TAIL (blocks [1, 1, TAIL_M, BLOCK_D] with USE_TMA; else Q and DO again)."""
@@ -753,7 +761,7 @@ def _prefix_causal_bwd_dkdv(
     _dkdv_key_tile(
         Q, K, V, DO, DK, DV, _head_source(DQ_ACC, batch, head, stride_dqb, stride_dqh, USE_TMA), DQ_ACC,
         LSE + bh.to(tl.int64) * seq_len, DELTA + bh.to(tl.int64) * seq_len,
-        DS if STORE_DS == 2 else DS + bh.to(tl.int64) * seq_len * seq_len, Q_TAIL, DO_TAIL,
+        DS if STORE_DS == 2 else DS + bh.to(tl.int64) * seq_len * stride_dsn, stride_dsn, Q_TAIL, DO_TAIL,
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
         stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
         stride_dqn, stride_dqn, batch, head, n_start, prefix, seq_len, scale, qk_scale,
@@ -803,7 +811,7 @@ def _prefix_causal_bwd_per_head(
     dq_out = _head_rows(DQ, batch, head, stride_dqb, stride_dqh)
     for n_start in range(0, seq_len, BLOCK_N):
         _dkdv_key_tile(
-            Q, K, V, DO, DK, DV, dq_acc, dq_out, lse_row, delta_row, dq_acc, Q, DO,
+            Q, K, V, DO, DK, DV, dq_acc, dq_out, lse_row, delta_row, dq_acc, 0, Q, DO,  # no dS stored
             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
             stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
             stride_dvn, head_dim, stride_dqn, batch, head, n_start, prefix, seq_len, scale, qk_scale,
@@ -923,8 +931,8 @@ def _prefix_causal_bwd_dq(
 
 
 @triton.jit
-def _dq_from_ds_key_tiles(dq, ds_rows, k_rows, stride_kn, offs_m, offs_d, n_lo, n_hi, prefix, seq_len, head_dim,
-                          BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
+def _dq_from_ds_key_tiles(dq, ds_rows, stride_dsn, k_rows, stride_kn, offs_m, offs_d, n_lo, n_hi, prefix, seq_len,
+                          head_dim, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
                           DOT_PRECISION: tl.constexpr):
     """dq += dS K over the key tiles [n_lo, n_hi), dS^T read from the stored [N, N] buffer (key-major). MASKED
     tiles read only the visible pairs (the dK/dV kernel never wrote the others: its tiles may differ from these)."""
@@ -933,7 +941,7 @@ def _dq_from_ds_key_tiles(dq, ds_rows, k_rows, stride_kn, offs_m, offs_d, n_lo, 
         inside = (offs_n[:, None] < seq_len) & (offs_m[None, :] < seq_len)
         if MASKED:
             inside = inside & _visible(offs_m[None, :], offs_n[:, None], prefix, seq_len)
-        ds_t = tl.load(ds_rows + (offs_n[:, None] * seq_len + offs_m[None, :]), mask=inside, other=0.0)
+        ds_t = tl.load(ds_rows + (offs_n[:, None] * stride_dsn + offs_m[None, :]), mask=inside, other=0.0)
         k = _load_tile(k_rows, offs_n, stride_kn, offs_d, seq_len, head_dim, True, EVEN_D)
         dq += tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION)
     return dq
@@ -943,7 +951,7 @@ def _dq_from_ds_key_tiles(dq, ds_rows, k_rows, stride_kn, offs_m, offs_d, n_lo, 
 def _prefix_causal_bwd_dq_from_ds(
     K, DS, DQ, PREFIX, prefix_int,
     stride_kb, stride_kh, stride_kn,
-    stride_dqb, stride_dqh, stride_dqn,
+    stride_dqb, stride_dqh, stride_dqn, stride_dsn,
     num_heads, seq_len, scale, num_m_tiles,
     PREFIX_IS_TENSOR: tl.constexpr, head_dim: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -958,14 +966,14 @@ def _prefix_causal_bwd_dq_from_ds(
     prefix = _prefix_of(PREFIX, prefix_int, batch, seq_len, PREFIX_IS_TENSOR)
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    ds_rows = DS + bh.to(tl.int64) * seq_len * seq_len
+    ds_rows = DS + bh.to(tl.int64) * seq_len * stride_dsn
     k_rows = _head_rows(K, batch, head, stride_kb, stride_kh)
     full_end, visible_end = _key_range(m_start, prefix, seq_len, BLOCK_M, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _dq_from_ds_key_tiles(dq, ds_rows, k_rows, stride_kn, offs_m, offs_d, 0, full_end, prefix, seq_len,
-                               head_dim, BLOCK_N, EVEN_D, False, DOT_PRECISION)
-    dq = _dq_from_ds_key_tiles(dq, ds_rows, k_rows, stride_kn, offs_m, offs_d, full_end, visible_end, prefix,
-                               seq_len, head_dim, BLOCK_N, EVEN_D, True, DOT_PRECISION)
+    dq = _dq_from_ds_key_tiles(dq, ds_rows, stride_dsn, k_rows, stride_kn, offs_m, offs_d, 0, full_end, prefix,
+                               seq_len, head_dim, BLOCK_N, EVEN_D, False, DOT_PRECISION)
+    dq = _dq_from_ds_key_tiles(dq, ds_rows, stride_dsn, k_rows, stride_kn, offs_m, offs_d, full_end, visible_end,
+                               prefix, seq_len, head_dim, BLOCK_N, EVEN_D, True, DOT_PRECISION)
     _store_tile(_head_rows(DQ, batch, head, stride_dqb, stride_dqh), offs_m, stride_dqn, offs_d, seq_len, head_dim,
                 (dq * scale).to(DQ.dtype.element_ty))
 
@@ -1301,12 +1309,13 @@ def backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: Tile
                   dk=None, dv=None, ds=None):
     """dk, dv ([B, H, N, D] stored [B, N, H, D], or written into the given ``dk``, ``dv``: any [B, H, N, D] views
     with a unit last stride); with ``dq_accumulator`` (fp32 [B, H, N, D], zeroed) the same launch also adds dQ
-    into it, atomically; with ``ds`` ([B, H, N, N] in q's dtype, contiguous) it also stores dS^T there for
+    into it, atomically; with ``ds`` (:func:`stored_ds_buffer`) it also stores dS^T there for
     :func:`backward_dq_from_ds` (through a tensor descriptor where the tile is ``+tma`` without tails and TMA can
     take it; the pairs nobody sees are left as they were)."""
     batch, heads, seq_len, head_dim = q.shape
     if ds is not None and (dq_accumulator is not None or (cfg.split_d and head_dim_split(head_dim))):
         raise ValueError("the dK/dV kernel stores dS only without the atomic dQ and without a split head dim")
+    stride_dsn = 0 if ds is None else _ds_row_stride(ds, q)
     prefix_ptr, prefix_int, prefix_is_tensor = _prefix_args(prefix, q)
     dk = _empty_bnhd(k) if dk is None else dk
     dv = _empty_bnhd(v) if dv is None else dv
@@ -1341,23 +1350,36 @@ def backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: Tile
         q_, k_, v_, do_, lse, delta, dk_, dv_, dq_acc_, ds_, prefix_ptr, *tails,
     ), (
         prefix_int, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
-        *_strides(dq_acc), heads, seq_len, scale, scale * LOG2_E, num_n_tiles,
+        *_strides(dq_acc), stride_dsn, heads, seq_len, scale, scale * LOG2_E, num_n_tiles,
     ), dict(PREFIX_IS_TENSOR=prefix_is_tensor, **shapes, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             DQ_ATOMIC=atomic, USE_TMA=use_tma, TAIL_M=tail_m, STORE_DS=store_ds), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
     return dk, dv
 
 
+def _ds_row_stride(ds: torch.Tensor, q: torch.Tensor) -> int:
+    """The row stride of a dS buffer laid out as :func:`stored_ds_buffer` lays it out (else ValueError)."""
+    batch, heads, seq_len, _ = q.shape
+    row = ds.stride(2)
+    if (ds.shape != (batch, heads, seq_len, seq_len) or ds.dtype != q.dtype or ds.stride(3) != 1 or row < seq_len
+            or ds.stride(1) != seq_len * row or ds.stride(0) != heads * seq_len * row):
+        raise ValueError(f"ds must be a [B, H, N, N] = {[batch, heads, seq_len, seq_len]} buffer in q's dtype with "
+                         f"rows of unit stride and no gaps but row padding (stored_ds_buffer); got shape "
+                         f"{list(ds.shape)}, {ds.dtype}, strides {ds.stride()}")
+    return row
+
+
 def backward_dq_from_ds(q, k, ds, prefix, scale: float, cfg: TileConfig, dq=None):
-    """dq from the dS^T that :func:`backward_dkdv` stored into ``ds`` ([B, H, N, N]): one matmul per tile pair.
-    The tile's block_m, block_n, warps and stages are used (through pointers, no tail tiles)."""
+    """dq from the dS^T that :func:`backward_dkdv` stored into ``ds`` (:func:`stored_ds_buffer`): one matmul per tile
+    pair. The tile's block_m, block_n, warps and stages are used (through pointers, no tail tiles)."""
     batch, heads, seq_len, head_dim = q.shape
+    stride_dsn = _ds_row_stride(ds, q)
     prefix_ptr, prefix_int, prefix_is_tensor = _prefix_args(prefix, q)
     dq = _empty_bnhd(q) if dq is None else dq
     shapes = shape_args(head_dim, q.dtype)
     num_m_tiles = cdiv(seq_len, cfg.block_m)
     launch(_prefix_causal_bwd_dq_from_ds, (batch * heads * num_m_tiles,), (k, ds, dq, prefix_ptr), (
-        prefix_int, *_strides(k), *_strides(dq), heads, seq_len, scale, num_m_tiles,
+        prefix_int, *_strides(k), *_strides(dq), stride_dsn, heads, seq_len, scale, num_m_tiles,
     ), dict(PREFIX_IS_TENSOR=prefix_is_tensor, **shapes, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dq
@@ -1365,20 +1387,54 @@ def backward_dq_from_ds(q, k, ds, prefix, scale: float, cfg: TileConfig, dq=None
 
 # The backward with dS stored: the dK/dV kernel writes dS (one [N, N] buffer per head, in q's dtype), and dQ takes
 # one matmul per tile pair from it instead of recomputing the scores and dP (three). For short sequences, where the
-# buffer is small: AIM-600M's B64 x H12 x 256^2 bf16 is 100 MB. Selectable (bench_attention's
-# mimkernels_stored_ds), off until a GPU measures it faster; used up to STORED_DS_MAX_BYTES of buffer.
-STORED_DS = env_flag("MIMKERNELS_STORED_DS", False)
+# buffer is small: AIM-600M's B64 x H12 x 256^2 bf16 is 100 MB. Used up to STORED_DS_MAX_BYTES of buffer where the
+# measured table gives it tiles (the tuner picked it: faster there), or everywhere with STORED_DS = True
+# (MIMKERNELS_STORED_DS=1; bench_attention's mimkernels_stored_ds), nowhere with STORED_DS = False
+# (MIMKERNELS_STORED_DS=0). None (unset): the table decides.
+STORED_DS = env_flag("MIMKERNELS_STORED_DS", False) if os.environ.get("MIMKERNELS_STORED_DS", "").strip() else None
 STORED_DS_MAX_BYTES = 1 << 30
-# dQ from dS: its own tile (one matmul per tile pair needs fewer registers than the recomputing dQ kernel's tiles,
-# which spill here: 128x32x4x3 by 124 bytes at D 128 under Triton 3.9); no spills at D 128 on sm_90, not yet timed
+# dQ from dS where the table has no tile for it: its own tile (one matmul per tile pair needs fewer registers than
+# the recomputing dQ kernel's tiles, which spill here: 128x32x4x3 by 124 bytes at D 128 under Triton 3.9); no
+# spills at D 128 on sm_90
 STORED_DS_DQ_TILE = TileConfig(64, 64, 4, 3)
 
 
-def stored_ds_usable(q: torch.Tensor, cfgs: AttentionConfigs) -> bool:
-    """Whether :func:`backward` takes the stored-dS path for ``q`` with these tiles."""
+def _ds_row_length(seq_len: int) -> int:
+    # rows of the dS buffer padded to 16 values: TMA needs 16-byte strides (N = 197, 257, 50, 65 would else store
+    # through pointers, an address per element), and Triton specialises strides that are multiples of 16
+    return cdiv(seq_len, 16) * 16
+
+
+def stored_ds_fits(batch: int, heads: int, seq_len: int, element_size: int) -> bool:
+    """Whether the stored-dS backward's buffer ([B, H, N, N] values of ``element_size`` bytes, rows padded) is within
+    STORED_DS_MAX_BYTES (and its int32 offsets within a head)."""
+    row = _ds_row_length(seq_len)
+    return batch * heads * seq_len * row * element_size <= STORED_DS_MAX_BYTES and seq_len * row < 2**31
+
+
+def stored_ds_buffer(q: torch.Tensor) -> torch.Tensor:
+    """The stored-dS backward's buffer for ``q`` ([B, H, N, D]): [B, H, N, N] in q's dtype, uninitialised, each row
+    padded to 16 values (a view of the first N)."""
+    batch, heads, seq_len, _ = q.shape
+    return torch.empty(batch, heads, seq_len, _ds_row_length(seq_len), dtype=q.dtype, device=q.device)[..., :seq_len]
+
+
+def stored_ds_tiles(q: torch.Tensor, cfgs: AttentionConfigs) -> tuple[TileConfig, TileConfig] | None:
+    """The (dK/dV, dQ-from-dS) tiles with which :func:`backward` takes the stored-dS path for ``q``, or None where
+    it does not: the table's stored-dS tiles where it has them, else with ``STORED_DS = True`` the dK/dV tile and
+    STORED_DS_DQ_TILE; never with ``STORED_DS = False``, past STORED_DS_MAX_BYTES of buffer, or with a dK/dV tile
+    that splits the head dim (that kernel stores no dS)."""
+    if STORED_DS is False:
+        return None
+    if cfgs.backward_dkdv_ds is not None and cfgs.backward_dq_from_ds is not None:
+        tiles = cfgs.backward_dkdv_ds, cfgs.backward_dq_from_ds
+    elif STORED_DS:
+        tiles = cfgs.backward_dkdv, STORED_DS_DQ_TILE
+    else:
+        return None
     batch, heads, seq_len, head_dim = q.shape
-    return (STORED_DS and batch * heads * seq_len * seq_len * q.element_size() <= STORED_DS_MAX_BYTES
-            and seq_len * seq_len < 2**31 and not (cfgs.backward_dkdv.split_d and head_dim_split(head_dim)))
+    fits = stored_ds_fits(batch, heads, seq_len, q.element_size())
+    return tiles if fits and not (tiles[0].split_d and head_dim_split(head_dim)) else None
 
 
 def backward_dq(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: TileConfig, out=None, dq=None):
@@ -1471,18 +1527,19 @@ def backward(grad_out, q, k, v, out, lse, prefix, scale: float, configs: Attenti
     Default: a row-dot pre-pass, then dK/dV and dQ in two launches, no atomics, so bit-identical run after run;
     where ``configs.backward_dq_delta`` is set, the dQ kernel computes delta itself and runs first (no pre-pass);
     where ``configs.backward_per_head`` is set, one launch does it all (:func:`backward_per_head`), as
-    reproducible. With ``STORED_DS`` (where :func:`stored_ds_usable`), before any of these: dK/dV stores dS and dQ
-    is one matmul per tile pair from it (:func:`backward_dq_from_ds`), as reproducible. ``atomic_dq=True``: one
-    launch that adds dQ with fp32 atomics (tile ``configs.backward_atomic``, else ``backward_dkdv``).
+    reproducible. Before any of these, where :func:`stored_ds_tiles` gives tiles (the table's choice, or
+    ``STORED_DS``): dK/dV stores dS and dQ is one matmul per tile pair from it (:func:`backward_dq_from_ds`), as
+    reproducible. ``atomic_dq=True``: one launch that adds dQ with fp32 atomics (tile ``configs.backward_atomic``,
+    else ``backward_dkdv``).
     """
     cfgs = configs or configs_for_call(q)
     dq, dk, dv = grads
-    if not atomic_dq and stored_ds_usable(q, cfgs):  # row dot, dK/dV storing dS, dQ from dS: 3 launches
+    stored_ds = None if atomic_dq else stored_ds_tiles(q, cfgs)
+    if stored_ds:  # row dot, dK/dV storing dS, dQ from dS: 3 launches
         delta = backward_row_dot(grad_out, out)
-        batch, heads, seq_len, _ = q.shape
-        ds = torch.empty(batch, heads, seq_len, seq_len, dtype=q.dtype, device=q.device)
-        dk, dv = backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale, cfgs.backward_dkdv, dk=dk, dv=dv, ds=ds)
-        return backward_dq_from_ds(q, k, ds, prefix, scale, STORED_DS_DQ_TILE, dq=dq), dk, dv
+        ds = stored_ds_buffer(q)
+        dk, dv = backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale, stored_ds[0], dk=dk, dv=dv, ds=ds)
+        return backward_dq_from_ds(q, k, ds, prefix, scale, stored_ds[1], dq=dq), dk, dv
     if cfgs.backward_per_head is not None and not atomic_dq:
         return backward_per_head(grad_out, q, k, v, out, lse, prefix, scale, cfgs.backward_per_head, grads)
     if cfgs.backward_dq_delta is not None and not atomic_dq:  # dQ first, computing delta for dK/dV: 2 launches

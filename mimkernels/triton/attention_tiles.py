@@ -5,10 +5,10 @@ refresh or extend it; never edit a figure by hand. Looked up by ``attention.conf
 
 Key: (compute capability as 90, operand bytes, padded head dim, longest N of the sequence class).
 Value: tiles of the forward, dK/dV, dQ, atomic-dQ backward, delta-computing dQ and one-program-per-head backward
-kernels, each "block_m x block_n x warps x stages" ("+tma" appended where it reads through TMA descriptors,
-"+tail16" where the rows past the last whole query tile run as 16-row tiles); the
-last three are None where they did not beat the other backwards (and may be absent in entries measured before
-they existed).
+kernels, then the stored-dS backward's dK/dV (storing dS) and dQ-from-dS kernels, each "block_m x block_n x warps x
+stages" ("+tma" appended where it reads through TMA descriptors, "+tail16" where the rows past the last whole query
+tile run as 16-row tiles, "+splitd" where the head dim runs as two column blocks); all but the first three are None
+where they did not beat the other backwards (and may be absent in entries measured before they existed).
 A shape whose key is missing uses the nearest measured sequence class of its key, else the portable configs.
 """
 

@@ -72,7 +72,22 @@ for _kernel, _extra in (
         ("forward", ("128x32x4x4+tma", "64x64x4x3+tma")), ("backward_dkdv", ("64x64x4x2+tma", "32x64x4x3+tma")),
         ("backward_dq", ("128x32x4x3+tma", "64x32x4x3+tma")), ("backward_dq_delta", ("64x32x4x3+tma",))):
     CANDIDATES[_kernel] += tuple(f"{text}+splitd" for text in _extra)
-KERNELS = tuple(CANDIDATES)
+# The backward with dS stored (built 2026-12-04, in the tuner since the twenty-second session; not yet measured): the
+# dK/dV kernel also storing dS^T (run 9 / 10's dK/dV winners and neighbours: the store adds registers, so the best
+# tile may move), and dQ as one matmul per tile pair from it (pointers only). Compiled for sm_90 at D 128 under
+# Triton 3.6 (the GPU's) / 3.9 (kernel_report --stored-ds): dK/dV through a descriptor spills 152 / 28 bytes at
+# 64x64x4x2+tma, none / 120 at 64x64x4x3+tma and 64x128x8x3+tma, none at 32x64x4x3+tma; through pointers (tails, no
+# TMA) 268-704 bytes; dQ from dS spills nowhere but at 64x128x4x3 under 3.9 (132). Timed where the buffer fits
+# (STORED_DS_MAX_BYTES): not at N 4096.
+CANDIDATES["backward_dkdv_ds"] = ("64x64x4x2+tma", "64x64x4x2+tma+tail16", "64x64x4x3+tma", "64x128x8x3+tma",
+                                  "32x64x4x3", "32x64x4x3+tail16", "32x64x4x3+tma", "64x64x8x2", "32x128x8x3")
+CANDIDATES["backward_dq_from_ds"] = ("64x64x4x3", "64x32x4x3", "128x64x8x3", "64x128x4x3", "128x128x8x3",
+                                     "32x64x4x3")
+STORED_DS_KERNELS = ("backward_dkdv_ds", "backward_dq_from_ds")
+# the order of a sweep: the two backwards that never won in runs 9 and 10 last (where a deadline cuts first)
+KERNELS = ("forward", "backward_dkdv", "backward_dq", "backward_row_dot", "backward_dq_delta", *STORED_DS_KERNELS,
+           "backward_per_head", "backward_atomic")
+assert sorted(KERNELS) == sorted(CANDIDATES)
 TOLERANCE = {2: 2e-2, 4: 1e-4}  # relative error vs the float32 reference above which a trial is wrong
 
 
@@ -122,9 +137,10 @@ def _relative_error(got: dict, want: dict) -> float:
                 for name in got), default=0.0)
 
 
-def _runner(problem: Problem, kernel: str, cfg: TileConfig, out, lse, delta):
+def _runner(problem: Problem, kernel: str, cfg: TileConfig, out, lse, delta, ds=None):
     """A zero-argument call of ``kernel`` with ``cfg``, returning its outputs by name (checked against the
-    reference; the row-dot pre-pass has none to check)."""
+    reference; the row-dot pre-pass has none to check). ``ds``: the stored-dS kernels' buffer, holding dS^T for
+    the dQ-from-dS kernel (which the dK/dV-storing kernel rewrites with the same values)."""
     p = problem
     if kernel == "forward":
         base = kernels.configs_for(p.q.shape[-1], p.q.dtype)
@@ -143,10 +159,25 @@ def _runner(problem: Problem, kernel: str, cfg: TileConfig, out, lse, delta):
         scratch = torch.empty_like(delta)
         args = (p.grad_out, p.q, p.k, p.v, lse, scratch, p.prefix, p.scale, cfg)
         return lambda: {"dq": kernels.backward_dq(*args, out=out)}
+    if kernel == "backward_dkdv_ds":
+        return lambda: dict(zip(("dk", "dv"), kernels.backward_dkdv(*args, ds=ds)))
+    if kernel == "backward_dq_from_ds":
+        return lambda: {"dq": kernels.backward_dq_from_ds(p.q, p.k, ds, p.prefix, p.scale, cfg)}
     if kernel == "backward_per_head":
         return lambda: dict(zip(("dq", "dk", "dv"), kernels.backward_per_head(p.grad_out, p.q, p.k, p.v, out, lse,
                                                                               p.prefix, p.scale, cfg)))
     raise ValueError(f"unknown kernel {kernel!r}; expected one of {', '.join(KERNELS)}")
+
+
+def _checked_outputs(problem: Problem, kernel: str, run, ds_trial) -> dict:
+    """``run()``'s outputs to check against the reference; for a dK/dV-storing-dS trial also dQ from the dS it stored
+    (into a buffer of NaN: a pair it fails to store reads as NaN), so that a tile storing wrong dS never wins."""
+    if kernel != "backward_dkdv_ds":
+        return run()
+    ds_trial.fill_(float("nan"))
+    got = run()
+    p = problem
+    return {**got, "dq": kernels.backward_dq_from_ds(p.q, p.k, ds_trial, p.prefix, p.scale, kernels.STORED_DS_DQ_TILE)}
 
 
 def default_timer(fn) -> float:
@@ -182,6 +213,16 @@ def sweep(problem: Problem, kernels_to_tune=KERNELS, candidates=None, timer=defa
     portable = kernels.configs_for(problem.q.shape[-1], problem.q.dtype)
     out, lse = kernels.forward(problem.q, problem.k, problem.v, problem.prefix, problem.scale, portable)
     delta = kernels.backward_row_dot(problem.grad_out, out)
+    ds = ds_trial = None
+    if any(candidates.get(kernel) for kernel in STORED_DS_KERNELS if kernel in kernels_to_tune):
+        batch, heads, seq_len, _ = problem.q.shape
+        if kernels.stored_ds_fits(batch, heads, seq_len, problem.q.element_size()):
+            # dS^T for the dQ-from-dS trials, stored by the portable dK/dV tile; the dK/dV trials store into another
+            ds, ds_trial = kernels.stored_ds_buffer(problem.q), kernels.stored_ds_buffer(problem.q)
+            kernels.backward_dkdv(problem.grad_out, problem.q, problem.k, problem.v, lse, delta, problem.prefix,
+                                  problem.scale, portable.backward_dkdv, ds=ds)
+        else:  # the backward would not take this path at this size
+            kernels_to_tune = tuple(kernel for kernel in kernels_to_tune if kernel not in STORED_DS_KERNELS)
     tolerance = TOLERANCE[problem.q.element_size()]
     trials = []
     for kernel in kernels_to_tune:
@@ -189,8 +230,10 @@ def sweep(problem: Problem, kernels_to_tune=KERNELS, candidates=None, timer=defa
             if deadline is not None and time.monotonic() > deadline:
                 return trials
             try:
-                run = _runner(problem, kernel, TileConfig.parse(text), out, lse, delta)
-                error = _relative_error(run(), problem.want) if problem.want else None
+                cfg = TileConfig.parse(text)
+                run = _runner(problem, kernel, cfg, out, lse, delta, ds_trial if kernel == "backward_dkdv_ds" else ds)
+                error = _relative_error(_checked_outputs(problem, kernel, run, ds_trial), problem.want) \
+                    if problem.want else None
                 if error is not None and not error <= tolerance:
                     trial = Trial(kernel, text, None, error, f"wrong: relative error {error:.2e} > {tolerance:g}")
                 else:
@@ -217,7 +260,9 @@ def configs_from(best: dict[str, Trial]) -> AttentionConfigs | None:
 
     The deterministic backward is the fastest of: row-dot pre-pass + dK/dV + dQ, dK/dV + the delta-computing dQ
     kernel (``backward_dq_delta`` set), the one-launch ``backward_per_head`` (set; it computes delta itself). The
-    atomic-dQ backward gets a tile only if it (with the pre-pass, its fp32 buffer's zeroing and cast) beat that.
+    stored-dS backward (pre-pass + dK/dV storing dS + dQ from dS) gets its two tiles only if it beat that (which
+    stays chosen: it runs where the buffer does not fit); the atomic-dQ backward gets a tile only if it (with the
+    pre-pass, its fp32 buffer's zeroing and cast) beat the fastest deterministic one.
     """
     if not all(name in best for name in ("forward", "backward_dkdv", "backward_dq")):
         return None
@@ -229,7 +274,12 @@ def configs_from(best: dict[str, Trial]) -> AttentionConfigs | None:
     if "backward_per_head" in ms:
         paths["backward_per_head"] = ms["backward_per_head"]
     deterministic = min(paths, key=paths.get)
-    atomic = "backward_atomic" in ms and row_dot + ms["backward_atomic"] < paths[deterministic]
+    fastest_ms = paths[deterministic]
+    stored_ds = all(name in ms for name in STORED_DS_KERNELS) and (
+        row_dot + ms["backward_dkdv_ds"] + ms["backward_dq_from_ds"] < fastest_ms)
+    if stored_ds:
+        fastest_ms = row_dot + ms["backward_dkdv_ds"] + ms["backward_dq_from_ds"]
+    atomic = "backward_atomic" in ms and row_dot + ms["backward_atomic"] < fastest_ms
 
     def tile(name, chosen):
         return TileConfig.parse(best[name].config) if chosen else None
@@ -237,7 +287,8 @@ def configs_from(best: dict[str, Trial]) -> AttentionConfigs | None:
     return AttentionConfigs(*(tile(name, True) for name in ("forward", "backward_dkdv", "backward_dq")),
                             tile("backward_atomic", atomic), tile("backward_dq_delta", deterministic ==
                                                                    "backward_dq_delta"),
-                            tile("backward_per_head", deterministic == "backward_per_head"))
+                            tile("backward_per_head", deterministic == "backward_per_head"),
+                            *(tile(name, stored_ds) for name in STORED_DS_KERNELS))
 
 
 def tune_call_shape(q: torch.Tensor) -> AttentionConfigs | None:
