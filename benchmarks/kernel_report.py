@@ -113,14 +113,14 @@ def attention_launches(head_dim: int, dtype: torch.dtype, cfgs=None, variant: st
     shape = kernels.shape_args(head_dim, dtype)
     pointers = {name: ty for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "Q_TAIL", "O_TAIL", "DO_TAIL",
                                       "DQ_TAIL", "Q_HI", "K_HI", "V_HI", "O_HI", "DO_HI", "DQ_HI", "DK_HI", "DV_HI")}
-    pointers.update(LSE="*fp32", DELTA="*fp32", PREFIX="*i64", DQ_ACC="*fp32", DS=ty)
+    pointers.update(LSE="*fp32", DELTA="*fp32", PREFIX="*i64", DQ_ACC="*fp32", DS=ty, DS_TAIL=ty)
     plan = [(kernels._prefix_causal_fwd, cfgs.forward, {}),
             (kernels._prefix_causal_bwd_dkdv, cfgs.backward_dkdv, {"DQ_ATOMIC": False, "STORE_DS": 0}),
             (kernels._prefix_causal_bwd_dq, cfgs.backward_dq, {"DELTA_HERE": False})]
     stored = ((cfgs.backward_dkdv_ds, cfgs.backward_dq_from_ds) if not portable and cfgs.backward_dq_from_ds
               else (cfgs.backward_dkdv, kernels.STORED_DS_DQ_TILE) if stored_ds else None)
     if stored and not (stored[0].split_d and kernels.head_dim_split(head_dim)):
-        store_ds = 2 if stored[0].tma and not stored[0].tail_m else 1  # a descriptor, or pointers
+        store_ds = 2 if stored[0].tma else 1  # descriptors, or pointers
         plan.append((kernels._prefix_causal_bwd_dkdv, stored[0], {"DQ_ATOMIC": False, "STORE_DS": store_ds}))
         plan.append((kernels._prefix_causal_bwd_dq_from_ds, stored[1], {}))
     if not portable and cfgs.backward_atomic is not None:
@@ -169,6 +169,7 @@ TMA_OPERANDS = {"_prefix_causal_fwd": ("Q O", "K V", "Q_TAIL O_TAIL"),
                 "_prefix_causal_bwd_dkdv": ("Q DO", "K V DK DV", "Q_TAIL DO_TAIL"),
                 "_prefix_causal_bwd_dq": ("Q DO DQ", "K V", "Q_TAIL DO_TAIL DQ_TAIL"),
                 "_prefix_causal_bwd_per_head": ("Q DO", "K V DK DV", ""),
+                "_prefix_causal_bwd_dq_from_ds": ("DQ", "K", ""),  # and DS, below
                 # the split-head-dim kernels: each operand as its first (X) and second (X_HI) column block
                 "_prefix_causal_fwd_split_d": ("Q O Q_HI O_HI", "K V K_HI V_HI", ""),
                 "_prefix_causal_bwd_dkdv_split_d": ("Q DO Q_HI DO_HI", "K V DK DV K_HI V_HI DK_HI DV_HI", ""),
@@ -188,7 +189,10 @@ def _tma_operands(pointers: dict, fn, cfg, dtype_name: str, shape: dict, dq_atom
     descriptors = {name: f"tensordesc<{dtype_name}[1,1,{r},{columns(name)}]>" for name, r in rows.items()}
     if dq_atomic:
         descriptors["DQ_ACC"] = f"tensordesc<fp32[1,1,{cfg.block_m},{shape['BLOCK_D']}]>"
-    if shape.get("STORE_DS") == 2:  # the dS buffer, [B, H, N, N], key tiles by query tiles
+    if shape.get("STORE_DS") == 2:  # the dS buffer, [B, H, N, N], key tiles by query tiles (by tail tiles)
+        descriptors["DS"] = f"tensordesc<{dtype_name}[1,1,{cfg.block_n},{cfg.block_m}]>"
+        descriptors["DS_TAIL"] = f"tensordesc<{dtype_name}[1,1,{cfg.block_n},{tail_rows}]>"
+    if fn.__name__ == "_prefix_causal_bwd_dq_from_ds":  # reads the dS buffer through a descriptor too
         descriptors["DS"] = f"tensordesc<{dtype_name}[1,1,{cfg.block_n},{cfg.block_m}]>"
     return pointers | descriptors
 
@@ -328,28 +332,37 @@ def stored_ds_report(quick: bool = False) -> list[Row]:
     return rows
 
 
+def candidate_launch(head_dim: int, kernel: str, tile, variant: str = "") -> Launch:
+    """The launch of one tuner ``kernel`` (a key of attention_tuning.CANDIDATES) with ``tile``, bf16, the other
+    kernels portable: for the stored-dS ones (which run as a pair) the other of the pair is the portable dK/dV tile or
+    STORED_DS_DQ_TILE."""
+    portable = kernels.configs_for(head_dim, torch.bfloat16)
+    if kernel in ("backward_dkdv_ds", "backward_dq_from_ds"):
+        pair = (tile, kernels.STORED_DS_DQ_TILE) if kernel == "backward_dkdv_ds" else (portable.backward_dkdv, tile)
+        kept = "+ds" if kernel == "backward_dkdv_ds" else "from-ds"
+        cfgs = replace(portable, backward_dkdv_ds=pair[0], backward_dq_from_ds=pair[1])
+        return next(launch for launch in attention_launches(head_dim, torch.bfloat16, cfgs, variant)
+                    if kept in launch.variant.split())
+    # where attention_launches puts each other kernel (an optional backward last: one at most is set here)
+    slot = {"forward": 0, "backward_dkdv": 1, "backward_dq": 2}.get(kernel, -1)
+    return attention_launches(head_dim, torch.bfloat16, replace(portable, **{kernel: tile}), variant)[slot]
+
+
+def _compiled_row(launch: Launch, arch: int = 90) -> Row:
+    row = Row(launch.fn.__name__, f"sm_{arch}", DTYPES[torch.bfloat16], launch.variant, launch.tile, launch.num_warps,
+              launch.num_stages, *compile_one(launch, arch))
+    print(_format(row), flush=True)
+    return row
+
+
 def stored_ds_candidates_report(head_dims=(128,)) -> list[Row]:
     """The tuner's stored-dS candidates (attention_tuning.CANDIDATES "backward_dkdv_ds" and "backward_dq_from_ds"),
-    bf16 on sm_90: that they compile, and their resources. The dK/dV candidates store dS through a descriptor where
-    they are +tma without a tail (at N a multiple of block_m), else through pointers, as the launcher chooses."""
+    bf16 on sm_90: that they compile, and their resources (dS through descriptors under +tma tiles, else pointers)."""
     from mimkernels.triton import attention_tuning
 
-    rows = []
-    for head_dim in head_dims:
-        portable = kernels.configs_for(head_dim, torch.bfloat16)
-        dkdv = attention_tuning.CANDIDATES["backward_dkdv_ds"]
-        dq = attention_tuning.CANDIDATES["backward_dq_from_ds"]
-        # each dK/dV candidate (beside the first dQ one) and each dQ candidate (beside the first dK/dV one), once
-        jobs = [(text, dq[0], "+ds") for text in dkdv] + [(dkdv[0], text, "from-ds") for text in dq]
-        for dkdv_text, dq_text, kept in jobs:
-            cfgs = replace(portable, backward_dkdv_ds=kernels.TileConfig.parse(dkdv_text),
-                           backward_dq_from_ds=kernels.TileConfig.parse(dq_text))
-            for launch in attention_launches(head_dim, torch.bfloat16, cfgs, " candidate"):
-                if kept in launch.variant.split():
-                    rows.append(Row(launch.fn.__name__, "sm_90", "bf16", launch.variant, launch.tile,
-                                    launch.num_warps, launch.num_stages, *compile_one(launch, 90)))
-                    print(_format(rows[-1]), flush=True)
-    return rows
+    return [_compiled_row(candidate_launch(head_dim, kernel, kernels.TileConfig.parse(text), " candidate"))
+            for head_dim in head_dims for kernel in ("backward_dkdv_ds", "backward_dq_from_ds")
+            for text in attention_tuning.CANDIDATES[kernel]]
 
 
 def report(head_dims=HEAD_DIMS, archs=ARCHS, dtypes=tuple(DTYPES)) -> list[Row]:
@@ -370,22 +383,15 @@ def candidates_report(option: str, head_dims, twins: bool = True) -> list[Row]:
     beside the base tiles'."""
     from mimkernels.triton import attention_tuning
 
-    # where attention_launches puts each kernel (an optional backward last: one at most is set here)
-    slots = {"forward": 0, "backward_dkdv": 1, "backward_dq": 2, "backward_atomic": -1, "backward_dq_delta": -1,
-             "backward_per_head": -1}
     rows = []
     for head_dim in head_dims:
-        portable = kernels.configs_for(head_dim, torch.bfloat16)
-        for kernel, slot in slots.items():
+        for kernel in attention_tuning.KERNELS:
             for text in attention_tuning.CANDIDATES[kernel]:
                 cfg = kernels.TileConfig.parse(text)
                 if not getattr(cfg, option):
                     continue
                 for tile in (replace(cfg, **{option: False}), cfg) if twins else (cfg,):
-                    launch = attention_launches(head_dim, torch.bfloat16, replace(portable, **{kernel: tile}))[slot]
-                    rows.append(Row(launch.fn.__name__, "sm_90", "bf16", launch.variant, launch.tile,
-                                    launch.num_warps, launch.num_stages, *compile_one(launch, 90)))
-                    print(_format(rows[-1]), flush=True)
+                    rows.append(_compiled_row(candidate_launch(head_dim, kernel, tile)))
     return rows
 
 

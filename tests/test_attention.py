@@ -591,7 +591,7 @@ def test_stored_ds_backward(shape, dtype, tiles, tma, tails, monkeypatch):
     q, k, v, leaves = make_qkv(shape, dtype, "bnhd")  # one leaf per operand: dq compared on its own
     want = outputs_and_grads(triton_op(prefix, configs, 0.3), q, k, v, leaves)
     monkeypatch.setattr(kernels, "STORED_DS", True)
-    monkeypatch.setattr(kernels, "STORED_DS_DQ_TILE", STORED_DS_TILES[tiles].backward_dq)
+    monkeypatch.setattr(kernels, "STORED_DS_DQ_TILE", configs.backward_dq)  # +tma where the dK/dV tile is
     real_dkdv = kernels.backward_dkdv
 
     def dkdv_into_nan(*args, ds=None, **kwargs):
@@ -604,11 +604,19 @@ def test_stored_ds_backward(shape, dtype, tiles, tma, tails, monkeypatch):
     launched = _launched_kernels(monkeypatch, arguments)
     assert_within_budget(triton_op(prefix, configs), reference_op(prefix), shape, dtype)
     assert kernels._prefix_causal_bwd_dq_from_ds in launched and kernels._prefix_causal_bwd_dq not in launched
-    ds_argument = arguments[launched.index(kernels._prefix_causal_bwd_dkdv)][9]
-    # through a tensor descriptor where the dK/dV tile is +tma and runs no tail tiles (none where N is a multiple of
-    # block_m), whatever N: the buffer's rows are padded to 16 values, so TMA takes it
+    dkdv_arguments = arguments[launched.index(kernels._prefix_causal_bwd_dkdv)]
+    ds_argument, ds_tail_argument = dkdv_arguments[9], dkdv_arguments[-1]
+    # through tensor descriptors where the dK/dV tile is +tma, whatever N (the buffer's rows are padded to 16
+    # values, so TMA takes it), the tail tiles' dS (where N leaves rows past the last whole tile) through one with
+    # tail-wide blocks
     tail_m = kernels.query_tiles(shape[2], configs.backward_dkdv)[2]
-    assert isinstance(ds_argument, TensorDescriptor) == (tma and not tail_m)
+    assert isinstance(ds_argument, TensorDescriptor) == tma
+    if tma and tail_m:
+        assert ds_tail_argument.block_shape == [1, 1, configs.backward_dkdv.block_n, tail_m]
+    # dQ from dS reads K, dS and writes dQ through descriptors under a +tma tile, reading the pairs nobody wrote (NaN
+    # here) and discarding them
+    dq_from_ds_arguments = arguments[launched.index(kernels._prefix_causal_bwd_dq_from_ds)]
+    assert all(isinstance(t, TensorDescriptor) == tma for t in dq_from_ds_arguments[:3])
     got = outputs_and_grads(triton_op(prefix, configs, 0.3), q, k, v, leaves)
     assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2]) and torch.equal(got[3], want[3])
     torch.testing.assert_close(got[1], want[1], rtol=1e-5 if dtype == torch.float32 else 2e-3, atol=1e-5)

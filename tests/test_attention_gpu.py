@@ -137,6 +137,27 @@ def test_stored_ds_backward_compiled(shape, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+def _stored_ds_candidates():
+    from mimkernels.triton.attention_tuning import CANDIDATES
+
+    dkdv, dq = CANDIDATES["backward_dkdv_ds"], CANDIDATES["backward_dq_from_ds"]
+    return [(text, dq[0]) for text in dkdv] + [(dkdv[0], text) for text in dq[1:]]
+
+
+@pytest.mark.parametrize("tiles", _stored_ds_candidates(), ids="/".join)
+def test_stored_ds_candidates_compiled(tiles, monkeypatch):
+    """Each of the tuner's stored-dS candidates (dK/dV storing dS, dQ from dS), compiled, bf16, as a table entry would
+    give them, at ViT-H N257's shape class (D 80 padded to 128; N 257: rows padded, a one-row tail): within the float64
+    budget of tests/test_attention.py."""
+    monkeypatch.setattr(kernels, "STORED_DS", None)
+    shape = (4, 16, 257, 80)
+    dkdv, dq = (kernels.TileConfig.parse(text) for text in tiles)
+    configs = dataclasses.replace(kernels.configs_for(80, torch.bfloat16), backward_dkdv_ds=dkdv,
+                                  backward_dq_from_ds=dq)
+    prefix = per_sample_prefix(shape[0], shape[2], seed=7)
+    assert_within_budget(triton_op(prefix, configs), reference_op(prefix), shape, torch.bfloat16)
+
+
 @pytest.mark.parametrize("variant", ["default", "delta_in_dq"])
 @pytest.mark.parametrize("tiles", [("128x32x4x4", "32x64x4x3", "64x32x4x3"), ("64x64x4x3", "64x64x4x2", "128x32x4x3"),
                                    ("128x64x8x3", "32x128x8x3", "64x64x4x3"),

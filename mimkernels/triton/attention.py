@@ -665,7 +665,7 @@ def _dkdv_query_tiles(
 
 @triton.jit
 def _dkdv_key_tile(
-    Q, K, V, DO, DK, DV, dq_dst, dq_out, lse_row, delta_row, ds_rows, stride_dsn, Q_TAIL, DO_TAIL,
+    Q, K, V, DO, DK, DV, dq_dst, dq_out, lse_row, delta_row, ds_rows, stride_dsn, Q_TAIL, DO_TAIL, DS_TAIL,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -680,7 +680,8 @@ def _dkdv_key_tile(
 ):
     """dK, dV of the key tile at ``n_start`` over every query tile that sees it (and its dQ shares or dS, see
     :func:`_dkdv_query_tiles`), stored. With TAIL_M (never with DQ_ATOMIC or DQ_IN_ORDER), the query rows past the
-    last whole BLOCK_M tile come in tiles of TAIL_M rows, through Q_TAIL and DO_TAIL."""
+    last whole BLOCK_M tile come in tiles of TAIL_M rows, through Q_TAIL and DO_TAIL (and their dS through DS_TAIL
+    with STORE_DS 2: a descriptor with [1, 1, BLOCK_N, TAIL_M] blocks)."""
     offs_n = n_start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k = _read_rows(_head_source(K, batch, head, stride_kb, stride_kh, USE_TMA), batch, head, n_start, stride_kn,
@@ -709,9 +710,10 @@ def _dkdv_key_tile(
         dk, dv = _dkdv_query_tiles(
             dk, dv, k, v, _head_source(Q_TAIL, batch, head, stride_qb, stride_qh, USE_TMA),
             _head_source(DO_TAIL, batch, head, stride_dob, stride_doh, USE_TMA), dq_dst, dq_out, lse_row, delta_row,
-            ds_rows, stride_dsn, stride_qn, stride_don, stride_dqn, stride_dq_out_n, batch, head, n_start, offs_n,
-            offs_d, tl.maximum(diag_end, m_floor), seq_len, prefix, seq_len, head_dim, qk_scale, scale, TAIL_M, BLOCK_N,
-            BLOCK_D, EVEN_D, True, DOT_PRECISION, DQ_ATOMIC, DQ_IN_ORDER, USE_TMA, STORE_DS)
+            DS_TAIL if STORE_DS == 2 else ds_rows, stride_dsn, stride_qn, stride_don, stride_dqn, stride_dq_out_n,
+            batch, head, n_start, offs_n, offs_d, tl.maximum(diag_end, m_floor), seq_len, prefix, seq_len, head_dim,
+            qk_scale, scale, TAIL_M, BLOCK_N, BLOCK_D, EVEN_D, True, DOT_PRECISION, DQ_ATOMIC, DQ_IN_ORDER, USE_TMA,
+            STORE_DS)
     else:
         dk, dv = _dkdv_query_tiles(
             dk, dv, k, v, q_src, do_src, dq_dst, dq_out, lse_row, delta_row, ds_rows, stride_dsn, stride_qn,
@@ -732,7 +734,7 @@ def _dkdv_key_tile(
 
 @triton.jit
 def _prefix_causal_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, DS, PREFIX, Q_TAIL, DO_TAIL, prefix_int,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, DS, PREFIX, Q_TAIL, DO_TAIL, DS_TAIL, prefix_int,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -748,7 +750,8 @@ def _prefix_causal_bwd_dkdv(
 ):
     """dK, dV of one key tile; with DQ_ATOMIC also dQ (fp32, atomically, so not bit-reproducible), in one launch;
     with STORE_DS also its dS^T into DS ([B, H, N, N], key-major, rows ``stride_dsn`` apart, heads N of them; 2:
-    DS is a tensor descriptor of it, never with TAIL_M) for :func:`_prefix_causal_bwd_dq_from_ds`.
+    DS is a tensor descriptor of it, and DS_TAIL one with TAIL_M-column blocks for the tail tiles) for
+    :func:`_prefix_causal_bwd_dq_from_ds`.
     With USE_TMA, Q, K, V, DO, DK, DV are [B, H, N, D] tensor descriptors, and so is DQ_ACC with DQ_ATOMIC. With
     TAIL_M (not with DQ_ATOMIC), query rows past the last whole BLOCK_M tile are read TAIL_M at a time through
     Q_TAIL and DO_TAIL (blocks [1, 1, TAIL_M, BLOCK_D] with USE_TMA; else Q and DO again)."""
@@ -761,7 +764,7 @@ def _prefix_causal_bwd_dkdv(
     _dkdv_key_tile(
         Q, K, V, DO, DK, DV, _head_source(DQ_ACC, batch, head, stride_dqb, stride_dqh, USE_TMA), DQ_ACC,
         LSE + bh.to(tl.int64) * seq_len, DELTA + bh.to(tl.int64) * seq_len,
-        DS if STORE_DS == 2 else DS + bh.to(tl.int64) * seq_len * stride_dsn, stride_dsn, Q_TAIL, DO_TAIL,
+        DS if STORE_DS == 2 else DS + bh.to(tl.int64) * seq_len * stride_dsn, stride_dsn, Q_TAIL, DO_TAIL, DS_TAIL,
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
         stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
         stride_dqn, stride_dqn, batch, head, n_start, prefix, seq_len, scale, qk_scale,
@@ -811,7 +814,7 @@ def _prefix_causal_bwd_per_head(
     dq_out = _head_rows(DQ, batch, head, stride_dqb, stride_dqh)
     for n_start in range(0, seq_len, BLOCK_N):
         _dkdv_key_tile(
-            Q, K, V, DO, DK, DV, dq_acc, dq_out, lse_row, delta_row, dq_acc, 0, Q, DO,  # no dS stored
+            Q, K, V, DO, DK, DV, dq_acc, dq_out, lse_row, delta_row, dq_acc, 0, Q, DO, dq_acc,  # no dS stored
             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
             stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
             stride_dvn, head_dim, stride_dqn, batch, head, n_start, prefix, seq_len, scale, qk_scale,
@@ -931,18 +934,27 @@ def _prefix_causal_bwd_dq(
 
 
 @triton.jit
-def _dq_from_ds_key_tiles(dq, ds_rows, stride_dsn, k_rows, stride_kn, offs_m, offs_d, n_lo, n_hi, prefix, seq_len,
-                          head_dim, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr):
-    """dq += dS K over the key tiles [n_lo, n_hi), dS^T read from the stored [N, N] buffer (key-major). MASKED
-    tiles read only the visible pairs (the dK/dV kernel never wrote the others: its tiles may differ from these)."""
+def _dq_from_ds_key_tiles(dq, ds_src, stride_dsn, k_src, stride_kn, batch, head, m_start, offs_m, offs_d, n_lo,
+                          n_hi, prefix, seq_len, head_dim, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+    """dq += dS K over the key tiles [n_lo, n_hi), dS^T read from the stored [N, N] buffer (key-major; ``ds_src``:
+    this head's rows, or with USE_TMA a descriptor of the buffer). MASKED tiles use only the visible pairs (the dK/dV
+    kernel never wrote the others: its tiles may differ from these): through pointers they are all it reads,
+    through TMA the rest is read and replaced by zeros."""
     for n_start in range(n_lo, n_hi, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
-        inside = (offs_n[:, None] < seq_len) & (offs_m[None, :] < seq_len)
-        if MASKED:
-            inside = inside & _visible(offs_m[None, :], offs_n[:, None], prefix, seq_len)
-        ds_t = tl.load(ds_rows + (offs_n[:, None] * stride_dsn + offs_m[None, :]), mask=inside, other=0.0)
-        k = _load_tile(k_rows, offs_n, stride_kn, offs_d, seq_len, head_dim, True, EVEN_D)
+        if USE_TMA:  # TMA fills keys and queries past N with zeros
+            ds_t = ds_src.load([batch, head, n_start, m_start]).reshape(BLOCK_N, BLOCK_M)
+            if MASKED:  # never written there: whatever the memory holds (NaN too) must not count
+                ds_t = tl.where(_visible(offs_m[None, :], offs_n[:, None], prefix, seq_len), ds_t, 0.0)
+        else:
+            inside = (offs_n[:, None] < seq_len) & (offs_m[None, :] < seq_len)
+            if MASKED:
+                inside = inside & _visible(offs_m[None, :], offs_n[:, None], prefix, seq_len)
+            ds_t = tl.load(ds_src + (offs_n[:, None] * stride_dsn + offs_m[None, :]), mask=inside, other=0.0)
+        k = _read_rows(k_src, batch, head, n_start, stride_kn, offs_d, seq_len, head_dim, True, EVEN_D, BLOCK_N,
+                       BLOCK_D, USE_TMA)
         dq += tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION)
     return dq
 
@@ -955,9 +967,11 @@ def _prefix_causal_bwd_dq_from_ds(
     num_heads, seq_len, scale, num_m_tiles,
     PREFIX_IS_TENSOR: tl.constexpr, head_dim: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """dQ of one query tile from the dS the dK/dV kernel stored (STORE_DS): one matmul per key tile, where
-    :func:`_prefix_causal_bwd_dq` recomputes the scores and dP (three). Pointers, no tail tiles."""
+    :func:`_prefix_causal_bwd_dq` recomputes the scores and dP (three). No tail tiles. With USE_TMA, K and DQ are
+    [B, H, N, D] tensor descriptors and DS one of the [B, H, N, N] buffer (blocks [1, 1, BLOCK_N, BLOCK_M])."""
     pid = tl.program_id(0)
     bh = pid // num_m_tiles
     m_start = (num_m_tiles - 1 - pid % num_m_tiles) * BLOCK_M  # the longest rows first
@@ -966,16 +980,21 @@ def _prefix_causal_bwd_dq_from_ds(
     prefix = _prefix_of(PREFIX, prefix_int, batch, seq_len, PREFIX_IS_TENSOR)
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    ds_rows = DS + bh.to(tl.int64) * seq_len * stride_dsn
-    k_rows = _head_rows(K, batch, head, stride_kb, stride_kh)
+    ds_src = DS if USE_TMA else DS + bh.to(tl.int64) * seq_len * stride_dsn
+    k_src = _head_source(K, batch, head, stride_kb, stride_kh, USE_TMA)
     full_end, visible_end = _key_range(m_start, prefix, seq_len, BLOCK_M, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _dq_from_ds_key_tiles(dq, ds_rows, stride_dsn, k_rows, stride_kn, offs_m, offs_d, 0, full_end, prefix,
-                               seq_len, head_dim, BLOCK_N, EVEN_D, False, DOT_PRECISION)
-    dq = _dq_from_ds_key_tiles(dq, ds_rows, stride_dsn, k_rows, stride_kn, offs_m, offs_d, full_end, visible_end,
-                               prefix, seq_len, head_dim, BLOCK_N, EVEN_D, True, DOT_PRECISION)
-    _store_tile(_head_rows(DQ, batch, head, stride_dqb, stride_dqh), offs_m, stride_dqn, offs_d, seq_len, head_dim,
-                (dq * scale).to(DQ.dtype.element_ty))
+    dq = _dq_from_ds_key_tiles(dq, ds_src, stride_dsn, k_src, stride_kn, batch, head, m_start, offs_m, offs_d, 0,
+                               full_end, prefix, seq_len, head_dim, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, False,
+                               DOT_PRECISION, USE_TMA)
+    dq = _dq_from_ds_key_tiles(dq, ds_src, stride_dsn, k_src, stride_kn, batch, head, m_start, offs_m, offs_d,
+                               full_end, visible_end, prefix, seq_len, head_dim, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D,
+                               True, DOT_PRECISION, USE_TMA)
+    if USE_TMA:  # TMA drops the rows past N and the columns past D
+        DQ.store([batch, head, m_start, 0], (dq * scale).to(DQ.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
+    else:
+        _store_tile(_head_rows(DQ, batch, head, stride_dqb, stride_dqh), offs_m, stride_dqn, offs_d, seq_len,
+                    head_dim, (dq * scale).to(DQ.dtype.element_ty))
 
 
 @triton.jit
@@ -1310,8 +1329,8 @@ def backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: Tile
     """dk, dv ([B, H, N, D] stored [B, N, H, D], or written into the given ``dk``, ``dv``: any [B, H, N, D] views
     with a unit last stride); with ``dq_accumulator`` (fp32 [B, H, N, D], zeroed) the same launch also adds dQ
     into it, atomically; with ``ds`` (:func:`stored_ds_buffer`) it also stores dS^T there for
-    :func:`backward_dq_from_ds` (through a tensor descriptor where the tile is ``+tma`` without tails and TMA can
-    take it; the pairs nobody sees are left as they were)."""
+    :func:`backward_dq_from_ds` (through tensor descriptors where the tile is ``+tma`` and TMA can take it; the pairs
+    nobody sees are left as they were)."""
     batch, heads, seq_len, head_dim = q.shape
     if ds is not None and (dq_accumulator is not None or (cfg.split_d and head_dim_split(head_dim))):
         raise ValueError("the dK/dV kernel stores dS only without the atomic dQ and without a split head dim")
@@ -1344,10 +1363,12 @@ def backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: Tile
     (q_, k_, v_, do_, dk_, dv_, *rest), use_tma = _operands(cfg, shapes, *operands)
     dq_acc_ = rest.pop(0) if atomic else dq_acc
     tails = rest or (q_, do_)  # never read without TAIL_M
-    store_ds = 0 if ds is None else 2 if use_tma and not tail_m and tma_usable(ds) else 1
+    store_ds = 0 if ds is None else 2 if use_tma and tma_usable(ds) else 1
     ds_ = tensor_descriptor(ds, [1, 1, cfg.block_n, cfg.block_m]) if store_ds == 2 else dk if ds is None else ds
+    # the tail tiles' dS blocks (never read without TAIL_M and STORE_DS 2)
+    ds_tail = tensor_descriptor(ds, [1, 1, cfg.block_n, tail_m]) if store_ds == 2 and tail_m else ds_
     launch(_prefix_causal_bwd_dkdv, (batch * heads * num_n_tiles,), (
-        q_, k_, v_, do_, lse, delta, dk_, dv_, dq_acc_, ds_, prefix_ptr, *tails,
+        q_, k_, v_, do_, lse, delta, dk_, dv_, dq_acc_, ds_, prefix_ptr, *tails, ds_tail,
     ), (
         prefix_int, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
         *_strides(dq_acc), stride_dsn, heads, seq_len, scale, scale * LOG2_E, num_n_tiles,
@@ -1371,17 +1392,24 @@ def _ds_row_stride(ds: torch.Tensor, q: torch.Tensor) -> int:
 
 def backward_dq_from_ds(q, k, ds, prefix, scale: float, cfg: TileConfig, dq=None):
     """dq from the dS^T that :func:`backward_dkdv` stored into ``ds`` (:func:`stored_ds_buffer`): one matmul per tile
-    pair. The tile's block_m, block_n, warps and stages are used (through pointers, no tail tiles)."""
+    pair. The tile's block_m, block_n, warps and stages are used, through TMA descriptors for a ``+tma`` tile where
+    TMA takes them (no tail tiles, no split head dim)."""
     batch, heads, seq_len, head_dim = q.shape
     stride_dsn = _ds_row_stride(ds, q)
     prefix_ptr, prefix_int, prefix_is_tensor = _prefix_args(prefix, q)
     dq = _empty_bnhd(q) if dq is None else dq
     shapes = shape_args(head_dim, q.dtype)
     num_m_tiles = cdiv(seq_len, cfg.block_m)
-    launch(_prefix_causal_bwd_dq_from_ds, (batch * heads * num_m_tiles,), (k, ds, dq, prefix_ptr), (
+    (k_, dq_), use_tma = _operands(cfg, shapes, (k, cfg.block_n), (dq, cfg.block_m))
+    use_tma = use_tma and tma_usable(ds)
+    if use_tma:
+        ds_ = tensor_descriptor(ds, [1, 1, cfg.block_n, cfg.block_m])
+    else:
+        k_, ds_, dq_ = k, ds, dq
+    launch(_prefix_causal_bwd_dq_from_ds, (batch * heads * num_m_tiles,), (k_, ds_, dq_, prefix_ptr), (
         prefix_int, *_strides(k), *_strides(dq), stride_dsn, heads, seq_len, scale, num_m_tiles,
-    ), dict(PREFIX_IS_TENSOR=prefix_is_tensor, **shapes, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    ), dict(PREFIX_IS_TENSOR=prefix_is_tensor, **shapes, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            USE_TMA=use_tma), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dq
 
 

@@ -74,15 +74,16 @@ for _kernel, _extra in (
     CANDIDATES[_kernel] += tuple(f"{text}+splitd" for text in _extra)
 # The backward with dS stored (built 2026-12-04, in the tuner since the twenty-second session; not yet measured): the
 # dK/dV kernel also storing dS^T (run 9 / 10's dK/dV winners and neighbours: the store adds registers, so the best
-# tile may move), and dQ as one matmul per tile pair from it (pointers only). Compiled for sm_90 at D 128 under
-# Triton 3.6 (the GPU's) / 3.9 (kernel_report --stored-ds): dK/dV through a descriptor spills 152 / 28 bytes at
-# 64x64x4x2+tma, none / 120 at 64x64x4x3+tma and 64x128x8x3+tma, none at 32x64x4x3+tma; through pointers (tails, no
-# TMA) 268-704 bytes; dQ from dS spills nowhere but at 64x128x4x3 under 3.9 (132). Timed where the buffer fits
-# (STORED_DS_MAX_BYTES): not at N 4096.
+# tile may move), and dQ as one matmul per tile pair from it (through pointers or TMA). Compiled for sm_90 at D 128
+# under Triton 3.6 (the GPU's) / 3.9 (kernel_report --stored-ds): dK/dV through descriptors spills 152 / 28 bytes at
+# 64x64x4x2+tma (148 / 40 with tails), none / 120 at 64x64x4x3+tma and 64x128x8x3+tma, none at 32x64x4x3+tma;
+# through pointers 184-400 bytes; dQ from dS spills nowhere but at 64x128x4x3 under 3.9 (24; its +tma twin: none).
+# Timed where the buffer fits (STORED_DS_MAX_BYTES): not at N 4096.
 CANDIDATES["backward_dkdv_ds"] = ("64x64x4x2+tma", "64x64x4x2+tma+tail16", "64x64x4x3+tma", "64x128x8x3+tma",
                                   "32x64x4x3", "32x64x4x3+tail16", "32x64x4x3+tma", "64x64x8x2", "32x128x8x3")
 CANDIDATES["backward_dq_from_ds"] = ("64x64x4x3", "64x32x4x3", "128x64x8x3", "64x128x4x3", "128x128x8x3",
-                                     "32x64x4x3")
+                                     "32x64x4x3", "64x64x4x3+tma", "128x64x8x3+tma", "64x128x4x3+tma",
+                                     "128x128x8x3+tma")
 STORED_DS_KERNELS = ("backward_dkdv_ds", "backward_dq_from_ds")
 # the order of a sweep: the two backwards that never won in runs 9 and 10 last (where a deadline cuts first)
 KERNELS = ("forward", "backward_dkdv", "backward_dq", "backward_row_dot", "backward_dq_delta", *STORED_DS_KERNELS,
