@@ -84,11 +84,15 @@ def tma_attention_cases(device):
         prefix = torch.randint(0, seq_len + 1, (batch,), device=device)
         out, lse = kernels.forward(q, k, v, prefix, head_dim ** -0.5, tma)
         grad_out = torch.randn_like(out)
+        # the stored-dS backward as a table entry would give it: dS stored through descriptors, tail tiles' too,
+        # dQ read back through them
+        stored_ds = replace(tma, backward_dkdv_ds=kernels.TileConfig.parse("32x64x4x3+tma+tail16"),
+                            backward_dq_from_ds=kernels.TileConfig.parse("64x64x4x3+tma"))
         for configs in (tma, replace(tma, backward_dq_delta=tma.backward_dq),
-                        replace(tma, backward_per_head=tma.backward_dkdv)):
+                        replace(tma, backward_per_head=tma.backward_dkdv), stored_ds):
             kernels.backward(grad_out, q, k, v, out, lse, prefix, head_dim ** -0.5, configs)
         kernels.backward(grad_out, q, k, v, out, lse, prefix, head_dim ** -0.5, tma, atomic_dq=True)
-        yield f"tma attention {batch}x{heads}x{seq_len}x{head_dim} {str(dtype)[6:]} (forward, four backwards)"
+        yield f"tma attention {batch}x{heads}x{seq_len}x{head_dim} {str(dtype)[6:]} (forward, five backwards)"
 
 
 def split_attention_cases(device):

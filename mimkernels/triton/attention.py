@@ -230,6 +230,26 @@ def _prefix_of(prefix_ptr, prefix_int, batch, seq_len, PREFIX_IS_TENSOR: tl.cons
 
 
 @triton.jit
+def _program_tile(PREFIX, prefix_int, num_tiles, num_heads, seq_len, BLOCK: tl.constexpr,
+                  LONGEST_FIRST: tl.constexpr, PREFIX_IS_TENSOR: tl.constexpr):
+    """What this program runs: (batch * heads + head, batch, head, its tile's index and first row, the sample's
+    prefix). Programs go head by head, each head's tiles in order, or with LONGEST_FIRST the last first (a query
+    tile's rows see more keys the later they are). The tile's first row is computed before the prefix is loaded:
+    after it, Triton 3.6's ptxas spilled more in two D = 128 dQ tiles."""
+    pid = tl.program_id(0)
+    bh = pid // num_tiles
+    tile = pid % num_tiles
+    if LONGEST_FIRST:
+        start = (num_tiles - 1 - tile) * BLOCK
+    else:
+        start = tile * BLOCK
+    batch = bh // num_heads
+    head = bh % num_heads
+    prefix = _prefix_of(PREFIX, prefix_int, batch, seq_len, PREFIX_IS_TENSOR)
+    return bh, batch, head, tile, start, prefix
+
+
+@triton.jit
 def _head_rows(ptr, batch, head, stride_b, stride_h):
     """The first row of (batch, head) in a [B, H, N, D]-strided tensor; int64 offsets, since B * H * N * D may pass
     2^31 elements."""
@@ -380,16 +400,9 @@ def _prefix_causal_fwd(
     descriptors (blocks [1, 1, BLOCK_M or BLOCK_N, BLOCK_D]; their strides then come with them). With TAIL_M, the
     rows past the last whole BLOCK_M tile are ``num_tail_tiles`` tiles of TAIL_M rows, read and written through
     Q_TAIL and O_TAIL (blocks [1, 1, TAIL_M, BLOCK_D] with USE_TMA; else Q and O again)."""
-    pid = tl.program_id(0)
-    bh = pid // num_m_tiles
-    # the longest rows first; computed here, as before tail tiles existed: Triton 3.6's ptxas spilled more in two
-    # D = 128 dQ tiles with this line after the prefix load
-    m_start = (num_m_tiles - 1 - pid % num_m_tiles) * BLOCK_M
-    batch = bh // num_heads
-    head = bh % num_heads
-    prefix = _prefix_of(PREFIX, prefix_int, batch, seq_len, PREFIX_IS_TENSOR)
+    bh, batch, head, tile, m_start, prefix = _program_tile(PREFIX, prefix_int, num_m_tiles, num_heads, seq_len,
+                                                           BLOCK_M, True, PREFIX_IS_TENSOR)
     if TAIL_M:
-        tile = pid % num_m_tiles
         if tile < num_tail_tiles:  # the rows past the last whole tile, which see the most keys, first of all
             tail_start = (seq_len // BLOCK_M) * BLOCK_M + tile * TAIL_M
             _fwd_query_tile(Q_TAIL, K, V, O_TAIL, LSE, batch, head, bh, tail_start, prefix, stride_qb, stride_qh,
@@ -502,12 +515,8 @@ def _prefix_causal_fwd_split_d(
     """:func:`_prefix_causal_fwd` (no tail tiles) for a head dim of BLOCK_LO + at most BLOCK_HI columns (EVEN_HI:
     exactly). With USE_TMA, Q, K, V, O are [B, H, N, D] descriptors of BLOCK_LO-column blocks and Q_HI .. O_HI of
     BLOCK_HI-column ones; else pointers, and the *_HI arguments are never read."""
-    pid = tl.program_id(0)
-    bh = pid // num_m_tiles
-    m_start = (num_m_tiles - 1 - pid % num_m_tiles) * BLOCK_M  # the longest rows first
-    batch = bh // num_heads
-    head = bh % num_heads
-    prefix = _prefix_of(PREFIX, prefix_int, batch, seq_len, PREFIX_IS_TENSOR)
+    bh, batch, head, _, m_start, prefix = _program_tile(PREFIX, prefix_int, num_m_tiles, num_heads, seq_len, BLOCK_M,
+                                                        True, PREFIX_IS_TENSOR)
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_lo = tl.arange(0, BLOCK_LO)
     offs_hi = BLOCK_LO + tl.arange(0, BLOCK_HI)
@@ -755,12 +764,9 @@ def _prefix_causal_bwd_dkdv(
     With USE_TMA, Q, K, V, DO, DK, DV are [B, H, N, D] tensor descriptors, and so is DQ_ACC with DQ_ATOMIC. With
     TAIL_M (not with DQ_ATOMIC), query rows past the last whole BLOCK_M tile are read TAIL_M at a time through
     Q_TAIL and DO_TAIL (blocks [1, 1, TAIL_M, BLOCK_D] with USE_TMA; else Q and DO again)."""
-    pid = tl.program_id(0)
-    bh = pid // num_n_tiles
-    n_start = (pid % num_n_tiles) * BLOCK_N  # key tile 0 is seen by the most queries: it goes first
-    batch = bh // num_heads
-    head = bh % num_heads
-    prefix = _prefix_of(PREFIX, prefix_int, batch, seq_len, PREFIX_IS_TENSOR)
+    # key tile 0 is seen by the most queries: it goes first
+    bh, batch, head, _, n_start, prefix = _program_tile(PREFIX, prefix_int, num_n_tiles, num_heads, seq_len, BLOCK_N,
+                                                        False, PREFIX_IS_TENSOR)
     _dkdv_key_tile(
         Q, K, V, DO, DK, DV, _head_source(DQ_ACC, batch, head, stride_dqb, stride_dqh, USE_TMA), DQ_ACC,
         LSE + bh.to(tl.int64) * seq_len, DELTA + bh.to(tl.int64) * seq_len,
@@ -902,16 +908,9 @@ def _prefix_causal_bwd_dq(
     Q, K, V, DO, DQ are [B, H, N, D] tensor descriptors (O stays a pointer). With TAIL_M, the rows past the last
     whole BLOCK_M tile are ``num_tail_tiles`` tiles of TAIL_M rows, through Q_TAIL, DO_TAIL and DQ_TAIL (blocks
     [1, 1, TAIL_M, BLOCK_D] with USE_TMA; else Q, DO and DQ again)."""
-    pid = tl.program_id(0)
-    bh = pid // num_m_tiles
-    # the longest rows first; computed here, as before tail tiles existed: Triton 3.6's ptxas spilled more in two
-    # D = 128 dQ tiles with this line after the prefix load
-    m_start = (num_m_tiles - 1 - pid % num_m_tiles) * BLOCK_M
-    batch = bh // num_heads
-    head = bh % num_heads
-    prefix = _prefix_of(PREFIX, prefix_int, batch, seq_len, PREFIX_IS_TENSOR)
+    bh, batch, head, tile, m_start, prefix = _program_tile(PREFIX, prefix_int, num_m_tiles, num_heads, seq_len,
+                                                           BLOCK_M, True, PREFIX_IS_TENSOR)
     if TAIL_M:
-        tile = pid % num_m_tiles
         if tile < num_tail_tiles:  # the rows past the last whole tile, which see the most keys, first of all
             tail_start = (seq_len // BLOCK_M) * BLOCK_M + tile * TAIL_M
             _dq_query_tile(Q_TAIL, K, V, O, DO_TAIL, LSE, DELTA, DQ_TAIL, batch, head, bh, tail_start, prefix,
@@ -972,12 +971,8 @@ def _prefix_causal_bwd_dq_from_ds(
     """dQ of one query tile from the dS the dK/dV kernel stored (STORE_DS): one matmul per key tile, where
     :func:`_prefix_causal_bwd_dq` recomputes the scores and dP (three). No tail tiles. With USE_TMA, K and DQ are
     [B, H, N, D] tensor descriptors and DS one of the [B, H, N, N] buffer (blocks [1, 1, BLOCK_N, BLOCK_M])."""
-    pid = tl.program_id(0)
-    bh = pid // num_m_tiles
-    m_start = (num_m_tiles - 1 - pid % num_m_tiles) * BLOCK_M  # the longest rows first
-    batch = bh // num_heads
-    head = bh % num_heads
-    prefix = _prefix_of(PREFIX, prefix_int, batch, seq_len, PREFIX_IS_TENSOR)
+    bh, batch, head, _, m_start, prefix = _program_tile(PREFIX, prefix_int, num_m_tiles, num_heads, seq_len, BLOCK_M,
+                                                        True, PREFIX_IS_TENSOR)
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ds_src = DS if USE_TMA else DS + bh.to(tl.int64) * seq_len * stride_dsn
@@ -1044,12 +1039,9 @@ def _prefix_causal_bwd_dkdv_split_d(
 ):
     """:func:`_prefix_causal_bwd_dkdv` (no dQ, no tail tiles) for a head dim of BLOCK_LO + at most BLOCK_HI
     columns (EVEN_HI: exactly); descriptors or pointers as in :func:`_prefix_causal_fwd_split_d`."""
-    pid = tl.program_id(0)
-    bh = pid // num_n_tiles
-    n_start = (pid % num_n_tiles) * BLOCK_N  # key tile 0 is seen by the most queries: it goes first
-    batch = bh // num_heads
-    head = bh % num_heads
-    prefix = _prefix_of(PREFIX, prefix_int, batch, seq_len, PREFIX_IS_TENSOR)
+    # key tile 0 is seen by the most queries: it goes first
+    bh, batch, head, _, n_start, prefix = _program_tile(PREFIX, prefix_int, num_n_tiles, num_heads, seq_len, BLOCK_N,
+                                                        False, PREFIX_IS_TENSOR)
     offs_n = n_start + tl.arange(0, BLOCK_N)
     offs_lo = tl.arange(0, BLOCK_LO)
     offs_hi = BLOCK_LO + tl.arange(0, BLOCK_HI)
@@ -1137,12 +1129,8 @@ def _prefix_causal_bwd_dq_split_d(
     """:func:`_prefix_causal_bwd_dq` (no tail tiles) for a head dim of BLOCK_LO + at most BLOCK_HI columns
     (EVEN_HI: exactly); with DELTA_HERE it computes and stores the tile's delta rows too (O stays a pointer).
     Descriptors or pointers as in :func:`_prefix_causal_fwd_split_d`."""
-    pid = tl.program_id(0)
-    bh = pid // num_m_tiles
-    m_start = (num_m_tiles - 1 - pid % num_m_tiles) * BLOCK_M  # the longest rows first
-    batch = bh // num_heads
-    head = bh % num_heads
-    prefix = _prefix_of(PREFIX, prefix_int, batch, seq_len, PREFIX_IS_TENSOR)
+    bh, batch, head, _, m_start, prefix = _program_tile(PREFIX, prefix_int, num_m_tiles, num_heads, seq_len, BLOCK_M,
+                                                        True, PREFIX_IS_TENSOR)
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_lo = tl.arange(0, BLOCK_LO)
     offs_hi = BLOCK_LO + tl.arange(0, BLOCK_HI)
