@@ -104,10 +104,11 @@ def test_attention_forward_launcher(benchmark):
     benchmark(kernels.forward, q, k, v, torch.tensor([3, 40]), 0.125)
 
 
-@pytest.mark.parametrize("variant", ["three_launches", "per_head"])
+@pytest.mark.parametrize("variant", ["three_launches", "per_head", "stored_ds"])
 def test_attention_backward_launchers(benchmark, variant):
-    """The backward's launchers alone: the CPU's portable configs (row-dot pre-pass, dK/dV, dQ: three launches), or
-    the one-launch per-head backward (where the tile table picks it)."""
+    """The backward's launchers alone: the CPU's portable configs (row-dot pre-pass, dK/dV, dQ: three launches), the
+    one-launch per-head backward, or the stored-dS one (row dot, dK/dV storing dS into a buffer it allocates, dQ from
+    dS; both where the tile table picks them)."""
     from dataclasses import replace
 
     from mimkernels.triton import attention as kernels
@@ -117,6 +118,8 @@ def test_attention_backward_launchers(benchmark, variant):
     configs = kernels.configs_for(q.shape[-1], q.dtype)
     if variant == "per_head":
         configs = replace(configs, backward_per_head=configs.backward_dkdv)
+    if variant == "stored_ds":
+        configs = replace(configs, backward_dkdv_ds=configs.backward_dkdv, backward_dq_from_ds=configs.backward_dq)
     out, lse = kernels.forward(q, k, v, prefix, 0.125)
     benchmark(kernels.backward, torch.ones_like(out), q, k, v, out, lse, prefix, 0.125, configs)
 
