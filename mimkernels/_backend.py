@@ -24,7 +24,7 @@ ENV_VAR = "MIMKERNELS_BACKEND"
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("mimkernels_backend", default=None)
 
 
-def env_flag(name: str, default: bool) -> bool:
+def env_flag(name: str, default: bool | None) -> bool | None:
     """The on/off environment variable ``name`` (``1`` / ``0``, or true / false, yes / no, on / off in any case);
     ``default`` when unset or empty. Any other value raises ValueError naming the variable: a misspelt switch
     must not leave a feature silently off (or on)."""

@@ -830,6 +830,14 @@ def test_on_off_switches_in_environment(monkeypatch):
     result = subprocess.run([sys.executable, "-c", "import mimkernels"], capture_output=True, text=True,
                             env={**os.environ, "MIMKERNELS_CHECK_INDICES": "always"})
     assert result.returncode != 0 and "MIMKERNELS_CHECK_INDICES must be 1 or 0" in result.stderr
+    # MIMKERNELS_STORED_DS has three values: unset or empty (None: the tile table decides), 1, 0
+    code = "from mimkernels.triton import attention; print(attention.STORED_DS)"
+    for value, want in ((None, "None"), ("", "None"), ("1", "True"), ("off", "False")):
+        env = {name: v for name, v in os.environ.items() if not name.startswith("MIMKERNELS_")}  # none set above
+        if value is not None:
+            env["MIMKERNELS_STORED_DS"] = value
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        assert result.stdout.strip() == want, (value, result.stderr[-500:])
 
 
 def test_environment_picks_backend(monkeypatch):

@@ -16,7 +16,6 @@ the head dim is padded inside the tile, never in memory.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -644,7 +643,7 @@ def _dkdv_query_tiles(
         dk += tl.dot(dscores_t, q, input_precision=DOT_PRECISION)
         if STORE_DS == 2:  # 0 on the pairs nobody sees
             ds_rows.store([batch, head, n_start, m_start], dscores_t.reshape(1, 1, BLOCK_N, BLOCK_M))
-        elif STORE_DS == 1:  # keys and queries past N are not stored (N^2 < 2^31: int32 offsets)
+        elif STORE_DS == 1:  # keys and queries past N are not stored (N * row stride < 2^31: int32 offsets)
             inside = offs_n[:, None] < seq_len
             if MASKED:
                 inside = inside & (offs_m[None, :] < seq_len)
@@ -727,9 +726,8 @@ def _dkdv_key_tile(
         dk, dv = _dkdv_query_tiles(
             dk, dv, k, v, q_src, do_src, dq_dst, dq_out, lse_row, delta_row, ds_rows, stride_dsn, stride_qn,
             stride_don, stride_dqn, stride_dq_out_n, batch, head, n_start, offs_n, offs_d,
-            tl.maximum(diag_end, m_floor), seq_len, prefix,
-            seq_len, head_dim, qk_scale, scale, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, True, DOT_PRECISION, DQ_ATOMIC,
-            DQ_IN_ORDER, USE_TMA, STORE_DS)
+            tl.maximum(diag_end, m_floor), seq_len, prefix, seq_len, head_dim, qk_scale, scale, BLOCK_M, BLOCK_N,
+            BLOCK_D, EVEN_D, True, DOT_PRECISION, DQ_ATOMIC, DQ_IN_ORDER, USE_TMA, STORE_DS)
 
     if USE_TMA:  # TMA drops the rows past N and the columns past D
         DK.store([batch, head, n_start, 0], (dk * scale).to(DK.dtype).reshape(1, 1, BLOCK_N, BLOCK_D))
@@ -1371,10 +1369,10 @@ def _ds_row_stride(ds: torch.Tensor, q: torch.Tensor) -> int:
     batch, heads, seq_len, _ = q.shape
     row = ds.stride(2)
     if (ds.shape != (batch, heads, seq_len, seq_len) or ds.dtype != q.dtype or ds.stride(3) != 1 or row < seq_len
-            or ds.stride(1) != seq_len * row or ds.stride(0) != heads * seq_len * row):
+            or ds.stride(1) != seq_len * row or ds.stride(0) != heads * seq_len * row or seq_len * row >= 2**31):
         raise ValueError(f"ds must be a [B, H, N, N] = {[batch, heads, seq_len, seq_len]} buffer in q's dtype with "
-                         f"rows of unit stride and no gaps but row padding (stored_ds_buffer); got shape "
-                         f"{list(ds.shape)}, {ds.dtype}, strides {ds.stride()}")
+                         f"rows of unit stride and no gaps but row padding, under 2^31 values a head "
+                         f"(stored_ds_buffer); got shape {list(ds.shape)}, {ds.dtype}, strides {ds.stride()}")
     return row
 
 
@@ -1407,7 +1405,7 @@ def backward_dq_from_ds(q, k, ds, prefix, scale: float, cfg: TileConfig, dq=None
 # measured table gives it tiles (the tuner picked it: faster there), or everywhere with STORED_DS = True
 # (MIMKERNELS_STORED_DS=1; bench_attention's mimkernels_stored_ds), nowhere with STORED_DS = False
 # (MIMKERNELS_STORED_DS=0). None (unset): the table decides.
-STORED_DS = env_flag("MIMKERNELS_STORED_DS", False) if os.environ.get("MIMKERNELS_STORED_DS", "").strip() else None
+STORED_DS = env_flag("MIMKERNELS_STORED_DS", None)
 STORED_DS_MAX_BYTES = 1 << 30
 # dQ from dS where the table has no tile for it: its own tile (one matmul per tile pair needs fewer registers than
 # the recomputing dQ kernel's tiles, which spill here: 128x32x4x3 by 124 bytes at D 128 under Triton 3.9); no

@@ -275,12 +275,10 @@ def configs_from(best: dict[str, Trial]) -> AttentionConfigs | None:
     if "backward_per_head" in ms:
         paths["backward_per_head"] = ms["backward_per_head"]
     deterministic = min(paths, key=paths.get)
-    fastest_ms = paths[deterministic]
-    stored_ds = all(name in ms for name in STORED_DS_KERNELS) and (
-        row_dot + ms["backward_dkdv_ds"] + ms["backward_dq_from_ds"] < fastest_ms)
-    if stored_ds:
-        fastest_ms = row_dot + ms["backward_dkdv_ds"] + ms["backward_dq_from_ds"]
-    atomic = "backward_atomic" in ms and row_dot + ms["backward_atomic"] < fastest_ms
+    stored_ms = (row_dot + ms["backward_dkdv_ds"] + ms["backward_dq_from_ds"]
+                 if all(name in ms for name in STORED_DS_KERNELS) else float("inf"))
+    stored_ds = stored_ms < paths[deterministic]
+    atomic = "backward_atomic" in ms and row_dot + ms["backward_atomic"] < min(stored_ms, paths[deterministic])
 
     def tile(name, chosen):
         return TileConfig.parse(best[name].config) if chosen else None
