@@ -641,6 +641,28 @@ def test_stored_ds_backward_only_up_to_its_buffer_size(monkeypatch):
     assert kernels._prefix_causal_bwd_dq_from_ds in launched
 
 
+def test_stored_ds_backward_without_memory_for_its_buffer(monkeypatch):
+    """Where the dS buffer cannot be allocated (out of GPU memory), the backward recomputes dS (the same gradients as
+    with the stored-dS path off, bit for bit) and warns, instead of failing a step that fits without the buffer."""
+    shape = (2, 2, 49, 32)
+    prefix = per_sample_prefix(2, 49, seed=5)
+    configs = SMALL_TILES["square16"]
+    q, k, v, leaves = make_qkv(shape, torch.float32, "bnhd")
+    monkeypatch.setattr(kernels, "STORED_DS", False)
+    want = outputs_and_grads(triton_op(prefix, configs), q, k, v, leaves)
+
+    def no_memory(q):
+        raise torch.OutOfMemoryError("CUDA out of memory (test)")
+
+    monkeypatch.setattr(kernels, "STORED_DS", True)
+    monkeypatch.setattr(kernels, "stored_ds_buffer", no_memory)
+    launched = _launched_kernels(monkeypatch)
+    with pytest.warns(RuntimeWarning, match="no GPU memory left for the stored-dS backward"):
+        got = outputs_and_grads(triton_op(prefix, configs), q, k, v, leaves)
+    assert kernels._prefix_causal_bwd_dq in launched and kernels._prefix_causal_bwd_dq_from_ds not in launched
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 def test_stored_ds_buffer_rows_are_padded_and_checked():
     """The dS buffer's rows are padded to 16 values (so TMA takes any N), counted in its size; a buffer laid out
     otherwise is refused by name, not read wrongly."""

@@ -16,6 +16,7 @@ the head dim is padded inside the tile, never in memory.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -1433,6 +1434,19 @@ def stored_ds_buffer(q: torch.Tensor) -> torch.Tensor:
     return torch.empty(batch, heads, seq_len, _ds_row_length(seq_len), dtype=q.dtype, device=q.device)[..., :seq_len]
 
 
+def _stored_ds_buffer_if_free(q: torch.Tensor) -> torch.Tensor | None:
+    """:func:`stored_ds_buffer`, or None where the GPU has no memory left for it: the stored-dS path only trades memory
+    for speed, so a backward that fits without its buffer runs the recomputing kernels instead of failing (with a
+    warning, which Python's default filter shows once per shape)."""
+    try:
+        return stored_ds_buffer(q)
+    except torch.OutOfMemoryError:
+        warnings.warn(f"mimkernels: no GPU memory left for the stored-dS backward's buffer (q {list(q.shape)}); this "
+                      "call and others that find none recompute dS instead (MIMKERNELS_STORED_DS=0 turns the "
+                      "stored-dS path off)", RuntimeWarning, stacklevel=2)
+        return None
+
+
 def stored_ds_tiles(q: torch.Tensor, cfgs: AttentionConfigs) -> tuple[TileConfig, TileConfig] | None:
     """The (dK/dV, dQ-from-dS) tiles with which :func:`backward` takes the stored-dS path for ``q``, or None where
     it does not: the table's stored-dS tiles where it has them, else with ``STORED_DS = True`` the dK/dV tile and
@@ -1549,9 +1563,9 @@ def backward(grad_out, q, k, v, out, lse, prefix, scale: float, configs: Attenti
     cfgs = configs or configs_for_call(q)
     dq, dk, dv = grads
     stored_ds = None if atomic_dq else stored_ds_tiles(q, cfgs)
-    if stored_ds:  # row dot, dK/dV storing dS, dQ from dS: 3 launches
+    ds = _stored_ds_buffer_if_free(q) if stored_ds else None
+    if ds is not None:  # row dot, dK/dV storing dS, dQ from dS: 3 launches
         delta = backward_row_dot(grad_out, out)
-        ds = stored_ds_buffer(q)
         dk, dv = backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale, stored_ds[0], dk=dk, dv=dv, ds=ds)
         return backward_dq_from_ds(q, k, ds, prefix, scale, stored_ds[1], dq=dq), dk, dv
     if cfgs.backward_per_head is not None and not atomic_dq:
