@@ -6,7 +6,8 @@
 # tool's limit). Commit them under benchmarks/results/<device>/ and the table with
 # `python -m benchmarks.tune_attention --from-csv <them>/tune_attention.csv --write-table`.
 # TUNE_SHAPES (default: all of tune_attention's) tunes only those shapes, e.g. after a change that only some use;
-# the table keeps the other entries.
+# the table keeps the other entries. TUNE_SWEEP (kernel names) sweeps only those kernels' candidates and times the
+# others at the table's tiles (tune_attention --sweep), e.g. the stored-dS backward at shapes tuned before it.
 # Where the tree has no .git (the device copy), pass the commit: MIMKERNELS_COMMIT=<sha> benchmarks/gpu_attention.sh
 # Uses the machine's own python3 (its torch and triton): nothing is installed, nothing is fetched.
 set -uo pipefail
@@ -25,7 +26,7 @@ source benchmarks/gpu_env.sh
 if wants tune; then
   echo "== tune the attention tile table (budget ${TUNE_S} s)"
   timeout $((TUNE_S + 90)) $PY -m benchmarks.tune_attention --budget-s "$TUNE_S" --out "$OUT" --write-table \
-    ${TUNE_SHAPES:+--shapes $TUNE_SHAPES} \
+    ${TUNE_SHAPES:+--shapes $TUNE_SHAPES} ${TUNE_SWEEP:+--sweep $TUNE_SWEEP} \
     > "$OUT/tune_attention.txt" 2>&1 || status=1
   tail -n 12 "$OUT/tune_attention.txt"  # the table it wrote can be rebuilt from tune_attention.csv (--from-csv)
 fi

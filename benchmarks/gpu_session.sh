@@ -23,6 +23,9 @@
 #   tune          issue 9, after a kernel change: the tile sweep (gpu_attention.sh "tune"; TUNE_SHAPES picks shapes),
 #                 225 s in run 10 for 9 shapes, 101 s in run 9 for 6;
 #                 9 shapes since (N257 has a class of its own; MAE ViT-H's encoder), 5.5 min allowed
+#   tune_stored_ds issue 9, after a `tune` in which the stored-dS backward won: its kernels swept at the other shapes
+#                 where its buffer fits (STORED_DS_SHAPES), every other kernel timed at the table's tile only
+#                 (tune_attention --sweep), so the table gives it their entries where it wins there too; ~2.5 min
 # The device tool brings back at most 8 files: each step writes into its own folder, which is then packed into
 # $OUT/<step>.tar.gz (after the step, so a call cut short still returns the steps before it); session.txt says
 # what ran, for how long, and with which exit code. Unpack with `tar -xzf` under benchmarks/results/<device>/.
@@ -42,7 +45,8 @@ echo "gpu_session: steps '$STEPS', budget ${BUDGET_S} s, commit ${MIMKERNELS_COM
 needs() {  # step -> seconds it takes when nothing is cut (the inner scripts' own timeouts, added up)
   case $1 in
     attention) echo 300 ;; tests) echo 550 ;; sanitizer) echo 220 ;; models) echo 550 ;; integrations) echo 390 ;;
-    steps_mae | steps_aim) echo 330 ;; tune) echo 330 ;; mim_ops) echo 190 ;; *) echo 0 ;;
+    steps_mae | steps_aim) echo 330 ;; tune) echo 330 ;; tune_stored_ds) echo 180 ;; mim_ops) echo 190 ;;
+    *) echo 0 ;;
   esac
 }
 
@@ -51,6 +55,9 @@ run_step() {  # step, seconds it may take: runs it with OUT=$OUT/<step>
   case $1 in
     attention) OUT=$dir STEPS="profile bench" bash benchmarks/gpu_attention.sh ;;
     tune) OUT=$dir STEPS="tune" TUNE_S=$(($2 - 90)) bash benchmarks/gpu_attention.sh ;;
+    tune_stored_ds) OUT=$dir STEPS="tune" TUNE_S=$(($2 - 90)) TUNE_SWEEP="backward_dkdv_ds backward_dq_from_ds" \
+      TUNE_SHAPES="${STORED_DS_SHAPES:-n1024 vit_b mae_encoder mae_decoder vit_b_n257}" \
+      bash benchmarks/gpu_attention.sh ;;
     tests) OUT=$dir STEPS="build tests" bash benchmarks/gpu_check.sh ;;
     sanitizer | models | integrations | mim_ops) OUT=$dir STEPS="$1" bash benchmarks/gpu_check.sh ;;
     steps_mae) OUT=$dir STEPS=steps MODEL_SHAPES=mae_vit_l STEPS_S=$(($2 - 10)) bash benchmarks/gpu_check.sh ;;
@@ -73,7 +80,8 @@ kill_tree() {  # pid: it and every descendant (the inner scripts' own `timeout`s
 for step in $STEPS; do
   need=$(needs "$step")
   if [ "$need" = 0 ]; then
-    echo "== $step: unknown step (attention tests sanitizer models steps_mae steps_aim mim_ops integrations tune)" | tee -a "$log"
+    echo "== $step: unknown step (attention tests sanitizer models steps_mae steps_aim mim_ops integrations" \
+      "tune tune_stored_ds)" | tee -a "$log"
     status=2
     continue
   fi

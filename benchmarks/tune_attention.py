@@ -1,6 +1,6 @@
 """Sweep the attention kernels' tile configs on this GPU and (with --write-table) rewrite the shipped table.
 
-    python -m benchmarks.tune_attention [--budget-s 240] [--out DIR] [--write-table] [--shapes ...]
+    python -m benchmarks.tune_attention [--budget-s 240] [--out DIR] [--write-table] [--shapes ...] [--sweep ...]
     python -m benchmarks.tune_attention --from-csv RESULTS/tune_attention.csv --write-table   # no GPU
     python -m benchmarks.tune_attention --from-csv RESULTS/tune_attention.csv --compare-with OLD_TILES.py
 
@@ -10,7 +10,10 @@ For each shape below, every candidate of every kernel (forward, dK/dV, dQ, atomi
 shape's key (GPU architecture, operand width, padded head dim, sequence class) in
 ``mimkernels/triton/attention_tiles.py``; entries of other keys are kept. The compiles come first, in parallel
 worker processes that fill Triton's on-disk cache, so the budget goes to timing. Every trial is written to
-``tune_attention.csv`` under --out, raw; ``--from-csv`` rebuilds the table from such a file.
+``tune_attention.csv`` under --out, raw; ``--from-csv`` rebuilds the table from such a file. ``--sweep KERNEL ...``
+times only those kernels' candidates and every other kernel at the tile the table gives it (``shape_candidates``):
+e.g. whether the stored-dS backward beats the table's backward at shapes tuned before it existed, in a fifth of the
+compiles.
 The atomic-dQ backward, the delta-computing dQ kernel and the one-program-per-head backward get a table tile only
 where they beat the other backwards (``attention_tuning.configs_from``). ``--compare-with`` (a copy of an older
 attention_tiles.py, e.g. ``git show REV:mimkernels/triton/attention_tiles.py``) prints, per tuned shape, the
@@ -56,10 +59,34 @@ def _precompile_one(job) -> str:
     return f"{kernel} {text}"
 
 
-def precompile(shapes: dict, dtype: torch.dtype, workers: int, deadline: float) -> int:
-    """Compile every candidate in ``workers`` processes; returns how many finished before the deadline."""
-    jobs = [(shape, str(dtype)[6:], kernel, text) for shape in shapes.values()
-            for kernel, texts in attention_tuning.candidates_for(shape[2], head_dim=shape[3]).items() for text in texts
+AT_TABLE_TILE = "the table's tile"  # the CSV note of a trial that --sweep timed at the table's tile only
+# the tuner's kernels in the order of a table entry's fields (AttentionConfigs); the row-dot pre-pass has no field
+TABLE_FIELDS = ("forward", "backward_dkdv", "backward_dq", "backward_atomic", "backward_dq_delta", "backward_per_head",
+                "backward_dkdv_ds", "backward_dq_from_ds")
+
+
+def shape_candidates(name: str, arch: int, dtype: torch.dtype, swept=None, table=None) -> dict[str, tuple[str, ...]]:
+    """The candidates timed at tuned shape ``name``: every candidate of its N and head dim
+    (``attention_tuning.candidates_for``). With ``swept`` (kernel names), only those kernels' candidates and, for each
+    other kernel, the tile that the table's entry for the shape's key gives it (none where it gives none; the row-dot
+    pre-pass keeps its one): a run that decides whether the swept kernels beat what the table runs, at a fraction of
+    a whole sweep's compiles. A key the table has no entry for is swept whole."""
+    _, _, seq_len, head_dim, _ = SHAPES[name]
+    candidates = attention_tuning.candidates_for(seq_len, head_dim=head_dim)
+    entry = (attention_tiles.MEASURED if table is None else table).get(kernels.table_key(arch, head_dim, dtype,
+                                                                                          seq_len))
+    if swept is None or entry is None:
+        return candidates
+    tiles = dict(zip(TABLE_FIELDS, entry))
+    return {kernel: texts if kernel in swept or kernel == "backward_row_dot" else
+            tuple(text for text in (tiles.get(kernel),) if text) for kernel, texts in candidates.items()}
+
+
+def precompile(shapes: dict, dtype: torch.dtype, workers: int, deadline: float, candidates: dict) -> int:
+    """Compile every candidate (``candidates``: shape name -> kernel -> tile texts) in ``workers`` processes; returns
+    how many finished before the deadline."""
+    jobs = [(shape, str(dtype)[6:], kernel, text) for name, shape in shapes.items()
+            for kernel, texts in candidates[name].items() for text in texts
             if kernel not in attention_tuning.STORED_DS_KERNELS or kernels.stored_ds_fits(*shape[:3], dtype.itemsize)]
     done = 0
     context = multiprocessing.get_context("spawn")
@@ -119,6 +146,9 @@ def entries_from_csv(path: str) -> list[tuple[tuple, str, tuple | None, str, tup
         source = (f"{first['device']}, torch {first['torch']}, triton {first['triton']}, "
                   f"commit {short_commit(first['commit'])}, "
                   f"{first.get('date') or 'date not recorded'}; rebuilt from {os.path.basename(path)}")
+        anchored = sorted({r["kernel"] for r in rows if r["note"] == AT_TABLE_TILE})
+        if anchored:
+            source += f"; {' '.join(anchored)} timed at the table's tiles only (--sweep)"
         entries.append((key, *table_entry(name, key, trials, source), recorded))
     return entries
 
@@ -202,6 +232,9 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     parser.add_argument("--budget-s", type=float, default=240.0, help="stop timing after this many seconds")
+    parser.add_argument("--sweep", nargs="+", choices=attention_tuning.KERNELS, metavar="KERNEL",
+                        help="sweep only these kernels' candidates; every other kernel is timed at the tile the "
+                             "table's entry for the shape gives it, where it gives one (shape_candidates)")
     parser.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)),
                         help="parallel compile processes (0: compile while timing)")
     parser.add_argument("--out", default=None, help="folder for tune_attention.csv")
@@ -213,6 +246,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.compare_with and not args.from_csv:
         parser.error("--compare-with needs --from-csv (the timings it compares by)")
+    if args.sweep and args.from_csv:
+        parser.error("--sweep picks what a GPU run times; --from-csv rebuilds from timings already taken")
     measured, provenance = dict(attention_tiles.MEASURED), dict(attention_tiles.PROVENANCE)
     if args.from_csv:
         for key, line, value, source, recorded in entries_from_csv(args.from_csv):
@@ -235,11 +270,17 @@ def main(argv=None) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     shapes = {name: SHAPES[name] for name in args.shapes}
     arch = kernels._arch(torch.device("cuda"))
+    candidates = {name: shape_candidates(name, arch, dtype, args.sweep) for name in shapes}
     provenance_base = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
                        f"{__import__('triton').__version__}, commit {short_commit(common.commit())}, "
-                       f"{datetime.date.today().isoformat()}")
+                       f"{datetime.date.today().isoformat()}"
+                       + (f"; swept {' '.join(args.sweep)}, the other kernels at the table's tiles"
+                          if args.sweep else ""))
+
+    def anchored(kernel):  # timed at the table's tile only (--sweep), not swept
+        return bool(args.sweep) and kernel not in args.sweep and kernel != "backward_row_dot"
     if args.workers:
-        done = precompile(shapes, dtype, args.workers, start + 0.45 * args.budget_s)
+        done = precompile(shapes, dtype, args.workers, start + 0.45 * args.budget_s, candidates)
         print(f"precompile: {done} kernels in {time.monotonic() - start:.0f} s", flush=True)
 
     rows, summary = [], []
@@ -256,11 +297,12 @@ def main(argv=None) -> int:
         def record(trial, name=name, key=key):
             rows.append(dict(shape=name, key=str(key), kernel=trial.kernel, config=trial.config,
                              ms=f"{trial.ms:.5f}" if trial.ms is not None else "",
-                             error=f"{trial.error:.2e}" if trial.error is not None else "", note=trial.note, **meta))
+                             error=f"{trial.error:.2e}" if trial.error is not None else "",
+                             note=trial.note or (AT_TABLE_TILE if anchored(trial.kernel) else ""), **meta))
             shown = f"{trial.ms:8.4f} ms" if trial.ms is not None else trial.note
             print(f"  {name:12s} {trial.kernel:16s} {trial.config:11s} {shown}", flush=True)
 
-        trials = attention_tuning.sweep(problem, deadline=deadline, on_trial=record)
+        trials = attention_tuning.sweep(problem, candidates=candidates[name], deadline=deadline, on_trial=record)
         line, value, source = table_entry(name, key, trials, provenance_base)
         summary.append(line)
         if value is not None:

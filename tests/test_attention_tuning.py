@@ -82,6 +82,25 @@ def test_split_head_dim_candidates_are_timed_only_where_d_splits():
     assert tuning.candidates_for(256) == tuning.candidates_for(256, head_dim=80)  # no head dim given: all kept
 
 
+def test_dropped_candidates_were_measured_slow_everywhere():
+    """tuning.MEASURED_SLOW holds what its comment says: each tile took at least 1.2x its kernel's fastest time at
+    every shape of runs 9 and 10 (their committed CSVs), and none of them is a candidate any more."""
+    import csv
+    import pathlib
+    runs = sorted(pathlib.Path(tune_attention.__file__).parent.glob("results/nvidia-h200/2026-12-04-run*/tune"))
+    assert [path.parent.name[11:16] for path in runs] == ["run10", "run9-"]
+    times = {}
+    for path in runs:
+        for row in csv.DictReader(open(path / "tune_attention.csv")):
+            if row["ms"]:
+                times.setdefault((path, row["shape"], row["kernel"]), {})[row["config"]] = float(row["ms"])
+    for kernel, slow in tuning.MEASURED_SLOW.items():
+        assert not set(slow) & set(tuning.CANDIDATES[kernel])
+        for text in slow:
+            ratios = [timed[text] / min(timed.values()) for (_, _, name), timed in times.items() if name == kernel]
+            assert len(ratios) == 15 and min(ratios) >= 1.2, (kernel, text, ratios)
+
+
 def test_every_candidate_parses_once():
     for kernel, texts in tuning.CANDIDATES.items():
         configs = [TileConfig.parse(text) for text in texts]
@@ -266,6 +285,36 @@ def test_table_rebuilt_from_a_raw_csv(tmp_path):
     # atomic 0.32 ms > per-head 0.27 < dK/dV + dQ 0.17 + 0.11
     assert value == ("64x64x4x3", "64x64x4x2", "64x32x4x3", None, None, "32x128x8x3", None, None)
     assert "NVIDIA H200" in source and "abc1234" in source and "aim_600m" in line
+
+
+def test_sweep_option_times_the_other_kernels_at_the_tables_tiles(tmp_path):
+    """--sweep: the named kernels' candidates at each shape, every other kernel only at the tile the table's entry
+    for the shape's key gives it (none where it gives none), the row dot as always; a key without an entry is swept
+    whole. A CSV of such a run says so in the provenance of the entry rebuilt from it."""
+    entry = ("128x32x4x4+tma", "64x64x4x2+tma", "128x32x4x3+tma", None, "64x32x4x3", None)
+    table = {(90, 2, 128, 256): entry}
+    swept = tuning.STORED_DS_KERNELS
+    full = tune_attention.shape_candidates("aim_600m", 90, torch.bfloat16)
+    assert full == tuning.candidates_for(256, head_dim=128)
+    partial = tune_attention.shape_candidates("aim_600m", 90, torch.bfloat16, swept, table)
+    assert partial == {**{kernel: () for kernel in tuning.KERNELS}, "forward": ("128x32x4x4+tma",),
+                       "backward_dkdv": ("64x64x4x2+tma",), "backward_dq": ("128x32x4x3+tma",),
+                       "backward_dq_delta": ("64x32x4x3",), "backward_row_dot": full["backward_row_dot"],
+                       **{kernel: full[kernel] for kernel in swept}}
+    assert tune_attention.shape_candidates("vit_b", 90, torch.bfloat16, swept, table) == \
+        tuning.candidates_for(197, head_dim=64)  # no entry for D 64: everything
+    with pytest.raises(SystemExit):
+        tune_attention.main(["--from-csv", "x.csv", "--sweep", "backward_dkdv_ds"])
+    path = tmp_path / "tune_attention.csv"
+    write_tune_csv(path, [("aim_600m", "(90, 2, 128, 256)", *row) for row in [
+        ("forward", "64x64x4x3", "0.10", tune_attention.AT_TABLE_TILE),
+        ("backward_dkdv", "64x64x4x2", "0.17", tune_attention.AT_TABLE_TILE),
+        ("backward_dq", "64x32x4x3", "0.11", tune_attention.AT_TABLE_TILE),
+        ("backward_row_dot", "16x0x4x3", "0.03", ""),
+        ("backward_dkdv_ds", "64x64x4x2+tma", "0.15", ""), ("backward_dq_from_ds", "64x64x4x3", "0.05", "")]])
+    [(_, _, value, source, _)] = tune_attention.entries_from_csv(str(path))
+    assert value[6:] == ("64x64x4x2+tma", "64x64x4x3")  # 0.23 ms against 0.31
+    assert "backward_dkdv backward_dq forward timed at the table's tiles only (--sweep)" in source
 
 
 def test_rebuilding_moves_an_entry_to_its_current_class(tmp_path, monkeypatch):

@@ -380,6 +380,30 @@ def test_gpu_session_runs_steps_in_order_within_its_budget(tmp_path):
     assert not left, f"the cut step's processes outlived it: {left.split()}"
 
 
+@pytest.mark.skipif(shutil.which("tar") is None, reason="needs tar")
+def test_gpu_session_tunes_the_stored_ds_kernels_at_the_other_shapes(tmp_path):
+    """The tune_stored_ds step runs tune_attention with --sweep of the two stored-dS kernels at the shapes tuned
+    before them (STORED_DS_SHAPES overrides), writing the table."""
+    import pathlib
+    import subprocess
+    import tarfile
+
+    python = tmp_path / "python"
+    python.write_text("#!/usr/bin/env bash\necho stand-in python \"$@\"\n")
+    python.chmod(0o755)
+    out = tmp_path / "out"
+    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_session.sh"
+    for shapes, want in ((None, "n1024 vit_b mae_encoder mae_decoder vit_b_n257"), ("vit_b", "vit_b")):
+        env = {**os.environ, "PYTHON": str(python), "OUT": str(out), "BUDGET_S": "200", "STEPS": "tune_stored_ds",
+               "MIMKERNELS_COMMIT": "abc123", **({"STORED_DS_SHAPES": shapes} if shapes else {})}
+        env.pop("TRITON_INTERPRET", None)
+        subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60, check=True)
+        with tarfile.open(out / "tune_stored_ds.tar.gz") as archive:
+            tune_log = archive.extractfile("tune_stored_ds/tune_attention.txt").read().decode()
+        assert "stand-in python -m benchmarks.tune_attention --budget-s 90 " in tune_log
+        assert f"--write-table --shapes {want} --sweep backward_dkdv_ds backward_dq_from_ds" in tune_log
+
+
 def test_mlp_harness_runs_end_to_end(tmp_path):
     from benchmarks import bench_mlp
     from mimkernels.triton import mlp as mlp_kernels
