@@ -317,6 +317,60 @@ def test_sweep_option_times_the_other_kernels_at_the_tables_tiles(tmp_path):
     assert "backward_dkdv backward_dq forward timed at the table's tiles only (--sweep)" in source
 
 
+@pytest.mark.parametrize("swept", [None, tuning.STORED_DS_KERNELS], ids=["whole", "sweep_stored_ds"])
+def test_tune_main_on_a_stand_in_gpu(swept, tmp_path, monkeypatch):
+    """tune_attention's GPU path end to end through the interpreter (a tiny shape under aim_600m's name, tiny
+    candidates, a fake timer that makes the stored-dS tiles fastest, no compile workers): every trial in the CSV, the
+    table entry written under the shape's key with the fastest tiles, and with --sweep the other kernels timed at the
+    table's tiles only, which the CSV's notes and the entry's provenance say."""
+    import csv
+
+    name, key = "aim_600m", (90, 2, 16, 128)
+    monkeypatch.setitem(tune_attention.SHAPES, name, (2, 1, 40, 16, "random"))
+    monkeypatch.setattr(tuning, "CANDIDATES", TINY)
+    entry = ("16x16x4x1", "16x16x4x1", "16x16x4x1", None, "32x16x4x1", None)
+    monkeypatch.setattr(tune_attention.attention_tiles, "MEASURED", {key: entry})
+    monkeypatch.setattr(tune_attention.attention_tiles, "PROVENANCE", {key: "before"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "stand-in GPU")
+    monkeypatch.setattr(kernels, "_arch", lambda device: 90)
+    make_problem = tuning.make_problem
+    monkeypatch.setattr(tuning, "make_problem", lambda *args, **kw: make_problem(*args, **kw, device="cpu"))
+
+    fast = {"backward_row_dot": 0.01, "backward_dkdv_ds": 0.01, "backward_dq_from_ds": 0.01}  # the rest: 1 ms
+    sweep = tuning.sweep
+
+    def stand_in_sweep(problem, kernels_to_tune=tuning.KERNELS, candidates=None, timer=None, on_trial=None, **kw):
+        def timed(t):
+            return tuning.Trial(t.kernel, t.config, t.ms and fast.get(t.kernel, t.ms), t.error, t.note)
+
+        trials = sweep(problem, kernels_to_tune, candidates, timer=lambda fn: (fn(), 1.0)[1],
+                       on_trial=lambda t: on_trial(timed(t)), **kw)
+        return [timed(t) for t in trials]
+
+    monkeypatch.setattr(tuning, "sweep", stand_in_sweep)
+    written = {}
+    monkeypatch.setattr(tune_attention, "write_table", lambda measured, provenance: written.update(
+        measured=measured, provenance=provenance))
+    argv = ["--shapes", name, "--dtype", "fp16", "--workers", "0", "--out", str(tmp_path), "--write-table"]
+    assert tune_attention.main(argv + (["--sweep", *swept] if swept else [])) == 0
+    rows = list(csv.DictReader(open(tmp_path / "tune_attention.csv")))
+    timed = {(r["kernel"], r["config"]) for r in rows if r["ms"]}
+    if swept:
+        want = {("forward", "16x16x4x1"), ("backward_dkdv", "16x16x4x1"), ("backward_dq", "16x16x4x1"),
+                ("backward_dq_delta", "32x16x4x1"), ("backward_row_dot", "16x0x4x3")}
+        want |= {(kernel, text) for kernel in swept for text in TINY[kernel]}
+        assert {(r["kernel"], r["config"]) for r in rows} == want and timed == want
+        assert {r["kernel"] for r in rows if r["note"] == tune_attention.AT_TABLE_TILE} == {
+            "forward", "backward_dkdv", "backward_dq", "backward_dq_delta"}
+        assert "swept backward_dkdv_ds backward_dq_from_ds" in written["provenance"][key]
+    else:
+        assert timed == {(kernel, text) for kernel, texts in TINY.items() for text in texts}
+        assert not any(r["note"] for r in rows)
+    assert written["measured"][key][6:] == ("16x32x4x1", "16x16x4x1")  # the stored-dS path, fastest
+    assert written["provenance"][key].startswith("stand-in GPU, torch ")
+
+
 def test_rebuilding_moves_an_entry_to_its_current_class(tmp_path, monkeypatch):
     """--from-csv --write-table: the shape's entry under its old key goes, other shapes' entries stay."""
     path = tmp_path / "tune_attention.csv"
