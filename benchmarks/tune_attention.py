@@ -66,13 +66,13 @@ TABLE_FIELDS = ("forward", "backward_dkdv", "backward_dq", "backward_atomic", "b
 
 
 def shape_candidates(name: str, arch: int, dtype: torch.dtype, swept=None, table=None) -> dict[str, tuple[str, ...]]:
-    """The candidates timed at tuned shape ``name``: every candidate of its N and head dim
-    (``attention_tuning.candidates_for``). With ``swept`` (kernel names), only those kernels' candidates and, for each
-    other kernel, the tile that the table's entry for the shape's key gives it (none where it gives none; the row-dot
-    pre-pass keeps its one): a run that decides whether the swept kernels beat what the table runs, at a fraction of
-    a whole sweep's compiles. A key the table has no entry for is swept whole."""
+    """The candidates timed at tuned shape ``name`` on a GPU of compute capability ``arch``: every candidate of its N,
+    head dim and GPU (``attention_tuning.candidates_for``). With ``swept`` (kernel names), only those kernels'
+    candidates and, for each other kernel, the tile that the table's entry for the shape's key gives it (none where
+    it gives none; the row-dot pre-pass keeps its one): a run that decides whether the swept kernels beat what the
+    table runs, at a fraction of a whole sweep's compiles. A key the table has no entry for is swept whole."""
     _, _, seq_len, head_dim, _ = SHAPES[name]
-    candidates = attention_tuning.candidates_for(seq_len, head_dim=head_dim)
+    candidates = attention_tuning.candidates_for(seq_len, head_dim=head_dim, arch=arch)
     entry = (attention_tiles.MEASURED if table is None else table).get(kernels.table_key(arch, head_dim, dtype,
                                                                                           seq_len))
     if swept is None or entry is None:

@@ -84,20 +84,19 @@ CANDIDATES["backward_dkdv_ds"] = ("64x64x4x2+tma", "64x64x4x2+tma+tail16", "64x6
 CANDIDATES["backward_dq_from_ds"] = ("64x64x4x3", "64x32x4x3", "128x64x8x3", "64x128x4x3", "128x128x8x3",
                                      "32x64x4x3", "64x64x4x3+tma", "128x64x8x3+tma", "64x128x4x3+tma",
                                      "128x128x8x3+tma")
-# Dropped after the sweeps of runs 9 and 10 (H200, 6 and 9 shapes; benchmarks/results/nvidia-h200/2026-12-04-run9-*
-# and -run10-*, tune/tune_attention.csv): each took at least 1.2x the time of its kernel's fastest tile at every shape
-# of both, so timing them again only costs compiles (18 of a shape's 95 at AIM-600M). Their +tail16 / +splitd twins
-# and the stored-dS kernels' tiles of the same shape are other candidates and stay.
-MEASURED_SLOW = {
+# Not swept on Hopper (compute capability 90) since runs 9 and 10 (H200, 6 and 9 shapes;
+# benchmarks/results/nvidia-h200/2026-12-04-run9-* and -run10-*, tune/tune_attention.csv): each took at least 1.2x
+# the time of its kernel's fastest tile at every shape of both, so timing them again there only costs compiles (18 of
+# a shape's 95 at AIM-600M). Other GPUs (an A100's autotune) still try them; their +tail16 / +splitd twins and the
+# stored-dS kernels' tiles of the same shape are other candidates and stay.
+MEASURED_SLOW = {90: {
     "forward": ("128x128x8x2", "128x128x8x2+tma", "128x64x4x3", "64x128x4x3", "64x128x4x3+tma", "64x128x8x3",
                 "64x64x8x3"),
     "backward_dkdv": ("16x128x8x3", "32x64x8x2", "64x64x4x3", "64x64x4x3+tma", "64x64x8x2", "64x64x8x3"),
     "backward_dq": ("128x64x8x2", "64x32x8x3", "64x64x8x3"),
     "backward_dq_delta": ("64x32x8x3", "64x64x8x3"),
-}
-assert all(set(slow) <= set(CANDIDATES[kernel]) for kernel, slow in MEASURED_SLOW.items())
-CANDIDATES = {kernel: tuple(text for text in texts if text not in MEASURED_SLOW.get(kernel, ()))
-              for kernel, texts in CANDIDATES.items()}
+}}
+assert all(set(slow) <= set(CANDIDATES[kernel]) for tiles in MEASURED_SLOW.values() for kernel, slow in tiles.items())
 STORED_DS_KERNELS = ("backward_dkdv_ds", "backward_dq_from_ds")
 # the order of a sweep: the two backwards that never won in runs 9 and 10 last (where a deadline cuts first)
 KERNELS = ("forward", "backward_dkdv", "backward_dq", "backward_row_dot", "backward_dq_delta", *STORED_DS_KERNELS,
@@ -202,10 +201,12 @@ def default_timer(fn) -> float:
     return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
 
 
-def candidates_for(seq_len: int, candidates=None, head_dim: int | None = None) -> dict[str, tuple[str, ...]]:
+def candidates_for(seq_len: int, candidates=None, head_dim: int | None = None,
+                   arch: int | None = None) -> dict[str, tuple[str, ...]]:
     """``candidates`` (default CANDIDATES) less those that at this N (and head dim, where given) run as their base
     tiles, which would only time the same kernel twice: tail tiles where N is a multiple of block_m (no rows past
-    the last whole tile), split head dims where D does not split (:func:`attention.head_dim_split`)."""
+    the last whole tile), split head dims where D does not split (:func:`attention.head_dim_split`); and on a GPU
+    of compute capability ``arch`` (as 90), the tiles MEASURED_SLOW names for it."""
     def runs_as_its_base(text):
         try:
             cfg = TileConfig.parse(text)
@@ -216,7 +217,9 @@ def candidates_for(seq_len: int, candidates=None, head_dim: int | None = None) -
         return no_tail or no_split
 
     candidates = candidates or CANDIDATES
-    return {kernel: tuple(text for text in texts if not runs_as_its_base(text)) for kernel, texts in candidates.items()}
+    slow = MEASURED_SLOW.get(arch, {})
+    return {kernel: tuple(text for text in texts if not runs_as_its_base(text) and text not in slow.get(kernel, ()))
+            for kernel, texts in candidates.items()}
 
 
 def sweep(problem: Problem, kernels_to_tune=KERNELS, candidates=None, timer=default_timer, deadline=None,
@@ -224,7 +227,7 @@ def sweep(problem: Problem, kernels_to_tune=KERNELS, candidates=None, timer=defa
     """Check and time every candidate of every kernel on ``problem`` (tail tiles only where N has a tail, split
     head dims only where D splits: :func:`candidates_for`); stops early past ``deadline`` (a ``time.monotonic()``
     value). Inputs of the backward kernels come from the portable forward."""
-    candidates = candidates_for(problem.q.shape[2], candidates, problem.q.shape[3])
+    candidates = candidates_for(problem.q.shape[2], candidates, problem.q.shape[3], kernels._arch(problem.q.device))
     portable = kernels.configs_for(problem.q.shape[-1], problem.q.dtype)
     out, lse = kernels.forward(problem.q, problem.k, problem.v, problem.prefix, problem.scale, portable)
     delta = kernels.backward_row_dot(problem.grad_out, out)
