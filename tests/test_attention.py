@@ -641,25 +641,32 @@ def test_stored_ds_backward_only_up_to_its_buffer_size(monkeypatch):
     assert kernels._prefix_causal_bwd_dq_from_ds in launched
 
 
-def test_stored_ds_backward_without_memory_for_its_buffer(monkeypatch):
-    """Where the dS buffer cannot be allocated (out of GPU memory), the backward recomputes dS (the same gradients as
-    with the stored-dS path off, bit for bit) and warns, instead of failing a step that fits without the buffer."""
+@pytest.mark.parametrize("path", ["stored_ds", "per_head"])
+def test_backward_without_memory_for_its_buffer(path, monkeypatch):
+    """Where the stored-dS or per-head backward's buffer cannot be allocated (out of GPU memory), the backward runs the
+    other kernels (the same gradients, bit for bit, as with that path off) and warns, instead of failing a step that
+    fits without the buffer."""
     shape = (2, 2, 49, 32)
     prefix = per_sample_prefix(2, 49, seed=5)
-    configs = SMALL_TILES["square16"]
+    plain = SMALL_TILES["square16"]
     q, k, v, leaves = make_qkv(shape, torch.float32, "bnhd")
     monkeypatch.setattr(kernels, "STORED_DS", False)
-    want = outputs_and_grads(triton_op(prefix, configs), q, k, v, leaves)
+    want = outputs_and_grads(triton_op(prefix, plain), q, k, v, leaves)
 
-    def no_memory(q):
+    def no_memory(*args):
         raise torch.OutOfMemoryError("CUDA out of memory (test)")
 
-    monkeypatch.setattr(kernels, "STORED_DS", True)
-    monkeypatch.setattr(kernels, "stored_ds_buffer", no_memory)
+    if path == "stored_ds":
+        configs, label, kernel = plain, "stored-dS backward", kernels._prefix_causal_bwd_dq_from_ds
+        monkeypatch.setattr(kernels, "STORED_DS", True)
+        monkeypatch.setattr(kernels, "stored_ds_buffer", no_memory)
+    else:
+        configs, label, kernel = with_per_head_backward(plain), "per-head backward", kernels._prefix_causal_bwd_per_head
+        monkeypatch.setattr(kernels, "per_head_buffer", no_memory)
     launched = _launched_kernels(monkeypatch)
-    with pytest.warns(RuntimeWarning, match="no GPU memory left for the stored-dS backward"):
+    with pytest.warns(RuntimeWarning, match=f"no GPU memory left for the {label}'s buffer"):
         got = outputs_and_grads(triton_op(prefix, configs), q, k, v, leaves)
-    assert kernels._prefix_causal_bwd_dq in launched and kernels._prefix_causal_bwd_dq_from_ds not in launched
+    assert kernels._prefix_causal_bwd_dq in launched and kernel not in launched
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
@@ -1057,7 +1064,7 @@ def test_qkv_attention_with_the_per_head_backward(mask, monkeypatch):
         two_launch = packed_outputs_and_grads(lambda t: mimkernels.qkv_attention(t, **kwargs), qkv)
         looked_up, per_head, calls = kernels.configs_for_call, kernels.backward_per_head, []
         monkeypatch.setattr(kernels, "configs_for_call", lambda q: with_per_head_backward(looked_up(q)))
-        monkeypatch.setattr(kernels, "backward_per_head", lambda *args: calls.append(1) or per_head(*args))
+        monkeypatch.setattr(kernels, "backward_per_head", lambda *args, **kw: calls.append(1) or per_head(*args, **kw))
         got = packed_outputs_and_grads(lambda t: mimkernels.qkv_attention(t, **kwargs), qkv)
     assert calls == [1]
     qkv64 = qkv.detach().double().requires_grad_()

@@ -1434,16 +1434,15 @@ def stored_ds_buffer(q: torch.Tensor) -> torch.Tensor:
     return torch.empty(batch, heads, seq_len, _ds_row_length(seq_len), dtype=q.dtype, device=q.device)[..., :seq_len]
 
 
-def _stored_ds_buffer_if_free(q: torch.Tensor) -> torch.Tensor | None:
-    """:func:`stored_ds_buffer`, or None where the GPU has no memory left for it: the stored-dS path only trades memory
-    for speed, so a backward that fits without its buffer runs the recomputing kernels instead of failing (with a
-    warning, which Python's default filter shows once per shape)."""
+def _buffer_if_free(allocate, q: torch.Tensor, path: str) -> torch.Tensor | None:
+    """``allocate(q)``, or None where the GPU has no memory left for it: the stored-dS and per-head backwards only
+    trade memory for speed, so a backward that fits without their buffers runs the other kernels instead of failing
+    (with a warning, which Python's default filter shows once per path and shape)."""
     try:
-        return stored_ds_buffer(q)
+        return allocate(q)
     except torch.OutOfMemoryError:
-        warnings.warn(f"mimkernels: no GPU memory left for the stored-dS backward's buffer (q {list(q.shape)}); this "
-                      "call and others that find none recompute dS instead (MIMKERNELS_STORED_DS=0 turns the "
-                      "stored-dS path off)", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"mimkernels: no GPU memory left for the {path}'s buffer (q {list(q.shape)}); this call and "
+                      "others that find none run the other backward kernels instead", RuntimeWarning, stacklevel=3)
         return None
 
 
@@ -1521,18 +1520,26 @@ def backward_atomic(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: Ti
     return dq, dk, dv
 
 
-def backward_per_head(grad_out, q, k, v, out, lse, prefix, scale: float, cfg: TileConfig, grads=(None,) * 3):
+def per_head_buffer(q: torch.Tensor, cfg: TileConfig) -> torch.Tensor:
+    """The per-head backward's fp32 dQ buffer for ``q`` ([B, H, N, D]) and its tile: [B * H, N, D], uninitialised;
+    one element where a head has one key tile (e.g. the MAE encoder: dQ is stored finished, the buffer never
+    touched, so no B * H * N * D * 4 bytes)."""
+    batch, heads, seq_len, head_dim = q.shape
+    shape = (batch * heads, seq_len, head_dim) if seq_len > cfg.block_n else (1,)
+    return torch.empty(shape, dtype=torch.float32, device=q.device)
+
+
+def backward_per_head(grad_out, q, k, v, out, lse, prefix, scale: float, cfg: TileConfig, grads=(None,) * 3,
+                      dq_buffer=None):
     """dq, dk, dv from one launch, one program per (batch, head): delta, then dK/dV per key tile in order with
     each tile's dQ share added to an fp32 buffer in that order (5 matmuls per tile pair, bit-identical run after
-    run). Its parallelism is B * H programs, so it suits short sequences and large batches."""
+    run). Its parallelism is B * H programs, so it suits short sequences and large batches. ``dq_buffer``: the
+    :func:`per_head_buffer` to use (else one is allocated)."""
     batch, heads, seq_len, head_dim = q.shape
     prefix_ptr, prefix_int, prefix_is_tensor = _prefix_args(prefix, q)
     dq, dk, dv = (_empty_bnhd(t) if g is None else g for t, g in zip((q, k, v), grads))
     delta = torch.empty_like(lse)
-    if seq_len > cfg.block_n:
-        dq_acc = torch.empty(batch * heads, seq_len, head_dim, dtype=torch.float32, device=q.device)
-    else:  # one key tile (e.g. the MAE encoder) stores dQ finished: the buffer is never touched, so no B*H*N*D*4 bytes
-        dq_acc = torch.empty(1, dtype=torch.float32, device=q.device)
+    dq_acc = per_head_buffer(q, cfg) if dq_buffer is None else dq_buffer
     shapes = shape_args(head_dim, q.dtype)
     (q_, k_, v_, do_, dk_, dv_), use_tma = _operands(cfg, shapes, (q, cfg.block_m), (k, cfg.block_n),
                                                      (v, cfg.block_n), (grad_out, cfg.block_m), (dk, cfg.block_n),
@@ -1563,13 +1570,15 @@ def backward(grad_out, q, k, v, out, lse, prefix, scale: float, configs: Attenti
     cfgs = configs or configs_for_call(q)
     dq, dk, dv = grads
     stored_ds = None if atomic_dq else stored_ds_tiles(q, cfgs)
-    ds = _stored_ds_buffer_if_free(q) if stored_ds else None
+    ds = _buffer_if_free(stored_ds_buffer, q, "stored-dS backward") if stored_ds else None
     if ds is not None:  # row dot, dK/dV storing dS, dQ from dS: 3 launches
         delta = backward_row_dot(grad_out, out)
         dk, dv = backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale, stored_ds[0], dk=dk, dv=dv, ds=ds)
         return backward_dq_from_ds(q, k, ds, prefix, scale, stored_ds[1], dq=dq), dk, dv
-    if cfgs.backward_per_head is not None and not atomic_dq:
-        return backward_per_head(grad_out, q, k, v, out, lse, prefix, scale, cfgs.backward_per_head, grads)
+    per_head = None if atomic_dq else cfgs.backward_per_head
+    dq_buffer = _buffer_if_free(lambda q: per_head_buffer(q, per_head), q, "per-head backward") if per_head else None
+    if dq_buffer is not None:
+        return backward_per_head(grad_out, q, k, v, out, lse, prefix, scale, per_head, grads, dq_buffer=dq_buffer)
     if cfgs.backward_dq_delta is not None and not atomic_dq:  # dQ first, computing delta for dK/dV: 2 launches
         delta = torch.empty_like(lse)
         dq = backward_dq(grad_out, q, k, v, lse, delta, prefix, scale, cfgs.backward_dq_delta, out=out, dq=dq)
