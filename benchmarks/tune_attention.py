@@ -273,12 +273,7 @@ def main(argv=None) -> int:
     candidates = {name: shape_candidates(name, arch, dtype, args.sweep) for name in shapes}
     provenance_base = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
                        f"{__import__('triton').__version__}, commit {short_commit(common.commit())}, "
-                       f"{datetime.date.today().isoformat()}"
-                       + (f"; swept {' '.join(args.sweep)}, the other kernels at the table's tiles"
-                          if args.sweep else ""))
-
-    def anchored(kernel):  # timed at the table's tile only (--sweep), not swept
-        return bool(args.sweep) and kernel not in args.sweep and kernel != "backward_row_dot"
+                       f"{datetime.date.today().isoformat()}")
     if args.workers:
         done = precompile(shapes, dtype, args.workers, start + 0.45 * args.budget_s, candidates)
         print(f"precompile: {done} kernels in {time.monotonic() - start:.0f} s", flush=True)
@@ -293,17 +288,22 @@ def main(argv=None) -> int:
             continue
         key = kernels.table_key(arch, head_dim, dtype, seq_len)
         problem = attention_tuning.make_problem(batch, heads, seq_len, head_dim, dtype, prefix)
+        # --sweep at a shape the table has an entry for: the kernels not swept run the entry's tiles only
+        anchored = set(attention_tuning.KERNELS) - {*args.sweep, "backward_row_dot"} \
+            if args.sweep and key in attention_tiles.MEASURED else set()
+        source = provenance_base + (f"; swept {' '.join(args.sweep)}, the other kernels at the table's tiles"
+                                    if anchored else "")
 
-        def record(trial, name=name, key=key):
+        def record(trial, name=name, key=key, anchored=anchored):
             rows.append(dict(shape=name, key=str(key), kernel=trial.kernel, config=trial.config,
                              ms=f"{trial.ms:.5f}" if trial.ms is not None else "",
                              error=f"{trial.error:.2e}" if trial.error is not None else "",
-                             note=trial.note or (AT_TABLE_TILE if anchored(trial.kernel) else ""), **meta))
+                             note=trial.note or (AT_TABLE_TILE if trial.kernel in anchored else ""), **meta))
             shown = f"{trial.ms:8.4f} ms" if trial.ms is not None else trial.note
             print(f"  {name:12s} {trial.kernel:16s} {trial.config:11s} {shown}", flush=True)
 
         trials = attention_tuning.sweep(problem, candidates=candidates[name], deadline=deadline, on_trial=record)
-        line, value, source = table_entry(name, key, trials, provenance_base)
+        line, value, source = table_entry(name, key, trials, source)
         summary.append(line)
         if value is not None:
             measured[key], provenance[key] = value, source

@@ -321,19 +321,22 @@ def test_sweep_option_times_the_other_kernels_at_the_tables_tiles(tmp_path):
     assert "backward_dkdv backward_dq forward timed at the table's tiles only (--sweep)" in source
 
 
-@pytest.mark.parametrize("swept", [None, tuning.STORED_DS_KERNELS], ids=["whole", "sweep_stored_ds"])
-def test_tune_main_on_a_stand_in_gpu(swept, tmp_path, monkeypatch):
+@pytest.mark.parametrize("swept, in_table", [(None, True), (tuning.STORED_DS_KERNELS, True),
+                                             (tuning.STORED_DS_KERNELS, False)],
+                         ids=["whole", "sweep_stored_ds", "sweep_without_an_entry"])
+def test_tune_main_on_a_stand_in_gpu(swept, in_table, tmp_path, monkeypatch):
     """tune_attention's GPU path end to end through the interpreter (a tiny shape under aim_600m's name, tiny
     candidates, a fake timer that makes the stored-dS tiles fastest, no compile workers): every trial in the CSV, the
     table entry written under the shape's key with the fastest tiles, and with --sweep the other kernels timed at the
-    table's tiles only, which the CSV's notes and the entry's provenance say."""
+    table's tiles only, which the CSV's notes and the entry's provenance say (a shape without an entry: swept
+    whole, and said so by neither)."""
     import csv
 
     name, key = "aim_600m", (90, 2, 16, 128)
     monkeypatch.setitem(tune_attention.SHAPES, name, (2, 1, 40, 16, "random"))
     monkeypatch.setattr(tuning, "CANDIDATES", TINY)
     entry = ("16x16x4x1", "16x16x4x1", "16x16x4x1", None, "32x16x4x1", None)
-    monkeypatch.setattr(tune_attention.attention_tiles, "MEASURED", {key: entry})
+    monkeypatch.setattr(tune_attention.attention_tiles, "MEASURED", {key: entry} if in_table else {})
     monkeypatch.setattr(tune_attention.attention_tiles, "PROVENANCE", {key: "before"})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "stand-in GPU")
@@ -360,7 +363,7 @@ def test_tune_main_on_a_stand_in_gpu(swept, tmp_path, monkeypatch):
     assert tune_attention.main(argv + (["--sweep", *swept] if swept else [])) == 0
     rows = list(csv.DictReader(open(tmp_path / "tune_attention.csv")))
     timed = {(r["kernel"], r["config"]) for r in rows if r["ms"]}
-    if swept:
+    if swept and in_table:
         want = {("forward", "16x16x4x1"), ("backward_dkdv", "16x16x4x1"), ("backward_dq", "16x16x4x1"),
                 ("backward_dq_delta", "32x16x4x1"), ("backward_row_dot", "16x0x4x3")}
         want |= {(kernel, text) for kernel in swept for text in TINY[kernel]}
@@ -370,7 +373,7 @@ def test_tune_main_on_a_stand_in_gpu(swept, tmp_path, monkeypatch):
         assert "swept backward_dkdv_ds backward_dq_from_ds" in written["provenance"][key]
     else:
         assert timed == {(kernel, text) for kernel, texts in TINY.items() for text in texts}
-        assert not any(r["note"] for r in rows)
+        assert not any(r["note"] for r in rows) and "swept" not in written["provenance"][key]
     assert written["measured"][key][6:] == ("16x32x4x1", "16x16x4x1")  # the stored-dS path, fastest
     assert written["provenance"][key].startswith("stand-in GPU, torch ")
 
