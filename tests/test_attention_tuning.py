@@ -100,6 +100,8 @@ def test_dropped_candidates_were_measured_slow_everywhere():
     for kernel, slow in tuning.MEASURED_SLOW[90].items():
         assert not set(slow) & set(on_hopper[kernel]) and set(slow) <= set(elsewhere[kernel])
         assert set(on_hopper[kernel]) == set(elsewhere[kernel]) - set(slow)
+        explicit = {kernel: slow}  # e.g. a table's tile that --sweep times: never dropped
+        assert tuning.candidates_for(256, explicit, arch=90) == explicit
         for text in slow:
             ratios = [timed[text] / min(timed.values()) for (_, _, name), timed in times.items() if name == kernel]
             assert len(ratios) == 15 and min(ratios) >= 1.2, (kernel, text, ratios)

@@ -205,8 +205,9 @@ def candidates_for(seq_len: int, candidates=None, head_dim: int | None = None,
                    arch: int | None = None) -> dict[str, tuple[str, ...]]:
     """``candidates`` (default CANDIDATES) less those that at this N (and head dim, where given) run as their base
     tiles, which would only time the same kernel twice: tail tiles where N is a multiple of block_m (no rows past
-    the last whole tile), split head dims where D does not split (:func:`attention.head_dim_split`); and on a GPU
-    of compute capability ``arch`` (as 90), the tiles MEASURED_SLOW names for it."""
+    the last whole tile), split head dims where D does not split (:func:`attention.head_dim_split`); and from the
+    default list on a GPU of compute capability ``arch`` (as 90), the tiles MEASURED_SLOW names for it (a list given
+    explicitly keeps them)."""
     def runs_as_its_base(text):
         try:
             cfg = TileConfig.parse(text)
@@ -216,8 +217,8 @@ def candidates_for(seq_len: int, candidates=None, head_dim: int | None = None,
         no_split = cfg.split_d and head_dim is not None and kernels.head_dim_split(head_dim) is None
         return no_tail or no_split
 
+    slow = {} if candidates else MEASURED_SLOW.get(arch, {})
     candidates = candidates or CANDIDATES
-    slow = MEASURED_SLOW.get(arch, {})
     return {kernel: tuple(text for text in texts if not runs_as_its_base(text) and text not in slow.get(kernel, ()))
             for kernel, texts in candidates.items()}
 
