@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import csv
+import dataclasses
 import datetime
 import importlib.util
 import multiprocessing
@@ -60,9 +61,10 @@ def _precompile_one(job) -> str:
 
 
 AT_TABLE_TILE = "the table's tile"  # the CSV note of a trial that --sweep timed at the table's tile only
-# the tuner's kernels in the order of a table entry's fields (AttentionConfigs); the row-dot pre-pass has no field
-TABLE_FIELDS = ("forward", "backward_dkdv", "backward_dq", "backward_atomic", "backward_dq_delta", "backward_per_head",
-                "backward_dkdv_ds", "backward_dq_from_ds")
+# a table entry's fields, in order: AttentionConfigs', each named as the tuner's kernel it holds the tile of (the
+# row-dot pre-pass has none)
+TABLE_FIELDS = tuple(field.name for field in dataclasses.fields(kernels.AttentionConfigs))
+assert set(TABLE_FIELDS) <= set(attention_tuning.KERNELS)
 
 
 def shape_candidates(name: str, arch: int, dtype: torch.dtype, swept=None, table=None) -> dict[str, tuple[str, ...]]:
@@ -121,10 +123,7 @@ def table_entry(name: str, key: tuple, trials: list, source: str) -> tuple[str, 
             + ", ".join(f"{k} {t.config} {t.ms:.4f} ms" for k, t in best.items()))
     if configs is None:
         return line, None, ""
-    value = (str(configs.forward), str(configs.backward_dkdv), str(configs.backward_dq),
-             *(str(cfg) if cfg else None for cfg in (configs.backward_atomic, configs.backward_dq_delta,
-                                                     configs.backward_per_head, configs.backward_dkdv_ds,
-                                                     configs.backward_dq_from_ds)))
+    value = tuple(str(cfg) if cfg else None for cfg in (getattr(configs, field) for field in TABLE_FIELDS))
     return line, value, f"{source}; {line}"
 
 
