@@ -17,6 +17,8 @@
 #   steps_mae     issue 11: bench_models alone at MAE ViT-L, eager + compiled + the A/B switches, with a profile
 #   steps_aim     the same at AIM-600M (`models` without its kernel benchmarks, one shape per step: run 10's
 #                 `models` spent its 316 s on those and the first three providers of MAE ViT-L), ~5.5 min each
+#   steps_mae_b64 the same at MAE ViT-L with the official recipe's 64 images per GPU: whether a step that does a
+#                 quarter of the GPU work for the same host work waits for its host (the profile's kernel share)
 #   mim_ops       issue 11: token ops, patch embedding and masked loss, per call and GPU time, with the targets
 #                 (gpu_check.sh `mim_ops`; the extension's token ops where `tests` built it first), ~3 min
 #   integrations  issue 12: bench_integrations eager + compiled (gpu_check.sh), ~6.5 min
@@ -45,7 +47,7 @@ echo "gpu_session: steps '$STEPS', budget ${BUDGET_S} s, commit ${MIMKERNELS_COM
 needs() {  # step -> seconds it takes when nothing is cut (the inner scripts' own timeouts, added up)
   case $1 in
     attention) echo 300 ;; tests) echo 550 ;; sanitizer) echo 220 ;; models) echo 550 ;; integrations) echo 390 ;;
-    steps_mae | steps_aim) echo 330 ;; tune) echo 330 ;; tune_stored_ds) echo 180 ;; mim_ops) echo 190 ;;
+    steps_mae | steps_mae_b64 | steps_aim) echo 330 ;; tune) echo 330 ;; tune_stored_ds) echo 180 ;; mim_ops) echo 190 ;;
     *) echo 0 ;;
   esac
 }
@@ -60,9 +62,12 @@ run_step() {  # step, seconds it may take: runs it with OUT=$OUT/<step>
       bash benchmarks/gpu_attention.sh ;;
     tests) OUT=$dir STEPS="build tests" bash benchmarks/gpu_check.sh ;;
     sanitizer | models | integrations | mim_ops) OUT=$dir STEPS="$1" bash benchmarks/gpu_check.sh ;;
-    steps_mae) OUT=$dir STEPS=steps MODEL_SHAPES=mae_vit_l STEPS_S=$(($2 - 10)) bash benchmarks/gpu_check.sh ;;
-    steps_aim) OUT=$dir STEPS=steps MODEL_SHAPES=aim_600m STEPS_S=$(($2 - 10)) bash benchmarks/gpu_check.sh ;;
+    steps_*) OUT=$dir STEPS=steps MODEL_SHAPES=$(model_shape "$1") STEPS_S=$(($2 - 10)) bash benchmarks/gpu_check.sh ;;
   esac
+}
+
+model_shape() {  # steps_* step -> the bench_models shape it times
+  case $1 in steps_mae) echo mae_vit_l ;; steps_mae_b64) echo mae_vit_l_b64 ;; steps_aim) echo aim_600m ;; esac
 }
 
 children_of() {  # pid -> its child pids (procps' pgrep, or the kernel's list where the machine has no procps)
@@ -80,8 +85,8 @@ kill_tree() {  # pid: it and every descendant (the inner scripts' own `timeout`s
 for step in $STEPS; do
   need=$(needs "$step")
   if [ "$need" = 0 ]; then
-    echo "== $step: unknown step (attention tests sanitizer models steps_mae steps_aim mim_ops integrations" \
-      "tune tune_stored_ds)" | tee -a "$log"
+    echo "== $step: unknown step (attention tests sanitizer models steps_mae steps_aim steps_mae_b64 mim_ops" \
+      "integrations tune tune_stored_ds)" | tee -a "$log"
     status=2
     continue
   fi

@@ -209,3 +209,40 @@ def test_linear_gelu_linear_reference(benchmark):
     """The unfused MLP on the same tensors: all six GEMMs and GELU computed on the CPU."""
     leaves = _mlp_leaves()
     benchmark(_fwd_bwd(lambda: mimkernels.reference.gelu_mlp(*leaves), leaves))
+
+
+def _deep_narrow_model(family: str):
+    """MAE ViT-L's depth (24 encoder + 8 decoder blocks) or AIM-600M's (24 trunk + 12 head blocks) at width 32 (two
+    16-wide heads), one 224 px image: the op count, and so the host work, of the real model, with almost no CPU
+    compute left in it."""
+    from mimkernels.models.aim import AIM
+    from mimkernels.models.mae import _LN, MAE
+
+    torch.manual_seed(0)
+    if family == "mae":
+        return MAE(patch_size=16, embed_dim=32, depth=24, num_heads=2, decoder_embed_dim=32, decoder_depth=8,
+                   decoder_num_heads=2, mlp_ratio=4, norm_layer=_LN, norm_pix_loss=True)
+    return AIM(embed_dim=32, depth=24, num_heads=2, head_depth=12, head_embed_dim=32)
+
+
+@pytest.mark.parametrize("provider", ["mimkernels", "official"])
+@pytest.mark.parametrize("family", ["mae", "aim"])
+def test_training_step_host_time(benchmark, family, provider):
+    """A whole training step's host work, forward and backward (no optimizer: the same for both): ours (launches
+    stubbed) against the official code path on the same model (benchmarks/official.py: timm-style blocks with SDPA
+    for MAE, ml-aim's dense mask for AIM; ATen on the CPU, whose kernels here compute a 32-wide model). Where a
+    GPU's step takes less than this, the step is bound by its host."""
+    from benchmarks import official
+
+    model = _deep_narrow_model(family)
+    imgs = torch.randn(1, 3, 224, 224)
+    if family == "mae":
+        noise = torch.rand(1, model.patch_embed.num_patches)
+        loss_fn = {"mimkernels": lambda: model(imgs, 0.75, noise=noise)[0],
+                   "official": lambda: official.mae_forward(model, imgs, 0.75, noise)[0]}[provider]
+    else:
+        prefix = torch.tensor([model.num_patches // 2])
+        loss_fn = {"mimkernels": lambda: model(imgs, prefix)[0],
+                   "official": lambda: official.aim_forward(model, imgs, prefix)[0]}[provider]
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    benchmark(lambda: torch.autograd.grad(loss_fn(), parameters, allow_unused=True))

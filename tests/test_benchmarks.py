@@ -210,7 +210,7 @@ def test_models_harness_runs_end_to_end(tmp_path):
     flops = {r.kernel: r.tflops * r.ms_p50 * 1e9 for r in rows if r.provider == "mimkernels"}
     assert flops["mae_train_step"] == pytest.approx(bench_models.model_flops("mae", "mae_vit_tiny_patch8", 2), rel=1e-3)
     profile = (tmp_path / "train_step_profile.txt").read_text()
-    assert profile.count("## ") == len(rows) and "gemm" in profile
+    assert profile.count("## ") == len(rows) and "gemm" in profile and profile.count("% of the ") == len(rows)
 
 
 def test_model_flops_are_the_published_counts():
@@ -243,6 +243,33 @@ def test_kernel_categories(name, category):
     from benchmarks import bench_models
 
     assert bench_models.kernel_category(name) == category
+
+
+def test_step_profile_says_how_much_of_the_step_the_kernels_took():
+    """A step whose kernels fill a fifth of its time waited for the host: the profile's head line says so."""
+    from benchmarks import bench_models
+
+    text = bench_models.profile_text("mae_vit_l_b64 mimkernels", {"gemm": 3.0, "attn_ours": 1.0},
+                                     [(3.0, "nvjet_gemm"), (1.0, "_prefix_causal_fwd")], step_ms=20.0)
+    assert text.splitlines()[0] == "## mae_vit_l_b64 mimkernels: 4.00 ms of kernel time, 20% of the 20.00 ms step"
+    assert text.splitlines()[1].split() == ["gemm", "3.00", "ms", "75.0%"]
+
+
+def test_targets_are_those_of_the_issues_batch_only():
+    """MAE ViT-L's targets are at B256 (issue 11); rows of the official per-GPU batch (mae_vit_l_b64) are reported,
+    never counted as that target's."""
+    from benchmarks import bench_models
+
+    def row(shape, provider, images_per_s):
+        return {"shape": shape, "provider": provider, "images_per_s": images_per_s, "peak_gib": 1.0}
+
+    b64 = "mae_vit_l_b64:mae_vit_large_patch16:B64"
+    assert bench_models.SHAPES["mae_vit_l_b64"] == ("mae", "mae_vit_large_patch16", 64)
+    assert bench_models.target_lines([row(b64, "mimkernels", 200.0), row(b64, "timm_sdpa", 100.0)]) == []
+    b256 = "mae_vit_l:mae_vit_large_patch16:B256"
+    assert bench_models.target_lines([row(b256, "mimkernels", 200.0), row(b256, "timm_sdpa", 100.0),
+                                      row(b64, "timm_sdpa", 20.0)])[0].startswith(
+        "target mae_vit_l: mimkernels 2.00x timm_sdpa (goal >= 1.3x: met)")
 
 
 def test_target_lines_compare_each_pair():
@@ -402,6 +429,31 @@ def test_gpu_session_tunes_the_stored_ds_kernels_at_the_other_shapes(tmp_path):
             tune_log = archive.extractfile("tune_stored_ds/tune_attention.txt").read().decode()
         assert "stand-in python -m benchmarks.tune_attention --budget-s 90 " in tune_log
         assert f"--write-table --shapes {want} --sweep backward_dkdv_ds backward_dq_from_ds" in tune_log
+
+
+@pytest.mark.parametrize("step, shape", [("steps_mae", "mae_vit_l"), ("steps_aim", "aim_600m"),
+                                         ("steps_mae_b64", "mae_vit_l_b64")])
+def test_gpu_session_training_step_steps_time_their_shape(tmp_path, step, shape):
+    """Each steps_* step of gpu_session.sh runs bench_models (eager, compiled, profiled) at its one shape."""
+    import pathlib
+    import subprocess
+    import tarfile
+
+    from benchmarks import bench_models
+
+    python = tmp_path / "python"
+    python.write_text("#!/usr/bin/env bash\necho stand-in python \"$@\"\n")
+    python.chmod(0o755)
+    out = tmp_path / "out"
+    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_session.sh"
+    env = {**os.environ, "PYTHON": str(python), "OUT": str(out), "BUDGET_S": "400", "STEPS": step,
+           "MIMKERNELS_COMMIT": "abc123"}
+    env.pop("TRITON_INTERPRET", None)
+    subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60, check=True)
+    with tarfile.open(out / f"{step}.tar.gz") as archive:
+        log = archive.extractfile(f"{step}/bench_models.txt").read().decode()
+    assert f"-m benchmarks.bench_models --quick --compile --profile --shapes {shape} --out" in log
+    assert shape in bench_models.SHAPES
 
 
 def test_mlp_harness_runs_end_to_end(tmp_path):
