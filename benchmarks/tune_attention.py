@@ -67,21 +67,31 @@ TABLE_FIELDS = tuple(field.name for field in dataclasses.fields(kernels.Attentio
 assert set(TABLE_FIELDS) <= set(attention_tuning.KERNELS)
 
 
+def anchored_kernels(name: str, arch: int, dtype: torch.dtype, swept=None, table=None) -> frozenset[str]:
+    """The kernels that ``--sweep`` (``swept``: kernel names) times at tuned shape ``name`` only at the tile the
+    table's entry for the shape's key gives them: all but the swept ones and the row-dot pre-pass (it has no table
+    tile). None without ``swept``, or where the table (default the shipped one) has no entry: a whole sweep."""
+    _, _, seq_len, head_dim, _ = SHAPES[name]
+    table = attention_tiles.MEASURED if table is None else table
+    if not swept or kernels.table_key(arch, head_dim, dtype, seq_len) not in table:
+        return frozenset()
+    return frozenset(attention_tuning.KERNELS) - {*swept, "backward_row_dot"}
+
+
 def shape_candidates(name: str, arch: int, dtype: torch.dtype, swept=None, table=None) -> dict[str, tuple[str, ...]]:
     """The candidates timed at tuned shape ``name`` on a GPU of compute capability ``arch``: every candidate of its N,
-    head dim and GPU (``attention_tuning.candidates_for``). With ``swept`` (kernel names), only those kernels'
-    candidates and, for each other kernel, the tile that the table's entry for the shape's key gives it (none where
-    it gives none; the row-dot pre-pass keeps its one): a run that decides whether the swept kernels beat what the
-    table runs, at a fraction of a whole sweep's compiles. A key the table has no entry for is swept whole."""
+    head dim and GPU (``attention_tuning.candidates_for``), except that each of the :func:`anchored_kernels` gets
+    only the tile the table's entry gives it (none where it gives none): with ``swept``, a run that decides whether
+    the swept kernels beat what the table runs, at a fraction of a whole sweep's compiles."""
     _, _, seq_len, head_dim, _ = SHAPES[name]
     candidates = attention_tuning.candidates_for(seq_len, head_dim=head_dim, arch=arch)
-    entry = (attention_tiles.MEASURED if table is None else table).get(kernels.table_key(arch, head_dim, dtype,
-                                                                                          seq_len))
-    if swept is None or entry is None:
+    anchored = anchored_kernels(name, arch, dtype, swept, table)
+    if not anchored:
         return candidates
-    tiles = dict(zip(TABLE_FIELDS, entry))
-    return {kernel: texts if kernel in swept or kernel == "backward_row_dot" else
-            tuple(text for text in (tiles.get(kernel),) if text) for kernel, texts in candidates.items()}
+    table = attention_tiles.MEASURED if table is None else table
+    tiles = dict(zip(TABLE_FIELDS, table[kernels.table_key(arch, head_dim, dtype, seq_len)]))
+    return {kernel: tuple(text for text in (tiles.get(kernel),) if text) if kernel in anchored else texts
+            for kernel, texts in candidates.items()}
 
 
 def precompile(shapes: dict, dtype: torch.dtype, workers: int, deadline: float, candidates: dict) -> int:
@@ -287,9 +297,7 @@ def main(argv=None) -> int:
             continue
         key = kernels.table_key(arch, head_dim, dtype, seq_len)
         problem = attention_tuning.make_problem(batch, heads, seq_len, head_dim, dtype, prefix)
-        # --sweep at a shape the table has an entry for: the kernels not swept run the entry's tiles only
-        anchored = set(attention_tuning.KERNELS) - {*args.sweep, "backward_row_dot"} \
-            if args.sweep and key in attention_tiles.MEASURED else set()
+        anchored = anchored_kernels(name, arch, dtype, args.sweep)  # run at the table's tiles only (--sweep)
         source = provenance_base + (f"; swept {' '.join(args.sweep)}, the other kernels at the table's tiles"
                                     if anchored else "")
 
