@@ -88,8 +88,13 @@ def rebuild(leaves, layout, shape):
 
 def assert_within_budget(kernel_fn, reference_fn, shape, dtype, layout="contiguous", magnitude=1.0, seed=0):
     q, k, v, leaves = make_qkv(shape, dtype, layout, magnitude, seed)
-    got = outputs_and_grads(kernel_fn, q, k, v, leaves)
-    torch_same_dtype = outputs_and_grads(reference_fn, q, k, v, leaves)
+    assert_leaves_within_budget(kernel_fn, reference_fn, leaves, layout, shape, dtype)
+
+
+def assert_leaves_within_budget(kernel_fn, reference_fn, leaves, layout, shape, dtype):
+    """:func:`assert_within_budget` on given leaves (q, k, v are their views in ``layout``)."""
+    got = outputs_and_grads(kernel_fn, *rebuild(leaves, layout, shape), leaves)
+    torch_same_dtype = outputs_and_grads(reference_fn, *rebuild(leaves, layout, shape), leaves)
     leaves64 = float64_twins(leaves)
     want = outputs_and_grads(reference_fn, *rebuild(leaves64, layout, shape), leaves64)
     for name, g, t, w in zip(["out", "grad 1", "grad 2", "grad 3"], got, torch_same_dtype, want):
@@ -726,6 +731,53 @@ def test_stored_ds_backward_from_the_table(shape, monkeypatch):
     prefix = per_sample_prefix(shape[0], shape[2], seed=shape[2])
     assert_within_budget(triton_op(prefix, configs), reference_op(prefix), shape, torch.float32)
     assert used and set(used) == {("dkdv", dkdv_ds, True), ("dq_from_ds", dq_from_ds, True)}
+
+
+def rows_far_below_zero(shape, dtype, logit=-120.0, seed=0):
+    """q, k, v leaves whose scaled logits are all about ``logit`` (-120: every row's log-sum-exp lies below
+    ln(FLT_MAX) = -88.7, so exp(0 - lse) overflows fp32): q's first column 1, k's first ``logit * sqrt(D)``, the
+    rest small noise."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(shape, generator=gen) * scale for scale in (0.1, 0.1, 1.0))
+    q[..., 0], k[..., 0] = 1.0, logit * math.sqrt(shape[-1])
+    return [t.to(DEVICE, dtype).requires_grad_() for t in (q, k, v)]
+
+
+FAR_BELOW_ZERO_CASES = {
+    "pointers": (SMALL_TILES["tall"], {}),
+    "tma": (with_tma(SMALL_TILES["tall"]), {}),
+    "tails": (with_tails(TAIL_TILES), {}),
+    "tails_tma": (with_tma(with_tails(TAIL_TILES)), {}),
+    "delta_in_dq": (with_optional_kernels(SMALL_TILES["wide"]), {}),
+    "per_head": (with_per_head_backward(SMALL_TILES["tall"]), {}),
+    "atomic": (SMALL_TILES["tall"], {"deterministic": False}),
+    "atomic_tma": (with_tma(SMALL_TILES["tall"]), {"deterministic": False}),
+    "stored_ds": (STORED_DS_TILES["mixed"], {"stored_ds": True}),
+    "stored_ds_tma": (with_tma(STORED_DS_TILES["mixed"]), {"stored_ds": True}),
+    "split_d": (with_split_d(TAIL_TILES), {"head_dim": 80}),
+    "split_d_tma": (with_split_d(with_tma(TAIL_TILES)), {"head_dim": 80}),
+}
+
+
+@pytest.mark.parametrize("mask", ["prefix", "full"])
+@pytest.mark.parametrize("case", FAR_BELOW_ZERO_CASES)
+def test_rows_whose_log_sum_exp_is_far_below_zero(case, mask, monkeypatch):
+    """Every logit about -120, so every row's log-sum-exp is below -88.7: a backward that scored the keys past N (or
+    any invisible key) 0 instead of -inf, counting on their zero K and V rows to cancel them, gets exp(0 - lse) =
+    inf and inf * 0 = NaN in dQ. Normal logits cannot show that (there exp(0 - lse) is finite and the zero rows do
+    cancel it): cuDNN's SDPA backward had exactly this bug at N % 128 == 64 with a mask (pytorch/pytorch#196678).
+    Every kernel variant, tiles that leave keys past N (N = 49, and 64 as in that report), within budget of the
+    float64 reference."""
+    configs, options = FAR_BELOW_ZERO_CASES[case]
+    if options.get("stored_ds"):
+        monkeypatch.setattr(kernels, "STORED_DS", True)
+        monkeypatch.setattr(kernels, "STORED_DS_DQ_TILE", configs.backward_dq)
+    for seq_len in (49, 64):
+        shape = (2, 2, seq_len, options.get("head_dim", 32))
+        prefix = per_sample_prefix(2, seq_len, seed=seq_len) if mask == "prefix" else seq_len
+        leaves = rows_far_below_zero(shape, torch.float32, seed=seq_len)
+        kernel_fn = triton_op(prefix, configs, deterministic=options.get("deterministic", True))
+        assert_leaves_within_budget(kernel_fn, reference_op(prefix), leaves, "contiguous", shape, torch.float32)
 
 
 @pytest.mark.parametrize("tiles", SMALL_TILES, ids=str)

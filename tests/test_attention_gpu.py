@@ -4,11 +4,13 @@ import dataclasses
 import pytest
 import torch
 from test_attention import (
+    assert_leaves_within_budget,
     assert_within_budget,
     make_qkv,
     outputs_and_grads,
     per_sample_prefix,
     reference_op,
+    rows_far_below_zero,
     triton_op,
     with_optional_kernels,
     with_per_head_backward,
@@ -120,6 +122,28 @@ def test_tail_tiles_compiled(shape, tma):
         for name in ("forward", "backward_dkdv", "backward_dq", "backward_dq_delta")})
     prefix = per_sample_prefix(shape[0], shape[2], seed=shape[2])
     assert_within_budget(triton_op(prefix, configs), reference_op(prefix), shape, torch.bfloat16)
+
+
+@pytest.mark.parametrize("variant", ["default", "atomic", "per_head", "stored_ds"])
+@pytest.mark.parametrize("shape", [(2, 4, 64, 64), (2, 4, 192, 128), (2, 16, 257, 80)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_rows_whose_log_sum_exp_is_far_below_zero_compiled(shape, variant, monkeypatch):
+    """tests/test_attention.py's rows with every logit about -120 (log-sum-exp below -88.7, where cuDNN's backward
+    gave NaN dQ at N % 128 == 64 with a mask: pytorch/pytorch#196678), compiled, bf16, this GPU's tiles for the shape
+    (through TMA where the table says so), each backward forced on, per-sample prefixes and full attention: finite
+    and within the float64 budget."""
+    deterministic = variant != "atomic"
+    if variant == "atomic":
+        monkeypatch.setattr(kernels, "atomic_dq_measured_faster", lambda q: True)
+    elif variant == "per_head":
+        looked_up = kernels.configs_for_call
+        monkeypatch.setattr(kernels, "configs_for_call", lambda q: with_per_head_backward(looked_up(q)))
+    elif variant == "stored_ds":
+        monkeypatch.setattr(kernels, "STORED_DS", True)
+    for prefix in (per_sample_prefix(shape[0], shape[2], seed=shape[2]), shape[2]):
+        leaves = rows_far_below_zero(shape, torch.bfloat16, seed=shape[2])
+        assert_leaves_within_budget(triton_op(prefix, deterministic=deterministic), reference_op(prefix), leaves,
+                                    "contiguous", shape, torch.bfloat16)
 
 
 @pytest.mark.parametrize("shape", [(8, 12, 256, 128), (4, 16, 257, 80), (16, 16, 50, 64), (2, 3, 1, 64),
