@@ -743,7 +743,9 @@ def rows_far_below_zero(shape, dtype, logit=-120.0, seed=0):
     return [t.to(DEVICE, dtype).requires_grad_() for t in (q, k, v)]
 
 
-FAR_BELOW_ZERO_CASES = {
+# every kernel variant, as (tiles, options): deterministic False runs the atomic-dQ backward, stored_ds the stored-dS
+# one, head_dim 80 the split head dim's kernels
+KERNEL_VARIANTS = {
     "pointers": (SMALL_TILES["tall"], {}),
     "tma": (with_tma(SMALL_TILES["tall"]), {}),
     "tails": (with_tails(TAIL_TILES), {}),
@@ -759,25 +761,63 @@ FAR_BELOW_ZERO_CASES = {
 }
 
 
+def variant_op(variant, prefix, monkeypatch):
+    """The kernels of ``KERNEL_VARIANTS[variant]`` as an op of q, k, v, and the head dim it runs."""
+    configs, options = KERNEL_VARIANTS[variant]
+    if options.get("stored_ds"):
+        monkeypatch.setattr(kernels, "STORED_DS", True)
+        monkeypatch.setattr(kernels, "STORED_DS_DQ_TILE", configs.backward_dq)
+    return triton_op(prefix, configs, deterministic=options.get("deterministic", True)), options.get("head_dim", 32)
+
+
 @pytest.mark.parametrize("mask", ["prefix", "full"])
-@pytest.mark.parametrize("case", FAR_BELOW_ZERO_CASES)
-def test_rows_whose_log_sum_exp_is_far_below_zero(case, mask, monkeypatch):
+@pytest.mark.parametrize("variant", KERNEL_VARIANTS)
+def test_rows_whose_log_sum_exp_is_far_below_zero(variant, mask, monkeypatch):
     """Every logit about -120, so every row's log-sum-exp is below -88.7: a backward that scored the keys past N (or
     any invisible key) 0 instead of -inf, counting on their zero K and V rows to cancel them, gets exp(0 - lse) =
     inf and inf * 0 = NaN in dQ. Normal logits cannot show that (there exp(0 - lse) is finite and the zero rows do
     cancel it): cuDNN's SDPA backward had exactly this bug at N % 128 == 64 with a mask (pytorch/pytorch#196678).
     Every kernel variant, tiles that leave keys past N (N = 49, and 64 as in that report), within budget of the
     float64 reference."""
-    configs, options = FAR_BELOW_ZERO_CASES[case]
-    if options.get("stored_ds"):
-        monkeypatch.setattr(kernels, "STORED_DS", True)
-        monkeypatch.setattr(kernels, "STORED_DS_DQ_TILE", configs.backward_dq)
     for seq_len in (49, 64):
-        shape = (2, 2, seq_len, options.get("head_dim", 32))
         prefix = per_sample_prefix(2, seq_len, seed=seq_len) if mask == "prefix" else seq_len
+        op, head_dim = variant_op(variant, prefix, monkeypatch)
+        shape = (2, 2, seq_len, head_dim)
         leaves = rows_far_below_zero(shape, torch.float32, seed=seq_len)
-        kernel_fn = triton_op(prefix, configs, deterministic=options.get("deterministic", True))
-        assert_leaves_within_budget(kernel_fn, reference_op(prefix), leaves, "contiguous", shape, torch.float32)
+        assert_leaves_within_budget(op, reference_op(prefix), leaves, "contiguous", shape, torch.float32)
+
+
+NON_FINITE_PREFIX = (5, 30)  # sample 1's query row 20 sees keys 0-29
+
+
+def assert_non_finite_gradient_reaches_what_its_row_feeds(op, shape, dtype, bad):
+    """``op`` (prefix NON_FINITE_PREFIX) with one inf / NaN in sample 1, head 0, query row 20 of the output gradient:
+    that row's dQ and the dK, dV rows of every key it sees are non-finite; every other query's dQ and every other
+    head's gradients are finite."""
+    row = 20
+    q, k, v, leaves = make_qkv(shape, dtype)
+    out = op(q, k, v)
+    grad_out = torch.ones_like(out)
+    grad_out[1, 0, row, 3] = bad
+    dq, dk, dv = torch.autograd.grad(out, leaves, grad_out)
+    finite_rows = torch.isfinite(dq).all(-1)
+    assert not finite_rows[1, 0, row]
+    finite_rows[1, 0, row] = True
+    assert finite_rows.all()
+    for grad in (dk, dv):
+        assert not torch.isfinite(grad[1, 0, :NON_FINITE_PREFIX[1]]).all(-1).any()
+        assert torch.isfinite(grad[0]).all() and torch.isfinite(grad[1, 1:]).all()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's NumPy, on inf and NaN
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+@pytest.mark.parametrize("variant", KERNEL_VARIANTS)
+def test_a_non_finite_output_gradient_reaches_what_its_row_feeds(variant, bad, monkeypatch):
+    """An fp16 step whose scaled loss overflowed hands attention an inf / NaN output gradient, and GradScaler skips
+    the step only if it comes out of the backward: every kernel variant, see
+    :func:`assert_non_finite_gradient_reaches_what_its_row_feeds`."""
+    op, head_dim = variant_op(variant, torch.tensor(NON_FINITE_PREFIX, device=DEVICE), monkeypatch)
+    assert_non_finite_gradient_reaches_what_its_row_feeds(op, (2, 2, 49, head_dim), torch.float32, bad)
 
 
 @pytest.mark.parametrize("tiles", SMALL_TILES, ids=str)

@@ -4,7 +4,9 @@ import dataclasses
 import pytest
 import torch
 from test_attention import (
+    NON_FINITE_PREFIX,
     assert_leaves_within_budget,
+    assert_non_finite_gradient_reaches_what_its_row_feeds,
     assert_within_budget,
     make_qkv,
     outputs_and_grads,
@@ -124,6 +126,17 @@ def test_tail_tiles_compiled(shape, tma):
     assert_within_budget(triton_op(prefix, configs), reference_op(prefix), shape, torch.bfloat16)
 
 
+def _force_backward(variant, monkeypatch):
+    """Runs the ``variant`` backward (default: the table's) wherever it can run."""
+    if variant == "atomic":
+        monkeypatch.setattr(kernels, "atomic_dq_measured_faster", lambda q: True)
+    elif variant == "per_head":
+        looked_up = kernels.configs_for_call
+        monkeypatch.setattr(kernels, "configs_for_call", lambda q: with_per_head_backward(looked_up(q)))
+    elif variant == "stored_ds":
+        monkeypatch.setattr(kernels, "STORED_DS", True)
+
+
 @pytest.mark.parametrize("variant", ["default", "atomic", "per_head", "stored_ds"])
 @pytest.mark.parametrize("shape", [(2, 4, 64, 64), (2, 4, 192, 128), (2, 16, 257, 80)],
                          ids=lambda s: "x".join(map(str, s)))
@@ -133,17 +146,32 @@ def test_rows_whose_log_sum_exp_is_far_below_zero_compiled(shape, variant, monke
     (through TMA where the table says so), each backward forced on, per-sample prefixes and full attention: finite
     and within the float64 budget."""
     deterministic = variant != "atomic"
-    if variant == "atomic":
-        monkeypatch.setattr(kernels, "atomic_dq_measured_faster", lambda q: True)
-    elif variant == "per_head":
-        looked_up = kernels.configs_for_call
-        monkeypatch.setattr(kernels, "configs_for_call", lambda q: with_per_head_backward(looked_up(q)))
-    elif variant == "stored_ds":
-        monkeypatch.setattr(kernels, "STORED_DS", True)
+    _force_backward(variant, monkeypatch)
     for prefix in (per_sample_prefix(shape[0], shape[2], seed=shape[2]), shape[2]):
         leaves = rows_far_below_zero(shape, torch.bfloat16, seed=shape[2])
         assert_leaves_within_budget(triton_op(prefix, deterministic=deterministic), reference_op(prefix), leaves,
                                     "contiguous", shape, torch.bfloat16)
+
+
+@pytest.mark.parametrize("variant", ["default", "atomic", "per_head", "stored_ds"])
+@pytest.mark.parametrize("shape", [(2, 4, 197, 64), (2, 4, 256, 128), (2, 4, 257, 80)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_non_finite_values_propagate_compiled(shape, variant, monkeypatch):
+    """Compiled (where Triton's maximum does not propagate NaN by default, ``PropagateNan.NONE``; the interpreter's
+    NumPy does), bf16, this GPU's tiles, each backward forced on: a NaN in one query makes its output row NaN and
+    leaves every other row finite, and an inf / NaN in one row of the output gradient (an overflowed fp16 step, which
+    GradScaler must see) reaches what that row feeds (tests/test_attention.py's check)."""
+    _force_backward(variant, monkeypatch)
+    prefix = torch.tensor(NON_FINITE_PREFIX, device="cuda")
+    op = triton_op(prefix, deterministic=variant != "atomic")
+    q, k, v, _ = make_qkv(shape, torch.bfloat16)
+    with torch.no_grad():
+        q[1, 0, 20, 3] = float("nan")
+        out = op(q, k, v)
+    finite_rows = torch.isfinite(out).all(-1)
+    assert out[1, 0, 20].isnan().all() and finite_rows.sum() == finite_rows.numel() - 1
+    for bad in (float("inf"), float("nan")):
+        assert_non_finite_gradient_reaches_what_its_row_feeds(op, shape, torch.bfloat16, bad)
 
 
 @pytest.mark.parametrize("shape", [(8, 12, 256, 128), (4, 16, 257, 80), (16, 16, 50, 64), (2, 3, 1, 64),

@@ -197,6 +197,25 @@ def test_only_some_inputs_need_gradients():
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's NumPy, on inf and NaN
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_non_finite_output_gradient_reaches_what_its_row_feeds(bad):
+    """An overflowed fp16 step's inf / NaN in one output gradient (GradScaler skips the step only if it comes out of
+    the backward): that row's input gradient, fc2's weight row and bias element for that output, and fc1's weight
+    gradient are non-finite; every other row's input gradient is finite."""
+    row, column = 7, 3
+    leaves = make_inputs((2, 5), 32, 64, 24, torch.float32)
+    with mimkernels.use_backend("triton"):
+        out = mimkernels.gelu_mlp(*leaves)
+    grad_out = torch.ones_like(out)
+    grad_out.view(-1, 24)[row, column] = bad
+    grad_x, grad_fc1_weight, _, grad_fc2_weight, grad_fc2_bias = torch.autograd.grad(out, leaves, grad_out)
+    finite_rows = torch.isfinite(grad_x.reshape(-1, 32)).all(-1)
+    assert not finite_rows[row] and finite_rows[torch.arange(10, device=DEVICE) != row].all()
+    assert not torch.isfinite(grad_fc2_weight[column]).any() and not torch.isfinite(grad_fc2_bias[column])
+    assert not torch.isfinite(grad_fc1_weight).all()
+
+
 def test_empty_input():
     x, w1, b1, w2, b2 = make_inputs((0, 4), 16, 32, 8, torch.float32)
     with mimkernels.use_backend("triton"):

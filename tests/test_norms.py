@@ -142,6 +142,29 @@ def test_normed_comes_in_the_autocast_dtype():
     torch.testing.assert_close(normed, want.to(torch.bfloat16), rtol=0, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's NumPy, on inf and NaN
+@pytest.mark.parametrize("output", ["normed", "total"])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_non_finite_output_gradient_reaches_what_its_row_feeds(bad, output):
+    """An overflowed fp16 step's inf / NaN in one row of either output's gradient (GradScaler skips the step only
+    if it comes out of the backward): that row's x and branch gradients are non-finite, every other row's finite;
+    through the normed output also the weight and bias gradients of its column."""
+    row, column = 7, 5
+    leaves = make_inputs((2, 5, 64), torch.float32, torch.float32)
+    with mimkernels.use_backend("triton"):
+        total, normed = mimkernels.add_layer_norm(*leaves, eps=1e-6)
+    grads_out = [torch.ones_like(total), torch.ones_like(normed)]
+    grads_out[output == "normed"].view(-1, 64)[row, column] = bad
+    grad_x, grad_branch, grad_weight, grad_bias = torch.autograd.grad((total, normed), leaves, grads_out)
+    for grad in (grad_x, grad_branch):
+        finite_rows = torch.isfinite(grad.reshape(-1, 64)).all(-1)
+        assert not finite_rows[row] and finite_rows[torch.arange(10, device=DEVICE) != row].all()
+    if output == "normed":
+        assert not torch.isfinite(grad_weight[column]) and not torch.isfinite(grad_bias[column])
+    else:
+        assert torch.isfinite(grad_weight).all() and torch.isfinite(grad_bias).all()
+
+
 def test_empty_input():
     x = torch.randn(0, 4, 16, device=DEVICE, requires_grad=True)
     with mimkernels.use_backend("triton"):
