@@ -173,6 +173,17 @@ def test_int_prefix(prefix):
     assert_within_budget(triton_op(prefix), reference_op(prefix), shape, torch.float32, seed=prefix)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8], ids=str)
+def test_prefix_values_far_outside_the_sequence(dtype):
+    """Per-sample prefixes anywhere in their dtype's range mean the same as clamped to [0, N]: the kernels clamp
+    them in 64 bits before narrowing (2^32 + 5 narrowed first would be 5, -2^40 would be 0 by luck)."""
+    info = torch.iinfo(dtype)
+    values = [info.max, info.min, 5, 17] if dtype != torch.int64 else [2 ** 32 + 5, -2 ** 40, info.max, info.min]
+    prefix = torch.tensor(values, dtype=dtype, device=DEVICE)
+    clamped = prefix.to(torch.int64).clamp(0, 40)
+    assert_within_budget(triton_op(prefix), reference_op(clamped), (4, 1, 40, 16), torch.float32)
+
+
 def test_strided_prefix_tensor():
     prefix = torch.tensor([0, 99, 30, 99, 5, 99], device=DEVICE)[::2]  # [0, 30, 5], stride 2
     assert_within_budget(triton_op(prefix), reference_op(prefix), (3, 1, 40, 16), torch.float32)
