@@ -153,9 +153,10 @@ def test_a_non_finite_output_gradient_reaches_what_its_row_feeds(bad, output):
     leaves = make_inputs((2, 5, 64), torch.float32, torch.float32)
     with mimkernels.use_backend("triton"):
         total, normed = mimkernels.add_layer_norm(*leaves, eps=1e-6)
-    grads_out = [torch.ones_like(total), torch.ones_like(normed)]
-    grads_out[output == "normed"].view(-1, 64)[row, column] = bad
-    grad_x, grad_branch, grad_weight, grad_bias = torch.autograd.grad((total, normed), leaves, grads_out)
+    grad_total, grad_normed = torch.ones_like(total), torch.ones_like(normed)
+    (grad_normed if output == "normed" else grad_total).view(-1, 64)[row, column] = bad
+    grad_x, grad_branch, grad_weight, grad_bias = torch.autograd.grad((total, normed), leaves,
+                                                                      (grad_total, grad_normed))
     for grad in (grad_x, grad_branch):
         finite_rows = torch.isfinite(grad.reshape(-1, 64)).all(-1)
         assert not finite_rows[row] and finite_rows[torch.arange(10, device=DEVICE) != row].all()
