@@ -70,7 +70,7 @@ assert set(TABLE_FIELDS) <= set(attention_tuning.KERNELS)
 def anchored_kernels(name: str, arch: int, dtype: torch.dtype, swept=None, table=None) -> frozenset[str]:
     """The kernels that ``--sweep`` (``swept``: kernel names) times at tuned shape ``name`` only at the tile the
     table's entry for the shape's key gives them: all but the swept ones and the row-dot pre-pass (it has no table
-    tile). None without ``swept``, or where the table (default the shipped one) has no entry: a whole sweep."""
+    tile). Empty without ``swept``, or where the table (default the shipped one) has no entry: a whole sweep."""
     _, _, seq_len, head_dim, _ = SHAPES[name]
     table = attention_tiles.MEASURED if table is None else table
     if not swept or kernels.table_key(arch, head_dim, dtype, seq_len) not in table:
@@ -85,10 +85,10 @@ def shape_candidates(name: str, arch: int, dtype: torch.dtype, swept=None, table
     the swept kernels beat what the table runs, at a fraction of a whole sweep's compiles."""
     _, _, seq_len, head_dim, _ = SHAPES[name]
     candidates = attention_tuning.candidates_for(seq_len, head_dim=head_dim, arch=arch)
+    table = attention_tiles.MEASURED if table is None else table
     anchored = anchored_kernels(name, arch, dtype, swept, table)
     if not anchored:
         return candidates
-    table = attention_tiles.MEASURED if table is None else table
     tiles = dict(zip(TABLE_FIELDS, table[kernels.table_key(arch, head_dim, dtype, seq_len)]))
     return {kernel: tuple(text for text in (tiles.get(kernel),) if text) if kernel in anchored else texts
             for kernel, texts in candidates.items()}
