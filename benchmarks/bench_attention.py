@@ -7,6 +7,8 @@ Providers, all timed in this process on the same inputs. Prefix-causal shapes:
   mimkernels_stored_ds  the same with kernels.STORED_DS on for the whole step (dK/dV stores dS, dQ is one matmul
                       per tile pair from it; the table's tiles for it where it has them, else the dK/dV tile and
                       STORED_DS_DQ_TILE; equal to mimkernels where the table chose it)
+  mimkernels_centred_keys  the same with ops.attention.CENTRE_KEYS on (each sample and head's mean key subtracted
+                      first: the price of that pass)
   sdpa_dense_mask     SDPA with the dense bool mask built per call, as apple/ml-aim does
   flex+block_mask     FlexAttention (compiled) including create_block_mask for the batch's prefixes
   flex                FlexAttention with the block mask built beforehand
@@ -14,9 +16,9 @@ Providers, all timed in this process on the same inputs. Prefix-causal shapes:
   mimkernels_causal   mimkernels.attention(causal=True) on the same q, k, v: ours against sdpa_causal on one mask
                       (deterministic=False routes causal attention to SDPA while this measures slower)
   flash_attn_causal   FlashAttention causal, where the flash_attn package is installed
-Full-attention shapes: mimkernels (mimkernels.attention), mimkernels_nondet, mimkernels_stored_ds, and SDPA as it
-dispatches by
-default (sdpa) and forced to each fused backend (sdpa_flash, sdpa_cudnn, sdpa_efficient).
+Full-attention shapes: mimkernels (mimkernels.attention), mimkernels_nondet, mimkernels_stored_ds,
+mimkernels_centred_keys, and SDPA as it dispatches by default (sdpa) and forced to each fused backend (sdpa_flash,
+sdpa_cudnn, sdpa_efficient).
 
 TFLOP/s count visible pairs only (each provider's own mask); roofline % per benchmarks/common.py. The issue's
 targets are printed last as met / missed (never asserted), with the peak memory of one fwd+bwd per provider.
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 
 import mimkernels
 from benchmarks import common
+from mimkernels.ops import attention as attention_ops
 from mimkernels.triton import attention as attention_kernels
 
 # name: (batch, heads, seq_len, head_dim, mask) with mask "prefix" (per-sample prefix in [1, N)) or "full"
@@ -81,9 +84,10 @@ def _sdpa_backend(name):
     return None if backend is None else (lambda: sdpa_kernel(backend))
 
 
-# providers that are mimkernels with a selectable path switched on for the whole step (the switch is read where the
-# backward runs, so it stays on while the step is timed): name -> (module, attribute)
-SWITCHED_PROVIDERS = {"mimkernels_stored_ds": (attention_kernels, "STORED_DS")}
+# providers that are mimkernels with a selectable path switched on for the whole step (a switch may be read where
+# the backward runs, so it stays on while the step is timed): name -> (module, attribute)
+SWITCHED_PROVIDERS = {"mimkernels_stored_ds": (attention_kernels, "STORED_DS"),
+                      "mimkernels_centred_keys": (attention_ops, "CENTRE_KEYS")}
 
 
 def switched(provider: str):
@@ -102,6 +106,7 @@ def providers(q, k, v, prefix, with_flex=True):
             "mimkernels": (lambda: mimkernels.attention(q, k, v), prefix),
             "mimkernels_nondet": (lambda: mimkernels.attention(q, k, v, deterministic=False), prefix),
             "mimkernels_stored_ds": (lambda: mimkernels.attention(q, k, v), prefix),
+            "mimkernels_centred_keys": (lambda: mimkernels.attention(q, k, v), prefix),
             "sdpa": (lambda: F.scaled_dot_product_attention(q, k, v), prefix),
         }
         for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
@@ -117,6 +122,7 @@ def providers(q, k, v, prefix, with_flex=True):
         "mimkernels_nondet": (lambda: mimkernels.prefix_causal_attention(q, k, v, prefix, deterministic=False),
                               prefix),
         "mimkernels_stored_ds": (lambda: mimkernels.prefix_causal_attention(q, k, v, prefix), prefix),
+        "mimkernels_centred_keys": (lambda: mimkernels.prefix_causal_attention(q, k, v, prefix), prefix),
         "sdpa_dense_mask": (lambda: F.scaled_dot_product_attention(
             q, k, v, attn_mask=mimkernels.prefix_causal_mask(seq_len, prefix)), prefix),
     }

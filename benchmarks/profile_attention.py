@@ -91,7 +91,8 @@ def main(argv=None) -> int:
     for shape in args.shapes:
         for provider in args.providers:
             try:
-                print("\n".join(profile(shape, provider)), flush=True)
+                with bench_attention.switched(provider):  # a switched provider's path on while it is profiled
+                    print("\n".join(profile(shape, provider)), flush=True)
             except KeyError:
                 pass  # a provider that does not serve this mask kind
     return 0

@@ -20,6 +20,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 import mimkernels
 from mimkernels import reference
+from mimkernels.ops import attention as attention_ops
 from mimkernels.triton import attention as kernels
 from mimkernels.triton import launch
 from mimkernels.triton.attention import AttentionConfigs, TileConfig
@@ -835,6 +836,123 @@ def test_a_non_finite_output_gradient_reaches_what_its_row_feeds(variant, bad, m
     assert_non_finite_gradient_reaches_what_its_row_feeds(op, (2, 2, 49, head_dim), torch.float32, bad)
 
 
+# --------------------------------------------------------------------------- centred keys (CENTRE_KEYS)
+
+# the masks of mimkernels.attention, as its keyword arguments
+MASKS = {"full": {}, "causal": {"causal": True}, "prefix": {"prefix_len": torch.tensor([3, 30], device=DEVICE)}}
+
+
+def keys_sharing_a_large_part(shape, dtype, shared=32.0, seed=0):
+    """q, k, v leaves of unit noise whose keys all add one vector per head, each column about ``shared`` times the
+    noise's spread: what a key bias adds, or the channel-wise outliers that SageAttention (Zhang et al., ICLR 2025)
+    found shared by every token's key."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(shape, generator=gen) for _ in range(3))
+    k += shared * torch.randn(1, shape[1], 1, shape[3], generator=gen)
+    return [t.to(DEVICE, dtype).requires_grad_() for t in (q, k, v)]
+
+
+def public_op(mask, packed=False):
+    """``mimkernels.attention`` with ``mask`` (its keyword arguments) on the Triton backend; where ``packed``,
+    ``qkv_attention`` on q, k, v stacked into one ``[B, N, 3, H, D]`` tensor (its own autograd path)."""
+    def run(q, k, v):
+        with mimkernels.use_backend("triton"):
+            if packed:
+                return mimkernels.qkv_attention(torch.stack((q, k, v)).permute(1, 3, 0, 2, 4), **mask).transpose(1, 2)
+            return mimkernels.attention(q, k, v, **mask)
+    return run
+
+
+def reference_on_centred_keys(mask):
+    """The reference on keys less their mean per sample and head: in float64 the same attention, in 16 bits
+    PyTorch's own error on keys that share nothing."""
+    return lambda q, k, v: reference.attention(q, k - k.mean(2, keepdim=True).detach(), v, **mask)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["qkv", "packed"])
+@pytest.mark.parametrize("mask", MASKS)
+def test_centred_keys_take_their_shared_part_out_of_dq(mask, packed, monkeypatch):
+    """Keys that share a large part (32 times their spread) make dQ = dS K a cancellation in every backward that
+    rounds dS to 16 bits for that matmul (ours, FlashAttention's, PyTorch's math in fp16): dQ's share of the common
+    part is that part times the sum of the row's dS, 0 in exact arithmetic, so what comes out is that part times
+    the sum of dS's rounding errors. With CENTRE_KEYS every output and gradient is within the budget of PyTorch's
+    error on keys that share nothing; without it dQ is not (so the input does what it is for)."""
+    shape = (2, 2, 49, 32)
+    leaves = keys_sharing_a_large_part(shape, torch.float16)
+    check = (public_op(MASKS[mask], packed), reference_on_centred_keys(MASKS[mask]), leaves, "contiguous", shape,
+             torch.float16)
+    monkeypatch.setattr(attention_ops, "CENTRE_KEYS", True)
+    assert_leaves_within_budget(*check)
+    monkeypatch.setattr(attention_ops, "CENTRE_KEYS", False)
+    with pytest.raises(AssertionError, match="grad 1"):
+        assert_leaves_within_budget(*check)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("seq_len", [1, 50])
+@pytest.mark.parametrize("packed", [False, True], ids=["qkv", "packed"])
+def test_centred_keys_leave_the_attention_as_it_was(packed, seq_len, dtype, monkeypatch):
+    """Keys whose shared part is small against their spread (half of it), where subtracting the mean rounds the
+    most keys (those of the other sign, or much smaller): within the usual budget of the reference on the keys as
+    given, per-sample prefixes."""
+    monkeypatch.setattr(attention_ops, "CENTRE_KEYS", True)
+    mask = {"prefix_len": per_sample_prefix(4, seq_len, seed=seq_len)}
+    shape = (4, 2, seq_len, 24)
+    leaves = keys_sharing_a_large_part(shape, dtype, shared=0.5, seed=seq_len)
+    assert_leaves_within_budget(public_op(mask, packed), lambda q, k, v: reference.attention(q, k, v, **mask), leaves,
+                                "contiguous", shape, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_the_key_mean_subtracts_exactly_from_the_keys_it_can(dtype):
+    """``k - _key_mean(k)`` has no rounding the keys did not have for every key within a factor of 2 of the mean
+    and every key of its sign at least twice its size; a constant column becomes exactly 0; a column with a NaN or
+    inf key, and an empty sequence, are left as they are (mean 0)."""
+    gen = torch.Generator().manual_seed(0)
+    for shared in (0.0, 0.5, 4.0, 1000.0):
+        k = (torch.randn(3, 4, 50, 64, generator=gen) + shared * torch.randn(1, 4, 1, 64, generator=gen)).to(dtype)
+        mean = attention_ops._key_mean(k)
+        assert mean.shape == (3, 4, 1, 64) and mean.dtype == dtype
+        keys, centre = k.double(), mean.double()
+        exact = (k - mean).double() == keys - centre
+        near = ((keys >= centre / 2) & (keys <= 2 * centre)) | ((keys <= centre / 2) & (keys >= 2 * centre))
+        larger = (keys * centre > 0) & (keys.abs() >= 2 * centre.abs())
+        covered = near | larger | (centre == 0)
+        assert exact[covered].all() and covered.double().mean() > 0.3, shared
+        # what is left of the mean: about one spacing of the dtype at the column's largest key (half of one from
+        # rounding the mean to it, and the mean's own fp32 rounding)
+        largest = keys.abs().amax(2, keepdim=True)
+        spacing = torch.exp2(largest.log2().floor()) * torch.finfo(dtype).eps
+        assert ((k - mean).double().mean(2, keepdim=True).abs() <= 4 * spacing).all(), shared
+    k = torch.full((2, 1, 7, 8), 3.0, dtype=dtype)
+    k[1, 0, 4, 5], k[1, 0, 2, 6] = float("nan"), float("-inf")
+    centred = k - attention_ops._key_mean(k)
+    assert (centred[0] == 0).all() and (centred[1, ..., :5] == 0).all() and centred[1, 0, 4, 5].isnan()
+    assert (centred[1, ..., 7] == 0).all()
+    torch.testing.assert_close(centred[1, ..., 5:7], k[1, ..., 5:7], rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(attention_ops._key_mean(torch.empty(2, 3, 0, 8, dtype=dtype)), torch.zeros(2, 3, 1, 8,
+                                                                                                 dtype=dtype))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's NumPy, on inf and NaN
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("packed", [False, True], ids=["qkv", "packed"])
+def test_centred_keys_keep_a_bad_key_to_the_queries_that_see_it(packed, bad, monkeypatch):
+    """An inf / NaN in one key (sample 1, head 0, key 20, prefix 10) with CENTRE_KEYS: its column's mean is not
+    finite and is not subtracted, so the rows it spoils are those that see it (a NaN key: every row from 20; an
+    inf: the rows from 20 whose query scores it +inf, inf - inf in the softmax) and no other, not every row of the
+    head. (The reference cannot be the judge here: SDPA with a dense mask scores masked keys too, and on the CPU
+    its NaN reaches rows that cannot see the key.)"""
+    monkeypatch.setattr(attention_ops, "CENTRE_KEYS", True)
+    q, k, v, _ = make_qkv((2, 2, 49, 32), torch.float32)
+    with torch.no_grad():
+        k[1, 0, 20, 3] = bad
+        out = public_op({"prefix_len": torch.tensor([5, 10], device=DEVICE)}, packed)(q, k, v)
+    spoiled = torch.zeros(2, 2, 49, dtype=torch.bool, device=DEVICE)
+    spoiled[1, 0, 20:] = True if math.isnan(bad) else q[1, 0, 20:, 3] * bad > 0
+    assert spoiled.any() and torch.equal(~out.isfinite().all(-1), spoiled)
+
+
 @pytest.mark.parametrize("tiles", SMALL_TILES, ids=str)
 def test_atomic_backward_many_tiles(tiles):
     shape = (4, 2, 61, 24)
@@ -858,8 +976,7 @@ def test_random_shapes(batch, heads, seq_len, head_dim, tiles, layout, seed):
 @pytest.mark.parametrize("mode", ["full", "causal", "prefix"])
 def test_attention_entry(mode):
     shape = (2, 2, 45, 32)
-    kwargs = {"full": {}, "causal": {"causal": True},
-              "prefix": {"prefix_len": torch.tensor([3, 30], device=DEVICE)}}[mode]
+    kwargs = MASKS[mode]
 
     def kernel_fn(q, k, v):
         with mimkernels.use_backend("triton"):
@@ -966,14 +1083,21 @@ def test_on_off_switches_in_environment(monkeypatch):
     result = subprocess.run([sys.executable, "-c", "import mimkernels"], capture_output=True, text=True,
                             env={**os.environ, "MIMKERNELS_CHECK_INDICES": "always"})
     assert result.returncode != 0 and "MIMKERNELS_CHECK_INDICES must be 1 or 0" in result.stderr
-    # MIMKERNELS_STORED_DS has three values: unset or empty (None: the tile table decides), 1, 0
-    code = "from mimkernels.triton import attention; print(attention.STORED_DS)"
-    for value, want in ((None, "None"), ("", "None"), ("1", "True"), ("off", "False")):
+    # MIMKERNELS_STORED_DS has three values: unset or empty (None: the tile table decides), 1, 0;
+    # MIMKERNELS_CENTRE_KEYS is off unless set
+    stored_ds = "from mimkernels.triton import attention; print(attention.STORED_DS)"
+    centre_keys = "from mimkernels.ops import attention; print(attention.CENTRE_KEYS)"
+    for variable, code, value, want in (("MIMKERNELS_STORED_DS", stored_ds, None, "None"),
+                                        ("MIMKERNELS_STORED_DS", stored_ds, "", "None"),
+                                        ("MIMKERNELS_STORED_DS", stored_ds, "1", "True"),
+                                        ("MIMKERNELS_STORED_DS", stored_ds, "off", "False"),
+                                        ("MIMKERNELS_CENTRE_KEYS", centre_keys, None, "False"),
+                                        ("MIMKERNELS_CENTRE_KEYS", centre_keys, "yes", "True")):
         env = {name: v for name, v in os.environ.items() if not name.startswith("MIMKERNELS_")}  # none set above
         if value is not None:
-            env["MIMKERNELS_STORED_DS"] = value
+            env[variable] = value
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-        assert result.stdout.strip() == want, (value, result.stderr[-500:])
+        assert result.stdout.strip() == want, (variable, value, result.stderr[-500:])
 
 
 def test_environment_picks_backend(monkeypatch):
@@ -1278,8 +1402,9 @@ def test_custom_ops_pass_opcheck(prefix):
                           (torch.randn_like(out), q, k, v, out, lse, tensor_prefix, int_prefix, 0.25, True))
     qkv = torch.randn(2, 9, 3, 2, 16, device=DEVICE)
     out, lse = ops._forward_kernels(*ops._unpacked(qkv), tensor_prefix, int_prefix, 0.25)
-    torch.library.opcheck(ops._packed_backward_kernels.custom_op,
-                          (torch.randn_like(out), qkv, out, lse, tensor_prefix, int_prefix, 0.25, True))
+    for key_mean in (None, ops._key_mean(ops._unpacked(qkv)[1])):
+        torch.library.opcheck(ops._packed_backward_kernels.custom_op,
+                              (torch.randn_like(out), qkv, out, lse, tensor_prefix, int_prefix, 0.25, True, key_mean))
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's NumPy, on NaN

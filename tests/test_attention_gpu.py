@@ -8,9 +8,12 @@ from test_attention import (
     assert_leaves_within_budget,
     assert_non_finite_gradient_reaches_what_its_row_feeds,
     assert_within_budget,
+    keys_sharing_a_large_part,
     make_qkv,
     outputs_and_grads,
     per_sample_prefix,
+    public_op,
+    reference_on_centred_keys,
     reference_op,
     rows_far_below_zero,
     triton_op,
@@ -23,6 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import mimkernels
 from mimkernels import reference
+from mimkernels.ops import attention as attention_ops
 from mimkernels.triton import attention as kernels
 
 pytestmark = pytest.mark.gpu
@@ -176,6 +180,19 @@ def test_non_finite_values_propagate_compiled(shape, variant, monkeypatch):
     assert out[1, 0, 20].isnan().all() and finite_rows.sum() == finite_rows.numel() - 1
     for bad in (float("inf"), float("nan")):
         assert_non_finite_gradient_reaches_what_its_row_feeds(op, shape, torch.bfloat16, bad)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["qkv", "packed"])
+@pytest.mark.parametrize("shape", [(2, 4, 197, 64), (2, 4, 256, 128)], ids=lambda s: "x".join(map(str, s)))
+def test_centred_keys_compiled(shape, packed, monkeypatch):
+    """tests/test_attention.py's keys that share a large part, compiled, bf16 (which the interpreter cannot
+    check), this GPU's tiles, per-sample prefixes, CENTRE_KEYS on: every output and gradient within the budget of
+    PyTorch's bf16 error on keys that share nothing. Shapes whose kernels the other tests here compile."""
+    monkeypatch.setattr(attention_ops, "CENTRE_KEYS", True)
+    mask = {"prefix_len": per_sample_prefix(shape[0], shape[2], seed=shape[2])}
+    leaves = keys_sharing_a_large_part(shape, torch.bfloat16, seed=shape[2])
+    assert_leaves_within_budget(public_op(mask, packed), reference_on_centred_keys(mask), leaves, "contiguous",
+                                shape, torch.bfloat16)
 
 
 @pytest.mark.parametrize("shape", [(8, 12, 256, 128), (4, 16, 257, 80), (16, 16, 50, 64), (2, 3, 1, 64),

@@ -34,31 +34,51 @@ def test_speedups_compare_within_shape_and_mode():
 
 def test_harness_runs_end_to_end(tmp_path, monkeypatch):
     """Every provider but FlexAttention (minutes to compile on a CPU), every mode, the CSV and the plot; the
-    stored-dS provider is timed with its switch on (on the CPU the op runs its reference: the switch alone is
-    checked), every other with it off, and it is off after."""
+    stored-dS and centred-keys providers are timed with their switch on (on the CPU the op runs its reference: the
+    switch alone is checked), every other with both off, and they are back as they were after."""
+    from mimkernels.ops import attention as attention_ops
     from mimkernels.triton import attention as kernels
 
     peaks = common.Peaks(1.0, 1.0)
     csv_path = tmp_path / "attention.csv"
     table = {"tiny_prefix": (2, 2, 37, 16, "prefix"), "tiny_full": (2, 2, 21, 16, "full")}
-    switch_when_timed, timed = [], bench_attention._timed
-    monkeypatch.setattr(bench_attention, "_timed", lambda fn, *args: switch_when_timed.append(
-        kernels.STORED_DS) or timed(fn, *args))
+    switches_when_timed, timed = [], bench_attention._timed
+    monkeypatch.setattr(bench_attention, "_timed", lambda fn, *args: switches_when_timed.append(
+        (kernels.STORED_DS, attention_ops.CENTRE_KEYS)) or timed(fn, *args))
     rows = bench_attention.run(list(table), bench_attention.MODES, torch.float32, True, peaks, str(csv_path),
                                device="cpu", with_flex=False, table=table)
-    assert [on for on, r in zip(switch_when_timed, rows) if r.provider == "mimkernels_stored_ds"] == [True] * 8
-    assert switch_when_timed.count(True) == 8 and kernels.STORED_DS is None  # unset (the table decides) after
+    want = {"mimkernels_stored_ds": (True, False), "mimkernels_centred_keys": (None, True)}
+    assert [switches for switches, r in zip(switches_when_timed, rows)] == [
+        want.get(r.provider, (None, False)) for r in rows]
+    assert sum(r.provider in want for r in rows) == 16
+    assert kernels.STORED_DS is None and attention_ops.CENTRE_KEYS is False  # unset (the table decides); off
     providers = {shape: {r.provider for r in rows if r.shape.startswith(shape)} for shape in table}
-    assert providers["tiny_prefix"] == {"mimkernels", "mimkernels_nondet", "mimkernels_stored_ds", "sdpa_dense_mask",
-                                        "sdpa_causal", "mimkernels_causal"}
-    assert providers["tiny_full"] == {"mimkernels", "mimkernels_nondet", "mimkernels_stored_ds", "sdpa"}  # forced
-    # SDPA backends: CUDA only
+    assert providers["tiny_prefix"] == {"mimkernels", "mimkernels_nondet", "mimkernels_stored_ds",
+                                        "mimkernels_centred_keys", "sdpa_dense_mask", "sdpa_causal",
+                                        "mimkernels_causal"}
+    assert providers["tiny_full"] == {"mimkernels", "mimkernels_nondet", "mimkernels_stored_ds",
+                                      "mimkernels_centred_keys", "sdpa"}  # forced SDPA backends: CUDA only
     assert {r.mode for r in rows} == set(bench_attention.MODES)
     header = csv_path.read_text().splitlines()[0]
     assert header == ",".join(common.CSV_FIELDS)
     assert len(csv_path.read_text().splitlines()) == 1 + len(rows)
     bench_attention.plot(rows, str(tmp_path / "attention.png"), device="cpu")
     assert (tmp_path / "attention.png").stat().st_size > 0
+
+
+def test_profile_runs_each_switched_provider_with_its_switch_on(monkeypatch):
+    """profile_attention profiles bench_attention's providers: a switched one (the stored-dS backward, centred
+    keys) with its switch on while it runs, else it would profile the default path under the other name."""
+    from benchmarks import profile_attention
+    from mimkernels.ops import attention as attention_ops
+
+    profiled = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(profile_attention, "profile", lambda shape, provider: profiled.append(
+        (provider, attention_ops.CENTRE_KEYS)) or [])
+    profile_attention.main(["--shapes", "aim_600m", "--providers", "mimkernels", "mimkernels_centred_keys"])
+    assert profiled == [("mimkernels", False), ("mimkernels_centred_keys", True)]
+    assert attention_ops.CENTRE_KEYS is False
 
 
 def test_targets_report_met_and_missed():

@@ -11,6 +11,7 @@ from conftest import HAS_GPU
 import mimkernels
 from mimkernels import models
 from mimkernels.models import aim_tiny, mae_vit_tiny_patch8, vit
+from mimkernels.ops import attention as attention_ops
 from mimkernels.ops import tokens as token_ops
 
 cpu_only = pytest.mark.skipif(HAS_GPU, reason="the CPU variant (aot_eager, interpreter); GPUs run the Inductor one")
@@ -60,14 +61,16 @@ def _compiled_matches_eager(name, device, backend, rtol, atol, dynamic=None):
 # the selectable fused paths, off by default until a GPU measures them faster: name -> (module, switch)
 SWITCHES = {"FUSED_ADD_NORM": (vit, "FUSED_ADD_NORM"), "FUSED_GELU_MLP": (vit, "FUSED_GELU_MLP"),
             "FUSED_TOKEN_BACKWARD": (token_ops, "FUSED_BACKWARD")}
+# and the keys centred before attention (its bf16 GPU test: tests/test_attention_gpu.py)
+SELECTABLE = {**SWITCHES, "CENTRE_KEYS": (attention_ops, "CENTRE_KEYS")}
 
 
 @cpu_only
 @pytest.mark.parametrize("name", ["mae", "aim"])
 def test_fused_switches_compile_fullgraph(name, monkeypatch):
-    """Every fused path on (the add + LayerNorm across blocks, the MLP's GELU inside its GEMMs, the token ops'
-    one-pass backwards): the step traces with no graph break and matches eager."""
-    for module, switch in SWITCHES.values():
+    """Every selectable path on (the add + LayerNorm across blocks, the MLP's GELU inside its GEMMs, the token ops'
+    one-pass backwards, keys centred before attention): the step traces with no graph break and matches eager."""
+    for module, switch in SELECTABLE.values():
         monkeypatch.setattr(module, switch, True)
     _compiled_matches_eager(name, "cpu", "aot_eager", rtol=1e-4, atol=1e-5)
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend, reference
+from .._backend import env_flag
 from .._custom_ops import custom_op_when_compiling
 from ._autograd import distinct, first_derivative_only
 from ._checks import KERNEL_DTYPES, autocast_dtype, check_bool, is_int, is_real, unit_stride
@@ -15,6 +16,40 @@ from ._checks import KERNEL_DTYPES, autocast_dtype, check_bool, is_int, is_real,
 _kernels = None
 if _backend._HAS_TRITON:
     from ..triton import attention as _kernels
+
+
+# Subtract each (sample, head)'s mean key from its keys before attending. Exact: every key a query sees moves its
+# logit by the same q . mean, which softmax ignores. What it changes is dQ = dS K, which every 16-bit backward (ours,
+# FlashAttention's, PyTorch's math) computes from a rounded dS: with keys that share a large part, dQ's share of it is
+# that part times the sum of dS's rounding errors, and centred keys have none (benchmarks/NOTES.md, "Keys that share
+# a large part"). Costs a pass over K (its mean, then the subtraction) that no GPU has timed: off by default;
+# MIMKERNELS_CENTRE_KEYS=1 turns it on.
+CENTRE_KEYS = env_flag("MIMKERNELS_CENTRE_KEYS", False)
+
+
+_MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23}
+
+
+def _key_mean(k):
+    """The mean of ``k``'s keys per sample and head, ``[B, H, 1, D]`` in k's dtype, detached (the attention does not
+    depend on it).
+
+    Rounded to a multiple of the spacing of k's dtype at the column's largest key, so that ``k - mean`` is exact
+    (no rounding the input did not have) for every key within a factor of 2 of the mean and every key much larger
+    than it: a mean with finer bits would round nearly every centred key once more. 0 in a column whose mean is not
+    finite (a NaN or inf key, or no keys), so that a bad key still reaches only the queries that see it."""
+    keys = k.detach()
+    if keys.shape[2] == 0:
+        return keys.new_zeros(*keys.shape[:2], 1, keys.shape[3])
+    mean = keys.mean(dim=2, keepdim=True, dtype=torch.float32)
+    largest = torch.linalg.vector_norm(keys, math.inf, dim=2, keepdim=True, dtype=torch.float32)
+    spacing = torch.exp2((torch.frexp(largest).exponent - 1 - _MANTISSA_BITS[k.dtype]).float())
+    mean = torch.round(mean / spacing) * spacing
+    return torch.where(mean.isfinite(), mean, 0.0).to(k.dtype)
+
+
+def _centred(k, key_mean):
+    return k if key_mean is None else k - key_mean
 
 
 def _checked_qkv(q, k, v, *, called="q, k, v", head_dim_of="q"):
@@ -135,15 +170,17 @@ def _empty_packed(qkv):
 @custom_op_when_compiling(
     "attention_backward_packed",
     "(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, Tensor? prefix, int prefix_int, float scale, "
-    "bool deterministic) -> Tensor",
+    "bool deterministic, Tensor? key_mean) -> Tensor",
     lambda grad_out, qkv, *rest: _empty_packed(qkv))
-def _packed_backward_kernels(grad_out, qkv, out, lse, prefix, prefix_int, scale, deterministic):
+def _packed_backward_kernels(grad_out, qkv, out, lse, prefix, prefix_int, scale, deterministic, key_mean):
     """The gradient of a packed qkv, [B, N, 3, H, D]: the kernels write dq, dk and dv into it in place, so no stack
-    and no reshape copy joins three separate gradients afterwards."""
+    and no reshape copy joins three separate gradients afterwards. ``key_mean``: what the forward subtracted from
+    the keys (CENTRE_KEYS), or None; the gradient of the centred keys is that of the keys."""
     grad_qkv = _empty_packed(qkv)
     if qkv.numel() == 0:
         return grad_qkv.zero_()
     q, k, v = _unpacked(qkv)
+    k = _centred(k, key_mean)
     atomic = not deterministic and _kernels.atomic_dq_measured_faster(q)
     _kernels.backward(unit_stride(grad_out), q, k, v, out, lse, prefix_int if prefix is None else prefix, scale,
                       atomic_dq=atomic, grads=_unpacked(grad_qkv))
@@ -154,19 +191,23 @@ class _TritonPackedAttention(torch.autograd.Function):
     """Attention on a packed qkv ``[B, N, 3, H, D]``, output ``[B, N, H, D]``; the kernels as _TritonAttention's."""
 
     @staticmethod
-    def forward(ctx, qkv, prefix, prefix_int, scale, deterministic):
-        out, lse = _forward_kernels(*_unpacked(qkv), prefix, prefix_int, scale)
+    def forward(ctx, qkv, prefix, prefix_int, scale, deterministic, key_mean):
+        q, k, v = _unpacked(qkv)
+        out, lse = _forward_kernels(q, _centred(k, key_mean), v, prefix, prefix_int, scale)
         ctx.prefix_int, ctx.scale, ctx.deterministic = prefix_int, scale, deterministic
-        ctx.save_for_backward(qkv, out, lse, *(() if prefix is None else (prefix,)))
+        ctx.has_prefix, ctx.has_key_mean = prefix is not None, key_mean is not None
+        ctx.save_for_backward(qkv, out, lse, *(t for t in (prefix, key_mean) if t is not None))
         return out.transpose(1, 2)  # stored [B, N, H, D]: this view is contiguous
 
     @staticmethod
     @first_derivative_only("qkv_attention")
     def backward(ctx, grad_out):
-        qkv, out, lse, *prefix = ctx.saved_tensors
-        grad_qkv = _packed_backward_kernels(grad_out.transpose(1, 2), qkv, out, lse, prefix[0] if prefix else None,
-                                            ctx.prefix_int, ctx.scale, ctx.deterministic)
-        return grad_qkv, None, None, None, None
+        qkv, out, lse, *optional = ctx.saved_tensors
+        prefix = optional.pop(0) if ctx.has_prefix else None
+        key_mean = optional.pop(0) if ctx.has_key_mean else None
+        grad_qkv = _packed_backward_kernels(grad_out.transpose(1, 2), qkv, out, lse, prefix, ctx.prefix_int,
+                                            ctx.scale, ctx.deterministic, key_mean)
+        return grad_qkv, None, None, None, None, None
 
 
 def _checked_deterministic(deterministic) -> bool:
@@ -194,6 +235,8 @@ def _sdpa_measured_faster(q, prefix, deterministic) -> bool:
 def _attend(q, k, v, prefix, scale, deterministic, op):
     scale = _checked_scale(scale, q.shape[-1])
     deterministic = _checked_deterministic(deterministic)
+    if CENTRE_KEYS:
+        k = _centred(k, _key_mean(k))
     backend = _backend.select(op, q.device, implemented=("triton",))
     if backend == "triton" and _sdpa_measured_faster(q, prefix, deterministic):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
@@ -226,6 +269,10 @@ def prefix_causal_attention(q, k, v, prefix_len, *, scale=None, deterministic=Tr
         ``[B, H, N, D]``, equal to ``F.scaled_dot_product_attention(q, k, v,
         attn_mask=prefix_causal_mask(N, prefix_len))``. The Triton backend stores it as
         ``[B, N, H, D]``, so ``out.transpose(1, 2).reshape(B, N, H * D)`` is a free view.
+
+    With ``mimkernels.ops.attention.CENTRE_KEYS = True`` (or ``MIMKERNELS_CENTRE_KEYS=1``), off by default, every
+    attention call first subtracts each sample and head's mean key from its keys: the same attention, and a dQ
+    free of the error that a part shared by all keys brings into every 16-bit backward.
     """
     q, k, v = _checked_qkv(q, k, v)
     return _attend(q, k, v, _checked_prefix(prefix_len, q), scale, deterministic, "prefix_causal_attention")
@@ -271,9 +318,10 @@ def qkv_attention(qkv, *, causal=False, prefix_len=None, scale=None, determinist
     backend = _backend.select("attention", q.device, implemented=("triton",))
     if backend == "triton" and not _sdpa_measured_faster(q, prefix, deterministic):
         qkv = unit_stride(qkv)
+        key_mean = _key_mean(k) if CENTRE_KEYS else None
         if isinstance(prefix, torch.Tensor):
-            return _TritonPackedAttention.apply(qkv, prefix, 0, scale, deterministic)
-        return _TritonPackedAttention.apply(qkv, None, prefix, scale, deterministic)
+            return _TritonPackedAttention.apply(qkv, prefix, 0, scale, deterministic, key_mean)
+        return _TritonPackedAttention.apply(qkv, None, prefix, scale, deterministic, key_mean)
     return _attend(q, k, v, prefix, scale, deterministic, "attention").transpose(1, 2)
 
 
