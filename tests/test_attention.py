@@ -838,10 +838,6 @@ def test_a_non_finite_output_gradient_reaches_what_its_row_feeds(variant, bad, m
 
 # --------------------------------------------------------------------------- centred keys (CENTRE_KEYS)
 
-# the masks of mimkernels.attention, as its keyword arguments
-MASKS = {"full": {}, "causal": {"causal": True}, "prefix": {"prefix_len": torch.tensor([3, 30], device=DEVICE)}}
-
-
 def keys_sharing_a_large_part(shape, dtype, shared=32.0, seed=0):
     """q, k, v leaves of unit noise whose keys all add one vector per head, each column about ``shared`` times the
     noise's spread: what a key bias adds, or the channel-wise outliers that SageAttention (Zhang et al., ICLR 2025)
@@ -870,17 +866,17 @@ def reference_on_centred_keys(mask):
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["qkv", "packed"])
-@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("mask", ["full", "causal", "prefix"])
 def test_centred_keys_take_their_shared_part_out_of_dq(mask, packed, monkeypatch):
     """Keys that share a large part (32 times their spread) make dQ = dS K a cancellation in every backward that
-    rounds dS to 16 bits for that matmul (ours, FlashAttention's, PyTorch's math in fp16): dQ's share of the common
-    part is that part times the sum of the row's dS, 0 in exact arithmetic, so what comes out is that part times
-    the sum of dS's rounding errors. With CENTRE_KEYS every output and gradient is within the budget of PyTorch's
+    rounds dS to 16 bits for that matmul (ours, FlashAttention's, SDPA's flash kernel on the CPU): dQ's share of the
+    common part is that part times the sum of the row's dS, 0 in exact arithmetic, so what comes out is that part
+    times the sum of dS's rounding errors. With CENTRE_KEYS every output and gradient is within the budget of PyTorch's
     error on keys that share nothing; without it dQ is not (so the input does what it is for)."""
     shape = (2, 2, 49, 32)
     leaves = keys_sharing_a_large_part(shape, torch.float16)
-    check = (public_op(MASKS[mask], packed), reference_on_centred_keys(MASKS[mask]), leaves, "contiguous", shape,
-             torch.float16)
+    mask = mask_kwargs(mask, shape[0], shape[2])
+    check = (public_op(mask, packed), reference_on_centred_keys(mask), leaves, "contiguous", shape, torch.float16)
     monkeypatch.setattr(attention_ops, "CENTRE_KEYS", True)
     assert_leaves_within_budget(*check)
     monkeypatch.setattr(attention_ops, "CENTRE_KEYS", False)
@@ -896,8 +892,8 @@ def test_centred_keys_leave_the_attention_as_it_was(packed, seq_len, dtype, monk
     most keys (those of the other sign, or much smaller): within the usual budget of the reference on the keys as
     given, per-sample prefixes."""
     monkeypatch.setattr(attention_ops, "CENTRE_KEYS", True)
-    mask = {"prefix_len": per_sample_prefix(4, seq_len, seed=seq_len)}
     shape = (4, 2, seq_len, 24)
+    mask = mask_kwargs("prefix", shape[0], seq_len)
     leaves = keys_sharing_a_large_part(shape, dtype, shared=0.5, seed=seq_len)
     assert_leaves_within_budget(public_op(mask, packed), lambda q, k, v: reference.attention(q, k, v, **mask), leaves,
                                 "contiguous", shape, dtype)
@@ -976,7 +972,8 @@ def test_random_shapes(batch, heads, seq_len, head_dim, tiles, layout, seed):
 @pytest.mark.parametrize("mode", ["full", "causal", "prefix"])
 def test_attention_entry(mode):
     shape = (2, 2, 45, 32)
-    kwargs = MASKS[mode]
+    kwargs = {"full": {}, "causal": {"causal": True},
+              "prefix": {"prefix_len": torch.tensor([3, 30], device=DEVICE)}}[mode]
 
     def kernel_fn(q, k, v):
         with mimkernels.use_backend("triton"):
@@ -1281,6 +1278,23 @@ def test_qkv_attention_within_budget_and_equal_to_attention_on_views(shape, mask
         torch_err = (t.double() - w).abs().max().item()
         budget = 2 * torch_err + FLOOR[dtype] * max(1.0, w.abs().max().item())
         assert kernel_err <= budget, f"{name}: error {kernel_err:.3e} > budget {budget:.3e} (torch {torch_err:.3e})"
+
+
+@pytest.mark.parametrize("mask", ["prefix", "causal"])
+def test_qkv_attention_with_centred_keys_equals_attention_on_views(mask, monkeypatch):
+    """CENTRE_KEYS on: the packed op centres its keys in its own autograd function (the views path, before it),
+    and still gives what attention() gives on views of the same projection, bit for bit."""
+    monkeypatch.setattr(attention_ops, "CENTRE_KEYS", True)
+    shape = (3, 2, 49, 32)
+    kwargs = mask_kwargs(mask, shape[0], shape[2])
+    qkv = packed_leaf(shape, torch.float16)
+    with torch.no_grad():
+        qkv[:, :, 1] += 8 * torch.randn(1, 1, 2, 32, generator=torch.Generator().manual_seed(0)).to(qkv)
+    with mimkernels.use_backend("triton"):
+        got = packed_outputs_and_grads(lambda t: mimkernels.qkv_attention(t, **kwargs), qkv)
+        views = packed_outputs_and_grads(lambda t: on_views(t, **kwargs), qkv)
+    for name, g, v in zip(["out", "grad qkv"], got, views):
+        assert torch.equal(g, v), name
 
 
 @pytest.mark.parametrize("mask", ["prefix", "full", "causal"])
