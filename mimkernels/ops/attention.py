@@ -35,14 +35,16 @@ def _key_mean(k):
     depend on it).
 
     Rounded to a multiple of the spacing of k's dtype at the column's largest key, so that ``k - mean`` is exact
-    (no rounding the input did not have) for every key within a factor of 2 of the mean and every key much larger
-    than it: a mean with finer bits would round nearly every centred key once more. 0 in a column whose mean is not
-    finite (a NaN or inf key, or no keys), so that a bad key still reaches only the queries that see it."""
+    (no rounding the input did not have) for every key within a factor of 2 of the mean and every key of the mean's
+    sign at least twice its size: a mean with finer bits would round nearly every centred key once more. 0 in a
+    column whose mean is not finite (a NaN or inf key, or no keys), so that a bad key still reaches only the
+    queries that see it."""
     keys = k.detach()
     if keys.shape[2] == 0:
         return keys.new_zeros(*keys.shape[:2], 1, keys.shape[3])
     mean = keys.mean(dim=2, keepdim=True, dtype=torch.float32)
-    largest = torch.linalg.vector_norm(keys, math.inf, dim=2, keepdim=True, dtype=torch.float32)
+    smallest, largest = torch.aminmax(keys, dim=2, keepdim=True)  # one pass, no fp32 copy of the keys
+    largest = torch.maximum(-smallest, largest).float()
     spacing = torch.exp2((torch.frexp(largest).exponent - 1 - _MANTISSA_BITS[k.dtype]).float())
     mean = torch.round(mean / spacing) * spacing
     return torch.where(mean.isfinite(), mean, 0.0).to(k.dtype)
