@@ -19,11 +19,12 @@ if _backend._HAS_TRITON:
 
 
 # Subtract each (sample, head)'s mean key from its keys before attending. Exact: every key a query sees moves its
-# logit by the same q . mean, which softmax ignores. What it changes is dQ = dS K, which every 16-bit backward (ours,
-# FlashAttention's, PyTorch's math) computes from a rounded dS: with keys that share a large part, dQ's share of it is
-# that part times the sum of dS's rounding errors, and centred keys have none (benchmarks/NOTES.md, "Keys that share
-# a large part"). Costs a pass over K (its mean, then the subtraction) that no GPU has timed: off by default;
-# MIMKERNELS_CENTRE_KEYS=1 turns it on.
+# logit by the same q . mean, which softmax ignores. What it changes is dQ = dS K, which a backward built like
+# FlashAttention's (ours too) computes from dS rounded to 16 bits: with keys that share a large part, dQ's share of
+# it is that part times the sum of dS's rounding errors, and centred keys have none (benchmarks/NOTES.md, "Keys that
+# share a large part"). Costs about four K-sized memory passes per call (the mean, the extremes, the subtraction;
+# qkv_attention's backward subtracts again) that no GPU has timed: off by default; MIMKERNELS_CENTRE_KEYS=1 turns
+# it on.
 CENTRE_KEYS = env_flag("MIMKERNELS_CENTRE_KEYS", False)
 
 
@@ -274,7 +275,8 @@ def prefix_causal_attention(q, k, v, prefix_len, *, scale=None, deterministic=Tr
 
     With ``mimkernels.ops.attention.CENTRE_KEYS = True`` (or ``MIMKERNELS_CENTRE_KEYS=1``), off by default, every
     attention call first subtracts each sample and head's mean key from its keys: the same attention, and a dQ
-    free of the error that a part shared by all keys brings into every 16-bit backward.
+    free of the error that a part shared by all keys brings into a backward that rounds dS to 16 bits (ours, like
+    FlashAttention's).
     """
     q, k, v = _checked_qkv(q, k, v)
     return _attend(q, k, v, _checked_prefix(prefix_len, q), scale, deterministic, "prefix_causal_attention")
