@@ -165,7 +165,13 @@ def test_masked_patch_loss_fwd_bwd(benchmark):
     benchmark(_fwd_bwd(lambda: mimkernels.masked_patch_loss(pred, images, mask), [pred]))
 
 
-def test_qkv_attention_fwd_bwd(benchmark):
+@pytest.mark.parametrize("centre_keys", [False, True], ids=["keys", "centred_keys"])
+def test_qkv_attention_fwd_bwd(benchmark, centre_keys, monkeypatch):
+    """centred_keys: with ops.attention.CENTRE_KEYS on (the key mean's ATen ops before the forward, the subtraction
+    again in the backward)."""
+    from mimkernels.ops import attention as attention_ops
+
+    monkeypatch.setattr(attention_ops, "CENTRE_KEYS", centre_keys)
     qkv = torch.randn(2, 50, 3, 4, 64, requires_grad=True)
     prefix = torch.tensor([3, 40])
     benchmark(_fwd_bwd(lambda: mimkernels.qkv_attention(qkv, prefix_len=prefix), [qkv]))

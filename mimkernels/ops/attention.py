@@ -22,7 +22,7 @@ if _backend._HAS_TRITON:
 # logit by the same q . mean, which softmax ignores. What it changes is dQ = dS K, which a backward built like
 # FlashAttention's (ours too) computes from dS rounded to 16 bits: with keys that share a large part, dQ's share of
 # it is that part times the sum of dS's rounding errors, and centred keys have none (benchmarks/NOTES.md, "Keys that
-# share a large part"). Costs about four K-sized memory passes per call (the mean, the extremes, the subtraction;
+# share a large part"). Costs about five K-sized memory passes per call (the mean, the extremes, the subtraction;
 # qkv_attention's backward subtracts again) that no GPU has timed: off by default; MIMKERNELS_CENTRE_KEYS=1 turns
 # it on.
 CENTRE_KEYS = env_flag("MIMKERNELS_CENTRE_KEYS", False)
@@ -44,8 +44,9 @@ def _key_mean(k):
     if keys.shape[2] == 0:
         return keys.new_zeros(*keys.shape[:2], 1, keys.shape[3])
     mean = keys.mean(dim=2, keepdim=True, dtype=torch.float32)
-    smallest, largest = torch.aminmax(keys, dim=2, keepdim=True)  # one pass, no fp32 copy of the keys
-    largest = torch.maximum(-smallest, largest).float()
+    # amax and amin, not aminmax (3 ms on the CPU for a 2 x 4 x 50 x 64 view of a packed qkv, where these take
+    # 5 us) nor vector_norm (100 us there)
+    largest = torch.maximum(keys.amax(dim=2, keepdim=True), -keys.amin(dim=2, keepdim=True)).float()
     spacing = torch.exp2((torch.frexp(largest).exponent - 1 - _MANTISSA_BITS[k.dtype]).float())
     mean = torch.round(mean / spacing) * spacing
     return torch.where(mean.isfinite(), mean, 0.0).to(k.dtype)
