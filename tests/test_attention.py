@@ -840,8 +840,8 @@ def test_a_non_finite_output_gradient_reaches_what_its_row_feeds(variant, bad, m
 
 def keys_sharing_a_large_part(shape, dtype, shared=32.0, seed=0):
     """q, k, v leaves of unit noise whose keys all add one vector per head, each column about ``shared`` times the
-    noise's spread: what a key bias adds, or the channel-wise outliers that SageAttention (Zhang et al., ICLR 2025)
-    found shared by every token's key."""
+    noise's spread: what a key bias adds, or the channel-wise outliers that SageAttention (arXiv 2410.02367) found
+    shared by every token's key."""
     gen = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(shape, generator=gen) for _ in range(3))
     k += shared * torch.randn(1, shape[1], 1, shape[3], generator=gen)
@@ -902,8 +902,8 @@ def test_centred_keys_leave_the_attention_as_it_was(packed, seq_len, dtype, monk
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_the_key_mean_subtracts_exactly_from_the_keys_it_can(dtype):
     """``k - _key_mean(k)`` has no rounding the keys did not have for every key within a factor of 2 of the mean
-    and every key of its sign at least twice its size; a constant column becomes exactly 0; a column with a NaN or
-    inf key, and an empty sequence, are left as they are (mean 0)."""
+    and every key of the mean's sign at least twice its size; a constant column becomes exactly 0; a column with a
+    NaN or inf key, and an empty sequence, are left as they are (mean 0)."""
     gen = torch.Generator().manual_seed(0)
     for shared in (0.0, 0.5, 4.0, 1000.0):
         k = (torch.randn(3, 4, 50, 64, generator=gen) + shared * torch.randn(1, 4, 1, 64, generator=gen)).to(dtype)
@@ -926,8 +926,8 @@ def test_the_key_mean_subtracts_exactly_from_the_keys_it_can(dtype):
     assert (centred[0] == 0).all() and (centred[1, ..., :5] == 0).all() and centred[1, 0, 4, 5].isnan()
     assert (centred[1, ..., 7] == 0).all()
     torch.testing.assert_close(centred[1, ..., 5:7], k[1, ..., 5:7], rtol=0, atol=0, equal_nan=True)
-    assert torch.equal(attention_ops._key_mean(torch.empty(2, 3, 0, 8, dtype=dtype)), torch.zeros(2, 3, 1, 8,
-                                                                                                 dtype=dtype))
+    no_keys = attention_ops._key_mean(torch.empty(2, 3, 0, 8, dtype=dtype))
+    assert torch.equal(no_keys, torch.zeros(2, 3, 1, 8, dtype=dtype))
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's NumPy, on inf and NaN
