@@ -206,9 +206,9 @@ class _TritonPackedAttention(torch.autograd.Function):
     @staticmethod
     @first_derivative_only("qkv_attention")
     def backward(ctx, grad_out):
-        qkv, out, lse, *optional = ctx.saved_tensors
-        prefix = optional.pop(0) if ctx.has_prefix else None
-        key_mean = optional.pop(0) if ctx.has_key_mean else None
+        qkv, out, lse, *optional = ctx.saved_tensors  # then prefix, then key_mean, each where given
+        prefix = optional[0] if ctx.has_prefix else None
+        key_mean = optional[-1] if ctx.has_key_mean else None  # indexing: torch 2.11's Dynamo cannot trace list.pop
         grad_qkv = _packed_backward_kernels(grad_out.transpose(1, 2), qkv, out, lse, prefix, ctx.prefix_int,
                                             ctx.scale, ctx.deterministic, key_mean)
         return grad_qkv, None, None, None, None, None
