@@ -28,9 +28,6 @@ if _backend._HAS_TRITON:
 CENTRE_KEYS = env_flag("MIMKERNELS_CENTRE_KEYS", False)
 
 
-_MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23}
-
-
 def _key_mean(k):
     """The mean of ``k``'s keys per sample and head, ``[B, H, 1, D]`` in k's dtype, detached (the attention does not
     depend on it).
@@ -47,7 +44,7 @@ def _key_mean(k):
     # amax and amin, not aminmax (3 ms on the CPU for a 2 x 4 x 50 x 64 view of a packed qkv, where these take
     # 5 us) nor vector_norm (100 us there)
     largest = torch.maximum(keys.amax(dim=2, keepdim=True), -keys.amin(dim=2, keepdim=True)).float()
-    spacing = torch.exp2((torch.frexp(largest).exponent - 1 - _MANTISSA_BITS[k.dtype]).float())
+    spacing = torch.exp2((torch.frexp(largest).exponent - 1).float()) * torch.finfo(k.dtype).eps
     mean = torch.round(mean / spacing) * spacing
     return torch.where(mean.isfinite(), mean, 0.0).to(k.dtype)
 
