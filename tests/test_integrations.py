@@ -458,17 +458,18 @@ def _vit_mae(model_class="ViTMAEForPreTraining", **kwargs):
     return getattr(transformers, model_class)(config)
 
 
-def _transformers_4() -> bool:
-    """Whether the installed transformers has ViTMAE's version-4 modules (the floor's pin) or version 5's."""
+def _self_attention_modules() -> bool:
+    """Whether the installed transformers has ViTMAE's older modules, a ViTMAESelfAttention in each layer (4.5x, the
+    floor's pin, to 5.8), or those of 5.9 and later."""
     _hf_config()
     from mimkernels.integrations import _hf
 
-    return _hf.TRANSFORMERS_4
+    return _hf.SELF_ATTENTION_MODULES
 
 
 def _vit_mae_attention_names() -> list[str]:
     """The attention modules mimkernels patches in _vit_mae(), as the installed transformers names them."""
-    layers, attention = ("vit.encoder.layer", ".attention.attention") if _transformers_4() else ("vit.layers",
+    layers, attention = ("vit.encoder.layer", ".attention.attention") if _self_attention_modules() else ("vit.layers",
                                                                                                 ".attention")
     return [f"{layers}.0{attention}", f"{layers}.1{attention}", f"decoder.decoder_layers.0{attention}"]
 
@@ -476,14 +477,14 @@ def _vit_mae_attention_names() -> list[str]:
 def _vit_mae_layer_names() -> list[str]:
     """The ViTMAELayer modules of _vit_mae() (two encoder layers, one decoder layer), as the installed transformers
     names them."""
-    layers = "vit.encoder.layer" if _transformers_4() else "vit.layers"
+    layers = "vit.encoder.layer" if _self_attention_modules() else "vit.layers"
     return [f"{layers}.0", f"{layers}.1", "decoder.decoder_layers.0"]
 
 
 def _vit_mae_mlp_names() -> list[str]:
     """Where each layer's MLP runs: transformers 5's ViTMAEMLP modules; transformers 4 has none (ViTMAEIntermediate
     and ViTMAEOutput), so its layers run the fused MLP themselves."""
-    return [name if _transformers_4() else f"{name}.mlp" for name in _vit_mae_layer_names()]
+    return [name if _self_attention_modules() else f"{name}.mlp" for name in _vit_mae_layer_names()]
 
 
 @pytest.mark.parametrize("norm_pix_loss", [True, False])
@@ -580,7 +581,7 @@ def test_vit_mae_layers_fuse_the_add_after_attention_with_the_norm(device, monke
     assert len(calls) == 3
     layer = patched.get_submodule(_vit_mae_layer_names()[0])
     unsupported = "its layernorm_after is not a LayerNorm followed by a Linear"
-    if _transformers_4():  # what a layer must look like to be fused is checked at apply()
+    if _self_attention_modules():  # what a layer must look like to be fused is checked at apply()
         layer.intermediate.dense = torch.nn.Identity()
         assert integrations._hf._layer_fusions_unsupported(layer)["add_norm"] == unsupported
     else:
@@ -612,7 +613,7 @@ def test_vit_mae_mlps_of_an_approximate_gelu_keep_their_code(device, monkeypatch
     images, noise = torch.randn(2, 3, 32, 32, device=device), torch.rand(2, 16, device=device)
     original = _vit_mae(hidden_act="gelu_new").to(device)
     kept = r"3 module\(s\) keep .* \(NewGELUActivation\) is not the exact GELU \(" + re.escape(
-        f"{_vit_mae_layer_names()[0]}.{'intermediate' if _transformers_4() else 'mlp'}")
+        f"{_vit_mae_layer_names()[0]}.{'intermediate' if _self_attention_modules() else 'mlp'}")
     with pytest.warns(UserWarning, match=kept):
         tanh = integrations.apply(_vit_mae(hidden_act="gelu_new").to(device), gelu_mlp=True, add_norm=True)
     assert set(_vit_mae_layer_names()) <= set(integrations.patched_modules(tanh))
@@ -628,7 +629,10 @@ def test_vit_mae_of_transformers_4_head_mask_runs_the_original_attention(device)
     """transformers 4.5x (the floor's pin): with every fusion on, the patched model trains as the original, and a
     head mask, passed through the patched layers, runs the original attention (which applies it under eager
     attention)."""
-    if not _transformers_4():
+    from transformers.models.vit_mae import modeling_vit_mae as vit_mae
+
+    if not _self_attention_modules() or \
+            "head_mask" not in inspect.signature(vit_mae.ViTMAESelfAttention.forward).parameters:
         pytest.skip("transformers 5 installed: its ViTMAE takes no head mask")
     images, noise = torch.randn(2, 3, 32, 32, device=device), torch.rand(2, 16, device=device)
     original = _vit_mae().to(device)
@@ -798,6 +802,28 @@ def test_patched_vit_mae_model_state_dict_and_fallbacks():
         integrations.apply(_vit_mae("ViTMAEModel", hidden_size=60, num_attention_heads=5))
 
 
+@pytest.mark.parametrize("asked_in", ["call", "config"])
+def test_patched_vit_mae_returns_the_attention_weights_asked_for(asked_in):
+    """output_attentions, given to the forward or set in the config (which transformers 5 reads when the call does
+    not say): the patched attention runs the original code, whose weights (eager attention) come back as the
+    unpatched model's; the model's attention still runs on our kernels in calls that do not ask."""
+    config = {"output_attentions": True} if asked_in == "config" else {}
+    call = {"output_attentions": True} if asked_in == "call" else {}
+    original, patched = _vit_mae("ViTMAEModel", **config), integrations.apply(_vit_mae("ViTMAEModel", **config))
+    encoder_attention = {name.removeprefix("vit.") for name in _vit_mae_attention_names()[:2]}  # no decoder here
+    assert encoder_attention <= set(integrations.patched_modules(patched))
+    for model in (original, patched):
+        model.set_attn_implementation("eager")
+    images, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    with mimkernels.use_backend("triton"):
+        got = patched(images, noise=noise, **call)
+    want = original(images, noise=noise, **call)
+    assert len(want.attentions) == 2 and len(got.attentions) == 2
+    for got_layer, want_layer in zip(got.attentions, want.attentions):
+        torch.testing.assert_close(got_layer, want_layer)
+    torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("version, refused", [("4.46.3", True), ("4.56.2", True), ("4.57.0.dev0", False),
                                                ("5.0.0rc1", False)])
 def test_transformers_older_than_the_oldest_tested_is_refused(version, refused, monkeypatch):
@@ -901,7 +927,8 @@ def test_mimkernels_attention_implementation_gives_sdpa_gradients(family, kernel
     """Outputs and every parameter gradient as with sdpa, for a vision encoder, a padded text encoder and an
     encoder-decoder; ``kernel_calls`` counts the calls that ran on our kernels (the rest went to sdpa's code)."""
     name = integrations.register_hf_attention()
-    if family == "bart" and _transformers_4():
+    transformers = pytest.importorskip("transformers")
+    if family == "bart" and int(transformers.__version__.split(".")[0]) < 5:
         kernel_calls = 1  # transformers 4's Bart hands its decoder a causal mask tensor, which goes to sdpa's code
     gen = torch.Generator().manual_seed(1)
     if family == "vit":

@@ -15,17 +15,58 @@ from ..nn import check_head_dim
 from ..ops.tokens import checked_noise, kept_count
 from . import check_release, release_unsupported, warn_kept
 
-# Two generations of ViTMAE. transformers 5: one ViTMAEAttention (q/k/v/o projections) and one ViTMAEMLP per layer,
-# the loss inside ViTMAEForPreTraining.forward. transformers 4.5x: ViTMAESelfAttention (query, key, value) under
-# ViTMAEAttention, ViTMAEIntermediate and ViTMAEOutput for the MLP, the loss in ViTMAEForPreTraining.forward_loss.
-TRANSFORMERS_4 = hasattr(vit_mae, "ViTMAESelfAttention")
+# Two generations of ViTMAE. transformers 5.9 and later: one ViTMAEAttention (q/k/v/o projections) and one ViTMAEMLP
+# per layer, the loss inside ViTMAEForPreTraining.forward. transformers 4.5x to 5.8: ViTMAESelfAttention (query, key,
+# value) under ViTMAEAttention, ViTMAEIntermediate and ViTMAEOutput for the MLP, the loss in
+# ViTMAEForPreTraining.forward_loss; its attention and layer forwards took a head mask (4.5x), the hidden states alone
+# (5.0-5.4), then transformers' keyword arguments too (5.5-5.8).
+SELF_ATTENTION_MODULES = hasattr(vit_mae, "ViTMAESelfAttention")
+SELF_ATTENTION_FORWARDS = (("self", "hidden_states", "head_mask"), ("self", "hidden_states"),
+                           ("self", "hidden_states", "kwargs"))
+
+try:  # transformers 5.3 and later record outputs by hooks that keep what the running model call's collector asks for
+    from transformers.utils.output_capturing import _active_collector as _OUTPUT_COLLECTOR
+except ImportError:
+    _OUTPUT_COLLECTOR = None
+# 5.3-5.8 hand a call's output_attentions to that collector, not down to the attention modules (5.9 and later do)
+_ASK_THE_COLLECTOR = _OUTPUT_COLLECTOR is not None and SELF_ATTENTION_MODULES
 
 
 def _release_unsupported(patched: type) -> str | None:
     """Why ``patched`` cannot stand in for its original class in this transformers release, or None: each patched
-    class names the method it replaces and that method's parameters (``_mimkernels_replaces``)."""
-    method, parameters = patched._mimkernels_replaces
-    return release_unsupported("transformers", patched.__mro__[1], method, (parameters,))
+    class names the method it replaces and that method's parameters in each release it reproduces
+    (``_mimkernels_replaces``)."""
+    method, signatures = patched._mimkernels_replaces
+    return release_unsupported("transformers", patched.__mro__[1], method, signatures)
+
+
+def _attention_weights_wanted(module, kwargs) -> bool:
+    """Whether transformers records this attention module's weights in this call (``output_attentions``, given to the
+    model's forward or set in the config), for which the original code runs: it returns them under eager attention,
+    our kernels do not compute them. transformers 4.5x-5.2 record them by wrapping the instance's ``forward``; 5.3
+    and later by a forward hook that keeps what the running model call's collector asks for; 5.9 and later also hand
+    the call's flag down in ``kwargs``, so only 5.3-5.8 need the collector asked."""
+    if "forward" in vars(module):
+        return True
+    if "output_attentions" in kwargs:
+        return bool(kwargs["output_attentions"])
+    if getattr(getattr(module, "config", None), "output_attentions", False):
+        return True
+    return _ASK_THE_COLLECTOR and _collector_asks_for_attentions()
+
+
+def _collector_asks_for_attentions() -> bool:
+    """transformers 5.3-5.8: whether the running model call's output collector asks for attention weights, read as
+    its own ``get`` reads it, except that while Dynamo traces, a collector that no traced call has set holds none
+    (Dynamo cannot trace ``ContextVar.get``, which 5.5-5.8's ``get`` calls then: the decoder runs outside the
+    collector's call)."""
+    if _OUTPUT_COLLECTOR.compiling:  # set while Dynamo traced the model's forward: a plain attribute holds it
+        collected = _OUTPUT_COLLECTOR.global_var
+    elif torch.compiler.is_compiling():
+        return False
+    else:
+        collected = _OUTPUT_COLLECTOR.get()
+    return "attentions" in (collected or {})
 
 
 def _kept_patches(config, num_patches: int) -> int | None:
@@ -63,7 +104,7 @@ class MimkernelsViTMAEEmbeddings(vit_mae.ViTMAEEmbeddings):
     mimkernels; the same masks and ids as the original for the same noise, and the same random draws without."""
 
     _mimkernels_patch = True
-    _mimkernels_replaces = ("forward", ("self", "pixel_values", "noise", "interpolate_pos_encoding"))
+    _mimkernels_replaces = ("forward", (("self", "pixel_values", "noise", "interpolate_pos_encoding"),))
     _mimkernels_patch_embed = True  # False: HF's convolution, then mimkernels' masking
 
     def forward(self, pixel_values: torch.Tensor, noise: torch.Tensor | None = None,
@@ -99,7 +140,7 @@ class MimkernelsViTMAEDecoder(vit_mae.ViTMAEDecoder):
     """The unshuffle (kept tokens back in place, mask tokens elsewhere, plus positions) in one pass."""
 
     _mimkernels_patch = True
-    _mimkernels_replaces = ("forward", ("self", "hidden_states", "ids_restore", "interpolate_pos_encoding"))
+    _mimkernels_replaces = ("forward", (("self", "hidden_states", "ids_restore", "interpolate_pos_encoding"),))
 
     def forward(self, hidden_states: torch.Tensor, ids_restore: torch.Tensor, interpolate_pos_encoding: bool = False):
         if interpolate_pos_encoding:
@@ -141,19 +182,19 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
     return out.transpose(1, 2), None
 
 
-if TRANSFORMERS_4:
+if SELF_ATTENTION_MODULES:
     class MimkernelsViTMAESelfAttention(vit_mae.ViTMAESelfAttention):
         """Self-attention by :func:`mimkernels.attention` on the query, key and value projections; the original code
-        for a head mask, attention dropout while training, or when transformers records this module's outputs
-        (``output_attentions=True`` wraps the instance's ``forward``)."""
+        for a head mask, attention dropout while training, or when transformers records this module's weights
+        (``output_attentions``). ``head_mask`` (4.5x) and ``kwargs`` (5.5-5.8) reach the original as given."""
 
         _mimkernels_patch = True
-        _mimkernels_replaces = ("forward", ("self", "hidden_states", "head_mask"))
+        _mimkernels_replaces = ("forward", SELF_ATTENTION_FORWARDS)
 
-        def forward(self, hidden_states: torch.Tensor, head_mask: torch.Tensor | None = None):
+        def forward(self, hidden_states: torch.Tensor, head_mask: torch.Tensor | None = None, **kwargs):
             dropout = self.dropout_prob if self.training else 0.0
-            if head_mask is not None or dropout > 0 or "forward" in vars(self):
-                return super().forward(hidden_states, head_mask)
+            if head_mask is not None or dropout > 0 or _attention_weights_wanted(self, kwargs):
+                return super().forward(hidden_states, *(() if head_mask is None else (head_mask,)), **kwargs)
             shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)
             q, k, v = (proj(hidden_states).view(shape).transpose(1, 2) for proj in (self.query, self.key, self.value))
             out = mimkernels.attention(q, k, v, scale=self.scaling)
@@ -164,7 +205,8 @@ if TRANSFORMERS_4:
         by :func:`mimkernels.masked_patch_loss`, which reads the target pixels from the image in place."""
 
         _mimkernels_patch = True
-        _mimkernels_replaces = ("forward_loss", ("self", "pixel_values", "pred", "mask", "interpolate_pos_encoding"))
+        _mimkernels_replaces = ("forward_loss",
+                                (("self", "pixel_values", "pred", "mask", "interpolate_pos_encoding"),))
         save_pretrained = _save_as_original
 
         def forward_loss(self, pixel_values, pred, mask, interpolate_pos_encoding: bool = False):
@@ -173,18 +215,19 @@ if TRANSFORMERS_4:
             return mimkernels.masked_patch_loss(pred, pixel_values, mask, norm_pix=self.config.norm_pix_loss)
 
     class MimkernelsViTMAELayer(vit_mae.ViTMAELayer):
-        """transformers 4's layer, whose MLP is two modules (ViTMAEIntermediate: fc1 and GELU; ViTMAEOutput: fc2,
+        """transformers 4.5x-5.8's layer, whose MLP is two modules (ViTMAEIntermediate: fc1 and GELU; ViTMAEOutput: fc2,
         dropout and the residual add), so both fusions live here: with ``add_norm`` the add after attention in one
         pass with ``layernorm_after`` (:func:`mimkernels.add_layer_norm`), with ``gelu_mlp`` the MLP by
         :func:`mimkernels.gelu_mlp`, then the output's dropout and add. ``patch`` sets which, per layer."""
 
         _mimkernels_patch = True
-        _mimkernels_replaces = ("forward", ("self", "hidden_states", "head_mask"))
+        _mimkernels_replaces = ("forward", SELF_ATTENTION_FORWARDS)
         _mimkernels_add_norm = False
         _mimkernels_gelu_mlp = False
 
-        def forward(self, hidden_states: torch.Tensor, head_mask: torch.Tensor | None = None) -> torch.Tensor:
-            branch = self.attention(self.layernorm_before(hidden_states), head_mask)
+        def forward(self, hidden_states: torch.Tensor, head_mask: torch.Tensor | None = None, **kwargs):
+            branch = self.attention(self.layernorm_before(hidden_states), *(() if head_mask is None else (head_mask,)),
+                                    **kwargs)
             hidden_states, normed = vit.add_norm(hidden_states, branch, self.layernorm_after,
                                                  fuse=self._mimkernels_add_norm)
             if not self._mimkernels_gelu_mlp:
@@ -194,7 +237,7 @@ if TRANSFORMERS_4:
                 + hidden_states
 
     def _layer_fusions_unsupported(layer) -> dict:
-        """fusion -> why MimkernelsViTMAELayer cannot run it for ``layer`` (a transformers 4 ViTMAELayer), or None."""
+        """fusion -> why MimkernelsViTMAELayer cannot run it for ``layer`` (an older ViTMAELayer, 4.5x-5.8), or None."""
         intermediate, output = layer.intermediate, layer.output
         if type(intermediate) is not vit_mae.ViTMAEIntermediate or type(output) is not vit_mae.ViTMAEOutput:
             why = "its MLP is not a ViTMAEIntermediate and a ViTMAEOutput"
@@ -210,11 +253,11 @@ else:
         attention mask, attention dropout while training, or when attention weights are asked for."""
 
         _mimkernels_patch = True
-        _mimkernels_replaces = ("forward", ("self", "hidden_states", "attention_mask", "kwargs"))
+        _mimkernels_replaces = ("forward", (("self", "hidden_states", "attention_mask", "kwargs"),))
 
         def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
             dropout = self.attention_dropout if self.training else 0.0
-            if attention_mask is not None or dropout > 0 or kwargs.get("output_attentions"):
+            if attention_mask is not None or dropout > 0 or _attention_weights_wanted(self, kwargs):
                 return super().forward(hidden_states, attention_mask, **kwargs)
             shape = (*hidden_states.shape[:-1], -1, self.head_dim)
             q, k, v = (proj(hidden_states).view(shape).transpose(1, 2)
@@ -227,8 +270,8 @@ else:
         by :func:`mimkernels.masked_patch_loss`, which reads the target pixels from the image in place."""
 
         _mimkernels_patch = True
-        _mimkernels_replaces = ("forward", ("self", "pixel_values", "noise", "interpolate_pos_encoding",
-                                            "attention_mask", "kwargs"))
+        _mimkernels_replaces = ("forward", (("self", "pixel_values", "noise", "interpolate_pos_encoding",
+                                             "attention_mask", "kwargs"),))
         save_pretrained = _save_as_original
 
         def forward(self, pixel_values=None, noise=None, interpolate_pos_encoding=None, attention_mask=None,
@@ -252,7 +295,7 @@ else:
         returns)."""
 
         _mimkernels_patch = True
-        _mimkernels_replaces = ("forward", ("self", "hidden_states", "attention_mask", "kwargs"))
+        _mimkernels_replaces = ("forward", (("self", "hidden_states", "attention_mask", "kwargs"),))
 
         def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
             branch, _ = self.attention(self.layernorm_before(hidden_states), attention_mask, **kwargs)
@@ -263,7 +306,7 @@ else:
         """fc1 -> GELU -> fc2 by :func:`mimkernels.gelu_mlp` (GELU inside the GEMMs); same parameters."""
 
         _mimkernels_patch = True
-        _mimkernels_replaces = ("forward", ("self", "hidden_states"))
+        _mimkernels_replaces = ("forward", (("self", "hidden_states"),))
 
         def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
             return mimkernels.gelu_mlp(hidden_states, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
@@ -305,8 +348,8 @@ def _layer_unsupported(layer) -> str | None:
     return _norm_before_linear_unsupported(layer.layernorm_after, mlp.fc1)
 
 
-def _layer_4_unsupported(layer, asked: dict) -> str | None:
-    """Why a transformers 4 ViTMAELayer runs none of the fusions ``asked`` ({fusion: bool}), or None."""
+def _older_layer_unsupported(layer, asked: dict) -> str | None:
+    """Why an older ViTMAELayer (transformers 4.5x-5.8) runs none of the fusions ``asked`` ({fusion: bool}), or None."""
     reasons = {why for fusion, why in _layer_fusions_unsupported(layer).items() if asked[fusion]}
     return None if None in reasons else "; ".join(sorted(reasons))
 
@@ -326,12 +369,12 @@ def _swaps(*, attention: bool, masking: bool, add_norm: bool, gelu_mlp: bool) ->
     if masking:  # the embeddings' masking, and with patch_embed the kept-only embedding, which needs our masking
         swaps[vit_mae.ViTMAEEmbeddings] = MimkernelsViTMAEEmbeddings, _always
         swaps[vit_mae.ViTMAEDecoder] = MimkernelsViTMAEDecoder, _always
-    if TRANSFORMERS_4 and (add_norm or gelu_mlp):  # one module holds both (MimkernelsViTMAELayer, version 4)
+    if SELF_ATTENTION_MODULES and (add_norm or gelu_mlp):  # one module holds both (MimkernelsViTMAELayer, up to 5.8)
         asked = {"add_norm": add_norm, "gelu_mlp": gelu_mlp}
-        swaps[vit_mae.ViTMAELayer] = MimkernelsViTMAELayer, lambda layer: _layer_4_unsupported(layer, asked)
-    if add_norm and not TRANSFORMERS_4:
+        swaps[vit_mae.ViTMAELayer] = MimkernelsViTMAELayer, lambda layer: _older_layer_unsupported(layer, asked)
+    if add_norm and not SELF_ATTENTION_MODULES:
         swaps[vit_mae.ViTMAELayer] = MimkernelsViTMAELayer, _layer_unsupported
-    if gelu_mlp and not TRANSFORMERS_4:
+    if gelu_mlp and not SELF_ATTENTION_MODULES:
         swaps[vit_mae.ViTMAEMLP] = MimkernelsViTMAEMLP, _mlp_unsupported
     return swaps
 
@@ -372,7 +415,7 @@ def patch(model: torch.nn.Module, *, attention: bool, patch_embed: bool, masking
         module.__class__ = patched
         if patched is MimkernelsViTMAEEmbeddings:
             module._mimkernels_patch_embed = patch_embed
-        if TRANSFORMERS_4 and patched is MimkernelsViTMAELayer:  # the fusions asked for that this layer allows
+        if SELF_ATTENTION_MODULES and patched is MimkernelsViTMAELayer:  # the fusions asked for that this layer allows
             asked = {"add_norm": add_norm, "gelu_mlp": gelu_mlp}
             for fusion, why in _layer_fusions_unsupported(module).items():
                 setattr(module, f"_mimkernels_{fusion}", asked[fusion] and why is None)
