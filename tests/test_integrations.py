@@ -469,8 +469,8 @@ def _self_attention_modules() -> bool:
 
 def _vit_mae_attention_names() -> list[str]:
     """The attention modules mimkernels patches in _vit_mae(), as the installed transformers names them."""
-    layers, attention = ("vit.encoder.layer", ".attention.attention") if _self_attention_modules() else ("vit.layers",
-                                                                                                ".attention")
+    layers, attention = (("vit.encoder.layer", ".attention.attention") if _self_attention_modules()
+                         else ("vit.layers", ".attention"))
     return [f"{layers}.0{attention}", f"{layers}.1{attention}", f"decoder.decoder_layers.0{attention}"]
 
 
@@ -482,8 +482,8 @@ def _vit_mae_layer_names() -> list[str]:
 
 
 def _vit_mae_mlp_names() -> list[str]:
-    """Where each layer's MLP runs: transformers 5's ViTMAEMLP modules; transformers 4 has none (ViTMAEIntermediate
-    and ViTMAEOutput), so its layers run the fused MLP themselves."""
+    """Where each layer's MLP runs: the ViTMAEMLP modules of transformers 5.9 and later; 4.5x-5.8 have none
+    (ViTMAEIntermediate and ViTMAEOutput), so their layers run the fused MLP themselves."""
     return [name if _self_attention_modules() else f"{name}.mlp" for name in _vit_mae_layer_names()]
 
 
@@ -805,8 +805,8 @@ def test_patched_vit_mae_model_state_dict_and_fallbacks():
 @pytest.mark.parametrize("asked_in", ["call", "config"])
 def test_patched_vit_mae_returns_the_attention_weights_asked_for(asked_in):
     """output_attentions, given to the forward or set in the config (which transformers 5 reads when the call does
-    not say): the patched attention runs the original code, whose weights (eager attention) come back as the
-    unpatched model's; the model's attention still runs on our kernels in calls that do not ask."""
+    not say): the patched attention runs the original code, whose weights (eager attention) and outputs come back as
+    the unpatched model's."""
     config = {"output_attentions": True} if asked_in == "config" else {}
     call = {"output_attentions": True} if asked_in == "call" else {}
     original, patched = _vit_mae("ViTMAEModel", **config), integrations.apply(_vit_mae("ViTMAEModel", **config))
