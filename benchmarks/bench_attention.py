@@ -9,6 +9,8 @@ Providers, all timed in this process on the same inputs. Prefix-causal shapes:
                       STORED_DS_DQ_TILE; equal to mimkernels where the table chose it)
   mimkernels_centred_keys  the same with ops.attention.CENTRE_KEYS on (each sample and head's mean key subtracted
                       first: the price of that pass)
+  mimkernels_centred_dq  the same with CENTRE_KEYS "dq" (the keys' shared part taken out of dQ inside the backward
+                      kernels: the price of that correction)
   sdpa_dense_mask     SDPA with the dense bool mask built per call, as apple/ml-aim does
   flex+block_mask     FlexAttention (compiled) including create_block_mask for the batch's prefixes
   flex                FlexAttention with the block mask built beforehand
@@ -17,8 +19,8 @@ Providers, all timed in this process on the same inputs. Prefix-causal shapes:
                       (deterministic=False routes causal attention to SDPA while this measures slower)
   flash_attn_causal   FlashAttention causal, where the flash_attn package is installed
 Full-attention shapes: mimkernels (mimkernels.attention), mimkernels_nondet, mimkernels_stored_ds,
-mimkernels_centred_keys, and SDPA as it dispatches by default (sdpa) and forced to each fused backend (sdpa_flash,
-sdpa_cudnn, sdpa_efficient).
+mimkernels_centred_keys, mimkernels_centred_dq, and SDPA as it dispatches by default (sdpa) and forced to each fused
+backend (sdpa_flash, sdpa_cudnn, sdpa_efficient).
 
 TFLOP/s count visible pairs only (each provider's own mask); roofline % per benchmarks/common.py. The issue's
 targets are printed last as met / missed (never asserted), with the peak memory of one fwd+bwd per provider.
@@ -85,16 +87,17 @@ def _sdpa_backend(name):
 
 
 # providers that are mimkernels with a selectable path switched on for the whole step (a switch may be read where
-# the backward runs, so it stays on while the step is timed): name -> (module, attribute)
-SWITCHED_PROVIDERS = {"mimkernels_stored_ds": (attention_kernels, "STORED_DS"),
-                      "mimkernels_centred_keys": (attention_ops, "CENTRE_KEYS")}
+# the backward runs, so it stays on while the step is timed): name -> (module, attribute, value)
+SWITCHED_PROVIDERS = {"mimkernels_stored_ds": (attention_kernels, "STORED_DS", True),
+                      "mimkernels_centred_keys": (attention_ops, "CENTRE_KEYS", True),
+                      "mimkernels_centred_dq": (attention_ops, "CENTRE_KEYS", "dq")}
 
 
 def switched(provider: str):
     """``provider``'s switch on (SWITCHED_PROVIDERS) inside the block; nothing for the others."""
     if provider not in SWITCHED_PROVIDERS:
         return contextlib.nullcontext()
-    return common.switched(*SWITCHED_PROVIDERS[provider], True)
+    return common.switched(*SWITCHED_PROVIDERS[provider])
 
 
 def providers(q, k, v, prefix, with_flex=True):
@@ -107,6 +110,7 @@ def providers(q, k, v, prefix, with_flex=True):
             "mimkernels_nondet": (lambda: mimkernels.attention(q, k, v, deterministic=False), prefix),
             "mimkernels_stored_ds": (lambda: mimkernels.attention(q, k, v), prefix),
             "mimkernels_centred_keys": (lambda: mimkernels.attention(q, k, v), prefix),
+            "mimkernels_centred_dq": (lambda: mimkernels.attention(q, k, v), prefix),
             "sdpa": (lambda: F.scaled_dot_product_attention(q, k, v), prefix),
         }
         for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
@@ -123,6 +127,7 @@ def providers(q, k, v, prefix, with_flex=True):
                               prefix),
         "mimkernels_stored_ds": (lambda: mimkernels.prefix_causal_attention(q, k, v, prefix), prefix),
         "mimkernels_centred_keys": (lambda: mimkernels.prefix_causal_attention(q, k, v, prefix), prefix),
+        "mimkernels_centred_dq": (lambda: mimkernels.prefix_causal_attention(q, k, v, prefix), prefix),
         "sdpa_dense_mask": (lambda: F.scaled_dot_product_attention(
             q, k, v, attn_mask=mimkernels.prefix_causal_mask(seq_len, prefix)), prefix),
     }

@@ -34,7 +34,7 @@ fi
 if wants profile; then
   echo "== GPU time per kernel and host time per call, with the table"
   timeout ${PROFILE_S:-45} $PY -m benchmarks.profile_attention --shapes aim_600m mae_encoder \
-    --providers mimkernels mimkernels_centred_keys sdpa_dense_mask sdpa > "$OUT/profile_attention.txt" 2>&1 || status=1
+    --providers mimkernels mimkernels_centred_keys mimkernels_centred_dq sdpa_dense_mask sdpa > "$OUT/profile_attention.txt" 2>&1 || status=1
   # where our host time per call goes (our Python, Triton's launcher, its TMA descriptor encodes): cProfile, seconds
   timeout ${PROFILE_HOST_S:-30} $PY -m benchmarks.profile_attention --host --shapes aim_600m mae_encoder \
     >> "$OUT/profile_attention.txt" 2>&1 || status=1

@@ -7,7 +7,7 @@ toolchain. ptxas's own log (``-v``) gives registers, stack frame and spill store
 Triton's metadata the shared memory. Run as
 
     python -m benchmarks.kernel_report [--quick] [--csv FILE]
-    python -m benchmarks.kernel_report --measured | --tma [--quick] | --split [--quick]
+    python -m benchmarks.kernel_report --measured | --tma [--quick] | --split [--quick] | --key-centre [--quick]
 
 It exits non-zero if any kernel spills. ``--quick`` compiles one head dim per tile class, sm_90 only
 (and every other kernel). ``--measured`` lists the measured table's configs (attention_tiles.py), which were
@@ -101,19 +101,20 @@ def _signature(fn, pointer_types: dict[str, str], constexprs: dict, divisible: t
 
 
 def attention_launches(head_dim: int, dtype: torch.dtype, cfgs=None, variant: str = "",
-                       stored_ds: bool = False) -> list[Launch]:
+                       stored_ds: bool = False, key_centre: bool = False) -> list[Launch]:
     """The attention kernels as mimkernels.triton.attention launches them for this head dim and dtype: with the
     portable configs (``configs_for``) unless ``cfgs`` are given; the atomic-dQ, delta-computing dQ and per-head
     backwards only with ``cfgs``, where they are set; the stored-dS backward's two kernels (dK/dV storing dS, dQ
     from it) with ``cfgs``' tiles for it where set, else with ``stored_ds`` (kernels.STORED_DS: the dK/dV tile and
-    STORED_DS_DQ_TILE), where the dK/dV tile allows it."""
+    STORED_DS_DQ_TILE), where the dK/dV tile allows it. ``key_centre``: the dQ kernels with the keys' shared part
+    taken out of dQ (CENTRE_KEYS "dq"), marked ``+centre``."""
     ty = "*" + DTYPES[dtype]
     portable = cfgs is None
     cfgs = cfgs or kernels.configs_for(head_dim, dtype)
     shape = kernels.shape_args(head_dim, dtype)
     pointers = {name: ty for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "Q_TAIL", "O_TAIL", "DO_TAIL",
                                       "DQ_TAIL", "Q_HI", "K_HI", "V_HI", "O_HI", "DO_HI", "DQ_HI", "DK_HI", "DV_HI")}
-    pointers.update(LSE="*fp32", DELTA="*fp32", PREFIX="*i64", DQ_ACC="*fp32", DS=ty, DS_TAIL=ty)
+    pointers.update(LSE="*fp32", DELTA="*fp32", PREFIX="*i64", DQ_ACC="*fp32", DS=ty, DS_TAIL=ty, KC=ty)
     plan = [(kernels._prefix_causal_fwd, cfgs.forward, {}),
             (kernels._prefix_causal_bwd_dkdv, cfgs.backward_dkdv, {"DQ_ATOMIC": False, "STORE_DS": 0}),
             (kernels._prefix_causal_bwd_dq, cfgs.backward_dq, {"DELTA_HERE": False})]
@@ -140,8 +141,10 @@ def attention_launches(head_dim: int, dtype: torch.dtype, cfgs=None, variant: st
                 plan[i] = (split_fn[fn], cfg, {**extra, **split_extra})
     launches = []
     for fn, cfg, extra in plan:
+        # the dK/dV kernel corrects dQ only where it adds dQ (the launcher's rule)
+        centre = key_centre and (fn is not kernels._prefix_causal_bwd_dkdv or extra.get("DQ_ATOMIC", False))
         constexprs = {**shape, "PREFIX_IS_TENSOR": True, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
-                      "USE_TMA": cfg.tma, **extra}
+                      "USE_TMA": cfg.tma, "KEY_CENTRE": centre, **extra}
         constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
         if "TAIL_M" in fn.arg_names:  # the launchers use no tail tiles with the atomic dQ
             constexprs["TAIL_M"] = 0 if extra.get("DQ_ATOMIC") else cfg.tail_m
@@ -151,6 +154,7 @@ def attention_launches(head_dim: int, dtype: torch.dtype, cfgs=None, variant: st
         suffix += " tma" if cfg.tma else ""
         suffix += f" tail{constexprs['TAIL_M']}" if constexprs.get("TAIL_M") else ""
         suffix += f" split{extra['BLOCK_LO']}+{extra['BLOCK_HI']}" if "BLOCK_LO" in extra else ""
+        suffix += " +centre" if constexprs.get("KEY_CENTRE") else ""
         launches.append(Launch(fn, f"D={head_dim}{variant}{suffix}", f"{cfg.block_m}x{cfg.block_n}", cfg.num_warps,
                                cfg.num_stages, _tma_operands(pointers, fn, cfg, DTYPES[dtype], {**shape, **extra},
                                                              extra.get("DQ_ATOMIC", False)) if cfg.tma
@@ -332,6 +336,40 @@ def stored_ds_report(quick: bool = False) -> list[Row]:
     return rows
 
 
+def every_dq_path(head_dim: int, tma: bool) -> kernels.AttentionConfigs:
+    """The portable bf16 tiles for ``head_dim`` with every optional backward set to them (atomic, delta in dQ, per
+    head, stored dS with STORED_DS_DQ_TILE), through TMA or not, and split where the head dim splits: configs that
+    make :func:`attention_launches` compile each kernel that computes dQ."""
+    portable = kernels.configs_for(head_dim, torch.bfloat16)
+    split = kernels.head_dim_split(head_dim) is not None
+    dkdv, dq = (replace(cfg, tma=tma) for cfg in (portable.backward_dkdv, portable.backward_dq))
+    return replace(portable, backward_dq=replace(dq, split_d=split), backward_atomic=dkdv, backward_dq_delta=dq,
+                   backward_per_head=dkdv, backward_dkdv_ds=dkdv,
+                   backward_dq_from_ds=replace(kernels.STORED_DS_DQ_TILE, tma=tma))
+
+
+def key_centre_report(quick: bool = False) -> list[Row]:
+    """The kernels that compute dQ, each after the same kernel without CENTRE_KEYS "dq"'s correction (what it costs
+    in registers and spills): with the measured table's bf16 sm_90 tiles, then every dQ path
+    (:func:`every_dq_path`) at D 64, 80 (split) and 128, through pointers and TMA; ``quick``: the table's D 128
+    (AIM's) and every path at D 80 through pointers and at D 128 through TMA (each kernel at least once)."""
+    from mimkernels.triton import attention_tiles
+
+    plans = [(block_d, kernels.measured_configs(key), f" N<={seq_class}")
+             for key in sorted(attention_tiles.MEASURED) for arch, itemsize, block_d, seq_class in (key,)
+             if arch == 90 and itemsize == 2 and not (quick and block_d != 128)]
+    paths = ((80, False), (128, True)) if quick else [(d, tma) for d in (64, 80, 128) for tma in (False, True)]
+    plans += [(head_dim, every_dq_path(head_dim, tma), " every-path") for head_dim, tma in paths]
+    rows = []
+    for head_dim, cfgs, variant in plans:
+        twins = zip(*(attention_launches(head_dim, torch.bfloat16, cfgs, variant, key_centre=centre)
+                      for centre in (False, True)))
+        for plain, centred in twins:
+            if "+centre" in centred.variant:
+                rows += [_compiled_row(plain), _compiled_row(centred)]
+    return rows
+
+
 def candidate_launch(head_dim: int, kernel: str, tile, variant: str = "") -> Launch:
     """The launch of one tuner ``kernel`` (a key of attention_tuning.CANDIDATES) with ``tile``, bf16, the other
     kernels portable: for the stored-dS ones (which run as a pair) the other of the pair is the portable dK/dV tile or
@@ -433,8 +471,20 @@ def main(argv=None) -> int:
                         help="compile the stored-dS backward with the measured table's bf16 sm_90 tiles instead, "
                         "beside the table's own backward kernels, then the tuner's stored-dS candidates (with "
                         "--quick: D = 128 only, no candidates; spills listed, not failed)")
+    parser.add_argument("--key-centre", action="store_true",
+                        help="compile the dQ kernels with CENTRE_KEYS 'dq''s correction, with the measured table's "
+                        "bf16 sm_90 tiles and on every dQ path, each after the same kernel without it (with --quick: "
+                        "the table's D = 128 and each path once; spills listed, not failed)")
     args = parser.parse_args(argv)
     source = commit()  # the code compiled is the code at the start
+    if args.key_centre:
+        rows = key_centre_report(args.quick)
+        centred = [row for row in rows if "+centre" in row.variant]
+        print(f"{len(centred)} dQ kernels with the keys' shared part taken out compiled for sm_90 with triton "
+              f"{triton.__version__}, each after its twin without; spills: {sum(row.spills for row in centred)} "
+              f"(twins: {sum(row.spills for row in rows) - sum(row.spills for row in centred)}; allowed: a GPU "
+              "measures them)")
+        return 0
     if args.stored_ds:
         rows = stored_ds_report(args.quick) + ([] if args.quick else stored_ds_candidates_report((64, 80, 128)))
         stored = [row for row in rows if {"+ds", "from-ds"} & set(row.variant.split())]

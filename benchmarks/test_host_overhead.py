@@ -165,10 +165,10 @@ def test_masked_patch_loss_fwd_bwd(benchmark):
     benchmark(_fwd_bwd(lambda: mimkernels.masked_patch_loss(pred, images, mask), [pred]))
 
 
-@pytest.mark.parametrize("centre_keys", [False, True], ids=["keys", "centred_keys"])
+@pytest.mark.parametrize("centre_keys", [False, True, "dq"], ids=["keys", "centred_keys", "centred_dq"])
 def test_qkv_attention_fwd_bwd(benchmark, centre_keys, monkeypatch):
     """centred_keys: with ops.attention.CENTRE_KEYS on (the key mean's ATen ops before the forward, the subtraction
-    again in the backward)."""
+    again in the backward); centred_dq: with CENTRE_KEYS "dq" (no ATen ops: one more constexpr to the kernels)."""
     from mimkernels.ops import attention as attention_ops
 
     monkeypatch.setattr(attention_ops, "CENTRE_KEYS", centre_keys)

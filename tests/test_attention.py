@@ -107,33 +107,34 @@ def assert_leaves_within_budget(kernel_fn, reference_fn, leaves, layout, shape, 
         assert kernel_err <= budget, f"{name}: error {kernel_err:.3e} > budget {budget:.3e} (torch {torch_err:.3e})"
 
 
-def triton_op(prefix, configs=None, scale=None, deterministic=True):
-    """The public op on the Triton backend, or the raw autograd op with explicit tile configs."""
+def triton_op(prefix, configs=None, scale=None, deterministic=True, key_centre=False):
+    """The public op on the Triton backend, or the raw autograd op with explicit tile configs (and the backward's
+    ``key_centre``)."""
     if configs is None:
         def run(q, k, v):
             with mimkernels.use_backend("triton"):
                 return mimkernels.prefix_causal_attention(q, k, v, prefix, scale=scale, deterministic=deterministic)
         return run
     return lambda q, k, v: _ConfiguredAttention.apply(q, k, v, prefix, scale or 1 / math.sqrt(q.shape[-1]), configs,
-                                                      deterministic)
+                                                      deterministic, key_centre)
 
 
 class _ConfiguredAttention(torch.autograd.Function):
     """The kernels with explicit (e.g. small, odd) tile shapes; ``deterministic=False`` runs the atomic-dQ backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, prefix, scale, configs, deterministic):
+    def forward(ctx, q, k, v, prefix, scale, configs, deterministic, key_centre):
         out, lse = kernels.forward(q, k, v, prefix, scale, configs)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = prefix, scale, configs, deterministic
+        ctx.args = prefix, scale, configs, deterministic, key_centre
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        prefix, scale, configs, deterministic = ctx.args
+        prefix, scale, configs, deterministic, key_centre = ctx.args
         grads = kernels.backward(grad_out.contiguous(), *ctx.saved_tensors, prefix, scale, configs,
-                                 atomic_dq=not deterministic)
-        return (*grads, None, None, None, None)
+                                 atomic_dq=not deterministic, key_centre=key_centre)
+        return (*grads, None, None, None, None, None)
 
 
 def reference_op(prefix, scale=None):
@@ -622,7 +623,7 @@ def test_stored_ds_backward(shape, dtype, tiles, tma, tails, monkeypatch):
     assert_within_budget(triton_op(prefix, configs), reference_op(prefix), shape, dtype)
     assert kernels._prefix_causal_bwd_dq_from_ds in launched and kernels._prefix_causal_bwd_dq not in launched
     dkdv_arguments = arguments[launched.index(kernels._prefix_causal_bwd_dkdv)]
-    ds_argument, ds_tail_argument = dkdv_arguments[9], dkdv_arguments[-1]
+    ds_argument, ds_tail_argument = dkdv_arguments[9], dkdv_arguments[-2]  # the last: K's pointer (KEY_CENTRE)
     # through tensor descriptors where the dK/dV tile is +tma, whatever N (the buffer's rows are padded to 16
     # values, so TMA takes it), the tail tiles' dS (where N leaves rows past the last whole tile) through one with
     # tail-wide blocks
@@ -777,13 +778,14 @@ KERNEL_VARIANTS = {
 }
 
 
-def variant_op(variant, prefix, monkeypatch):
+def variant_op(variant, prefix, monkeypatch, key_centre=False):
     """The kernels of ``KERNEL_VARIANTS[variant]`` as an op of q, k, v, and the head dim it runs."""
     configs, options = KERNEL_VARIANTS[variant]
     if options.get("stored_ds"):
         monkeypatch.setattr(kernels, "STORED_DS", True)
         monkeypatch.setattr(kernels, "STORED_DS_DQ_TILE", configs.backward_dq)
-    return triton_op(prefix, configs, deterministic=options.get("deterministic", True)), options.get("head_dim", 32)
+    op = triton_op(prefix, configs, deterministic=options.get("deterministic", True), key_centre=key_centre)
+    return op, options.get("head_dim", 32)
 
 
 @pytest.mark.parametrize("mask", ["prefix", "full"])
@@ -865,33 +867,56 @@ def reference_on_centred_keys(mask):
     return lambda q, k, v: reference.attention(q, k - k.mean(2, keepdim=True).detach(), v, **mask)
 
 
+CENTRE_KEYS_MODES = [True, "dq"]
+
+
+@pytest.mark.parametrize("mode", CENTRE_KEYS_MODES, ids=str)
 @pytest.mark.parametrize("packed", [False, True], ids=["qkv", "packed"])
 @pytest.mark.parametrize("mask", ["full", "causal", "prefix"])
-def test_centred_keys_take_their_shared_part_out_of_dq(mask, packed, monkeypatch):
+def test_centred_keys_take_their_shared_part_out_of_dq(mask, packed, mode, monkeypatch):
     """Keys that share a large part (32 times their spread) make dQ = dS K a cancellation in every backward that
     rounds dS to 16 bits for that matmul (ours, FlashAttention's, SDPA's flash kernel on the CPU): dQ's share of the
     common part is that part times the sum of the row's dS, 0 in exact arithmetic, so what comes out is that part
-    times the sum of dS's rounding errors. With CENTRE_KEYS every output and gradient is within the budget of PyTorch's
-    error on keys that share nothing; without it dQ is not (so the input does what it is for)."""
+    times the sum of dS's rounding errors. With CENTRE_KEYS (True: keys centred first; "dq": the kernels' dQ
+    correction) every output and gradient is within the budget of PyTorch's error on keys that share nothing;
+    without it dQ is not (so the input does what it is for)."""
     shape = (2, 2, 49, 32)
     leaves = keys_sharing_a_large_part(shape, torch.float16)
     mask = mask_kwargs(mask, shape[0], shape[2])
     check = (public_op(mask, packed), reference_on_centred_keys(mask), leaves, "contiguous", shape, torch.float16)
-    monkeypatch.setattr(attention_ops, "CENTRE_KEYS", True)
+    monkeypatch.setattr(attention_ops, "CENTRE_KEYS", mode)
     assert_leaves_within_budget(*check)
     monkeypatch.setattr(attention_ops, "CENTRE_KEYS", False)
     with pytest.raises(AssertionError, match="grad 1"):
         assert_leaves_within_budget(*check)
 
 
+@pytest.mark.parametrize("variant", KERNEL_VARIANTS)
+def test_key_centre_in_dq_takes_the_shared_part_out_of_every_dq_path(variant, monkeypatch):
+    """The backward's ``key_centre`` (dQ = dS~ K - rowsum(dS~) c in every dQ kernel, c the mean of the first keys)
+    on keys that share a large part (32 times their spread), every kernel variant, per-sample prefixes, fp16 (N 49,
+    tiles that leave keys past N): within the budget of PyTorch's error on keys that share nothing, as the centred
+    copy of the keys gives; without it dQ is outside (so the input does what it is for)."""
+    prefix = per_sample_prefix(2, 49, seed=3)
+    op, head_dim = variant_op(variant, prefix, monkeypatch, key_centre=True)
+    shape = (2, 2, 49, head_dim)
+    leaves = keys_sharing_a_large_part(shape, torch.float16)
+    reference_centred = lambda q, k, v: reference_op(prefix)(q, k - k.mean(2, keepdim=True).detach(), v)  # noqa: E731
+    assert_leaves_within_budget(op, reference_centred, leaves, "contiguous", shape, torch.float16)
+    op, _ = variant_op(variant, prefix, monkeypatch)
+    with pytest.raises(AssertionError, match="grad 1"):
+        assert_leaves_within_budget(op, reference_centred, leaves, "contiguous", shape, torch.float16)
+
+
+@pytest.mark.parametrize("mode", CENTRE_KEYS_MODES, ids=str)
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("seq_len", [1, 50])
 @pytest.mark.parametrize("packed", [False, True], ids=["qkv", "packed"])
-def test_centred_keys_leave_the_attention_as_it_was(packed, seq_len, dtype, monkeypatch):
+def test_centred_keys_leave_the_attention_as_it_was(packed, seq_len, dtype, mode, monkeypatch):
     """Keys whose shared part is small against their spread (half of it), where subtracting the mean rounds the
     most keys (those of the other sign, or much smaller): within the usual budget of the reference on the keys as
     given, per-sample prefixes."""
-    monkeypatch.setattr(attention_ops, "CENTRE_KEYS", True)
+    monkeypatch.setattr(attention_ops, "CENTRE_KEYS", mode)
     shape = (4, 2, seq_len, 24)
     mask = mask_kwargs("prefix", shape[0], seq_len)
     leaves = keys_sharing_a_large_part(shape, dtype, shared=0.5, seed=seq_len)
@@ -947,6 +972,47 @@ def test_centred_keys_keep_a_bad_key_to_the_queries_that_see_it(packed, bad, mon
     spoiled = torch.zeros(2, 2, 49, dtype=torch.bool, device=DEVICE)
     spoiled[1, 0, 20:] = True if math.isnan(bad) else q[1, 0, 20:, 3] * bad > 0
     assert spoiled.any() and torch.equal(~out.isfinite().all(-1), spoiled)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["qkv", "packed"])
+def test_key_centre_in_dq_centres_the_keys_of_calls_that_run_other_kernels(packed, monkeypatch):
+    """CENTRE_KEYS "dq" where the call does not run our kernels (here the PyTorch reference backend; on a GPU also
+    SDPA's causal route): the keys are centred first, as with True, bit for bit; and the kernels' path gives another
+    rounding of the same numbers."""
+    shape = (2, 2, 49, 32)
+    leaves = keys_sharing_a_large_part(shape, torch.float16)
+    mask = mask_kwargs("prefix", shape[0], shape[2])
+
+    def op(backend):
+        def run(q, k, v):
+            with mimkernels.use_backend(backend):
+                if packed:
+                    return mimkernels.qkv_attention(torch.stack((q, k, v)).permute(1, 3, 0, 2, 4),
+                                                    **mask).transpose(1, 2)
+                return mimkernels.attention(q, k, v, **mask)
+        return run
+
+    results = {}
+    for mode in (True, "dq"):
+        monkeypatch.setattr(attention_ops, "CENTRE_KEYS", mode)
+        results[mode] = outputs_and_grads(op("torch"), *leaves, leaves)
+    monkeypatch.setattr(attention_ops, "CENTRE_KEYS", False)
+    uncentred = outputs_and_grads(op("torch"), *leaves, leaves)
+    assert all(torch.equal(a, b) for a, b in zip(results[True], results["dq"]))
+    assert not torch.equal(results["dq"][1], uncentred[1])  # dQ: the centring took place
+
+
+def test_centre_keys_must_be_one_of_its_modes(monkeypatch):
+    """A CENTRE_KEYS that is none of False, True, "dq" (a misspelt mode, or 1) is an error naming the switch at the
+    first call, not keys left silently as they are."""
+    q, k, v, _ = make_qkv((1, 1, 8, 16), torch.float32)
+    for wrong in ("DQ", "yes", 1, None):
+        monkeypatch.setattr(attention_ops, "CENTRE_KEYS", wrong)
+        for call in (lambda: mimkernels.attention(q, k, v),
+                     lambda: mimkernels.qkv_attention(torch.stack((q, k, v), 2).transpose(1, 3))):
+            with pytest.raises(ValueError, match="CENTRE_KEYS must be False, True or 'dq'"):
+                with mimkernels.use_backend("triton"):
+                    call()
 
 
 @pytest.mark.parametrize("tiles", SMALL_TILES, ids=str)
@@ -1081,7 +1147,7 @@ def test_on_off_switches_in_environment(monkeypatch):
                             env={**os.environ, "MIMKERNELS_CHECK_INDICES": "always"})
     assert result.returncode != 0 and "MIMKERNELS_CHECK_INDICES must be 1 or 0" in result.stderr
     # MIMKERNELS_STORED_DS has three values: unset or empty (None: the tile table decides), 1, 0;
-    # MIMKERNELS_CENTRE_KEYS is off unless set
+    # MIMKERNELS_CENTRE_KEYS is off unless set, and has a third value, dq
     stored_ds = "from mimkernels.triton import attention; print(attention.STORED_DS)"
     centre_keys = "from mimkernels.ops import attention; print(attention.CENTRE_KEYS)"
     for variable, code, value, want in (("MIMKERNELS_STORED_DS", stored_ds, None, "None"),
@@ -1089,12 +1155,18 @@ def test_on_off_switches_in_environment(monkeypatch):
                                         ("MIMKERNELS_STORED_DS", stored_ds, "1", "True"),
                                         ("MIMKERNELS_STORED_DS", stored_ds, "off", "False"),
                                         ("MIMKERNELS_CENTRE_KEYS", centre_keys, None, "False"),
-                                        ("MIMKERNELS_CENTRE_KEYS", centre_keys, "yes", "True")):
+                                        ("MIMKERNELS_CENTRE_KEYS", centre_keys, "yes", "True"),
+                                        ("MIMKERNELS_CENTRE_KEYS", centre_keys, " DQ ", "dq")):
         env = {name: v for name, v in os.environ.items() if not name.startswith("MIMKERNELS_")}  # none set above
         if value is not None:
             env[variable] = value
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
         assert result.stdout.strip() == want, (variable, value, result.stderr[-500:])
+    env = {name: v for name, v in os.environ.items() if not name.startswith("MIMKERNELS_")}
+    result = subprocess.run([sys.executable, "-c", centre_keys], capture_output=True, text=True,
+                            env={**env, "MIMKERNELS_CENTRE_KEYS": "dQ-only"})
+    assert result.returncode != 0 and "MIMKERNELS_CENTRE_KEYS must be 1 or 0 " in result.stderr
+    assert "or dq (the kernels' dQ correction)" in result.stderr
 
 
 def test_environment_picks_backend(monkeypatch):
@@ -1280,11 +1352,13 @@ def test_qkv_attention_within_budget_and_equal_to_attention_on_views(shape, mask
         assert kernel_err <= budget, f"{name}: error {kernel_err:.3e} > budget {budget:.3e} (torch {torch_err:.3e})"
 
 
+@pytest.mark.parametrize("mode", CENTRE_KEYS_MODES, ids=str)
 @pytest.mark.parametrize("mask", ["prefix", "causal"])
-def test_qkv_attention_with_centred_keys_equals_attention_on_views(mask, monkeypatch):
-    """CENTRE_KEYS on: the packed op centres its keys in its own autograd function (the views path, before it),
-    and still gives what attention() gives on views of the same projection, bit for bit."""
-    monkeypatch.setattr(attention_ops, "CENTRE_KEYS", True)
+def test_qkv_attention_with_centred_keys_equals_attention_on_views(mask, mode, monkeypatch):
+    """CENTRE_KEYS on: the packed op centres its keys in its own autograd function (the views path, before it), or
+    hands the dQ correction to its backward launcher, and still gives what attention() gives on views of the same
+    projection, bit for bit."""
+    monkeypatch.setattr(attention_ops, "CENTRE_KEYS", mode)
     shape = (3, 2, 49, 32)
     kwargs = mask_kwargs(mask, shape[0], shape[2])
     qkv = packed_leaf(shape, torch.float16)
@@ -1413,12 +1487,12 @@ def test_custom_ops_pass_opcheck(prefix):
     torch.library.opcheck(ops._forward_kernels.custom_op, args)
     out, lse = ops._forward_kernels(*args)
     torch.library.opcheck(ops._backward_kernels.custom_op,
-                          (torch.randn_like(out), q, k, v, out, lse, tensor_prefix, int_prefix, 0.25, True))
+                          (torch.randn_like(out), q, k, v, out, lse, tensor_prefix, int_prefix, 0.25, True, False))
     qkv = torch.randn(2, 9, 3, 2, 16, device=DEVICE)
     out, lse = ops._forward_kernels(*ops._unpacked(qkv), tensor_prefix, int_prefix, 0.25)
-    for key_mean in (None, ops._key_mean(ops._unpacked(qkv)[1])):
-        torch.library.opcheck(ops._packed_backward_kernels.custom_op,
-                              (torch.randn_like(out), qkv, out, lse, tensor_prefix, int_prefix, 0.25, True, key_mean))
+    for key_mean, key_centre in ((None, False), (ops._key_mean(ops._unpacked(qkv)[1]), False), (None, True)):
+        torch.library.opcheck(ops._packed_backward_kernels.custom_op, (torch.randn_like(out), qkv, out, lse,
+                              tensor_prefix, int_prefix, 0.25, True, key_mean, key_centre))
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's NumPy, on NaN

@@ -182,13 +182,15 @@ def test_non_finite_values_propagate_compiled(shape, variant, monkeypatch):
         assert_non_finite_gradient_reaches_what_its_row_feeds(op, shape, torch.bfloat16, bad)
 
 
+@pytest.mark.parametrize("mode", [True, "dq"], ids=str)
 @pytest.mark.parametrize("packed", [False, True], ids=["qkv", "packed"])
 @pytest.mark.parametrize("shape", [(2, 4, 197, 64), (2, 4, 256, 128)], ids=lambda s: "x".join(map(str, s)))
-def test_centred_keys_compiled(shape, packed, monkeypatch):
+def test_centred_keys_compiled(shape, packed, mode, monkeypatch):
     """tests/test_attention.py's keys that share a large part, compiled, bf16 (which the interpreter cannot
-    check), this GPU's tiles, per-sample prefixes, CENTRE_KEYS on: every output and gradient within the budget of
-    PyTorch's bf16 error on keys that share nothing. Shapes whose kernels the other tests here compile."""
-    monkeypatch.setattr(attention_ops, "CENTRE_KEYS", True)
+    check), this GPU's tiles, per-sample prefixes, CENTRE_KEYS on (keys centred first, or the kernels' dQ
+    correction): every output and gradient within the budget of PyTorch's bf16 error on keys that share nothing.
+    Shapes whose kernels the other tests here compile."""
+    monkeypatch.setattr(attention_ops, "CENTRE_KEYS", mode)
     mask = {"prefix_len": per_sample_prefix(shape[0], shape[2], seed=shape[2])}
     leaves = keys_sharing_a_large_part(shape, torch.bfloat16, seed=shape[2])
     assert_leaves_within_budget(public_op(mask, packed), reference_on_centred_keys(mask), leaves, "contiguous",

@@ -47,17 +47,19 @@ def test_harness_runs_end_to_end(tmp_path, monkeypatch):
         (kernels.STORED_DS, attention_ops.CENTRE_KEYS)) or timed(fn, *args))
     rows = bench_attention.run(list(table), bench_attention.MODES, torch.float32, True, peaks, str(csv_path),
                                device="cpu", with_flex=False, table=table)
-    want = {"mimkernels_stored_ds": (True, False), "mimkernels_centred_keys": (None, True)}
+    want = {"mimkernels_stored_ds": (True, False), "mimkernels_centred_keys": (None, True),
+            "mimkernels_centred_dq": (None, "dq")}
     assert [switches for switches, r in zip(switches_when_timed, rows)] == [
         want.get(r.provider, (None, False)) for r in rows]
-    assert sum(r.provider in want for r in rows) == 16
+    assert sum(r.provider in want for r in rows) == 24
     assert kernels.STORED_DS is None and attention_ops.CENTRE_KEYS is False  # unset (the table decides); off
     providers = {shape: {r.provider for r in rows if r.shape.startswith(shape)} for shape in table}
     assert providers["tiny_prefix"] == {"mimkernels", "mimkernels_nondet", "mimkernels_stored_ds",
-                                        "mimkernels_centred_keys", "sdpa_dense_mask", "sdpa_causal",
-                                        "mimkernels_causal"}
+                                        "mimkernels_centred_keys", "mimkernels_centred_dq", "sdpa_dense_mask",
+                                        "sdpa_causal", "mimkernels_causal"}
     assert providers["tiny_full"] == {"mimkernels", "mimkernels_nondet", "mimkernels_stored_ds",
-                                      "mimkernels_centred_keys", "sdpa"}  # forced SDPA backends: CUDA only
+                                      "mimkernels_centred_keys", "mimkernels_centred_dq",
+                                      "sdpa"}  # forced SDPA backends: CUDA only
     assert {r.mode for r in rows} == set(bench_attention.MODES)
     header = csv_path.read_text().splitlines()[0]
     assert header == ",".join(common.CSV_FIELDS)
@@ -76,9 +78,31 @@ def test_profile_runs_each_switched_provider_with_its_switch_on(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(profile_attention, "profile", lambda shape, provider: profiled.append(
         (provider, attention_ops.CENTRE_KEYS)) or [])
-    profile_attention.main(["--shapes", "aim_600m", "--providers", "mimkernels", "mimkernels_centred_keys"])
-    assert profiled == [("mimkernels", False), ("mimkernels_centred_keys", True)]
+    profile_attention.main(["--shapes", "aim_600m", "--providers", "mimkernels", "mimkernels_centred_keys",
+                            "mimkernels_centred_dq"])
+    assert profiled == [("mimkernels", False), ("mimkernels_centred_keys", True), ("mimkernels_centred_dq", "dq")]
     assert attention_ops.CENTRE_KEYS is False
+
+
+def test_shared_key_error_shows_what_each_centre_keys_mode_does(capsys):
+    """benchmarks/shared_key_error.py on a small shape (interpreter on the CPU): with no shared part every mode is
+    within a few times SDPA's error; with a large one ours without centring is far outside, both cures within, and
+    the switch is off again after."""
+    from benchmarks import shared_key_error
+    from mimkernels.ops import attention as attention_ops
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16
+    for shared in (0.0, 32.0):
+        errors = shared_key_error.relative_dq_errors((1, 2, 40, 16), shared, dtype, device)
+        assert set(errors) == {*shared_key_error.MODES, "sdpa_dense_mask"}
+        if shared == 0:
+            assert max(errors.values()) <= 3 * errors["sdpa_dense_mask"], errors
+        else:
+            assert errors["ours"] > 10 * max(errors["ours_centred_keys"], errors["ours_centred_dq"]), errors
+    assert attention_ops.CENTRE_KEYS is False
+    assert shared_key_error.main(["--shape", "1", "1", "17", "16", "--shared", "0", "8"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 4
 
 
 def test_targets_report_met_and_missed():

@@ -66,12 +66,14 @@ SELECTABLE = {**SWITCHES, "CENTRE_KEYS": (attention_ops, "CENTRE_KEYS")}
 
 
 @cpu_only
+@pytest.mark.parametrize("centre_keys", [True, "dq"], ids=str)
 @pytest.mark.parametrize("name", ["mae", "aim"])
-def test_fused_switches_compile_fullgraph(name, monkeypatch):
+def test_fused_switches_compile_fullgraph(name, centre_keys, monkeypatch):
     """Every selectable path on (the add + LayerNorm across blocks, the MLP's GELU inside its GEMMs, the token ops'
-    one-pass backwards, keys centred before attention): the step traces with no graph break and matches eager."""
+    one-pass backwards, keys centred before attention or their shared part taken out of dQ in the kernels): the step
+    traces with no graph break and matches eager."""
     for module, switch in SELECTABLE.values():
-        monkeypatch.setattr(module, switch, True)
+        monkeypatch.setattr(module, switch, centre_keys if switch == "CENTRE_KEYS" else True)
     _compiled_matches_eager(name, "cpu", "aot_eager", rtol=1e-4, atol=1e-5)
 
 

@@ -68,3 +68,22 @@ def test_stored_ds_kernels_compile_for_hopper():
     classes = sum(key[0] == 90 and key[1] == 2 and key[2] == 128 for key in attention_tiles.MEASURED)
     assert run.stdout.count(" from-ds ") == classes, run.stdout[-4000:]  # D 128 never splits: both kernels each
     assert f"{2 * classes} stored-dS kernels compiled for sm_90" in run.stdout
+
+
+def test_dq_kernels_with_the_key_centre_compile_for_hopper():
+    """CENTRE_KEYS "dq": every kernel that computes dQ (the dQ kernel with and without delta, split head dim, dQ from
+    the stored dS, the atomic dK/dV kernel, the per-head backward), through pointers and TMA, must compile with the
+    correction (the interpreter runs Python that the compiler may refuse), each beside its twin without it."""
+    from mimkernels.triton import attention_tiles
+
+    run = kernel_report("--key-centre", "--quick")
+    centred = [line for line in run.stdout.splitlines() if "+centre" in line]
+    kernels = {line.split()[0] for line in centred}
+    assert kernels == {"_prefix_causal_bwd_dq", "_prefix_causal_bwd_dq_split_d", "_prefix_causal_bwd_dq_from_ds",
+                       "_prefix_causal_bwd_dkdv", "_prefix_causal_bwd_per_head"}, kernels
+    assert all(" atomic " in line for line in centred if line.startswith("_prefix_causal_bwd_dkdv "))
+    assert any(" tma " in line for line in centred) and any(" tma " not in line for line in centred)
+    table = sum(key[0] == 90 and key[1] == 2 and key[2] == 128 for key in attention_tiles.MEASURED)
+    assert sum(" N<=" in line for line in centred) >= table  # at least each class's dQ kernel
+    assert run.stdout.count(" regs ") == 2 * len(centred)
+    assert f"{len(centred)} dQ kernels with the keys' shared part taken out compiled for sm_90" in run.stdout

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -18,14 +19,35 @@ if _backend._HAS_TRITON:
     from ..triton import attention as _kernels
 
 
-# Subtract each (sample, head)'s mean key from its keys before attending. Exact: every key a query sees moves its
-# logit by the same q . mean, which softmax ignores. What it changes is dQ = dS K, which a backward built like
-# FlashAttention's (ours too) computes from dS rounded to 16 bits: with keys that share a large part, dQ's share of
-# it is that part times the sum of dS's rounding errors, and centred keys have none (benchmarks/NOTES.md, "Keys that
-# share a large part"). Costs about five K-sized memory passes per call (the mean, the extremes, the subtraction;
-# qkv_attention's backward subtracts again) that no GPU has timed: off by default; MIMKERNELS_CENTRE_KEYS=1 turns
-# it on.
-CENTRE_KEYS = env_flag("MIMKERNELS_CENTRE_KEYS", False)
+def _centre_keys_from_environment():
+    value = os.environ.get("MIMKERNELS_CENTRE_KEYS", "").strip().lower()
+    if value == "dq":
+        return "dq"
+    try:
+        return env_flag("MIMKERNELS_CENTRE_KEYS", False)
+    except ValueError as error:
+        raise ValueError(f"{error}, or dq (the kernels' dQ correction)") from None
+
+
+# Keys that share a large part (a key bias) make dQ = dS K, which a backward built like FlashAttention's (ours too)
+# computes from dS rounded to 16 bits, carry that part times the sum of dS's rounding errors (benchmarks/NOTES.md,
+# "Keys that share a large part"). Two cures, each exact in exact arithmetic; neither timed on a GPU, so off by
+# default:
+# - True (MIMKERNELS_CENTRE_KEYS=1): subtract each (sample, head)'s mean key from its keys before attending (every
+#   key a query sees moves its logit by the same q . mean, which softmax ignores), whatever runs the attention. About
+#   five K-sized memory passes per call (the mean, the extremes, the subtraction; qkv_attention's backward subtracts
+#   again).
+# - "dq" (MIMKERNELS_CENTRE_KEYS=dq): our kernels compute dQ as dS~ K - rowsum(dS~) c (c a few keys' mean, read by
+#   each dQ program: no pre-pass, no copy, dK and dV untouched); a call that runs anything else (SDPA's causal route,
+#   the reference backend) centres its keys as with True.
+CENTRE_KEYS = _centre_keys_from_environment()
+
+
+def _centre_keys_mode():
+    """CENTRE_KEYS, checked: a misspelt mode must not leave the keys silently as they are."""
+    if isinstance(CENTRE_KEYS, bool) or CENTRE_KEYS == "dq":
+        return CENTRE_KEYS
+    raise ValueError(f"mimkernels.ops.attention.CENTRE_KEYS must be False, True or 'dq', got {CENTRE_KEYS!r}")
 
 
 def _key_mean(k):
@@ -129,24 +151,25 @@ def _forward_kernels(q, k, v, prefix, prefix_int, scale):
 @custom_op_when_compiling(
     "attention_backward",
     "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? prefix, int prefix_int, "
-    "float scale, bool deterministic) -> (Tensor, Tensor, Tensor)",
+    "float scale, bool deterministic, bool key_centre) -> (Tensor, Tensor, Tensor)",
     lambda grad_out, q, k, v, *rest: (_kernels._empty_bnhd(q), _kernels._empty_bnhd(k), _kernels._empty_bnhd(v)))
-def _backward_kernels(grad_out, q, k, v, out, lse, prefix, prefix_int, scale, deterministic):
+def _backward_kernels(grad_out, q, k, v, out, lse, prefix, prefix_int, scale, deterministic, key_centre):
+    """dq, dk, dv; ``key_centre``: the kernels' dQ correction for keys that share a large part (CENTRE_KEYS "dq")."""
     if q.numel() == 0:
         return tuple(_kernels._empty_bnhd(t).zero_() for t in (q, k, v))
     grad_out = unit_stride(grad_out)
     atomic = not deterministic and _kernels.atomic_dq_measured_faster(q)
     return _kernels.backward(grad_out, q, k, v, out, lse, prefix_int if prefix is None else prefix, scale,
-                             atomic_dq=atomic)
+                             atomic_dq=atomic, key_centre=key_centre)
 
 
 class _TritonAttention(torch.autograd.Function):
     """``prefix`` a tensor [B] or None, then ``prefix_int`` holds the int prefix."""
 
     @staticmethod
-    def forward(ctx, q, k, v, prefix, prefix_int, scale, deterministic):
+    def forward(ctx, q, k, v, prefix, prefix_int, scale, deterministic, key_centre):
         out, lse = _forward_kernels(q, k, v, prefix, prefix_int, scale)
-        ctx.prefix_int, ctx.scale, ctx.deterministic = prefix_int, scale, deterministic
+        ctx.prefix_int, ctx.scale, ctx.deterministic, ctx.key_centre = prefix_int, scale, deterministic, key_centre
         ctx.save_for_backward(q, k, v, out, lse, *(() if prefix is None else (prefix,)))
         return out
 
@@ -155,8 +178,8 @@ class _TritonAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse, *prefix = ctx.saved_tensors
         dq, dk, dv = _backward_kernels(grad_out, q, k, v, out, lse, prefix[0] if prefix else None, ctx.prefix_int,
-                                       ctx.scale, ctx.deterministic)
-        return dq, dk, dv, None, None, None, None
+                                       ctx.scale, ctx.deterministic, ctx.key_centre)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def _unpacked(qkv):
@@ -171,12 +194,13 @@ def _empty_packed(qkv):
 @custom_op_when_compiling(
     "attention_backward_packed",
     "(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, Tensor? prefix, int prefix_int, float scale, "
-    "bool deterministic, Tensor? key_mean) -> Tensor",
+    "bool deterministic, Tensor? key_mean, bool key_centre) -> Tensor",
     lambda grad_out, qkv, *rest: _empty_packed(qkv))
-def _packed_backward_kernels(grad_out, qkv, out, lse, prefix, prefix_int, scale, deterministic, key_mean):
+def _packed_backward_kernels(grad_out, qkv, out, lse, prefix, prefix_int, scale, deterministic, key_mean, key_centre):
     """The gradient of a packed qkv, [B, N, 3, H, D]: the kernels write dq, dk and dv into it in place, so no stack
     and no reshape copy joins three separate gradients afterwards. ``key_mean``: what the forward subtracted from
-    the keys (CENTRE_KEYS), or None; the gradient of the centred keys is that of the keys."""
+    the keys (CENTRE_KEYS True), or None; the gradient of the centred keys is that of the keys. ``key_centre``: the
+    kernels' dQ correction instead (CENTRE_KEYS "dq")."""
     grad_qkv = _empty_packed(qkv)
     if qkv.numel() == 0:
         return grad_qkv.zero_()
@@ -184,7 +208,7 @@ def _packed_backward_kernels(grad_out, qkv, out, lse, prefix, prefix_int, scale,
     k = _centred(k, key_mean)
     atomic = not deterministic and _kernels.atomic_dq_measured_faster(q)
     _kernels.backward(unit_stride(grad_out), q, k, v, out, lse, prefix_int if prefix is None else prefix, scale,
-                      atomic_dq=atomic, grads=_unpacked(grad_qkv))
+                      atomic_dq=atomic, grads=_unpacked(grad_qkv), key_centre=key_centre)
     return grad_qkv
 
 
@@ -192,10 +216,10 @@ class _TritonPackedAttention(torch.autograd.Function):
     """Attention on a packed qkv ``[B, N, 3, H, D]``, output ``[B, N, H, D]``; the kernels as _TritonAttention's."""
 
     @staticmethod
-    def forward(ctx, qkv, prefix, prefix_int, scale, deterministic, key_mean):
+    def forward(ctx, qkv, prefix, prefix_int, scale, deterministic, key_mean, key_centre):
         q, k, v = _unpacked(qkv)
         out, lse = _forward_kernels(q, _centred(k, key_mean), v, prefix, prefix_int, scale)
-        ctx.prefix_int, ctx.scale, ctx.deterministic = prefix_int, scale, deterministic
+        ctx.prefix_int, ctx.scale, ctx.deterministic, ctx.key_centre = prefix_int, scale, deterministic, key_centre
         ctx.has_prefix, ctx.has_key_mean = prefix is not None, key_mean is not None
         ctx.save_for_backward(qkv, out, lse, *(t for t in (prefix, key_mean) if t is not None))
         return out.transpose(1, 2)  # stored [B, N, H, D]: this view is contiguous
@@ -207,8 +231,8 @@ class _TritonPackedAttention(torch.autograd.Function):
         prefix = optional[0] if ctx.has_prefix else None
         key_mean = optional[-1] if ctx.has_key_mean else None  # indexing: torch 2.11's Dynamo cannot trace list.pop
         grad_qkv = _packed_backward_kernels(grad_out.transpose(1, 2), qkv, out, lse, prefix, ctx.prefix_int,
-                                            ctx.scale, ctx.deterministic, key_mean)
-        return grad_qkv, None, None, None, None, None
+                                            ctx.scale, ctx.deterministic, key_mean, ctx.key_centre)
+        return grad_qkv, None, None, None, None, None, None
 
 
 def _checked_deterministic(deterministic) -> bool:
@@ -236,16 +260,19 @@ def _sdpa_measured_faster(q, prefix, deterministic) -> bool:
 def _attend(q, k, v, prefix, scale, deterministic, op):
     scale = _checked_scale(scale, q.shape[-1])
     deterministic = _checked_deterministic(deterministic)
-    if CENTRE_KEYS:
-        k = _centred(k, _key_mean(k))
+    centre_keys = _centre_keys_mode()
     backend = _backend.select(op, q.device, implemented=("triton",))
-    if backend == "triton" and _sdpa_measured_faster(q, prefix, deterministic):
+    our_kernels = backend == "triton" and not _sdpa_measured_faster(q, prefix, deterministic)
+    if centre_keys is True or (centre_keys and not our_kernels):  # "dq" centres the keys of what is not ours
+        k = _centred(k, _key_mean(k))
+    if backend == "triton" and not our_kernels:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    if backend == "triton":
+    if our_kernels:
+        key_centre = centre_keys == "dq"
         q, k, v = distinct(unit_stride(q), unit_stride(k), unit_stride(v))
         if isinstance(prefix, torch.Tensor):
-            return _TritonAttention.apply(q, k, v, prefix, 0, scale, deterministic)
-        return _TritonAttention.apply(q, k, v, None, prefix, scale, deterministic)
+            return _TritonAttention.apply(q, k, v, prefix, 0, scale, deterministic, key_centre)
+        return _TritonAttention.apply(q, k, v, None, prefix, scale, deterministic, key_centre)
     if isinstance(prefix, int) and prefix == q.shape[2]:
         return reference.attention(q, k, v, scale=scale)
     return reference.prefix_causal_attention(q, k, v, prefix, scale=scale)
@@ -274,7 +301,10 @@ def prefix_causal_attention(q, k, v, prefix_len, *, scale=None, deterministic=Tr
     With ``mimkernels.ops.attention.CENTRE_KEYS = True`` (or ``MIMKERNELS_CENTRE_KEYS=1``), off by default, every
     attention call first subtracts each sample and head's mean key from its keys: the same attention, and a dQ
     free of the error that a part shared by all keys brings into a backward that rounds dS to 16 bits (ours, like
-    FlashAttention's).
+    FlashAttention's). With ``CENTRE_KEYS = "dq"`` (``MIMKERNELS_CENTRE_KEYS=dq``) our kernels' backward takes
+    that part out of dQ itself (dS K as dS K - rowsum(dS) c, c the mean of a few keys), with no pass over K before
+    the call; calls that run other kernels (SDPA's causal route, the reference backend) centre their keys as with
+    True.
     """
     q, k, v = _checked_qkv(q, k, v)
     return _attend(q, k, v, _checked_prefix(prefix_len, q), scale, deterministic, "prefix_causal_attention")
@@ -320,10 +350,11 @@ def qkv_attention(qkv, *, causal=False, prefix_len=None, scale=None, determinist
     backend = _backend.select("attention", q.device, implemented=("triton",))
     if backend == "triton" and not _sdpa_measured_faster(q, prefix, deterministic):
         qkv = unit_stride(qkv)
-        key_mean = _key_mean(k) if CENTRE_KEYS else None
+        centre_keys = _centre_keys_mode()
+        key_mean = _key_mean(k) if centre_keys is True else None
         if isinstance(prefix, torch.Tensor):
-            return _TritonPackedAttention.apply(qkv, prefix, 0, scale, deterministic, key_mean)
-        return _TritonPackedAttention.apply(qkv, None, prefix, scale, deterministic, key_mean)
+            return _TritonPackedAttention.apply(qkv, prefix, 0, scale, deterministic, key_mean, centre_keys == "dq")
+        return _TritonPackedAttention.apply(qkv, None, prefix, scale, deterministic, key_mean, centre_keys == "dq")
     return _attend(q, k, v, prefix, scale, deterministic, "attention").transpose(1, 2)
 
 

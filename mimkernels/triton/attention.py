@@ -29,6 +29,7 @@ from .launch import cdiv, compute_capability, launch, next_power_of_2, tensor_de
 LOG2_E = 1.4426950408889634
 ROW_DOT_BLOCK = 16  # query rows per program of the backward's row-dot pre-pass
 ROW_DOT_WARPS, ROW_DOT_STAGES = 4, 3
+KEY_CENTRE_ROWS = tl.constexpr(16)  # keys whose mean each program subtracts from dQ's keys with KEY_CENTRE
 
 
 @dataclass(frozen=True)
@@ -276,6 +277,21 @@ def _visible(rows_q, cols_k, prefix, seq_len):
     Query rows past the end see key 0, so no row is ever empty (no NaN), and they are never stored.
     """
     return ((cols_k <= rows_q) | (cols_k < prefix)) & (cols_k < seq_len)
+
+
+@triton.jit
+def _key_centre(K, batch, head, stride_kb, stride_kh, stride_kn, cols, seq_len, head_dim, EVEN_D: tl.constexpr,
+                CENTRE_ROWS: tl.constexpr):
+    """c, the fp32 mean of the head's first min(N, CENTRE_ROWS) keys over ``cols``, for KEY_CENTRE: dQ = dS K is
+    computed as dS~ K - rowsum(dS~) c, dS~ being dS as rounded for the matmul. Exact for any c in exact arithmetic
+    (each row of dS~ times the same c); what it removes is the c-part of dS~'s rounding error, which a part shared
+    by all keys makes large (a key bias: benchmarks/NOTES.md, "Keys that share a large part"). Any few keys stand
+    for the shared part: no pre-pass. A non-finite c needs no guard: these keys lie in key tile 0 (16 keys at least,
+    tl.dot's least size), whose dS~ K every query's dQ computes, so an inf or NaN among them makes every dQ row NaN
+    already (0 x inf in the matmul)."""
+    keys = _load_tile(_head_rows(K, batch, head, stride_kb, stride_kh), tl.arange(0, CENTRE_ROWS), stride_kn, cols,
+                      seq_len, head_dim, True, EVEN_D)
+    return tl.sum(keys.to(tl.float32), 0) / tl.minimum(seq_len, CENTRE_ROWS).to(tl.float32)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -604,12 +620,22 @@ def _dkdv_query_ranges(n_start, prefix, seq_len, BLOCK_M: tl.constexpr, BLOCK_N:
 
 
 @triton.jit
+def _dq_share(dscores_t, k, key_centre, DOT_PRECISION: tl.constexpr, KEY_CENTRE: tl.constexpr):
+    """A key tile's share of its query tile's dQ (unscaled) from dS^T [keys, queries] as rounded for the matmul;
+    with KEY_CENTRE less the share's dS row sums times ``key_centre``."""
+    dq = tl.dot(tl.trans(dscores_t), k, input_precision=DOT_PRECISION)
+    if KEY_CENTRE:
+        dq -= tl.sum(dscores_t.to(tl.float32), 0)[:, None] * key_centre[None, :]
+    return dq
+
+
+@triton.jit
 def _dkdv_query_tiles(
     dk, dv, k, v, q_src, do_src, dq_dst, dq_out, lse_row, delta_row, ds_rows, stride_dsn, stride_qn, stride_don,
     stride_dqn, stride_dq_out_n, batch, head, n_start, offs_n, offs_d, m_lo, m_hi, prefix, seq_len, head_dim,
-    qk_scale, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr, DQ_IN_ORDER: tl.constexpr,
-    USE_TMA: tl.constexpr, STORE_DS: tl.constexpr,
+    qk_scale, scale, key_centre, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+    DQ_IN_ORDER: tl.constexpr, USE_TMA: tl.constexpr, STORE_DS: tl.constexpr, KEY_CENTRE: tl.constexpr,
 ):
     """Accumulate dK, dV of the key tile at ``n_start`` over query tiles [m_lo, m_hi); works on transposed scores
     [keys, queries].
@@ -623,7 +649,8 @@ def _dkdv_query_tiles(
     With STORE_DS, the tile's dS^T (keys x queries, rounded as the dQ matmul takes it) goes to the [B, H, N, N] dS
     buffer (key-major, rows ``stride_dsn`` apart), for :func:`_prefix_causal_bwd_dq_from_ds`: STORE_DS 1 through
     ``ds_rows``, this head's rows of it; 2 through ``ds_rows`` as a tensor descriptor of it (blocks [1, 1, BLOCK_N,
-    BLOCK_M]: no addresses held in registers, TMA drops keys and queries past N).
+    BLOCK_M]: no addresses held in registers, TMA drops keys and queries past N). With KEY_CENTRE, each dQ share
+    less its dS row sums times ``key_centre`` (:func:`_key_centre`).
     """
     for m_start in range(m_lo, m_hi, BLOCK_M):
         offs_m = m_start + tl.arange(0, BLOCK_M)
@@ -650,7 +677,7 @@ def _dkdv_query_tiles(
                 inside = inside & (offs_m[None, :] < seq_len)
             tl.store(ds_rows + (offs_n[:, None] * stride_dsn + offs_m[None, :]), dscores_t, mask=inside)
         if DQ_ATOMIC:
-            dq = tl.dot(tl.trans(dscores_t), k, input_precision=DOT_PRECISION) * scale
+            dq = _dq_share(dscores_t, k, key_centre, DOT_PRECISION, KEY_CENTRE) * scale
             if USE_TMA:  # TMA drops the rows past N and the columns past D
                 dq_dst.atomic_add([batch, head, m_start, 0], dq.reshape(1, 1, BLOCK_M, BLOCK_D))
             else:
@@ -658,7 +685,7 @@ def _dkdv_query_tiles(
                 tl.atomic_add(dq_ptrs, dq, mask=(offs_m[:, None] < seq_len) & (offs_d[None, :] < head_dim),
                               sem="relaxed")
         if DQ_IN_ORDER:
-            dq = tl.dot(tl.trans(dscores_t), k, input_precision=DOT_PRECISION)
+            dq = _dq_share(dscores_t, k, key_centre, DOT_PRECISION, KEY_CENTRE)
             inside = (offs_m[:, None] < seq_len) & (offs_d[None, :] < head_dim)
             dq_ptrs = dq_dst + offs_m[:, None] * stride_dqn + offs_d[None, :]
             if n_start > 0:  # the key tiles before this one have added theirs (every query sees key tile 0)
@@ -674,7 +701,7 @@ def _dkdv_query_tiles(
 
 @triton.jit
 def _dkdv_key_tile(
-    Q, K, V, DO, DK, DV, dq_dst, dq_out, lse_row, delta_row, ds_rows, stride_dsn, Q_TAIL, DO_TAIL, DS_TAIL,
+    Q, K, V, DO, DK, DV, dq_dst, dq_out, lse_row, delta_row, ds_rows, stride_dsn, Q_TAIL, DO_TAIL, DS_TAIL, KC,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -685,12 +712,13 @@ def _dkdv_key_tile(
     batch, head, n_start, prefix, seq_len, scale, qk_scale,
     head_dim: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr, DQ_IN_ORDER: tl.constexpr,
-    USE_TMA: tl.constexpr, TAIL_M: tl.constexpr, STORE_DS: tl.constexpr,
+    USE_TMA: tl.constexpr, TAIL_M: tl.constexpr, STORE_DS: tl.constexpr, KEY_CENTRE: tl.constexpr,
 ):
     """dK, dV of the key tile at ``n_start`` over every query tile that sees it (and its dQ shares or dS, see
     :func:`_dkdv_query_tiles`), stored. With TAIL_M (never with DQ_ATOMIC or DQ_IN_ORDER), the query rows past the
     last whole BLOCK_M tile come in tiles of TAIL_M rows, through Q_TAIL and DO_TAIL (and their dS through DS_TAIL
-    with STORE_DS 2: a descriptor with [1, 1, BLOCK_N, TAIL_M] blocks)."""
+    with STORE_DS 2: a descriptor with [1, 1, BLOCK_N, TAIL_M] blocks). KC: K's pointer, for KEY_CENTRE's
+    :func:`_key_centre`."""
     offs_n = n_start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k = _read_rows(_head_source(K, batch, head, stride_kb, stride_kh, USE_TMA), batch, head, n_start, stride_kn,
@@ -701,6 +729,11 @@ def _dkdv_key_tile(
     do_src = _head_source(DO, batch, head, stride_dob, stride_doh, USE_TMA)
 
     m_lo, diag_end, m_floor = _dkdv_query_ranges(n_start, prefix, seq_len, BLOCK_M, BLOCK_N)
+    if KEY_CENTRE:
+        key_centre = _key_centre(KC, batch, head, stride_kb, stride_kh, stride_kn, offs_d, seq_len, head_dim, EVEN_D,
+                                 KEY_CENTRE_ROWS)
+    else:
+        key_centre = tl.zeros([BLOCK_D], dtype=tl.float32)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -708,27 +741,27 @@ def _dkdv_key_tile(
     dk, dv = _dkdv_query_tiles(
         dk, dv, k, v, q_src, do_src, dq_dst, dq_out, lse_row, delta_row, ds_rows, stride_dsn, stride_qn, stride_don,
         stride_dqn, stride_dq_out_n, batch, head, n_start, offs_n, offs_d, m_lo, diag_end, prefix, seq_len, head_dim,
-        qk_scale, scale, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, True, DOT_PRECISION, DQ_ATOMIC, DQ_IN_ORDER, USE_TMA,
-        STORE_DS)
+        qk_scale, scale, key_centre, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, True, DOT_PRECISION, DQ_ATOMIC, DQ_IN_ORDER,
+        USE_TMA, STORE_DS, KEY_CENTRE)
     dk, dv = _dkdv_query_tiles(
         dk, dv, k, v, q_src, do_src, dq_dst, dq_out, lse_row, delta_row, ds_rows, stride_dsn, stride_qn, stride_don,
         stride_dqn, stride_dq_out_n, batch, head, n_start, offs_n, offs_d, diag_end, m_floor, prefix, seq_len, head_dim,
-        qk_scale, scale, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, False, DOT_PRECISION, DQ_ATOMIC, DQ_IN_ORDER, USE_TMA,
-        STORE_DS)
+        qk_scale, scale, key_centre, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, False, DOT_PRECISION, DQ_ATOMIC, DQ_IN_ORDER,
+        USE_TMA, STORE_DS, KEY_CENTRE)
     if TAIL_M:  # the rows past the last whole query tile, TAIL_M at a time
         dk, dv = _dkdv_query_tiles(
             dk, dv, k, v, _head_source(Q_TAIL, batch, head, stride_qb, stride_qh, USE_TMA),
             _head_source(DO_TAIL, batch, head, stride_dob, stride_doh, USE_TMA), dq_dst, dq_out, lse_row, delta_row,
             DS_TAIL if STORE_DS == 2 else ds_rows, stride_dsn, stride_qn, stride_don, stride_dqn, stride_dq_out_n,
             batch, head, n_start, offs_n, offs_d, tl.maximum(diag_end, m_floor), seq_len, prefix, seq_len, head_dim,
-            qk_scale, scale, TAIL_M, BLOCK_N, BLOCK_D, EVEN_D, True, DOT_PRECISION, DQ_ATOMIC, DQ_IN_ORDER, USE_TMA,
-            STORE_DS)
+            qk_scale, scale, key_centre, TAIL_M, BLOCK_N, BLOCK_D, EVEN_D, True, DOT_PRECISION, DQ_ATOMIC,
+            DQ_IN_ORDER, USE_TMA, STORE_DS, KEY_CENTRE)
     else:
         dk, dv = _dkdv_query_tiles(
             dk, dv, k, v, q_src, do_src, dq_dst, dq_out, lse_row, delta_row, ds_rows, stride_dsn, stride_qn,
             stride_don, stride_dqn, stride_dq_out_n, batch, head, n_start, offs_n, offs_d,
-            tl.maximum(diag_end, m_floor), seq_len, prefix, seq_len, head_dim, qk_scale, scale, BLOCK_M, BLOCK_N,
-            BLOCK_D, EVEN_D, True, DOT_PRECISION, DQ_ATOMIC, DQ_IN_ORDER, USE_TMA, STORE_DS)
+            tl.maximum(diag_end, m_floor), seq_len, prefix, seq_len, head_dim, qk_scale, scale, key_centre, BLOCK_M,
+            BLOCK_N, BLOCK_D, EVEN_D, True, DOT_PRECISION, DQ_ATOMIC, DQ_IN_ORDER, USE_TMA, STORE_DS, KEY_CENTRE)
 
     if USE_TMA:  # TMA drops the rows past N and the columns past D
         DK.store([batch, head, n_start, 0], (dk * scale).to(DK.dtype).reshape(1, 1, BLOCK_N, BLOCK_D))
@@ -742,7 +775,7 @@ def _dkdv_key_tile(
 
 @triton.jit
 def _prefix_causal_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, DS, PREFIX, Q_TAIL, DO_TAIL, DS_TAIL, prefix_int,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, DS, PREFIX, Q_TAIL, DO_TAIL, DS_TAIL, KC, prefix_int,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -754,7 +787,7 @@ def _prefix_causal_bwd_dkdv(
     PREFIX_IS_TENSOR: tl.constexpr, head_dim: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr, USE_TMA: tl.constexpr, TAIL_M: tl.constexpr,
-    STORE_DS: tl.constexpr,
+    STORE_DS: tl.constexpr, KEY_CENTRE: tl.constexpr,
 ):
     """dK, dV of one key tile; with DQ_ATOMIC also dQ (fp32, atomically, so not bit-reproducible), in one launch;
     with STORE_DS also its dS^T into DS ([B, H, N, N], key-major, rows ``stride_dsn`` apart, heads N of them; 2:
@@ -762,7 +795,8 @@ def _prefix_causal_bwd_dkdv(
     :func:`_prefix_causal_bwd_dq_from_ds`.
     With USE_TMA, Q, K, V, DO, DK, DV are [B, H, N, D] tensor descriptors, and so is DQ_ACC with DQ_ATOMIC. With
     TAIL_M (not with DQ_ATOMIC), query rows past the last whole BLOCK_M tile are read TAIL_M at a time through
-    Q_TAIL and DO_TAIL (blocks [1, 1, TAIL_M, BLOCK_D] with USE_TMA; else Q and DO again)."""
+    Q_TAIL and DO_TAIL (blocks [1, 1, TAIL_M, BLOCK_D] with USE_TMA; else Q and DO again). KEY_CENTRE (with
+    DQ_ATOMIC): dQ less its dS row sums times :func:`_key_centre` of KC (K's pointer)."""
     # key tile 0 is seen by the most queries: it goes first
     bh, batch, head, _, n_start, prefix = _program_tile(PREFIX, prefix_int, num_n_tiles, num_heads, seq_len, BLOCK_N,
                                                         False, PREFIX_IS_TENSOR)
@@ -770,15 +804,16 @@ def _prefix_causal_bwd_dkdv(
         Q, K, V, DO, DK, DV, _head_source(DQ_ACC, batch, head, stride_dqb, stride_dqh, USE_TMA), DQ_ACC,
         LSE + bh.to(tl.int64) * seq_len, DELTA + bh.to(tl.int64) * seq_len,
         DS if STORE_DS == 2 else DS + bh.to(tl.int64) * seq_len * stride_dsn, stride_dsn, Q_TAIL, DO_TAIL, DS_TAIL,
-        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+        KC, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
         stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
         stride_dqn, stride_dqn, batch, head, n_start, prefix, seq_len, scale, qk_scale,
-        head_dim, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, DQ_ATOMIC, False, USE_TMA, TAIL_M, STORE_DS)
+        head_dim, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, DQ_ATOMIC, False, USE_TMA, TAIL_M, STORE_DS,
+        KEY_CENTRE)
 
 
 @triton.jit
 def _prefix_causal_bwd_per_head(
-    Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV, DQ_ACC, PREFIX, prefix_int,
+    Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV, DQ_ACC, PREFIX, KC, prefix_int,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -790,13 +825,14 @@ def _prefix_causal_bwd_per_head(
     num_heads, seq_len, scale, qk_scale,
     PREFIX_IS_TENSOR: tl.constexpr, head_dim: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, KEY_CENTRE: tl.constexpr,
 ):
     """The whole backward of one (batch, head) in one program: delta of every row, then its key tiles in order,
     each adding its dQ share to an fp32 accumulator (DQ_ACC, [B * H, N, D] contiguous, uninitialised) that only
     this program touches, so the sums run in the same order every time with 5 matmuls per tile pair instead of
     the two-launch backward's 7. With USE_TMA, Q, K, V, DO, DK, DV are [B, H, N, D] tensor descriptors (O, DQ and
-    the accumulator stay pointers)."""
+    the accumulator stay pointers). KEY_CENTRE: dQ less its dS row sums times :func:`_key_centre` of KC (K's
+    pointer)."""
     bh = tl.program_id(0)
     batch = bh // num_heads
     head = bh % num_heads
@@ -819,43 +855,49 @@ def _prefix_causal_bwd_per_head(
     dq_out = _head_rows(DQ, batch, head, stride_dqb, stride_dqh)
     for n_start in range(0, seq_len, BLOCK_N):
         _dkdv_key_tile(
-            Q, K, V, DO, DK, DV, dq_acc, dq_out, lse_row, delta_row, dq_acc, 0, Q, DO, dq_acc,  # no dS stored
+            Q, K, V, DO, DK, DV, dq_acc, dq_out, lse_row, delta_row, dq_acc, 0, Q, DO, dq_acc, KC,  # no dS stored
             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
             stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
             stride_dvn, head_dim, stride_dqn, batch, head, n_start, prefix, seq_len, scale, qk_scale,
-            head_dim, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, False, True, USE_TMA, 0, 0)
+            head_dim, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, False, True, USE_TMA, 0, 0, KEY_CENTRE)
         tl.debug_barrier()  # this key tile's dQ rows written before the next one reads them
 
 
 @triton.jit
 def _dq_key_tiles(
-    dq, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, batch, head,
+    dq, ds_sum, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, batch, head,
     offs_m, offs_d, n_lo, n_hi, prefix, seq_len, head_dim, qk_scale,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, KEY_CENTRE: tl.constexpr,
 ):
+    """dq += dS K over the key tiles [n_lo, n_hi); with KEY_CENTRE also ds_sum += the rows of dS as rounded for
+    the matmul (:func:`_key_centre`)."""
     for n_start in range(n_lo, n_hi, BLOCK_N):
         k, v, scores = _key_tile_scores(q, k_src, v_src, stride_kn, stride_vn, batch, head, offs_m, offs_d, n_start,
                                         prefix, seq_len, head_dim, qk_scale, BLOCK_N, BLOCK_D, EVEN_D, MASKED,
                                         DOT_PRECISION, USE_TMA)
         probs = tl.exp2(scores - lse[:, None])
         dprobs = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        dscores = probs * (dprobs - delta[:, None])
-        dq += tl.dot(dscores.to(k.dtype), k, input_precision=DOT_PRECISION)
-    return dq
+        dscores = (probs * (dprobs - delta[:, None])).to(k.dtype)
+        dq += tl.dot(dscores, k, input_precision=DOT_PRECISION)
+        if KEY_CENTRE:
+            ds_sum += tl.sum(dscores.to(tl.float32), 1)
+    return dq, ds_sum
 
 
 @triton.jit
 def _dq_query_tile(
-    Q, K, V, O, DO, LSE, DELTA, DQ, batch, head, bh, m_start, prefix,
+    Q, K, V, O, DO, LSE, DELTA, DQ, KC, batch, head, bh, m_start, prefix,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
     seq_len, scale, qk_scale,
     head_dim: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, DELTA_HERE: tl.constexpr, USE_TMA: tl.constexpr,
+    KEY_CENTRE: tl.constexpr,
 ):
     """dQ of the BLOCK_M query rows from ``m_start`` (Q, DO and DQ descriptors, with USE_TMA, of
-    [1, 1, BLOCK_M, BLOCK_D] blocks), and with DELTA_HERE their delta rows."""
+    [1, 1, BLOCK_M, BLOCK_D] blocks), and with DELTA_HERE their delta rows. KEY_CENTRE: less dS's row sums times
+    :func:`_key_centre` of KC (K's pointer)."""
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _read_rows(_head_source(Q, batch, head, stride_qb, stride_qh, USE_TMA), batch, head, m_start, stride_qn,
@@ -874,13 +916,17 @@ def _dq_query_tile(
         delta = tl.load(DELTA + bh.to(tl.int64) * seq_len + offs_m, mask=offs_m < seq_len, other=0.0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    ds_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     full_end, visible_end = _key_range(m_start, prefix, seq_len, BLOCK_M, BLOCK_N)
-    dq = _dq_key_tiles(dq, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, batch, head, offs_m, offs_d,
-                       0, full_end, prefix, seq_len, head_dim, qk_scale, BLOCK_N, BLOCK_D, EVEN_D, False,
-                       DOT_PRECISION, USE_TMA)
-    dq = _dq_key_tiles(dq, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, batch, head, offs_m, offs_d,
-                       full_end, visible_end, prefix, seq_len, head_dim, qk_scale, BLOCK_N, BLOCK_D, EVEN_D, True,
-                       DOT_PRECISION, USE_TMA)
+    dq, ds_sum = _dq_key_tiles(dq, ds_sum, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, batch, head, offs_m,
+                               offs_d, 0, full_end, prefix, seq_len, head_dim, qk_scale, BLOCK_N, BLOCK_D, EVEN_D,
+                               False, DOT_PRECISION, USE_TMA, KEY_CENTRE)
+    dq, ds_sum = _dq_key_tiles(dq, ds_sum, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, batch, head, offs_m,
+                               offs_d, full_end, visible_end, prefix, seq_len, head_dim, qk_scale, BLOCK_N, BLOCK_D,
+                               EVEN_D, True, DOT_PRECISION, USE_TMA, KEY_CENTRE)
+    if KEY_CENTRE:
+        dq -= ds_sum[:, None] * _key_centre(KC, batch, head, stride_kb, stride_kh, stride_kn, offs_d, seq_len,
+                                            head_dim, EVEN_D, KEY_CENTRE_ROWS)[None, :]
     if USE_TMA:  # TMA drops the rows past N and the columns past D
         DQ.store([batch, head, m_start, 0], (dq * scale).to(DQ.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
     else:
@@ -890,7 +936,7 @@ def _dq_query_tile(
 
 @triton.jit
 def _prefix_causal_bwd_dq(
-    Q, K, V, O, DO, LSE, DELTA, DQ, PREFIX, Q_TAIL, DO_TAIL, DQ_TAIL, prefix_int,
+    Q, K, V, O, DO, LSE, DELTA, DQ, PREFIX, Q_TAIL, DO_TAIL, DQ_TAIL, KC, prefix_int,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -901,45 +947,47 @@ def _prefix_causal_bwd_dq(
     PREFIX_IS_TENSOR: tl.constexpr, head_dim: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DELTA_HERE: tl.constexpr, USE_TMA: tl.constexpr, TAIL_M: tl.constexpr,
+    KEY_CENTRE: tl.constexpr,
 ):
     """dQ of one query tile. With DELTA_HERE it also computes and stores this tile's delta rows (rowsum(dO * O)),
     which the dK/dV kernel launched after it reads: the row-dot pre-pass folded into this kernel. With USE_TMA,
     Q, K, V, DO, DQ are [B, H, N, D] tensor descriptors (O stays a pointer). With TAIL_M, the rows past the last
     whole BLOCK_M tile are ``num_tail_tiles`` tiles of TAIL_M rows, through Q_TAIL, DO_TAIL and DQ_TAIL (blocks
-    [1, 1, TAIL_M, BLOCK_D] with USE_TMA; else Q, DO and DQ again)."""
+    [1, 1, TAIL_M, BLOCK_D] with USE_TMA; else Q, DO and DQ again). KEY_CENTRE: see :func:`_key_centre` (KC: K's
+    pointer)."""
     bh, batch, head, tile, m_start, prefix = _program_tile(PREFIX, prefix_int, num_m_tiles, num_heads, seq_len,
                                                            BLOCK_M, True, PREFIX_IS_TENSOR)
     if TAIL_M:
         if tile < num_tail_tiles:  # the rows past the last whole tile, which see the most keys, first of all
             tail_start = (seq_len // BLOCK_M) * BLOCK_M + tile * TAIL_M
-            _dq_query_tile(Q_TAIL, K, V, O, DO_TAIL, LSE, DELTA, DQ_TAIL, batch, head, bh, tail_start, prefix,
+            _dq_query_tile(Q_TAIL, K, V, O, DO_TAIL, LSE, DELTA, DQ_TAIL, KC, batch, head, bh, tail_start, prefix,
                            stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
                            stride_vn, stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don, stride_dqb,
                            stride_dqh, stride_dqn, seq_len, scale, qk_scale, head_dim, EVEN_D, TAIL_M, BLOCK_N,
-                           BLOCK_D, DOT_PRECISION, DELTA_HERE, USE_TMA)
+                           BLOCK_D, DOT_PRECISION, DELTA_HERE, USE_TMA, KEY_CENTRE)
         else:
-            _dq_query_tile(Q, K, V, O, DO, LSE, DELTA, DQ, batch, head, bh, m_start, prefix, stride_qb, stride_qh,
+            _dq_query_tile(Q, K, V, O, DO, LSE, DELTA, DQ, KC, batch, head, bh, m_start, prefix, stride_qb, stride_qh,
                            stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_ob,
                            stride_oh, stride_on, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh,
                            stride_dqn, seq_len, scale, qk_scale, head_dim, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D,
-                           DOT_PRECISION, DELTA_HERE, USE_TMA)
+                           DOT_PRECISION, DELTA_HERE, USE_TMA, KEY_CENTRE)
     else:
-        _dq_query_tile(Q, K, V, O, DO, LSE, DELTA, DQ, batch, head, bh, m_start, prefix, stride_qb, stride_qh,
+        _dq_query_tile(Q, K, V, O, DO, LSE, DELTA, DQ, KC, batch, head, bh, m_start, prefix, stride_qb, stride_qh,
                        stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_ob,
                        stride_oh, stride_on, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
                        seq_len, scale, qk_scale, head_dim, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
-                       DELTA_HERE, USE_TMA)
+                       DELTA_HERE, USE_TMA, KEY_CENTRE)
 
 
 @triton.jit
-def _dq_from_ds_key_tiles(dq, ds_src, stride_dsn, k_src, stride_kn, batch, head, m_start, offs_m, offs_d, n_lo,
-                          n_hi, prefix, seq_len, head_dim, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _dq_from_ds_key_tiles(dq, ds_sum, ds_src, stride_dsn, k_src, stride_kn, batch, head, m_start, offs_m, offs_d,
+                          n_lo, n_hi, prefix, seq_len, head_dim, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+                          DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, KEY_CENTRE: tl.constexpr):
     """dq += dS K over the key tiles [n_lo, n_hi), dS^T read from the stored [N, N] buffer (key-major; ``ds_src``:
     this head's rows, or with USE_TMA a descriptor of the buffer). MASKED tiles use only the visible pairs (the dK/dV
     kernel never wrote the others: its tiles may differ from these): through pointers they are all it reads,
-    through TMA the rest is read and replaced by zeros."""
+    through TMA the rest is read and replaced by zeros. With KEY_CENTRE also ds_sum += dS's rows."""
     for n_start in range(n_lo, n_hi, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
         if USE_TMA:  # TMA fills keys and queries past N with zeros
@@ -954,22 +1002,25 @@ def _dq_from_ds_key_tiles(dq, ds_src, stride_dsn, k_src, stride_kn, batch, head,
         k = _read_rows(k_src, batch, head, n_start, stride_kn, offs_d, seq_len, head_dim, True, EVEN_D, BLOCK_N,
                        BLOCK_D, USE_TMA)
         dq += tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION)
-    return dq
+        if KEY_CENTRE:
+            ds_sum += tl.sum(ds_t.to(tl.float32), 0)
+    return dq, ds_sum
 
 
 @triton.jit
 def _prefix_causal_bwd_dq_from_ds(
-    K, DS, DQ, PREFIX, prefix_int,
+    K, DS, DQ, PREFIX, KC, prefix_int,
     stride_kb, stride_kh, stride_kn,
     stride_dqb, stride_dqh, stride_dqn, stride_dsn,
     num_heads, seq_len, scale, num_m_tiles,
     PREFIX_IS_TENSOR: tl.constexpr, head_dim: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, KEY_CENTRE: tl.constexpr,
 ):
     """dQ of one query tile from the dS the dK/dV kernel stored (STORE_DS): one matmul per key tile, where
     :func:`_prefix_causal_bwd_dq` recomputes the scores and dP (three). No tail tiles. With USE_TMA, K and DQ are
-    [B, H, N, D] tensor descriptors and DS one of the [B, H, N, N] buffer (blocks [1, 1, BLOCK_N, BLOCK_M])."""
+    [B, H, N, D] tensor descriptors and DS one of the [B, H, N, N] buffer (blocks [1, 1, BLOCK_N, BLOCK_M]).
+    KEY_CENTRE: less dS's row sums times :func:`_key_centre` of KC (K's pointer)."""
     bh, batch, head, _, m_start, prefix = _program_tile(PREFIX, prefix_int, num_m_tiles, num_heads, seq_len, BLOCK_M,
                                                         True, PREFIX_IS_TENSOR)
     offs_m = m_start + tl.arange(0, BLOCK_M)
@@ -978,12 +1029,16 @@ def _prefix_causal_bwd_dq_from_ds(
     k_src = _head_source(K, batch, head, stride_kb, stride_kh, USE_TMA)
     full_end, visible_end = _key_range(m_start, prefix, seq_len, BLOCK_M, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _dq_from_ds_key_tiles(dq, ds_src, stride_dsn, k_src, stride_kn, batch, head, m_start, offs_m, offs_d, 0,
-                               full_end, prefix, seq_len, head_dim, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, False,
-                               DOT_PRECISION, USE_TMA)
-    dq = _dq_from_ds_key_tiles(dq, ds_src, stride_dsn, k_src, stride_kn, batch, head, m_start, offs_m, offs_d,
-                               full_end, visible_end, prefix, seq_len, head_dim, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D,
-                               True, DOT_PRECISION, USE_TMA)
+    ds_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    dq, ds_sum = _dq_from_ds_key_tiles(dq, ds_sum, ds_src, stride_dsn, k_src, stride_kn, batch, head, m_start, offs_m,
+                                       offs_d, 0, full_end, prefix, seq_len, head_dim, BLOCK_M, BLOCK_N, BLOCK_D,
+                                       EVEN_D, False, DOT_PRECISION, USE_TMA, KEY_CENTRE)
+    dq, ds_sum = _dq_from_ds_key_tiles(dq, ds_sum, ds_src, stride_dsn, k_src, stride_kn, batch, head, m_start, offs_m,
+                                       offs_d, full_end, visible_end, prefix, seq_len, head_dim, BLOCK_M, BLOCK_N,
+                                       BLOCK_D, EVEN_D, True, DOT_PRECISION, USE_TMA, KEY_CENTRE)
+    if KEY_CENTRE:
+        dq -= ds_sum[:, None] * _key_centre(KC, batch, head, stride_kb, stride_kh, stride_kn, offs_d, seq_len,
+                                            head_dim, EVEN_D, KEY_CENTRE_ROWS)[None, :]
     if USE_TMA:  # TMA drops the rows past N and the columns past D
         DQ.store([batch, head, m_start, 0], (dq * scale).to(DQ.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
     else:
@@ -1090,10 +1145,10 @@ def _prefix_causal_bwd_dkdv_split_d(
 
 @triton.jit
 def _dq_split_d_key_tiles(
-    dq_lo, dq_hi, q_lo, q_hi, do_lo, do_hi, lse, delta, k_lo_src, k_hi_src, v_lo_src, v_hi_src, stride_kn,
+    dq_lo, dq_hi, ds_sum, q_lo, q_hi, do_lo, do_hi, lse, delta, k_lo_src, k_hi_src, v_lo_src, v_hi_src, stride_kn,
     stride_vn, batch, head, offs_m, offs_lo, offs_hi, n_lo, n_hi, prefix, seq_len, head_dim, qk_scale,
     BLOCK_N: tl.constexpr, BLOCK_LO: tl.constexpr, BLOCK_HI: tl.constexpr, EVEN_HI: tl.constexpr,
-    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, KEY_CENTRE: tl.constexpr,
 ):
     """:func:`_dq_key_tiles` over a split head dim."""
     for n_start in range(n_lo, n_hi, BLOCK_N):
@@ -1108,12 +1163,14 @@ def _dq_split_d_key_tiles(
         dscores = (probs * (dprobs - delta[:, None])).to(k_lo.dtype)
         dq_lo += tl.dot(dscores, k_lo, input_precision=DOT_PRECISION)
         dq_hi += tl.dot(dscores, k_hi, input_precision=DOT_PRECISION)
-    return dq_lo, dq_hi
+        if KEY_CENTRE:
+            ds_sum += tl.sum(dscores.to(tl.float32), 1)
+    return dq_lo, dq_hi, ds_sum
 
 
 @triton.jit
 def _prefix_causal_bwd_dq_split_d(
-    Q, K, V, DO, DQ, Q_HI, K_HI, V_HI, DO_HI, DQ_HI, O, LSE, DELTA, PREFIX, prefix_int,
+    Q, K, V, DO, DQ, Q_HI, K_HI, V_HI, DO_HI, DQ_HI, O, LSE, DELTA, PREFIX, KC, prefix_int,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -1123,7 +1180,7 @@ def _prefix_causal_bwd_dq_split_d(
     num_heads, seq_len, scale, qk_scale, num_m_tiles,
     PREFIX_IS_TENSOR: tl.constexpr, head_dim: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_LO: tl.constexpr, BLOCK_HI: tl.constexpr, EVEN_HI: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DELTA_HERE: tl.constexpr, USE_TMA: tl.constexpr,
+    DELTA_HERE: tl.constexpr, USE_TMA: tl.constexpr, KEY_CENTRE: tl.constexpr,
 ):
     """:func:`_prefix_causal_bwd_dq` (no tail tiles) for a head dim of BLOCK_LO + at most BLOCK_HI columns
     (EVEN_HI: exactly); with DELTA_HERE it computes and stores the tile's delta rows too (O stays a pointer).
@@ -1158,15 +1215,21 @@ def _prefix_causal_bwd_dq_split_d(
 
     dq_lo = tl.zeros([BLOCK_M, BLOCK_LO], dtype=tl.float32)
     dq_hi = tl.zeros([BLOCK_M, BLOCK_HI], dtype=tl.float32)
+    ds_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     full_end, visible_end = _key_range(m_start, prefix, seq_len, BLOCK_M, BLOCK_N)
-    dq_lo, dq_hi = _dq_split_d_key_tiles(
-        dq_lo, dq_hi, q_lo, q_hi, do_lo, do_hi, lse, delta, k_lo_src, k_hi_src, v_lo_src, v_hi_src, stride_kn,
-        stride_vn, batch, head, offs_m, offs_lo, offs_hi, 0, full_end, prefix, seq_len, head_dim, qk_scale, BLOCK_N,
-        BLOCK_LO, BLOCK_HI, EVEN_HI, False, DOT_PRECISION, USE_TMA)
-    dq_lo, dq_hi = _dq_split_d_key_tiles(
-        dq_lo, dq_hi, q_lo, q_hi, do_lo, do_hi, lse, delta, k_lo_src, k_hi_src, v_lo_src, v_hi_src, stride_kn,
-        stride_vn, batch, head, offs_m, offs_lo, offs_hi, full_end, visible_end, prefix, seq_len, head_dim, qk_scale,
-        BLOCK_N, BLOCK_LO, BLOCK_HI, EVEN_HI, True, DOT_PRECISION, USE_TMA)
+    dq_lo, dq_hi, ds_sum = _dq_split_d_key_tiles(
+        dq_lo, dq_hi, ds_sum, q_lo, q_hi, do_lo, do_hi, lse, delta, k_lo_src, k_hi_src, v_lo_src, v_hi_src,
+        stride_kn, stride_vn, batch, head, offs_m, offs_lo, offs_hi, 0, full_end, prefix, seq_len, head_dim, qk_scale,
+        BLOCK_N, BLOCK_LO, BLOCK_HI, EVEN_HI, False, DOT_PRECISION, USE_TMA, KEY_CENTRE)
+    dq_lo, dq_hi, ds_sum = _dq_split_d_key_tiles(
+        dq_lo, dq_hi, ds_sum, q_lo, q_hi, do_lo, do_hi, lse, delta, k_lo_src, k_hi_src, v_lo_src, v_hi_src,
+        stride_kn, stride_vn, batch, head, offs_m, offs_lo, offs_hi, full_end, visible_end, prefix, seq_len,
+        head_dim, qk_scale, BLOCK_N, BLOCK_LO, BLOCK_HI, EVEN_HI, True, DOT_PRECISION, USE_TMA, KEY_CENTRE)
+    if KEY_CENTRE:  # each column block from its own columns of the same keys
+        dq_lo -= ds_sum[:, None] * _key_centre(KC, batch, head, stride_kb, stride_kh, stride_kn, offs_lo, seq_len,
+                                               head_dim, True, KEY_CENTRE_ROWS)[None, :]
+        dq_hi -= ds_sum[:, None] * _key_centre(KC, batch, head, stride_kb, stride_kh, stride_kn, offs_hi, seq_len,
+                                               head_dim, EVEN_HI, KEY_CENTRE_ROWS)[None, :]
     _write_split(_head_source(DQ, batch, head, stride_dqb, stride_dqh, USE_TMA),
                  _head_source(DQ_HI, batch, head, stride_dqb, stride_dqh, USE_TMA), batch, head, m_start, stride_dqn,
                  offs_lo, offs_hi, seq_len, head_dim, dq_lo * scale, dq_hi * scale, BLOCK_M, BLOCK_LO, BLOCK_HI,
@@ -1312,12 +1375,13 @@ def backward_row_dot(grad_out, out):
 
 
 def backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: TileConfig, dq_accumulator=None,
-                  dk=None, dv=None, ds=None):
+                  dk=None, dv=None, ds=None, key_centre: bool = False):
     """dk, dv ([B, H, N, D] stored [B, N, H, D], or written into the given ``dk``, ``dv``: any [B, H, N, D] views
     with a unit last stride); with ``dq_accumulator`` (fp32 [B, H, N, D], zeroed) the same launch also adds dQ
     into it, atomically; with ``ds`` (:func:`stored_ds_buffer`) it also stores dS^T there for
     :func:`backward_dq_from_ds` (through tensor descriptors where the tile is ``+tma`` and TMA can take it; the pairs
-    nobody sees are left as they were)."""
+    nobody sees are left as they were). ``key_centre``: the atomic dQ less the keys' shared part's share of it
+    (:func:`backward`)."""
     batch, heads, seq_len, head_dim = q.shape
     if ds is not None and (dq_accumulator is not None or (cfg.split_d and head_dim_split(head_dim))):
         raise ValueError("the dK/dV kernel stores dS only without the atomic dQ and without a split head dim")
@@ -1355,13 +1419,13 @@ def backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: Tile
     # the tail tiles' dS blocks (never read without TAIL_M and STORE_DS 2)
     ds_tail = tensor_descriptor(ds, [1, 1, cfg.block_n, tail_m]) if store_ds == 2 and tail_m else ds_
     launch(_prefix_causal_bwd_dkdv, (batch * heads * num_n_tiles,), (
-        q_, k_, v_, do_, lse, delta, dk_, dv_, dq_acc_, ds_, prefix_ptr, *tails, ds_tail,
+        q_, k_, v_, do_, lse, delta, dk_, dv_, dq_acc_, ds_, prefix_ptr, *tails, ds_tail, k,
     ), (
         prefix_int, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
         *_strides(dq_acc), stride_dsn, heads, seq_len, scale, scale * LOG2_E, num_n_tiles,
     ), dict(PREFIX_IS_TENSOR=prefix_is_tensor, **shapes, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            DQ_ATOMIC=atomic, USE_TMA=use_tma, TAIL_M=tail_m, STORE_DS=store_ds), num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+            DQ_ATOMIC=atomic, USE_TMA=use_tma, TAIL_M=tail_m, STORE_DS=store_ds, KEY_CENTRE=key_centre and atomic),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dk, dv
 
 
@@ -1377,10 +1441,10 @@ def _ds_row_stride(ds: torch.Tensor, q: torch.Tensor) -> int:
     return row
 
 
-def backward_dq_from_ds(q, k, ds, prefix, scale: float, cfg: TileConfig, dq=None):
+def backward_dq_from_ds(q, k, ds, prefix, scale: float, cfg: TileConfig, dq=None, key_centre: bool = False):
     """dq from the dS^T that :func:`backward_dkdv` stored into ``ds`` (:func:`stored_ds_buffer`): one matmul per tile
     pair. The tile's block_m, block_n, warps and stages are used, through TMA descriptors for a ``+tma`` tile where
-    TMA takes them (no tail tiles, no split head dim)."""
+    TMA takes them (no tail tiles, no split head dim). ``key_centre``: see :func:`backward`."""
     batch, heads, seq_len, head_dim = q.shape
     stride_dsn = _ds_row_stride(ds, q)
     prefix_ptr, prefix_int, prefix_is_tensor = _prefix_args(prefix, q)
@@ -1393,10 +1457,10 @@ def backward_dq_from_ds(q, k, ds, prefix, scale: float, cfg: TileConfig, dq=None
         ds_ = tensor_descriptor(ds, [1, 1, cfg.block_n, cfg.block_m])
     else:
         k_, ds_, dq_ = k, ds, dq
-    launch(_prefix_causal_bwd_dq_from_ds, (batch * heads * num_m_tiles,), (k_, ds_, dq_, prefix_ptr), (
+    launch(_prefix_causal_bwd_dq_from_ds, (batch * heads * num_m_tiles,), (k_, ds_, dq_, prefix_ptr, k), (
         prefix_int, *_strides(k), *_strides(dq), stride_dsn, heads, seq_len, scale, num_m_tiles,
     ), dict(PREFIX_IS_TENSOR=prefix_is_tensor, **shapes, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            USE_TMA=use_tma), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            USE_TMA=use_tma, KEY_CENTRE=key_centre), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dq
 
 
@@ -1464,12 +1528,14 @@ def stored_ds_tiles(q: torch.Tensor, cfgs: AttentionConfigs) -> tuple[TileConfig
     return tiles if fits and not (tiles[0].split_d and head_dim_split(head_dim)) else None
 
 
-def backward_dq(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: TileConfig, out=None, dq=None):
+def backward_dq(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: TileConfig, out=None, dq=None,
+                key_centre: bool = False):
     """dq ([B, H, N, D] stored [B, N, H, D], or written into the given ``dq``), one program per query tile:
     deterministic.
 
     With ``out`` (the forward's output) the kernel computes delta itself and writes it into ``delta``
-    (fp32 [B, H, N], uninitialised) for the dK/dV kernel: no row-dot pre-pass.
+    (fp32 [B, H, N], uninitialised) for the dK/dV kernel: no row-dot pre-pass. ``key_centre``: see
+    :func:`backward`.
     """
     batch, heads, seq_len, head_dim = q.shape
     prefix_ptr, prefix_int, prefix_is_tensor = _prefix_args(prefix, q)
@@ -1483,13 +1549,13 @@ def backward_dq(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: TileCo
         lo, hi, use_tma = _split_operands(cfg, parts, (q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n),
                                           (grad_out, cfg.block_m), (dq, cfg.block_m))
         launch(_prefix_causal_bwd_dq_split_d, (batch * heads * num_m_tiles,), (
-            *lo, *hi, out, lse, delta, prefix_ptr,
+            *lo, *hi, out, lse, delta, prefix_ptr, k,
         ), (
             prefix_int, *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(grad_out), *_strides(dq),
             heads, seq_len, scale, scale * LOG2_E, num_m_tiles,
         ), dict(PREFIX_IS_TENSOR=prefix_is_tensor, **_split_args(head_dim, parts, shapes), BLOCK_M=cfg.block_m,
-                BLOCK_N=cfg.block_n, DELTA_HERE=delta_here, USE_TMA=use_tma), num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages)
+                BLOCK_N=cfg.block_n, DELTA_HERE=delta_here, USE_TMA=use_tma, KEY_CENTRE=key_centre),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return dq
     num_m_tiles, num_tail_tiles, tail_m = query_tiles(seq_len, cfg)
     tail_operands = ((q, tail_m), (grad_out, tail_m), (dq, tail_m)) if tail_m else ()
@@ -1498,23 +1564,25 @@ def backward_dq(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: TileCo
                                                         *tail_operands)
     tails = tails or (q_, do_, dq_)  # never read without TAIL_M
     launch(_prefix_causal_bwd_dq, (batch * heads * num_m_tiles,), (
-        q_, k_, v_, out, do_, lse, delta, dq_, prefix_ptr, *tails,
+        q_, k_, v_, out, do_, lse, delta, dq_, prefix_ptr, *tails, k,
     ), (
         prefix_int, *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(grad_out), *_strides(dq),
         heads, seq_len, scale, scale * LOG2_E, num_m_tiles, num_tail_tiles,
     ), dict(PREFIX_IS_TENSOR=prefix_is_tensor, **shapes, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            DELTA_HERE=delta_here, USE_TMA=use_tma, TAIL_M=tail_m), num_warps=cfg.num_warps,
+            DELTA_HERE=delta_here, USE_TMA=use_tma, TAIL_M=tail_m, KEY_CENTRE=key_centre), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
     return dq
 
 
-def backward_atomic(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: TileConfig, grads=(None,) * 3):
+def backward_atomic(grad_out, q, k, v, lse, delta, prefix, scale: float, cfg: TileConfig, grads=(None,) * 3,
+                    key_centre: bool = False):
     """dq, dk, dv from one launch (5 matmuls per tile pair instead of 7); dQ is summed with fp32 atomics, whose
     order varies from run to run, so dq is not bit-reproducible."""
     batch, heads, seq_len, head_dim = q.shape
     dq, dk, dv = grads
     dq_acc = torch.zeros(batch, seq_len, heads, head_dim, dtype=torch.float32, device=q.device).transpose(1, 2)
-    dk, dv = backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale, cfg, dq_accumulator=dq_acc, dk=dk, dv=dv)
+    dk, dv = backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale, cfg, dq_accumulator=dq_acc, dk=dk, dv=dv,
+                           key_centre=key_centre)
     dq = _empty_bnhd(q) if dq is None else dq
     dq.copy_(dq_acc)
     return dq, dk, dv
@@ -1530,11 +1598,11 @@ def per_head_buffer(q: torch.Tensor, cfg: TileConfig) -> torch.Tensor:
 
 
 def backward_per_head(grad_out, q, k, v, out, lse, prefix, scale: float, cfg: TileConfig, grads=(None,) * 3,
-                      dq_buffer=None):
+                      dq_buffer=None, key_centre: bool = False):
     """dq, dk, dv from one launch, one program per (batch, head): delta, then dK/dV per key tile in order with
     each tile's dQ share added to an fp32 buffer in that order (5 matmuls per tile pair, bit-identical run after
     run). Its parallelism is B * H programs, so it suits short sequences and large batches. ``dq_buffer``: the
-    :func:`per_head_buffer` to use (else one is allocated)."""
+    :func:`per_head_buffer` to use (else one is allocated). ``key_centre``: see :func:`backward`."""
     batch, heads, seq_len, head_dim = q.shape
     prefix_ptr, prefix_int, prefix_is_tensor = _prefix_args(prefix, q)
     dq, dk, dv = (_empty_bnhd(t) if g is None else g for t, g in zip((q, k, v), grads))
@@ -1545,17 +1613,17 @@ def backward_per_head(grad_out, q, k, v, out, lse, prefix, scale: float, cfg: Ti
                                                      (v, cfg.block_n), (grad_out, cfg.block_m), (dk, cfg.block_n),
                                                      (dv, cfg.block_n))
     launch(_prefix_causal_bwd_per_head, (batch * heads,), (
-        q_, k_, v_, out, do_, lse, delta, dq, dk_, dv_, dq_acc, prefix_ptr,
+        q_, k_, v_, out, do_, lse, delta, dq, dk_, dv_, dq_acc, prefix_ptr, k,
     ), (
         prefix_int, *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(grad_out), *_strides(dq),
         *_strides(dk), *_strides(dv), heads, seq_len, scale, scale * LOG2_E,
-    ), dict(PREFIX_IS_TENSOR=prefix_is_tensor, **shapes, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=use_tma),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    ), dict(PREFIX_IS_TENSOR=prefix_is_tensor, **shapes, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=use_tma,
+            KEY_CENTRE=key_centre), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dq, dk, dv
 
 
 def backward(grad_out, q, k, v, out, lse, prefix, scale: float, configs: AttentionConfigs | None = None,
-             atomic_dq: bool = False, grads=(None,) * 3):
+             atomic_dq: bool = False, grads=(None,) * 3, key_centre: bool = False):
     """dq, dk, dv, each [B, H, N, D] stored [B, N, H, D], or written into ``grads`` = (dq, dk, dv) where given
     ([B, H, N, D] views with a unit last stride, e.g. of one packed [B, N, 3, H, D] gradient).
 
@@ -1566,6 +1634,11 @@ def backward(grad_out, q, k, v, out, lse, prefix, scale: float, configs: Attenti
     ``STORED_DS``): dK/dV stores dS and dQ is one matmul per tile pair from it (:func:`backward_dq_from_ds`), as
     reproducible. ``atomic_dq=True``: one launch that adds dQ with fp32 atomics (tile ``configs.backward_atomic``,
     else ``backward_dkdv``).
+
+    ``key_centre=True``: every dQ path computes dS K as dS~ K - rowsum(dS~) c, with dS~ the 16-bit dS its matmul
+    takes and c the mean of the head's first KEY_CENTRE_ROWS keys (:func:`_key_centre`): the same dQ in exact
+    arithmetic, without the error that a part shared by all keys brings through dS~'s rounding. No pre-pass and no
+    copy of K; dK and dV are unchanged.
     """
     cfgs = configs or configs_for_call(q)
     dq, dk, dv = grads
@@ -1574,22 +1647,24 @@ def backward(grad_out, q, k, v, out, lse, prefix, scale: float, configs: Attenti
     if ds is not None:  # row dot, dK/dV storing dS, dQ from dS: 3 launches
         delta = backward_row_dot(grad_out, out)
         dk, dv = backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale, stored_ds[0], dk=dk, dv=dv, ds=ds)
-        return backward_dq_from_ds(q, k, ds, prefix, scale, stored_ds[1], dq=dq), dk, dv
+        return backward_dq_from_ds(q, k, ds, prefix, scale, stored_ds[1], dq=dq, key_centre=key_centre), dk, dv
     per_head = None if atomic_dq else cfgs.backward_per_head
     dq_buffer = _buffer_if_free(lambda q: per_head_buffer(q, per_head), q, "per-head backward") if per_head else None
     if dq_buffer is not None:
-        return backward_per_head(grad_out, q, k, v, out, lse, prefix, scale, per_head, grads, dq_buffer=dq_buffer)
+        return backward_per_head(grad_out, q, k, v, out, lse, prefix, scale, per_head, grads, dq_buffer=dq_buffer,
+                                 key_centre=key_centre)
     if cfgs.backward_dq_delta is not None and not atomic_dq:  # dQ first, computing delta for dK/dV: 2 launches
         delta = torch.empty_like(lse)
-        dq = backward_dq(grad_out, q, k, v, lse, delta, prefix, scale, cfgs.backward_dq_delta, out=out, dq=dq)
+        dq = backward_dq(grad_out, q, k, v, lse, delta, prefix, scale, cfgs.backward_dq_delta, out=out, dq=dq,
+                         key_centre=key_centre)
         dk, dv = backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale, cfgs.backward_dkdv, dk=dk, dv=dv)
         return dq, dk, dv
     delta = backward_row_dot(grad_out, out)
     if atomic_dq:
         return backward_atomic(grad_out, q, k, v, lse, delta, prefix, scale, cfgs.backward_atomic or cfgs.backward_dkdv,
-                               grads)
+                               grads, key_centre=key_centre)
     dk, dv = backward_dkdv(grad_out, q, k, v, lse, delta, prefix, scale, cfgs.backward_dkdv, dk=dk, dv=dv)
-    dq = backward_dq(grad_out, q, k, v, lse, delta, prefix, scale, cfgs.backward_dq, dq=dq)
+    dq = backward_dq(grad_out, q, k, v, lse, delta, prefix, scale, cfgs.backward_dq, dq=dq, key_centre=key_centre)
     return dq, dk, dv
 
 
