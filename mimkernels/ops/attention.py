@@ -39,7 +39,7 @@ def _centre_keys_from_environment():
 #   again).
 # - "dq" (MIMKERNELS_CENTRE_KEYS=dq): our kernels compute dQ as dS~ K - rowsum(dS~) c (c a few keys' mean, read by
 #   each dQ program: no pre-pass, no copy, dK and dV untouched); a call that runs anything else (SDPA's causal route,
-#   the reference backend) centres its keys as with True.
+#   the torch backend) centres its keys as with True.
 CENTRE_KEYS = _centre_keys_from_environment()
 
 
@@ -303,7 +303,7 @@ def prefix_causal_attention(q, k, v, prefix_len, *, scale=None, deterministic=Tr
     free of the error that a part shared by all keys brings into a backward that rounds dS to 16 bits (ours, like
     FlashAttention's). With ``CENTRE_KEYS = "dq"`` (``MIMKERNELS_CENTRE_KEYS=dq``) our kernels' backward takes
     that part out of dQ itself (dS K as dS K - rowsum(dS) c, c the mean of a few keys), with no pass over K before
-    the call; calls that run other kernels (SDPA's causal route, the reference backend) centre their keys as with
+    the call; calls that run other kernels (SDPA's causal route, the torch backend) centre their keys as with
     True.
     """
     q, k, v = _checked_qkv(q, k, v)
