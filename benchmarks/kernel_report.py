@@ -315,24 +315,23 @@ def measured_report() -> list[Row]:
     return rows
 
 
+def bf16_sm90_table(quick: bool = False) -> list[tuple[int, kernels.AttentionConfigs, str]]:
+    """(head dim, configs, variant label) of each bf16 sm_90 entry of the measured table (``quick``: D 128, AIM's)."""
+    from mimkernels.triton import attention_tiles
+
+    return [(key[2], kernels.measured_configs(key), f" N<={key[3]}") for key in sorted(attention_tiles.MEASURED)
+            if key[0] == 90 and key[1] == 2 and not (quick and key[2] != 128)]
+
+
 def stored_ds_report(quick: bool = False) -> list[Row]:
     """The stored-dS backward's kernels (kernels.STORED_DS) with the measured table's bf16 sm_90 tiles (``quick``:
     D 128, AIM's), each after the table's own dK/dV and dQ kernels: that they compile, and what storing dS costs."""
-    from mimkernels.triton import attention_tiles
-
     rows = []
-    for key in sorted(attention_tiles.MEASURED):
-        arch, itemsize, block_d, seq_class = key
-        if arch != 90 or itemsize != 2 or (quick and block_d != 128):
-            continue
-        launches = attention_launches(block_d, torch.bfloat16, kernels.measured_configs(key), f" N<={seq_class}",
-                                      stored_ds=True)
-        for launch in launches:
+    for block_d, cfgs, variant in bf16_sm90_table(quick):
+        for launch in attention_launches(block_d, torch.bfloat16, cfgs, variant, stored_ds=True):
             if launch.fn in (kernels._prefix_causal_fwd, kernels._prefix_causal_fwd_split_d):
                 continue
-            rows.append(Row(launch.fn.__name__, "sm_90", "bf16", launch.variant, launch.tile, launch.num_warps,
-                            launch.num_stages, *compile_one(launch, 90)))
-            print(_format(rows[-1]), flush=True)
+            rows.append(_compiled_row(launch))
     return rows
 
 
@@ -353,11 +352,7 @@ def key_centre_report(quick: bool = False) -> list[Row]:
     in registers and spills): with the measured table's bf16 sm_90 tiles, then every dQ path
     (:func:`every_dq_path`) at D 64, 80 (split) and 128, through pointers and TMA; ``quick``: the table's D 128
     (AIM's) and every path at D 80 through pointers and at D 128 through TMA (each kernel at least once)."""
-    from mimkernels.triton import attention_tiles
-
-    plans = [(block_d, kernels.measured_configs(key), f" N<={seq_class}")
-             for key in sorted(attention_tiles.MEASURED) for arch, itemsize, block_d, seq_class in (key,)
-             if arch == 90 and itemsize == 2 and not (quick and block_d != 128)]
+    plans = bf16_sm90_table(quick)
     paths = ((80, False), (128, True)) if quick else [(d, tma) for d in (64, 80, 128) for tma in (False, True)]
     plans += [(head_dim, every_dq_path(head_dim, tma), " every-path") for head_dim, tma in paths]
     rows = []

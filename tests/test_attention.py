@@ -850,11 +850,11 @@ def keys_sharing_a_large_part(shape, dtype, shared=32.0, seed=0):
     return [t.to(DEVICE, dtype).requires_grad_() for t in (q, k, v)]
 
 
-def public_op(mask, packed=False):
-    """``mimkernels.attention`` with ``mask`` (its keyword arguments) on the Triton backend; where ``packed``,
+def public_op(mask, packed=False, backend="triton"):
+    """``mimkernels.attention`` with ``mask`` (its keyword arguments) on ``backend``; where ``packed``,
     ``qkv_attention`` on q, k, v stacked into one ``[B, N, 3, H, D]`` tensor (its own autograd path)."""
     def run(q, k, v):
-        with mimkernels.use_backend("triton"):
+        with mimkernels.use_backend(backend):
             if packed:
                 return mimkernels.qkv_attention(torch.stack((q, k, v)).permute(1, 3, 0, 2, 4), **mask).transpose(1, 2)
             return mimkernels.attention(q, k, v, **mask)
@@ -981,23 +981,13 @@ def test_key_centre_in_dq_centres_the_keys_of_calls_that_run_other_kernels(packe
     rounding of the same numbers."""
     shape = (2, 2, 49, 32)
     leaves = keys_sharing_a_large_part(shape, torch.float16)
-    mask = mask_kwargs("prefix", shape[0], shape[2])
-
-    def op(backend):
-        def run(q, k, v):
-            with mimkernels.use_backend(backend):
-                if packed:
-                    return mimkernels.qkv_attention(torch.stack((q, k, v)).permute(1, 3, 0, 2, 4),
-                                                    **mask).transpose(1, 2)
-                return mimkernels.attention(q, k, v, **mask)
-        return run
-
+    op = public_op(mask_kwargs("prefix", shape[0], shape[2]), packed, backend="torch")
     results = {}
     for mode in (True, "dq"):
         monkeypatch.setattr(attention_ops, "CENTRE_KEYS", mode)
-        results[mode] = outputs_and_grads(op("torch"), *leaves, leaves)
+        results[mode] = outputs_and_grads(op, *leaves, leaves)
     monkeypatch.setattr(attention_ops, "CENTRE_KEYS", False)
-    uncentred = outputs_and_grads(op("torch"), *leaves, leaves)
+    uncentred = outputs_and_grads(op, *leaves, leaves)
     assert all(torch.equal(a, b) for a, b in zip(results[True], results["dq"]))
     assert not torch.equal(results["dq"][1], uncentred[1])  # dQ: the centring took place
 
