@@ -7,6 +7,10 @@
 - Meta tensors (shape inference, ``FlopCounterMode`` on a model built under ``torch.device("meta")``) have no
   autocast state, and torch raises when asked for one: every op runs on them through the PyTorch backend, with the
   shapes and dtypes it gives on the CPU.
+- Layouts: an input may come as a broadcast (``expand``: stride 0, as a position embedding or mask token expanded
+  over the batch), transposed in its last two dims, or with every other element of a wider last dim; and the output
+  gradient of ``out.sum()`` is itself a stride-0 tensor. Each op gives the same outputs and gradients as from
+  contiguous copies, on the PyTorch and Triton backends.
 """
 import pytest
 import torch
@@ -120,6 +124,45 @@ def test_every_op_runs_on_meta_tensors_as_on_the_cpu(name):
     with mimkernels.use_backend("torch"):
         want = fn(*inputs)
     assert got.device.type == "meta" and (got.shape, got.dtype) == (want.shape, want.dtype)
+
+
+LAYOUTS = {
+    "expanded": lambda t: t[:1].expand(t.shape),  # stride 0 in the first dim (its gradient sums over it)
+    "transposed": lambda t: t.transpose(-1, -2).contiguous().transpose(-1, -2),
+    "every_other": lambda t: torch.stack([t, -t], -1).flatten(-2)[..., ::2],  # last-dim stride 2
+}
+
+
+def _outputs_and_grads(fn, inputs, layout=None, contiguous=False, loss="weighted"):
+    """``fn``'s output and the gradients of its input leaves, the inputs laid out as ``layout`` (then copied
+    contiguous if asked); ``loss`` "sum" hands the op a stride-0 output gradient, "ones" the same values contiguous."""
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    laid_out = [LAYOUTS[layout](t) if layout and t.dim() > 1 else t for t in leaves]
+    out = fn(*[t.contiguous() if contiguous else t for t in laid_out])
+    if loss == "weighted":  # squared too, so that the gradient reaching the op depends on its output
+        total = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out) + out.square()).sum()
+    else:
+        total = out.sum() if loss == "sum" else (out * torch.ones_like(out)).sum()
+    return out, torch.autograd.grad(total, leaves)
+
+
+# every op on both backends, and the token ops, which the C++ extension runs too, on it
+BACKEND_CASES = [(name, backend) for name in OPS for backend in ("torch", "triton")] + [
+    (name, "extension") for name in ("random_masking", "gather_tokens", "restore_tokens")]
+
+
+@pytest.mark.parametrize("layout", [*LAYOUTS, "stride0_grad"])
+@pytest.mark.parametrize(("name", "backend"), BACKEND_CASES)
+def test_every_op_gives_the_same_numbers_in_any_layout(name, backend, layout):
+    if backend not in _backend.available_backends():
+        pytest.skip(f"the {backend} backend cannot run here")
+    fn, inputs = _calls("cpu")[name]
+    with mimkernels.use_backend(backend):
+        if layout == "stride0_grad":
+            got, want = (_outputs_and_grads(fn, inputs, loss=loss) for loss in ("sum", "ones"))
+        else:
+            got, want = (_outputs_and_grads(fn, inputs, layout, contiguous) for contiguous in (False, True))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("build", [mae_vit_tiny_patch8, aim_tiny])
