@@ -10,7 +10,8 @@
 - Layouts: an input may come as a broadcast (``expand``: stride 0, as a position embedding or mask token expanded
   over the batch), transposed in its last two dims, or with every other element of a wider last dim; and the output
   gradient of ``out.sum()`` is itself a stride-0 tensor. Each op gives the same outputs and gradients as from
-  contiguous copies, on the PyTorch and Triton backends.
+  contiguous copies, on the PyTorch and Triton backends, and compiled (``aot_eager``: the kernels' custom ops
+  traced through their fake kernels).
 """
 import pytest
 import torch
@@ -146,22 +147,27 @@ def _outputs_and_grads(fn, inputs, layout=None, contiguous=False, loss="weighted
     return out, torch.autograd.grad(total, leaves)
 
 
-# every op on both backends, and the token ops, which the C++ extension runs too, on it
-BACKEND_CASES = [(name, backend) for name in OPS for backend in ("torch", "triton")] + [
+# every op on both backends and compiled (its Triton kernels as custom ops in the graph, through their fake kernels),
+# and the token ops, which the C++ extension runs too, on it
+BACKEND_CASES = [(name, backend) for name in OPS for backend in ("torch", "triton", "triton_compiled")] + [
     (name, "extension") for name in ("random_masking", "gather_tokens", "restore_tokens")]
 
 
 @pytest.mark.parametrize("layout", [*LAYOUTS, "stride0_grad"])
 @pytest.mark.parametrize(("name", "backend"), BACKEND_CASES)
 def test_every_op_gives_the_same_numbers_in_any_layout(name, backend, layout):
-    if backend not in _backend.available_backends():
+    if backend not in _backend.available_backends() + ["triton_compiled"]:
         pytest.skip(f"the {backend} backend cannot run here")
     fn, inputs = _calls("cpu")[name]
+    laid_out_fn = fn
+    if backend == "triton_compiled":
+        backend, laid_out_fn = "triton", torch.compile(fn, fullgraph=True, backend="aot_eager")
     with mimkernels.use_backend(backend):
         if layout == "stride0_grad":
-            got, want = (_outputs_and_grads(fn, inputs, loss=loss) for loss in ("sum", "ones"))
+            got, want = _outputs_and_grads(laid_out_fn, inputs, loss="sum"), _outputs_and_grads(fn, inputs, loss="ones")
         else:
-            got, want = (_outputs_and_grads(fn, inputs, layout, contiguous) for contiguous in (False, True))
+            got = _outputs_and_grads(laid_out_fn, inputs, layout)
+            want = _outputs_and_grads(fn, inputs, layout, contiguous=True)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
