@@ -10,8 +10,8 @@
 - Layouts: an input may come as a broadcast (``expand``: stride 0, as a position embedding or mask token expanded
   over the batch), transposed in its last two dims, or with every other element of a wider last dim; and the output
   gradient of ``out.sum()`` is itself a stride-0 tensor. Each op gives the same outputs and gradients as from
-  contiguous copies, on the PyTorch and Triton backends, and compiled (``aot_eager``: the kernels' custom ops
-  traced through their fake kernels).
+  contiguous copies, on the PyTorch and Triton backends, compiled (``aot_eager``: the kernels' custom ops traced
+  through their fake kernels), and for the token ops on the C++ extension.
 """
 import pytest
 import torch
@@ -159,14 +159,14 @@ def test_every_op_gives_the_same_numbers_in_any_layout(name, backend, layout):
     if backend not in _backend.available_backends() + ["triton_compiled"]:
         pytest.skip(f"the {backend} backend cannot run here")
     fn, inputs = _calls("cpu")[name]
-    laid_out_fn = fn
+    tested = fn  # on the odd layout; the contiguous copies always go through fn eagerly
     if backend == "triton_compiled":
-        backend, laid_out_fn = "triton", torch.compile(fn, fullgraph=True, backend="aot_eager")
+        backend, tested = "triton", torch.compile(fn, fullgraph=True, backend="aot_eager")
     with mimkernels.use_backend(backend):
         if layout == "stride0_grad":
-            got, want = _outputs_and_grads(laid_out_fn, inputs, loss="sum"), _outputs_and_grads(fn, inputs, loss="ones")
+            got, want = _outputs_and_grads(tested, inputs, loss="sum"), _outputs_and_grads(fn, inputs, loss="ones")
         else:
-            got = _outputs_and_grads(laid_out_fn, inputs, layout)
+            got = _outputs_and_grads(tested, inputs, layout)
             want = _outputs_and_grads(fn, inputs, layout, contiguous=True)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
