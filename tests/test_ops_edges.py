@@ -12,6 +12,8 @@
   gradient of ``out.sum()`` is itself a stride-0 tensor. Each op gives the same outputs and gradients as from
   contiguous copies, on the PyTorch and Triton backends, compiled (``aot_eager``: the kernels' custom ops traced
   through their fake kernels), and for the token ops on the C++ extension.
+- A graph kept with ``retain_graph=True`` gives the same gradients on a second backward: no backward writes into
+  what its forward saved.
 """
 import pytest
 import torch
@@ -169,6 +171,23 @@ def test_every_op_gives_the_same_numbers_in_any_layout(name, backend, layout):
             got = _outputs_and_grads(tested, inputs, layout)
             want = _outputs_and_grads(fn, inputs, layout, contiguous=True)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("name", "backend"), [case for case in BACKEND_CASES if case[1] != "triton_compiled"])
+def test_a_retained_graph_gives_the_same_gradients_again(name, backend):
+    """A second backward through a graph kept with ``retain_graph=True`` reads the saved tensors again: every op's
+    backward leaves them as the forward saved them (the second gradients equal the first, bit for bit). The attention
+    kernels' variants: tests/test_attention.py."""
+    if backend not in _backend.available_backends():
+        pytest.skip(f"the {backend} backend cannot run here")
+    fn, inputs = _calls("cpu")[name]
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    with mimkernels.use_backend(backend):
+        out = fn(*leaves)
+    loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out) + out.square()).sum()
+    first = torch.autograd.grad(loss, leaves, retain_graph=True)
+    again = torch.autograd.grad(loss, leaves)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
 @pytest.mark.parametrize("build", [mae_vit_tiny_patch8, aim_tiny])
