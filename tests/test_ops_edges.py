@@ -136,14 +136,19 @@ LAYOUTS = {
 }
 
 
+def _weighted_loss(out):
+    """A loss whose gradient differs at every output element and depends on the output (squared term)."""
+    return (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out) + out.square()).sum()
+
+
 def _outputs_and_grads(fn, inputs, layout=None, contiguous=False, loss="weighted"):
     """``fn``'s output and the gradients of its input leaves, the inputs laid out as ``layout`` (then copied
     contiguous if asked); ``loss`` "sum" hands the op a stride-0 output gradient, "ones" the same values contiguous."""
     leaves = [t.clone().requires_grad_() for t in inputs]
     laid_out = [LAYOUTS[layout](t) if layout and t.dim() > 1 else t for t in leaves]
     out = fn(*[t.contiguous() if contiguous else t for t in laid_out])
-    if loss == "weighted":  # squared too, so that the gradient reaching the op depends on its output
-        total = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out) + out.square()).sum()
+    if loss == "weighted":
+        total = _weighted_loss(out)
     else:
         total = out.sum() if loss == "sum" else (out * torch.ones_like(out)).sum()
     return out, torch.autograd.grad(total, leaves)
@@ -184,7 +189,7 @@ def test_a_retained_graph_gives_the_same_gradients_again(name, backend):
     leaves = [t.clone().requires_grad_() for t in inputs]
     with mimkernels.use_backend(backend):
         out = fn(*leaves)
-    loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out) + out.square()).sum()
+    loss = _weighted_loss(out)
     first = torch.autograd.grad(loss, leaves, retain_graph=True)
     again = torch.autograd.grad(loss, leaves)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
