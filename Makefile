@@ -16,7 +16,7 @@ PINS_ONLY := PIP_CONSTRAINT=/dev/null
 FLOOR_VENV := .venv-floor
 FLOOR_READY := $(FLOOR_VENV)/.ready
 
-.PHONY: demo test test-floor bench report lint clean
+.PHONY: demo test test-floor bench report lint clean triton-cache
 
 $(READY): requirements-dev.txt pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,27 @@ lint: $(READY)
 
 report: $(READY)
 	$(PY) -m benchmarks.kernel_report
+
+# Triton's compile cache for the next lent GPU, compiled here without one (benchmarks/triton_cache.py; about 20 minutes
+# on 2 cores): the GPU machine runs the floor's Triton under Python $(GPU_PYTHON), whose Triton wheel is part of every
+# cache key, so it is fetched for its key. A device call that names benchmarks/.triton-cache in carry takes the archive.
+# From a copy of the sources: the checkout's extension is built for .venv's torch, not the floor's.
+GPU_PYTHON ?= 3.12
+TRITON_CACHE_ARCHIVE := benchmarks/.triton-cache/sm90.tar.xz
+triton-cache: SHELL := bash
+triton-cache: $(FLOOR_READY)
+	mkdir -p $(FLOOR_VENV)/wheels
+	$(FLOOR_VENV)/bin/python -m pip download --quiet --no-deps --only-binary=:all: --implementation cp \
+	  --python-version $(GPU_PYTHON) --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d $(FLOOR_VENV)/wheels \
+	  triton==$$($(FLOOR_VENV)/bin/python -c 'import triton; print(triton.__version__)')
+	rm -rf build/triton-cache-src && mkdir -p build/triton-cache-src
+	git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' f; do \
+	  [ -e "$$f" ] && printf '%s\0' "$$f"; done | xargs -0 cp --parents -t build/triton-cache-src
+	cd build/triton-cache-src && env -u TRITON_INTERPRET PYTHONPATH=$$PWD \
+	  MIMKERNELS_COMMIT=$$(git -C $(CURDIR) rev-parse HEAD)$$(git -C $(CURDIR) diff --quiet HEAD || echo -dirty) \
+	  $(CURDIR)/$(FLOOR_VENV)/bin/python -m benchmarks.triton_cache warm --out $(CURDIR)/$(TRITON_CACHE_ARCHIVE) \
+	  --wheel $$(ls $(CURDIR)/$(FLOOR_VENV)/wheels/triton-*-cp$(subst .,,$(GPU_PYTHON))-*.whl | tail -n 1)
 
 clean:
 	rm -rf $(VENV) $(FLOOR_VENV) build *.egg-info

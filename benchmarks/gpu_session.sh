@@ -43,6 +43,9 @@ start=$SECONDS
 status=0
 echo "gpu_session: steps '$STEPS', budget ${BUDGET_S} s, commit ${MIMKERNELS_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}" \
   | tee "$log"
+# the compile cache made without a GPU (make triton-cache), where the call carried it: whether it fits this Triton
+cache_tool() { PYTHONPATH=$PWD ${PYTHON:-python3} -m benchmarks.triton_cache "$@" 2>&1 | tee -a "$log"; }
+for archive in "${CARRIED_CACHE:-benchmarks/.triton-cache}"/*.tar.xz; do [ -f "$archive" ] && cache_tool unpack "$archive"; done
 
 needs() {  # step -> seconds it takes when nothing is cut (the inner scripts' own timeouts, added up)
   case $1 in
@@ -116,5 +119,6 @@ for step in $STEPS; do
   echo "== $step: exit $code$([ "$code" = 124 ] && echo ' (cut at its time)') after $((SECONDS - began)) s" \
     | tee -a "$log"
 done
+cache_tool report
 echo "gpu_session: $((SECONDS - start)) s in all" | tee -a "$log"
 exit $status

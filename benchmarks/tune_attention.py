@@ -49,14 +49,17 @@ TABLE_PATH = attention_tiles.__file__
 CSV_FIELDS = ("shape", "key", "kernel", "config", "ms", "error", "note", "device", "torch", "triton", "commit", "date")
 
 
-def _precompile_one(job) -> str:
+def _precompile_one(job, device: str = "cuda") -> str:
     """Worker: compile one (shape, kernel, config) by running it once on a 2-sample problem with the same
-    strides and lengths as the real one (so Triton's specialisation, hence its cache key, is the same)."""
+    strides and lengths as the real one (so Triton's specialisation, hence its cache key, is the same; the batch
+    only changes the grid). ``device="cpu"``: benchmarks/triton_cache.py, which compiles for a GPU it pretends."""
     (batch, heads, seq_len, head_dim, prefix), dtype_name, kernel, text = job
     dtype = getattr(torch, dtype_name)
-    problem = attention_tuning.make_problem(2, heads, seq_len, head_dim, dtype, prefix, with_reference=False)
+    problem = attention_tuning.make_problem(2, heads, seq_len, head_dim, dtype, prefix, device=device,
+                                            with_reference=False)
     attention_tuning.sweep(problem, (kernel,), {kernel: (text,)}, timer=lambda fn: fn() and 0.0)
-    torch.cuda.synchronize()
+    if device == "cuda":
+        torch.cuda.synchronize()
     return f"{kernel} {text}"
 
 
@@ -94,12 +97,18 @@ def shape_candidates(name: str, arch: int, dtype: torch.dtype, swept=None, table
             for kernel, texts in candidates.items()}
 
 
+def precompile_jobs(shapes: dict, dtype: torch.dtype, candidates: dict) -> list[tuple]:
+    """One :func:`_precompile_one` job per candidate that a sweep of ``shapes`` would run (``candidates``: shape
+    name -> kernel -> tile texts; the stored-dS kernels only where their buffer fits)."""
+    return [(shape, str(dtype)[6:], kernel, text) for name, shape in shapes.items()
+            for kernel, texts in candidates[name].items() for text in texts
+            if kernel not in attention_tuning.STORED_DS_KERNELS or kernels.stored_ds_fits(*shape[:3], dtype.itemsize)]
+
+
 def precompile(shapes: dict, dtype: torch.dtype, workers: int, deadline: float, candidates: dict) -> int:
     """Compile every candidate (``candidates``: shape name -> kernel -> tile texts) in ``workers`` processes; returns
     how many finished before the deadline."""
-    jobs = [(shape, str(dtype)[6:], kernel, text) for name, shape in shapes.items()
-            for kernel, texts in candidates[name].items() for text in texts
-            if kernel not in attention_tuning.STORED_DS_KERNELS or kernels.stored_ds_fits(*shape[:3], dtype.itemsize)]
+    jobs = precompile_jobs(shapes, dtype, candidates)
     done = 0
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:

@@ -431,7 +431,8 @@ def test_gpu_session_runs_steps_in_order_within_its_budget(tmp_path):
     out = tmp_path / "out"
     script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_session.sh"
     env = {**os.environ, "PYTHON": str(python), "OUT": str(out), "BUDGET_S": "9", "MIN_STEP_S": "2",
-           "STEPS": "sanitizer models attention no_such_step", "MIMKERNELS_COMMIT": "abc123"}
+           "STEPS": "sanitizer models attention no_such_step", "MIMKERNELS_COMMIT": "abc123",
+           "CARRIED_CACHE": str(tmp_path)}  # no carried compile cache: its unpack would take the budget's time
     env.pop("TRITON_INTERPRET", None)
     run = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
     log = (out / "session.txt").read_text()
@@ -466,13 +467,41 @@ def test_gpu_session_tunes_the_stored_ds_kernels_at_the_other_shapes(tmp_path):
     script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_session.sh"
     for shapes, want in ((None, "n1024 vit_b mae_encoder mae_decoder vit_b_n257"), ("vit_b", "vit_b")):
         env = {**os.environ, "PYTHON": str(python), "OUT": str(out), "BUDGET_S": "200", "STEPS": "tune_stored_ds",
-               "MIMKERNELS_COMMIT": "abc123", **({"STORED_DS_SHAPES": shapes} if shapes else {})}
+               "MIMKERNELS_COMMIT": "abc123", "CARRIED_CACHE": str(tmp_path),
+               **({"STORED_DS_SHAPES": shapes} if shapes else {})}
         env.pop("TRITON_INTERPRET", None)
         subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60, check=True)
         with tarfile.open(out / "tune_stored_ds.tar.gz") as archive:
             tune_log = archive.extractfile("tune_stored_ds/tune_attention.txt").read().decode()
         assert "stand-in python -m benchmarks.tune_attention --budget-s 90 " in tune_log
         assert f"--write-table --shapes {want} --sweep backward_dkdv_ds backward_dq_from_ds" in tune_log
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="needs tar")
+def test_gpu_session_unpacks_a_carried_compile_cache(tmp_path):
+    """Where the device call carried a compile cache (benchmarks/triton_cache.py), gpu_session.sh unpacks it before
+    its steps (into session.txt: whether it fits the machine's Triton), each step's script again (a no-op the
+    second time; into the step's env.txt), and ends with how many kernels the machine compiled itself."""
+    import pathlib
+    import subprocess
+    import tarfile
+
+    python = tmp_path / "python"
+    python.write_text("#!/usr/bin/env bash\necho stand-in python \"$@\"\n")
+    python.chmod(0o755)
+    carried, out = tmp_path / "carried", tmp_path / "out"
+    carried.mkdir()
+    (carried / "sm90.tar.xz").write_bytes(b"")
+    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_session.sh"
+    env = {**os.environ, "PYTHON": str(python), "OUT": str(out), "BUDGET_S": "300", "STEPS": "mim_ops",
+           "MIMKERNELS_COMMIT": "abc123", "CARRIED_CACHE": str(carried)}
+    env.pop("TRITON_INTERPRET", None)
+    subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60, check=True)
+    unpack = f"stand-in python -m benchmarks.triton_cache unpack {carried}/sm90.tar.xz"
+    lines = (out / "session.txt").read_text().splitlines()
+    assert lines[1] == unpack and lines[-2] == "stand-in python -m benchmarks.triton_cache report"
+    with tarfile.open(out / "mim_ops.tar.gz") as archive:
+        assert unpack in archive.extractfile("mim_ops/env.txt").read().decode()
 
 
 @pytest.mark.parametrize("step, shape", [("steps_mae", "mae_vit_l"), ("steps_aim", "aim_600m"),
@@ -491,7 +520,7 @@ def test_gpu_session_training_step_steps_time_their_shape(tmp_path, step, shape)
     out = tmp_path / "out"
     script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_session.sh"
     env = {**os.environ, "PYTHON": str(python), "OUT": str(out), "BUDGET_S": "400", "STEPS": step,
-           "MIMKERNELS_COMMIT": "abc123"}
+           "MIMKERNELS_COMMIT": "abc123", "CARRIED_CACHE": str(tmp_path)}
     env.pop("TRITON_INTERPRET", None)
     subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60, check=True)
     with tarfile.open(out / f"{step}.tar.gz") as archive:

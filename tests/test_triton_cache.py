@@ -1,0 +1,138 @@
+"""benchmarks/triton_cache.py: kernels compiled here for a Hopper GPU that is not here, found by Triton's own cache
+lookup after the archive is unpacked elsewhere (no GPU needed).
+
+The compiles run in subprocesses: the compiler, not the interpreter, must see the kernels, and this session's
+TRITON_INTERPRET=1 has already replaced them.
+"""
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from benchmarks import triton_cache
+
+ROOT = Path(__file__).resolve().parents[1]
+# a few of the tuner's jobs, one bench provider, at the MAE encoder's shape: forward, row dot, dK/dV, dQ kernels
+TUNE_JOBS = 3
+
+
+def compiled(code: str, cache_dir: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env |= {"PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""), "TRITON_CACHE_DIR": str(cache_dir)}
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    return run
+
+
+WARM = f"""
+from benchmarks import triton_cache
+jobs = triton_cache.jobs_for(["tune", "bench"], ["mae_encoder"], ["mae_encoder"], [])
+jobs = jobs[:{TUNE_JOBS}] + [job for job in jobs if job[0] == "bench"][:1]
+raise SystemExit(triton_cache.warm(%r, jobs, workers=1, wheel=None, parts=["tune", "bench"]))
+"""
+# the same jobs again, in the process, with a listener on Triton's compile: how many compiles, how many cache hits
+RERUN = f"""
+import triton
+from benchmarks import triton_cache
+triton_cache.pretend_hopper(None)
+hits = []
+triton.knobs.compilation.listener = lambda **event: hits.append(event["cache_hit"])
+jobs = triton_cache.jobs_for(["tune", "bench"], ["mae_encoder"], ["mae_encoder"], [])
+for job in jobs[:{TUNE_JOBS}] + [job for job in jobs if job[0] == "bench"][:1]:
+    triton_cache.run_job(job)
+print("compiles", len(hits), "hits", sum(hits))
+"""
+
+
+def test_warm_kernels_are_cache_hits_where_unpacked(tmp_path):
+    """The kernels ``warm`` compiles (pretending an sm_90 GPU, on CPU tensors) are packed; unpacked into another
+    cache folder (Triton's group files hold absolute paths, which unpack rewrites), every compile of the same jobs
+    finds its kernel there: the keys ``warm`` made are the ones the same code computes at its launches."""
+    archive = tmp_path / "sm90.tar.xz"
+    run = compiled(WARM % str(archive), tmp_path / "unused")
+    assert "0 jobs failed" in run.stdout, run.stdout
+    with tarfile.open(archive) as packed:
+        manifest = json.load(packed.extractfile(triton_cache.MANIFEST))
+        names = [member.name for member in packed.getmembers() if member.isfile()]
+    assert manifest["entries"] >= 4 and manifest["target"] == "cuda sm_90" and manifest["failed_jobs"] == 0
+    assert all(name.endswith((".cubin", ".json")) for name in names)  # binaries and metadata only
+    cache = tmp_path / "cache"
+    line = triton_cache.unpack(str(archive), str(cache))
+    assert f"{manifest['entries']} of {manifest['entries']} kernels added" in line
+    assert "made for this Triton: yes" in line
+    assert "unpacked into" in triton_cache.unpack(str(archive), str(cache))  # a second time: nothing to do
+    rerun = compiled(RERUN, cache)
+    compiles, hits = (int(word) for word in rerun.stdout.split()[-3::2])
+    assert compiles == hits >= manifest["entries"], rerun.stdout
+    assert triton_cache.report(str(cache)).startswith(f"Triton cache {cache}: 0 kernels compiled on this machine")
+
+
+def _archive(path: Path, manifest: dict, members: dict) -> None:
+    with tarfile.open(path, "w:xz") as archive:
+        for name, data in {**members, triton_cache.MANIFEST: json.dumps(manifest).encode()}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+
+
+def test_unpack_says_which_key_part_differs(tmp_path):
+    """An archive made for another Triton build (here: another triton_key) is unpacked, and the line says that its
+    kernels will not be found and which part of the key differs."""
+    manifest = {**triton_cache.key_parts(), "entries": 1, "triton_key_sha256": "0" * 64}
+    group = {"child_paths": {"k.json": "/elsewhere/abc/k.json", "k.cubin": "/elsewhere/abc/k.cubin"}}
+    _archive(tmp_path / "a.tar.xz", manifest, {"abc/k.json": b"{}", "abc/k.cubin": b"\0",
+                                              "abc/__grp__k.json": json.dumps(group).encode()})
+    line = triton_cache.unpack(str(tmp_path / "a.tar.xz"), str(tmp_path / "cache"))
+    assert "1 of 1 kernels added" in line and "made for this Triton: NO" in line
+    assert "triton_key_sha256 (archive '000" in line and "ptxas" not in line
+    written = json.loads((tmp_path / "cache" / "abc" / "__grp__k.json").read_text())
+    assert written["child_paths"] == {name: str(tmp_path / "cache" / "abc" / name) for name in ("k.json", "k.cubin")}
+
+
+def test_unpack_leaves_out_a_kernel_it_cannot_load(tmp_path):
+    """An entry without its binary (or its group file) is not written: Triton would take a group whose metadata it
+    finds as a cache hit and fail to load it; left out, the kernel is compiled as if nothing were carried."""
+    group = json.dumps({"child_paths": {"k.json": "/x/abc/k.json", "k.cubin": "/x/abc/k.cubin"}}).encode()
+    members = {"abc/k.json": b"{}", "abc/__grp__k.json": group,  # no abc/k.cubin
+               "def/k.json": b"{}", "def/k.cubin": b"\0",  # no group file
+               "ghi/k.json": b"{}", "ghi/k.cubin": b"\0", "ghi/__grp__k.json": group}
+    _archive(tmp_path / "a.tar.xz", {**triton_cache.key_parts(), "entries": 3}, members)
+    line = triton_cache.unpack(str(tmp_path / "a.tar.xz"), str(tmp_path / "cache"))
+    assert "1 of 3 kernels added" in line
+    assert sorted(path.name for path in (tmp_path / "cache").iterdir() if path.is_dir()) == ["ghi"]
+
+
+@pytest.mark.parametrize("name", ["../evil/k.cubin", "abc/../../k.cubin", "k.cubin", "abc/sub/k.cubin"])
+def test_unpack_refuses_paths_outside_an_entry(tmp_path, name):
+    _archive(tmp_path / "a.tar.xz", {**triton_cache.key_parts(), "entries": 1}, {name: b"\0"})
+    with pytest.raises(ValueError, match="unexpected path"):
+        triton_cache.unpack(str(tmp_path / "a.tar.xz"), str(tmp_path / "cache"))
+    assert not (tmp_path / "evil").exists() and not (tmp_path / "k.cubin").exists()
+
+
+def test_triton_key_of_this_install_is_tritons_own():
+    """The key of another Triton build (the GPU machine's wheel) is Triton's own function run over that build's
+    files: over this install's files it gives this Triton's key."""
+    import triton
+    import triton.runtime.cache as cache
+
+    site = Path(triton.__file__).resolve().parents[1]
+    assert triton_cache.triton_key_of(str(site)) == cache.triton_key()
+
+
+def test_warm_refuses_a_wheel_of_another_triton(tmp_path):
+    import zipfile
+
+    import triton
+
+    wheel = tmp_path / "triton-0.1-cp312-cp312-linux_x86_64.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("triton-0.1.dist-info/METADATA", "Metadata-Version: 2.1\nName: triton\nVersion: 0.1\n")
+    with pytest.raises(SystemExit, match=f"holds Triton 0.1; this is {triton.__version__}"):
+        triton_cache.triton_key_of_wheel(str(wheel))
