@@ -1,15 +1,16 @@
 """Triton's compile cache for a lent Hopper GPU, filled on a machine without one: device time goes to measuring.
 
 A GPU session has 15 minutes of device time, and compiling took much of it: run 10's tune step spent 113 of its 245 s
-compiling 707 kernels (on 16 cores), and run 9's GPU tests were cut at 39% by a cold cache. Triton compiles for a
+compiling 707 kernels (on 16 cores), and its sanitizer step ran out of 90 s compiling. Triton compiles for a
 target it is told (kernel_report does, for its spill check), and its on-disk cache is keyed by what decides the
 binary: Triton's own build, the kernel's source, its specialisation (argument dtypes, 16-byte alignment, ints equal to
 1 or divisible by 16, constexprs), the target, the options, the ptxas version. So ``warm`` runs the code that the next
-GPU session runs (the tuner's precompile jobs, bench_attention's providers of ours, the sanitizer cases, one or two
-blocks of the benchmarked models) on CPU tensors, with Triton told that the current device is an sm_90 GPU and every
-launch skipped: each kernel is compiled with the specialisation it gets on the GPU, and lands in the cache under the
-key the GPU computes. ``unpack`` (benchmarks/gpu_env.sh, on the GPU machine) puts the archive into that machine's
-cache; a kernel whose key matches is loaded instead of compiled, one that does not is compiled there as before.
+GPU session runs (the tuner's precompile jobs, bench_attention's providers of ours, the sanitizer cases, two blocks
+of the benchmarked models; not the GPU tests, which check results that a skipped launch does not give) on CPU
+tensors, with Triton told that the current device is an sm_90 GPU and every launch skipped: each kernel is compiled
+with the specialisation it gets on the GPU, and lands in the cache under the key the GPU computes. ``unpack``
+(benchmarks/gpu_env.sh, on the GPU machine) puts the archive into that machine's cache; a kernel whose key matches
+is loaded instead of compiled, one that does not is compiled there as before.
 Nothing is trusted that Triton does not check itself: a cached binary is found only under the hash of everything
 that made it.
 
