@@ -31,6 +31,8 @@
 # The device tool brings back at most 8 files: each step writes into its own folder, which is then packed into
 # $OUT/<step>.tar.gz (after the step, so a call cut short still returns the steps before it); session.txt says
 # what ran, for how long, and with which exit code. Unpack with `tar -xzf` under benchmarks/results/<device>/.
+# triton_cache_compiled_here.tar.xz (where the machine compiled any Triton kernel) holds those kernels: not a result
+# to commit, but a cache for the next call (copy it into benchmarks/.triton-cache/, which `carry` names).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/local}
@@ -119,6 +121,8 @@ for step in $STEPS; do
   echo "== $step: exit $code$([ "$code" = 124 ] && echo ' (cut at its time)') after $((SECONDS - began)) s" \
     | tee -a "$log"
 done
-cache_tool report
+# what this machine compiled all the same, by kernel name (what the carried archive lacked), and the kernels
+# themselves: copied into benchmarks/.triton-cache/, the next call or session carries them too
+cache_tool report --pack "$OUT/triton_cache_compiled_here.tar.xz"
 echo "gpu_session: $((SECONDS - start)) s in all" | tee -a "$log"
 exit $status

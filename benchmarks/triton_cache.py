@@ -23,7 +23,8 @@ variable (TRITON_*/MLIR_*/LLVM_* debug switches). Run with the GPU machine's Tri
     python -m benchmarks.triton_cache warm --out benchmarks/.triton-cache/sm90.tar.xz [--wheel TRITON_WHEEL]
         [--parts tune bench sanitizer models] [--tune-shapes aim_600m ...] [--workers 2]
     python -m benchmarks.triton_cache unpack benchmarks/.triton-cache/sm90.tar.xz   # on the GPU machine
-    python -m benchmarks.triton_cache report     # on the GPU machine, after its steps: compiled there vs carried
+    python -m benchmarks.triton_cache report [--pack OUT.tar.xz]   # on the GPU machine, after its steps: compiled
+        there (by kernel name; packed: the next session carries them too) against carried
 
 The archive holds each kernel's cubin and metadata only (TRITON_STORE_BINARY_ONLY, about 15 KB a kernel after xz)
 and a manifest of what it was made for. The device tool carries it where ``carry`` names benchmarks/.triton-cache
@@ -302,9 +303,10 @@ def _file_sha(path: str) -> str:
     return digest.hexdigest()
 
 
-def pack(cache_dir: str, out: str, manifest: dict) -> int:
-    """Write ``cache_dir``'s finished entries and ``manifest`` to the tar.xz ``out``; returns the entry count."""
-    entries = _entries(cache_dir)
+def pack(cache_dir: str, out: str, manifest: dict, entries: list[str] | None = None) -> int:
+    """Write ``cache_dir``'s finished entries (or those named) and ``manifest`` to the tar.xz ``out``; returns the
+    entry count."""
+    entries = _entries(cache_dir) if entries is None else entries
     manifest = {**manifest, "entries": len(entries)}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with tarfile.open(out, "w:xz") as archive:
@@ -375,15 +377,44 @@ def unpack(archive_path: str, cache_dir: str | None = None) -> str:
             f"added to {cache_dir} (commit {manifest.get('commit', '?')[:7]}, {manifest.get('parts')}); {verdict}")
 
 
-def report(cache_dir: str | None = None) -> str:
-    """How many kernels this machine's cache holds that it compiled itself, against those unpacked into it."""
+def _kernel_name(cache_dir: str, entry: str) -> str:
+    """The kernel an entry holds (its metadata's name), e.g. ``_prefix_causal_fwd``."""
+    folder = os.path.join(cache_dir, entry)
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".json") and not name.startswith("__grp__"):
+            with open(os.path.join(folder, name)) as f:
+                return json.load(f).get("name", name[:-5])
+    return "?"
+
+
+def report(cache_dir: str | None = None, pack_to: str | None = None) -> str:
+    """How many kernels this machine's cache holds that it compiled itself (by kernel name: what a carried archive
+    lacked), against those unpacked into it. ``pack_to``: those it compiled, packed there (a GPU session returns them:
+    the next session carries them too, and they show which specialisations ``warm`` did not reach); not kept past
+    15.5 MiB (the device tool returns files up to 16)."""
+    import collections
+
     import triton
 
     cache_dir = cache_dir or triton.knobs.cache.dir
     carried = set(_carried(cache_dir)["entries"])
     compiled = [entry for entry in _entries(cache_dir) if entry not in carried]
-    return (f"Triton cache {cache_dir}: {len(compiled)} kernels compiled on this machine, {len(carried)} carried "
-            f"in (a carried kernel that matched was loaded, not compiled)")
+    names = collections.Counter(_kernel_name(cache_dir, entry) for entry in compiled)
+    line = (f"Triton cache {cache_dir}: {len(compiled)} kernels compiled on this machine, {len(carried)} carried "
+            f"in (a carried kernel that matched was loaded, not compiled)"
+            + (": " + ", ".join(f"{name} {count}" for name, count in names.most_common()) if names else ""))
+    if pack_to and compiled:
+        manifest = {**key_parts(), "target": "this machine's GPU", "parts": ["compiled on a GPU"],
+                    "commit": os.environ.get("MIMKERNELS_COMMIT", "unknown"),
+                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        pack(cache_dir, pack_to, manifest, compiled)
+        size = os.path.getsize(pack_to) / 2**20
+        if size > 15.5:
+            os.remove(pack_to)
+            line += f"; not packed ({size:.1f} MiB: over what the device tool returns)"
+        else:
+            line += f"; packed into {pack_to} ({size:.1f} MiB)"
+    return line
 
 
 # ----------------------------------------------------------------------------- warm
@@ -445,12 +476,13 @@ def main(argv=None) -> int:
     u.add_argument("--cache-dir")
     r = verbs.add_parser("report", help="kernels compiled on this machine against those carried in")
     r.add_argument("--cache-dir")
+    r.add_argument("--pack", help="pack the kernels compiled on this machine into this tar.xz")
     args = parser.parse_args(argv)
     if args.verb == "unpack":
         print(unpack(args.archive, args.cache_dir))
         return 0
     if args.verb == "report":
-        print(report(args.cache_dir))
+        print(report(args.cache_dir, args.pack))
         return 0
     from benchmarks import bench_attention, tune_attention
 

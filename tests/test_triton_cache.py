@@ -108,6 +108,32 @@ def test_unpack_leaves_out_a_kernel_it_cannot_load(tmp_path):
     assert sorted(path.name for path in (tmp_path / "cache").iterdir() if path.is_dir()) == ["ghi"]
 
 
+def test_report_names_and_packs_what_this_machine_compiled(tmp_path):
+    """After the steps, report counts the cache's kernels that were not carried in, by kernel name (what the carried
+    archive lacked), and packs those alone, ready to be carried by the next call."""
+    group = json.dumps({"child_paths": {"k.json": "/x/abc/k.json", "k.cubin": "/x/abc/k.cubin"}}).encode()
+    _archive(tmp_path / "a.tar.xz", {**triton_cache.key_parts(), "entries": 1},
+             {"abc/k.json": b'{"name": "_carried_kernel"}', "abc/k.cubin": b"\0", "abc/__grp__k.json": group})
+    cache = tmp_path / "cache"
+    triton_cache.unpack(str(tmp_path / "a.tar.xz"), str(cache))
+    for entry in ("def", "ghi"):  # as Triton leaves a kernel it compiled: its files, its group file
+        (cache / entry).mkdir()
+        (cache / entry / "k.json").write_text('{"name": "_rows_backward"}')
+        (cache / entry / "k.cubin").write_bytes(b"\0")
+        (cache / entry / "k.source").write_text("the kernel's source")
+        (cache / entry / "__grp__k.json").write_text(json.dumps({"child_paths": {
+            name: str(cache / entry / name) for name in ("k.json", "k.cubin", "k.source")}}))
+    line = triton_cache.report(str(cache), str(tmp_path / "here.tar.xz"))
+    assert "2 kernels compiled on this machine, 1 carried in" in line and ": _rows_backward 2;" in line
+    assert f"packed into {tmp_path / 'here.tar.xz'}" in line
+    with tarfile.open(tmp_path / "here.tar.xz") as packed:
+        names = sorted(member.name for member in packed.getmembers() if member.isfile())
+    assert names == [f"{entry}/{name}" for entry in ("def", "ghi") for name in ("__grp__k.json", "k.cubin", "k.json")] \
+        + [triton_cache.MANIFEST]
+    again = triton_cache.unpack(str(tmp_path / "here.tar.xz"), str(tmp_path / "next"))  # the next call's unpack
+    assert "2 of 2 kernels added" in again
+
+
 @pytest.mark.parametrize("name", ["../evil/k.cubin", "abc/../../k.cubin", "k.cubin", "abc/sub/k.cubin"])
 def test_unpack_refuses_paths_outside_an_entry(tmp_path, name):
     _archive(tmp_path / "a.tar.xz", {**triton_cache.key_parts(), "entries": 1}, {name: b"\0"})
