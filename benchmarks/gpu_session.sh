@@ -47,7 +47,9 @@ echo "gpu_session: steps '$STEPS', budget ${BUDGET_S} s, commit ${MIMKERNELS_COM
   | tee "$log"
 # the compile cache made without a GPU (make triton-cache), where the call carried it: whether it fits this Triton
 cache_tool() { PYTHONPATH=$PWD ${PYTHON:-python3} -m benchmarks.triton_cache "$@" 2>&1 | tee -a "$log"; }
-for archive in "${CARRIED_CACHE:-benchmarks/.triton-cache}"/*.tar.xz; do [ -f "$archive" ] && cache_tool unpack "$archive"; done
+for archive in "${CARRIED_CACHE:-benchmarks/.triton-cache}"/*.tar.xz; do
+  [ -f "$archive" ] && cache_tool unpack "$archive"
+done
 
 needs() {  # step -> seconds it takes when nothing is cut (the inner scripts' own timeouts, added up)
   case $1 in

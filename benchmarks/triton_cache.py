@@ -419,10 +419,6 @@ def report(cache_dir: str | None = None, pack_to: str | None = None) -> str:
 
 # ----------------------------------------------------------------------------- warm
 
-def _init_worker(triton_key: str | None) -> None:
-    pretend_hopper(triton_key)
-
-
 def warm(out: str, jobs: list[tuple], workers: int, wheel: str | None, parts) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("triton_cache warm compiles real kernels: unset TRITON_INTERPRET")
@@ -436,7 +432,7 @@ def warm(out: str, jobs: list[tuple], workers: int, wheel: str | None, parts) ->
     os.environ.update(TRITON_CACHE_DIR=cache_dir, TRITON_STORE_BINARY_ONLY="1")
     start, failed = time.monotonic(), []
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=pretend_hopper,
                                                 initargs=(triton_key,)) as pool:
         futures = {pool.submit(_quietly, job): job for job in jobs}
         for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
