@@ -303,6 +303,14 @@ def _file_sha(path: str) -> str:
     return digest.hexdigest()
 
 
+def _made() -> dict:
+    """A manifest's provenance: the commit (MIMKERNELS_COMMIT where set, as for every result) and the UTC time."""
+    from benchmarks import common
+
+    return {"commit": common.commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
 def pack(cache_dir: str, out: str, manifest: dict, entries: list[str] | None = None) -> int:
     """Write ``cache_dir``'s finished entries (or those named) and ``manifest`` to the tar.xz ``out``; returns the
     entry count."""
@@ -404,9 +412,7 @@ def report(cache_dir: str | None = None, pack_to: str | None = None) -> str:
             f"in (a carried kernel that matched was loaded, not compiled)"
             + (": " + ", ".join(f"{name} {count}" for name, count in names.most_common()) if names else ""))
     if pack_to and compiled:
-        manifest = {**key_parts(), "target": "this machine's GPU", "parts": ["compiled on a GPU"],
-                    "commit": os.environ.get("MIMKERNELS_COMMIT", "unknown"),
-                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        manifest = {**key_parts(), "target": "this machine's GPU", "parts": ["compiled on a GPU"], **_made()}
         pack(cache_dir, pack_to, manifest, compiled)
         size = os.path.getsize(pack_to) / 2**20
         if size > 15.5:
@@ -423,8 +429,6 @@ def warm(out: str, jobs: list[tuple], workers: int, wheel: str | None, parts) ->
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("triton_cache warm compiles real kernels: unset TRITON_INTERPRET")
     import triton
-
-    from benchmarks import common
 
     triton_key = triton_key_of_wheel(wheel) if wheel else None
     cache_dir = tempfile.mkdtemp(prefix="mimkernels-triton-cache-")
@@ -443,8 +447,7 @@ def warm(out: str, jobs: list[tuple], workers: int, wheel: str | None, parts) ->
                       f"{time.monotonic() - start:.0f} s", flush=True)
     pretend_hopper(triton_key)  # this process's key parts are the workers'
     manifest = {**key_parts(), "target": "cuda sm_90", "parts": list(parts), "jobs": len(jobs),
-                "failed_jobs": len(failed), "commit": common.commit(),
-                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "failed_jobs": len(failed), **_made(),
                 "python_of_key": "the wheel's: " + os.path.basename(wheel) if wheel else sys.version.split()[0]}
     count = pack(cache_dir, out, manifest)
     shutil.rmtree(cache_dir, ignore_errors=True)
