@@ -6,7 +6,7 @@ target it is told (kernel_report does, for its spill check), and its on-disk cac
 binary: Triton's own build, the kernel's source, its specialisation (argument dtypes, 16-byte alignment, ints equal to
 1 or divisible by 16, constexprs), the target, the options, the ptxas version. So ``warm`` runs the code that the next
 GPU session runs (the tuner's precompile jobs, bench_attention's providers of ours, the sanitizer cases, two blocks
-of the benchmarked models; not the GPU tests, which check results that a skipped launch does not give) on CPU
+of the benchmarked models, and the ``gpu`` tests with their checks switched off: benchmarks/pretend_gpu_tests.py) on CPU
 tensors, with Triton told that the current device is an sm_90 GPU and every launch skipped: each kernel is compiled
 with the specialisation it gets on the GPU, and lands in the cache under the key the GPU computes. ``unpack``
 (benchmarks/gpu_env.sh, on the GPU machine) puts the archive into that machine's cache; a kernel whose key matches
@@ -21,7 +21,7 @@ variable (TRITON_*/MLIR_*/LLVM_* debug switches). Run with the GPU machine's Tri
 .venv-floor) and TRITON_INTERPRET unset:
 
     python -m benchmarks.triton_cache warm --out benchmarks/.triton-cache/sm90.tar.xz [--wheel TRITON_WHEEL]
-        [--parts tune bench sanitizer models] [--tune-shapes aim_600m ...] [--workers 2]
+        [--parts tune bench sanitizer models tests] [--tune-shapes aim_600m ...] [--workers 2]
     python -m benchmarks.triton_cache unpack benchmarks/.triton-cache/sm90.tar.xz   # on the GPU machine
     python -m benchmarks.triton_cache report [--pack OUT.tar.xz]   # on the GPU machine, after its steps: compiled
         there (by kernel name; packed: the next session carries them too) against carried
@@ -44,6 +44,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import subprocess
 import sys
 import sysconfig
 import tarfile
@@ -56,7 +57,7 @@ MANIFEST = "mimkernels-triton-cache.json"
 # source beside them since 3.6; the group files of the archive name only what it holds)
 KEPT = (".json", ".cubin")
 CARRIED = ".mimkernels-carried.json"  # in the cache folder: the archives unpacked there, the entries they put there
-PARTS = ("tune", "bench", "sanitizer", "models")
+PARTS = ("tune", "bench", "sanitizer", "models", "tests")
 MODEL_SHAPES = ("mae_vit_l", "aim_600m")  # bench_models' shapes of the steps_mae / steps_aim steps
 MODEL_PROVIDERS = ("mimkernels", "mimkernels_views", "mimkernels_fused_norm", "mimkernels_fused_mlp")
 # Hopper's shared memory per block (H100 and H200 alike, 227 KiB): a kernel that needs more fails on the GPU
@@ -425,7 +426,24 @@ def report(cache_dir: str | None = None, pack_to: str | None = None) -> str:
 
 # ----------------------------------------------------------------------------- warm
 
-def warm(out: str, jobs: list[tuple], workers: int, wheel: str | None, parts) -> int:
+def warm_gpu_tests(select: list[str], workers: int, triton_key: str | None) -> tuple[int, str]:
+    """The ``gpu`` tests named by ``select`` (pytest's arguments: files, node ids, -k) run through
+    benchmarks/pretend_gpu_tests.py in ``workers`` processes, their kernels compiled into TRITON_CACHE_DIR under
+    ``triton_key``; their checks are switched off (python -O, assert_close a no-op) so that each test reaches every
+    kernel it launches. Returns pytest's exit code (1, some tests failed, is expected: their verdicts mean nothing
+    here) and its summary line."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env |= {"PYTHONOPTIMIZE": "1", "MIMKERNELS_WARM_TRITON_KEY": triton_key or "",
+            "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--assert=plain",
+               "-p", "benchmarks.pretend_gpu_tests", "-n", str(workers), *select]
+    run = subprocess.run(command, env=env, capture_output=True, text=True)
+    lines = run.stdout.strip().splitlines() or [run.stderr.strip()[-300:]]
+    return run.returncode, lines[-1].strip("= ")
+
+
+def warm(out: str, jobs: list[tuple], workers: int, wheel: str | None, parts,
+         tests_select: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("triton_cache warm compiles real kernels: unset TRITON_INTERPRET")
     import triton
@@ -445,9 +463,17 @@ def warm(out: str, jobs: list[tuple], workers: int, wheel: str | None, parts) ->
             if done % 50 == 0 or done == len(jobs):
                 print(f"warm: {done} of {len(jobs)} jobs, {len(_entries(cache_dir))} kernels, "
                       f"{time.monotonic() - start:.0f} s", flush=True)
+    tests_line, tests_failed = None, False
+    if "tests" in parts:
+        tests_start = time.monotonic()
+        code, summary = warm_gpu_tests(tests_select or ["tests"], workers, triton_key)
+        tests_failed = code not in (0, 1)  # 2 and up: pytest could not run them (interrupted, usage, collection)
+        tests_line = (f"{summary} (pytest exit {code}; checks off, verdicts not meant), "
+                      f"{time.monotonic() - tests_start:.0f} s")
+        print(f"warm: gpu tests: {tests_line}; {len(_entries(cache_dir))} kernels", flush=True)
     pretend_hopper(triton_key)  # this process's key parts are the workers'
     manifest = {**key_parts(), "target": "cuda sm_90", "parts": list(parts), "jobs": len(jobs),
-                "failed_jobs": len(failed), **_made(),
+                "failed_jobs": len(failed), **({"gpu_tests": tests_line} if tests_line else {}), **_made(),
                 "python_of_key": "the wheel's: " + os.path.basename(wheel) if wheel else sys.version.split()[0]}
     count = pack(cache_dir, out, manifest)
     shutil.rmtree(cache_dir, ignore_errors=True)
@@ -455,7 +481,7 @@ def warm(out: str, jobs: list[tuple], workers: int, wheel: str | None, parts) ->
         print("failed:", line[:300])
     print(f"warm: {count} kernels for sm_90 (Triton {triton.__version__}) in {out}, "
           f"{os.path.getsize(out) / 2**20:.1f} MiB, {time.monotonic() - start:.0f} s; {len(failed)} jobs failed")
-    return 1 if failed and len(failed) == len(jobs) else 0
+    return 1 if tests_failed or (failed and len(failed) == len(jobs)) else 0
 
 
 def main(argv=None) -> int:
@@ -470,6 +496,8 @@ def main(argv=None) -> int:
     w.add_argument("--model-shapes", nargs="+", default=list(MODEL_SHAPES))
     w.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     w.add_argument("--limit", type=int, help="the first LIMIT jobs only (a quick check)")
+    w.add_argument("--tests", nargs="+", default=["tests"], metavar="PYTEST_ARG",
+                   help="with --parts tests: which gpu tests (pytest's arguments; default: the whole tests folder)")
     u = verbs.add_parser("unpack", help="put an archive's kernels into this machine's Triton cache")
     u.add_argument("archive")
     u.add_argument("--cache-dir")
@@ -487,7 +515,7 @@ def main(argv=None) -> int:
 
     jobs = jobs_for(args.parts, args.tune_shapes or tune_attention.TUNED, args.bench_shapes or
                     list(bench_attention.SHAPES), args.model_shapes)[:args.limit]
-    return warm(args.out, jobs, args.workers, args.wheel, args.parts)
+    return warm(args.out, jobs, args.workers, args.wheel, args.parts, args.tests)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,32 @@ def test_warm_kernels_are_cache_hits_where_unpacked(tmp_path):
     assert triton_cache.report(str(cache)).startswith(f"Triton cache {cache}: 0 kernels compiled on this machine")
 
 
+# one gpu test whose backward kernels come after a check that a skipped launch fails (its outputs are never written)
+GPU_TEST = "tests/test_tokens_gpu.py::test_mae_encoder_and_decoder_path[33-torch.float32-triton]"
+
+
+def test_gpu_tests_compile_their_kernels_past_their_checks(tmp_path):
+    """``--parts tests``: a ``gpu`` test runs on CPU tensors under a pretend sm_90 GPU (not skipped), goes on past the
+    checks its skipped launches fail (python -O, assert_close off: its forward and backward kernels, 5 here; 3 with
+    the checks on), and what it compiled is packed; unpacked into another folder, the same test compiles nothing."""
+    archive = tmp_path / "sm90.tar.xz"
+    warm = (f"from benchmarks import triton_cache\nraise SystemExit(triton_cache.warm({str(archive)!r}, [], 1, None, "
+            f"['tests'], [{GPU_TEST!r}]))")
+    run = compiled(warm, tmp_path / "unused")
+    assert "warm: gpu tests: 1 passed" in run.stdout, run.stdout
+    with tarfile.open(archive) as packed:
+        manifest = json.load(packed.extractfile(triton_cache.MANIFEST))
+    assert manifest["entries"] >= 5 and manifest["parts"] == ["tests"], manifest
+    assert manifest["gpu_tests"].startswith("1 passed"), manifest
+    cache = tmp_path / "cache"
+    line = triton_cache.unpack(str(archive), str(cache))
+    assert f"{manifest['entries']} of {manifest['entries']} kernels added" in line
+    again = compiled("from benchmarks import triton_cache\n"
+                     f"print(triton_cache.warm_gpu_tests([{GPU_TEST!r}], 1, None))", cache)
+    assert "(0, '1 passed" in again.stdout, again.stdout
+    assert triton_cache.report(str(cache)).startswith(f"Triton cache {cache}: 0 kernels compiled on this machine")
+
+
 def _archive(path: Path, manifest: dict, members: dict) -> None:
     with tarfile.open(path, "w:xz") as archive:
         for name, data in {**members, triton_cache.MANIFEST: json.dumps(manifest).encode()}.items():
