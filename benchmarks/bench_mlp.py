@@ -6,8 +6,9 @@ same tensors in this process:
   torch_compiled     the same under torch.compile (Inductor; its GEMMs stay cuBLAS by default)
   mimkernels         gelu_mlp under autocast, auto backend
   mimkernels_triton  the same on the Triton kernels by name
-  mimkernels_triton@<tile>  with ``--sweep``: each of ``mimkernels.triton.mlp.CANDIDATES`` (fwd_bwd only), the
-                     winner being what ``CONFIGS[2]`` should hold on this GPU
+  mimkernels_triton@<tile>  with ``--sweep``: each of ``mimkernels.triton.mlp.CANDIDATES`` (fwd_bwd only, the tile
+                     in both GEMM kernels: fc1 + GELU forward, fc2's input gradient), the winner being what
+                     ``CONFIGS[2]`` should hold on this GPU
 fwd and fwd_bwd (gradients of x and all four parameters). TFLOP/s count the six GEMMs (2 x rows x width x hidden
 each); GB/s count x, the output and the bf16 weights once (the GEMMs make this compute-bound).
 
@@ -15,6 +16,7 @@ each); GB/s count x, the output and the bf16 weights once (the GEMMs make this c
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
@@ -44,16 +46,17 @@ def fused_triton(*args):
         return fused(*args)
 
 
-def with_config(config):
-    """fused_triton with the 2-byte tile ``config`` (a CANDIDATES entry) in place of the shipped one."""
-    def run(*args):
-        shipped = mlp_kernels.CONFIGS[2]
-        mlp_kernels.CONFIGS[2] = config
-        try:
-            return fused_triton(*args)
-        finally:
-            mlp_kernels.CONFIGS[2] = shipped
-    return run
+@contextlib.contextmanager
+def two_byte_tile(config):
+    """gelu_mlp's 2-byte tile ``config`` (a CANDIDATES entry) in place of the shipped one, for the forward and the
+    backward that run inside (a tile put back when the forward returns would leave the backward's GEMM on the shipped
+    tile: run 10's sweep rows timed that mix)."""
+    shipped = mlp_kernels.CONFIGS[2]
+    mlp_kernels.CONFIGS[2] = config
+    try:
+        yield
+    finally:
+        mlp_kernels.CONFIGS[2] = shipped
 
 
 def tile_name(config) -> str:
@@ -65,14 +68,20 @@ def providers(compile_backend="inductor"):
             "mimkernels": fused, "mimkernels_triton": fused_triton}
 
 
-def _step(fn, args, mode, grad, device, dtype):
+def _step(fn, args, mode, grad, device, dtype, tile=None):
+    """One timed call of ``mode``; ``tile``: a 2-byte tile for every gelu_mlp kernel it runs, backward included."""
     def forward():
         with torch.autocast(device, dtype=dtype):
             return fn(*args)
-    if mode == "fwd":
-        return forward
     inputs = [t for t in args if t is not None]
-    return lambda: torch.autograd.grad(forward(), inputs, grad)
+    call = forward if mode == "fwd" else lambda: torch.autograd.grad(forward(), inputs, grad)
+    if tile is None:
+        return call
+
+    def with_tile():
+        with two_byte_tile(tile):
+            return call()
+    return with_tile
 
 
 def run(shapes, dtype, quick, peaks, csv_path=None, *, device="cuda", scale=1, compile_backend="inductor",
@@ -96,13 +105,13 @@ def run(shapes, dtype, quick, peaks, csv_path=None, *, device="cuda", scale=1, c
         expected = _step(unfused, args, "fwd", None, device, dtype)().float()
         shape = f"{name}:R{rows}xD{width}xH{hidden}"
         label = "fp32+" + str(dtype).removeprefix("torch.")
-        timed = providers(compile_backend)
+        timed = {provider: (fn, None) for provider, fn in providers(compile_backend).items()}
         if sweep:
-            timed.update({f"mimkernels_triton@{tile_name(c)}": with_config(c) for c in mlp_kernels.CANDIDATES})
-        for provider, fn in timed.items():
+            timed.update({f"mimkernels_triton@{tile_name(c)}": (fused_triton, c) for c in mlp_kernels.CANDIDATES})
+        for provider, (fn, tile) in timed.items():
             # a sweep candidate may not fit this GPU (shared memory): reported, the others timed
             outcome = bench_models.guarded(provider, None if "@" in provider else provider, _time_provider, provider,
-                                           fn, args, grad, expected, shape, label, (rows, width, hidden), quick,
+                                           fn, tile, args, grad, expected, shape, label, (rows, width, hidden), quick,
                                            peaks, device, dtype)
             if isinstance(outcome, str):
                 print(f"  {shape:32s} {provider:40s} failed: {outcome}", flush=True)
@@ -127,9 +136,10 @@ def best_tile_line(name: str, shape: str, rows: list) -> str:
     return f"  best tile {name}: {best.provider.split('@')[1]} {best.ms_p50:.3f} ms{versus}"
 
 
-def _time_provider(provider, fn, args, grad, expected, shape, label, sizes, quick, peaks, device, dtype):
-    """The provider's rows (fwd and fwd_bwd; a sweep candidate fwd_bwd only), after checking its forward."""
-    got = _step(fn, args, "fwd", None, device, dtype)().float()  # a wrong answer is not timed
+def _time_provider(provider, fn, tile, args, grad, expected, shape, label, sizes, quick, peaks, device, dtype):
+    """The provider's rows (fwd and fwd_bwd; a sweep candidate, ``tile``, fwd_bwd only), after checking its
+    forward."""
+    got = _step(fn, args, "fwd", None, device, dtype, tile)().float()  # a wrong answer is not timed
     torch.testing.assert_close(got, expected, rtol=3e-2, atol=3e-2 * expected.abs().max().item())
     rows, width, hidden = sizes
     timed = []
@@ -138,7 +148,7 @@ def _time_provider(provider, fn, args, grad, expected, shape, label, sizes, quic
             continue
         flops = (2 if mode == "fwd" else 6) * 2 * rows * width * hidden  # two GEMMs forward, four more backward
         min_bytes = 2 * (2 * rows * width + 2 * width * hidden) * (1 if mode == "fwd" else 2)
-        times = common.time_ms(_step(fn, args, mode, grad, device, dtype), quick=quick, device=device)
+        times = common.time_ms(_step(fn, args, mode, grad, device, dtype, tile), quick=quick, device=device)
         row = common.result("gelu_mlp", provider, mode, shape, label, times, flops, min_bytes, peaks)
         print(f"  {shape:32s} {provider:40s} {mode:8s} {row.ms_p50:8.3f} ms  {row.tflops:6.0f} TFLOP/s  "
               f"{row.roofline_pct:5.1f}% of peak", flush=True)

@@ -5,10 +5,11 @@ compiling 707 kernels (on 16 cores), and its sanitizer step ran out of 90 s comp
 target it is told (kernel_report does, for its spill check), and its on-disk cache is keyed by what decides the
 binary: Triton's own build, the kernel's source, its specialisation (argument dtypes, 16-byte alignment, ints equal to
 1 or divisible by 16, constexprs), the target, the options, the ptxas version. So ``warm`` runs the code that the next
-GPU session runs (the tuner's precompile jobs, bench_attention's providers of ours, the sanitizer cases, two blocks
-of the benchmarked models, and the ``gpu`` tests with their checks switched off: benchmarks/pretend_gpu_tests.py) on CPU
-tensors, with Triton told that the current device is an sm_90 GPU and every launch skipped: each kernel is compiled
-with the specialisation it gets on the GPU, and lands in the cache under the key the GPU computes. ``unpack``
+GPU session runs (the tuner's precompile jobs, bench_attention's providers of ours, the sanitizer cases, the models
+step's kernel benchmarks and two blocks of its models, and the ``gpu`` tests with their checks switched off:
+benchmarks/pretend_gpu_tests.py) on CPU tensors, with Triton told that the current device is an sm_90 GPU and
+every launch skipped: each kernel is compiled with the specialisation it gets on the GPU, and lands in the cache
+under the key the GPU computes. ``unpack``
 (benchmarks/gpu_env.sh, on the GPU machine) puts the archive into that machine's cache; a kernel whose key matches
 is loaded instead of compiled, one that does not is compiled there as before.
 Nothing is trusted that Triton does not check itself: a cached binary is found only under the hash of everything
@@ -208,9 +209,19 @@ def jobs_for(parts, tune_shapes, bench_shapes, model_shapes) -> list[tuple]:
         jobs += _bench_jobs(bench_shapes)
     if "sanitizer" in parts:
         jobs += [("sanitizer", group) for group in sanitizer_cases.CASES]
-    if "models" in parts:
+    if "models" in parts:  # the models step: bench_norms, bench_mlp --sweep (every tile), then bench_models
+        from benchmarks import bench_mlp, bench_norms
+        from mimkernels.triton import mlp
+
+        jobs += [("norm", name) for name in bench_norms.SHAPES]
+        jobs += [("mlp", name, tile) for name in bench_mlp.SHAPES for tile in (None, *range(len(mlp.CANDIDATES)))]
         jobs += [("model", name, provider) for name in model_shapes for provider in MODEL_PROVIDERS]
     return jobs
+
+
+def _rows_as_on_the_gpu(rows: int) -> int:
+    """Fewer rows that Triton specialises the same way (a multiple of 16 stays one; rows are runtime ints)."""
+    return min(rows, 256) if rows % 16 == 0 else rows
 
 
 def _bench_job(name: str, provider: str) -> None:
@@ -250,6 +261,38 @@ def _model_job(name: str, provider: str) -> None:
     loss.backward()
 
 
+def _norm_job(name: str) -> None:
+    """bench_norms' Triton provider, forward and backward, at its shape ``name``."""
+    import torch
+
+    from benchmarks import bench_norms
+
+    rows, width = bench_norms.SHAPES[name]
+    rows = _rows_as_on_the_gpu(rows)
+    args = (torch.randn(rows, width, requires_grad=True),
+            torch.randn(rows, width, dtype=torch.bfloat16, requires_grad=True),
+            torch.randn(width, requires_grad=True), torch.randn(width, requires_grad=True))
+    grads = (torch.randn(rows, width), torch.randn(rows, width, dtype=torch.bfloat16))
+    bench_norms._step(bench_norms.fused_triton, args, "fwd_bwd", grads, "cpu")()
+
+
+def _mlp_job(name: str, tile: int | None) -> None:
+    """bench_mlp's Triton provider (``tile`` None: the shipped tile; else that CANDIDATES entry, as --sweep runs it),
+    forward and backward under bf16 autocast, at its shape ``name``."""
+    import torch
+
+    from benchmarks import bench_mlp
+    from mimkernels.triton import mlp
+
+    rows, width, hidden, bias = bench_mlp.SHAPES[name]
+    rows = _rows_as_on_the_gpu(rows)
+    args = (torch.randn(rows, width, requires_grad=True), torch.randn(hidden, width, requires_grad=True),
+            torch.randn(hidden, requires_grad=True) if bias else None, torch.randn(width, hidden, requires_grad=True),
+            torch.randn(width, requires_grad=True) if bias else None)
+    bench_mlp._step(bench_mlp.fused_triton, args, "fwd_bwd", torch.randn(rows, width, dtype=torch.bfloat16), "cpu",
+                    torch.bfloat16, None if tile is None else mlp.CANDIDATES[tile])()
+
+
 def run_job(job: tuple) -> str:
     """One job in a worker that :func:`pretend_hopper` set up; returns its label."""
     kind, *args = job
@@ -266,6 +309,10 @@ def run_job(job: tuple) -> str:
             pass
     elif kind == "model":
         _model_job(*args)
+    elif kind == "norm":
+        _norm_job(*args)
+    elif kind == "mlp":
+        _mlp_job(*args)
     else:
         raise ValueError(f"unknown job kind {kind!r}")
     return " ".join(str(arg) for arg in (kind, *args))

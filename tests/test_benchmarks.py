@@ -550,6 +550,29 @@ def test_mlp_harness_runs_end_to_end(tmp_path):
     assert fwd.tflops * fwd.ms_p50 * 1e9 == pytest.approx(2 * 2 * rows_ * width * hidden, rel=1e-3)
 
 
+def test_mlp_sweep_runs_each_candidate_in_forward_and_backward(monkeypatch):
+    """A swept tile is the tile of both GEMM kernels its fwd_bwd row times, the backward's too (run 10's sweep put
+    the shipped tile back when the forward returned, so its rows timed the candidate's forward with the shipped
+    tile's backward)."""
+    from benchmarks import bench_mlp
+    from mimkernels.triton import mlp as mlp_kernels
+
+    candidate = (32, 32, 32, 8, 4, 1)
+    monkeypatch.setattr(mlp_kernels, "CANDIDATES", (candidate,))
+    launched, launch_gemm = [], mlp_kernels._launch_gemm
+
+    def recorded(kernel, *args):
+        launched.append((getattr(kernel, "__name__", None) or kernel.fn.__name__, tuple(mlp_kernels.CONFIGS[2])))
+        return launch_gemm(kernel, *args)
+
+    monkeypatch.setattr(mlp_kernels, "_launch_gemm", recorded)
+    monkeypatch.setattr(bench_mlp, "providers", lambda compile_backend: {})  # the swept provider alone
+    bench_mlp.run(["mae_vit_l"], torch.float16, True, common.Peaks(1.0, 1.0), None, device="cpu", scale=128,
+                  sweep=True)
+    assert {"_linear_gelu_fwd", "_matmul_gelu_grad"} == {name for name, _ in launched}
+    assert {tile for _, tile in launched} == {candidate}
+
+
 def test_mlp_sweep_reports_a_candidate_that_fails_and_goes_on(monkeypatch, capsys):
     """A tile that cannot run (here a block size Triton rejects; on a GPU, one that needs more shared memory than
     the GPU has) is reported and skipped; the other providers are timed."""

@@ -178,6 +178,29 @@ def test_triton_key_of_this_install_is_tritons_own():
     assert triton_cache.triton_key_of(str(site)) == cache.triton_key()
 
 
+MLP_JOB = """
+import triton
+from benchmarks import triton_cache
+from mimkernels.triton import mlp
+triton_cache.pretend_hopper(None)
+compiled = []
+triton.knobs.compilation.listener = lambda **event: compiled.append(
+    (event["metadata"]["name"], event["metadata"]["num_warps"], event["metadata"]["num_stages"]))
+triton_cache.run_job(("mlp", "aim_600m", %d))
+print(sorted(set(compiled)), "tile", tuple(mlp.CANDIDATES[%d]))
+"""
+
+
+def test_mlp_job_compiles_a_swept_tile_in_both_gemms(tmp_path):
+    """The models part's bench_mlp --sweep job: the candidate tile's forward (fc1 + GELU) and backward (fc2's input
+    gradient) kernels, both with the tile's warps and stages."""
+    tile = 2
+    run = compiled(MLP_JOB % (tile, tile), tmp_path / "cache")
+    kernels, _, candidate = run.stdout.strip().splitlines()[-1].partition(" tile ")
+    warps, stages = eval(candidate)[4:6]  # noqa: S307 (a tuple this test printed)
+    assert eval(kernels) == [("_linear_gelu_fwd", warps, stages), ("_matmul_gelu_grad", warps, stages)]  # noqa: S307
+
+
 def test_warm_refuses_a_wheel_of_another_triton(tmp_path):
     import zipfile
 
