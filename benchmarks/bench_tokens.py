@@ -17,6 +17,7 @@ what a training step whose host runs ahead pays, and what the issue's targets (p
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
@@ -42,14 +43,23 @@ def gather_encoder(x, pos, noise):
     return torch.gather(x + pos, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def _mimkernels(backend, fn, fused_backward=False):
-    """``fn`` on ``backend``; with ``fused_backward`` its backward in one pass (ops.tokens.FUSED_BACKWARD)."""
-    from mimkernels.ops import tokens as token_ops
-
+def _mimkernels(backend, fn):
+    """``fn`` on ``backend`` (the backward runs on the backend its forward chose)."""
     def run(*args):
-        with common.switched(token_ops, "FUSED_BACKWARD", fused_backward), mimkernels.use_backend(backend):
+        with mimkernels.use_backend(backend):
             return fn(*args)
     return run
+
+
+def switched(provider: str):
+    """mimkernels_fused_bwd's switch on inside the block, nothing for the others. ops.tokens.FUSED_BACKWARD is read
+    where the backward runs, so it stays on for the whole timed step (a switch set around the forward alone timed
+    the backward it was meant to replace)."""
+    from mimkernels.ops import tokens as token_ops
+
+    if provider != "mimkernels_fused_bwd":
+        return contextlib.nullcontext()
+    return common.switched(token_ops, "FUSED_BACKWARD", True)
 
 
 def providers(job):
@@ -59,7 +69,7 @@ def providers(job):
 
         return {"official_mae": official_encoder, "torch_gather": gather_encoder,
                 "mimkernels": _mimkernels("auto", ours), "mimkernels_triton": _mimkernels("triton", ours),
-                "mimkernels_fused_bwd": _mimkernels("triton", ours, fused_backward=True)}
+                "mimkernels_fused_bwd": _mimkernels("triton", ours)}
 
     def ours(x, ids_restore, mask_token, pos):
         return mimkernels.restore_tokens(x, ids_restore, mask_token, pos_embed=pos, num_prefix_tokens=1)
@@ -67,7 +77,7 @@ def providers(job):
     return {"official_mae": official.decoder_input,
             "torch_gather": lambda *args: official.decoder_input(*args, repeat=False),
             "mimkernels": _mimkernels("auto", ours), "mimkernels_triton": _mimkernels("triton", ours),
-            "mimkernels_fused_bwd": _mimkernels("triton", ours, fused_backward=True)}
+            "mimkernels_fused_bwd": _mimkernels("triton", ours)}
 
 
 def job_inputs(job, batch, patches, dim, dtype, device):
@@ -89,10 +99,13 @@ def job_inputs(job, batch, patches, dim, dtype, device):
     return (x, ids_restore, mask_token, pos), (x, mask_token, pos), fwd, 2 * fwd
 
 
-def _step(fn, args, leaves, grad_out, mode):
-    if not mode.startswith("fwd_bwd"):
-        return lambda: fn(*args)
-    return lambda: torch.autograd.grad(fn(*args), leaves, grad_out)
+def _step(fn, args, leaves, grad_out, mode, provider):
+    """One timed call of ``mode``, with ``provider``'s switch on for all of it."""
+    def step():
+        with switched(provider):
+            out = fn(*args)
+            return out if not mode.startswith("fwd_bwd") else torch.autograd.grad(out, leaves, grad_out)
+    return step
 
 
 def run(shapes, dtype, quick, peaks, csv_path=None, *, device="cuda", batch=256):
@@ -113,8 +126,8 @@ def run(shapes, dtype, quick, peaks, csv_path=None, *, device="cuda", batch=256)
                 grad_out = torch.randn_like(out)
                 for mode in MODES:
                     min_bytes = fwd_bwd_bytes if mode.startswith("fwd_bwd") else fwd_bytes
-                    times = common.time_mode(_step(fn, args, leaves, grad_out, mode), mode, f"{shape} {provider}",
-                                             quick=quick, device=device)
+                    step = _step(fn, args, leaves, grad_out, mode, provider)
+                    times = common.time_mode(step, mode, f"{shape} {provider}", quick=quick, device=device)
                     if times is None:
                         continue
                     rows.append(common.result("mae_tokens", provider, mode, shape, str(dtype)[6:], times, 0,

@@ -197,6 +197,25 @@ def test_tokens_harness_runs_end_to_end(tmp_path):
     assert all(line.endswith(("met", "MISSED")) for line in lines[1:])
 
 
+@pytest.mark.parametrize("job", ["encoder", "decoder"])
+def test_tokens_fused_backward_provider_times_the_fused_backward(job, monkeypatch):
+    """mimkernels_fused_bwd's timed step runs the one-pass backward kernel (ops.tokens.FUSED_BACKWARD is read where
+    the backward runs: a switch set around the forward alone left it off there), the other providers do not."""
+    from benchmarks import bench_tokens
+    from mimkernels.ops import tokens as token_ops
+
+    calls, rows_backward = [], token_ops._triton_kernels.rows_backward
+    monkeypatch.setattr(token_ops._triton_kernels, "rows_backward",
+                        lambda *args: calls.append(1) or rows_backward(*args))
+    args, leaves, _, _ = bench_tokens.job_inputs(job, 2, 8, 16, torch.float32, "cpu")
+    for provider, fn in bench_tokens.providers(job).items():
+        calls.clear()
+        grad_out = torch.randn_like(fn(*args))
+        bench_tokens._step(fn, args, leaves, grad_out, "fwd_bwd", provider)()
+        assert len(calls) == (provider == "mimkernels_fused_bwd"), provider
+    assert not token_ops.FUSED_BACKWARD  # put back
+
+
 def test_patch_embed_harness_runs_end_to_end(tmp_path):
     from benchmarks import bench_patch_embed
 
