@@ -50,7 +50,7 @@ lint: $(READY)
 report: $(READY)
 	$(PY) -m benchmarks.kernel_report
 
-# Triton's compile cache for the next lent GPU, compiled here without one (benchmarks/triton_cache.py; 13 minutes on
+# Triton's compile cache for the next lent GPU, compiled here without one (benchmarks/triton_cache.py; 14 minutes on
 # 2 cores): the GPU machine runs the floor's Triton under Python $(GPU_PYTHON), whose Triton wheel is part of every
 # cache key, so it is fetched for its key. A device call that names benchmarks/.triton-cache in carry takes the archive.
 # From a copy of the sources: the checkout's extension is built for .venv's torch, not the floor's.

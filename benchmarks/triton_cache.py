@@ -365,7 +365,8 @@ def pack(cache_dir: str, out: str, manifest: dict, entries: list[str] | None = N
     entries = _entries(cache_dir) if entries is None else entries
     manifest = {**manifest, "entries": len(entries)}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with tarfile.open(out, "w:xz") as archive:
+    partial = out + ".partial"  # renamed when whole: a cut-off pack leaves the archive before it, not half of one
+    with tarfile.open(partial, "w:xz") as archive:
         for entry in entries:
             for name in sorted(os.listdir(os.path.join(cache_dir, entry))):
                 if name.endswith(KEPT):
@@ -374,6 +375,7 @@ def pack(cache_dir: str, out: str, manifest: dict, entries: list[str] | None = N
         info = tarfile.TarInfo(MANIFEST)
         info.size = len(data)
         archive.addfile(info, io.BytesIO(data))
+    os.replace(partial, out)
     return len(entries)
 
 
