@@ -63,6 +63,16 @@ def device():
     return DEVICE
 
 
+@pytest.fixture
+def fused_backward(request, monkeypatch):
+    """ops.tokens.FUSED_BACKWARD set to the value a test is parametrized with (indirectly): the token ops' one-pass
+    backwards, on the Triton backend."""
+    from mimkernels.ops import tokens as token_ops
+
+    monkeypatch.setattr(token_ops, "FUSED_BACKWARD", request.param)
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def seeded_per_test(request):
     """Each test starts from a seed of its own name: its unseeded random inputs are the same whichever tests ran

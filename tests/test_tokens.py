@@ -17,15 +17,6 @@ TOLERANCE = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}  # 
 BACKWARDS = [(name, False) for name in BACKENDS] + [("triton", True)] * ("triton" in BACKENDS)
 
 
-@pytest.fixture
-def fused_backward(request, monkeypatch):
-    """Parametrized indirectly with tokens.FUSED_BACKWARD's value for the test."""
-    from mimkernels.ops import tokens as token_ops
-
-    monkeypatch.setattr(token_ops, "FUSED_BACKWARD", request.param)
-    return request.param
-
-
 def leaf(*shape, dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=gen).to(DEVICE, dtype).requires_grad_()

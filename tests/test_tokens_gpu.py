@@ -9,14 +9,19 @@ from mimkernels import reference
 pytestmark = pytest.mark.gpu
 
 GPU_BACKENDS = [name for name in ("extension", "triton") if name in mimkernels.available_backends()]
+# (backend, ops.tokens.FUSED_BACKWARD): the one-pass backwards (Triton only) compiled, at MAE sizes
+GPU_BACKWARDS = [(name, False) for name in GPU_BACKENDS] + [("triton", True)] * ("triton" in GPU_BACKENDS)
 
 
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("backend, fused_backward", GPU_BACKWARDS, indirect=["fused_backward"],
+                         ids=[backend + "-fused_bwd" * fused for backend, fused in GPU_BACKWARDS])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("dim", [768, 1024, 33, 36, 1100])  # 16-byte vectors, odd widths, 4/8-byte vectors
-def test_mae_encoder_and_decoder_path(backend, dtype, dim):
+def test_mae_encoder_and_decoder_path(backend, fused_backward, dtype, dim):
     """Masking, gather and restore with an fp32 pos_embed and mask token, against the reference on float64 twins
-    (the kernels add pos_embed in fp32 and round once; a reference run in bf16 would round twice)."""
+    (the kernels add pos_embed in fp32 and round once; a reference run in bf16 would round twice); the backwards
+    as shipped and, on Triton, in one pass (16 samples: four sample groups, each a partial sum; widths 33, 36 and
+    1100 end in a partial column block)."""
     batch, patches = 16, 196
     x = torch.randn(batch, 1 + patches, dim, device="cuda", dtype=dtype, requires_grad=True)
     pos = torch.randn(1, 1 + patches, dim, device="cuda", requires_grad=True)
