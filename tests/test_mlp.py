@@ -134,17 +134,18 @@ def test_tma_tile_falls_back_to_pointers_where_descriptors_cannot_read(monkeypat
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tma_tile", range(4), ids=lambda i: f"tma_candidate{i}")
-def test_tma_tiles_compiled_for_hopper(monkeypatch, tma_tile):
-    """Each ``tma`` candidate of the sweep, compiled for the GPU at hand, in bf16 at a ViT-B-like shape whose rows
-    (1028) fit no tile: within budget of float64 (bench_mlp only times them)."""
+@pytest.mark.parametrize("candidate", range(12), ids=lambda i: f"candidate{i}")
+def test_sweep_tiles_compiled(monkeypatch, candidate):
+    """Each tile of bench_mlp's sweep (one of them may be shipped as ``CONFIGS[2]`` from the sweep's timings alone),
+    compiled for the GPU at hand, forward and backward in bf16 at a ViT-B-like shape whose rows (1028) fit no tile:
+    within budget of float64 (the sweep checks the forward only). ``tma`` tiles on Hopper or newer."""
     from mimkernels.triton import launch, mlp
 
-    if launch.compute_capability(torch.device(DEVICE)) < 90:
+    assert len(mlp.CANDIDATES) == 12  # the parametrisation above
+    tile = mlp.GemmTile(*mlp.CANDIDATES[candidate])
+    if tile.tma and launch.compute_capability(torch.device(DEVICE)) < 90:
         pytest.skip("TMA descriptors need Hopper or newer")
-    tiles = [tile for tile in mlp.CANDIDATES if tile.tma]
-    assert len(tiles) == 4  # the parametrisation above
-    monkeypatch.setattr(mlp, "CONFIGS", {**mlp.CONFIGS, 2: tiles[tma_tile]})
+    monkeypatch.setattr(mlp, "CONFIGS", {**mlp.CONFIGS, 2: tile})
     assert_within_budget((4, 257), 768, 3072, 768, torch.bfloat16)
     assert_within_budget((1028,), 384, 1536, 384, torch.bfloat16, bias=False)
 
