@@ -3,10 +3,12 @@
 Loaded with ``-p benchmarks.pretend_gpu_tests`` before tests/conftest.py is imported, it makes the process look like
 one with an sm_90 GPU (``torch.cuda.is_available()`` and the few queries the tests make) and sends every tensor the
 tests put on "cuda" to the CPU, where :func:`benchmarks.triton_cache.pretend_hopper` compiles each Triton kernel for
-sm_90 and skips its launch. A skipped launch leaves its output unwritten, so the tests fail (their verdicts mean
-nothing here and are not kept): what counts is that each kernel a test reaches before its first failing check has
-been compiled with the specialisation it gets on the GPU. MIMKERNELS_WARM_TRITON_KEY (set by ``warm``) is the
-GPU machine's triton_key; unset, this Triton's own.
+sm_90 and skips its launch. A skipped launch leaves its output unwritten, which the tests' checks would fail at
+the first kernel, so the checks are off (run under ``python -O``, and ``torch.testing.assert_close`` does nothing):
+each test runs on to its end and every kernel it launches is compiled with the specialisation it gets on the GPU.
+Whether a test passes here says nothing about the code (its exceptions only say it stopped early). Run by
+``triton_cache warm --parts tests``; MIMKERNELS_WARM_TRITON_KEY (set by ``warm``) is the GPU machine's
+triton_key; unset, this Triton's own.
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 def _on_the_cpu(device):
     """``device`` with every CUDA device replaced by the CPU (strings, torch.device and ints as torch takes them)."""
+    if isinstance(device, int) and not isinstance(device, bool):  # a CUDA device index
+        return "cpu"
     if isinstance(device, torch.device):
         return torch.device("cpu") if device.type == "cuda" else device
     if isinstance(device, str) and device.startswith("cuda"):
@@ -49,6 +53,8 @@ class CudaOnTheCpu(TorchFunctionMode):
 
 
 def _pretend_cuda() -> None:
+    """torch.cuda's queries answer as one sm_90 GPU would, its no-result calls do nothing, and CUDA autocast is the
+    CPU's (the tensors are there)."""
     cuda = torch.cuda
     cuda.is_available = lambda: True
     cuda.device_count = lambda: 1
@@ -68,7 +74,7 @@ def _pretend_cuda() -> None:
             super().__init__("cpu" if device_type == "cuda" else device_type, *args, **kwargs)
 
     torch.autocast = autocast_on_the_cpu
-    # run under python -O (assert statements gone): a test goes on past the checks that its skipped launches fail
+    # with python -O (assert statements gone): a test goes on past the checks its skipped launches fail
     torch.testing.assert_close = lambda *args, **kwargs: None
 
 
