@@ -95,9 +95,7 @@ SWITCHED_PROVIDERS = {"mimkernels_stored_ds": (attention_kernels, "STORED_DS", T
 
 def switched(provider: str):
     """``provider``'s switch on (SWITCHED_PROVIDERS) inside the block; nothing for the others."""
-    if provider not in SWITCHED_PROVIDERS:
-        return contextlib.nullcontext()
-    return common.switched(*SWITCHED_PROVIDERS[provider])
+    return common.provider_switch(SWITCHED_PROVIDERS, provider)
 
 
 def providers(q, k, v, prefix, with_flex=True):

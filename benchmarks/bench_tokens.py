@@ -17,13 +17,13 @@ what a training step whose host runs ahead pays, and what the issue's targets (p
 """
 from __future__ import annotations
 
-import contextlib
 import sys
 
 import torch
 
 import mimkernels
 from benchmarks import common, official
+from mimkernels.ops import tokens as token_ops
 
 SHAPES = {"mae_base": (196, 768), "mae_large": (196, 1024)}  # patches, width (decoder width as the encoder's)
 MASK_RATIO = 0.75
@@ -51,15 +51,9 @@ def _mimkernels(backend, fn):
     return run
 
 
-def switched(provider: str):
-    """mimkernels_fused_bwd's switch on inside the block, nothing for the others. ops.tokens.FUSED_BACKWARD is read
-    where the backward runs, so it stays on for the whole timed step (a switch set around the forward alone timed
-    the backward it was meant to replace)."""
-    from mimkernels.ops import tokens as token_ops
-
-    if provider != "mimkernels_fused_bwd":
-        return contextlib.nullcontext()
-    return common.switched(token_ops, "FUSED_BACKWARD", True)
+# ops.tokens.FUSED_BACKWARD is read where the backward runs, so it stays on for the whole timed step (a switch set
+# around the forward alone timed the backward it was meant to replace): name -> (module, attribute, value)
+SWITCHED_PROVIDERS = {"mimkernels_fused_bwd": (token_ops, "FUSED_BACKWARD", True)}
 
 
 def providers(job):
@@ -102,7 +96,7 @@ def job_inputs(job, batch, patches, dim, dtype, device):
 def _step(fn, args, leaves, grad_out, mode, provider):
     """One timed call of ``mode``, with ``provider``'s switch on for all of it."""
     def step():
-        with switched(provider):
+        with common.provider_switch(SWITCHED_PROVIDERS, provider):
             out = fn(*args)
             return out if not mode.startswith("fwd_bwd") else torch.autograd.grad(out, leaves, grad_out)
     return step

@@ -85,6 +85,15 @@ def switched(module, name: str, value):
         setattr(module, name, before)
 
 
+def provider_switch(switches: dict, provider: str):
+    """``provider``'s switch (``switches``: provider -> (module, attribute, value)) on inside the block; nothing for
+    a provider without one. Benchmarks hold it around the whole timed step: a switch may be read where the backward
+    runs."""
+    if provider not in switches:
+        return contextlib.nullcontext()
+    return switched(*switches[provider])
+
+
 def graphed(mode: str) -> bool:
     """Whether ``mode`` is timed as GPU time (``fwd_bwd_graph``: the calls replayed in a CUDA graph) rather than per
     call: per call a short kernel sequence is timed by its host work; inside a training step whose host runs ahead
