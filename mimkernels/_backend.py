@@ -80,10 +80,33 @@ def triton_interpreted() -> bool:
     return _TRITON_INTERPRETED
 
 
-# Looked up once, without importing anything (triton must not be imported before TRITON_INTERPRET is set),
-# and kept as plain values so that torch.compile traces the backend choice without a graph break.
+_EXTENSION_NOT_BUILT = "the compiled extension mimkernels._C is not built (pip install -e . with a CUDA toolkit)"
+
+
+def _load_extension() -> str | None:
+    """Load ``mimkernels._C`` (its static initialisers register ``torch.ops.mimkernels.*``): None if it loads, else
+    why not. A library that is there but does not load (most often built against another torch: "undefined
+    symbol") leaves the extension out with one warning, so that ``import mimkernels`` still works on the other
+    backends; naming ``extension`` then raises with this reason."""
+    if importlib.util.find_spec("mimkernels._C") is None:
+        return _EXTENSION_NOT_BUILT
+    try:
+        importlib.import_module("mimkernels._C")
+    except (ImportError, OSError, RuntimeError) as error:  # RuntimeError: a static initialiser's c10::Error
+        reason = (f"the compiled extension mimkernels._C is installed but does not load with this torch "
+                  f"({torch.__version__}), most likely because it was built against another one; rebuild it "
+                  f"(pip install --no-build-isolation -e . in the source tree, or reinstall mimkernels). "
+                  f"{type(error).__name__}: {str(error)[:300]}")
+        warnings.warn(reason + ". Its ops run on the other backends until then.", RuntimeWarning, stacklevel=2)
+        return reason
+    return None
+
+
+# Looked up once (triton is not imported: TRITON_INTERPRET must be set before it is), and kept as plain values so
+# that torch.compile traces the backend choice without a graph break.
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
-_HAS_EXTENSION = importlib.util.find_spec("mimkernels._C") is not None
+_EXTENSION_PROBLEM = _load_extension()
+_HAS_EXTENSION = _EXTENSION_PROBLEM is None
 _TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read before the kernels are defined
 
 
@@ -100,7 +123,7 @@ def _why_not(backend: str, device: torch.device) -> str | None:
             return None
         return f"Triton kernels need a CUDA tensor, or a CPU tensor with TRITON_INTERPRET=1; got device {device}"
     if not _HAS_EXTENSION:
-        return "the compiled extension mimkernels._C is not built (pip install -e . with a CUDA toolkit)"
+        return _EXTENSION_PROBLEM or _EXTENSION_NOT_BUILT
     if device.type == "cuda":
         return _cuda_device_problem("extension", device.index)
     if device.type != "cpu":

@@ -1,7 +1,8 @@
 """The compiled ops of csrc/ (``torch.ops.mimkernels.*``): loaded, given fake kernels for torch.compile,
 and wrapped with the same signatures as the Triton kernel modules, so ops/ can use either.
 
-Importing this module fails with ImportError when the extension was not built.
+Importing this module fails with ImportError when the extension was not built or does not load (built against
+another torch); ``_backend`` tries it first and leaves the extension out with a warning.
 """
 import torch
 

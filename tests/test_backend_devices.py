@@ -5,7 +5,11 @@ built for (plus PTX for newer ones), or none at all when no CUDA toolkit was fou
 here, the device's answers are stood in for (capability, ROCm build, the extension's probe); the GPU test asks
 the real device.
 """
-import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -13,7 +17,7 @@ import torch
 import mimkernels
 from mimkernels import _backend
 
-HAS_EXTENSION = importlib.util.find_spec("mimkernels._C") is not None
+HAS_EXTENSION = _backend._HAS_EXTENSION  # built, and loads with this torch
 needs_extension = pytest.mark.skipif(not HAS_EXTENSION, reason="the compiled extension is not built here")
 CUDA0 = torch.device("cuda", 0)
 
@@ -100,3 +104,56 @@ def test_this_gpu_runs_the_kernels_it_was_built_for():
         assert torch.ops.mimkernels.has_cuda_kernels_for(device.index) is True
         assert _backend._why_not("extension", device) is None
         assert "extension" in mimkernels.available_backends()
+
+
+# A stand-in for an extension built against another torch: found where it is installed, fails when loaded, as
+# torch extensions do after a torch upgrade.
+_STALE_EXTENSION = textwrap.dedent("""
+    import importlib.abc, importlib.machinery, json, sys, warnings
+
+    class StaleLibrary(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, name, path=None, target=None):
+            return importlib.machinery.ModuleSpec(name, self) if name == "mimkernels._C" else None
+
+        def create_module(self, spec):
+            raise ImportError("mimkernels/_C.so: undefined symbol: _ZN3c104cuda19CUDAErrorLogCaptureC1Ev")
+
+        def exec_module(self, module):
+            pass
+
+    sys.meta_path.insert(0, StaleLibrary())
+    warnings.simplefilter("always")
+    with warnings.catch_warnings(record=True) as caught:
+        import torch
+        import mimkernels
+        from mimkernels import _backend
+    print("WARNINGS", json.dumps([str(w.message) for w in caught if "mimkernels._C" in str(w.message)]))
+    print("BACKENDS", json.dumps(mimkernels.available_backends()))
+    x = torch.randn(2, 6, 4, requires_grad=True)
+    kept = mimkernels.random_masking(x, 0.5, noise=torch.rand(2, 6)).x_kept  # runs: auto takes another backend
+    kept.sum().backward()
+    print("RAN", tuple(kept.shape), tuple(x.grad.shape))
+    try:
+        with mimkernels.use_backend("extension"):
+            mimkernels.random_masking(x, 0.5, noise=torch.rand(2, 6))
+    except RuntimeError as error:
+        print("NAMED", error)
+""")
+
+
+def test_an_extension_that_does_not_load_is_left_out_with_a_warning():
+    """An extension built against another torch (after ``pip install -U torch``) fails to load with "undefined
+    symbol": ``import mimkernels`` still works, warns once saying how to rebuild, ``auto`` runs the other backends,
+    and naming ``extension`` raises with the loader's error."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-c", _STALE_EXTENSION], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if " " in line)
+    warned = json.loads(lines["WARNINGS"])
+    assert len(warned) == 1, warned
+    assert "does not load with this torch" in warned[0] and "pip install --no-build-isolation -e ." in warned[0]
+    assert "undefined symbol" in warned[0]
+    assert "extension" not in json.loads(lines["BACKENDS"])
+    assert lines["RAN"] == "(2, 3, 4) (2, 6, 4)"
+    assert "does not load with this torch" in lines["NAMED"] and "undefined symbol" in lines["NAMED"]
