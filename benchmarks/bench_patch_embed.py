@@ -13,6 +13,7 @@ judged.
 from __future__ import annotations
 
 import sys
+import types
 
 import torch
 import torch.nn.functional as F
@@ -82,26 +83,46 @@ def _step(fn, leaves, mode):
     return forward_backward
 
 
+def shape_inputs(name, images, gen):
+    """Shape ``name``'s tensors for ``images``: the Conv2d weight, bias, position embedding and mask token (the
+    leaves whose gradients are timed), MAE's kept ids, SimMIM's mask, and the loss's prediction and mask."""
+    device, dtype = images.device, images.dtype
+    batch, size = images.shape[0], images.shape[-1]
+    patch, embed = SHAPES[name]
+    patches = (size // patch) ** 2
+    k_total = 3 * patch * patch
+    weight = (torch.randn(embed, 3, patch, patch, device=device, generator=gen) / k_total**0.5).to(dtype)
+    bias = torch.zeros(embed, device=device, dtype=dtype)
+    pos = torch.randn(1, patches, embed, device=device, generator=gen).to(dtype)
+    token = torch.zeros(1, 1, embed, device=device, dtype=dtype)
+    ids_keep = torch.argsort(torch.rand(batch, patches, device=device, generator=gen), 1)[:, :patches // 4]
+    mask = torch.rand(batch, patches, device=device, generator=gen) < 0.6
+    pred = torch.randn(batch, patches, k_total, device=device, generator=gen).to(dtype).requires_grad_()
+    loss_mask = (torch.rand(batch, patches, device=device, generator=gen) < 0.75).float()
+    return types.SimpleNamespace(patch=patch, embed=embed, patches=patches, k_total=k_total,
+                                 leaves=[t.requires_grad_() for t in (weight, bias, pos, token)],
+                                 ids_keep=ids_keep, mask=mask, pred=pred, loss_mask=loss_mask)
+
+
+def embed_mode_args(inputs, embed_mode):
+    """(the extra arguments of ``embed_mode``'s call, the leaves its backward differentiates)."""
+    extra = {"mae": {"ids_keep": inputs.ids_keep},
+             "simmim": {"mask": inputs.mask, "mask_token": inputs.leaves[3]}}.get(embed_mode, {})
+    return extra, inputs.leaves if embed_mode == "simmim" else inputs.leaves[:3]
+
+
 def run(shapes, dtype, quick, peaks, csv_path=None, *, device="cuda", batch=256, size=224):
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
     images = torch.randn(batch, 3, size, size, device=device, generator=gen).to(dtype)
     for name in shapes:
-        patch, embed = SHAPES[name]
-        patches = (size // patch) ** 2
-        k_total = 3 * patch * patch
-        weight = (torch.randn(embed, 3, patch, patch, device=device, generator=gen) / k_total**0.5).to(dtype)
-        bias = torch.zeros(embed, device=device, dtype=dtype)
-        pos = torch.randn(1, patches, embed, device=device, generator=gen).to(dtype)
-        token = torch.zeros(1, 1, embed, device=device, dtype=dtype)
-        leaves = [t.requires_grad_() for t in (weight, bias, pos, token)]
-        ids_keep = torch.argsort(torch.rand(batch, patches, device=device, generator=gen), 1)[:, :patches // 4]
-        mask = torch.rand(batch, patches, device=device, generator=gen) < 0.6
+        inputs = shape_inputs(name, images, gen)
+        patch, patches, embed = inputs.patch, inputs.patches, inputs.embed
+        weight, bias, pos = inputs.leaves[:3]
         for embed_mode in EMBED_MODES:
-            extra = {"mae": {"ids_keep": ids_keep}, "simmim": {"mask": mask, "mask_token": token}}.get(embed_mode, {})
-            grads_of = leaves if embed_mode == "simmim" else leaves[:3]
+            extra, grads_of = embed_mode_args(inputs, embed_mode)
             out_rows = batch * (patches // 4 if embed_mode == "mae" else patches)
-            flops = 2 * out_rows * embed * k_total
+            flops = 2 * out_rows * embed * inputs.k_total
             pixels_read = images.numel() * (0.25 if embed_mode == "mae" else 1)
             min_bytes = (pixels_read + out_rows * embed) * images.element_size()
             shape = f"{embed_mode}:{name}:B{batch}x{size}px:p{patch}xE{embed}"
@@ -118,11 +139,10 @@ def run(shapes, dtype, quick, peaks, csv_path=None, *, device="cuda", batch=256,
                                               factor * flops, factor * min_bytes, peaks))
                     print(f"  {shape:40s} {provider:12s} {mode:8s} {times[0]:8.3f} ms  {rows[-1].tflops:6.1f} TFLOP/s",
                           flush=True)
-        pred = torch.randn(batch, patches, k_total, device=device, generator=gen).to(dtype).requires_grad_()
-        loss_mask = (torch.rand(batch, patches, device=device, generator=gen) < 0.75).float()
+        pred = inputs.pred
         shape = f"loss:{name}:B{batch}x{size}px:p{patch}"
         loss_bytes = (images.numel() + pred.numel()) * images.element_size()
-        for provider, fn, group in _losses(images, pred, loss_mask, patch):
+        for provider, fn, group in _losses(images, pred, inputs.loss_mask, patch):
             for mode in MODES:
                 times = common.time_mode(_with_patches_per_program(_step(fn, [pred], mode), group), mode,
                                          f"{shape:40s} {provider:12s}", quick=quick, device=device)

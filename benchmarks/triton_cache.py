@@ -5,11 +5,11 @@ compiling 707 kernels (on 16 cores), and its sanitizer step ran out of 90 s comp
 target it is told (kernel_report does, for its spill check), and its on-disk cache is keyed by what decides the
 binary: Triton's own build, the kernel's source, its specialisation (argument dtypes, 16-byte alignment, ints equal to
 1 or divisible by 16, constexprs), the target, the options, the ptxas version. So ``warm`` runs the code that the next
-GPU session runs (the tuner's precompile jobs, bench_attention's providers of ours, the sanitizer cases, the models
-step's kernel benchmarks and two blocks of its models, and the ``gpu`` tests with their checks switched off:
-benchmarks/pretend_gpu_tests.py) on CPU tensors, with Triton told that the current device is an sm_90 GPU and
-every launch skipped: each kernel is compiled with the specialisation it gets on the GPU, and lands in the cache
-under the key the GPU computes. ``unpack``
+GPU session runs (the tuner's precompile jobs, bench_attention's providers of ours, the sanitizer cases, the MIM
+ops' benchmarks, the models step's kernel benchmarks and two blocks of its models, and the ``gpu`` tests with their
+checks switched off: benchmarks/pretend_gpu_tests.py) on CPU tensors, with Triton told that the current device is
+an sm_90 GPU and every launch skipped: each kernel is compiled with the specialisation it gets on the GPU, and lands
+in the cache under the key the GPU computes. ``unpack``
 (benchmarks/gpu_env.sh, on the GPU machine) puts the archive into that machine's cache; a kernel whose key matches
 is loaded instead of compiled, one that does not is compiled there as before.
 Nothing is trusted that Triton does not check itself: a cached binary is found only under the hash of everything
@@ -22,7 +22,7 @@ variable (TRITON_*/MLIR_*/LLVM_* debug switches). Run with the GPU machine's Tri
 .venv-floor) and TRITON_INTERPRET unset:
 
     python -m benchmarks.triton_cache warm --out benchmarks/.triton-cache/sm90.tar.xz [--wheel TRITON_WHEEL]
-        [--parts tune bench sanitizer models tests] [--tune-shapes aim_600m ...] [--workers 2]
+        [--parts tune bench sanitizer mim_ops models tests] [--tune-shapes aim_600m ...] [--workers 2]
     python -m benchmarks.triton_cache unpack benchmarks/.triton-cache/sm90.tar.xz   # on the GPU machine
     python -m benchmarks.triton_cache report [--pack OUT.tar.xz]   # on the GPU machine, after its steps: compiled
         there (by kernel name; packed: the next session carries them too) against carried
@@ -58,7 +58,7 @@ MANIFEST = "mimkernels-triton-cache.json"
 # source beside them since 3.6; the group files of the archive name only what it holds)
 KEPT = (".json", ".cubin")
 CARRIED = ".mimkernels-carried.json"  # in the cache folder: the archives unpacked there, the entries they put there
-PARTS = ("tune", "bench", "sanitizer", "models", "tests")
+PARTS = ("tune", "bench", "sanitizer", "mim_ops", "models", "tests")
 MODEL_SHAPES = ("mae_vit_l", "aim_600m")  # bench_models' shapes of the steps_mae / steps_aim steps
 MODEL_PROVIDERS = ("mimkernels", "mimkernels_views", "mimkernels_fused_norm", "mimkernels_fused_mlp")
 # Hopper's shared memory per block (H100 and H200 alike, 227 KiB): a kernel that needs more fails on the GPU
@@ -209,6 +209,11 @@ def jobs_for(parts, tune_shapes, bench_shapes, model_shapes) -> list[tuple]:
         jobs += _bench_jobs(bench_shapes)
     if "sanitizer" in parts:
         jobs += [("sanitizer", group) for group in sanitizer_cases.CASES]
+    if "mim_ops" in parts:  # the mim_ops step: bench_tokens, bench_patch_embed (the loss too), our providers
+        from benchmarks import bench_patch_embed, bench_tokens
+
+        jobs += [("tokens", name) for name in bench_tokens.SHAPES]
+        jobs += [("patch_embed", name) for name in bench_patch_embed.SHAPES]
     if "models" in parts:  # the models step: bench_norms, bench_mlp --sweep (every tile), then bench_models
         from benchmarks import bench_mlp, bench_norms
         from mimkernels.triton import mlp
@@ -276,6 +281,42 @@ def _norm_job(name: str) -> None:
     bench_norms._step(bench_norms.fused_triton, args, "fwd_bwd", grads, "cpu")()
 
 
+def _tokens_job(name: str) -> None:
+    """bench_tokens' providers of ours that run Triton (the fused backward's too), forward and backward, encoder and
+    decoder, at its shape ``name``."""
+    import torch
+
+    from benchmarks import bench_tokens
+
+    patches, dim = bench_tokens.SHAPES[name]
+    for job in ("encoder", "decoder"):
+        args, leaves, _, _ = bench_tokens.job_inputs(job, WARM_BATCH, patches, dim, torch.bfloat16, "cpu")
+        for provider, fn in bench_tokens.providers(job).items():
+            if provider.startswith("mimkernels"):
+                grad_out = torch.randn_like(fn(*args))
+                bench_tokens._step(fn, args, leaves, grad_out, "fwd_bwd", provider)()
+
+
+def _patch_embed_job(name: str) -> None:
+    """bench_patch_embed's providers of ours, forward and backward: patch embedding in each mode and the masked loss
+    (with the grouped-patch A/B), at its shape ``name`` on 224-pixel images."""
+    import torch
+
+    from benchmarks import bench_patch_embed as bench
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(WARM_BATCH, 3, 224, 224, generator=gen).to(torch.bfloat16)
+    inputs = bench.shape_inputs(name, images, gen)
+    for embed_mode in bench.EMBED_MODES:
+        extra, grads_of = bench.embed_mode_args(inputs, embed_mode)
+        for provider, fn in bench._embedders(images, *inputs.leaves[:3], extra):
+            if provider.startswith("mimkernels"):
+                bench._step(fn, grads_of, "fwd_bwd")()
+    for provider, fn, group in bench._losses(images, inputs.pred, inputs.loss_mask, inputs.patch):
+        if provider.startswith("mimkernels"):
+            bench._with_patches_per_program(bench._step(fn, [inputs.pred], "fwd_bwd"), group)()
+
+
 def _mlp_job(name: str, tile: int | None) -> None:
     """bench_mlp's Triton provider (``tile`` None: the shipped tile; else that CANDIDATES entry, as --sweep runs it),
     forward and backward under bf16 autocast, at its shape ``name``."""
@@ -313,6 +354,10 @@ def run_job(job: tuple) -> str:
         _norm_job(*args)
     elif kind == "mlp":
         _mlp_job(*args)
+    elif kind == "tokens":
+        _tokens_job(*args)
+    elif kind == "patch_embed":
+        _patch_embed_job(*args)
     else:
         raise ValueError(f"unknown job kind {kind!r}")
     return " ".join(str(arg) for arg in (kind, *args))

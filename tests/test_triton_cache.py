@@ -201,6 +201,46 @@ def test_mlp_job_compiles_a_swept_tile_in_both_gemms(tmp_path):
     assert eval(kernels) == [("_linear_gelu_fwd", warps, stages), ("_matmul_gelu_grad", warps, stages)]  # noqa: S307
 
 
+MIM_OPS_JOBS = """
+import json
+import triton
+from benchmarks import triton_cache
+triton_cache.pretend_hopper(None)
+compiled = []
+def listen(src, metadata, **event):  # each compile: the kernel and its constexprs by name
+    names = src.fn.arg_names
+    compiled.append([metadata["name"], {names[key[0]]: value for key, value in src.constants.items()
+                                        if isinstance(value, (bool, int))}])
+triton.knobs.compilation.listener = listen
+jobs = triton_cache.jobs_for(["mim_ops"], [], [], [])
+print(json.dumps(jobs))
+for job in jobs[:1] + jobs[-1:]:
+    compiled.clear()
+    triton_cache.run_job(tuple(job))
+    print(json.dumps(compiled))
+"""
+
+
+def test_mim_ops_jobs_compile_each_benchmarked_kernel(tmp_path):
+    """The ``mim_ops`` part (gpu_session's step of that name): bench_tokens' providers of ours, the fused one-pass
+    backward included, and bench_patch_embed's, each patch-embedding mode (kept ids for MAE, mask for SimMIM) and the
+    loss at 1 and at GROUPED_PATCHES patches per program, forward and backward."""
+    from benchmarks import bench_patch_embed, bench_tokens
+
+    jobs, tokens, patch_embed = (json.loads(line) for line in
+                                 compiled(MIM_OPS_JOBS, tmp_path / "cache").stdout.strip().splitlines()[-3:])
+    assert jobs == ([["tokens", name] for name in bench_tokens.SHAPES]
+                    + [["patch_embed", name] for name in bench_patch_embed.SHAPES])
+    assert {name for name, _ in tokens} == {"_gather_rows", "_restore_rows", "_rows_backward"}
+    embed_modes = {(constants["HAS_IDS"], constants["HAS_MASK"]) for name, constants in patch_embed
+                   if name == "_patch_embed_fwd"}
+    assert embed_modes == {(False, False), (True, False), (False, True)}
+    assert "_patch_embed_weight_grad" in {name for name, _ in patch_embed}
+    for kernel in ("_masked_patch_loss_fwd", "_masked_patch_loss_bwd"):
+        groups = {constants["GROUP"] for name, constants in patch_embed if name == kernel}
+        assert groups == {1, bench_patch_embed.GROUPED_PATCHES}, (kernel, patch_embed)
+
+
 def test_warm_refuses_a_wheel_of_another_triton(tmp_path):
     import zipfile
 
