@@ -241,6 +241,73 @@ def test_mim_ops_jobs_compile_each_benchmarked_kernel(tmp_path):
         assert groups == {1, bench_patch_embed.GROUPED_PATCHES}, (kernel, patch_embed)
 
 
+KERNEL_MODULES = ("attention", "attention_tiles", "launch", "losses", "mlp", "norms", "patch_embed", "tokens")
+# every Triton function's cache key, computed in a fresh process in definition order or in reverse
+CACHE_KEYS = """
+import importlib, json
+from triton.runtime.jit import JITFunction
+functions = [obj for name in %r for obj in vars(importlib.import_module("mimkernels.triton." + name)).values()
+             if isinstance(obj, JITFunction) and obj.fn.__module__ == "mimkernels.triton." + name]
+for function in (functions[::-1] if %r else functions):
+    function.cache_key
+print(json.dumps({f"{function.fn.__module__}.{function.fn.__name__}": function.cache_key for function in functions}))
+"""
+
+
+def _triton_functions() -> dict:
+    """{"module.name": the Python function} of every Triton function of mimkernels (compiled or interpreted)."""
+    import importlib
+
+    from triton.runtime.jit import KernelInterface
+
+    functions = {}
+    for name in KERNEL_MODULES:
+        module = importlib.import_module("mimkernels.triton." + name)
+        functions |= {f"{name}.{obj.fn.__name__}": obj.fn for obj in vars(module).values()
+                      if isinstance(obj, KernelInterface) and obj.fn.__module__ == module.__name__}
+    return functions
+
+
+def _global_values_read(function) -> set[str]:
+    """The module-level values (constants, not functions or modules) a function's own body reads by name."""
+    import ast
+    import inspect
+    import textwrap
+
+    import triton.language as tl
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+    names = [node for node in ast.walk(tree) if isinstance(node, ast.Name)]
+    local = {arg.arg for arg in ast.walk(tree) if isinstance(arg, ast.arg)}
+    local |= {node.id for node in names if isinstance(node.ctx, ast.Store)}
+    scope = function.__globals__
+    return {node.id for node in names if isinstance(node.ctx, ast.Load) and node.id not in local
+            and isinstance(scope.get(node.id), (bool, int, float, str, tuple, tl.constexpr))}
+
+
+def test_kernel_cache_keys_do_not_depend_on_what_compiled_first(tmp_path):
+    """Triton up to 3.8 (3.6 is the GPU machine's) adds a called function's module-level constants to its caller's
+    cache key only when the callee's key was computed earlier in the process (made order-free upstream in
+    triton-lang/triton#10494): a helper that reads one gives the kernels that call it a key that depends on what
+    ran before, so a kernel compiled here could miss on the GPU. So no helper (a Triton function that another one
+    calls) reads a module-level value, the kernels pass it down; and every key is the same computed in either
+    order."""
+    import inspect
+
+    functions = _triton_functions()
+    sources = {name: inspect.getsource(function) for name, function in functions.items()}
+    helpers = [name for name, function in functions.items()
+               if any(f"{function.__name__}(" in source for caller, source in sources.items() if caller != name)]
+    assert len(helpers) > 20, helpers
+    read = {name: sorted(_global_values_read(functions[name])) for name in helpers}
+    assert {name: values for name, values in read.items() if values} == {}
+    # the check sees such a read: a kernel's, which it passes to _dkdv_key_tile
+    assert _global_values_read(functions["attention._prefix_causal_bwd_dkdv"]) == {"KEY_CENTRE_ROWS"}
+    defined, reversed_ = (json.loads(compiled(CACHE_KEYS % (KERNEL_MODULES, backwards), tmp_path).stdout)
+                          for backwards in (False, True))
+    assert len(defined) == len(functions) and defined == reversed_
+
+
 def test_warm_refuses_a_wheel_of_another_triton(tmp_path):
     import zipfile
 

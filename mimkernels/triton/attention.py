@@ -713,6 +713,7 @@ def _dkdv_key_tile(
     head_dim: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr, DQ_IN_ORDER: tl.constexpr,
     USE_TMA: tl.constexpr, TAIL_M: tl.constexpr, STORE_DS: tl.constexpr, KEY_CENTRE: tl.constexpr,
+    CENTRE_ROWS: tl.constexpr,
 ):
     """dK, dV of the key tile at ``n_start`` over every query tile that sees it (and its dQ shares or dS, see
     :func:`_dkdv_query_tiles`), stored. With TAIL_M (never with DQ_ATOMIC or DQ_IN_ORDER), the query rows past the
@@ -731,7 +732,7 @@ def _dkdv_key_tile(
     m_lo, diag_end, m_floor = _dkdv_query_ranges(n_start, prefix, seq_len, BLOCK_M, BLOCK_N)
     if KEY_CENTRE:
         key_centre = _key_centre(KC, batch, head, stride_kb, stride_kh, stride_kn, offs_d, seq_len, head_dim, EVEN_D,
-                                 KEY_CENTRE_ROWS)
+                                 CENTRE_ROWS)
     else:
         key_centre = tl.zeros([BLOCK_D], dtype=tl.float32)
 
@@ -808,7 +809,7 @@ def _prefix_causal_bwd_dkdv(
         stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
         stride_dqn, stride_dqn, batch, head, n_start, prefix, seq_len, scale, qk_scale,
         head_dim, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, DQ_ATOMIC, False, USE_TMA, TAIL_M, STORE_DS,
-        KEY_CENTRE)
+        KEY_CENTRE, KEY_CENTRE_ROWS)
 
 
 @triton.jit
@@ -859,7 +860,8 @@ def _prefix_causal_bwd_per_head(
             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
             stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
             stride_dvn, head_dim, stride_dqn, batch, head, n_start, prefix, seq_len, scale, qk_scale,
-            head_dim, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, False, True, USE_TMA, 0, 0, KEY_CENTRE)
+            head_dim, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, False, True, USE_TMA, 0, 0, KEY_CENTRE,
+            KEY_CENTRE_ROWS)
         tl.debug_barrier()  # this key tile's dQ rows written before the next one reads them
 
 
@@ -893,7 +895,7 @@ def _dq_query_tile(
     seq_len, scale, qk_scale,
     head_dim: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, DELTA_HERE: tl.constexpr, USE_TMA: tl.constexpr,
-    KEY_CENTRE: tl.constexpr,
+    KEY_CENTRE: tl.constexpr, CENTRE_ROWS: tl.constexpr,
 ):
     """dQ of the BLOCK_M query rows from ``m_start`` (Q, DO and DQ descriptors, with USE_TMA, of
     [1, 1, BLOCK_M, BLOCK_D] blocks), and with DELTA_HERE their delta rows. KEY_CENTRE: less dS's row sums times
@@ -926,7 +928,7 @@ def _dq_query_tile(
                                EVEN_D, True, DOT_PRECISION, USE_TMA, KEY_CENTRE)
     if KEY_CENTRE:
         dq -= ds_sum[:, None] * _key_centre(KC, batch, head, stride_kb, stride_kh, stride_kn, offs_d, seq_len,
-                                            head_dim, EVEN_D, KEY_CENTRE_ROWS)[None, :]
+                                            head_dim, EVEN_D, CENTRE_ROWS)[None, :]
     if USE_TMA:  # TMA drops the rows past N and the columns past D
         DQ.store([batch, head, m_start, 0], (dq * scale).to(DQ.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
     else:
@@ -964,19 +966,19 @@ def _prefix_causal_bwd_dq(
                            stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
                            stride_vn, stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don, stride_dqb,
                            stride_dqh, stride_dqn, seq_len, scale, qk_scale, head_dim, EVEN_D, TAIL_M, BLOCK_N,
-                           BLOCK_D, DOT_PRECISION, DELTA_HERE, USE_TMA, KEY_CENTRE)
+                           BLOCK_D, DOT_PRECISION, DELTA_HERE, USE_TMA, KEY_CENTRE, KEY_CENTRE_ROWS)
         else:
             _dq_query_tile(Q, K, V, O, DO, LSE, DELTA, DQ, KC, batch, head, bh, m_start, prefix, stride_qb, stride_qh,
                            stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_ob,
                            stride_oh, stride_on, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh,
                            stride_dqn, seq_len, scale, qk_scale, head_dim, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D,
-                           DOT_PRECISION, DELTA_HERE, USE_TMA, KEY_CENTRE)
+                           DOT_PRECISION, DELTA_HERE, USE_TMA, KEY_CENTRE, KEY_CENTRE_ROWS)
     else:
         _dq_query_tile(Q, K, V, O, DO, LSE, DELTA, DQ, KC, batch, head, bh, m_start, prefix, stride_qb, stride_qh,
                        stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_ob,
                        stride_oh, stride_on, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
                        seq_len, scale, qk_scale, head_dim, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
-                       DELTA_HERE, USE_TMA, KEY_CENTRE)
+                       DELTA_HERE, USE_TMA, KEY_CENTRE, KEY_CENTRE_ROWS)
 
 
 @triton.jit
