@@ -1254,10 +1254,13 @@ def _strides(t: torch.Tensor):
 
 
 def _prefix_args(prefix, q):
-    """(pointer, int, PREFIX_IS_TENSOR) for the kernels; an int prefix passes q as a pointer never read."""
+    """(pointer, int, PREFIX_IS_TENSOR) for the kernels; an int prefix passes q as a pointer never read, clamped
+    to [0, N] here as a tensor's values are on the device: the dK/dV kernels take a key tile that lies in the prefix
+    as seen by every query unmasked, and one running past N must not (its keys past N would get a dS, which the
+    dQ key correction sums)."""
     if isinstance(prefix, torch.Tensor):
         return prefix, 0, True
-    return q, prefix, False
+    return q, min(max(int(prefix), 0), q.shape[2]), False
 
 
 _SHAPE_ARGS = {}
