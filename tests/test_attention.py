@@ -87,13 +87,14 @@ def rebuild(leaves, layout, shape):
     return [t.transpose(1, 2) for t in leaves]
 
 
-def assert_within_budget(kernel_fn, reference_fn, shape, dtype, layout="contiguous", magnitude=1.0, seed=0):
+def assert_within_budget(kernel_fn, reference_fn, shape, dtype, layout="contiguous", magnitude=1.0, seed=0, slack=1.0):
     q, k, v, leaves = make_qkv(shape, dtype, layout, magnitude, seed)
-    assert_leaves_within_budget(kernel_fn, reference_fn, leaves, layout, shape, dtype)
+    assert_leaves_within_budget(kernel_fn, reference_fn, leaves, layout, shape, dtype, slack)
 
 
-def assert_leaves_within_budget(kernel_fn, reference_fn, leaves, layout, shape, dtype):
-    """:func:`assert_within_budget` on given leaves (q, k, v are their views in ``layout``)."""
+def assert_leaves_within_budget(kernel_fn, reference_fn, leaves, layout, shape, dtype, slack=1.0):
+    """:func:`assert_within_budget` on given leaves (q, k, v are their views in ``layout``); ``slack`` times the
+    budget."""
     got = outputs_and_grads(kernel_fn, *rebuild(leaves, layout, shape), leaves)
     torch_same_dtype = outputs_and_grads(reference_fn, *rebuild(leaves, layout, shape), leaves)
     leaves64 = float64_twins(leaves)
@@ -103,7 +104,7 @@ def assert_leaves_within_budget(kernel_fn, reference_fn, leaves, layout, shape, 
         assert torch.isfinite(g).all(), f"{name}: non-finite values"
         kernel_err = (g.double() - w).abs().max().item()
         torch_err = (t.double() - w).abs().max().item()
-        budget = 2 * torch_err + FLOOR[dtype] * max(1.0, w.abs().max().item())
+        budget = slack * (2 * torch_err + FLOOR[dtype] * max(1.0, w.abs().max().item()))
         assert kernel_err <= budget, f"{name}: error {kernel_err:.3e} > budget {budget:.3e} (torch {torch_err:.3e})"
 
 
@@ -1098,21 +1099,24 @@ def test_random_kernel_combinations(batch, heads, seq_len, head_dim, dtype, layo
                                     logit_std, seed):
     """Random shapes, layouts and prefixes through a random tile and flag of every kernel and one of the five
     backwards (two launches, delta in dQ, one program per head, atomic dQ, stored dS), with or without the dQ key
-    correction: the combinations no hand-written case lists. Within budget of the float64 reference. ``logit_std``
-    sets the scale so that q.k * scale has that standard deviation (None: 1/sqrt(D)); above about 20 in fp32 the
-    gradients' error is set by the order of the scores' sums, not by the kernel (benchmarks/NOTES.md, "Random kernel
-    combinations"). ``MIMKERNELS_FUZZ_EXAMPLES=2000`` runs a long search."""
+    correction: the combinations no hand-written case lists. Within twice the budget of the float64 reference: a
+    wrong combination is off by orders of magnitude (the one found so far by 0.8 against 1e-5), while the budget,
+    which rests on one PyTorch rounding, is missed by up to 1.1x by rounding alone in about one draw in a thousand
+    (one fp16 ulp of dQ; fp32 with logits of std 16), and a search that stopped there would hide the wrong ones (a
+    shrinking hypothesis run did: benchmarks/NOTES.md, "Random kernel combinations"). ``logit_std`` sets the scale so
+    that q.k * scale has that standard deviation (None: 1/sqrt(D)); above about 20 in fp32 the gradients' error is
+    set by the order of the scores' sums, not by the kernel. ``MIMKERNELS_FUZZ_EXAMPLES=2000`` runs a long search."""
     configs, path, key_centre = kernels_and_path
     rng = random.Random(seed)
-    if prefix_kind == "int":
-        prefix = rng.randint(0, seq_len + 3)
+    if prefix_kind == "int":  # past N as often as inside: the kernels clamp it (the public ops clamp first)
+        prefix = rng.choice([0, 1, seq_len, seq_len + 1, seq_len + 1000, rng.randint(0, seq_len)])
     else:
         prefix = torch.tensor([rng.choice([0, 1, seq_len, seq_len + 5, rng.randint(0, seq_len)])
                                for _ in range(batch)], device=DEVICE)
     scale = None if logit_std is None else logit_std / math.sqrt(head_dim)  # q, k entries ~ N(0, 1)
     assert_within_budget(triton_op(prefix, configs, scale, deterministic=path != "atomic", key_centre=key_centre),
                          reference_op(prefix, scale), (batch, heads, seq_len, head_dim), dtype, layout=layout,
-                         seed=seed)
+                         seed=seed, slack=2.0)
 
 
 @pytest.mark.parametrize("mode", ["full", "causal", "prefix"])
