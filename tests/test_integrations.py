@@ -243,6 +243,19 @@ def test_dynamic_img_size_takes_other_sizes(device):
     _assert_same_model_numbers(lambda: _vit(dynamic_img_size=True), images, device)
 
 
+def test_image_sides_past_whole_patches_are_left_out_as_the_convolution_does(device):
+    """A model whose image side is no multiple of the patch (timm's SigLIP so400m/14 at 384 px) runs as the
+    original: its Conv2d reads whole patches only, so the last rows and columns get no gradient, patched or not."""
+    images = torch.randn(2, 3, 36, 35)  # 4 x 4 patches of 8, and 4 rows / 3 columns past them
+    make = lambda: _vit(img_size=(36, 35))  # noqa: E731
+    _assert_same_model_numbers(make, images, device)
+    pixels = images.to(device).requires_grad_()
+    with mimkernels.use_backend("triton"):
+        integrations.apply(make().to(device))(pixels).square().sum().backward()
+    assert pixels.grad[:, :, :32, :32].abs().amin() > 0 and not pixels.grad[:, :, 32:].any()
+    assert not pixels.grad[:, :, :, 32:].any()
+
+
 def test_state_dict_module_tree_and_checkpoints_unchanged():
     original, patched = _vit(), integrations.apply(_vit())
     assert [name for name, _ in original.named_modules()] == [name for name, _ in patched.named_modules()]
@@ -306,6 +319,25 @@ def test_unsupported_modules_keep_the_original_code_with_one_warning(device):
         got = dropping(images.to(device))
     torch.manual_seed(1)
     torch.testing.assert_close(got, want_model(images.to(device)), rtol=1e-4, atol=1e-5)
+
+
+def test_blocks_whose_attention_is_not_timms_attention_are_named_in_one_warning(device):
+    """timm's ParallelScalingBlock (vit_base_patch16_xp_224) computes attention itself: nothing to patch there, and
+    apply says so instead of leaving only the patch embedding patched without a word."""
+    from timm.models.vision_transformer import ParallelScalingBlock
+
+    images = torch.randn(2, 3, 32, 32)
+    make = lambda: _vit(block_fn=ParallelScalingBlock)  # noqa: E731
+    with pytest.warns(UserWarning, match=r"2 module.s. keep their original code because their attention "
+                                         r"\(ParallelScalingBlock\) is not timm's Attention \(blocks.0, blocks.1\)"):
+        patched = integrations.apply(make())
+    assert integrations.patched_modules(patched) == ["patch_embed"]
+    with pytest.warns(UserWarning, match="their attention"):
+        _assert_same_model_numbers(make, images, device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        integrations.apply(_vit())  # a model whose blocks hold timm's Attention: no warning
+        integrations.apply(_vit(), attention=False, patch_embed=True)
 
 
 @pytest.mark.parametrize("version, refused", [("0.6.13", True), ("0.9.12", True), ("0.9.16", False),
@@ -675,6 +707,20 @@ def test_vit_mae_code_of_another_release_keeps_the_original(monkeypatch):
     assert "decoder" not in integrations.patched_modules(patched)
     assert "vit.embeddings" in integrations.patched_modules(patched)
     _assert_same_vit_mae_step(patched, original, images, noise)
+
+
+def test_vit_mae_model_of_an_image_size_past_whole_patches(device, monkeypatch):
+    """ViTMAEModel configured for 36 px with patches of 8 embeds 4 x 4 patches, as its convolution does (the
+    pre-training model's loss refuses such sizes itself)."""
+    calls = _count_calls(monkeypatch, "patch_embed")
+    images, noise = torch.randn(2, 3, 36, 36, device=device), torch.rand(2, 16, device=device)
+    original = _vit_mae("ViTMAEModel", image_size=36).to(device)
+    patched = integrations.apply(_vit_mae("ViTMAEModel", image_size=36).to(device))
+    with mimkernels.use_backend("triton"):
+        got = patched(images, noise=noise).last_hidden_state
+    want = original(images, noise=noise).last_hidden_state
+    assert len(calls) == 1
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("masking, patch_embed", [(False, True), (True, False)])

@@ -52,6 +52,17 @@ def check_release(library: str, version: str, what: str) -> None:
         raise RuntimeError(f"{what} needs {library} >= {'.'.join(map(str, oldest))}; this is {library} {version}")
 
 
+def covered_by_patches(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """``images [B, C, H, W]`` cut to the rows and columns that whole ``patch`` x ``patch`` patches cover (a view):
+    what the Conv2d of stride ``patch`` that a patched module replaces reads. timm and Hugging Face models run
+    images whose side is no multiple of the patch (timm's SigLIP so400m/14 at 384: 27 patches and 6 pixels a side),
+    and :func:`mimkernels.patch_embed` refuses those; the pixels past the last patch get no gradient either way."""
+    height, width = images.shape[-2:]
+    if height % patch or width % patch:
+        return images[..., :height - height % patch, :width - width % patch]
+    return images
+
+
 def warn_kept(skipped: dict) -> None:
     """One warning per reason: ``skipped`` maps a reason to the names of the modules that keep their original code
     for it (called from a library's ``patch``, itself called from :func:`apply`: the warning points at apply's
@@ -151,7 +162,9 @@ def register_hf_attention() -> str:
     ``from_pretrained(..., attn_implementation="mimkernels")`` or ``model.set_attn_implementation("mimkernels")``
     then runs full and causal self-attention on mimkernels' kernels, with the masks transformers builds for sdpa;
     calls with a mask, dropout, grouped kv heads, a kv cache, a position bias, softcap or sinks, or a dtype or head
-    dim the kernels lack run transformers' sdpa implementation. Raises RuntimeError with transformers older than
+    dim the kernels lack run transformers' sdpa implementation. Only models whose attention goes through
+    transformers' ``AttentionInterface`` take it (transformers itself raises KeyError building one that picks its
+    attention classes from its own table, such as Data2VecVision). Raises RuntimeError with transformers older than
     4.57."""
     from . import _hf
 

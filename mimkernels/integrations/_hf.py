@@ -13,7 +13,7 @@ import mimkernels
 from ..models import vit
 from ..nn import check_head_dim
 from ..ops.tokens import checked_noise, kept_count
-from . import check_release, release_unsupported, warn_kept
+from . import check_release, covered_by_patches, release_unsupported, warn_kept
 
 # Two generations of ViTMAE. transformers 5.9 and later: one ViTMAEAttention (q/k/v/o projections) and one ViTMAEMLP
 # per layer, the loss inside ViTMAEForPreTraining.forward. transformers 4.5x to 5.8: ViTMAESelfAttention (query, key,
@@ -126,7 +126,8 @@ class MimkernelsViTMAEEmbeddings(vit_mae.ViTMAEEmbeddings):
         if self._mimkernels_patch_embed:
             mask, ids_restore, ids_keep = mimkernels.masking_indices(noise, self.config.mask_ratio)
             projection = self.patch_embeddings.projection
-            kept = mimkernels.patch_embed(pixel_values, projection.weight, projection.bias,
+            images = covered_by_patches(pixel_values, projection.stride[0])  # a configured size past whole patches
+            kept = mimkernels.patch_embed(images, projection.weight, projection.bias,
                                           pos_embed=positions[:, 1:], ids_keep=ids_keep)
         else:
             patches = self.patch_embeddings(pixel_values)

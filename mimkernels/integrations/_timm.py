@@ -18,7 +18,7 @@ import mimkernels
 
 from ..models import vit
 from ..nn import attend_qkv, check_head_dim
-from . import release_unsupported, warn_kept
+from . import covered_by_patches, release_unsupported, warn_kept
 
 
 def _mask_arguments(attn_mask: torch.Tensor | None, is_causal: bool) -> dict:
@@ -65,6 +65,7 @@ class MimkernelsPatchEmbed(PatchEmbed):
                 _assert(width % patch == 0, f"Input width ({width}) should be divisible by patch size ({patch}).")
         if self.dynamic_img_pad:
             x = torch.nn.functional.pad(x, (0, (patch - width % patch) % patch, 0, (patch - height % patch) % patch))
+        x = covered_by_patches(x, patch)  # strict models may take sides that are no multiple of the patch
         tokens = mimkernels.patch_embed(x, self.proj.weight, self.proj.bias)  # [B, L, E]
         if not self.flatten:
             grid = (x.shape[2] // patch, x.shape[3] // patch, tokens.shape[-1])
@@ -162,6 +163,17 @@ def _patch_embed_unsupported(module: PatchEmbed) -> str | None:
     return None
 
 
+def _note_foreign_attention(model: torch.nn.Module, skipped: dict) -> None:
+    """Add to ``skipped`` the blocks that hold no ``Attention`` of timm's own class: their attention (timm's
+    ParallelScalingBlock computes it inside the block; DiffAttention, or a subclass, is another module) keeps its
+    code, which a user who asked for attention on the kernels should hear about."""
+    for name, block in getattr(model, "blocks", torch.nn.Sequential()).named_children():
+        if not any(type(module) in (Attention, MimkernelsAttention) for module in block.modules()):
+            holder = getattr(block, "attn", block)
+            skipped.setdefault(f"their attention ({type(holder).__name__}) is not timm's Attention", []).append(
+                f"blocks.{name}")
+
+
 def patch(model: torch.nn.Module, *, attention: bool, patch_embed: bool, add_norm: bool, gelu_mlp: bool) -> None:
     plan = []
     if add_norm:
@@ -186,6 +198,8 @@ def patch(model: torch.nn.Module, *, attention: bool, patch_embed: bool, add_nor
                 dropout.append(name)
             if isinstance(module, Mlp) and (module.drop1.p > 0 or module.drop2.p > 0):
                 mlp_dropout.append(name)
+    if attention:
+        _note_foreign_attention(model, skipped)
     warn_kept(skipped)
     if mlp_dropout:
         warnings.warn(f"mimkernels.integrations: {len(mlp_dropout)} MLP(s) have dropout (proj_drop > 0), which has "
