@@ -256,6 +256,49 @@ def test_image_sides_past_whole_patches_are_left_out_as_the_convolution_does(dev
     assert not pixels.grad[:, :, :, 32:].any()
 
 
+def _timm_vit_architectures() -> list[str]:
+    """Every architecture this timm registers in the modules whose models are VisionTransformers (a few hybrids and
+    others are filtered out when built)."""
+    modules = ("vision_transformer", "deit", "vision_transformer_hybrid")
+    return [name for module in modules for name in timm.list_models(module=module)]
+
+
+@pytest.mark.parametrize("name", _timm_vit_architectures())
+def test_every_timm_vit_architecture_runs_patched_as_the_original(name):
+    """Each of timm's ViT architectures at depth 1, every fusion on, patched vs unpatched: the same outputs and
+    gradients, or modules kept with a warning, never an error the original does not raise (SigLIP so400m/14 at
+    384 px raised one until 2026-12-06). The image is cut to at most 4 x 4 patches with the default size's
+    remainder (384 px at patch 14: 62 px), which keeps the test to seconds. The torch backend: this checks what
+    apply swaps and what the patched modules pass on, with the real models' widths, heads and options; the kernels
+    have their own tests."""
+    try:
+        try:
+            with torch.device("meta"):  # the default configuration's sizes, without the time its weights take
+                default = timm.create_model(name, pretrained=False, depth=1)
+        except RuntimeError:  # timm 0.9 reads values while it builds (.item()), which meta tensors have not
+            default = timm.create_model(name, pretrained=False, depth=1)
+    except TypeError:  # an architecture whose constructor takes no depth: not a VisionTransformer
+        pytest.skip(f"{name} takes no depth")
+    if not isinstance(default, VisionTransformer):
+        pytest.skip(f"{name} is a {type(default).__name__}")
+    channels, height, width = default.pretrained_cfg["input_size"]
+    stride = height // default.patch_embed.grid_size[0]  # the patch, or a hybrid's backbone stride
+    side = height % stride + stride * min(4, default.patch_embed.grid_size[0])
+    torch.manual_seed(0)
+    original = timm.create_model(name, pretrained=False, depth=1, img_size=side).eval()
+    patched = copy.deepcopy(original)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        integrations.apply(patched, add_norm=True, gelu_mlp=True)
+    assert integrations.patched_modules(patched)
+    images = torch.randn(1, channels, side, side)
+    with mimkernels.use_backend("torch"):
+        out, grads = _outputs_and_grads(patched, images, "cpu")
+    want_out, want_grads = _outputs_and_grads(original, images, "cpu")
+    torch.testing.assert_close(out, want_out, rtol=1e-4, atol=1e-5 * max(1.0, want_out.abs().max().item()))
+    _assert_grads_close(grads, want_grads)
+
+
 def test_state_dict_module_tree_and_checkpoints_unchanged():
     original, patched = _vit(), integrations.apply(_vit())
     assert [name for name, _ in original.named_modules()] == [name for name, _ in patched.named_modules()]
