@@ -167,7 +167,7 @@ def _note_foreign_attention(model: torch.nn.Module, skipped: dict) -> None:
     """Add to ``skipped`` the blocks that hold no ``Attention`` of timm's own class: their attention (timm's
     ParallelScalingBlock computes it inside the block; DiffAttention, or a subclass, is another module) keeps its
     code, which a user who asked for attention on the kernels should hear about."""
-    for name, block in getattr(model, "blocks", torch.nn.Sequential()).named_children():
+    for name, block in model.blocks.named_children():
         if not any(type(module) in (Attention, MimkernelsAttention) for module in block.modules()):
             holder = getattr(block, "attn", block)
             skipped.setdefault(f"their attention ({type(holder).__name__}) is not timm's Attention", []).append(
