@@ -73,6 +73,16 @@ def fused_backward(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A gloo process group of one rank (this process), for FSDP and DDP on the CPU; destroyed after the test."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
 @pytest.fixture(autouse=True)
 def seeded_per_test(request):
     """Each test starts from a seed of its own name: its unseeded random inputs are the same whichever tests ran

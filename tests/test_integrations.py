@@ -860,6 +860,98 @@ def test_patched_vit_mae_saves_the_checkpoint_of_the_original(tmp_path):
         assert torch.equal(got, want), name
 
 
+def _transformer_layers(model) -> list[torch.nn.Module]:
+    """The blocks a training recipe shards one by one: timm's blocks, ViTMAE's encoder and decoder layers."""
+    if isinstance(model, VisionTransformer):
+        return list(model.blocks)
+    from transformers.models.vit_mae.modeling_vit_mae import ViTMAELayer
+
+    return [module for module in model.modules() if isinstance(module, ViTMAELayer)]
+
+
+def _distributed_step(model, images, noise) -> tuple[torch.Tensor, dict]:
+    """One training step's loss and gradients, by the unwrapped parameter names (DDP adds "module."), each whole
+    (FSDP2's are sharded DTensors)."""
+    model.zero_grad(set_to_none=True)
+    loss = model(images).square().mean() if noise is None else model(images, noise=noise).loss
+    loss.backward()
+    return loss.detach(), {name.removeprefix("module."): getattr(p.grad, "full_tensor", lambda g=p.grad: g)()
+                           for name, p in model.named_parameters() if p.grad is not None}
+
+
+DISTRIBUTED_FAMILIES = {"timm": (_vit, None), "vit_mae": (_vit_mae, 16)}  # model, patches to draw noise for
+
+
+# torch 2.15's FSDP2 warns that ViTMAE returns a view: its logits are a slice, in the original as in the patched model
+@pytest.mark.filterwarnings("ignore:FSDP2-wrapped module.*returned a view:UserWarning")
+@pytest.mark.parametrize("wrap", ["fully_shard", "ddp"])
+@pytest.mark.parametrize("family", DISTRIBUTED_FAMILIES)
+def test_patched_models_train_under_fsdp2_and_ddp_as_the_original(family, wrap, one_rank_group, monkeypatch):
+    """apply, then shard each block and the model with FSDP2's fully_shard (or wrap the model in DDP), as a training
+    recipe does: the sharded blocks run their patched code (one fused add and norm each), and the loss and every
+    gradient are the unwrapped original's."""
+    from torch.distributed.fsdp import fully_shard
+
+    make, patches = DISTRIBUTED_FAMILIES[family]
+    calls = _count_calls(monkeypatch, "add_layer_norm")
+    images = torch.randn(2, 3, 32, 32)
+    noise = None if patches is None else torch.rand(2, patches)
+    patched = integrations.apply(make(), add_norm=True, gelu_mlp=True)
+    names = integrations.patched_modules(patched)
+    layers = _transformer_layers(patched)
+    if wrap == "fully_shard":
+        for layer in layers:
+            fully_shard(layer)
+        fully_shard(patched)
+    else:
+        patched = torch.nn.parallel.DistributedDataParallel(patched)
+    assert [re.sub(r"^module\.?", "", name) for name in integrations.patched_modules(patched)] == names
+    with mimkernels.use_backend("triton"):
+        loss, grads = _distributed_step(patched, images, noise)
+    want_loss, want_grads = _distributed_step(make(), images, noise)
+    assert len(calls) == len(layers) >= 2
+    torch.testing.assert_close(loss, want_loss, rtol=1e-4, atol=1e-6)
+    assert len(grads) > 10
+    _assert_grads_close(grads, want_grads)
+
+
+@pytest.mark.parametrize("sharded", ["model and blocks", "one block"])
+@pytest.mark.parametrize("family", DISTRIBUTED_FAMILIES)
+def test_models_sharded_before_apply_are_refused(family, sharded, one_rank_group):
+    """apply after fully_shard: FSDP gave each module it sharded a class of its own, made from the module's, which
+    a swap would drop and which apply used to skip without a word (a sharded ViTMAE was no supported class at all).
+    apply refuses with the order to follow, naming the first sharded module, and patches nothing."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = DISTRIBUTED_FAMILIES[family][0]()
+    layers = _transformer_layers(model)
+    for layer in layers if sharded == "model and blocks" else layers[1:2]:
+        fully_shard(layer)
+    if sharded == "model and blocks":
+        fully_shard(model)
+    first = "the model" if sharded == "model and blocks" else \
+        next(name for name, module in model.named_modules() if module is layers[1])
+    with pytest.raises(TypeError, match=rf"sharded by FSDP \({re.escape(first)} is a FSDP\w+\): apply to the model "
+                                        r"before fully_shard"):
+        integrations.apply(model)
+    assert integrations.patched_modules(model) == []
+
+
+def test_unapply_refuses_blocks_sharded_after_apply(one_rank_group):
+    """unapply gave each patched module the class under its own, which for a block sharded after apply is FSDP's
+    FSDPModule: the model lost its blocks' code. It now refuses, naming those blocks, and changes nothing."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = integrations.apply(_vit(), add_norm=True)
+    names = integrations.patched_modules(model)
+    fully_shard(model.blocks[1])
+    with pytest.raises(TypeError, match=r"unapply: blocks\.1 \(FSDP\w+\) got a class made from its patched class "
+                                        r"after apply .* unapply before sharding"):
+        integrations.unapply(model)
+    assert integrations.patched_modules(model) == names
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+
+
 def test_patched_vit_mae_model_state_dict_and_fallbacks():
     model = _vit_mae("ViTMAEModel")
     state = {key: value.clone() for key, value in model.state_dict().items()}

@@ -20,13 +20,6 @@ MODELS = {"mae": models.mae_vit_tiny_patch8, "aim": models.aim_tiny, "simmim": m
           "beit": lambda: models.beit_vit_tiny_patch8(tokenizer=tokenizer(), vocab_size=16)}
 
 
-@pytest.fixture
-def one_rank_group(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def loss_and_grads(model, imgs):
     torch.manual_seed(1)  # the same masks and prefixes for every model
     loss = model(imgs)[0]

@@ -88,6 +88,20 @@ def _is_hf_vit_mae(model) -> bool:
     return isinstance(model, _hf.SUPPORTED)
 
 
+def _sharded_submodule(model: torch.nn.Module) -> tuple[str, torch.nn.Module] | None:
+    """The first submodule (name, module) that FSDP has sharded (FSDP2's ``fully_shard`` or an FSDP1 wrapper),
+    or None. ``fully_shard`` gives each module it shards a class of its own, made from the module's class; a
+    class swapped after that would drop FSDP's, and one left alone would keep its code unsaid."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    for name, module in model.named_modules():
+        if isinstance(module, (FSDPModule, FullyShardedDataParallel)):
+            return name, module
+    return None
+
+
 def apply(model: torch.nn.Module, *, attention: bool = True, patch_embed: bool = True, masking: bool = True,
           loss: bool = True, add_norm: bool | None = None, gelu_mlp: bool | None = None) -> torch.nn.Module:
     """Patch ``model`` in place to run on mimkernels' kernels, and return it.
@@ -115,7 +129,8 @@ def apply(model: torch.nn.Module, *, attention: bool = True, patch_embed: bool =
 
     Raises:
         TypeError: ``model`` is not one of the supported classes (listed in the message), or wraps one (the
-            wrapper of ``torch.compile`` or DDP: apply to the model before wrapping it); an option that is not a bool.
+            wrapper of ``torch.compile`` or DDP: apply to the model before wrapping it), or FSDP has sharded it
+            or a submodule (apply before ``fully_shard``); an option that is not a bool.
         RuntimeError: a timm model with timm older than 0.9.16, or a transformers model with transformers older
             than 4.57 (the oldest releases tested).
     """
@@ -134,6 +149,10 @@ def apply(model: torch.nn.Module, *, attention: bool = True, patch_embed: bool =
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, (MAE, AIM, SimMIM, BEiT)):
         return model
+    if sharded := _sharded_submodule(model):
+        name, module = sharded
+        raise TypeError(f"mimkernels.integrations.apply got a model sharded by FSDP ({name or 'the model'} is a "
+                        f"{type(module).__qualname__}): apply to the model before fully_shard or FSDP wraps it")
     if _is_timm_vit(model):
         import timm
 
@@ -177,8 +196,24 @@ def patched_modules(model: torch.nn.Module) -> list[str]:
 
 
 def unapply(model: torch.nn.Module) -> torch.nn.Module:
-    """Undo :func:`apply`: every patched submodule gets its original class back. Returns ``model``."""
+    """Undo :func:`apply`: every patched submodule gets its original class back. Returns ``model``.
+
+    Raises:
+        TypeError: a patched submodule was given a class of its own after :func:`apply` (FSDP's ``fully_shard``
+            makes one from the module's class): its patched class sits under that one, which swapping back would
+            drop. Nothing is changed then; unapply before sharding.
+    """
+    rebuilt = [f"{name} ({type(module).__qualname__})" for name, module in model.named_modules()
+               if getattr(type(module), "_mimkernels_patch", False) and not _patched_class(type(module))]
+    if rebuilt:
+        raise TypeError(f"mimkernels.integrations.unapply: {', '.join(rebuilt)} got a class made from its patched "
+                        f"class after apply (FSDP's fully_shard does): unapply before sharding")
     for module in model.modules():
-        if getattr(type(module), "_mimkernels_patch", False):
+        if _patched_class(type(module)):
             module.__class__ = type(module).__mro__[1]
     return model
+
+
+def _patched_class(cls: type) -> bool:
+    """Whether ``cls`` is one of the patched classes itself, not a class made from one."""
+    return vars(cls).get("_mimkernels_patch", False)
