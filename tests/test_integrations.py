@@ -869,7 +869,7 @@ def _transformer_layers(model) -> list[torch.nn.Module]:
     return [module for module in model.modules() if isinstance(module, ViTMAELayer)]
 
 
-def _distributed_step(model, images, noise) -> tuple[torch.Tensor, dict]:
+def _training_step(model, images, noise) -> tuple[torch.Tensor, dict]:
     """One training step's loss and gradients, by the unwrapped parameter names (DDP adds "module."), each whole
     (FSDP2's are sharded DTensors)."""
     model.zero_grad(set_to_none=True)
@@ -879,20 +879,39 @@ def _distributed_step(model, images, noise) -> tuple[torch.Tensor, dict]:
                            for name, p in model.named_parameters() if p.grad is not None}
 
 
-DISTRIBUTED_FAMILIES = {"timm": (_vit, None), "vit_mae": (_vit_mae, 16)}  # model, patches to draw noise for
+PATCHED_FAMILIES = {"timm": (_vit, None), "vit_mae": (_vit_mae, 16)}  # model, patches to draw noise for
+
+
+@pytest.mark.parametrize("family", PATCHED_FAMILIES)
+def test_patched_models_moved_to_float64_run_the_original_code(family):
+    """``model.double()`` after apply (a float64 check of a model's numbers): the kernels have no float64 tiles, and
+    each patched module raised TypeError; now each runs its original code, so the loss and every gradient are the
+    unpatched float64 model's, bit for bit (the decoder's unshuffle stays on the token ops, which move float64
+    exactly)."""
+    make, patches = PATCHED_FAMILIES[family]
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    noise = None if patches is None else torch.rand(2, patches, dtype=torch.float64)
+    patched = integrations.apply(make(), add_norm=True, gelu_mlp=True).double()
+    with mimkernels.use_backend("triton"):
+        loss, grads = _training_step(patched, images, noise)
+    want_loss, want_grads = _training_step(make().double(), images, noise)
+    assert loss.dtype == torch.float64 and torch.equal(loss, want_loss)
+    assert grads.keys() == want_grads.keys() and len(grads) > 10
+    for name, want in want_grads.items():
+        assert torch.equal(grads[name], want), name
 
 
 # torch 2.15's FSDP2 warns that ViTMAE returns a view: its logits are a slice, in the original as in the patched model
 @pytest.mark.filterwarnings("ignore:FSDP2-wrapped module.*returned a view:UserWarning")
 @pytest.mark.parametrize("wrap", ["fully_shard", "ddp"])
-@pytest.mark.parametrize("family", DISTRIBUTED_FAMILIES)
+@pytest.mark.parametrize("family", PATCHED_FAMILIES)
 def test_patched_models_train_under_fsdp2_and_ddp_as_the_original(family, wrap, one_rank_group, monkeypatch):
     """apply, then shard each block and the model with FSDP2's fully_shard (or wrap the model in DDP), as a training
     recipe does: the sharded blocks run their patched code (one fused add and norm each), and the loss and every
     gradient are the unwrapped original's."""
     from torch.distributed.fsdp import fully_shard
 
-    make, patches = DISTRIBUTED_FAMILIES[family]
+    make, patches = PATCHED_FAMILIES[family]
     calls = _count_calls(monkeypatch, "add_layer_norm")
     images = torch.randn(2, 3, 32, 32)
     noise = None if patches is None else torch.rand(2, patches)
@@ -907,8 +926,8 @@ def test_patched_models_train_under_fsdp2_and_ddp_as_the_original(family, wrap, 
         patched = torch.nn.parallel.DistributedDataParallel(patched)
     assert [re.sub(r"^module\.?", "", name) for name in integrations.patched_modules(patched)] == names
     with mimkernels.use_backend("triton"):
-        loss, grads = _distributed_step(patched, images, noise)
-    want_loss, want_grads = _distributed_step(make(), images, noise)
+        loss, grads = _training_step(patched, images, noise)
+    want_loss, want_grads = _training_step(make(), images, noise)
     assert len(calls) == len(layers) >= 2
     torch.testing.assert_close(loss, want_loss, rtol=1e-4, atol=1e-6)
     assert len(grads) > 10
@@ -916,14 +935,14 @@ def test_patched_models_train_under_fsdp2_and_ddp_as_the_original(family, wrap, 
 
 
 @pytest.mark.parametrize("sharded", ["model and blocks", "one block"])
-@pytest.mark.parametrize("family", DISTRIBUTED_FAMILIES)
+@pytest.mark.parametrize("family", PATCHED_FAMILIES)
 def test_models_sharded_before_apply_are_refused(family, sharded, one_rank_group):
     """apply after fully_shard: FSDP gave each module it sharded a class of its own, made from the module's, which
     a swap would drop and which apply used to skip without a word (a sharded ViTMAE was no supported class at all).
     apply refuses with the order to follow, naming the first sharded module, and patches nothing."""
     from torch.distributed.fsdp import fully_shard
 
-    model = DISTRIBUTED_FAMILIES[family][0]()
+    model = PATCHED_FAMILIES[family][0]()
     layers = _transformer_layers(model)
     for layer in layers if sharded == "model and blocks" else layers[1:2]:
         fully_shard(layer)

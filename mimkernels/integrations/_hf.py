@@ -13,7 +13,7 @@ import mimkernels
 from ..models import vit
 from ..nn import check_head_dim
 from ..ops.tokens import checked_noise, kept_count
-from . import check_release, covered_by_patches, release_unsupported, warn_kept
+from . import check_release, covered_by_patches, kernels_take, release_unsupported, warn_kept
 
 # Two generations of ViTMAE. transformers 5.9 and later: one ViTMAEAttention (q/k/v/o projections) and one ViTMAEMLP
 # per layer, the loss inside ViTMAEForPreTraining.forward. transformers 4.5x to 5.8: ViTMAESelfAttention (query, key,
@@ -109,7 +109,8 @@ class MimkernelsViTMAEEmbeddings(vit_mae.ViTMAEEmbeddings):
 
     def forward(self, pixel_values: torch.Tensor, noise: torch.Tensor | None = None,
                 interpolate_pos_encoding: bool = False):
-        if interpolate_pos_encoding or _kept_patches(self.config, self.patch_embeddings.num_patches) is None:
+        if interpolate_pos_encoding or _kept_patches(self.config, self.patch_embeddings.num_patches) is None or \
+                not kernels_take(self.patch_embeddings.projection.weight):
             return super().forward(pixel_values, noise, interpolate_pos_encoding)
         batch, channels, height, width = pixel_values.shape
         if channels != self.patch_embeddings.num_channels:
@@ -163,7 +164,7 @@ def _kernel_runs(query, key, value, attention_mask, dropout, kwargs) -> bool:
     """Whether a call is self-attention our kernels run as is: no mask, no dropout, the same heads and length for q,
     k and v (no grouped kv heads, no kv cache longer than the queries), a dtype and head dim the kernels take."""
     return (attention_mask is None and not dropout and query.shape == key.shape == value.shape
-            and query.dtype == key.dtype == value.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and query.dtype == key.dtype == value.dtype and kernels_take(query)
             and query.shape[-1] % 8 == 0 and 16 <= query.shape[-1] <= 256
             and all(kwargs.get(name) is None for name in _SDPA_ONLY_KWARGS))
 
@@ -194,7 +195,8 @@ if SELF_ATTENTION_MODULES:
 
         def forward(self, hidden_states: torch.Tensor, head_mask: torch.Tensor | None = None, **kwargs):
             dropout = self.dropout_prob if self.training else 0.0
-            if head_mask is not None or dropout > 0 or _attention_weights_wanted(self, kwargs):
+            if head_mask is not None or dropout > 0 or _attention_weights_wanted(self, kwargs) or \
+                    not kernels_take(hidden_states):
                 return super().forward(hidden_states, *(() if head_mask is None else (head_mask,)), **kwargs)
             shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)
             q, k, v = (proj(hidden_states).view(shape).transpose(1, 2) for proj in (self.query, self.key, self.value))
@@ -211,7 +213,7 @@ if SELF_ATTENTION_MODULES:
         save_pretrained = _save_as_original
 
         def forward_loss(self, pixel_values, pred, mask, interpolate_pos_encoding: bool = False):
-            if interpolate_pos_encoding or _original_loss_runs(self.config, mask.shape[1]):
+            if interpolate_pos_encoding or _original_loss_runs(self.config, mask.shape[1]) or not kernels_take(pred):
                 return super().forward_loss(pixel_values, pred, mask, interpolate_pos_encoding)
             return mimkernels.masked_patch_loss(pred, pixel_values, mask, norm_pix=self.config.norm_pix_loss)
 
@@ -231,7 +233,7 @@ if SELF_ATTENTION_MODULES:
                                     **kwargs)
             hidden_states, normed = vit.add_norm(hidden_states, branch, self.layernorm_after,
                                                  fuse=self._mimkernels_add_norm)
-            if not self._mimkernels_gelu_mlp:
+            if not self._mimkernels_gelu_mlp or not kernels_take(normed):
                 return self.output(self.intermediate(normed), hidden_states)
             fc1, fc2 = self.intermediate.dense, self.output.dense
             return self.output.dropout(mimkernels.gelu_mlp(normed, fc1.weight, fc1.bias, fc2.weight, fc2.bias)) \
@@ -258,7 +260,8 @@ else:
 
         def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
             dropout = self.attention_dropout if self.training else 0.0
-            if attention_mask is not None or dropout > 0 or _attention_weights_wanted(self, kwargs):
+            if attention_mask is not None or dropout > 0 or _attention_weights_wanted(self, kwargs) or \
+                    not kernels_take(hidden_states):
                 return super().forward(hidden_states, attention_mask, **kwargs)
             shape = (*hidden_states.shape[:-1], -1, self.head_dim)
             q, k, v = (proj(hidden_states).view(shape).transpose(1, 2)
@@ -278,7 +281,8 @@ else:
         def forward(self, pixel_values=None, noise=None, interpolate_pos_encoding=None, attention_mask=None,
                     **kwargs):
             if interpolate_pos_encoding or kwargs.get("return_dict") is False or \
-                    _original_loss_runs(self.config, self.vit.embeddings.patch_embeddings.num_patches):
+                    _original_loss_runs(self.config, self.vit.embeddings.patch_embeddings.num_patches) or \
+                    not kernels_take(self.decoder.decoder_pred.weight):
                 return super().forward(pixel_values, noise=noise, interpolate_pos_encoding=interpolate_pos_encoding,
                                        attention_mask=attention_mask, **kwargs)
             outputs = self.vit(pixel_values, noise=noise, attention_mask=attention_mask, **kwargs)
@@ -310,6 +314,8 @@ else:
         _mimkernels_replaces = ("forward", (("self", "hidden_states"),))
 
         def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+            if not kernels_take(hidden_states):
+                return super().forward(hidden_states)
             return mimkernels.gelu_mlp(hidden_states, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
 
     ATTENTION = {vit_mae.ViTMAEAttention: MimkernelsViTMAEAttention}

@@ -18,7 +18,7 @@ import mimkernels
 
 from ..models import vit
 from ..nn import attend_qkv, check_head_dim
-from . import covered_by_patches, release_unsupported, warn_kept
+from . import covered_by_patches, kernels_take, release_unsupported, warn_kept
 
 
 def _mask_arguments(attn_mask: torch.Tensor | None, is_causal: bool) -> dict:
@@ -33,7 +33,8 @@ class MimkernelsAttention(Attention):
     _mimkernels_patch = True
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
-        if attn_mask is not None or (self.training and self.attn_drop.p > 0):  # no kernel for masks or dropout
+        # no kernel for masks, dropout or float64
+        if attn_mask is not None or (self.training and self.attn_drop.p > 0) or not kernels_take(x):
             return super().forward(x, **_mask_arguments(attn_mask, is_causal))
         batch, tokens, _ = x.shape
         gate_proj = getattr(self, "gate", None)  # the optional parts differ across timm 1.0 releases
@@ -53,6 +54,8 @@ class MimkernelsPatchEmbed(PatchEmbed):
     _mimkernels_patch = True
 
     def forward(self, x: torch.Tensor):
+        if not kernels_take(self.proj.weight):
+            return super().forward(x)
         batch, _, height, width = x.shape
         patch = self.patch_size[0]
         if self.img_size is not None:  # timm's own checks and messages
@@ -90,12 +93,13 @@ class MimkernelsBlock(Block):
 
 class MimkernelsMlp(Mlp):
     """``timm.layers.Mlp`` whose fc1 -> GELU -> fc2 runs :func:`mimkernels.gelu_mlp` (GELU inside the GEMMs); same
-    parameters. With dropout while training it runs the original code (no kernel draws dropout masks)."""
+    parameters. With dropout while training, or in float64, it runs the original code (no kernel draws dropout
+    masks)."""
 
     _mimkernels_patch = True
 
     def forward(self, x: torch.Tensor):
-        if self.training and (self.drop1.p > 0 or self.drop2.p > 0):
+        if (self.training and (self.drop1.p > 0 or self.drop2.p > 0)) or not kernels_take(x):
             return super().forward(x)
         return mimkernels.gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
 

@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 import mimkernels
 
 from ..nn import Attention, PatchEmbed, check_head_dim
-from ..ops._checks import check_mask_values
+from ..ops._checks import KERNEL_DTYPES, check_mask_values
 
 # True: every residual add is fused with the LayerNorm that follows it (mimkernels.add_layer_norm): in a block, the
 # attention branch's add with norm2; across blocks (``run_blocks``), the MLP branch's add with the next block's
@@ -76,11 +76,12 @@ def sincos_pos_embed(embed_dim: int, grid_h: int, grid_w: int, *, cls_token: boo
 
 def add_norm(x, branch, norm, *, fuse=None):
     """``(x + branch, norm(x + branch))``: one pass of :func:`mimkernels.add_layer_norm` when ``fuse`` (None:
-    FUSED_ADD_NORM), ``norm`` a LayerNorm over the last dim and the branch of x's shape; else the add (broadcasting)
-    and then the norm. ``norm`` must compute what ``nn.LayerNorm.forward`` does (a subclass may, as timm's does
-    without its "fast norm"; the caller vouches for that)."""
+    FUSED_ADD_NORM), ``norm`` a LayerNorm over the last dim and the branch of x's shape and of a kernel dtype; else the
+    add (broadcasting) and then the norm. ``norm`` must compute what ``nn.LayerNorm.forward`` does (a subclass may, as
+    timm's does without its "fast norm"; the caller vouches for that)."""
     if ((FUSED_ADD_NORM if fuse is None else fuse) and isinstance(norm, nn.LayerNorm)
-            and len(norm.normalized_shape) == 1 and branch.shape == x.shape):
+            and len(norm.normalized_shape) == 1 and branch.shape == x.shape
+            and x.dtype in KERNEL_DTYPES and branch.dtype in KERNEL_DTYPES):
         return mimkernels.add_layer_norm(x, branch, norm.weight, norm.bias, eps=norm.eps)
     x = x + branch
     return x, norm(x)

@@ -5,6 +5,8 @@ two row-copy primitives (mimkernels/triton/tokens.py, csrc/tokens*.{cpp,cu}); ea
 other primitive run the opposite way, organised by output row: no atomics, no zero-fill, no expanded
 index tensor.
 
+float64 tokens take the PyTorch reference on every backend (the kernels compute in fp32), so they move exactly.
+
 Index contract: ``ids_keep`` holds distinct patch indices in [0, L) per row, ``ids_restore`` is a
 permutation of [0, L) per row (what random_masking returns). On CPU tensors every op checks this and
 raises IndexError / ValueError; on CUDA tensors the check costs a host sync, so it runs only when
@@ -181,9 +183,11 @@ class _RestoreRows(torch.autograd.Function):
 
 
 def _backend_for(op, x):
-    """"extension" or "triton" (a key of _KERNELS) for ``x``, or None for the PyTorch reference."""
+    """"extension" or "triton" (a key of _KERNELS) for ``x``, or None for the PyTorch reference: also for float64
+    tokens on every backend, which the kernels would move through fp32 (Triton rounded each value to fp32, the
+    extension each value it adds a position to); float64 is for references and numerics checks, not for speed."""
     backend = _backend.select(op, x.device, implemented=("extension", "triton"))
-    return None if backend == "torch" else backend
+    return None if backend == "torch" or x.dtype == torch.float64 else backend
 
 
 # ----------------------------------------------------------------------------- public ops
@@ -276,7 +280,7 @@ def gather_tokens(x, ids_keep, *, pos_embed=None):
     """``x[b, ids_keep[b]] (+ pos_embed[0, ids_keep[b]])`` in one pass.
 
     x ``[B, L, D]``, ids_keep ``[B, K]`` (int32/int64, distinct per row), pos_embed ``[1, L, D]`` or None
-    (added in fp32, cast to x's dtype). Differentiable in x and pos_embed.
+    (added in fp32, or float64 for float64 x, and cast to x's dtype). Differentiable in x and pos_embed.
     """
     _check_tokens("x", x)
     ids_keep = check_index_tensor("ids_keep", ids_keep, x.shape[0], x.device)
