@@ -13,7 +13,9 @@ namespace mimkernels {
 void check_row_copy_args(const at::Tensor& x, const at::Tensor& ids, const std::optional<at::Tensor>& pos,
                          int64_t pos_rows, int64_t num_prefix, const char* op) {
   TORCH_CHECK_VALUE(x.dim() == 3, op, ": x must be 3-D [batch, tokens, dim], got ", x.sizes());
-  TORCH_CHECK_VALUE(x.size(2) <= 1 || x.stride(2) == 1, op, ": x must have unit stride in its last dim");
+  // an empty x holds no row to read, whatever its strides (the backward of out.sum() hands an expanded one: stride 0)
+  TORCH_CHECK_VALUE(x.numel() == 0 || x.size(2) <= 1 || x.stride(2) == 1, op,
+                    ": x must have unit stride in its last dim");
   TORCH_CHECK_VALUE(ids.dim() == 2 && ids.size(0) == x.size(0), op, ": ids must be [batch, n], got ", ids.sizes());
   TORCH_CHECK_TYPE(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong, op,
                    ": ids must be int32 or int64, got ", ids.scalar_type());

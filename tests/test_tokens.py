@@ -117,6 +117,26 @@ def test_float64_tokens_move_exactly_on_every_backend(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch, kept", [(0, 2), (2, 0)])
+def test_empty_batches_and_no_kept_tokens(backend, batch, kept):
+    """An empty batch, or no token to gather: empty outputs, and zero gradients where the inputs hold values. The
+    backward of ``out.sum()`` hands an empty gradient of stride 0, which the extension took for a bad layout
+    ("x must have unit stride") before 2026-12-06."""
+    x, pos, token = leaf(batch, 6, 16), leaf(1, 6, 16, seed=1), leaf(16, seed=2)
+    ids_keep = torch.arange(kept, device=DEVICE).expand(batch, kept)
+    ids_restore = torch.arange(6, device=DEVICE).expand(batch, 6)
+    gathered = run(backend, mimkernels.gather_tokens, x, ids_keep, pos_embed=pos)
+    restored = run(backend, mimkernels.restore_tokens, x[:, :kept], ids_restore, token, pos_embed=pos)
+    assert gathered.shape == (batch, kept, 16) and restored.shape == (batch, 6, 16)
+    grads = torch.autograd.grad(gathered.sum() + restored.sum(), [x, pos, token])
+    want = torch.autograd.grad(reference.gather_tokens(x, ids_keep, pos_embed=pos).sum()
+                               + reference.restore_tokens(x[:, :kept], ids_restore, token, pos_embed=pos).sum(),
+                               [x, pos, token])
+    for got, expected in zip(grads, want):
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_mask_is_float32_whatever_the_default_dtype(backend):
     """``torch.set_default_dtype(torch.float64)`` (some scientific code sets it): the mask stays the documented
     float32 on every backend (the reference's ``torch.ones`` took the default dtype)."""
