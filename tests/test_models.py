@@ -7,6 +7,7 @@ gradient of the fused model may be off by at most 2x the error of the official c
 small floor (the budget of tests/test_attention.py).
 """
 import copy
+import re
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from mimkernels.models import (
     AIM,
     CONFIGS,
     MAE,
+    SimMIM,
     aim_tiny,
     mae_vit_base_patch16,
     mae_vit_tiny_patch8,
@@ -188,6 +190,31 @@ def test_mae_rejects_bad_images():
         small_mae(embed_dim=36, num_heads=3)
     with pytest.raises(ValueError, match="patch_size must be a positive int or a pair of them, got 0"):
         small_mae(patch_size=0)
+
+
+@pytest.mark.parametrize("build, argument, value, message", [
+    (small_mae, "depth", -1, "depth must be a non-negative int, got -1"),  # built no block before, silently
+    (small_mae, "decoder_depth", 2.0, "decoder_depth must be a non-negative int, got 2.0"),
+    (small_aim, "head_depth", -3, "head_depth must be a non-negative int, got -3"),
+    (lambda **kwargs: SimMIM(**{"img_size": 32, "patch_size": 8, "embed_dim": 32, "num_heads": 2, **kwargs}), "depth",
+     True, "depth must be a non-negative int, got True"),
+    (small_mae, "mlp_ratio", 0, "mlp_ratio must be a positive number"),  # empty MLPs before, silently
+    (small_aim, "mlp_ratio", -1.0, "mlp_ratio must be a positive number"),  # torch's negative-size error before
+    (small_mae, "mlp_ratio", 0.01, "giving a hidden width of at least 1 for width 32, got 0.01"),
+    (small_aim, "head_embed_dim", 0, "head_embed_dim must be a positive multiple of 4, got 0"),  # ZeroDivisionError
+    (small_aim, "head_embed_dim", 30, "head_embed_dim must be a positive multiple of 4, got 30"),
+])
+def test_block_counts_widths_and_mlp_ratios_are_checked(build, argument, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build(**{argument: value})
+
+
+def test_models_without_blocks_still_train():
+    """Depth 0 (no encoder, decoder or head blocks) is a model, if a degenerate one: it builds and differentiates."""
+    for model in (small_mae(depth=0, decoder_depth=0), small_aim(depth=0, head_depth=0)):
+        loss = model(torch.randn(2, 3, 32, 32))[0]
+        loss.backward()
+        assert torch.isfinite(loss)
 
 
 def test_models_take_timm_pair_patch_sizes():

@@ -27,15 +27,17 @@ from torch import nn
 
 import mimkernels
 
-from ..ops._checks import check_bool
+from ..ops._checks import check_bool, is_int
 from .vit import (
     Block,
     Mlp,
     PatchEmbed,
     block_input_norm,
+    block_stack,
     check_head_dim,
     generator_kwargs,
     init_weights,
+    mlp_width,
     recomputable,
     run_blocks,
     sincos_pos_embed,
@@ -52,7 +54,7 @@ class MlpBlock(nn.Module):
     def __init__(self, dim: int, mlp_ratio: float = 4.0):
         super().__init__()
         self.norm = _LN(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), bias=False)
+        self.mlp = Mlp(dim, mlp_width(dim, mlp_ratio), bias=False)
 
     @recomputable
     def forward(self, x, *, pending=None, defer_mlp=False):
@@ -70,19 +72,21 @@ class AIM(nn.Module):
         super().__init__()
         check_bool("norm_pix_loss", norm_pix_loss)  # here: the loss op's error came at the first forward
         check_head_dim("trunk", embed_dim, num_heads)
+        if not is_int(head_embed_dim) or head_embed_dim < 4 or head_embed_dim % 4:  # its 2-D sin-cos positions
+            raise ValueError(f"head_embed_dim must be a positive multiple of 4, got {head_embed_dim!r}")
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         if self.patch_embed.num_patches < 2:
             raise ValueError("AIM needs at least 2 patches per image (a prefix and a patch to predict)")
         grid_h, grid_w = self.patch_embed.grid_size
         self.patch_norm = _LN(embed_dim)
         self.register_buffer("pos_embed", sincos_pos_embed(embed_dim, grid_h, grid_w), persistent=False)
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias=False, bias=False,
-                                          norm_layer=_LN) for _ in range(depth))
+        self.blocks = block_stack("depth", depth, lambda: Block(embed_dim, num_heads, mlp_ratio, qkv_bias=False,
+                                                                 bias=False, norm_layer=_LN))
         self.norm = _LN(embed_dim)
 
         self.head_embed = nn.Linear(embed_dim, head_embed_dim, bias=False)
         self.register_buffer("head_pos_embed", sincos_pos_embed(head_embed_dim, grid_h, grid_w), persistent=False)
-        self.head_blocks = nn.ModuleList(MlpBlock(head_embed_dim, mlp_ratio) for _ in range(head_depth))
+        self.head_blocks = block_stack("head_depth", head_depth, lambda: MlpBlock(head_embed_dim, mlp_ratio))
         self.head_norm = _LN(head_embed_dim)
         self.head_pred = nn.Linear(head_embed_dim, self.patch_embed.patch_size**2 * in_chans, bias=False)
         self.norm_pix_loss = norm_pix_loss

@@ -21,7 +21,7 @@ import mimkernels
 
 from ..ops._checks import check_bool
 from ..ops.tokens import checked_noise
-from .vit import Block, PatchEmbed, check_head_dim, init_weights, run_blocks, sincos_pos_embed
+from .vit import Block, PatchEmbed, block_stack, check_head_dim, init_weights, run_blocks, sincos_pos_embed
 
 
 class MAE(nn.Module):
@@ -39,16 +39,15 @@ class MAE(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         # fixed sin-cos tables, kept as frozen parameters so that the state_dict keys match the official ones
         self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, grid_h, grid_w, cls_token=True), requires_grad=False)
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, norm_layer=norm_layer)
-                                    for _ in range(depth))
+        self.blocks = block_stack("depth", depth, lambda: Block(embed_dim, num_heads, mlp_ratio, norm_layer=norm_layer))
         self.norm = norm_layer(embed_dim)
 
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(decoder_embed_dim, grid_h, grid_w, cls_token=True),
                                               requires_grad=False)
-        self.decoder_blocks = nn.ModuleList(Block(decoder_embed_dim, decoder_num_heads, mlp_ratio,
-                                                  norm_layer=norm_layer) for _ in range(decoder_depth))
+        self.decoder_blocks = block_stack("decoder_depth", decoder_depth, lambda: Block(
+            decoder_embed_dim, decoder_num_heads, mlp_ratio, norm_layer=norm_layer))
         self.decoder_norm = norm_layer(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, self.patch_embed.patch_size**2 * in_chans, bias=True)
         self.norm_pix_loss = norm_pix_loss

@@ -6,6 +6,8 @@ PatchEmbed are the public modules of :mod:`mimkernels.nn`.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -13,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 import mimkernels
 
 from ..nn import Attention, PatchEmbed, check_head_dim
-from ..ops._checks import KERNEL_DTYPES, check_mask_values
+from ..ops._checks import KERNEL_DTYPES, check_mask_values, is_int, is_real
 
 # True: every residual add is fused with the LayerNorm that follows it (mimkernels.add_layer_norm): in a block, the
 # attention branch's add with norm2; across blocks (``run_blocks``), the MLP branch's add with the next block's
@@ -57,8 +59,8 @@ def sincos_pos_embed(embed_dim: int, grid_h: int, grid_w: int, *, cls_token: boo
     each as ``[sin(pos * w_i), cos(pos * w_i)]`` with ``w_i = 10000 ** (-i / (D / 4))``: MAE's
     ``get_2d_sincos_pos_embed`` (square grids) and ml-aim's ``SinCosPosEmbed``. A cls row, if asked, is zero.
     """
-    if embed_dim % 4:
-        raise ValueError(f"embed_dim must be a multiple of 4 for a 2-D sin-cos embedding, got {embed_dim}")
+    if not is_int(embed_dim) or embed_dim < 4 or embed_dim % 4:
+        raise ValueError(f"embed_dim must be a positive multiple of 4 for a 2-D sin-cos embedding, got {embed_dim!r}")
     quarter = embed_dim // 4
     freqs = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
     rows, cols = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
@@ -127,6 +129,24 @@ def block_input_norm(x, pending, norm):
     return (x, norm(x)) if pending is None else add_norm(x, pending, norm)
 
 
+def block_stack(name: str, depth, make_block) -> nn.ModuleList:
+    """``depth`` blocks, each from ``make_block()``. ValueError naming ``name`` unless ``depth`` is an int >= 0
+    (0: none): ``range`` would take a negative depth for none, silently, and a float with a TypeError of its own."""
+    if not is_int(depth) or depth < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {depth!r}")
+    return nn.ModuleList(make_block() for _ in range(depth))
+
+
+def mlp_width(dim: int, mlp_ratio) -> int:
+    """An MLP's hidden width, ``int(dim * mlp_ratio)`` as timm and MAE compute it. ValueError unless ``mlp_ratio``
+    is a finite positive number that gives at least 1 (a ratio of 0 built empty layers, a negative one failed in
+    torch with a negative tensor size)."""
+    if not is_real(mlp_ratio) or not 0 < mlp_ratio < math.inf or int(dim * mlp_ratio) < 1:
+        raise ValueError(f"mlp_ratio must be a positive number giving a hidden width of at least 1 for width {dim}, "
+                         f"got {mlp_ratio!r}")
+    return int(dim * mlp_ratio)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block (timm's ``Block`` without drop-path or layer scale)."""
 
@@ -138,7 +158,7 @@ class Block(nn.Module):
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=bias)
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), bias=bias)
+        self.mlp = Mlp(dim, mlp_width(dim, mlp_ratio), bias=bias)
 
     @recomputable
     def forward(self, x, prefix_len=None, *, pending=None, defer_mlp=False):
@@ -179,8 +199,7 @@ class MaskTokenViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, grid_h, grid_w, cls_token=True), requires_grad=False)
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, norm_layer=norm_layer)
-                                    for _ in range(depth))
+        self.blocks = block_stack("depth", depth, lambda: Block(embed_dim, num_heads, mlp_ratio, norm_layer=norm_layer))
         self.norm = norm_layer(embed_dim)
 
     def init_weights(self) -> None:
