@@ -105,7 +105,7 @@ def test_forward_that_draws_its_own_masks_compiles_fullgraph(name):
                 torch.testing.assert_close(one, want, rtol=1e-5, atol=1e-6)
 
 
-def _every_op(x, qkv, images, weight, bias, pred, mask, noise, fc1, fc2, prefix, mask_ratio=0.5):
+def _every_op(x, qkv, images, weight, bias, pred, mask, noise, fc1, fc2, prefix, mask_ratio=0.5, scale=None):
     """A loss through every public op (their checks run on the sizes torch.compile hands them)."""
     batch, _, width = x.shape
     masking = mimkernels.random_masking(x, mask_ratio, noise=noise, num_prefix_tokens=1)
@@ -115,7 +115,7 @@ def _every_op(x, qkv, images, weight, bias, pred, mask, noise, fc1, fc2, prefix,
     total, normed = mimkernels.add_layer_norm(restored, x, bias[:width], bias[:width])
     hidden = mimkernels.gelu_mlp(normed, fc1, None, fc2, bias[:width])
     q, k, v = qkv.unbind(2)
-    heads = (mimkernels.qkv_attention(qkv, causal=True, prefix_len=prefix), mimkernels.attention(q, k, v),
+    heads = (mimkernels.qkv_attention(qkv, causal=True, prefix_len=prefix), mimkernels.attention(q, k, v, scale=scale),
              mimkernels.prefix_causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), prefix))
     tokens = mimkernels.patch_embed(images, weight, bias, ids_keep=masking.ids_keep)
     loss = mimkernels.masked_patch_loss(pred, images, mask)
@@ -184,15 +184,17 @@ def test_every_op_compiles_with_symbolic_sizes():
     sets of sizes, matches eager. The default (``dynamic=None``) makes symbolic only the sizes that changed between
     calls, a subset of these. The mask ratio changes too: a symbolic float, whose kept count reached the patch
     embedding's autograd.Function as a size Dynamo could not lift (an AssertionError, "Source of TruncToInt(...) is
-    None"); the default compile made it symbolic as soon as a second ratio came."""
+    None"); the default compile made it symbolic as soon as a second ratio came. So is an attention scale, as a
+    module's float attribute is (timm's ``Attention.scale``), whose finiteness check (``math.isfinite``) Dynamo could
+    not trace: a patched timm ViT failed to compile with ``dynamic=True``."""
     compiled = torch.compile(_every_op, fullgraph=True, backend="aot_eager", dynamic=True)
     with mimkernels.use_backend("triton"):
-        for sizes, mask_ratio in (((2, 9, 16), 0.5), ((3, 17, 24), 0.25)):
+        for sizes, mask_ratio, scale in (((2, 9, 16), 0.5, 0.3), ((3, 17, 24), 0.25, 0.2)):
             inputs = _every_op_inputs(*sizes)
             leaves = [t for t in inputs if t.requires_grad]
-            want = _every_op(*inputs, mask_ratio)
+            want = _every_op(*inputs, mask_ratio, scale)
             want_grads = torch.autograd.grad(want, leaves)
-            got = compiled(*inputs, mask_ratio)
+            got = compiled(*inputs, mask_ratio, scale)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
             for g, w in zip(torch.autograd.grad(got, leaves), want_grads):
                 torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)

@@ -934,6 +934,34 @@ def test_patched_models_train_under_fsdp2_and_ddp_as_the_original(family, wrap, 
     _assert_grads_close(grads, want_grads)
 
 
+@pytest.mark.parametrize("family", PATCHED_FAMILIES)
+def test_patched_models_compile_with_symbolic_sizes(family):
+    """``torch.compile(fullgraph=True, dynamic=True)`` (every size symbolic, and a module's float attributes too):
+    timm's ``Attention.scale`` reached the attention op as a symbolic float, whose finiteness check Dynamo could not
+    trace, so a patched model failed to compile where the unpatched one compiles. Two batch sizes: eager's loss and
+    gradients."""
+    make, patches = PATCHED_FAMILIES[family]
+    patched = integrations.apply(make(), add_norm=True, gelu_mlp=True)
+
+    def loss_of(images, noise):
+        return patched(images).square().mean() if noise is None else patched(images, noise=noise).loss
+
+    compiled = torch.compile(loss_of, fullgraph=True, backend="aot_eager", dynamic=True)
+    with mimkernels.use_backend("triton"):
+        for batch in (2, 3):
+            images = torch.randn(batch, 3, 32, 32)
+            noise = None if patches is None else torch.rand(batch, patches)
+            params = [p for p in patched.parameters() if p.requires_grad]
+            want = loss_of(images, noise)
+            want_grads = torch.autograd.grad(want, params, allow_unused=True)
+            got = compiled(images, noise)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            for g, w in zip(torch.autograd.grad(got, params, allow_unused=True), want_grads):
+                assert (g is None) == (w is None)
+                if w is not None:
+                    torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("sharded", ["model and blocks", "one block"])
 @pytest.mark.parametrize("family", PATCHED_FAMILIES)
 def test_models_sharded_before_apply_are_refused(family, sharded, one_rank_group):

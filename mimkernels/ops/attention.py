@@ -132,7 +132,9 @@ def _checked_scale(scale, head_dim):
         return 1.0 / math.sqrt(head_dim)
     if not is_real(scale):
         raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-    if not math.isfinite(scale):
+    # finite iff scale - scale == 0 (inf and NaN give NaN): math.isfinite cannot trace the symbolic float that
+    # torch.compile(dynamic=True) makes of a module's float attribute (timm's Attention.scale)
+    if not scale - scale == 0:
         raise ValueError(f"scale must be finite, got {scale}")
     return float(scale)
 
