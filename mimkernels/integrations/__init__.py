@@ -21,7 +21,7 @@ import warnings
 
 import torch
 
-from ..ops._checks import KERNEL_DTYPES, check_bool
+from ..ops._checks import check_bool
 
 __all__ = ["apply", "patched_modules", "register_hf_attention", "unapply"]
 
@@ -61,13 +61,6 @@ def covered_by_patches(images: torch.Tensor, patch: int) -> torch.Tensor:
     if height % patch or width % patch:
         return images[..., :height - height % patch, :width - width % patch]
     return images
-
-
-def kernels_take(*tensors: torch.Tensor) -> bool:
-    """Whether the kernels compute in each tensor's dtype (fp16, bf16 or fp32). A patched model moved to another
-    (``model.double()``, as for a float64 check of its numbers) runs its patched modules' original code, which the
-    kernels have no tiles for; under autocast a float64 tensor stays float64, so the check holds there too."""
-    return all(tensor.dtype in KERNEL_DTYPES for tensor in tensors)
 
 
 def warn_kept(skipped: dict) -> None:

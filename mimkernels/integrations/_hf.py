@@ -12,8 +12,9 @@ import mimkernels
 
 from ..models import vit
 from ..nn import check_head_dim
+from ..ops._checks import kernels_take
 from ..ops.tokens import checked_noise, kept_count
-from . import check_release, covered_by_patches, kernels_take, release_unsupported, warn_kept
+from . import check_release, covered_by_patches, release_unsupported, warn_kept
 
 # Two generations of ViTMAE. transformers 5.9 and later: one ViTMAEAttention (q/k/v/o projections) and one ViTMAEMLP
 # per layer, the loss inside ViTMAEForPreTraining.forward. transformers 4.5x to 5.8: ViTMAESelfAttention (query, key,

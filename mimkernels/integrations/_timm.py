@@ -18,7 +18,8 @@ import mimkernels
 
 from ..models import vit
 from ..nn import attend_qkv, check_head_dim
-from . import covered_by_patches, kernels_take, release_unsupported, warn_kept
+from ..ops._checks import kernels_take
+from . import covered_by_patches, release_unsupported, warn_kept
 
 
 def _mask_arguments(attn_mask: torch.Tensor | None, is_causal: bool) -> dict:

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 import mimkernels
 
 from ..nn import Attention, PatchEmbed, check_head_dim
-from ..ops._checks import KERNEL_DTYPES, check_mask_values, is_int, is_real
+from ..ops._checks import check_mask_values, is_int, is_real, kernels_take
 
 # True: every residual add is fused with the LayerNorm that follows it (mimkernels.add_layer_norm): in a block, the
 # attention branch's add with norm2; across blocks (``run_blocks``), the MLP branch's add with the next block's
@@ -83,7 +83,7 @@ def add_norm(x, branch, norm, *, fuse=None):
     timm's does without its "fast norm"; the caller vouches for that)."""
     if ((FUSED_ADD_NORM if fuse is None else fuse) and isinstance(norm, nn.LayerNorm)
             and len(norm.normalized_shape) == 1 and branch.shape == x.shape
-            and x.dtype in KERNEL_DTYPES and branch.dtype in KERNEL_DTYPES):
+            and kernels_take(x, branch)):
         return mimkernels.add_layer_norm(x, branch, norm.weight, norm.bias, eps=norm.eps)
     x = x + branch
     return x, norm(x)

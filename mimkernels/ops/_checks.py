@@ -24,6 +24,13 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FLOAT_DTYPES = KERNEL_DTYPES + (torch.float64,)
 
 
+def kernels_take(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels compute in each tensor's dtype (one of :data:`KERNEL_DTYPES`). Callers that also run in
+    float64 (a patched model after ``model.double()``, a float64 check of a model's numbers) take PyTorch's code
+    where this is False; under autocast a float64 tensor stays float64, so the check holds there too."""
+    return all(tensor.dtype in KERNEL_DTYPES for tensor in tensors)
+
+
 def is_int(value) -> bool:
     """A Python or NumPy integer, not a bool (``True`` would otherwise pass as 1)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
