@@ -3,7 +3,11 @@ the tests compare against. facebookresearch/mae's models_mae.py (MaskedAutoencod
 images) and apple/ml-aim's PrefixCausalAttention, both on timm-style blocks with PyTorch's SDPA.
 
 The model-level functions run a mimkernels model's own parameters through the official computation, so
-the two implementations are compared (and timed) on the very same weights."""
+the two implementations are compared (and timed) on the very same weights. ``TimmMAE`` is the other way
+round: the official model as a module of timm's own blocks, as users run it, for
+``mimkernels.integrations.apply`` to patch."""
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
@@ -67,19 +71,27 @@ def vit_block(block, x, attn_mask=None):
 
 def mae_forward(model, imgs, mask_ratio, noise):
     """MaskedAutoencoderViT.forward (encoder, decoder, loss) on a mimkernels MAE's parameters."""
-    x = model.patch_embed.proj(imgs).flatten(2).transpose(1, 2)  # timm PatchEmbed
-    x = x + model.pos_embed[:, 1:, :]
+    embed = model.patch_embed.proj(imgs).flatten(2).transpose(1, 2)  # timm PatchEmbed
+    return mae_from_embedding(model, imgs, embed, mask_ratio, noise, vit_block, model.patch_embed.patch_size)
+
+
+def mae_from_embedding(model, imgs, embed, mask_ratio, noise, run_block, patch):
+    """MaskedAutoencoderViT.forward after the patch embedding ``embed`` [B, L, E], each block run by
+    ``run_block(block, x)``: (loss, pred, mask)."""
+    x = embed + model.pos_embed[:, 1:, :]
+    if noise is None:  # the official code's draw
+        noise = torch.rand(x.shape[0], x.shape[1], device=x.device)
     x, mask, ids_restore = random_masking(x, mask_ratio, noise)
     cls_token = model.cls_token + model.pos_embed[:, :1, :]
     x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)
     for block in model.blocks:
-        x = vit_block(block, x)
+        x = run_block(block, x)
     x = model.decoder_embed(model.norm(x))
     x = decoder_input(x, ids_restore, model.mask_token, model.decoder_pos_embed)
     for block in model.decoder_blocks:
-        x = vit_block(block, x)
+        x = run_block(block, x)
     pred = model.decoder_pred(model.decoder_norm(x))[:, 1:, :]
-    return forward_loss(imgs, pred, mask, model.patch_embed.patch_size, model.norm_pix_loss), pred, mask
+    return forward_loss(imgs, pred, mask, patch, model.norm_pix_loss), pred, mask
 
 
 def mask_token_encoder(model, imgs, mask):
@@ -154,3 +166,46 @@ def get_2d_sincos_pos_embed(embed_dim, grid_size, cls_token=False):
     if cls_token:
         pos_embed = np.concatenate([np.zeros([1, embed_dim]), pos_embed], axis=0)
     return pos_embed
+
+
+class TimmMAE(torch.nn.Module):
+    """facebookresearch/mae's ``MaskedAutoencoderViT`` as its models_mae.py builds it: timm's ``PatchEmbed`` and
+    ``Block`` (with a timm of 0.9 or later, which no longer takes ``qk_scale``), fixed sin-cos positions, LayerNorm
+    of eps 1e-6, and the official forward (``mae_from_embedding``). ``forward(imgs, mask_ratio, noise)`` returns
+    ``(loss, pred, mask)``; without ``noise`` it draws ``torch.rand`` as the official code does."""
+
+    def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512,
+                 decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0, norm_pix_loss=True):
+        super().__init__()
+        from timm.models.vision_transformer import Block, PatchEmbed
+
+        norm_layer = partial(torch.nn.LayerNorm, eps=1e-6)
+
+        def blocks(width, depth, heads):
+            return torch.nn.ModuleList(Block(width, heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+                                       for _ in range(depth))
+
+        def fixed_positions(width):
+            table = get_2d_sincos_pos_embed(width, img_size // patch_size, cls_token=True)
+            return torch.nn.Parameter(torch.from_numpy(table).float().unsqueeze(0), requires_grad=False)
+
+        self.patch_embed = PatchEmbed(img_size, patch_size, 3, embed_dim)
+        self.cls_token = torch.nn.Parameter(torch.randn(1, 1, embed_dim) * 0.02)
+        self.pos_embed = fixed_positions(embed_dim)
+        self.blocks = blocks(embed_dim, depth, num_heads)
+        self.norm = norm_layer(embed_dim)
+        self.decoder_embed = torch.nn.Linear(embed_dim, decoder_embed_dim)
+        self.mask_token = torch.nn.Parameter(torch.randn(1, 1, decoder_embed_dim) * 0.02)
+        self.decoder_pos_embed = fixed_positions(decoder_embed_dim)
+        self.decoder_blocks = blocks(decoder_embed_dim, decoder_depth, decoder_num_heads)
+        self.decoder_norm = norm_layer(decoder_embed_dim)
+        self.decoder_pred = torch.nn.Linear(decoder_embed_dim, patch_size**2 * 3)
+        self.norm_pix_loss = norm_pix_loss
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None):
+        return mae_from_embedding(self, imgs, self.patch_embed(imgs), mask_ratio, noise, _call_block,
+                                  self.patch_embed.patch_size[0])
+
+
+def _call_block(block, x):
+    return block(x)

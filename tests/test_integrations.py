@@ -385,10 +385,12 @@ def test_blocks_whose_attention_is_not_timms_attention_are_named_in_one_warning(
 
 @pytest.mark.parametrize("version, refused", [("0.6.13", True), ("0.9.12", True), ("0.9.16", False),
                                                ("1.0.32.dev0", False)])
-def test_timm_older_than_the_oldest_tested_is_refused(version, refused, monkeypatch):
-    """timm before 0.9.16 is untested (0.6 has no timm.layers at all): apply says which release it needs."""
+@pytest.mark.parametrize("make", [_vit, lambda: torch.nn.Sequential(_vit())], ids=["vit", "holder"])
+def test_timm_older_than_the_oldest_tested_is_refused(version, refused, make, monkeypatch):
+    """timm before 0.9.16 is untested (0.6 has no timm.layers at all): apply says which release it needs, for a
+    timm ViT and for a model holding one."""
     monkeypatch.setattr(timm, "__version__", version)
-    model = _vit()
+    model = make()
     if refused:
         with pytest.raises(RuntimeError, match=rf"apply needs timm >= 0.9.16; this is timm {version}"):
             integrations.apply(model)
@@ -413,6 +415,92 @@ def test_only_supported_models():
         integrations.apply(wrapped)
     with pytest.raises(TypeError, match="DataParallel wrapper"):
         integrations.apply(torch.nn.DataParallel(_vit()))
+
+
+@pytest.mark.parametrize("fused", [{}, {"add_norm": True, "gelu_mlp": True}], ids=["plain", "fused"])
+def test_official_mae_of_timm_modules_trains_patched_as_the_original(fused, device, monkeypatch):
+    """facebookresearch/mae's MaskedAutoencoderViT is built from timm's PatchEmbed and Blocks but is no timm ViT:
+    before 2026-12-06 apply refused it as an unsupported class. Now those modules run on the kernels (counted),
+    with the original's loss and every gradient; the model's own masking, unshuffle and loss keep their code, and
+    the module names and the state_dict stay as they were."""
+    attention_calls, embed_calls = _count_calls(monkeypatch, "qkv_attention"), _count_calls(monkeypatch, "patch_embed")
+    images, noise = torch.randn(2, 3, 32, 32, device=device), torch.rand(2, 16, device=device)
+    original = _official_mae().to(device)
+    patched = integrations.apply(_official_mae(), **fused).to(device)
+    fused_parts = bool(fused)
+    assert integrations.patched_modules(patched) == ["patch_embed"] + [
+        name for block in ("blocks.0", "blocks.1", "decoder_blocks.0")
+        for name in ([block] * fused_parts + [f"{block}.attn"] + [f"{block}.mlp"] * fused_parts)]
+    assert [name for name, _ in patched.named_modules()] == [name for name, _ in original.named_modules()]
+    state, patched_state = original.state_dict(), patched.state_dict()
+    assert state.keys() == patched_state.keys() and all(torch.equal(state[key], patched_state[key]) for key in state)
+    with mimkernels.use_backend("triton"):
+        loss, grads = _training_step(patched, images, noise)
+    want_loss, want_grads = _training_step(original, images, noise)
+    assert len(attention_calls) == 3 and len(embed_calls) == 1  # three blocks' attention, one patch embedding
+    torch.testing.assert_close(loss, want_loss, rtol=1e-4, atol=1e-6)
+    assert len(grads) > 10
+    _assert_grads_close(grads, want_grads)
+    names = integrations.patched_modules(patched)
+    assert integrations.patched_modules(integrations.apply(patched, **fused)) == names  # a second apply: no change
+    integrations.unapply(patched)
+    assert integrations.patched_modules(patched) == [] and type(patched.blocks[0].attn) is TimmAttention
+
+
+class _Holder(torch.nn.Module):
+    """A training script's own module around a model of a library (a task head, a LightningModule)."""
+
+    def __init__(self, backbone: torch.nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = torch.nn.Linear(10, 3)
+
+    def forward(self, images, noise=None):
+        if noise is not None:  # ViTMAE: its loss
+            return (self.backbone(images, noise=noise).loss,)
+        return self.head(self.backbone(images))
+
+
+@pytest.mark.parametrize("family", ["timm", "vit_mae"])
+def test_models_holding_a_supported_model_get_it_patched(family, device):
+    """apply to a module that holds a timm ViT or a ViTMAE: the held model is patched as if given alone (the same
+    modules, under the holder's name), and the holder trains with the unpatched one's loss and gradients."""
+    make, patches = PATCHED_FAMILIES[family]
+    images = torch.randn(2, 3, 32, 32, device=device)
+    noise = None if patches is None else torch.rand(2, patches, device=device)
+    torch.manual_seed(1)
+    original = _Holder(make()).to(device)
+    patched = integrations.apply(copy.deepcopy(original))
+    alone = integrations.patched_modules(integrations.apply(make()))
+    assert integrations.patched_modules(patched) == [f"backbone.{name}" if name else "backbone" for name in alone]
+    with mimkernels.use_backend("triton"):
+        loss, grads = _training_step(patched, images, noise)
+    want_loss, want_grads = _training_step(original, images, noise)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-4, atol=1e-6)
+    assert len(grads) > 10
+    _assert_grads_close(grads, want_grads)
+
+
+def test_models_holding_a_compiled_part_or_nothing_supported(monkeypatch):
+    """A held model already compiled and run (per-block or per-backbone torch.compile) is patched through its
+    wrapper, and its next call recompiles onto the kernels, with the same output. A model holding no supported model
+    and no timm ViT module is refused as before; one holding a mimkernels model comes back as it is."""
+    calls = _count_calls(monkeypatch, "qkv_attention")
+    images = torch.randn(2, 3, 32, 32)
+    holder = _Holder(torch.compile(_vit(), backend="eager"))
+    want = holder(images)
+    assert integrations.apply(holder) is holder
+    assert integrations.patched_modules(holder) == [f"backbone._orig_mod.{name}" for name in
+                                                    ("patch_embed", "blocks.0.attn", "blocks.1.attn")]
+    with mimkernels.use_backend("triton"):
+        torch.testing.assert_close(holder(images), want, rtol=1e-4, atol=1e-5)
+    assert len(calls) == 2
+    with pytest.raises(TypeError, match=r"holds none"):
+        integrations.apply(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.LayerNorm(8)))
+    ours = _Holder(mimkernels.models.mae_vit_tiny_patch8())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert integrations.apply(ours) is ours and integrations.patched_modules(ours) == []
 
 
 @pytest.mark.parametrize("option, value", [("attention", "false"), ("masking", 0), ("loss", None),
@@ -861,9 +949,10 @@ def test_patched_vit_mae_saves_the_checkpoint_of_the_original(tmp_path):
 
 
 def _transformer_layers(model) -> list[torch.nn.Module]:
-    """The blocks a training recipe shards one by one: timm's blocks, ViTMAE's encoder and decoder layers."""
-    if isinstance(model, VisionTransformer):
-        return list(model.blocks)
+    """The blocks a training recipe shards one by one: timm's blocks (the official MAE's decoder blocks too),
+    ViTMAE's encoder and decoder layers."""
+    if hasattr(model, "blocks"):
+        return [*model.blocks, *getattr(model, "decoder_blocks", [])]
     from transformers.models.vit_mae.modeling_vit_mae import ViTMAELayer
 
     return [module for module in model.modules() if isinstance(module, ViTMAELayer)]
@@ -873,13 +962,23 @@ def _training_step(model, images, noise) -> tuple[torch.Tensor, dict]:
     """One training step's loss and gradients, by the unwrapped parameter names (DDP adds "module."), each whole
     (FSDP2's are sharded DTensors)."""
     model.zero_grad(set_to_none=True)
-    loss = model(images).square().mean() if noise is None else model(images, noise=noise).loss
+    loss = model(images).square().mean() if noise is None else model(images, noise=noise)[0]  # ViTMAE's: .loss
     loss.backward()
     return loss.detach(), {name.removeprefix("module."): getattr(p.grad, "full_tensor", lambda g=p.grad: g)()
                            for name, p in model.named_parameters() if p.grad is not None}
 
 
-PATCHED_FAMILIES = {"timm": (_vit, None), "vit_mae": (_vit_mae, 16)}  # model, patches to draw noise for
+def _official_mae():
+    """facebookresearch/mae's MaskedAutoencoderViT, tiny: timm's PatchEmbed and Blocks in a model of its own."""
+    from benchmarks.official import TimmMAE
+
+    torch.manual_seed(0)
+    return TimmMAE(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32,
+                   decoder_depth=1, decoder_num_heads=2)
+
+
+# model, patches to draw noise for
+PATCHED_FAMILIES = {"timm": (_vit, None), "vit_mae": (_vit_mae, 16), "official_mae": (_official_mae, 16)}
 
 
 @pytest.mark.parametrize("family", PATCHED_FAMILIES)
@@ -939,15 +1038,18 @@ def test_patched_models_compile_with_symbolic_sizes(family):
     """``torch.compile(fullgraph=True, dynamic=True)`` (every size symbolic, and a module's float attributes too):
     timm's ``Attention.scale`` reached the attention op as a symbolic float, whose finiteness check Dynamo could not
     trace, so a patched model failed to compile where the unpatched one compiles. Two batch sizes: eager's loss and
-    gradients."""
+    gradients. The official MAE code computes its kept-token count from its float mask ratio, which dynamic=True makes
+    symbolic, and Dynamo cannot pass a size computed from a symbolic float into any autograd.Function
+    (``test_compile.py``'s ``test_dynamo_cannot_pass_sizes_from_symbolic_floats_into_autograd_functions``):
+    that model compiles with the floats specialised, the workaround the README gives."""
     make, patches = PATCHED_FAMILIES[family]
     patched = integrations.apply(make(), add_norm=True, gelu_mlp=True)
 
     def loss_of(images, noise):
-        return patched(images).square().mean() if noise is None else patched(images, noise=noise).loss
+        return patched(images).square().mean() if noise is None else patched(images, noise=noise)[0]
 
     compiled = torch.compile(loss_of, fullgraph=True, backend="aot_eager", dynamic=True)
-    with mimkernels.use_backend("triton"):
+    with mimkernels.use_backend("triton"), torch._dynamo.config.patch(specialize_float=family == "official_mae"):
         for batch in (2, 3):
             images = torch.randn(batch, 3, 32, 32)
             noise = None if patches is None else torch.rand(batch, patches)

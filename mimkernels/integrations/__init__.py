@@ -9,14 +9,17 @@ rounding.
 Supported models: timm's ``VisionTransformer`` (its ``Attention`` and ``PatchEmbed`` modules, with ``add_norm``
 its ``Block``, with ``gelu_mlp`` its ``Mlp``), Hugging Face transformers' ``ViTMAEForPreTraining`` and
 ``ViTMAEModel`` (masking and unshuffling, kept-patch embedding, attention, the reconstruction loss, with
-``add_norm`` each layer's residual add and LayerNorm, with ``gelu_mlp`` each layer's MLP), and mimkernels' own
-models (already on the kernels: returned unchanged).
+``add_norm`` each layer's residual add and LayerNorm, with ``gelu_mlp`` each layer's MLP), mimkernels' own
+models (already on the kernels: returned unchanged), and any model that holds some of these or is built from
+timm's ViT modules (facebookresearch/mae's ``MaskedAutoencoderViT``): those parts are patched, the rest keeps
+its code.
 ``register_hf_attention()`` makes ``attn_implementation="mimkernels"`` available to any transformers model.
 """
 from __future__ import annotations
 
 import inspect
 import re
+import sys
 import warnings
 
 import torch
@@ -28,9 +31,9 @@ __all__ = ["apply", "patched_modules", "register_hf_attention", "unapply"]
 SUPPORTED = ("timm.models.vision_transformer.VisionTransformer", "transformers.ViTMAEForPreTraining",
              "transformers.ViTMAEModel", "mimkernels.models.MAE", "mimkernels.models.AIM", "mimkernels.models.SimMIM",
              "mimkernels.models.BEiT")
-WRAPPERS = {"_orig_mod": "torch.compile", "module": "DistributedDataParallel / DataParallel"}  # attribute -> wrapper
 # The oldest release of each patched library that CI tests (requirements-floor.txt): timm 0.9.16 is the last 0.9;
 # before 4.57, transformers' ViTMAE picked its attention class per implementation and its decoder took other arguments.
+TIMM_MODULES = ("Attention", "PatchEmbed", "Block", "Mlp")  # what _timm patches, in any model that holds them
 OLDEST_RELEASES = {"timm": (0, 9, 16), "transformers": (4, 57, 0)}
 
 
@@ -88,6 +91,25 @@ def _is_hf_vit_mae(model) -> bool:
     return isinstance(model, _hf.SUPPORTED)
 
 
+def _wrapper_name(module: torch.nn.Module) -> str | None:
+    """Which wrapper ``module`` is (torch.compile's or DDP's / DataParallel's), or None."""
+    if isinstance(getattr(module, "_orig_mod", None), torch.nn.Module):
+        return "torch.compile"
+    if isinstance(module, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+        return "DistributedDataParallel / DataParallel"
+    return None
+
+
+def _outermost(model: torch.nn.Module, chosen) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of each submodule of ``model`` (or ``model`` itself, named "") for which ``chosen(module)``
+    holds and that no other chosen one holds."""
+    found = []
+    for name, module in model.named_modules():  # each holder comes before what it holds
+        if chosen(module) and not any(name.startswith(f"{outer}.") or not outer for outer, _ in found):
+            found.append((name, module))
+    return found
+
+
 def _sharded_submodule(model: torch.nn.Module) -> tuple[str, torch.nn.Module] | None:
     """The first submodule (name, module) that FSDP has sharded (FSDP2's ``fully_shard`` or an FSDP1 wrapper),
     or None. ``fully_shard`` gives each module it shards a class of its own, made from the module's class; a
@@ -108,8 +130,11 @@ def apply(model: torch.nn.Module, *, attention: bool = True, patch_embed: bool =
 
     Args:
         model: a timm ``VisionTransformer`` (any size, with or without cls / register tokens, with
-            ``dynamic_img_size``), a transformers ``ViTMAEForPreTraining`` / ``ViTMAEModel``, or a mimkernels
-            model (returned as is).
+            ``dynamic_img_size``), a transformers ``ViTMAEForPreTraining`` / ``ViTMAEModel``, a mimkernels
+            model (returned as is), or any other model that holds some of these or timm's ``Attention``,
+            ``PatchEmbed``, ``Block`` and ``Mlp`` modules (facebookresearch/mae's ``MaskedAutoencoderViT``, a
+            model with a timm backbone): each held model is patched as if it were given alone, and each held timm
+            module as in a timm ViT; the model's own code around them stays as it is.
         attention: run self-attention by :func:`mimkernels.attention` (full attention, or causal with timm's
             ``is_causal=True``; a call with an explicit attention mask, with attention dropout while training,
             or asking for attention weights runs the original code).
@@ -128,11 +153,11 @@ def apply(model: torch.nn.Module, *, attention: bool = True, patch_embed: bool =
         ``interpolate_pos_encoding=True`` calls of ViTMAE run the original code.
 
     Raises:
-        TypeError: ``model`` is not one of the supported classes (listed in the message), or wraps one (the
-            wrapper of ``torch.compile`` or DDP: apply to the model before wrapping it), or FSDP has sharded it
-            or a submodule (apply before ``fully_shard``); an option that is not a bool.
-        RuntimeError: a timm model with timm older than 0.9.16, or a transformers model with transformers older
-            than 4.57 (the oldest releases tested).
+        TypeError: ``model`` is not one of the supported classes (listed in the message) and holds none of them
+            and no timm ViT module; it is a ``torch.compile`` or DDP wrapper (apply to the model before wrapping
+            it); FSDP has sharded it or a submodule (apply before ``fully_shard``); an option that is not a bool.
+        RuntimeError: a model holding timm modules with timm older than 0.9.16, or a transformers model with
+            transformers older than 4.57 (the oldest releases tested).
     """
     from ..models import AIM, MAE, BEiT, SimMIM, vit
 
@@ -147,7 +172,8 @@ def apply(model: torch.nn.Module, *, attention: bool = True, patch_embed: bool =
         gelu_mlp = vit.FUSED_GELU_MLP
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(model, (MAE, AIM, SimMIM, BEiT)):
+    ours = (MAE, AIM, SimMIM, BEiT)
+    if isinstance(model, ours):
         return model
     if sharded := _sharded_submodule(model):
         name, module = sharded
@@ -167,13 +193,34 @@ def apply(model: torch.nn.Module, *, attention: bool = True, patch_embed: bool =
         _hf.patch(model, attention=attention, patch_embed=patch_embed, masking=masking, loss=loss,
                   add_norm=add_norm, gelu_mlp=gelu_mlp)
         return model
-    for attribute, wrapper in WRAPPERS.items():
-        inner = getattr(model, attribute, None)
-        if isinstance(inner, torch.nn.Module):  # patching under a compiled graph or a DDP reducer would go unseen
-            raise TypeError(f"mimkernels.integrations.apply got a {wrapper} wrapper ({type(model).__qualname__}) of a "
-                            f"{type(inner).__qualname__}: apply to the model before wrapping it")
-    raise TypeError(f"mimkernels.integrations.apply supports {', '.join(SUPPORTED)}; got "
-                    f"{type(model).__module__}.{type(model).__qualname__}")
+    if wrapper := _wrapper_name(model):
+        inner = type(getattr(model, "_orig_mod", getattr(model, "module", None))).__qualname__
+        raise TypeError(f"mimkernels.integrations.apply got a {wrapper} wrapper ({type(model).__qualname__}) of a "
+                        f"{inner}: apply to the model before wrapping it")
+    # Any other model: what it holds (official MAE code and much other research code builds its models from
+    # timm's Block and PatchEmbed). Each swapped module computes what the original module did, wherever it sits.
+    vit_maes = _outermost(model, _is_hf_vit_mae)
+    holds_timm = False
+    if "timm" in sys.modules and any(type(module).__module__.startswith("timm.") for module in model.modules()):
+        import timm
+
+        check_release("timm", timm.__version__, "mimkernels.integrations.apply")
+        from . import _timm
+
+        holds_timm = _timm.holds_patchable(model)
+    held_ours = any(isinstance(module, ours) for module in model.modules())
+    if not (vit_maes or holds_timm or held_ours or patched_modules(model)):  # patched before: nothing more to do
+        raise TypeError(f"mimkernels.integrations.apply supports {', '.join(SUPPORTED)}, and models that hold one "
+                        f"of these or timm's ViT modules ({', '.join(TIMM_MODULES)}); got "
+                        f"{type(model).__module__}.{type(model).__qualname__}, which holds none")
+    for _, vit_mae in vit_maes:
+        from . import _hf
+
+        _hf.patch(vit_mae, attention=attention, patch_embed=patch_embed, masking=masking, loss=loss,
+                  add_norm=add_norm, gelu_mlp=gelu_mlp)
+    if holds_timm:
+        _timm.patch(model, attention=attention, patch_embed=patch_embed, add_norm=add_norm, gelu_mlp=gelu_mlp)
+    return model
 
 
 def register_hf_attention() -> str:

@@ -7,7 +7,7 @@ import torch
 from timm.layers import GluMlp, LayerNorm, Mlp, PatchEmbed, SwiGLU
 from timm.layers.format import Format
 from timm.layers.trace_utils import _assert
-from timm.models.vision_transformer import Block
+from timm.models.vision_transformer import Block, VisionTransformer
 
 try:
     from timm.layers import Attention
@@ -105,6 +105,8 @@ class MimkernelsMlp(Mlp):
         return mimkernels.gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
 
 
+SWAPPED = (Block, Mlp, Attention, PatchEmbed)  # the timm classes that patch() may swap for one of the above
+
 # the forward signatures that MimkernelsBlock / MimkernelsAttention reproduce (timm 0.9.16 to 1.0.31)
 _BLOCK_FORWARDS = (("self", "x"), ("self", "x", "attn_mask"), ("self", "x", "attn_mask", "is_causal"))
 _ATTENTION_FORWARDS = _BLOCK_FORWARDS
@@ -169,17 +171,28 @@ def _patch_embed_unsupported(module: PatchEmbed) -> str | None:
 
 
 def _note_foreign_attention(model: torch.nn.Module, skipped: dict) -> None:
-    """Add to ``skipped`` the blocks that hold no ``Attention`` of timm's own class: their attention (timm's
-    ParallelScalingBlock computes it inside the block; DiffAttention, or a subclass, is another module) keeps its
-    code, which a user who asked for attention on the kernels should hear about."""
-    for name, block in model.blocks.named_children():
-        if not any(type(module) in (Attention, MimkernelsAttention) for module in block.modules()):
-            holder = getattr(block, "attn", block)
-            skipped.setdefault(f"their attention ({type(holder).__name__}) is not timm's Attention", []).append(
-                f"blocks.{name}")
+    """Add to ``skipped`` the blocks of each timm ViT in ``model`` (itself or a submodule) that hold no
+    ``Attention`` of timm's own class: their attention (timm's ParallelScalingBlock computes it inside the block;
+    DiffAttention, or a subclass, is another module) keeps its code, which a user who asked for attention on the
+    kernels should hear about."""
+    for prefix, vit_model in model.named_modules():
+        if not isinstance(vit_model, VisionTransformer):
+            continue
+        for name, block in vit_model.blocks.named_children():
+            if not any(type(module) in (Attention, MimkernelsAttention) for module in block.modules()):
+                holder = getattr(block, "attn", block)
+                skipped.setdefault(f"their attention ({type(holder).__name__}) is not timm's Attention", []).append(
+                    f"{prefix}.blocks.{name}" if prefix else f"blocks.{name}")
+
+
+def holds_patchable(model: torch.nn.Module) -> bool:
+    """Whether ``model`` or a submodule is a timm ViT or one of the timm modules that :func:`patch` swaps."""
+    return any(type(module) in SWAPPED or isinstance(module, VisionTransformer) for module in model.modules())
 
 
 def patch(model: torch.nn.Module, *, attention: bool, patch_embed: bool, add_norm: bool, gelu_mlp: bool) -> None:
+    """Swap the class of each timm ``Block`` / ``Mlp`` / ``Attention`` / ``PatchEmbed`` in ``model`` (a timm ViT, or
+    any model built from these modules) that the options ask for and the kernels can run."""
     plan = []
     if add_norm:
         plan.append((Block, MimkernelsBlock, _block_unsupported))
