@@ -13,6 +13,8 @@ the two losses are checked against each other on the same images (and the same n
 Models (built from their configs, nothing downloaded):
   timm_vit_b16     timm vit_base_patch16_224, cross-entropy on random labels, batch 256
   hf_vit_mae_base  transformers ViTMAEForPreTraining (the base config: ViT-B/16 encoder, 8-layer decoder), 256
+  official_mae_b16 facebookresearch/mae's MaskedAutoencoderViT (mae_vit_base_patch16: the same sizes) as its
+                   models_mae.py builds it from timm's PatchEmbed and Block (benchmarks/official.TimmMAE), 256
 
 Target (issue 12): the patched model is never slower than the unpatched one, eager or compiled; printed as
 met / missed, never asserted.
@@ -29,7 +31,8 @@ import torch
 import mimkernels.integrations
 from benchmarks import bench_models, common
 
-SHAPES = {"timm_vit_b16": 256, "hf_vit_mae_base": 256}  # name -> batch
+SHAPES = {"timm_vit_b16": 256, "hf_vit_mae_base": 256, "official_mae_b16": 256}  # name -> batch
+TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)  # timm's arguments, for a harness test
 
 
 def build(name: str, tiny: bool = False) -> torch.nn.Module:
@@ -38,8 +41,11 @@ def build(name: str, tiny: bool = False) -> torch.nn.Module:
     if name == "timm_vit_b16":
         from timm.models.vision_transformer import VisionTransformer
 
-        size = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4) if tiny else {}
-        return VisionTransformer(**size)
+        return VisionTransformer(**(TINY if tiny else {}))
+    if name == "official_mae_b16":
+        from benchmarks.official import TimmMAE
+
+        return TimmMAE(**(dict(TINY, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2) if tiny else {}))
     import transformers
 
     size = dict(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -51,7 +57,7 @@ def build(name: str, tiny: bool = False) -> torch.nn.Module:
 def loss_fn(name: str, model, images, labels, noise):
     if name == "timm_vit_b16":
         return lambda: torch.nn.functional.cross_entropy(model(images), labels)
-    return lambda: model(images, noise=noise).loss
+    return lambda: model(images, noise=noise)[0]  # ViTMAE's .loss, the official model's (loss, pred, mask)[0]
 
 
 def run(shapes, dtype, quick, peaks, csv_path, device="cuda", compile_backend=None, tiny=False):

@@ -115,7 +115,8 @@ fi
 
 if wants integrations; then
 echo "== timm / Hugging Face training steps, patched and not, eager and compiled"
-timeout 380 $PY -m benchmarks.bench_integrations --quick --compile --out "$OUT" > "$OUT/bench_integrations.txt" 2>&1 \
+timeout "${INTEGRATIONS_S:-380}" $PY -m benchmarks.bench_integrations --quick --compile \
+  --shapes ${INTEGRATION_SHAPES:-timm_vit_b16 hf_vit_mae_base} --out "$OUT" > "$OUT/bench_integrations.txt" 2>&1 \
   || status=1
 tail -n 16 "$OUT/bench_integrations.txt"
 fi

@@ -21,7 +21,8 @@
 #                 quarter of the GPU work for the same host work waits for its host (the profile's kernel share)
 #   mim_ops       issue 11: token ops, patch embedding and masked loss, per call and GPU time, with the targets
 #                 (gpu_check.sh `mim_ops`; the extension's token ops where `tests` built it first), ~3 min
-#   integrations  issue 12: bench_integrations eager + compiled (gpu_check.sh), ~6.5 min
+#   integrations  issue 12: bench_integrations eager + compiled (gpu_check.sh), timm ViT-B and HF ViTMAE, ~6.5 min
+#   integrations_mae  the same for facebookresearch/mae's own model (timm's modules in a class of its own), ~4 min
 #   tune          issue 9, after a kernel change: the tile sweep (gpu_attention.sh "tune"; TUNE_SHAPES picks shapes),
 #                 225 s in run 10 for 9 shapes, 101 s in run 9 for 6;
 #                 9 shapes since (N257 has a class of its own; MAE ViT-H's encoder), 5.5 min allowed
@@ -54,6 +55,7 @@ done
 needs() {  # step -> seconds it takes when nothing is cut (the inner scripts' own timeouts, added up)
   case $1 in
     attention) echo 300 ;; tests) echo 550 ;; sanitizer) echo 220 ;; models) echo 550 ;; integrations) echo 390 ;;
+    integrations_mae) echo 240 ;;
     steps_mae | steps_mae_b64 | steps_aim) echo 330 ;; tune) echo 330 ;; tune_stored_ds) echo 180 ;; mim_ops) echo 190 ;;
     *) echo 0 ;;
   esac
@@ -69,6 +71,8 @@ run_step() {  # step, seconds it may take: runs it with OUT=$OUT/<step>
       bash benchmarks/gpu_attention.sh ;;
     tests) OUT=$dir STEPS="build tests" bash benchmarks/gpu_check.sh ;;
     sanitizer | models | integrations | mim_ops) OUT=$dir STEPS="$1" bash benchmarks/gpu_check.sh ;;
+    integrations_mae) OUT=$dir STEPS=integrations INTEGRATION_SHAPES=official_mae_b16 INTEGRATIONS_S=$(($2 - 10)) \
+      bash benchmarks/gpu_check.sh ;;
     steps_*) OUT=$dir STEPS=steps MODEL_SHAPES=$(model_shape "$1") STEPS_S=$(($2 - 10)) bash benchmarks/gpu_check.sh ;;
   esac
 }
@@ -93,7 +97,7 @@ for step in $STEPS; do
   need=$(needs "$step")
   if [ "$need" = 0 ]; then
     echo "== $step: unknown step (attention tests sanitizer models steps_mae steps_aim steps_mae_b64 mim_ops" \
-      "integrations tune tune_stored_ds)" | tee -a "$log"
+      "integrations integrations_mae tune tune_stored_ds)" | tee -a "$log"
     status=2
     continue
   fi

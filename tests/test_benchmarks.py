@@ -379,18 +379,18 @@ def test_models_harness_times_compiled_providers(tmp_path):
 
 
 def test_integrations_harness_runs_end_to_end(tmp_path):
-    """Tiny timm ViT and HF ViTMAE, patched and not, eager and compiled (aot_eager), on the CPU."""
+    """Tiny timm ViT, HF ViTMAE and official MAE, patched and not, eager and compiled (aot_eager), on the CPU."""
     from benchmarks import bench_integrations
 
     csv_path = tmp_path / "integrations.csv"
-    rows = bench_integrations.run(["timm_vit_b16", "hf_vit_mae_base"], torch.float32, True, common.Peaks(1.0, 1.0),
+    rows = bench_integrations.run(list(bench_integrations.SHAPES), torch.float32, True, common.Peaks(1.0, 1.0),
                                   str(csv_path), device="cpu", compile_backend="aot_eager", tiny=True)
     providers = {"unpatched", "mimkernels", "mimkernels_fused_norm", "mimkernels_fused_mlp"}
     providers |= {f"{provider}_compiled" for provider in providers}
     assert {(r.kernel, r.provider) for r in rows} == {(f"{name}_train_step", provider) for provider in providers
-                                                     for name in ("timm_vit_b16", "hf_vit_mae_base")}
+                                                     for name in bench_integrations.SHAPES}
     summary = (tmp_path / "integrations_summary.csv").read_text().splitlines()
-    assert summary[0].startswith("shape,provider,images_per_s,peak_gib,speedup") and len(summary) == 1 + 16
+    assert summary[0].startswith("shape,provider,images_per_s,peak_gib,speedup") and len(summary) == 1 + 24
     lines = bench_integrations.target_lines([{"shape": "m:B2", "provider": "mimkernels", "speedup": 0.9},
                                              {"shape": "m:B2", "provider": "mimkernels_compiled", "speedup": 1.2}])
     assert lines == ["target m:B2 mimkernels: 0.90x the unpatched model (missed)",
@@ -525,15 +525,12 @@ def test_gpu_session_unpacks_a_carried_compile_cache(tmp_path):
         assert unpack in archive.extractfile("mim_ops/env.txt").read().decode()
 
 
-@pytest.mark.parametrize("step, shape", [("steps_mae", "mae_vit_l"), ("steps_aim", "aim_600m"),
-                                         ("steps_mae_b64", "mae_vit_l_b64")])
-def test_gpu_session_training_step_steps_time_their_shape(tmp_path, step, shape):
-    """Each steps_* step of gpu_session.sh runs bench_models (eager, compiled, profiled) at its one shape."""
+def _session_step_log(tmp_path, step: str, log_name: str) -> str:
+    """What gpu_session.sh's ``step`` wrote into its ``log_name``, run with a stand-in python that prints its
+    arguments: the command line each benchmark of the step got."""
     import pathlib
     import subprocess
     import tarfile
-
-    from benchmarks import bench_models
 
     python = tmp_path / "python"
     python.write_text("#!/usr/bin/env bash\necho stand-in python \"$@\"\n")
@@ -545,9 +542,30 @@ def test_gpu_session_training_step_steps_time_their_shape(tmp_path, step, shape)
     env.pop("TRITON_INTERPRET", None)
     subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60, check=True)
     with tarfile.open(out / f"{step}.tar.gz") as archive:
-        log = archive.extractfile(f"{step}/bench_models.txt").read().decode()
+        return archive.extractfile(f"{step}/{log_name}").read().decode()
+
+
+@pytest.mark.parametrize("step, shape", [("steps_mae", "mae_vit_l"), ("steps_aim", "aim_600m"),
+                                         ("steps_mae_b64", "mae_vit_l_b64")])
+def test_gpu_session_training_step_steps_time_their_shape(tmp_path, step, shape):
+    """Each steps_* step of gpu_session.sh runs bench_models (eager, compiled, profiled) at its one shape."""
+    from benchmarks import bench_models
+
+    log = _session_step_log(tmp_path, step, "bench_models.txt")
     assert f"-m benchmarks.bench_models --quick --compile --profile --shapes {shape} --out" in log
     assert shape in bench_models.SHAPES
+
+
+@pytest.mark.parametrize("step, shapes", [("integrations", "timm_vit_b16 hf_vit_mae_base"),
+                                          ("integrations_mae", "official_mae_b16")])
+def test_gpu_session_integration_steps_time_their_models(tmp_path, step, shapes):
+    """gpu_session.sh's integrations steps run bench_integrations (eager and compiled) on their models: the
+    timm / Hugging Face pair, or the official MAE model alone, so that each fits one device call's step budget."""
+    from benchmarks import bench_integrations
+
+    log = _session_step_log(tmp_path, step, "bench_integrations.txt")
+    assert f"-m benchmarks.bench_integrations --quick --compile --shapes {shapes} --out" in log
+    assert set(shapes.split()) <= set(bench_integrations.SHAPES)
 
 
 def test_mlp_harness_runs_end_to_end(tmp_path):
