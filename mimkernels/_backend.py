@@ -2,7 +2,8 @@
 
 The default comes from the ``MIMKERNELS_BACKEND`` environment variable (``auto``
 when unset); :func:`use_backend` overrides it for a block of code. A backend
-asked for by name that cannot run raises; it never falls back silently.
+asked for by name that cannot run raises; it never falls back silently. Under
+``torch.jit.trace`` every op raises (:data:`TRACING_REFUSED` says why and what to use).
 
 ``extension`` is the compiled extension ``mimkernels._C`` (csrc/), which runs C++ on CPU tensors and CUDA on
 CUDA tensors. Until 0.2 it was called ``cuda``; that name is still accepted, with a DeprecationWarning.
@@ -172,8 +173,19 @@ def available_backends() -> list[str]:
     return [name for name in BACKENDS[1:] if _why_not(name, device) is None]
 
 
+# torch.jit.trace records what goes through PyTorch's dispatcher and no Triton launch (a traced graph would keep the
+# kernels' empty outputs, not the kernels that fill them), and it hands the ops their sizes as tensors, which the
+# checks and the references take for per-sample values: no backend traces right, so none is asked to.
+TRACING_REFUSED = ("mimkernels.{op} cannot be recorded by torch.jit.trace (nor by torch.onnx.export(dynamo=False), "
+                   "which traces): record the model with torch.export.export or torch.onnx.export(dynamo=True), which "
+                   "take mimkernels' ops as custom ops, or trace the original model (a model patched by "
+                   "mimkernels.integrations.apply runs its original code under torch.jit.trace)")
+
+
 def select(op: str, device: torch.device, implemented: tuple[str, ...]) -> str:
     """The backend that runs ``op`` on ``device``; ``implemented`` lists what the op has besides torch."""
+    if torch.jit.is_tracing():
+        raise RuntimeError(TRACING_REFUSED.format(op=op))
     name = current_backend()
     if name == "auto":
         if device.type == "cuda":

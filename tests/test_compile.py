@@ -139,6 +139,37 @@ def _every_op_inputs(batch, seq_len, side):
 
 
 
+# each public op that runs kernels, alone, on _every_op_inputs
+_KERNEL_OPS = {
+    "random_masking": lambda x, noise, **_: mimkernels.random_masking(x, 0.5, noise=noise, num_prefix_tokens=1).x_kept,
+    "gather_tokens": lambda x, noise, **_: mimkernels.gather_tokens(x, noise.argsort(1)[:, :2]),
+    "restore_tokens": lambda x, noise, **_: mimkernels.restore_tokens(x[:, 1:], noise.argsort(1), x[:1, :1]),
+    "add_layer_norm": lambda x, **_: mimkernels.add_layer_norm(x, x)[1],
+    "gelu_mlp": lambda x, fc1, fc2, **_: mimkernels.gelu_mlp(x, fc1, None, fc2, None),
+    "attention": lambda qkv, **_: mimkernels.attention(*qkv.unbind(2)),
+    "qkv_attention": lambda qkv, **_: mimkernels.qkv_attention(qkv, causal=True),
+    "prefix_causal_attention": lambda qkv, prefix, **_: mimkernels.prefix_causal_attention(
+        *(t.transpose(1, 2) for t in qkv.unbind(2)), prefix),
+    "patch_embed": lambda images, weight, bias, **_: mimkernels.patch_embed(images, weight, bias),
+    "masked_patch_loss": lambda pred, images, mask, **_: mimkernels.masked_patch_loss(pred, images, mask),
+}
+
+
+@pytest.mark.parametrize("op", _KERNEL_OPS)
+def test_ops_refuse_torch_jit_trace(op):
+    """torch.jit.trace records no Triton launch (a traced graph would return the kernels' unfilled outputs) and hands
+    the ops their sizes as tensors, which full attention took for a per-sample prefix (an IndexError on the torch
+    backend, an out-of-bounds read on the Triton one). Each op now refuses, saying what records it instead, on
+    every backend."""
+    names = ("x", "qkv", "images", "weight", "bias", "pred", "mask", "noise", "fc1", "fc2", "prefix")
+    inputs = dict(zip(names, _every_op_inputs(2, 9, 16)))
+    for backend in ("torch", "triton", "auto"):
+        with mimkernels.use_backend(backend), \
+                pytest.raises(RuntimeError, match=r"cannot be recorded by torch.jit.trace .* torch.export.export"):
+            torch.jit.trace(lambda *args: _KERNEL_OPS[op](**dict(zip(names, args))), tuple(inputs.values()),
+                            check_trace=False)
+
+
 @pytest.mark.parametrize("name", ["mae", "aim"])
 def test_models_export_for_inference_and_reload(name, tmp_path):
     """``torch.export`` of a model's forward (for inference, or to hand its encoder on): the kernels stay in the

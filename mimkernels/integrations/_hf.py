@@ -146,7 +146,7 @@ class MimkernelsViTMAEDecoder(vit_mae.ViTMAEDecoder):
     _mimkernels_replaces = ("forward", (("self", "hidden_states", "ids_restore", "interpolate_pos_encoding"),))
 
     def forward(self, hidden_states: torch.Tensor, ids_restore: torch.Tensor, interpolate_pos_encoding: bool = False):
-        if interpolate_pos_encoding:
+        if interpolate_pos_encoding or not kernels_take(hidden_states):  # the token ops move float64 exactly, too
             return super().forward(hidden_states, ids_restore, interpolate_pos_encoding)
         hidden_states = self.decoder_embed(hidden_states)
         hidden_states = mimkernels.restore_tokens(hidden_states, ids_restore, self.mask_token,

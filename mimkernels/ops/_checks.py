@@ -25,10 +25,12 @@ FLOAT_DTYPES = KERNEL_DTYPES + (torch.float64,)
 
 
 def kernels_take(*tensors: torch.Tensor) -> bool:
-    """Whether the kernels compute in each tensor's dtype (one of :data:`KERNEL_DTYPES`). Callers that also run in
-    float64 (a patched model after ``model.double()``, a float64 check of a model's numbers) take PyTorch's code
-    where this is False; under autocast a float64 tensor stays float64, so the check holds there too."""
-    return all(tensor.dtype in KERNEL_DTYPES for tensor in tensors)
+    """Whether the ops run on these tensors here: the kernels compute in each tensor's dtype (one of
+    :data:`KERNEL_DTYPES`), and no ``torch.jit.trace`` is recording, which the ops refuse
+    (``_backend.TRACING_REFUSED``). Callers that can run PyTorch's own code instead (a patched model after
+    ``model.double()``, a float64 check of a model's numbers, or traced for a TorchScript or legacy ONNX export)
+    take it where this is False; under autocast a float64 tensor stays float64, so the check holds there too."""
+    return all(tensor.dtype in KERNEL_DTYPES for tensor in tensors) and not torch.jit.is_tracing()
 
 
 def is_int(value) -> bool:
