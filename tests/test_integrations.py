@@ -481,20 +481,31 @@ def test_models_holding_a_supported_model_get_it_patched(family, device):
     _assert_grads_close(grads, want_grads)
 
 
-def test_models_holding_a_compiled_part_or_nothing_supported(monkeypatch):
-    """A held model already compiled and run (per-block or per-backbone torch.compile) is patched through its
-    wrapper, and its next call recompiles onto the kernels, with the same output. A model holding no supported model
-    and no timm ViT module is refused as before; one holding a mimkernels model comes back as it is."""
-    calls = _count_calls(monkeypatch, "qkv_attention")
-    images = torch.randn(2, 3, 32, 32)
-    holder = _Holder(torch.compile(_vit(), backend="eager"))
-    want = holder(images)
-    assert integrations.apply(holder) is holder
-    assert integrations.patched_modules(holder) == [f"backbone._orig_mod.{name}" for name in
-                                                    ("patch_embed", "blocks.0.attn", "blocks.1.attn")]
-    with mimkernels.use_backend("triton"):
-        torch.testing.assert_close(holder(images), want, rtol=1e-4, atol=1e-5)
-    assert len(calls) == 2
+@pytest.mark.parametrize("compiled", ["held backbone", "wrapped blocks", "blocks compiled in place", "model in place"])
+def test_models_with_a_compiled_part_are_refused(compiled):
+    """A part compiled and run before apply: torch 2.11 keeps running its compiled graph, with the original modules'
+    code (torch 2.15 retraces it), so apply refuses, naming the part, and patches nothing. Before 2026-12-06 it
+    patched a timm ViT's compiled blocks without a word, and on torch 2.11 they kept their original code."""
+    vit = _vit()
+    if compiled == "held backbone":
+        model, name = _Holder(torch.compile(vit, backend="eager")), "backbone"
+    elif compiled == "wrapped blocks":
+        vit.blocks = torch.nn.Sequential(*(torch.compile(block, backend="eager") for block in vit.blocks))
+        model, name = vit, "blocks.0"
+    else:
+        for module in vit.blocks if compiled == "blocks compiled in place" else [vit]:
+            module.compile(backend="eager")
+        model, name = vit, "blocks.0" if compiled == "blocks compiled in place" else "the model"
+    model(torch.randn(2, 3, 32, 32))
+    with pytest.raises(TypeError, match=rf"apply: {re.escape(name)} was compiled by torch.compile; apply to the "
+                                        r"model before compiling it or any part of it"):
+        integrations.apply(model)
+    assert integrations.patched_modules(model) == []
+
+
+def test_models_holding_nothing_supported_are_refused():
+    """A model holding no supported model and no timm ViT module: refused as before. One that holds a mimkernels
+    model comes back as it is, as that model would."""
     with pytest.raises(TypeError, match=r"holds none"):
         integrations.apply(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.LayerNorm(8)))
     ours = _Holder(mimkernels.models.mae_vit_tiny_patch8())
@@ -1031,6 +1042,41 @@ def test_patched_models_train_under_fsdp2_and_ddp_as_the_original(family, wrap, 
     torch.testing.assert_close(loss, want_loss, rtol=1e-4, atol=1e-6)
     assert len(grads) > 10
     _assert_grads_close(grads, want_grads)
+
+
+class _LossOf(torch.nn.Module):
+    """A masked-image model's loss for given noise, as a module of its own."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images, noise):
+        return self.model(images, noise=noise)[0]
+
+
+@pytest.mark.parametrize("family", PATCHED_FAMILIES)
+def test_patched_models_trace_their_original_code(family):
+    """torch.jit.trace (TorchScript, and torch.onnx.export(dynamo=False), which traces) records no Triton launch, and
+    the ops refuse it; a patched model runs its original code while traced, so its traced graph gives the unpatched
+    model's outputs on inputs it was not traced with. Before 2026-12-06 tracing a patched model failed inside the
+    ops (on a GPU it would have recorded a graph without the kernels)."""
+    make, patches = PATCHED_FAMILIES[family]
+    patched, original = integrations.apply(make(), add_norm=True, gelu_mlp=True).eval(), make().eval()
+
+    def output(model):  # a module (the tracer takes parameters only from one)
+        return model if patches is None else _LossOf(model)
+
+    def inputs(seed):
+        gen = torch.Generator().manual_seed(seed)
+        images = torch.randn(2, 3, 32, 32, generator=gen)
+        return (images,) if patches is None else (images, torch.rand(2, patches, generator=gen))
+
+    with mimkernels.use_backend("triton"), torch.no_grad():
+        traced = torch.jit.trace(output(patched), inputs(0), check_trace=False)
+        assert integrations.patched_modules(patched)
+        for seed in (1, 2):
+            torch.testing.assert_close(traced(*inputs(seed)), output(original)(*inputs(seed)), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", PATCHED_FAMILIES)

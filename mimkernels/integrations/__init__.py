@@ -100,6 +100,15 @@ def _wrapper_name(module: torch.nn.Module) -> str | None:
     return None
 
 
+def _compiled_submodule(model: torch.nn.Module) -> str | None:
+    """The name of the first submodule of ``model`` (or "" for ``model`` itself) that torch.compile has wrapped or
+    compiled in place (``Module.compile``), or None."""
+    for name, module in model.named_modules():
+        if _wrapper_name(module) == "torch.compile" or getattr(module, "_compiled_call_impl", None) is not None:
+            return name
+    return None
+
+
 def _outermost(model: torch.nn.Module, chosen) -> list[tuple[str, torch.nn.Module]]:
     """(name, module) of each submodule of ``model`` (or ``model`` itself, named "") for which ``chosen(module)``
     holds and that no other chosen one holds."""
@@ -155,7 +164,8 @@ def apply(model: torch.nn.Module, *, attention: bool = True, patch_embed: bool =
     Raises:
         TypeError: ``model`` is not one of the supported classes (listed in the message) and holds none of them
             and no timm ViT module; it is a ``torch.compile`` or DDP wrapper (apply to the model before wrapping
-            it); FSDP has sharded it or a submodule (apply before ``fully_shard``); an option that is not a bool.
+            it), or torch.compile has compiled a part of it (apply before compiling); FSDP has sharded it or a
+            submodule (apply before ``fully_shard``); an option that is not a bool.
         RuntimeError: a model holding timm modules with timm older than 0.9.16, or a transformers model with
             transformers older than 4.57 (the oldest releases tested).
     """
@@ -175,6 +185,14 @@ def apply(model: torch.nn.Module, *, attention: bool = True, patch_embed: bool =
     ours = (MAE, AIM, SimMIM, BEiT)
     if isinstance(model, ours):
         return model
+    if wrapper := _wrapper_name(model):
+        inner = type(getattr(model, "_orig_mod", getattr(model, "module", None))).__qualname__
+        raise TypeError(f"mimkernels.integrations.apply got a {wrapper} wrapper ({type(model).__qualname__}) of a "
+                        f"{inner}: apply to the model before wrapping it")
+    if (compiled := _compiled_submodule(model)) is not None:
+        raise TypeError(f"mimkernels.integrations.apply: {compiled or 'the model'} was compiled by torch.compile; "
+                        f"apply to the model before compiling it or any part of it (torch 2.11 keeps running a graph "
+                        f"compiled before the swap, with the original code)")
     if sharded := _sharded_submodule(model):
         name, module = sharded
         raise TypeError(f"mimkernels.integrations.apply got a model sharded by FSDP ({name or 'the model'} is a "
@@ -193,10 +211,6 @@ def apply(model: torch.nn.Module, *, attention: bool = True, patch_embed: bool =
         _hf.patch(model, attention=attention, patch_embed=patch_embed, masking=masking, loss=loss,
                   add_norm=add_norm, gelu_mlp=gelu_mlp)
         return model
-    if wrapper := _wrapper_name(model):
-        inner = type(getattr(model, "_orig_mod", getattr(model, "module", None))).__qualname__
-        raise TypeError(f"mimkernels.integrations.apply got a {wrapper} wrapper ({type(model).__qualname__}) of a "
-                        f"{inner}: apply to the model before wrapping it")
     # Any other model: what it holds (official MAE code and much other research code builds its models from
     # timm's Block and PatchEmbed). Each swapped module computes what the original module did, wherever it sits.
     vit_maes = _outermost(model, _is_hf_vit_mae)
