@@ -24,32 +24,38 @@ def _loss_and_grads(model, step, *inputs):
     return [loss.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
 
-def _model_and_step(name, device):
+# the CPU tests' image side: 4 x 4 patches of 8, a quarter of the tiny models' 64 px, for the interpreter's sake
+# (these tests check what the compiler traces; the kernels on larger shapes have their own tests)
+CPU_SIDE = 32
+
+
+def _model_and_step(name, device, side=64):
     torch.manual_seed(0)
-    imgs = torch.randn(2, 3, 64, 64, device=device)
+    imgs = torch.randn(2, 3, side, side, device=device)
+    patches = (side // 8) ** 2
     if name == "mae":
-        model = mae_vit_tiny_patch8(norm_pix_loss=True).to(device)
-        noise = torch.rand(2, 64, device=device)
+        model = mae_vit_tiny_patch8(norm_pix_loss=True, img_size=side).to(device)
+        noise = torch.rand(2, patches, device=device)
         return model, lambda imgs: model(imgs, 0.75, noise=noise)[0], imgs
     if name in ("simmim", "beit", "beit_masked_head"):
-        model = _mask_token_model(name).to(device)
+        model = _mask_token_model(name, side).to(device)
         mask = model.random_mask(2, generator=torch.Generator().manual_seed(1)).to(device)
         return model, lambda imgs: model(imgs, mask=mask)[0], imgs
-    model = aim_tiny().to(device)
-    prefix = torch.tensor([1, 40], device=device)
+    model = aim_tiny(img_size=side).to(device)
+    prefix = torch.tensor([1, patches * 5 // 8], device=device)
     return model, lambda imgs: model(imgs, prefix)[0], imgs
 
 
-def _mask_token_model(name):
+def _mask_token_model(name, side=64):
     if name == "simmim":
-        return models.simmim_vit_tiny_patch8()
+        return models.simmim_vit_tiny_patch8(img_size=side)
     head_on = "masked" if name == "beit_masked_head" else "all"
     return models.beit_vit_tiny_patch8(models.KMeansTokenizer(8, torch.randn(16, 8 * 8 * 3)), vocab_size=16,
-                                       head_on=head_on)
+                                       head_on=head_on, img_size=side)
 
 
 def _compiled_matches_eager(name, device, backend, rtol, atol, dynamic=None):
-    model, step, imgs = _model_and_step(name, device)
+    model, step, imgs = _model_and_step(name, device, CPU_SIDE if device == "cpu" else 64)
     with mimkernels.use_backend("triton"):
         eager = _loss_and_grads(model, step, imgs)
         compiled = _loss_and_grads(model, torch.compile(step, fullgraph=True, backend=backend, dynamic=dynamic), imgs)
@@ -91,12 +97,12 @@ def test_forward_that_draws_its_own_masks_compiles_fullgraph(name):
     torch's default generator in eager and compiled runs alike, so the same seed gives the same loss and
     gradients; a new batch size recompiles with a symbolic batch."""
     torch.manual_seed(0)
-    model = _mask_token_model(name)
+    model = _mask_token_model(name, CPU_SIDE)
     step = lambda imgs: model(imgs)[0]  # noqa: E731
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     with mimkernels.use_backend("triton"):
         for batch in (2, 3):
-            imgs = torch.randn(batch, 3, 64, 64)
+            imgs = torch.randn(batch, 3, CPU_SIDE, CPU_SIDE)
             torch.manual_seed(batch)
             eager = _loss_and_grads(model, step, imgs)
             torch.manual_seed(batch)
