@@ -8,10 +8,13 @@ Triton's metadata the shared memory. Run as
 
     python -m benchmarks.kernel_report [--quick] [--csv FILE]
     python -m benchmarks.kernel_report --measured | --tma [--quick] | --split [--quick] | --key-centre [--quick]
+    python -m benchmarks.kernel_report --tma | --key-centre [--quick] --without-twins
 
 It exits non-zero if any kernel spills. ``--quick`` compiles one head dim per tile class, sm_90 only
-(and every other kernel). ``--measured`` lists the measured table's configs (attention_tiles.py), which were
-chosen by speed on a GPU and may spill.
+(and every other kernel). ``--without-twins`` compiles the TMA or key-centre kernels alone, not each after its twin
+without the option: that each compiles is checked, at half the compile time, with no resources to compare.
+``--measured`` lists the measured table's configs (attention_tiles.py), which were chosen by speed on a GPU and
+may spill.
 TRITON_INTERPRET must be unset: the interpreter replaces the compiler.
 """
 from __future__ import annotations
@@ -347,9 +350,9 @@ def every_dq_path(head_dim: int, tma: bool) -> kernels.AttentionConfigs:
                    backward_dq_from_ds=replace(kernels.STORED_DS_DQ_TILE, tma=tma))
 
 
-def key_centre_report(quick: bool = False) -> list[Row]:
-    """The kernels that compute dQ, each after the same kernel without CENTRE_KEYS "dq"'s correction (what it costs
-    in registers and spills): with the measured table's bf16 sm_90 tiles, then every dQ path
+def key_centre_report(quick: bool = False, twins: bool = True) -> list[Row]:
+    """The kernels that compute dQ, each after the same kernel without CENTRE_KEYS "dq"'s correction where ``twins``
+    (what it costs in registers and spills): with the measured table's bf16 sm_90 tiles, then every dQ path
     (:func:`every_dq_path`) at D 64, 80 (split) and 128, through pointers and TMA; ``quick``: the table's D 128
     (AIM's) and every path at D 80 through pointers and at D 128 through TMA (each kernel at least once)."""
     plans = bf16_sm90_table(quick)
@@ -357,11 +360,11 @@ def key_centre_report(quick: bool = False) -> list[Row]:
     plans += [(head_dim, every_dq_path(head_dim, tma), " every-path") for head_dim, tma in paths]
     rows = []
     for head_dim, cfgs, variant in plans:
-        twins = zip(*(attention_launches(head_dim, torch.bfloat16, cfgs, variant, key_centre=centre)
+        pairs = zip(*(attention_launches(head_dim, torch.bfloat16, cfgs, variant, key_centre=centre)
                       for centre in (False, True)))
-        for plain, centred in twins:
+        for plain, centred in pairs:
             if "+centre" in centred.variant:
-                rows += [_compiled_row(plain), _compiled_row(centred)]
+                rows += [_compiled_row(plain), _compiled_row(centred)] if twins else [_compiled_row(centred)]
     return rows
 
 
@@ -428,14 +431,15 @@ def candidates_report(option: str, head_dims, twins: bool = True) -> list[Row]:
     return rows
 
 
-def tma_candidates_report(head_dims=(64, 80, 128)) -> list[Row]:
+def tma_candidates_report(head_dims=(64, 80, 128), twins: bool = True) -> list[Row]:
     """The tuner's ``+tma`` candidates and the MLP GEMMs' tma tiles (mlp.CANDIDATES), bf16 on sm_90, the only
-    architecture that runs them, each after the same tile through pointers."""
-    rows = candidates_report("tma", head_dims)
+    architecture that runs them, each after the same tile through pointers where ``twins``."""
+    rows = candidates_report("tma", head_dims, twins)
     for tile in mlp_kernels.CANDIDATES:  # the MLP GEMMs' tma tiles (bench_mlp --sweep), after their pointer twins
         if not tile.tma:
             continue
-        for launch in mlp_launches(torch.bfloat16, tile._replace(tma=False)) + mlp_launches(torch.bfloat16, tile):
+        pointer_twins = mlp_launches(torch.bfloat16, tile._replace(tma=False)) if twins else []
+        for launch in pointer_twins + mlp_launches(torch.bfloat16, tile):
             rows.append(Row(launch.fn.__name__, "sm_90", "bf16", launch.variant, launch.tile, launch.num_warps,
                             launch.num_stages, *compile_one(launch, 90)))
             print(_format(rows[-1]), flush=True)
@@ -447,6 +451,10 @@ def _format(row: Row) -> str:
     return (f"{row.kernel:26s} {row.arch} {row.dtype} {row.variant:12s} tile {row.tile:10s} "
             f"w{row.num_warps} s{row.num_stages}  regs {row.registers:3d}  smem {row.shared_bytes:6d} B  "
             f"stack {row.stack_bytes:4d}  spill st/ld {row.spill_store_bytes}/{row.spill_load_bytes}{flag}")
+
+
+def _twins_said(args) -> str:
+    return " without their twins" if args.without_twins else ", each after its twin without the option"
 
 
 def main(argv=None) -> int:
@@ -470,13 +478,18 @@ def main(argv=None) -> int:
                         help="compile the dQ kernels with CENTRE_KEYS 'dq''s correction, with the measured table's "
                         "bf16 sm_90 tiles and on every dQ path, each after the same kernel without it (with --quick: "
                         "the table's D = 128 and each path once; spills listed, not failed)")
+    parser.add_argument("--without-twins", action="store_true",
+                        help="with --tma or --key-centre: compile those kernels alone, not each after its twin "
+                        "without the option (a check that each compiles, in half the time)")
     args = parser.parse_args(argv)
+    if args.without_twins and not (args.tma or args.key_centre):
+        parser.error("--without-twins goes with --tma or --key-centre")
     source = commit()  # the code compiled is the code at the start
     if args.key_centre:
-        rows = key_centre_report(args.quick)
+        rows = key_centre_report(args.quick, twins=not args.without_twins)
         centred = [row for row in rows if "+centre" in row.variant]
         print(f"{len(centred)} dQ kernels with the keys' shared part taken out compiled for sm_90 with triton "
-              f"{triton.__version__}, each after its twin without; spills: {sum(row.spills for row in centred)} "
+              f"{triton.__version__}{_twins_said(args)}; spills: {sum(row.spills for row in centred)} "
               f"(twins: {sum(row.spills for row in rows) - sum(row.spills for row in centred)}; allowed: a GPU "
               "measures them)")
         return 0
@@ -492,10 +505,10 @@ def main(argv=None) -> int:
               f"{sum(row.spills for row in rows)} spill (allowed: chosen by measured speed)")
         return 0
     if args.tma:
-        rows = tma_candidates_report((128,) if args.quick else (64, 80, 128))
+        rows = tma_candidates_report((128,) if args.quick else (64, 80, 128), twins=not args.without_twins)
         tma = [row for row in rows if "tma" in row.variant.split()]
-        print(f"{len(tma)} TMA candidates compiled for sm_90 with triton {triton.__version__}, each after its "
-              f"pointer twin; spills: {sum(row.spills for row in tma)} TMA, "
+        print(f"{len(tma)} TMA candidates compiled for sm_90 with triton {triton.__version__}{_twins_said(args)}; "
+              f"spills: {sum(row.spills for row in tma)} TMA, "
               f"{sum(row.spills for row in rows) - sum(row.spills for row in tma)} pointer (allowed: the tuner "
               "measures them)")
         return 0
