@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 READY := $(VENV)/.ready
 
-# pytest-xdist workers: the suite is CPU-bound (Triton's interpreter); on 2 cores about 40 minutes in one process, 25 in two
+# pytest-xdist workers: the suite is CPU-bound (Triton's interpreter); on 2 cores about 29 minutes in two processes
 TEST_WORKERS ?= 2
 # worksteal: an idle worker takes tests queued on the busy one, so one long test does not hold the run's end
 XDIST := -n $(TEST_WORKERS) --dist worksteal
