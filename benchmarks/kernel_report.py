@@ -453,10 +453,6 @@ def _format(row: Row) -> str:
             f"stack {row.stack_bytes:4d}  spill st/ld {row.spill_store_bytes}/{row.spill_load_bytes}{flag}")
 
 
-def _twins_said(args) -> str:
-    return " without their twins" if args.without_twins else ", each after its twin without the option"
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -488,10 +484,11 @@ def main(argv=None) -> int:
     if args.key_centre:
         rows = key_centre_report(args.quick, twins=not args.without_twins)
         centred = [row for row in rows if "+centre" in row.variant]
+        spills = sum(row.spills for row in centred)
+        said = (f"without their twins; spills: {spills} (" if args.without_twins else
+                f"each after its twin without; spills: {spills} (twins: {sum(row.spills for row in rows) - spills}; ")
         print(f"{len(centred)} dQ kernels with the keys' shared part taken out compiled for sm_90 with triton "
-              f"{triton.__version__}{_twins_said(args)}; spills: {sum(row.spills for row in centred)} "
-              f"(twins: {sum(row.spills for row in rows) - sum(row.spills for row in centred)}; allowed: a GPU "
-              "measures them)")
+              f"{triton.__version__}, {said}allowed: a GPU measures them)")
         return 0
     if args.stored_ds:
         rows = stored_ds_report(args.quick) + ([] if args.quick else stored_ds_candidates_report((64, 80, 128)))
@@ -507,10 +504,12 @@ def main(argv=None) -> int:
     if args.tma:
         rows = tma_candidates_report((128,) if args.quick else (64, 80, 128), twins=not args.without_twins)
         tma = [row for row in rows if "tma" in row.variant.split()]
-        print(f"{len(tma)} TMA candidates compiled for sm_90 with triton {triton.__version__}{_twins_said(args)}; "
-              f"spills: {sum(row.spills for row in tma)} TMA, "
-              f"{sum(row.spills for row in rows) - sum(row.spills for row in tma)} pointer (allowed: the tuner "
-              "measures them)")
+        spills = sum(row.spills for row in tma)
+        pointer = sum(row.spills for row in rows) - spills
+        said = (f"without their pointer twins; spills: {spills} TMA" if args.without_twins else
+                f"each after its pointer twin; spills: {spills} TMA, {pointer} pointer")
+        print(f"{len(tma)} TMA candidates compiled for sm_90 with triton {triton.__version__}, {said} (allowed: the "
+              "tuner measures them)")
         return 0
     if args.split:
         rows = candidates_report("split_d", (80,), twins=not args.quick)
