@@ -18,12 +18,12 @@ FLOOR_READY := $(FLOOR_VENV)/.ready
 
 .PHONY: demo test test-floor bench report lint clean triton-cache
 
-# the newest stack's wheels (torch 2.15, Triton 3.9, NumPy 2.4) need Python 3.11+: say so before pip fails on them
+# the newest stack's wheels (requirements-dev.txt) need Python 3.11+: say so before pip fails on them
 $(READY): requirements-dev.txt pyproject.toml setup.py $(wildcard csrc/*)
 	@py=$(PY); test -x $$py || py=$(PYTHON); $$py -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
-	  echo "make: requirements-dev.txt pins torch 2.15.0, which has no wheel for $$($$py -V); run with" \
-	    "PYTHON=python3.11 or newer. Python 3.10 is supported with torch 2.11-2.14:" \
-	    "make test-floor PYTHON=python3.10 tests it (README, Supported versions)" >&2; exit 1; }
+	  echo "make: requirements-dev.txt pins torch and Triton releases with no wheels for $$($$py -V); run with" \
+	    "PYTHON=python3.11 or newer. On 3.10, make test-floor PYTHON=python3.10 tests the oldest supported" \
+	    "stack (README, Supported versions)" >&2; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --no-cache-dir --upgrade pip
 	$(PINS_ONLY) $(PY) -m pip install --quiet --no-cache-dir -r requirements-dev.txt
