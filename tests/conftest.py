@@ -7,22 +7,8 @@ import os
 import sys
 import zlib
 
-
-def _share_cores_among_workers():
-    """Under pytest-xdist each worker gets its share of the cores for torch's and the BLAS's thread pools, unless
-    OMP_NUM_THREADS is set already: a pool as large as the machine in every worker oversubscribes it (2 workers on 2
-    cores: benchmarks/NOTES.md, "Test threads"). Set before torch and NumPy are imported, which read it once; the
-    subprocesses that tests start inherit it."""
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        os.environ["OMP_NUM_THREADS"] = str(max(1, cores // workers))
-
-
-_share_cores_among_workers()
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
